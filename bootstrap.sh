@@ -1,0 +1,37 @@
+#!/bin/sh
+# Sets voicebridge up in ./.venv on a fresh Debian/Ubuntu machine that has python3.
+#   ./bootstrap.sh          the daemon and its demo
+#   ./bootstrap.sh --test   also the test tools, and systemd's tools the tests use
+#                           (systemd-journald, systemd-socket-activate, systemd-analyze)
+# Versions are pinned by constraints.txt, so every install is the same.
+set -eu
+cd "$(dirname "$0")"
+
+want_tests=no
+[ "${1:-}" = "--test" ] && want_tests=yes
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "bootstrap: need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+apt_packages=""
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages="python3-venv"
+if [ "$want_tests" = yes ] && ! { [ -x /lib/systemd/systemd-journald ] &&
+        command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null; }; then
+    apt_packages="$apt_packages systemd"
+fi
+if [ -n "$apt_packages" ]; then
+    echo "bootstrap: installing Debian packages:$apt_packages"
+    as_root apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq $apt_packages >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
+if [ "$want_tests" = yes ]; then target='.[test]'; else target='.'; fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e "$target"
+echo "bootstrap: ready (.venv/bin/voicebridge)"

@@ -1,0 +1,482 @@
+"""The call nursery: one phone call bridged from Twilio's media stream to a Vapi assistant.
+
+``Call.run()`` owns every task of a call. After the stream's ``start`` (under a
+deadline) and its token check, one nursery runs as siblings:
+
+- *caller → agent* (``_caller_to_agent``): reads Twilio frames; caller audio goes to
+  the Vapi sender through a bounded channel (stale audio is dropped, never queued
+  without end); mark echoes go to playout; DTMF becomes an ``add-message``; ``stop``
+  ends the call. Its cancel scope carries the media-inactivity deadline, pushed
+  forward by every frame: Twilio streams continuously, so silence on the socket
+  means the stream is dead.
+- *the assistant leg* (``_assistant_leg``): creates the Vapi call, opens its socket,
+  then runs *agent → caller* (Vapi frames: audio to playout, barge-in, end),
+  *the Vapi sender* (single writer of the Vapi socket), *playout* (single writer of
+  assistant audio to Twilio) and *keepalive* (ping with a pong deadline).
+
+Whichever side ends first records the outcome and cancels the call scope with a
+reason; the first outcome wins. On the way out, shielded and bounded: the Vapi leg
+gets ``end-call`` and a close unless it ended itself, the outcome is handed to the
+tracker (the after-stream route reads it), and then the Twilio socket is closed,
+which makes Twilio request the ``<Connect action>``. A failure in any task ends this
+call only, with one log line; it never reaches the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import trio
+from attrs import frozen
+
+from voicebridge.bridge.outcome import CallRecord, Outcome
+from voicebridge.bridge.playout import Playout
+from voicebridge.config import Config
+from voicebridge.errors import RemoteProtocolError, SocketClosed
+from voicebridge.observability.logs import log_event
+from voicebridge.sockets import MessageSocket, PingableSocket, SocketWriteTimeout
+from voicebridge.twilio import media as tw
+from voicebridge.twilio.token import TokenRejected
+from voicebridge.vapi import transport as vp
+from voicebridge.vapi.client import VapiError, end_call
+
+log = logging.getLogger(__name__)
+
+#: Caller audio frames waiting for the Vapi sender. A healthy leg drains this at once;
+#: 10 frames (200 ms) rides out a scheduling hiccup, and past that the audio is stale
+#: (the caller has moved on), so newer frames are dropped and counted instead.
+CALLER_AUDIO_BUFFER_FRAMES = 10
+#: After the assistant ends the call, how long past its queued audio we wait for
+#: Twilio to confirm the goodbye played before closing the stream anyway.
+GOODBYE_SLACK_S = 1.0
+#: The only format a bidirectional Media Stream carries; audio passes to Vapi as is.
+TWILIO_MEDIA_FORMAT = ("audio/x-mulaw", 8000, 1)
+#: Custom parameters our TwiML puts on the ``<Stream>``; ``start`` brings them back.
+TOKEN_PARAMETER = "token"
+CALLER_PARAMETER = "caller"
+CALLED_PARAMETER = "called"
+
+
+class AssistantLeg(Protocol):
+    """An open assistant call: its id (for logs) and its socket."""
+
+    @property
+    def call_id(self) -> str: ...
+
+    @property
+    def socket(self) -> PingableSocket: ...
+
+
+class AssistantConnector(Protocol):
+    """Creates and connects the assistant call; raises ``VapiError`` (classified) on failure."""
+
+    def open(
+        self, *, call_sid: str, caller: str, called: str
+    ) -> AbstractAsyncContextManager[AssistantLeg]: ...
+
+
+class CallTracker(Protocol):
+    """Admission bookkeeping and the outcomes the after-stream route reads."""
+
+    def begin(self, call_sid: str) -> None: ...
+
+    def finish(self, record: CallRecord) -> None: ...
+
+
+@frozen(kw_only=True)
+class CallSettings:
+    start_deadline_s: float
+    media_inactivity_s: float
+    playout_lead_ms: int
+    playout_chunk_ms: int
+    barge_in_resume_gap_ms: int
+    barge_in_on_speech_start: bool
+    ping_interval_s: float
+    pong_deadline_s: float
+    end_deadline_s: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> CallSettings:
+        return cls(
+            start_deadline_s=config.twilio.start_deadline_s,
+            media_inactivity_s=config.twilio.media_inactivity_s,
+            playout_lead_ms=config.bridge.playout_lead_ms,
+            playout_chunk_ms=config.bridge.playout_chunk_ms,
+            barge_in_resume_gap_ms=config.bridge.barge_in_resume_gap_ms,
+            barge_in_on_speech_start=config.bridge.barge_in_on_speech_start,
+            ping_interval_s=config.vapi.ping_interval_s,
+            pong_deadline_s=config.vapi.pong_deadline_s,
+            end_deadline_s=config.vapi.end_deadline_s,
+        )
+
+
+class Call:
+    """One call, from the media socket's first frame to its close. Use ``run()`` once."""
+
+    def __init__(
+        self,
+        twilio: MessageSocket,
+        *,
+        settings: CallSettings,
+        connector: AssistantConnector,
+        verify_token: Callable[[str, str], None],
+        tracker: CallTracker,
+    ) -> None:
+        self._twilio = twilio
+        self._settings = settings
+        self._connector = connector
+        self._verify_token = verify_token
+        self._tracker = tracker
+        self._stream = tw.MediaStream()
+        self._started_at = 0.0
+        self._call_scope: trio.CancelScope | None = None
+        self._outcome: Outcome | None = None
+        self._detail = ""
+        self._call_sid = ""
+        self._vapi_call_id = ""
+        self._playout: Playout | None = None
+        # The Vapi sender's inbox; None until the assistant leg is up (caller audio
+        # before that has nowhere to go and is not counted as dropped).
+        self._to_assistant: trio.MemorySendChannel[bytes | str] | None = None
+        self._frames_from_caller = 0
+        self._frames_to_assistant = 0
+        self._frames_dropped = 0
+
+    async def run(self) -> CallRecord:
+        """Run the call to its end and return its record. Never raises but ``Cancelled``.
+
+        If the surrounding scope is cancelled (the media socket was dropped, or the
+        server stops), the call is still wound down politely, shielded and bounded,
+        and then ``Cancelled`` propagates.
+        """
+        self._started_at = trio.current_time()
+        try:
+            start = await self._wait_start()
+            if start is not None and self._accept(start):
+                self._tracker.begin(self._call_sid)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "call-start",
+                    f"call {self._call_sid} started",
+                    call_sid=self._call_sid,
+                    stream_sid=start.stream_sid,
+                    caller=start.custom_parameters.get(CALLER_PARAMETER),
+                )
+                async with trio.open_nursery() as call_nursery:
+                    self._call_scope = call_nursery.cancel_scope
+                    call_nursery.start_soon(self._caller_to_agent)
+                    call_nursery.start_soon(self._assistant_leg, start)
+        except* trio.Cancelled:
+            self._set_outcome(Outcome.STREAM_LOST, "media socket closed by the peer or server")
+            raise
+        except* Exception as group:
+            self._set_outcome(Outcome.INTERNAL_ERROR, _describe(group))
+            log.error("call %s failed with a bug", self._call_sid or "?", exc_info=group)
+        finally:
+            with trio.CancelScope(shield=True):
+                record = self._record()
+                self._tracker.finish(record)
+                await self._twilio.aclose(1000, "call ended")
+                _log_call_end(record)
+        return record
+
+    # -- before the call nursery ---------------------------------------------------
+
+    async def _wait_start(self) -> tw.Start | None:
+        """Read ``connected`` and ``start`` under the start deadline."""
+        with trio.move_on_after(self._settings.start_deadline_s):
+            try:
+                while True:
+                    event = self._stream.receive(await self._twilio.receive())
+                    if isinstance(event, tw.Start):
+                        return event
+            except SocketClosed:
+                self._set_outcome(Outcome.STREAM_LOST, "media socket closed before start")
+                return None
+            except RemoteProtocolError as exc:
+                self._set_outcome(Outcome.PROTOCOL_ERROR, f"before start: {exc}")
+                return None
+        self._set_outcome(
+            Outcome.PROTOCOL_ERROR,
+            f"no start within {self._settings.start_deadline_s:g} s of the socket opening",
+        )
+        return None
+
+    def _accept(self, start: tw.Start) -> bool:
+        self._call_sid = start.call_sid
+        if (start.encoding, start.sample_rate, start.channels) != TWILIO_MEDIA_FORMAT:
+            self._set_outcome(
+                Outcome.PROTOCOL_ERROR,
+                f"unexpected media format {start.encoding}/{start.sample_rate}"
+                f"/{start.channels} (want audio/x-mulaw/8000/1)",
+            )
+            return False
+        token = start.custom_parameters.get(TOKEN_PARAMETER, "")
+        try:
+            self._verify_token(token, start.call_sid)
+        except TokenRejected as exc:
+            self._set_outcome(Outcome.TOKEN_REJECTED, f"stream token {exc.reason}")
+            return False
+        return True
+
+    # -- caller → agent ------------------------------------------------------------
+
+    async def _caller_to_agent(self) -> None:
+        inactivity_s = self._settings.media_inactivity_s
+        with trio.CancelScope() as inactivity_scope:
+            inactivity_scope.deadline = trio.current_time() + inactivity_s
+            try:
+                while True:
+                    event = self._stream.receive(await self._twilio.receive())
+                    inactivity_scope.deadline = trio.current_time() + inactivity_s
+                    if isinstance(event, tw.Media):
+                        self._forward_audio(event.payload)
+                    elif isinstance(event, tw.Mark):
+                        if self._playout is not None:
+                            self._playout.mark_played(event.name)
+                    elif isinstance(event, tw.Dtmf):
+                        await self._forward_digit(event.digit)
+                    elif isinstance(event, tw.Stop):
+                        self._end(Outcome.CALLER_HUNG_UP, "Twilio sent stop")
+                        return
+                    else:
+                        log.debug("call %s: ignoring Twilio event %r", self._call_sid, event)
+            except SocketClosed as exc:
+                self._end(Outcome.STREAM_LOST, f"media socket closed without stop ({exc})")
+                return
+            except RemoteProtocolError as exc:
+                self._end(Outcome.PROTOCOL_ERROR, f"Twilio frame: {exc}")
+                return
+        if inactivity_scope.cancelled_caught:
+            self._end(Outcome.STREAM_LOST, f"no frames from Twilio for {inactivity_s:g} s")
+
+    def _forward_audio(self, payload: bytes) -> None:
+        self._frames_from_caller += 1
+        inbox = self._to_assistant
+        if inbox is None:
+            return
+        try:
+            inbox.send_nowait(payload)
+        except trio.WouldBlock:
+            self._frames_dropped += 1
+
+    async def _forward_digit(self, digit: str) -> None:
+        inbox = self._to_assistant
+        if inbox is None:
+            log.info("call %s: DTMF %s before the assistant was connected", self._call_sid, digit)
+            return
+        # Control messages are never dropped: this may wait behind queued audio, at
+        # most until the sender's write deadline fails the leg.
+        await inbox.send(vp.add_message(role="user", content=f"(The caller pressed {digit}.)"))
+
+    # -- the assistant leg ---------------------------------------------------------
+
+    async def _assistant_leg(self, start: tw.Start) -> None:
+        params = start.custom_parameters
+        try:
+            async with self._connector.open(
+                call_sid=start.call_sid,
+                caller=params.get(CALLER_PARAMETER, ""),
+                called=params.get(CALLED_PARAMETER, ""),
+            ) as leg:
+                self._vapi_call_id = leg.call_id
+                try:
+                    await self._run_assistant_leg(leg.socket)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._close_assistant(leg.socket)
+        except VapiError as exc:
+            self._end(Outcome.ASSISTANT_LEG_FAILED, f"{exc.kind}: {exc}")
+
+    async def _run_assistant_leg(self, socket: PingableSocket) -> None:
+        playout = Playout(
+            self._twilio,
+            self._stream,
+            lead_ms=self._settings.playout_lead_ms,
+            chunk_ms=self._settings.playout_chunk_ms,
+            resume_gap_ms=self._settings.barge_in_resume_gap_ms,
+            call_started_at=self._started_at,
+        )
+        self._playout = playout
+        inbox, outbox = trio.open_memory_channel[bytes | str](CALLER_AUDIO_BUFFER_FRAMES)
+        async with trio.open_nursery() as leg_nursery:
+            leg_nursery.start_soon(self._agent_to_caller, socket, playout)
+            leg_nursery.start_soon(self._assistant_sender, socket, outbox)
+            leg_nursery.start_soon(self._playout_task, playout)
+            leg_nursery.start_soon(self._keepalive, socket)
+            self._to_assistant = inbox
+
+    async def _close_assistant(self, socket: PingableSocket) -> None:
+        """Say goodbye to Vapi unless it left first; bounded by the end deadline."""
+        self._to_assistant = None
+        if self._outcome in (Outcome.ASSISTANT_ENDED, Outcome.ASSISTANT_LEG_FAILED):
+            with trio.move_on_after(self._settings.end_deadline_s):
+                await socket.aclose()
+        else:
+            await end_call(socket, deadline_s=self._settings.end_deadline_s)
+
+    async def _agent_to_caller(self, socket: PingableSocket, playout: Playout) -> None:
+        try:
+            while True:
+                message = await socket.receive()
+                if isinstance(message, bytes):
+                    playout.feed(message)
+                    continue
+                event = vp.parse_message(message)
+                if isinstance(event, vp.UserInterrupted):
+                    playout.interrupt()
+                elif isinstance(event, vp.SpeechUpdate):
+                    self._on_speech_update(event, playout)
+                elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
+                    await self._let_goodbye_play(playout)
+                    self._end(Outcome.ASSISTANT_ENDED, event.ended_reason or "ended")
+                    return
+                elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
+                    log.debug("call %s: %s said %r", self._call_sid, event.role, event.transcript)
+                else:
+                    # hang (the assistant is stalling, not hanging up), model output, …
+                    log.debug("call %s: Vapi %s", self._call_sid, type(event).__name__)
+        except SocketClosed as exc:
+            if exc.code == 1000:
+                await self._let_goodbye_play(playout)
+                self._end(Outcome.ASSISTANT_ENDED, "Vapi closed the socket")
+            else:
+                self._end(Outcome.ASSISTANT_LEG_FAILED, f"dropped: Vapi socket lost ({exc})")
+        except RemoteProtocolError as exc:
+            self._end(Outcome.ASSISTANT_LEG_FAILED, f"protocol: Vapi message: {exc}")
+
+    def _on_speech_update(self, event: vp.SpeechUpdate, playout: Playout) -> None:
+        if event.role == "assistant":
+            if event.status == "started":
+                playout.turn_started()
+            else:
+                playout.end_of_speech()
+        elif (
+            event.role == "user"
+            and event.status == "started"
+            and self._settings.barge_in_on_speech_start
+        ):
+            playout.interrupt()
+
+    async def _let_goodbye_play(self, playout: Playout) -> None:
+        """The assistant is done: let the caller hear the rest of what it said."""
+        with trio.move_on_after(playout.queued_ms / 1000 + GOODBYE_SLACK_S):
+            await playout.wait_drained()
+
+    async def _assistant_sender(
+        self, socket: PingableSocket, outbox: trio.MemoryReceiveChannel[bytes | str]
+    ) -> None:
+        try:
+            async for message in outbox:
+                await socket.send(message)
+                if isinstance(message, bytes):
+                    self._frames_to_assistant += 1
+        except SocketWriteTimeout:
+            self._end(Outcome.ASSISTANT_LEG_FAILED, "unresponsive: Vapi stopped reading")
+        except SocketClosed:
+            # The reader sees the same close and knows whether it was clean.
+            return
+
+    async def _playout_task(self, playout: Playout) -> None:
+        try:
+            await playout.run()
+        except SocketClosed as exc:
+            self._end(Outcome.STREAM_LOST, f"media socket failed while sending ({exc})")
+
+    async def _keepalive(self, socket: PingableSocket) -> None:
+        settings = self._settings
+        while True:
+            await trio.sleep(settings.ping_interval_s)
+            # Shielded so the ping frame is never torn; the pong deadline still bounds it.
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(settings.pong_deadline_s) as pong_scope:
+                    try:
+                        await socket.ping()
+                    except SocketClosed:
+                        return  # the reader reports how the socket ended
+            if pong_scope.cancelled_caught:
+                self._end(
+                    Outcome.ASSISTANT_LEG_FAILED,
+                    f"unresponsive: no pong within {settings.pong_deadline_s:g} s",
+                )
+                return
+
+    # -- ending --------------------------------------------------------------------
+
+    def _set_outcome(self, outcome: Outcome, detail: str) -> None:
+        if self._outcome is None:
+            self._outcome = outcome
+            self._detail = detail
+
+    def _end(self, outcome: Outcome, detail: str) -> None:
+        """Record why the call ends (the first reason wins) and cancel the call scope."""
+        self._set_outcome(outcome, detail)
+        if self._call_scope is not None:
+            self._call_scope.cancel(reason=f"call ending: {outcome.value}")
+
+    def _record(self) -> CallRecord:
+        playout = self._playout
+        stats = playout.stats if playout is not None else None
+        first_audio_ms = None
+        if stats is not None and stats.first_audio_at is not None:
+            first_audio_ms = (stats.first_audio_at - self._started_at) * 1000
+        return CallRecord(
+            call_sid=self._call_sid,
+            stream_sid=self._stream.stream_sid or "",
+            vapi_call_id=self._vapi_call_id,
+            outcome=self._outcome or Outcome.INTERNAL_ERROR,
+            detail=self._detail or "no outcome recorded",
+            duration_s=trio.current_time() - self._started_at,
+            frames_from_caller=self._frames_from_caller,
+            frames_to_assistant=self._frames_to_assistant,
+            frames_dropped=self._frames_dropped,
+            assistant_bytes=stats.assistant_bytes if stats else 0,
+            media_messages_to_caller=stats.media_messages if stats else 0,
+            heard_ms=stats.heard_ms if stats else 0,
+            first_audio_ms=first_audio_ms,
+            barge_ins=tuple(stats.barge_ins) if stats else (),
+        )
+
+
+def _describe(group: BaseExceptionGroup[Exception]) -> str:
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return f"{type(first).__name__}: {first}"
+
+
+def _log_call_end(record: CallRecord) -> None:
+    outcome = record.outcome
+    if outcome is Outcome.INTERNAL_ERROR:
+        level = logging.ERROR
+    elif outcome.caller_gets_fallback:
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    barge_in_ms = max((b.latency_ms for b in record.barge_ins), default=None)
+    log_event(
+        log,
+        level,
+        "call-end",
+        f"call {record.call_sid or '(no start)'} ended: {outcome.value} ({record.detail}) "
+        f"after {record.duration_s:.1f} s; heard {record.heard_ms} ms, "
+        f"{len(record.barge_ins)} barge-in(s)",
+        call_sid=record.call_sid or None,
+        stream_sid=record.stream_sid or None,
+        vapi_call_id=record.vapi_call_id or None,
+        outcome=outcome.value,
+        detail=record.detail,
+        duration_s=round(record.duration_s, 3),
+        frames_from_caller=record.frames_from_caller,
+        frames_to_assistant=record.frames_to_assistant,
+        frames_dropped=record.frames_dropped,
+        media_to_caller=record.media_messages_to_caller,
+        heard_ms=record.heard_ms,
+        first_audio_ms=round(record.first_audio_ms, 1) if record.first_audio_ms else None,
+        barge_ins=len(record.barge_ins),
+        barge_in_max_ms=round(barge_in_ms, 2) if barge_in_ms is not None else None,
+    )

@@ -1,0 +1,88 @@
+"""The ``voicebridge`` command: ``serve``, ``check-config``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from voicebridge import __version__
+from voicebridge.config import DEFAULT_CONFIG_PATH, check_config_main, load_config
+from voicebridge.errors import ConfigError
+from voicebridge.observability.logs import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voicebridge",
+        description="Answers Twilio phone calls and bridges each caller to a Vapi assistant.",
+    )
+    parser.add_argument("--version", action="version", version=f"voicebridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        metavar="PATH",
+        help=f"configuration file (default {DEFAULT_CONFIG_PATH})",
+    )
+
+    check = commands.add_parser(
+        "check-config", help="print the effective configuration (secrets masked) or the error"
+    )
+    check.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
+
+    demo = commands.add_parser(
+        "demo",
+        help="a real call through the real server, against the simulated Twilio caller "
+        "and simulated Vapi assistant (no account, no network)",
+    )
+    demo.add_argument(
+        "--calls", type=int, default=1, metavar="N", help="run N calls at once (default 1)"
+    )
+    demo.add_argument(
+        "--save-audio", metavar="DIR", help="write what each caller heard as WAV files into DIR"
+    )
+    demo.add_argument("--verbose", action="store_true", help="show the server's log lines")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config_main(args.config)
+    if args.command == "serve":
+        return _serve(args.config)
+    if args.command == "demo":
+        from voicebridge.demo import run_demo
+
+        if args.calls < 1:
+            print("voicebridge: --calls must be at least 1", file=sys.stderr)
+            return 2
+        return run_demo(calls=args.calls, save_audio=args.save_audio, verbose=args.verbose)
+    raise AssertionError(args.command)
+
+
+def _serve(config_path: str) -> int:
+    from voicebridge.server import serve
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"voicebridge: config error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.server.log_level.upper())
+    try:
+        trio.run(lambda: serve(config, handle_signals=True))
+    except OSError as exc:
+        logging.getLogger("voicebridge").error("cannot serve: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,966 @@
+"""Configuration: frozen attrs classes, loaded with cattrs from TOML, env and systemd credentials.
+
+The classes below are the whole configuration surface. ``load_config`` builds a ``Config``
+from a TOML file, ``VOICEBRIDGE_<SECTION>_<KEY>`` environment overrides and secrets (see
+``Secrets``); ``render_config`` prints the effective configuration with secrets masked;
+``check_config_main`` is ``voicebridge check-config``.
+
+Every problem raises ``ConfigError(key, reason)``: ``key`` is the dotted key path
+(``server.max_concurrent_calls``) or, for a stray environment variable, the variable's
+name; ``reason`` is a sentence for an operator. When there are several problems, the
+first is the error's ``key``/``reason`` and the others are attached as notes
+(``exc.__notes__``, one ``"key: reason"`` string each). No message, repr or rendering ever
+contains a secret's value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import sys
+import tomllib
+import typing
+import urllib.parse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
+
+from voicebridge.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/voicebridge/voicebridge.toml"
+
+#: Prefix of every environment override: ``VOICEBRIDGE_<SECTION>_<KEY>``.
+ENV_PREFIX = "VOICEBRIDGE_"
+
+#: What ``render_config`` shows for a secret that is set; nothing else about it is shown.
+MASK = "********"
+#: What ``render_config`` shows for a secret that is not set (or set to an empty value).
+UNSET = "(unset)"
+
+
+# --- validators ------------------------------------------------------------------------
+#
+# attrs validators raise ConfigError(<field name>, reason). The loader prefixes the section
+# path (``server.`` + ``listen``); code that builds a config class directly gets the bare
+# field name, which is still enough to find the mistake.
+
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+_E164 = re.compile(r"\+[0-9]{8,15}")
+_ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _int_range(low: int, high: int, *, step: int = 1) -> _Validator:
+    """Validator: an integer in ``[low, high]`` that is a multiple of ``step``."""
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+        if not low <= value <= high:
+            raise ConfigError(attribute.name, f"must be between {low} and {high}, got {value}")
+        if value % step:
+            raise ConfigError(attribute.name, f"must be a multiple of {step}, got {value}")
+
+    return check
+
+
+def _deadline(high: float) -> _Validator:
+    """Validator: a number of seconds greater than 0 and at most ``high``."""
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        # Written so that NaN fails too: every comparison with NaN is false.
+        if not 0 < value <= high:
+            raise ConfigError(
+                attribute.name, f"must be more than 0 and at most {high:g} seconds, got {value}"
+            )
+
+    return check
+
+
+def _at_least_one(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise ConfigError(attribute.name, f"must be at least 1, got {value}")
+
+
+def _chunk_within_lead(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    # Invariant: attrs runs validators after every field is set, so the lead is readable.
+    lead = instance.playout_lead_ms
+    if value > lead:
+        raise ConfigError(attribute.name, f"must not exceed playout_lead_ms ({lead}), got {value}")
+
+
+def _listen_address(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    reason = _listen_problem(value)
+    if reason:
+        raise ConfigError(attribute.name, reason)
+
+
+def _listen_problem(value: str) -> str:
+    """Why ``value`` is not ``host:port`` / ``[v6]:port``, or ``""`` if it is fine."""
+    example = "expected host:port such as 127.0.0.1:8080 or [::1]:8080"
+    if value.startswith("["):
+        host, closed, rest = value[1:].partition("]")
+        if not closed or not rest.startswith(":"):
+            return f"{example}, got {_show(value)}"
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{_show(host)} in brackets is not an IPv6 address"
+        port = rest[1:]
+    else:
+        host, colon, port = value.rpartition(":")
+        if not colon or not host:
+            return f"{example}, got {_show(value)}"
+        if ":" in host:
+            return f"an IPv6 address goes in brackets, as in [::1]:8080; got {_show(value)}"
+        if not _HOSTNAME.fullmatch(host):
+            return f"{_show(host)} is not a host name or IPv4 address"
+    if not _PORT.fullmatch(port) or int(port) > 65535:
+        return f"port must be a number from 0 to 65535, got {_show(port)}"
+    return ""
+
+
+def _strip_trailing_slash(value: str) -> str:
+    """Converter: ``https://x.example/`` and ``https://x.example`` mean the same base URL."""
+    return value.rstrip("/") if isinstance(value, str) else value
+
+
+def _url_problem(value: str) -> str:
+    """Why ``value`` is not an absolute http(s) base URL, or ``""`` if it is fine."""
+    if any(c.isspace() for c in value):
+        return "must not contain spaces"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    del port  # only parsed so that a bad port is reported
+    if parts.scheme not in ("http", "https"):
+        return f"must be an absolute http:// or https:// URL, got {_show(value)}"
+    if not parts.hostname:
+        return f"must name a host, got {_show(value)}"
+    if parts.username is not None or parts.password is not None:
+        return "must not contain a user name or password"
+    if "?" in value or "#" in value:
+        return "must not have a query (?…) or fragment (#…)"
+    return ""
+
+
+def _base_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Validator: empty (not configured) or an absolute http(s) URL without query/fragment."""
+    if value:
+        reason = _url_problem(value)
+        if reason:
+            raise ConfigError(attribute.name, reason)
+
+
+def _account_sid(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not _ACCOUNT_SID.fullmatch(value):
+        raise ConfigError(
+            attribute.name, f"must be 'AC' followed by 32 hex digits, got {_show(value)}"
+        )
+
+
+def _e164_or_empty(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not _E164.fullmatch(value):
+        raise ConfigError(
+            attribute.name,
+            f"must be empty or an E.164 number ('+' and 8 to 15 digits), got {_show(value)}",
+        )
+
+
+# --- the configuration classes -----------------------------------------------------------
+
+
+@frozen
+class Secret:
+    """A secret value; its repr and str never show it. ``reveal()`` to use it.
+
+    ``source`` says where the loader found it ("systemd credential vapi-api-key",
+    "file /etc/voicebridge/vapi.key", "environment variable VOICEBRIDGE_VAPI_API_KEY"),
+    or is empty when it was not supplied. It is shown by ``render_config``; it takes no part
+    in equality.
+    """
+
+    _value: str = field(repr=False, alias="value")
+    source: str = field(default="", kw_only=True, eq=False)
+
+    def reveal(self) -> str:
+        """The secret itself: pass it straight to the API that needs it, never to a log."""
+        return self._value
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@frozen(kw_only=True)
+class CallerAction:
+    """What the caller hears instead of the assistant: words, then a number dialled, then hang-up.
+
+    Both empty means: hang up at once.
+    """
+
+    say: str = ""
+    #: Text-to-speech voice for ``say`` (Twilio ``<Say voice=…>``); empty = Twilio's default.
+    voice: str = ""
+    #: E.164 number to ``<Dial>`` after ``say``; empty = no dial.
+    dial: str = field(default="", validator=_e164_or_empty)
+
+
+@frozen(kw_only=True)
+class ServerConfig:
+    """``[server]``: where the HTTP/WebSocket server listens and how many calls it takes."""
+
+    #: ``host:port`` to listen on (ignored under socket activation).
+    listen: str = field(default="127.0.0.1:8080", validator=_listen_address)
+    #: The public base URL Twilio reaches us at (``https://bridge.example.com``, maybe with a
+    #: path prefix). Signatures are checked against it and stream URLs built from it.
+    #: A trailing slash is removed.
+    public_url: str = field(default="", converter=_strip_trailing_slash, validator=_base_url)
+    max_concurrent_calls: int = field(default=50, validator=_at_least_one)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@frozen(kw_only=True)
+class TwilioConfig:
+    """``[twilio]``: the Twilio account and the deadlines of the Media Streams leg."""
+
+    account_sid: str = field(default="", validator=_account_sid)
+    #: Reject webhooks without a valid ``X-Twilio-Signature`` (only ever off in local tests).
+    validate_signatures: bool = True
+    #: ``connected`` + ``start`` must arrive within this after the media socket opens.
+    start_deadline_s: float = field(default=5.0, validator=_deadline(60))
+    #: Twilio sends media continuously; this long without any frame means the stream is dead.
+    media_inactivity_s: float = field(default=5.0, validator=_deadline(300))
+    #: Lifetime of the single-use stream token put in the TwiML.
+    stream_token_ttl_s: float = field(default=60.0, validator=_deadline(3600))
+
+
+@frozen(kw_only=True)
+class VapiConfig:
+    """``[vapi]``: the Vapi API, the assistant, the audio format and the Vapi leg's deadlines."""
+
+    base_url: str = field(
+        default="https://api.vapi.ai", converter=_strip_trailing_slash, validator=_base_url
+    )
+    assistant_id: str = ""
+    #: Inline assistant definition (used when ``assistant_id`` is empty).
+    assistant: dict[str, Any] = field(factory=dict)
+    audio_format: Literal["mulaw", "pcm_s16le"] = "mulaw"
+    sample_rate: Literal[8000, 16000] = 8000
+    create_deadline_s: float = field(default=5.0, validator=_deadline(60))
+    connect_deadline_s: float = field(default=5.0, validator=_deadline(60))
+    ping_interval_s: float = field(default=5.0, validator=_deadline(300))
+    pong_deadline_s: float = field(default=3.0, validator=_deadline(60))
+    #: Time allowed for ``end-call`` + close when we end the Vapi leg.
+    end_deadline_s: float = field(default=2.0, validator=_deadline(60))
+
+
+@frozen(kw_only=True)
+class BridgeConfig:
+    """``[bridge]``: playout buffering and barge-in behaviour of every call."""
+
+    #: How much assistant audio may be buffered at Twilio ahead of what the caller heard.
+    playout_lead_ms: int = field(default=300, validator=_int_range(20, 5000, step=20))
+    #: Largest outbound media chunk (whole 20 ms frames) sent to Twilio in one message.
+    playout_chunk_ms: int = field(
+        default=100, validator=[_int_range(20, 1000, step=20), _chunk_within_lead]
+    )
+    #: Barge in on ``speech-update`` user/started too, not only on ``user-interrupted``.
+    barge_in_on_speech_start: bool = False
+    #: After a barge-in, assistant audio is discarded until the next assistant turn starts
+    #: or the audio pauses for this long (so an in-flight tail of the cut turn never plays).
+    barge_in_resume_gap_ms: int = field(default=250, validator=_int_range(20, 5000))
+
+
+@frozen(kw_only=True)
+class Secrets:
+    """Secrets never come from the config file in plain text.
+
+    Each is read from ``$CREDENTIALS_DIRECTORY/<credential>`` (systemd ``LoadCredential=``),
+    else from the file named by the ``*_file`` key, else from the environment variable.
+    Each ``Secret.source`` records which one supplied it.
+    """
+
+    twilio_auth_token: Secret = field(factory=lambda: Secret(""))
+    vapi_api_key: Secret = field(factory=lambda: Secret(""))
+    stream_token_secret: Secret = field(factory=lambda: Secret(""))
+
+
+#: secret attribute -> (systemd credential name, environment variable)
+SECRET_SOURCES: dict[str, tuple[str, str]] = {
+    "twilio_auth_token": ("twilio-auth-token", "VOICEBRIDGE_TWILIO_AUTH_TOKEN"),
+    "vapi_api_key": ("vapi-api-key", "VOICEBRIDGE_VAPI_API_KEY"),
+    "stream_token_secret": ("stream-token-secret", "VOICEBRIDGE_STREAM_TOKEN_SECRET"),
+}
+
+#: ``VOICEBRIDGE_*`` environment variables that are not ``<SECTION>_<KEY>`` overrides, so
+#: the loader does not report them as matching no key.
+NON_OVERRIDE_ENV_VARS: frozenset[str] = frozenset(env for _, env in SECRET_SOURCES.values())
+
+#: The shortest stream token secret accepted: an HMAC key shorter than this is guessable.
+MIN_STREAM_TOKEN_SECRET_BYTES = 16
+
+
+@frozen(kw_only=True)
+class SecretFiles:
+    """``[secrets]`` section: optional file paths for each secret."""
+
+    twilio_auth_token_file: str = ""
+    vapi_api_key_file: str = ""
+    stream_token_secret_file: str = ""
+
+
+@frozen(kw_only=True)
+class Config:
+    """The whole configuration; build it with ``load_config``."""
+
+    server: ServerConfig = field(factory=ServerConfig)
+    twilio: TwilioConfig = field(factory=TwilioConfig)
+    vapi: VapiConfig = field(factory=VapiConfig)
+    bridge: BridgeConfig = field(factory=BridgeConfig)
+    #: Played when the daemon is at its call limit or draining.
+    overflow: CallerAction = field(
+        factory=lambda: CallerAction(
+            say="Sorry, all our lines are busy right now. Please call again in a few minutes."
+        )
+    )
+    #: Played when the assistant leg fails (create, connect, dropped, unresponsive).
+    fallback: CallerAction = field(
+        factory=lambda: CallerAction(
+            say="Sorry, we are having technical difficulties. Please call again later."
+        )
+    )
+    secrets: SecretFiles = field(factory=SecretFiles)
+    #: Filled by the loader from credentials, files or env; not a file section.
+    credentials: Secrets = field(factory=Secrets)
+
+    def evolve(self, **changes: Any) -> Config:
+        return attrs.evolve(self, **changes)
+
+
+# --- describing values and keys ----------------------------------------------------------
+
+#: The sections a config file (and ``VOICEBRIDGE_<SECTION>_<KEY>``) may set, in class order.
+FILE_SECTIONS: dict[str, type[Any]] = {
+    a.name: a.type
+    for a in attrs.fields(attrs.resolve_types(Config))
+    if a.name != "credentials" and isinstance(a.type, type)
+}
+
+#: For every file section, its keys and their (resolved) types, in class order.
+_SECTION_FIELDS: dict[str, dict[str, Any]] = {
+    name: typing.get_type_hints(cls) for name, cls in FILE_SECTIONS.items()
+}
+
+_Problem = tuple[str, str]  # (key path, reason)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short, readable rendering of a bad value for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _secret_hint(name: str) -> str:
+    """Where a secret may be supplied from, as a phrase."""
+    credential, env = SECRET_SOURCES[name]
+    return (
+        f"systemd credential '{credential}' (LoadCredential=), "
+        f"a file named by [secrets] {name}_file, "
+        f"or the {env} environment variable"
+    )
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _unknown_key_reason(section: str, key: Any) -> str:
+    """Why ``key`` in ``section`` (``""`` = top level) is refused, with a suggestion if any."""
+    if section:
+        candidates = list(_SECTION_FIELDS[section])
+        what = "unknown key"
+    else:
+        candidates = list(FILE_SECTIONS)
+        what = "unknown section"
+    close = difflib.get_close_matches(str(key), candidates, n=1)
+    if close:
+        return f"{what}; did you mean {_join(section, close[0])}?"
+    # A key put in the wrong section: point at the section that has it.
+    elsewhere = [s for s, keys in _SECTION_FIELDS.items() if key in keys and s != section]
+    if elsewhere:
+        return f"{what}; {key} belongs in [{elsewhere[0]}] ({elsewhere[0]}.{key})"
+    return what
+
+
+def _plain_secret(section: str, key: Any) -> str | None:
+    """The secret a key in the file would hold in plain text, or None.
+
+    ``[twilio] auth_token``, ``[vapi] api_key``, ``[secrets] vapi_api_key``, a top-level
+    ``stream_token_secret``: every spelling that puts a secret's value in the file.
+    """
+    if not isinstance(key, str):
+        return None
+    for name in SECRET_SOURCES:
+        if key == name or (section and f"{section}_{key}" == name):
+            return name
+    return None
+
+
+# --- structuring -------------------------------------------------------------------------
+
+
+def _expected(what: str, value: Any) -> ConfigError:
+    return ConfigError("", f"expected {what}, got {_show(value)}")
+
+
+def _structure_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    return value
+
+
+def _structure_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _expected("an integer", value)
+    return value
+
+
+def _structure_float(value: Any, _: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _expected("a number", value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError("", f"number out of range: {_show(value)}") from None
+
+
+def _structure_bool(value: Any, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise _expected("true or false", value)
+    return value
+
+
+def _is_literal(type_: Any) -> bool:
+    return typing.get_origin(type_) is Literal
+
+
+def _structure_literal(value: Any, type_: Any) -> Any:
+    choices = typing.get_args(type_)
+    for choice in choices:
+        # type() too: 8000.0 == 8000 and True == 1, but neither is a valid choice here.
+        if type(value) is type(choice) and value == choice:
+            return choice
+    listed = ", ".join(str(c) for c in choices)
+    raise ConfigError("", f"must be one of {listed}; got {_show(value)}")
+
+
+def _json_problem(value: Any, path: str = "") -> _Problem | None:
+    """(key path relative to the field, reason) of the first part JSON cannot carry."""
+    if value is None:
+        return path, "null is not allowed (TOML has no null: leave the key out)"
+    if isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, f"must be a finite number, got {value}")
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return path, f"keys must be strings, got {_show(key)}"
+            problem = _json_problem(item, _join(path, key))
+            if problem:
+                return problem
+        return None
+    return path, f"must be JSON data (it is sent to Vapi), got {_show(value)}"
+
+
+def _structure_json_object(value: Any, _: Any) -> dict[str, Any]:
+    """``dict[str, Any]`` fields hold JSON sent to Vapi: a table of JSON-compatible data."""
+    if not isinstance(value, dict):
+        raise _expected("a table", value)
+    problem = _json_problem(value)
+    if problem:
+        raise ConfigError(problem[0], problem[1])
+    return dict(value)
+
+
+def _structure_secrets(value: Any, _: type) -> Secrets:
+    raise ConfigError("", "secrets are not read from the config file")
+
+
+def _attrs_hook_factory(cl: type[Any], converter: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    """Structure an attrs section, first checking that the TOML value is a table at all."""
+    structure = make_dict_structure_fn(cl, converter)
+
+    def structure_section(value: Any, _: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise _expected("a table", value)
+        return structure(value, cl)
+
+    return structure_section
+
+
+def _make_converter() -> cattrs.Converter:
+    """The converter for our own config: strict types, unknown keys are errors."""
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    converter.register_structure_hook(str, _structure_str)
+    converter.register_structure_hook(int, _structure_int)
+    converter.register_structure_hook(float, _structure_float)
+    converter.register_structure_hook(bool, _structure_bool)
+    converter.register_structure_hook(Secrets, _structure_secrets)
+    converter.register_structure_hook_func(_is_literal, _structure_literal)
+    converter.register_structure_hook_func(lambda t: t == dict[str, Any], _structure_json_object)
+    converter.register_structure_hook_factory(
+        lambda t: attrs.has(t) and t is not Secrets, _attrs_hook_factory
+    )
+    return converter
+
+
+_converter = _make_converter()
+
+
+def _problems_from(exc: BaseException, path: str = "") -> list[_Problem]:
+    """Turn what cattrs raised into (key path, reason) pairs, in the order cattrs found them.
+
+    A ``ClassValidationError`` is a group; each member carries an ``AttributeValidationNote``
+    naming the attribute it came from (nested sections nest groups). Leaves are our own
+    ``ConfigError``s (from hooks and attrs validators, ``key`` relative to the class) and
+    ``ForbiddenExtraKeysError``s (unknown keys of the class ``cl``).
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        problems: list[_Problem] = []
+        for sub in exc.exceptions:
+            names = [
+                n.name
+                for n in getattr(sub, "__notes__", ())
+                if isinstance(n, AttributeValidationNote)
+            ]
+            problems += _problems_from(sub, _join(path, *names))
+        return problems
+    if isinstance(exc, ForbiddenExtraKeysError):
+        section = path if path in _SECTION_FIELDS else ""
+        return [
+            (_join(path, str(k)), _unknown_key_reason(section, k))
+            for k in sorted(exc.extra_fields, key=str)
+        ]
+    if isinstance(exc, ConfigError):
+        return [(_join(path, exc.key), exc.reason)]
+    return [(path, f"invalid value ({type(exc).__name__})")]
+
+
+def _raise(problems: list[_Problem]) -> typing.NoReturn:
+    """Raise the first problem; attach the others as ``key: reason`` notes."""
+    key, reason = problems[0]
+    error = ConfigError(key, reason)
+    for other_key, other_reason in problems[1:]:
+        error.add_note(f"{other_key}: {other_reason}" if other_key else other_reason)
+    raise error
+
+
+# --- environment overrides ---------------------------------------------------------------
+
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def env_var_name(section: str, key: str) -> str:
+    """The environment variable that overrides ``section.key``: ``VOICEBRIDGE_SERVER_LISTEN``."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _parse_env_value(text: str, type_: Any) -> Any:
+    """The TOML value an environment variable's text stands for, given the field's type.
+
+    Raises ``ConfigError("", reason)``; the caller adds the key path.
+    """
+    stripped = text.strip()
+    if type_ is str:
+        return text
+    if type_ is bool:
+        if stripped.lower() in _TRUE:
+            return True
+        if stripped.lower() in _FALSE:
+            return False
+        raise ConfigError("", f"expected true/false/1/0/yes/no, got {_show(text)}")
+    if type_ is int:
+        if not _INTEGER.fullmatch(stripped):
+            raise _expected("an integer", text)
+        return int(stripped)
+    if type_ is float:
+        try:
+            return float(stripped)
+        except ValueError:
+            raise _expected("a number", text) from None
+    if _is_literal(type_):
+        for choice in typing.get_args(type_):
+            if str(choice) == stripped:
+                return choice
+        listed = ", ".join(str(c) for c in typing.get_args(type_))
+        raise ConfigError("", f"must be one of {listed}; got {_show(text)}")
+    if type_ == dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError("", f"expected a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("", f"expected a JSON object, got {_show(value)}")
+        return value
+    raise AssertionError(f"no environment parser for {type_!r}")  # a new field type: add one
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> list[_Problem]:
+    """Set ``raw[section][key]`` from every ``VOICEBRIDGE_<SECTION>_<KEY>`` in ``environ``."""
+    problems: list[_Problem] = []
+    known = {
+        env_var_name(section, key): (section, key, type_)
+        for section, keys in _SECTION_FIELDS.items()
+        for key, type_ in keys.items()
+    }
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in NON_OVERRIDE_ENV_VARS:
+            continue
+        if name not in known:
+            # Compare without the shared prefix, which would make anything look close.
+            suffixes = [k.removeprefix(ENV_PREFIX) for k in known]
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            problems.append((name, f"environment variable matches no configuration key{hint}"))
+            continue
+        section, key, type_ = known[name]
+        try:
+            value = _parse_env_value(environ[name], type_)
+        except ConfigError as exc:
+            problems.append((_join(section, key, exc.key), f"{exc.reason} (from {name})"))
+            continue
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):  # otherwise structuring reports "expected a table"
+            raw[section] = {**table, key: value}
+    return problems
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+
+def _read_secret_file(path: Path) -> str:
+    """The file's text without one trailing newline. Raises OSError / UnicodeDecodeError."""
+    text = path.read_bytes().decode("utf-8")
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    return text
+
+
+def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secrets, list[_Problem]]:
+    """Read each secret from its credential, else its ``*_file``, else its env variable."""
+    found: dict[str, Secret] = {}
+    problems: list[_Problem] = []
+    credentials_dir = environ.get("CREDENTIALS_DIRECTORY", "")
+    for name, (credential, env) in SECRET_SOURCES.items():
+        file_key = f"{name}_file"
+        file_name: str = getattr(files, file_key)
+        if credentials_dir and (Path(credentials_dir) / credential).exists():
+            path, key, source = (
+                Path(credentials_dir) / credential,
+                f"credentials.{name}",
+                f"systemd credential {credential}",
+            )
+        elif file_name:
+            path, key, source = Path(file_name), f"secrets.{file_key}", f"file {file_name}"
+        elif env in environ:
+            found[name] = Secret(environ[env], source=f"environment variable {env}")
+            continue
+        else:
+            continue
+        try:
+            found[name] = Secret(_read_secret_file(path), source=source)
+        except OSError as exc:
+            problems.append((key, f"cannot read {path}: {exc.strerror or exc}"))
+        except UnicodeDecodeError:
+            problems.append((key, f"{path} is not UTF-8 text"))
+    return Secrets(**found), problems
+
+
+def _incomplete(config: Config) -> list[_Problem]:
+    """What a serving daemon needs that ``config`` does not have."""
+    problems: list[_Problem] = []
+    if not config.server.public_url:
+        problems.append(
+            ("server.public_url", "required: the public http(s) base URL Twilio reaches us at")
+        )
+    if not config.twilio.account_sid:
+        problems.append(("twilio.account_sid", "required: the Twilio account SID (AC…)"))
+    required = ["vapi_api_key", "stream_token_secret"]
+    if config.twilio.validate_signatures:
+        required.insert(0, "twilio_auth_token")
+    for name in required:
+        secret: Secret = getattr(config.credentials, name)
+        if not secret:
+            got = f"empty (from {secret.source})" if secret.source else "missing"
+            problems.append((f"credentials.{name}", f"{got}: supply it as {_secret_hint(name)}"))
+    if not config.vapi.assistant_id and not config.vapi.assistant:
+        problems.append(
+            ("vapi.assistant_id", "required: set vapi.assistant_id or an inline vapi.assistant")
+        )
+    return problems
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _refuse_secrets_in_file(data: Mapping[Any, Any]) -> tuple[dict[Any, Any], list[_Problem]]:
+    """A copy of ``data`` without plain-text secrets or a ``credentials`` table, and why.
+
+    Sections are copied too, so that env overrides never modify the caller's mapping.
+    """
+    problems: list[_Problem] = []
+    raw: dict[Any, Any] = {}
+    for section, table in data.items():
+        secret = _plain_secret("", section)
+        if secret:
+            problems.append(
+                (
+                    str(section),
+                    f"secrets are not read from the config file; supply it as "
+                    f"{_secret_hint(secret)}",
+                )
+            )
+        elif section == "credentials":
+            problems.append(
+                (
+                    "credentials",
+                    "not a config file section: secrets come from systemd "
+                    "credentials, files named in [secrets] or environment variables",
+                )
+            )
+        elif isinstance(table, Mapping) and section in FILE_SECTIONS:
+            kept: dict[str, Any] = {}
+            for key, value in table.items():
+                secret = _plain_secret(section, key)
+                if secret:
+                    problems.append(
+                        (
+                            _join(section, key),
+                            "secrets are not read from the config file; "
+                            f"supply {secret} as {_secret_hint(secret)}",
+                        )
+                    )
+                else:
+                    kept[key] = value
+            raw[section] = kept
+        else:
+            raw[section] = table  # structuring reports unknown sections and non-tables
+    return raw, problems
+
+
+def config_from_mapping(
+    data: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    require_complete: bool = True,
+) -> Config:
+    """Build a ``Config`` from parsed TOML ``data``, env overrides and secrets.
+
+    ``environ`` defaults to ``os.environ``; pass ``{}`` for a config from ``data`` alone.
+    With ``require_complete``, everything ``serve`` needs must be present (see
+    ``load_config``). Raises ``ConfigError`` for every problem; ``data`` is not modified.
+    """
+    if environ is None:
+        environ = os.environ
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"the configuration must be a table, got {_show(data)}")
+
+    raw, problems = _refuse_secrets_in_file(data)
+    problems += _apply_env_overrides(raw, environ)
+    try:
+        config = _converter.structure(raw, Config)
+    except ConfigError as exc:
+        problems.append((exc.key, exc.reason))
+    except ClassValidationError as exc:
+        problems += _problems_from(exc)
+    if problems:
+        _raise(problems)
+
+    credentials, problems = _load_secrets(config.secrets, environ)
+    token_secret = credentials.stream_token_secret
+    if token_secret and len(token_secret.reveal().encode()) < MIN_STREAM_TOKEN_SECRET_BYTES:
+        problems.append(
+            (
+                "credentials.stream_token_secret",
+                f"must be at least {MIN_STREAM_TOKEN_SECRET_BYTES} bytes"
+                f" (from {token_secret.source})",
+            )
+        )
+    config = config.evolve(credentials=credentials)
+    if require_complete:
+        problems += _incomplete(config)
+    if problems:
+        _raise(problems)
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    require_complete: bool = True,
+) -> Config:
+    """Load the configuration from the TOML file at ``path`` (default ``DEFAULT_CONFIG_PATH``).
+
+    Then apply ``VOICEBRIDGE_<SECTION>_<KEY>`` overrides from ``environ`` (default
+    ``os.environ``), read the secrets (``$CREDENTIALS_DIRECTORY/<credential>``, else the
+    ``[secrets] <name>_file`` file, else the environment variable) and validate everything.
+
+    With ``require_complete`` (what ``serve`` and ``check-config`` use), also require
+    ``server.public_url``, ``twilio.account_sid``, the Twilio auth token (unless
+    ``twilio.validate_signatures`` is false), the Vapi API key, a stream token secret of at
+    least 16 bytes and one of ``vapi.assistant_id`` / ``vapi.assistant``.
+
+    Raises ``ConfigError``: for an unreadable file or bad TOML its ``key`` is empty and the
+    reason names the file; otherwise ``key`` is the dotted key path of the first problem and
+    the others are in ``__notes__``.
+    """
+    file_name = os.fspath(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        with open(file_name, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {file_name}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{file_name} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{file_name} is not UTF-8 text") from None
+    return config_from_mapping(data, environ=environ, require_complete=require_complete)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's string escapes are a subset of TOML's basic-string escapes; TOML also wants
+    # DEL escaped.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    """``value`` as a TOML value on one line (tables become inline tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def _secret_line(name: str, secret: Secret) -> str:
+    credential, env = SECRET_SOURCES[name]
+    if secret:
+        return f"{name} = {_toml_string(MASK)}  # from {secret.source}"
+    if secret.source:
+        return f"{name} = {_toml_string(UNSET)}  # empty, from {secret.source}"
+    return (
+        f"{name} = {_toml_string(UNSET)}  # supply via credential {credential}, "
+        f"[secrets] {name}_file or {env}"
+    )
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML text, sections in class order, secrets masked.
+
+    Each secret is ``"********"`` when set and ``"(unset)"`` when not, with a comment
+    saying where it came from. The ``[credentials]`` table is informational: a config file
+    may not contain it.
+    """
+    lines = ["# voicebridge effective configuration (secrets masked)"]
+    for section in FILE_SECTIONS:
+        lines += ["", f"[{section}]"]
+        section_value = getattr(config, section)
+        for a in attrs.fields(type(section_value)):
+            lines.append(f"{a.name} = {_toml_value(getattr(section_value, a.name))}")
+    lines += [
+        "",
+        "# Not a file section: secrets come from systemd credentials ($CREDENTIALS_DIRECTORY),",
+        "# the files named in [secrets], or environment variables, in that order.",
+        "[credentials]",
+    ]
+    for name in SECRET_SOURCES:
+        lines.append(_secret_line(name, getattr(config.credentials, name)))
+    return "\n".join(lines) + "\n"
+
+
+# --- voicebridge check-config ------------------------------------------------------------
+
+
+def _print_error(exc: ConfigError, err: TextIO) -> None:
+    print(f"voicebridge: config error: {exc}", file=err)
+    for note in getattr(exc, "__notes__", ()):
+        print(f"voicebridge: config error: {note}", file=err)
+
+
+def check_config_main(
+    path: str | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """``voicebridge check-config [--config PATH]``: load as ``serve`` would and report.
+
+    Prints the effective configuration (secrets masked) to ``out`` (default stdout) and
+    returns 0; or prints one ``voicebridge: config error: <key>: <reason>`` line per problem
+    to ``err`` (default stderr) and returns 2.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    try:
+        config = load_config(path, environ=environ, require_complete=True)
+    except ConfigError as exc:
+        _print_error(exc, err)
+        return 2
+    out.write(render_config(config))
+    return 0

@@ -1,0 +1,172 @@
+"""The message-socket interface the call nursery talks to, and adapters for it.
+
+The call code never sees quart, trio-websocket or hypercorn: it sees a
+``MessageSocket``. That keeps the call nursery testable over in-memory pairs on
+trio's ``autojump_clock`` and lets the web layer swap transports.
+
+Writes are never torn: every adapter shields the write itself from cancellation
+(a WebSocket frame cancelled half way corrupts the connection) and bounds it
+with ``WRITE_DEADLINE_S`` so a peer that stops reading cannot hold us forever.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import trio
+import trio_websocket
+
+from voicebridge.errors import SocketClosed
+
+#: How long one shielded write may take before the peer is declared stuck.
+#: Loopback and LAN writes finish in microseconds; 5 s only trips on a peer that
+#: has stopped reading (full TCP window), which is then treated as a dead leg.
+WRITE_DEADLINE_S = 5.0
+
+
+class SocketWriteTimeout(SocketClosed):
+    """A write could not complete within ``WRITE_DEADLINE_S`` (peer not reading)."""
+
+
+class MessageSocket(Protocol):
+    """A WebSocket-like, message-oriented, bidirectional connection."""
+
+    async def receive(self) -> str | bytes:
+        """Wait for the next message. Raises ``SocketClosed`` once the socket is closed."""
+        ...
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one whole message; shielded, bounded by ``WRITE_DEADLINE_S``."""
+        ...
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close politely (close frame); idempotent; never raises ``SocketClosed``."""
+        ...
+
+
+class PingableSocket(MessageSocket, Protocol):
+    async def ping(self) -> None:
+        """Send a WebSocket ping and wait for its pong. Raises ``SocketClosed``."""
+        ...
+
+
+class TrioWebSocket:
+    """``PingableSocket`` over a ``trio_websocket.WebSocketConnection``."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise SocketClosed(
+                reason.code if reason else None, (reason.reason or "") if reason else ""
+            ) from None
+
+    async def send(self, message: str | bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
+                try:
+                    await self._ws.send_message(message)
+                except trio_websocket.ConnectionClosed as exc:
+                    reason = exc.reason
+                    raise SocketClosed(reason.code if reason else None) from None
+        if write_scope.cancelled_caught:
+            raise SocketWriteTimeout(None, "write deadline passed")
+
+    async def ping(self) -> None:
+        # trio-websocket's ping() writes the ping and then waits for the pong in
+        # one call, so the whole exchange is shielded; the caller bounds it with
+        # its own pong deadline (see bridge.liveness), which still applies inside
+        # the shield because that deadline scope is nested within it.
+        try:
+            await self._ws.ping()
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise SocketClosed(reason.code if reason else None) from None
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S):
+                await self._ws.aclose(code, reason or None)
+
+
+class MemorySocket:
+    """One end of an in-memory socket pair (tests, and in-process simulations).
+
+    Messages are delivered in order through bounded channels; ``ping`` is answered
+    by the peer's ``receive`` loop unless the peer was told to ignore pings.
+    """
+
+    def __init__(
+        self,
+        send_channel: trio.MemorySendChannel[str | bytes | _Ping],
+        receive_channel: trio.MemoryReceiveChannel[str | bytes | _Ping],
+    ) -> None:
+        self._send_channel = send_channel
+        self._receive_channel = receive_channel
+        self.peer: MemorySocket | None = None
+        self.answers_pings = True
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    async def receive(self) -> str | bytes:
+        while True:
+            try:
+                item = await self._receive_channel.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                peer = self.peer
+                raise SocketClosed(
+                    peer.close_code if peer else None, peer.close_reason if peer else ""
+                ) from None
+            if isinstance(item, _Ping):
+                if self.answers_pings:
+                    item.pong.set()
+                continue
+            return item
+
+    async def send(self, message: str | bytes) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
+                    await self._send_channel.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SocketClosed(self.close_code, "peer gone") from None
+        if write_scope.cancelled_caught:
+            raise SocketWriteTimeout(None, "write deadline passed")
+
+    async def ping(self) -> None:
+        ping = _Ping()
+        try:
+            await self._send_channel.send(ping)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SocketClosed(self.close_code, "peer gone") from None
+        await ping.pong.wait()
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        await self._send_channel.aclose()
+        await self._receive_channel.aclose()
+        await trio.lowlevel.checkpoint()
+
+
+class _Ping:
+    __slots__ = ("pong",)
+
+    def __init__(self) -> None:
+        self.pong = trio.Event()
+
+
+def memory_socket_pair(buffer: int | float = math.inf) -> tuple[MemorySocket, MemorySocket]:
+    """Two connected ``MemorySocket`` ends; ``buffer`` messages may be in flight each way."""
+    a_to_b_send, a_to_b_receive = trio.open_memory_channel[str | bytes | _Ping](buffer)
+    b_to_a_send, b_to_a_receive = trio.open_memory_channel[str | bytes | _Ping](buffer)
+    a = MemorySocket(a_to_b_send, b_to_a_receive)
+    b = MemorySocket(b_to_a_send, a_to_b_receive)
+    a.peer, b.peer = b, a
+    return a, b

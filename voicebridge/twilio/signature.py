@@ -1,0 +1,192 @@
+"""Checks of Twilio's ``X-Twilio-Signature`` on webhooks and the media upgrade, via our public URL.
+
+Twilio signs the URL *it* requested. Behind a reverse proxy or TLS terminator that
+is not the URL the server sees, so every URL here is the configured public base URL
+joined with the request's path (and query), never one rebuilt from the ``Host``
+header. The HMAC itself is twilio-python's ``RequestValidator``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from typing import Literal
+from urllib.parse import parse_qs, urlsplit
+
+from twilio.request_validator import RequestValidator
+
+from voicebridge.errors import VoicebridgeError
+
+__all__ = ["FormParams", "SignatureError", "WebhookVerifier", "sign"]
+
+#: Form parameters as a mapping (one value per name) or as ``(name, value)`` pairs, which
+#: may repeat a name. A mapping with ``getlist`` (werkzeug/quart ``MultiDict``) keeps
+#: its repeated values too.
+FormParams = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+class SignatureError(VoicebridgeError):
+    """A request's Twilio signature is ``missing`` or does not match (``mismatch``)."""
+
+    def __init__(self, reason: Literal["missing", "mismatch"], detail: str = "") -> None:
+        super().__init__(f"Twilio signature {reason}" + (f": {detail}" if detail else ""))
+        self.reason: Literal["missing", "mismatch"] = reason
+
+
+class _MultiValues(dict[str, list[str]]):
+    """Every value of every form field, in the shape ``RequestValidator`` reads.
+
+    ``RequestValidator.get_values`` calls ``getall(name)`` when the mapping has it and
+    falls back to ``params[name]`` (a single value) otherwise.
+    """
+
+    def getall(self, name: str) -> list[str]:
+        return self[name]
+
+
+def _multi_values(params: FormParams) -> _MultiValues:
+    values = _MultiValues()
+    if isinstance(params, Mapping):
+        # werkzeug's MultiDict (quart's request.form) has getlist, multidict's has getall.
+        getlist = getattr(params, "getlist", None) or getattr(params, "getall", None)
+        for name in params:
+            if callable(getlist):
+                values[name] = [str(value) for value in getlist(name)]
+            else:
+                values[name] = [params[name]]
+    else:
+        for name, value in params:
+            values.setdefault(name, []).append(value)
+    return values
+
+
+def sign(url: str, params: FormParams, auth_token: str) -> str:
+    """The ``X-Twilio-Signature`` Twilio would send for a POST of ``params`` to ``url``.
+
+    The URL is signed as given (no port juggling); for JSON bodies and the media
+    upgrade pass empty ``params``.
+    """
+    return str(RequestValidator(auth_token).compute_signature(url, _multi_values(params)))
+
+
+def _toggle_trailing_slash(url: str) -> str:
+    return url[:-1] if url.endswith("/") else url + "/"
+
+
+_DEFAULT_PORTS = {"https": 443, "wss": 443, "http": 80, "ws": 80}
+
+
+def _port_variants(url: str) -> tuple[str, str]:
+    """``url`` without and with its scheme's default port (unchanged for another port).
+
+    ``RequestValidator.validate`` does this itself for http(s) only: it would give a
+    ``wss://`` URL port 80.
+    """
+    parts = urlsplit(url)
+    default = _DEFAULT_PORTS[parts.scheme]
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if parts.port not in (None, default):
+        return url, url
+    without = parts._replace(netloc=host).geturl()
+    with_port = parts._replace(netloc=f"{host}:{default}").geturl()
+    return without, with_port
+
+
+class WebhookVerifier:
+    """Verifies Twilio's signatures on requests that reached us at ``public_url``.
+
+    ``public_url`` is the configured public base URL (``https://bridge.example.com``,
+    maybe with a port and a path prefix, e.g. ``https://edge.example.com/voicebridge``).
+    The path given to each method is the request's path *below* that base, i.e. as
+    this server routes it after the proxy stripped any prefix. The signature is
+    accepted over the URL with and without the scheme's default port.
+    """
+
+    __slots__ = ("_base", "_validator", "_ws_base")
+
+    def __init__(self, *, auth_token: str, public_url: str) -> None:
+        """Raises ``ValueError`` for an empty token, or a public URL that is not a bare
+        ``http(s)://host[:port][/prefix]`` (no query, no fragment)."""
+        if not auth_token:
+            raise ValueError("the Twilio auth token is empty: signatures cannot be checked")
+        url = urlsplit(public_url)
+        if url.scheme not in ("https", "http") or not url.netloc:
+            raise ValueError(f"public URL must be http(s)://host[/prefix], not {public_url!r}")
+        if url.query or url.fragment or "?" in public_url or "#" in public_url:
+            raise ValueError(f"public URL must not have a query or fragment: {public_url!r}")
+        self._validator = RequestValidator(auth_token)
+        self._base = public_url.rstrip("/")
+        ws_scheme = "wss" if url.scheme == "https" else "ws"
+        self._ws_base = ws_scheme + self._base[len(url.scheme) :]
+
+    def public_url_for(self, path_and_query: str) -> str:
+        """The public URL of a request: base URL + path (+ ``?query`` if any)."""
+        if not path_and_query.startswith("/"):
+            path_and_query = "/" + path_and_query
+        return self._base + path_and_query
+
+    def public_ws_url_for(self, path: str) -> str:
+        """The public WebSocket URL of ``path``: the base with https→wss, http→ws."""
+        if not path.startswith("/"):
+            path = "/" + path
+        return self._ws_base + path
+
+    def verify_form(
+        self, *, path_and_query: str, params: FormParams, signature: str | None
+    ) -> None:
+        """Check a form-encoded webhook POST (the voice webhook, ``<Connect action>``, …).
+
+        ``params`` are the POST body's fields; repeated names are signed the way Twilio
+        does (each name+value, names sorted, then values sorted). Raises
+        ``SignatureError("missing")`` when the header is absent or empty and
+        ``SignatureError("mismatch")`` when it does not match.
+        """
+        if not signature:
+            raise SignatureError("missing")
+        url = self.public_url_for(path_and_query)
+        if not self._validator.validate(url, _multi_values(params), signature):
+            raise SignatureError("mismatch", f"not signed for {url} with these parameters")
+
+    def verify_json(self, *, path_and_query: str, body: bytes, signature: str | None) -> None:
+        """Check a webhook POST with a JSON body.
+
+        Twilio puts ``bodySHA256=<hex SHA-256 of the body>`` in the query and signs
+        the URL (query included) with no parameters. Raises ``SignatureError("missing")``
+        for an absent or empty header, and ``("mismatch")`` when the signature does not
+        match, the query has no ``bodySHA256``, or the body's hash differs.
+        """
+        if not signature:
+            raise SignatureError("missing")
+        url = self.public_url_for(path_and_query)
+        claimed = parse_qs(urlsplit(url).query).get("bodySHA256")
+        if not claimed:
+            raise SignatureError("mismatch", "no bodySHA256 in the query of a JSON webhook")
+        # Hash the raw bytes (RequestValidator.compute_hash wants text and re-encodes it).
+        actual = hashlib.sha256(body).hexdigest()
+        if not hmac.compare_digest(actual, claimed[0].strip().lower()):
+            raise SignatureError("mismatch", "bodySHA256 does not match the body")
+        if not self._validator.validate(url, {}, signature):
+            raise SignatureError("mismatch", f"not signed for {url}")
+
+    def verify_upgrade(self, *, path: str, signature: str | None) -> None:
+        """Check the ``x-twilio-signature`` of a Media Streams WebSocket upgrade.
+
+        Twilio's documentation says it covers the ``wss://`` URL with no parameters
+        and suggests trying with a trailing ``/`` too; both are accepted. (Another
+        Twilio source says the upgrade is not signed at all: treat a failure here as
+        advisory; the stream token is the gate.) Raises ``SignatureError`` like
+        ``verify_form``.
+        """
+        if not signature:
+            raise SignatureError("missing")
+        url = self.public_ws_url_for(path)
+        given = signature.encode()
+        for slashed in (url, _toggle_trailing_slash(url)):
+            for candidate in _port_variants(slashed):
+                expected = self._validator.compute_signature(candidate, {})
+                if hmac.compare_digest(str(expected).encode(), given):
+                    return
+        raise SignatureError("mismatch", f"not signed for {url} (with or without a trailing /)")

@@ -1,0 +1,420 @@
+"""The Vapi leg's I/O: create a call with the WebSocket transport, open its socket, end it.
+
+``create_call`` POSTs ``/call`` with httpx; ``open_transport`` opens the call's
+transport socket with trio-websocket and hands it out as a ``TrioWebSocket``;
+``end_call`` says goodbye on it. Every failure to start the leg is one
+``VapiError`` whose ``kind`` the call's outcome can be built from; its message is
+safe to log: it never holds the API key or the socket URL (a bearer secret).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any, Final, Literal, TypeAlias
+
+import h11
+import httpx
+import orjson
+import trio
+import trio_websocket
+import wsproto.utilities
+from attrs import field, frozen
+
+from voicebridge.config import VapiConfig
+from voicebridge.errors import ConfigError, SocketClosed, VoicebridgeError
+from voicebridge.sockets import MessageSocket, TrioWebSocket
+from voicebridge.vapi import transport
+
+VapiErrorKind: TypeAlias = Literal[
+    "auth", "rejected", "server", "timeout", "refused", "dropped", "protocol"
+]
+
+#: Vapi rejects a call ``name`` longer than this.
+MAX_CALL_NAME_CHARS: Final = 40
+#: Prefix of the call's ``name`` in Vapi's dashboard. Short, so the whole 34-character
+#: CallSid fits in ``MAX_CALL_NAME_CHARS`` ("voicebridge " would cut 6 off it).
+CALL_NAME_PREFIX: Final = "vb "
+#: How much of Vapi's error text goes into a ``VapiError`` message: enough for
+#: "Concurrency limit reached" or a validation error, short enough for one log line.
+MAX_ERROR_DETAIL_CHARS: Final = 200
+#: ``open_transport``'s default bound on closing the socket on exit: the close frame
+#: and the peer's answer take one round trip; 2 s is ``VapiConfig.end_deadline_s``'s default.
+CLOSE_DEADLINE_S: Final = 2.0
+#: Time given to the close frame when we leave ``open_transport`` cancelled (see
+#: ``_close_on_exit``): writing one small frame into a socket with room in its send
+#: buffer takes microseconds; past this the peer is not reading and gets a TCP close.
+CANCELLED_CLOSE_GRACE_S: Final = 0.05
+
+
+class VapiError(VoicebridgeError):
+    """Starting (or talking to) the Vapi leg failed; ``kind`` says how.
+
+    - ``auth``: Vapi refused our API key (HTTP 401/403), or the key is unusable;
+    - ``rejected``: Vapi refused the request (other 4xx: validation, concurrency
+      limit, credits);
+    - ``server``: Vapi failed (5xx);
+    - ``timeout``: no complete answer within the deadline;
+    - ``refused``: no connection (refused, DNS, unreachable, bad URL scheme);
+    - ``dropped``: the connection broke before the answer was complete;
+    - ``protocol``: an answer we cannot use (not JSON, fields missing, not a WebSocket).
+
+    ``status_code`` is the HTTP status when there was one. ``str(error)`` is one
+    readable line without the API key or the socket URL.
+    """
+
+    def __init__(
+        self, kind: VapiErrorKind, message: str, *, status_code: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind: VapiErrorKind = kind
+        self.status_code = status_code
+
+
+@frozen(kw_only=True)
+class VapiCall:
+    """A created Vapi call: its id and where to reach it."""
+
+    id: str
+    #: ``transport.websocketCallUrl``: a bearer secret, never logged.
+    websocket_url: str = field(repr=False)
+    #: ``monitor.controlUrl`` (Live Call Control), when Vapi sent one; also a secret.
+    control_url: str | None = field(repr=False, default=None)
+
+
+# --- Creating the call ----------------------------------------------------------------
+
+
+def call_name(call_sid: str) -> str:
+    """The call's ``name`` in Vapi: the prefix and the CallSid, at most 40 characters."""
+    return f"{CALL_NAME_PREFIX}{call_sid}"[:MAX_CALL_NAME_CHARS]
+
+
+def build_create_body(
+    config: VapiConfig, *, call_sid: str, caller: str, called: str
+) -> dict[str, Any]:
+    """The JSON body of ``POST /call`` for one Twilio call (PROTOCOLS.md section 2).
+
+    The assistant is ``config.assistant_id``, else the inline ``config.assistant``;
+    neither set is a ``ConfigError``. The CallSid and numbers go in both
+    ``assistantOverrides.metadata`` (for our logs and webhooks) and ``variableValues``
+    (for the assistant's prompt templates): the schema has no top-level metadata.
+    """
+    body: dict[str, Any] = {"name": call_name(call_sid)}
+    if config.assistant_id:
+        body["assistantId"] = config.assistant_id
+    elif config.assistant:
+        body["assistant"] = config.assistant
+    else:
+        raise ConfigError("vapi.assistant_id", "set assistant_id or an inline assistant")
+    correlation = {"twilioCallSid": call_sid, "caller": caller, "called": called}
+    body["assistantOverrides"] = {
+        "clientMessages": list(transport.REQUIRED_CLIENT_MESSAGES),
+        "metadata": dict(correlation),
+        "variableValues": dict(correlation),
+    }
+    body["transport"] = {
+        "provider": "vapi.websocket",
+        "audioFormat": {
+            "format": config.audio_format,
+            "container": "raw",
+            "sampleRate": config.sample_rate,
+        },
+    }
+    return body
+
+
+async def create_call(
+    http: httpx.AsyncClient,
+    config: VapiConfig,
+    api_key: str,
+    *,
+    call_sid: str,
+    caller: str,
+    called: str,
+) -> VapiCall:
+    """Create the Vapi call for a Twilio call: ``POST {base_url}/call``; its ``VapiCall``.
+
+    The whole exchange (connect, request, complete response) is bounded by
+    ``config.create_deadline_s`` with a trio deadline, whatever ``http``'s own timeouts.
+    Every failure raises ``VapiError`` (see its kinds); a bad config raises
+    ``ConfigError``. On cancellation the request is abandoned (httpx closes its
+    connection) and ``trio.Cancelled`` propagates; Vapi may then have created a call
+    that nobody connects to, which Vapi ends by itself for lack of audio.
+    """
+    body = orjson.dumps(build_create_body(config, call_sid=call_sid, caller=caller, called=called))
+    headers = {
+        "Authorization": f"Bearer {_checked_api_key(api_key)}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+    url = f"{config.base_url.rstrip('/')}/call"
+    response: httpx.Response | None = None
+    with trio.move_on_after(config.create_deadline_s):
+        try:
+            response = await http.post(url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:  # the client's own timeouts, if shorter
+            raise _create_error("timeout", _describe(exc, api_key)) from None
+        except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise _create_error("refused", _describe(exc, api_key)) from None
+        except httpx.LocalProtocolError as exc:
+            raise _create_error("protocol", _describe(exc, api_key)) from None
+        except httpx.TransportError as exc:
+            # ReadError, WriteError, RemoteProtocolError ("Server disconnected …",
+            # incomplete body), CloseError, ProxyError: the connection broke.
+            raise _create_error("dropped", _describe(exc, api_key)) from None
+    if response is None:
+        raise _create_error("timeout", f"no complete answer within {config.create_deadline_s:g} s")
+    return _call_from_response(response, api_key)
+
+
+def _call_from_response(response: httpx.Response, api_key: str) -> VapiCall:
+    status = response.status_code
+    if status not in (200, 201):
+        detail = f"HTTP {status}"
+        vapi_message = _vapi_error_message(response.content, api_key)
+        if vapi_message:
+            detail = f"{detail}: {vapi_message}"
+        kind: VapiErrorKind
+        if status in (401, 403):
+            kind = "auth"
+        elif 400 <= status < 500:
+            kind = "rejected"  # 400 validation/limits, 402 credits, 422, 429 rate, 404 …
+        elif 500 <= status < 600:
+            kind = "server"
+        else:
+            kind = "protocol"  # 1xx/3xx: nothing Vapi documents
+        raise _create_error(kind, detail, status_code=status)
+    # From here on never quote the body: it holds the socket URL.
+    try:
+        document = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise _create_error("protocol", f"HTTP {status} body is not JSON", status) from None
+    if not isinstance(document, dict):
+        raise _create_error("protocol", f"HTTP {status} body is not a JSON object", status)
+    call_id = document.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        raise _create_error("protocol", f"HTTP {status} body has no 'id'", status)
+    call_transport = document.get("transport")
+    websocket_url = (
+        call_transport.get("websocketCallUrl") if isinstance(call_transport, dict) else None
+    )
+    if not isinstance(websocket_url, str) or not websocket_url:
+        raise _create_error(
+            "protocol", f"HTTP {status} body has no 'transport.websocketCallUrl'", status
+        )
+    parts = urllib.parse.urlsplit(websocket_url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise _create_error(
+            "protocol", f"HTTP {status}: 'transport.websocketCallUrl' is not a ws(s) URL", status
+        )
+    monitor = document.get("monitor")
+    control_url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
+    return VapiCall(
+        id=call_id,
+        websocket_url=websocket_url,
+        control_url=control_url if isinstance(control_url, str) and control_url else None,
+    )
+
+
+def _vapi_error_message(content: bytes, api_key: str) -> str:
+    """Vapi's ``message`` (a string, or a list of validation errors) from an error body."""
+    try:
+        document = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(document, dict):
+        return ""
+    message = document.get("message")
+    if isinstance(message, list):
+        message = "; ".join(item for item in message if isinstance(item, str))
+    if not isinstance(message, str) or not message:
+        message = document.get("error")
+    return _clean(message, api_key) if isinstance(message, str) else ""
+
+
+def _create_error(kind: VapiErrorKind, detail: str, status_code: int | None = None) -> VapiError:
+    return VapiError(kind, f"Vapi create-call failed ({kind}): {detail}", status_code=status_code)
+
+
+def _checked_api_key(api_key: str) -> str:
+    """``api_key``, if it can go in a header; a ``VapiError`` (auth) saying why not otherwise."""
+    if not api_key:
+        raise VapiError("auth", "Vapi API key is empty")
+    if not api_key.isascii() or not api_key.isprintable() or any(c.isspace() for c in api_key):
+        raise VapiError(
+            "auth",
+            "Vapi API key holds whitespace or non-printable characters"
+            " (a trailing newline in the credential file?)",
+        )
+    return api_key
+
+
+# --- The transport socket ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_transport(
+    call: VapiCall,
+    api_key: str,
+    *,
+    connect_deadline_s: float,
+    close_deadline_s: float = CLOSE_DEADLINE_S,
+) -> AsyncIterator[TrioWebSocket]:
+    """Open ``call``'s transport socket; ``async with`` it to use it as a ``TrioWebSocket``.
+
+    The API key goes in ``Authorization`` on the upgrade. ``wss://`` URLs use the
+    default TLS context, ``ws://`` (the local simulator) plain TCP.
+
+    Connecting (DNS, TCP, TLS, upgrade) is bounded by ``connect_deadline_s``; failing
+    raises ``VapiError``: ``refused`` (no TCP connection), ``auth`` (upgrade answered
+    401/403), ``server`` (5xx), ``rejected`` (other 4xx), ``protocol`` (an answer that
+    is not a WebSocket upgrade) or ``timeout``. trio-websocket 0.12.2 never wakes the
+    opener when the peer closes the connection or fails TLS during the upgrade: those
+    show as ``timeout`` at the deadline, not as ``dropped``.
+
+    The body's exceptions, ``trio.Cancelled`` included, propagate unchanged (not in
+    an exception group: trio-websocket unwraps its internal nursery's group). On exit
+    the socket is closed (code 1000), shielded from cancellation and bounded by
+    ``close_deadline_s``, so leaving the block never takes longer than that.
+    """
+    headers = [(b"authorization", f"Bearer {_checked_api_key(api_key)}".encode())]
+    try:
+        websocket_cm = trio_websocket.open_websocket_url(
+            call.websocket_url,
+            _default_ssl_context() if call.websocket_url.startswith("wss:") else None,
+            extra_headers=headers,
+            # Our own deadline below bounds connecting: trio-websocket's connect_timeout
+            # does not fire while its reader task waits on a silent peer (measured).
+            connect_timeout=math.inf,
+            # We close the socket ourselves before trio-websocket does (below), so its
+            # close is a no-op; this is only a backstop.
+            disconnect_timeout=close_deadline_s,
+        )
+    except ValueError:  # trio-websocket's verdict on the URL
+        raise _connect_error("protocol", "the call's socket URL is not a ws(s) URL") from None
+
+    # Invariant: connect_scope has a deadline only until the socket is open, so it can
+    # only ever catch a cancellation of the connect phase.
+    connected = False
+    with trio.CancelScope(deadline=trio.current_time() + connect_deadline_s) as connect_scope:
+        try:
+            async with websocket_cm as websocket:
+                connected = True
+                connect_scope.deadline = math.inf
+                try:
+                    yield TrioWebSocket(websocket)
+                finally:
+                    await _close_on_exit(websocket, close_deadline_s)
+        except trio_websocket.ConnectionRejected as exc:
+            if connected:
+                raise
+            raise _rejected_upgrade(exc.status_code) from None
+        except trio_websocket.ConnectionTimeout:
+            if connected:
+                raise
+            raise _connect_error("timeout", f"no upgrade within {connect_deadline_s:g} s") from None
+        except trio_websocket.HandshakeError as exc:
+            if connected:
+                raise
+            # open_websocket raises HandshakeError from the OSError of a failed connect.
+            cause = exc.__cause__
+            detail = _describe(cause, api_key, call.websocket_url) if cause else "cannot connect"
+            raise _connect_error("refused", detail) from None
+        except (h11.ProtocolError, wsproto.utilities.ProtocolError) as exc:
+            # trio-websocket lets these escape when the answer to the upgrade is not HTTP.
+            if connected:
+                raise
+            raise _connect_error(
+                "protocol", f"the answer to the upgrade is not HTTP ({type(exc).__name__})"
+            ) from None
+    if connect_scope.cancelled_caught:
+        raise _connect_error("timeout", f"no upgrade within {connect_deadline_s:g} s")
+
+
+async def _close_on_exit(websocket: trio_websocket.WebSocketConnection, deadline_s: float) -> None:
+    """Close ``websocket`` (code 1000), shielded, within ``deadline_s``.
+
+    When the scope around ``open_transport`` is being cancelled, trio-websocket's reader
+    task (inside that scope) is being cancelled too: nobody will read Vapi's answer to
+    our close frame, and waiting for it would always last the whole deadline. Then we
+    only give the close frame ``CANCELLED_CLOSE_GRACE_S`` to go out, and drop the TCP
+    connection (trio-websocket closes the stream when its close is cut short).
+    """
+    if trio.current_effective_deadline() == -math.inf:
+        deadline_s = min(deadline_s, CANCELLED_CLOSE_GRACE_S)
+    with trio.move_on_after(deadline_s, shield=True):
+        await websocket.aclose()
+
+
+def _rejected_upgrade(status: int) -> VapiError:
+    kind: VapiErrorKind
+    if status in (401, 403):
+        kind = "auth"
+    elif 500 <= status < 600:
+        kind = "server"
+    elif 400 <= status < 500:
+        kind = "rejected"  # 404: no such call (ended, or the URL is stale)
+    else:
+        kind = "protocol"  # e.g. 200: a web server, not a WebSocket endpoint
+    return VapiError(
+        kind,
+        f"Vapi transport connect failed ({kind}): upgrade answered HTTP {status}",
+        status_code=status,
+    )
+
+
+def _connect_error(kind: VapiErrorKind, detail: str) -> VapiError:
+    return VapiError(kind, f"Vapi transport connect failed ({kind}): {detail}")
+
+
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """One shared default TLS context: building one loads the CA store (milliseconds)."""
+    return ssl.create_default_context()
+
+
+# --- Ending the call --------------------------------------------------------------------
+
+
+async def end_call(socket: MessageSocket, *, deadline_s: float) -> None:
+    """End the Vapi call politely: send ``end-call``, then close the socket.
+
+    Meant for teardown, so it is shielded from outer cancellation; ``deadline_s``
+    bounds all of it, and a surrounding cancellation is delivered at the caller's next
+    checkpoint. A socket already closed (by Vapi, or by us) is the expected race and
+    is not an error: ``end_call`` never raises ``SocketClosed``. The socket's own
+    shielded write/close bounds (``sockets.WRITE_DEADLINE_S``) cannot be cut short
+    from here: a ``TrioWebSocket`` whose peer stops answering can hold it that long.
+    """
+    with trio.move_on_after(deadline_s, shield=True):
+        with contextlib.suppress(SocketClosed):
+            await socket.send(transport.end_call())
+        await socket.aclose()
+
+
+# --- Keeping secrets out of messages ------------------------------------------------------
+
+
+def _describe(exc: BaseException, *secrets: str) -> str:
+    """``Type: message`` of a library exception, cleaned for a log line."""
+    text = str(exc)
+    return _clean(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, *secrets)
+
+
+def _clean(text: str, *secrets: str) -> str:
+    """``text`` on one line, truncated, with every ``secret`` (and URL path) blanked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+            path = urllib.parse.urlsplit(secret).path
+            if len(path) > 1:
+                text = text.replace(path, "/***")
+    text = " ".join(text.split())
+    if len(text) > MAX_ERROR_DETAIL_CHARS:
+        text = text[: MAX_ERROR_DETAIL_CHARS - 1] + "…"
+    return text

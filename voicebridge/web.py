@@ -1,0 +1,249 @@
+"""HTTP and WebSocket routes: Twilio's webhooks and media socket, health. Adapters only.
+
+The routes check what arrives (signatures, tokens, sizes), ask the registry
+whether a call may be admitted, and hand a media socket to ``bridge.call.Call``.
+They hold no call logic of their own.
+
+- ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
+  with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
+- ``WS /twilio/stream``: the media stream; one ``Call`` per socket.
+- ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
+- ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from attrs import define
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+
+from voicebridge.bridge.call import (
+    CALLED_PARAMETER,
+    CALLER_PARAMETER,
+    TOKEN_PARAMETER,
+    AssistantConnector,
+    Call,
+    CallSettings,
+)
+from voicebridge.bridge.outcome import CallRecord
+from voicebridge.bridge.registry import CallRegistry
+from voicebridge.config import Config
+from voicebridge.errors import SocketClosed
+from voicebridge.observability.logs import log_event
+from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout
+from voicebridge.twilio import twiml
+from voicebridge.twilio.signature import SignatureError, WebhookVerifier
+from voicebridge.twilio.token import StreamTokens
+
+log = logging.getLogger(__name__)
+
+VOICE_PATH = "/twilio/voice"
+STREAM_PATH = "/twilio/stream"
+AFTER_STREAM_PATH = "/twilio/after-stream"
+#: Twilio's webhook bodies are a few hundred bytes of form fields; 64 KiB is generous
+#: and keeps a hostile client from making us buffer megabytes.
+MAX_WEBHOOK_BYTES = 64 * 1024
+TWIML = "text/xml"
+
+
+@define
+class Services:
+    """What the routes need; built once by the server and swapped whole on reload."""
+
+    config: Config
+    registry: CallRegistry
+    tokens: StreamTokens
+    #: None when signature checks are off (local tests only).
+    verifier: WebhookVerifier | None
+    connector: AssistantConnector
+    call_settings: CallSettings
+
+
+class QuartSocket:
+    """``MessageSocket`` over quart-trio's websocket.
+
+    A peer that disconnects reaches the handler as ``trio.Cancelled`` (quart-trio
+    cancels it), never as an error from ``receive``.
+    """
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+        self._closed = False
+
+    async def receive(self) -> str | bytes:
+        message: str | bytes = await self._ws.receive()
+        return message
+
+    async def send(self, message: str | bytes) -> None:
+        if self._closed:
+            raise SocketClosed(None, "closed by us")
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
+                await self._ws.send(message)
+        if write_scope.cancelled_caught:
+            raise SocketWriteTimeout(None, "write deadline passed")
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S):
+                await self._ws.close(code, reason)
+
+
+def _twiml_response(body: str) -> Response:
+    response = Response(body, status=200, mimetype=TWIML)
+    # quart-trio never times out an idle keep-alive connection; Twilio opens a new
+    # one per webhook anyway.
+    response.headers["Connection"] = "close"
+    return response
+
+
+def _text_response(body: str, status: int) -> Response:
+    response = Response(body + "\n", status=status, mimetype="text/plain")
+    response.headers["Connection"] = "close"
+    return response
+
+
+def _path_and_query() -> str:
+    query = request.query_string.decode("latin-1")
+    return request.path + (f"?{query}" if query else "")
+
+
+def create_app(get_services: Callable[[], Services]) -> QuartTrio:
+    """The quart-trio app. ``get_services`` returns the current services (reloadable)."""
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_WEBHOOK_BYTES
+
+    async def signed_form() -> tuple[dict[str, str], Response | None]:
+        """The webhook's form, or the 403 to answer when its signature is bad."""
+        services = get_services()
+        form = await request.form
+        params = list(form.items(multi=True))
+        if services.verifier is None:
+            return dict(params), None
+        try:
+            services.verifier.verify_form(
+                path_and_query=_path_and_query(),
+                params=params,
+                signature=request.headers.get("X-Twilio-Signature"),
+            )
+        except SignatureError as exc:
+            log_event(
+                log,
+                logging.WARNING,
+                "webhook-rejected",
+                f"{request.path}: Twilio signature {exc.reason}; answered 403",
+                call_sid=form.get("CallSid"),
+                path=request.path,
+                reason=exc.reason,
+                remote=request.remote_addr,
+            )
+            return {}, _text_response("forbidden", 403)
+        return dict(params), None
+
+    @app.post(VOICE_PATH)
+    async def voice_webhook() -> Response:
+        form, refusal = await signed_form()
+        if refusal is not None:
+            return refusal
+        services = get_services()
+        call_sid = form.get("CallSid", "")
+        if not call_sid:
+            return _text_response("CallSid missing", 400)
+        if not services.registry.try_admit(call_sid):
+            reason = "draining" if services.registry.draining else "at capacity"
+            log_event(
+                log,
+                logging.WARNING,
+                "call-refused",
+                f"call {call_sid} refused ({reason}); playing the overflow message",
+                call_sid=call_sid,
+                reason=reason,
+                active_calls=services.registry.active_count,
+            )
+            return _twiml_response(twiml.caller_action(services.config.overflow))
+        public_url = services.config.server.public_url
+        stream_url = "ws" + public_url.removeprefix("http") + STREAM_PATH
+        body = twiml.connect_stream(
+            stream_url=stream_url,
+            action_url=public_url + AFTER_STREAM_PATH,
+            parameters={
+                TOKEN_PARAMETER: services.tokens.issue(call_sid),
+                CALLER_PARAMETER: form.get("From", ""),
+                CALLED_PARAMETER: form.get("To", ""),
+            },
+        )
+        return _twiml_response(body)
+
+    @app.websocket(STREAM_PATH)
+    async def media_stream() -> None:
+        services = get_services()
+        # The real object behind quart's context-local proxy, for the socket adapter.
+        ws = websocket._get_current_object()  # type: ignore[attr-defined]
+        signature = websocket.headers.get("X-Twilio-Signature")
+        if services.verifier is not None:
+            try:
+                services.verifier.verify_upgrade(path=websocket.path, signature=signature)
+            except SignatureError as exc:
+                # Advisory only (Twilio's own libraries disagree on whether the upgrade
+                # is signed); the stream token in `start` is the gate.
+                log.debug("media socket upgrade signature %s (advisory)", exc.reason)
+        await ws.accept()
+        call = Call(
+            QuartSocket(ws),
+            settings=services.call_settings,
+            connector=services.connector,
+            verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
+            tracker=services.registry,
+        )
+        await call.run()
+
+    @app.post(AFTER_STREAM_PATH)
+    async def after_stream() -> Response:
+        form, refusal = await signed_form()
+        if refusal is not None:
+            return refusal
+        services = get_services()
+        call_sid = form.get("CallSid", "")
+        record = services.registry.record_for(call_sid)
+        return _twiml_response(after_stream_twiml(services.config, call_sid, record))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _text_response("ok", 200)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        registry = get_services().registry
+        if registry.admitting:
+            return _text_response("ready", 200)
+        reason = "draining" if registry.draining else "at capacity"
+        return _text_response(f"not ready: {reason}", 503)
+
+    return app
+
+
+def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None) -> str:
+    """What Twilio does once the stream is over: hang up, or the fallback."""
+    if record is None:
+        # Not a call this process ran (or it ran so long ago we forgot it): most likely
+        # the process restarted mid-call. The caller may still be there; don't leave
+        # them in silence.
+        log_event(
+            log,
+            logging.WARNING,
+            "after-stream-unknown",
+            f"after-stream for unknown call {call_sid}; playing the fallback",
+            call_sid=call_sid,
+        )
+        return twiml.caller_action(config.fallback)
+    if record.outcome.caller_gets_fallback:
+        return twiml.caller_action(config.fallback)
+    return twiml.hangup()
