@@ -55,7 +55,7 @@ CLIPS = (
     ClipSpec(
         name="reply_2",
         text=(
-            "Thank you, I found your order. It left our warehouse yesterday, "
+            "I found your order. It left our warehouse yesterday, "
             "and it should arrive by Thursday. You will get a text with the tracking link."
         ),
         voice=ASSISTANT_VOICE,
@@ -115,7 +115,8 @@ def resample(samples: list[int], rate_in: int, rate_out: int) -> list[float]:
         taps = []
         for k in range(-FILTER_HALF_WIDTH + 1, FILTER_HALF_WIDTH + 1):
             x = k - frac
-            sinc = 1.0 if x == 0 else math.sin(2 * math.pi * cutoff * x) / (math.pi * x * 2 * cutoff)
+            angle = 2 * math.pi * cutoff * x
+            sinc = 1.0 if x == 0 else math.sin(angle) / angle
             w = (x + FILTER_HALF_WIDTH) / (2 * FILTER_HALF_WIDTH)
             window = 0.42 - 0.5 * math.cos(2 * math.pi * w) + 0.08 * math.cos(4 * math.pi * w)
             taps.append(2 * cutoff * sinc * window)

@@ -44,6 +44,8 @@ class Listening:
     """What ``serve`` reports through ``task_status`` once it accepts connections."""
 
     addresses: tuple[tuple[str, int], ...]
+    #: The live call registry (active calls, recent outcomes), for the demo and tests.
+    registry: CallRegistry
 
     @property
     def port(self) -> int:
@@ -112,7 +114,8 @@ async def serve(
     them ``config.server.listen`` is bound. The sockets are handed to hypercorn,
     which closes them. ``connector`` replaces the Vapi connector (tests).
     """
-    stop = stop or trio.Event()
+    if stop is None:
+        stop = trio.Event()
     sockets = list(listeners) or [bind_listener(config.server.listen)]
     addresses = tuple(_address(sock) for sock in sockets)
     async with httpx.AsyncClient() as http:
@@ -158,7 +161,7 @@ async def serve(
                     + ", ".join(f"{host}:{port}" for host, port in addresses),
                     public_url=config.server.public_url,
                 )
-                task_status.started(Listening(addresses))
+                task_status.started(Listening(addresses, services.registry))
             # hypercorn has finished its graceful shutdown.
             signal_nursery.cancel_scope.cancel(reason="server stopped")
         log_event(log, logging.INFO, "stopped", "stopped")

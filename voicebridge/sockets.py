@@ -25,6 +25,23 @@ from voicebridge.errors import SocketClosed
 WRITE_DEADLINE_S = 5.0
 
 
+#: A close under an already-cancelled caller still gets this long to write its close
+#: frame (a few bytes: microseconds on any live connection).
+CLOSE_GRACE_S = 0.05
+
+
+def close_scope() -> trio.CancelScope:
+    """A shield for closing a socket that still honours the caller's deadline.
+
+    Shielded, so an outer cancellation cannot tear the close frame; but bounded by
+    the caller's effective deadline (or ``WRITE_DEADLINE_S``), with at least
+    ``CLOSE_GRACE_S``, so a close never outlasts the time its caller gave it.
+    """
+    now = trio.current_time()
+    deadline = min(trio.current_effective_deadline(), now + WRITE_DEADLINE_S)
+    return trio.CancelScope(shield=True, deadline=max(deadline, now + CLOSE_GRACE_S))
+
+
 class SocketWriteTimeout(SocketClosed):
     """A write could not complete within ``WRITE_DEADLINE_S`` (peer not reading)."""
 
@@ -89,9 +106,8 @@ class TrioWebSocket:
             raise SocketClosed(reason.code if reason else None) from None
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(WRITE_DEADLINE_S):
-                await self._ws.aclose(code, reason or None)
+        with close_scope():
+            await self._ws.aclose(code, reason or None)
 
 
 class MemorySocket:

@@ -35,7 +35,7 @@ from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config
 from voicebridge.errors import SocketClosed
 from voicebridge.observability.logs import log_event
-from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout
+from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SignatureError, WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
@@ -92,9 +92,8 @@ class QuartSocket:
         if self._closed:
             return
         self._closed = True
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(WRITE_DEADLINE_S):
-                await self._ws.close(code, reason)
+        with close_scope():
+            await self._ws.close(code, reason)
 
 
 def _twiml_response(body: str) -> Response:

@@ -187,10 +187,9 @@ class FakeTwilio:
         return [r for r in self.received if r.message["event"] == kind]
 
 
-@attrs.define
-class MemoryLeg:
-    call_id: str
-    socket: PingableSocket
+@attrs.frozen
+class MemoryCall:
+    id: str
 
 
 class MemoryConnector:
@@ -202,16 +201,19 @@ class MemoryConnector:
         self.peer: MemorySocket | None = None
         self.opened = trio.Event()
 
-    @asynccontextmanager
-    async def open(self, *, call_sid: str, caller: str, called: str) -> AsyncIterator[MemoryLeg]:
+    async def create(self, *, call_sid: str, caller: str, called: str) -> MemoryCall:
         await trio.sleep(self.create_delay_s)
         if self.fail is not None:
             raise self.fail
+        return MemoryCall("vapi-call-1")
+
+    @asynccontextmanager
+    async def connect(self, call: MemoryCall) -> AsyncIterator[PingableSocket]:
         ours, theirs = memory_socket_pair()
         self.peer = theirs
         self.opened.set()
         try:
-            yield MemoryLeg("vapi-call-1", ours)
+            yield ours
         finally:
             await ours.aclose()
 

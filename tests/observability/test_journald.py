@@ -303,7 +303,7 @@ def test_denylisted_fields_never_reach_stderr(logger: logging.Logger, tmp_path: 
 
 
 def test_secret_rule_is_by_whole_name_suffix() -> None:
-    for name in ("TOKEN", "stream_token", "VAPI_API_KEY", "auth_token", "WEBSOCKET_URL"):
+    for name in ("TOKEN", "stream_token", "VAPI_API_KEY", "auth_token", "WEBSOCKET_URL", "api-key"):
         assert is_secret_field(name), name
     for name in ("CALL_SID", "TOKEN_AGE_MS", "STATUS_CALLBACK_URL", "TOKENS", "OUTCOME"):
         assert not is_secret_field(name), name
@@ -385,6 +385,25 @@ def test_auto_prefers_the_journal_when_stderr_is_a_journal_stream(
     assert setup.target == "journal"
     assert one_entry(private_journal, call_sid)["MESSAGE"] == "call started"
     assert path.read_text() == ""
+
+
+def test_auto_writes_text_to_a_terminal_even_with_journald(
+    private_journal: PrivateJournal, logger: logging.Logger
+) -> None:
+    controller, terminal = os.openpty()
+    try:
+        with os.fdopen(terminal, "w", closefd=False) as stderr:
+            setup = configure_logging(
+                logging.INFO, environ={}, stderr=stderr, journal_socket=private_journal.socket_path
+            )
+            log_event(logger, logging.INFO, "call-start", "call started", call_sid="CA3")
+        assert setup.target == "stderr"
+        assert (
+            os.read(controller, 4096) == b"INFO    voicebridge.test: call started CALL_SID=CA3\r\n"
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
 
 
 def test_journald_available(private_journal: PrivateJournal, tmp_path: Path) -> None:

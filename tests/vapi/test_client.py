@@ -272,20 +272,21 @@ async def test_create_call_accepts_200_without_monitor(nursery: trio.Nursery) ->
         (
             401,
             {
-                "message": "Invalid Key. Hot tip, you may be using the private key instead of the public key, or vice versa.",
+                "message": "Invalid Key. Hot tip, you may be using the private key instead"
+                " of the public key, or vice versa.",
                 "error": "Unauthorized",
                 "statusCode": 401,
             },
             "auth",
             "HTTP 401: Invalid Key",
-        ),  # noqa: E501
+        ),
         (403, b"", "auth", "HTTP 403"),
         (
             400,
             {"message": "Concurrency limit reached", "error": "Bad Request", "statusCode": 400},
             "rejected",
             "HTTP 400: Concurrency limit reached",
-        ),  # noqa: E501
+        ),
         (
             400,
             {
@@ -297,7 +298,7 @@ async def test_create_call_accepts_200_without_monitor(nursery: trio.Nursery) ->
             },
             "rejected",
             "assistantId must be a UUID; name must be",
-        ),  # noqa: E501
+        ),
         (402, {"error": "Payment Required"}, "rejected", "HTTP 402: Payment Required"),
         (429, b"Too Many Requests", "rejected", "HTTP 429"),
         (
@@ -305,7 +306,7 @@ async def test_create_call_accepts_200_without_monitor(nursery: trio.Nursery) ->
             {"message": "Internal server error", "statusCode": 500},
             "server",
             "HTTP 500: Internal server error",
-        ),  # noqa: E501
+        ),
         (503, b"<html>bad gateway</html>", "server", "HTTP 503"),
     ],
 )
@@ -522,10 +523,15 @@ async def test_open_transport_body_cancellation_propagates_and_closes(
         with trio.CancelScope() as call_scope:
             async with open_transport(server.call(), API_KEY, connect_deadline_s=1.0):
                 call_scope.cancel(reason="caller hung up")
+                start = trio.current_time()
                 await trio.sleep_forever()
+        elapsed = trio.current_time() - start
         await recorder.done.wait()
     assert call_scope.cancelled_caught
+    # The close frame still goes out, but nobody waits for Vapi's answer: the reader
+    # task that would read it was cancelled along with the body.
     assert recorder.close_code == 1000
+    assert elapsed < client.CLOSE_DEADLINE_S / 2
 
 
 @pytest.mark.parametrize(
@@ -598,9 +604,9 @@ async def answer_plain_http(stream: trio.SocketStream) -> None:
 async def test_open_transport_bad_peers(
     nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]], kind: str
 ) -> None:
-    port = await tcp_server(nursery, handler)
-    call = VapiCall(id="c", websocket_url=f"ws://127.0.0.1:{port}{SECRET_PATH}")
     with trio.fail_after(GUARD_S):
+        port = await tcp_server(nursery, handler)
+        call = VapiCall(id="c", websocket_url=f"ws://127.0.0.1:{port}{SECRET_PATH}")
         start = trio.current_time()
         with pytest.raises(VapiError) as info:
             async with open_transport(call, API_KEY, connect_deadline_s=SHORT_DEADLINE_S):
@@ -617,6 +623,28 @@ async def test_open_transport_rejects_a_non_websocket_url() -> None:
         async with open_transport(call, API_KEY, connect_deadline_s=1.0):
             pytest.fail("the body must not run")
     assert info.value.kind == "protocol"
+    assert_secret_free(info.value)
+
+
+async def test_open_transport_wss_to_a_closed_port_is_refused() -> None:
+    call = VapiCall(id="c", websocket_url=f"wss://127.0.0.1:{closed_port()}{SECRET_PATH}")
+    with trio.fail_after(GUARD_S), pytest.raises(VapiError) as info:
+        async with open_transport(call, API_KEY, connect_deadline_s=1.0):
+            pytest.fail("the body must not run")
+    assert info.value.kind == "refused"
+
+
+async def test_open_transport_tls_failure_surfaces_as_timeout(nursery: trio.Nursery) -> None:
+    # wss:// to a plain-TCP WebSocket server: the TLS handshake fails inside
+    # trio-websocket's reader task, which does not wake the opener (0.12.2).
+    with trio.fail_after(GUARD_S):
+        server = await start_ws(nursery, handler=Recorder())
+        with pytest.raises(VapiError) as info:
+            async with open_transport(
+                server.call("wss"), API_KEY, connect_deadline_s=SHORT_DEADLINE_S
+            ):
+                pytest.fail("the body must not run")
+    assert info.value.kind == "timeout"
     assert_secret_free(info.value)
 
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import httpx
-from attrs import frozen
 
+from voicebridge.bridge.call import AssistantCall
 from voicebridge.config import VapiConfig
 from voicebridge.sockets import PingableSocket
-from voicebridge.vapi.client import create_call, open_transport
-
-
-@frozen
-class VapiLeg:
-    call_id: str
-    socket: PingableSocket
+from voicebridge.vapi.client import VapiCall, create_call, open_transport
 
 
 class VapiConnector:
@@ -31,17 +24,18 @@ class VapiConnector:
         self._config = config
         self._api_key = api_key
 
-    @asynccontextmanager
-    async def open(self, *, call_sid: str, caller: str, called: str) -> AsyncIterator[VapiLeg]:
-        call = await create_call(
-            self._http,
-            self._config,
-            self._api_key,
-            call_sid=call_sid,
-            caller=caller,
-            called=called,
+    async def create(self, *, call_sid: str, caller: str, called: str) -> VapiCall:
+        return await create_call(
+            self._http, self._config, self._api_key,
+            call_sid=call_sid, caller=caller, called=called,
         )
-        async with open_transport(
-            call, self._api_key, connect_deadline_s=self._config.connect_deadline_s
-        ) as socket:
-            yield VapiLeg(call.id, socket)
+
+    def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:
+        if not isinstance(call, VapiCall):
+            raise TypeError(f"not a call this connector created: {call!r}")
+        return open_transport(
+            call,
+            self._api_key,
+            connect_deadline_s=self._config.connect_deadline_s,
+            close_deadline_s=self._config.end_deadline_s,
+        )

@@ -14,8 +14,8 @@ deadline) and its token check, one nursery runs as siblings:
   *the Vapi sender* (single writer of the Vapi socket), *playout* (single writer of
   assistant audio to Twilio) and *keepalive* (ping with a pong deadline).
 
-Whichever side ends first records the outcome and cancels the call scope with a
-reason; the first outcome wins. On the way out, shielded and bounded: the Vapi leg
+Whichever side ends first records the outcome and cancels the call's task scopes
+with a reason (``_EndSignal``); the first outcome wins. On the way out, shielded and bounded: the Vapi leg
 gets ``end-call`` and a close unless it ended itself, the outcome is handed to the
 tracker (the after-stream route reads it), and then the Twilio socket is closed,
 which makes Twilio request the ``<Connect action>``. A failure in any task ends this
@@ -25,8 +25,8 @@ call only, with one log line; it never reaches the server.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Protocol
 
 import trio
@@ -60,22 +60,54 @@ CALLER_PARAMETER = "caller"
 CALLED_PARAMETER = "called"
 
 
-class AssistantLeg(Protocol):
-    """An open assistant call: its id (for logs) and its socket."""
+class AssistantCall(Protocol):
+    """A created assistant call; ``id`` goes in the logs."""
 
     @property
-    def call_id(self) -> str: ...
-
-    @property
-    def socket(self) -> PingableSocket: ...
+    def id(self) -> str: ...
 
 
 class AssistantConnector(Protocol):
-    """Creates and connects the assistant call; raises ``VapiError`` (classified) on failure."""
+    """Creates and connects the assistant call; raises ``VapiError`` (classified) on failure.
 
-    def open(
-        self, *, call_sid: str, caller: str, called: str
-    ) -> AbstractAsyncContextManager[AssistantLeg]: ...
+    Two steps, because they end differently: creating may be cancelled at any point
+    (the caller hung up meanwhile), while the connected socket's context must
+    outlive the call's tasks, so that its reader still runs while we say goodbye.
+    """
+
+    async def create(self, *, call_sid: str, caller: str, called: str) -> AssistantCall: ...
+
+    def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]: ...
+
+
+class _EndSignal:
+    """The cancel scopes of a call's tasks, all cancelled when the call ends.
+
+    A scope opened after the end starts cancelled. The call nursery's own scope is
+    not among them: the Vapi socket's context (and its reader task) lives outside
+    these scopes, so the goodbye to Vapi can still read Vapi's answer.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.reason: str | None = None
+
+    @contextmanager
+    def scope(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope() as scope:
+            if self.reason is not None:
+                scope.cancel(reason=self.reason)
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def fire(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            for scope in self._scopes:
+                scope.cancel(reason=reason)
 
 
 class CallTracker(Protocol):
@@ -132,7 +164,7 @@ class Call:
         self._tracker = tracker
         self._stream = tw.MediaStream()
         self._started_at = 0.0
-        self._call_scope: trio.CancelScope | None = None
+        self._ending = _EndSignal()
         self._outcome: Outcome | None = None
         self._detail = ""
         self._call_sid = ""
@@ -167,7 +199,6 @@ class Call:
                     caller=start.custom_parameters.get(CALLER_PARAMETER),
                 )
                 async with trio.open_nursery() as call_nursery:
-                    self._call_scope = call_nursery.cancel_scope
                     call_nursery.start_soon(self._caller_to_agent)
                     call_nursery.start_soon(self._assistant_leg, start)
         except* trio.Cancelled:
@@ -226,6 +257,10 @@ class Call:
     # -- caller → agent ------------------------------------------------------------
 
     async def _caller_to_agent(self) -> None:
+        with self._ending.scope():
+            await self._read_caller()
+
+    async def _read_caller(self) -> None:
         inactivity_s = self._settings.media_inactivity_s
         with trio.CancelScope() as inactivity_scope:
             inactivity_scope.deadline = trio.current_time() + inactivity_s
@@ -278,19 +313,24 @@ class Call:
     async def _assistant_leg(self, start: tw.Start) -> None:
         params = start.custom_parameters
         try:
-            async with self._connector.open(
-                call_sid=start.call_sid,
-                caller=params.get(CALLER_PARAMETER, ""),
-                called=params.get(CALLED_PARAMETER, ""),
-            ) as leg:
-                self._vapi_call_id = leg.call_id
+            with self._ending.scope() as create_scope:
+                call = await self._connector.create(
+                    call_sid=start.call_sid,
+                    caller=params.get(CALLER_PARAMETER, ""),
+                    called=params.get(CALLED_PARAMETER, ""),
+                )
+            if create_scope.cancelled_caught:
+                return  # the call ended while the assistant call was being created
+            self._vapi_call_id = call.id
+            async with self._connector.connect(call) as socket:
                 try:
-                    await self._run_assistant_leg(leg.socket)
+                    with self._ending.scope():
+                        await self._run_assistant_leg(socket)
                 finally:
                     with trio.CancelScope(shield=True):
-                        await self._close_assistant(leg.socket)
+                        await self._close_assistant(socket)
         except VapiError as exc:
-            self._end(Outcome.ASSISTANT_LEG_FAILED, f"{exc.kind}: {exc}")
+            self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc))
 
     async def _run_assistant_leg(self, socket: PingableSocket) -> None:
         playout = Playout(
@@ -415,8 +455,7 @@ class Call:
     def _end(self, outcome: Outcome, detail: str) -> None:
         """Record why the call ends (the first reason wins) and cancel the call scope."""
         self._set_outcome(outcome, detail)
-        if self._call_scope is not None:
-            self._call_scope.cancel(reason=f"call ending: {outcome.value}")
+        self._ending.fire(f"call ending: {outcome.value}")
 
     def _record(self) -> CallRecord:
         playout = self._playout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -94,14 +95,20 @@ DENIED_FIELD_WORDS = (
     "TRANSPORT_URL",
 )
 
+_NON_ALNUM = re.compile(r"[^A-Z0-9]")
+
 #: Field that lists (comma-separated, sorted) the names a ``SecretFieldFilter`` removed.
 REFUSED_FIELDS_FIELD = "VB_REFUSED_FIELDS"
 
 
 def is_secret_field(name: str) -> bool:
-    """True if a field called ``name`` must never reach a log (see ``DENIED_FIELD_WORDS``)."""
-    upper = name.upper()
-    return any(upper == word or upper.endswith("_" + word) for word in DENIED_FIELD_WORDS)
+    """True if a field called ``name`` must never reach a log (see ``DENIED_FIELD_WORDS``).
+
+    The name is compared as journald will store it: upper-cased, with every character
+    outside ``[A-Z0-9]`` read as ``_`` (so ``api-key`` is ``API_KEY``).
+    """
+    normal = _NON_ALNUM.sub("_", name.upper())
+    return any(normal == word or normal.endswith("_" + word) for word in DENIED_FIELD_WORDS)
 
 
 class SecretFieldFilter(logging.Filter):
@@ -164,6 +171,13 @@ class PriorityPrefixFormatter(TextFormatter):
 LogTarget = Literal["auto", "journal", "stderr"]
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, AttributeError):  # closed, or not a real stream
+        return False
+
+
 @attrs.frozen
 class LoggingSetup:
     """What ``configure_logging`` installed on the ``voicebridge`` logger."""
@@ -190,7 +204,9 @@ def configure_logging(
 
     ``target="auto"`` writes native journal entries when journald is reachable
     (``$JOURNAL_STREAM`` names ``stderr``, or the journal socket exists) and text lines
-    on ``stderr`` otherwise; ``"journal"`` and ``"stderr"`` force one or the other.
+    on ``stderr`` otherwise — and always text lines when ``stderr`` is a terminal: someone
+    running ``voicebridge`` by hand is watching it, even on a box with journald.
+    ``"journal"`` and ``"stderr"`` force one or the other.
     Text lines get ``<N>`` priority prefixes when ``stderr`` is a journal stream. If
     journald disappears later, journal entries fall back to those text lines.
     Calling it again replaces (and closes) the handlers installed before.
@@ -209,6 +225,7 @@ def configure_logging(
 
     use_journal = target == "journal" or (
         target == "auto"
+        and not _is_terminal(stream)
         and journald.journald_available(env, stderr=stream, socket_path=socket_path)
     )
     handler: logging.Handler

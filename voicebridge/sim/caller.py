@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
+import functools
 import math
 import secrets
+import ssl
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,7 +50,7 @@ import trio_websocket
 from attrs import field, frozen
 from twilio.request_validator import RequestValidator
 
-from voicebridge.errors import SocketClosed
+from voicebridge.errors import SocketClosed, VoicebridgeError
 from voicebridge.sim.audio import (
     FRAME_BYTES,
     FRAME_MS,
@@ -86,10 +87,10 @@ __all__ = [
 FRAME_S = FRAME_MS / 1000
 #: μ-law bytes played per millisecond.
 BYTES_PER_MS = SAMPLE_RATE // 1000
-#: A gap in the assistant's speech at least this long ends a heard turn. The shipped
-#: clips pause at most 460 ms inside a sentence pair (espeak), and a real turn
-#: boundary takes the caller's utterance plus the assistant's think time (> 1 s);
-#: 700 ms splits the second and never the first. It stays below
+#: A gap in the assistant's speech at least this long ends a heard turn. Inside a
+#: shipped clip (espeak) no pause reaches 460 ms, while a real turn boundary takes the
+#: caller's utterance plus the assistant's think time (> 1 s): 700 ms splits the
+#: second and never the first. It stays below
 #: ``WaitForAssistantDone.quiet_s``'s default so "done" implies "turn over".
 TURN_GAP_MS = 700
 _TURN_GAP_FRAMES = TURN_GAP_MS // FRAME_MS
@@ -121,16 +122,6 @@ _API_VERSION = "2010-04-01"
 _USER_AGENT = "TwilioProxy/1.1"
 
 
-def _non_negative(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
-
-
-def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
-
-
 def _http_url(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -153,7 +144,7 @@ class SimTwilioSettings:
     from_number: str = "+15550100001"
     to_number: str = "+15550100002"
     #: The caller hangs up once the stream has run this long (``ended_by="max_duration"``).
-    max_call_s: float = field(default=DEFAULT_MAX_CALL_S, validator=_positive)
+    max_call_s: float = field(default=DEFAULT_MAX_CALL_S, validator=attrs.validators.gt(0))
 
 
 # --- The script ----------------------------------------------------------------------
@@ -163,7 +154,7 @@ class SimTwilioSettings:
 class Silence:
     """The caller says nothing for ``seconds`` (the microphone keeps sending silence)."""
 
-    seconds: float = field(validator=_non_negative)
+    seconds: float = field(validator=attrs.validators.ge(0))
 
 
 @frozen
@@ -184,8 +175,8 @@ class WaitForAssistant:
     turn is being heard). On timeout the caller hangs up (``ended_by="step_timeout"``).
     """
 
-    heard_ms: int = field(default=0, validator=_non_negative)
-    timeout_s: float = field(default=30.0, validator=_positive)
+    heard_ms: int = field(default=0, validator=attrs.validators.ge(0))
+    timeout_s: float = field(default=30.0, validator=attrs.validators.gt(0))
 
 
 @frozen
@@ -199,8 +190,8 @@ class WaitForAssistantDone:
     hangs up (``ended_by="step_timeout"``).
     """
 
-    quiet_s: float = field(default=1.0, validator=_positive)
-    timeout_s: float = field(default=30.0, validator=_positive)
+    quiet_s: float = field(default=1.0, validator=attrs.validators.gt(0))
+    timeout_s: float = field(default=30.0, validator=attrs.validators.gt(0))
 
 
 def _dtmf_digit(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
@@ -227,13 +218,13 @@ class Hangup:
     """The caller hangs up: ``stop``, then the WebSocket is closed (as Twilio does)."""
 
 
-Step: TypeAlias = Silence | Speak | WaitForAssistant | WaitForAssistantDone | PressDigit | SendRaw | Hangup
+Step: TypeAlias = (
+    Silence | Speak | WaitForAssistant | WaitForAssistantDone | PressDigit | SendRaw | Hangup
+)
 Script: TypeAlias = Sequence[Step]
 
 FinalAction = Literal["hangup", "say", "dial", "connect", "none"]
-EndedBy = Literal[
-    "no_stream", "stream_failed", "server", "caller", "max_duration", "step_timeout"
-]
+EndedBy = Literal["no_stream", "stream_failed", "server", "caller", "max_duration", "step_timeout"]
 
 
 # --- The report ----------------------------------------------------------------------
@@ -256,7 +247,8 @@ class BargeIn:
     """The caller started speaking while assistant speech was audible or queued.
 
     Recorded for each ``Speak`` whose first speech frame is sent while the frame just
-    heard was assistant speech or speech is still queued at Twilio.
+    heard was assistant speech or assistant speech is queued at Twilio to play within
+    ``TURN_GAP_MS``.
     """
 
     #: Timestamp of the utterance's first speech frame (the ``media.timestamp`` the
@@ -354,12 +346,17 @@ async def place_call(
     utterances = _load_utterances(script)
     started = trio.current_time()
     call_sid = call_sid or "CA" + secrets.token_hex(16)
-    async with contextlib.AsyncExitStack() as stack:
-        if http is None:
-            http = await stack.enter_async_context(httpx.AsyncClient())
-        call = _SimCall(settings, tuple(script), utterances, call_sid, http)
-        return await call.run(started)
-    raise AssertionError("unreachable")  # pragma: no cover  (mypy: AsyncExitStack may swallow)
+    if http is None:
+        async with httpx.AsyncClient(verify=_tls_context()) as own_http:
+            call = _SimCall(settings, tuple(script), utterances, call_sid, own_http)
+            return await call.run(started)
+    return await _SimCall(settings, tuple(script), utterances, call_sid, http).run(started)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One default TLS client context for every call: loading the CA store takes ~20 ms."""
+    return ssl.create_default_context()
 
 
 # --- One call ------------------------------------------------------------------------
@@ -454,13 +451,11 @@ class _SimCall:
         settings = self._settings
         voice_url = _join(settings.public_url, settings.voice_path)
         status, twiml = await self._request_twiml(voice_url, "POST", self._call_params("ringing"))
-        document = self._parse_twiml(twiml, "voice webhook") if status else None
+        document = self._parse_twiml(twiml, "voice webhook") if _is_success(status) else None
         stream_twiml = self._find_stream(document) if document is not None else None
         if stream_twiml is None:
             final = _summarize(list(document) if document is not None else None)
-            return self._report(
-                started, status, twiml, _no_stream(), action_twiml="", final=final
-            )
+            return self._report(started, status, twiml, _no_stream(), action_twiml="", final=final)
 
         result = await self._stream(stream_twiml)
         action_twiml = ""
@@ -472,7 +467,9 @@ class _SimCall:
                 action_url, stream_twiml.action_method, params
             )
             action_document = (
-                self._parse_twiml(action_twiml, "Connect action") if action_status else None
+                self._parse_twiml(action_twiml, "Connect action")
+                if _is_success(action_status)
+                else None
             )
             final = _summarize(list(action_document) if action_document is not None else None)
         else:
@@ -572,42 +569,70 @@ class _SimCall:
         settings = self._settings
         stream_sid = "MZ" + secrets.token_hex(16)
         signature = self._validator.compute_signature(stream_twiml.url, {})
-        target = _route(
-            stream_twiml.url, _ws_base(settings.public_url), _ws_base(settings.bridge_url)
+        target = _route(stream_twiml.url, settings.public_url, settings.bridge_url)
+        rejection: BaseException | None = None
+        try:
+            async with trio.open_nursery() as connection_nursery:
+                try:
+                    with trio.fail_after(STREAM_CONNECT_TIMEOUT_S):
+                        connection = await trio_websocket.connect_websocket_url(
+                            connection_nursery,
+                            target,
+                            ssl_context=_tls_context() if target.startswith("wss:") else None,
+                            extra_headers=[(b"x-twilio-signature", signature.encode("ascii"))],
+                            message_queue_size=STREAM_MESSAGE_BUFFER,
+                            max_message_size=MAX_BRIDGE_MESSAGE_BYTES,
+                        )
+                except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
+                    connection_nursery.cancel_scope.cancel(reason="stream handshake failed")
+                    return self._stream_failed(stream_twiml, exc)
+                socket = TrioWebSocket(connection)
+                try:
+                    return await self._run_stream(socket, stream_sid, stream_twiml)
+                finally:
+                    await socket.aclose()
+                    # The closing handshake is over; do not wait for the bridge to
+                    # drop TCP (trio-websocket's client would wait for ever).
+                    connection_nursery.cancel_scope.cancel(reason="media stream over")
+        except* trio_websocket.ConnectionRejected as group:
+            # A refused upgrade surfaces from trio-websocket's reader task.
+            rejection = group.exceptions[0]
+        return self._stream_failed(stream_twiml, rejection)
+
+    def _stream_failed(
+        self, stream_twiml: _StreamTwiml, error: BaseException | None
+    ) -> _StreamResult:
+        self._violations.add(31920, f"Stream handshake failed: {stream_twiml.url}: {error!r}")
+        return attrs.evolve(_no_stream(), ended_by="stream_failed")
+
+    async def _run_stream(
+        self, socket: TrioWebSocket, stream_sid: str, stream_twiml: _StreamTwiml
+    ) -> _StreamResult:
+        ids = _StreamIds(
+            account_sid=self._settings.account_sid, call_sid=self._call_sid, stream_sid=stream_sid
         )
-        async with trio.open_nursery() as connection_nursery:
-            try:
-                with trio.fail_after(STREAM_CONNECT_TIMEOUT_S):
-                    connection = await trio_websocket.connect_websocket_url(
-                        connection_nursery,
-                        target,
-                        extra_headers=[(b"x-twilio-signature", signature.encode("ascii"))],
-                        message_queue_size=STREAM_MESSAGE_BUFFER,
-                        max_message_size=MAX_BRIDGE_MESSAGE_BYTES,
-                    )
-            except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
-                self._violations.add(31920, f"Stream handshake failed: {stream_twiml.url}: {exc!r}")
-                connection_nursery.cancel_scope.cancel(reason="stream handshake failed")
-                return attrs.evolve(_no_stream(), stream_sid=stream_sid, ended_by="stream_failed")
-            socket = TrioWebSocket(connection)
-            try:
-                stream = _MediaStream(
-                    socket,
-                    ids=_StreamIds(
-                        account_sid=settings.account_sid,
-                        call_sid=self._call_sid,
-                        stream_sid=stream_sid,
-                    ),
-                    script=self._script,
-                    utterances=self._utterances,
-                    violations=self._violations,
-                    max_call_s=settings.max_call_s,
-                )
-                result = await stream.run(dict(stream_twiml.parameters))
-            finally:
-                await socket.aclose()
-                connection_nursery.cancel_scope.cancel(reason="stream over")
-        return result
+        writer = _StreamWriter(socket, ids)
+        try:
+            await writer.send_connected()
+            await writer.send_start(dict(stream_twiml.parameters))
+        except SocketClosed as closed:
+            return attrs.evolve(
+                _no_stream(),
+                stream_sid=stream_sid,
+                streamed=True,
+                ended_by="server",
+                close_code=closed.code,
+            )
+        stream = _MediaStream(
+            socket,
+            writer,
+            start_time=trio.current_time(),
+            script=self._script,
+            utterances=self._utterances,
+            violations=self._violations,
+            max_call_s=self._settings.max_call_s,
+        )
+        return await stream.run()
 
     def _report(
         self,
@@ -631,9 +656,7 @@ class _SimCall:
             timed_out_step=result.timed_out_step,
             first_audio_ms=turns[0].start_ms if turns else None,
             turns=turns,
-            barge_ins=(
-                playout.barge_ins(result.interruptions) if playout is not None else ()
-            ),
+            barge_ins=(playout.barge_ins(result.interruptions) if playout is not None else ()),
             marks_sent=result.marks_sent,
             marks_echoed=result.marks_echoed,
             marks_cleared=result.marks_cleared,
@@ -649,6 +672,10 @@ class _SimCall:
             duration_s=trio.current_time() - started,
             heard_audio=playout.heard_audio if playout is not None else b"",
         )
+
+
+def _is_success(status: int) -> bool:
+    return 200 <= status < 300
 
 
 def _no_stream() -> _StreamResult:
@@ -696,6 +723,10 @@ class _StreamWriter:
         self._next_sequence = 1
         self.frames_sent = 0
         self.marks_echoed = 0
+
+    @property
+    def stream_sid(self) -> str:
+        return self._ids.stream_sid
 
     async def send_connected(self) -> None:
         message = {"event": "connected", "protocol": "Call", "version": "1.0.0"}
@@ -779,8 +810,8 @@ class _Interruption:
     end_ms: float | None = None
 
 
-class _StepTimeout(Exception):
-    """A ``WaitFor…`` step ran out of time."""
+class _StepTimeout(VoicebridgeError):
+    """A ``WaitFor…`` step ran out of time (caught by ``_talk``, never escapes)."""
 
 
 class _MediaStream:
@@ -789,22 +820,22 @@ class _MediaStream:
     def __init__(
         self,
         socket: TrioWebSocket,
+        writer: _StreamWriter,
         *,
-        ids: _StreamIds,
+        start_time: float,
         script: tuple[Step, ...],
         utterances: Mapping[str, _Utterance],
         violations: _Violations,
         max_call_s: float,
     ) -> None:
         self._socket = socket
-        self._ids = ids
+        self._writer = writer
+        self._start = start_time
         self._script = script
         self._utterances = utterances
         self._violations = violations
         self._max_call_s = max_call_s
-        self._writer = _StreamWriter(socket, ids)
-        self._start = 0.0
-        self._playout = _Playout(0.0)
+        self._playout = _Playout(start_time)
         self._interruptions: list[_Interruption] = []
         #: End of the caller's last utterance, ms since stream start.
         self._last_utterance_end_ms = 0.0
@@ -815,24 +846,14 @@ class _MediaStream:
         self._marks_cleared = 0
         self._clears = 0
 
-    async def run(self, custom_parameters: dict[str, str]) -> _StreamResult:
-        """``connected``, ``start``, then the call until the stream closes; never raises
-        ``SocketClosed``."""
-        try:
-            await self._writer.send_connected()
-            await self._writer.send_start(custom_parameters)
-        except SocketClosed as closed:
-            self._close_code = closed.code
-            self._ended_by = "server"
-        else:
-            self._start = trio.current_time()
-            self._playout = _Playout(self._start)
-            async with trio.open_nursery() as stream_nursery:
-                stream_nursery.start_soon(self._listen, stream_nursery.cancel_scope)
-                stream_nursery.start_soon(self._talk)
+    async def run(self) -> _StreamResult:
+        """Run the call from just after ``start`` until the stream closes (by either side)."""
+        async with trio.open_nursery() as stream_nursery:
+            stream_nursery.start_soon(self._listen, stream_nursery.cancel_scope)
+            stream_nursery.start_soon(self._talk)
         self._playout.finish(trio.current_time())
         return _StreamResult(
-            stream_sid=self._ids.stream_sid,
+            stream_sid=self._writer.stream_sid,
             streamed=True,
             ended_by=self._ended_by or "server",
             timed_out_step=self._timed_out_step,
@@ -871,16 +892,14 @@ class _MediaStream:
 
     async def _on_bridge_message(self, message: str | bytes) -> None:
         try:
-            command = _parse_bridge_message(message, self._ids.stream_sid)
+            command = _parse_bridge_message(message, self._writer.stream_sid)
         except _TwilioError as error:
             self._violations.add(error.code, error.text)
             return
         now = trio.current_time()
         if isinstance(command, _PlayMedia):
             if not self._playout.add_audio(now, command.audio):
-                self._violations.add(
-                    31931, "more than 10 minutes of audio buffered; media dropped"
-                )
+                self._violations.add(31931, "more than 10 minutes of audio buffered; media dropped")
         elif isinstance(command, _PlayMark):
             self._marks_sent += 1
             if self._playout.add_mark(now, command.name):
@@ -913,7 +932,9 @@ class _MediaStream:
             self._end("max_duration")
             await self._writer.hang_up()
         except SocketClosed:
-            return  # the bridge closed the stream: _listen reports how
+            # Closed by the bridge (_listen reports how), or a write got stuck: then
+            # the stream is broken, and closing it ends _listen too.
+            await self._socket.aclose()
 
     async def _perform(self, step: Step) -> None:
         if isinstance(step, Silence):
@@ -977,7 +998,7 @@ class _MediaStream:
 # --- What the bridge may send Twilio (docs/PROTOCOLS.md §1) ------------------------
 
 
-class _TwilioError(Exception):
+class _TwilioError(VoicebridgeError):
     """A frame Twilio would reject, with the error code its debugger would show."""
 
     def __init__(self, code: int, text: str) -> None:
@@ -1040,7 +1061,9 @@ def _parse_bridge_message(message: str | bytes, stream_sid: str) -> _BridgeComma
     top_fields, body_fields = _EXPECTED_FIELDS[event]
     _check_fields(f"{event} message", decoded, top_fields)
     if decoded["streamSid"] != stream_sid:
-        raise _TwilioError(31951, f"{event} message for wrong streamSid {_quote(decoded['streamSid'])}")
+        raise _TwilioError(
+            31951, f"{event} message for wrong streamSid {_quote(decoded['streamSid'])}"
+        )
     if event == "clear":
         return _ClearBuffer()
     body = decoded[event]
@@ -1172,14 +1195,17 @@ class _Playout:
     # What the caller perceives.
 
     def assistant_speech_pending(self) -> bool:
-        """The frame just heard was speech, or speech is queued (call after ``advance``)."""
+        """The frame just heard was speech, or speech is queued to play within
+        ``TURN_GAP_MS`` (call after ``advance``). Speech further ahead is a later turn,
+        and the look-ahead bounds the scan however much the bridge has queued."""
         if self._speech and self._speech[-1]:
             return True
-        frame = len(self._speech)
-        while frame * FRAME_BYTES < len(self._wall):
+        first = len(self._speech)
+        for frame in range(first, first + _TURN_GAP_FRAMES):
+            if frame * FRAME_BYTES >= len(self._wall):
+                break
             if is_speech(self._wall_frame(frame, len(self._wall))):
                 return True
-            frame += 1
         return False
 
     def current_turn_heard_ms(self) -> float | None:
@@ -1302,18 +1328,20 @@ def _join(base: str, path: str) -> str:
     return base.rstrip("/") + "/" + path.lstrip("/")
 
 
-def _ws_base(http_url: str) -> str:
-    """``http(s)://host`` → ``ws(s)://host``."""
-    scheme, sep, rest = http_url.partition("://")
-    return ("wss" if scheme == "https" else "ws") + sep + rest
-
-
 def _route(url: str, public_base: str, bridge_base: str) -> str:
-    """Where a request for ``url`` really goes: under the public base → the bridge."""
-    public_base, bridge_base = public_base.rstrip("/"), bridge_base.rstrip("/")
-    if url == public_base or url.startswith(public_base + "/"):
-        return bridge_base + url[len(public_base) :]
-    return url
+    """Where a request for ``url`` really goes: URLs under the public base go to the bridge.
+
+    The scheme is ignored when matching (a bridge may announce ``wss://`` for an
+    ``http://`` public base), and kept in kind: WebSocket URLs stay ``ws(s)://``.
+    """
+    scheme, _, rest = url.partition("://")
+    public_rest = public_base.partition("://")[2].rstrip("/")
+    if not (rest == public_rest or rest.startswith((public_rest + "/", public_rest + "?"))):
+        return url
+    bridge_scheme, _, bridge_rest = bridge_base.rstrip("/").partition("://")
+    if scheme in ("ws", "wss"):
+        bridge_scheme = "wss" if bridge_scheme == "https" else "ws"
+    return f"{bridge_scheme}://{bridge_rest}{rest[len(public_rest) :]}"
 
 
 def _summarize(verbs: Sequence[ET.Element] | None) -> tuple[FinalAction, str, str]:

@@ -169,16 +169,19 @@ class _HttpConnection:
                 return  # closed, malformed, or idle past the keep-alive timeout
             try:
                 with trio.fail_after(REQUEST_TIMEOUT_S):
-                    body = await self._read_body()
+                    body = await self._read_body(request)
             except trio.TooSlowError:
                 await self._send_response(HttpResponse(status=408), close=True)
                 return
             except _BodyTooLarge:
                 await self._send_response(HttpResponse(status=413), close=True)
                 return
+            except h11.RemoteProtocolError as exc:
+                await self._send_response(HttpResponse(status=exc.error_status_hint), close=True)
+                return
             http_request = HttpRequest(
                 method=request.method.decode("ascii"),
-                target=request.target.decode("ascii"),
+                target=request.target.decode("latin-1"),
                 headers=_header_map(request.headers),
                 body=body,
             )
@@ -205,7 +208,11 @@ class _HttpConnection:
             return event
         return None  # ConnectionClosed
 
-    async def _read_body(self) -> bytes:
+    async def _read_body(self, request: h11.Request) -> bytes:
+        """The request body; raises ``_BodyTooLarge`` (even before reading, by content-length)."""
+        for name, value in request.headers:
+            if name == b"content-length" and int(value) > MAX_REQUEST_BODY_BYTES:
+                raise _BodyTooLarge  # refused unread
         parts: list[bytes] = []
         size = 0
         while True:
@@ -229,8 +236,8 @@ class _HttpConnection:
             return cast("h11.Event | type[h11.PAUSED]", event)  # NEED_DATA handled above
 
     async def _send_response(self, response: HttpResponse, *, close: bool) -> None:
-        if self._h11.our_state is not h11.SEND_RESPONSE:
-            return  # too late to answer (e.g. the client vanished)
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # too late to answer; (IDLE: a malformed request, h11 lets us answer it)
         headers = [
             *response.headers,
             SERVER_HEADER,
@@ -423,7 +430,13 @@ class SimWebSocket:
                     if isinstance(event, Message):
                         size += len(event.data)
                         if size > MAX_MESSAGE_BYTES:
-                            await self.aclose(MESSAGE_TOO_BIG, "message too big")
+                            too_big = CloseConnection(
+                                code=MESSAGE_TOO_BIG, reason="message too big"
+                            )
+                            await self._write_control_or_ignore(
+                                functools.partial(self._frame, too_big)
+                            )
+                            await self._drop(MESSAGE_TOO_BIG)
                             return
                         parts.append(event.data)
                         if event.message_finished:

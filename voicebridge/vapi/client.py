@@ -277,10 +277,13 @@ async def open_transport(
     opener when the peer closes the connection or fails TLS during the upgrade: those
     show as ``timeout`` at the deadline, not as ``dropped``.
 
-    The body's exceptions, ``trio.Cancelled`` included, propagate unchanged (not in
-    an exception group: trio-websocket unwraps its internal nursery's group). On exit
-    the socket is closed (code 1000), shielded from cancellation and bounded by
-    ``close_deadline_s``, so leaving the block never takes longer than that.
+    Cancellation while connecting propagates as ``trio.Cancelled``. The body's
+    exceptions, ``trio.Cancelled`` included, propagate unchanged (not in an exception
+    group: trio-websocket unwraps its internal nursery's group). On exit the socket is
+    closed (code 1000), shielded from cancellation and bounded by ``close_deadline_s``;
+    when the exit is a cancellation, only ``CANCELLED_CLOSE_GRACE_S`` (see
+    ``_close_on_exit``). Say goodbye with ``end_call`` *inside* the block, before any
+    scope around it is cancelled: that is when Vapi's answer can still be read.
     """
     headers = [(b"authorization", f"Bearer {_checked_api_key(api_key)}".encode())]
     try:
@@ -314,10 +317,6 @@ async def open_transport(
             if connected:
                 raise
             raise _rejected_upgrade(exc.status_code) from None
-        except trio_websocket.ConnectionTimeout:
-            if connected:
-                raise
-            raise _connect_error("timeout", f"no upgrade within {connect_deadline_s:g} s") from None
         except trio_websocket.HandshakeError as exc:
             if connected:
                 raise
@@ -411,6 +410,7 @@ def _clean(text: str, *secrets: str) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
+        if "://" in secret:  # a URL's path alone (in an OSError, a log line) is the secret
             path = urllib.parse.urlsplit(secret).path
             if len(path) > 1:
                 text = text.replace(path, "/***")
