@@ -223,7 +223,7 @@ class Tracker:
         self.begun: list[str] = []
         self.finished: list[CallRecord] = []
 
-    def begin(self, call_sid: str) -> None:
+    def begin(self, call_sid: str, end: object) -> None:
         self.begun.append(call_sid)
 
     def finish(self, record: CallRecord) -> None:

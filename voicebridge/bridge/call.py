@@ -110,10 +110,14 @@ class _EndSignal:
                 scope.cancel(reason=reason)
 
 
+#: How a tracker ends a live call from outside (drain): ``end(outcome, detail)``.
+EndCall = Callable[[Outcome, str], None]
+
+
 class CallTracker(Protocol):
     """Admission bookkeeping and the outcomes the after-stream route reads."""
 
-    def begin(self, call_sid: str) -> None: ...
+    def begin(self, call_sid: str, end: EndCall) -> None: ...
 
     def finish(self, record: CallRecord) -> None: ...
 
@@ -188,7 +192,7 @@ class Call:
         try:
             start = await self._wait_start()
             if start is not None and self._accept(start):
-                self._tracker.begin(self._call_sid)
+                self._tracker.begin(self._call_sid, self.end)
                 log_event(
                     log,
                     logging.INFO,
@@ -452,8 +456,12 @@ class Call:
             self._outcome = outcome
             self._detail = detail
 
+    def end(self, outcome: Outcome, detail: str) -> None:
+        """End the call from outside (e.g. the drain deadline passed); safe at any time."""
+        self._end(outcome, detail)
+
     def _end(self, outcome: Outcome, detail: str) -> None:
-        """Record why the call ends (the first reason wins) and cancel the call scope."""
+        """Record why the call ends (the first reason wins) and cancel the call's tasks."""
         self._set_outcome(outcome, detail)
         self._ending.fire(f"call ending: {outcome.value}")
 

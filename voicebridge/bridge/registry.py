@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import trio
 
-from voicebridge.bridge.outcome import CallRecord
+from voicebridge.bridge.outcome import CallRecord, Outcome
 
 #: How long a finished call's record is kept for its ``<Connect action>`` request.
 #: Twilio makes that request within a second of the stream closing; ten minutes
@@ -40,7 +40,8 @@ class CallRegistry:
         self._clock = clock
         # call_sid -> reservation expiry
         self._reservations: dict[str, float] = {}
-        self._active: set[str] = set()
+        # call_sid -> how to end it from outside (drain)
+        self._active: dict[str, Callable[[Outcome, str], None]] = {}
         # call_sid -> (record, time finished), oldest first
         self._records: OrderedDict[str, tuple[CallRecord, float]] = OrderedDict()
         self._draining = False
@@ -76,18 +77,18 @@ class CallRegistry:
         self._reservations[call_sid] = self._clock() + self._reservation_ttl_s
         return True
 
-    def begin(self, call_sid: str) -> None:
+    def begin(self, call_sid: str, end: Callable[[Outcome, str], None]) -> None:
         """The call's media stream started: its reservation becomes an active call.
 
         A stream whose webhook another instance answered has no reservation here; its
         valid token proves it was admitted, so it is counted without a check.
         """
         self._reservations.pop(call_sid, None)
-        self._active.add(call_sid)
+        self._active[call_sid] = end
 
     def finish(self, record: CallRecord) -> None:
         """The call ended: free its slot and keep its record for the after-stream route."""
-        self._active.discard(record.call_sid)
+        self._active.pop(record.call_sid, None)
         self._reservations.pop(record.call_sid, None)
         if not record.call_sid:
             return
@@ -95,6 +96,13 @@ class CallRegistry:
         self._records[record.call_sid] = (record, now)
         self._records.move_to_end(record.call_sid)
         self._forget_old_records(now)
+
+    def end_all(self, outcome: Outcome, detail: str) -> int:
+        """End every active call with ``outcome`` (drain deadline); returns how many."""
+        enders = list(self._active.values())
+        for end in enders:
+            end(outcome, detail)
+        return len(enders)
 
     def record_for(self, call_sid: str) -> CallRecord | None:
         """The finished call's record, if this process ran it recently."""
