@@ -80,7 +80,7 @@ async def run_call(
                 await twilio.socket.send(start_frame())
             await scenario(twilio, connector, nursery)
     assert record is not None
-    assert tracker.finished == [record]
+    assert tracker.finished == ([record] if tracker.begun else [])
     return record, twilio, connector
 
 

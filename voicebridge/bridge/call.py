@@ -14,9 +14,10 @@ deadline) and its token check, one nursery runs as siblings:
   *the Vapi sender* (single writer of the Vapi socket), *playout* (single writer of
   assistant audio to Twilio) and *keepalive* (ping with a pong deadline).
 
-Whichever side ends first records the outcome and cancels the call's task scopes
-with a reason (``_EndSignal``); the first outcome wins. On the way out, shielded and bounded: the Vapi leg
-gets ``end-call`` and a close unless it ended itself, the outcome is handed to the
+Whichever side ends first records the outcome and cancels the call's task
+scopes with a reason (``_EndSignal``); the first outcome wins. On the way out,
+shielded and bounded: the Vapi leg gets ``end-call`` and a close unless it
+ended itself, the outcome is handed to the
 tracker (the after-stream route reads it), and then the Twilio socket is closed,
 which makes Twilio request the ``<Connect action>``. A failure in any task ends this
 call only, with one log line; it never reaches the server.
@@ -189,10 +190,14 @@ class Call:
         and then ``Cancelled`` propagates.
         """
         self._started_at = trio.current_time()
+        # Only a stream that passed the token check is this CallSid's call: a rejected
+        # one (a replay, say) must not touch the real call's slot or record.
+        begun = False
         try:
             start = await self._wait_start()
             if start is not None and self._accept(start):
                 self._tracker.begin(self._call_sid, self.end)
+                begun = True
                 log_event(
                     log,
                     logging.INFO,
@@ -214,7 +219,8 @@ class Call:
         finally:
             with trio.CancelScope(shield=True):
                 record = self._record()
-                self._tracker.finish(record)
+                if begun:
+                    self._tracker.finish(record)
                 await self._twilio.aclose(1000, "call ended")
                 _log_call_end(record)
         return record
@@ -408,6 +414,7 @@ class Call:
 
     async def _let_goodbye_play(self, playout: Playout) -> None:
         """The assistant is done: let the caller hear the rest of what it said."""
+        self._to_assistant = None  # nobody listens any more: caller audio stops here
         with trio.move_on_after(playout.queued_ms / 1000 + GOODBYE_SLACK_S):
             await playout.wait_drained()
 
@@ -422,8 +429,9 @@ class Call:
         except SocketWriteTimeout:
             self._end(Outcome.ASSISTANT_LEG_FAILED, "unresponsive: Vapi stopped reading")
         except SocketClosed:
-            # The reader sees the same close and knows whether it was clean.
-            return
+            # The reader sees the same close and knows whether it was clean. Caller
+            # audio has nowhere to go now; it is not "dropped under backpressure".
+            self._to_assistant = None
 
     async def _playout_task(self, playout: Playout) -> None:
         try:

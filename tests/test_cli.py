@@ -1,0 +1,56 @@
+"""The ``voicebridge`` command as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import trio
+
+VOICEBRIDGE = [sys.executable, "-m", "voicebridge"]
+
+
+async def test_demo_runs_a_call_with_a_barge_in(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        result = await trio.run_process(
+            [*VOICEBRIDGE, "demo", "--save-audio", str(tmp_path)],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "barge-in: caller spoke at" in out
+    assert "and 0 ms after the clear" in out
+    assert "outcome assistant-ended" in out
+    assert "every caller was served as expected" in out
+    assert_saved_call_audio(tmp_path)
+
+
+def assert_saved_call_audio(directory: Path) -> None:
+    [wav] = directory.glob("call-1-CA*.wav")
+    with wave.open(str(wav)) as audio:
+        assert (audio.getframerate(), audio.getnchannels(), audio.getsampwidth()) == (8000, 1, 2)
+        assert audio.getnframes() > 8000 * 10  # more than 10 s of call
+
+
+def test_check_config_refuses_a_bad_file_with_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "voicebridge.toml"
+    config.write_text('[server]\nmax_concurrent_calls = "ten"\n')
+    result = subprocess.run(
+        [*VOICEBRIDGE, "check-config", "--config", str(config)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2
+    assert "server.max_concurrent_calls" in result.stderr
+
+
+def test_serve_refuses_a_bad_config_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "voicebridge.toml"
+    config.write_text("[server]\nlisten = \"127.0.0.1:8080\"\nlistn = 1\n")
+    result = subprocess.run(
+        [*VOICEBRIDGE, "serve", "--config", str(config)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "server.listn" in result.stderr
