@@ -186,7 +186,8 @@ class WaitForAssistantDone:
 
     "Since the caller last stopped speaking" is the end of the last ``Speak`` step (or
     the stream's start): the step waits for the assistant's answer to be over. If that
-    answer already ended ``quiet_s`` ago, it returns at once. On timeout the caller
+    answer already ended ``quiet_s`` ago, it returns at once. The wait is never
+    shorter than ``TURN_GAP_MS``: done means the turn is over. On timeout the caller
     hangs up (``ended_by="step_timeout"``).
     """
 
@@ -992,7 +993,9 @@ class _MediaStream:
         if last_speech_end_ms is None or last_speech_end_ms <= self._last_utterance_end_ms:
             return False
         now_ms = (trio.current_time() - self._start) * 1000
-        return now_ms - last_speech_end_ms >= quiet_s * 1000
+        # "Done" means the turn is over: never sooner than the gap that ends a turn, so
+        # the caller's next words are an answer, not a barge-in.
+        return now_ms - last_speech_end_ms >= max(quiet_s * 1000, TURN_GAP_MS)
 
 
 # --- What the bridge may send Twilio (docs/PROTOCOLS.md §1) ------------------------
@@ -1195,10 +1198,11 @@ class _Playout:
     # What the caller perceives.
 
     def assistant_speech_pending(self) -> bool:
-        """The frame just heard was speech, or speech is queued to play within
-        ``TURN_GAP_MS`` (call after ``advance``). Speech further ahead is a later turn,
-        and the look-ahead bounds the scan however much the bridge has queued."""
-        if self._speech and self._speech[-1]:
+        """An assistant turn is being heard (a pause between its words included), or
+        speech is queued to play within ``TURN_GAP_MS`` (call after ``advance``). Speech
+        further ahead is a later turn, and the look-ahead bounds the scan however much
+        the bridge has queued."""
+        if self._open_turn is not None or (self._speech and self._speech[-1]):
             return True
         first = len(self._speech)
         for frame in range(first, first + _TURN_GAP_FRAMES):
