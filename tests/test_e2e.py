@@ -267,3 +267,18 @@ async def test_assistant_audio_faster_than_real_time_is_paced(
             report = await place_call(bridge.caller, SHORT_SCRIPT)
     assert_served(report, bridge)
     assert report.protocol_violations == []
+
+
+@pytest.mark.parametrize(("audio_format", "sample_rate"), [("pcm_s16le", 8000),
+                                                           ("pcm_s16le", 16000)])
+async def test_a_vapi_leg_in_pcm_is_converted_both_ways(audio_format: str, sample_rate: int) -> None:
+    vapi = {"audio_format": audio_format, "sample_rate": sample_rate}
+    with trio.fail_after(30):
+        async with running_bridge(vapi=vapi) as bridge:
+            report = await place_call(bridge.caller, SHORT_SCRIPT)
+    assert_served(report, bridge)
+    [vapi_call] = bridge.vapi.calls.values()
+    assert vapi_call.audio_format == (audio_format, sample_rate)
+    # The simulated Vapi heard the caller speak (energy-based detection on PCM).
+    assert [e.message["role"] for e in vapi_call.messages("transcript")].count("user") == 1
+    assert report.bytes_heard > 8000  # over a second of assistant audio reached the caller

@@ -35,6 +35,7 @@ from attrs import frozen
 
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.playout import Playout
+from voicebridge.codec import LegCodec
 from voicebridge.config import Config
 from voicebridge.errors import RemoteProtocolError, SocketClosed
 from voicebridge.observability.logs import log_event
@@ -134,6 +135,9 @@ class CallSettings:
     ping_interval_s: float
     pong_deadline_s: float
     end_deadline_s: float
+    #: The Vapi leg's audio format; anything but mulaw/8000 is converted per frame.
+    vapi_audio_format: str = "mulaw"
+    vapi_sample_rate: int = 8000
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -147,6 +151,8 @@ class CallSettings:
             ping_interval_s=config.vapi.ping_interval_s,
             pong_deadline_s=config.vapi.pong_deadline_s,
             end_deadline_s=config.vapi.end_deadline_s,
+            vapi_audio_format=config.vapi.audio_format,
+            vapi_sample_rate=config.vapi.sample_rate,
         )
 
 
@@ -168,6 +174,9 @@ class Call:
         self._verify_token = verify_token
         self._tracker = tracker
         self._stream = tw.MediaStream()
+        codec = LegCodec(settings.vapi_audio_format, settings.vapi_sample_rate)
+        # None in the default (mulaw/8000) case: caller audio passes through untouched.
+        self._codec = None if codec.passthrough else codec
         self._started_at = 0.0
         self._ending = _EndSignal()
         self._outcome: Outcome | None = None
@@ -304,6 +313,8 @@ class Call:
         inbox = self._to_assistant
         if inbox is None:
             return
+        if self._codec is not None:
+            payload = self._codec.to_assistant(payload)
         try:
             inbox.send_nowait(payload)
         except trio.WouldBlock:
@@ -374,6 +385,8 @@ class Call:
             while True:
                 message = await socket.receive()
                 if isinstance(message, bytes):
+                    if self._codec is not None:
+                        message = self._codec.from_assistant(message)
                     playout.feed(message)
                     continue
                 event = vp.parse_message(message)

@@ -20,13 +20,14 @@ import collections
 import functools
 import importlib.resources
 import os
-import sys
 import wave
-from array import array
 from collections.abc import Iterator, Mapping
 
 import attrs
 
+from voicebridge.codec import ULAW_DECODE
+from voicebridge.codec import pcm16_to_ulaw as pcm16_to_ulaw  # re-exported
+from voicebridge.codec import ulaw_to_pcm16 as ulaw_to_pcm16  # re-exported
 from voicebridge.errors import VoicebridgeError
 
 #: Duration of one telephony frame: Twilio sends 20 ms frames, Vapi's tester too.
@@ -57,9 +58,6 @@ SPEECH_PRE_ROLL_MS = 300
 #: durations stay exact): 30 s bounds memory per talker.
 MAX_UTTERANCE_MS = 30_000
 
-_BIAS = 0x84
-_CLIP_14 = 8159  # largest 14-bit magnitude before the bias is added
-_SEGMENT_ENDS = (0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF)
 
 #: Package directory (inside ``voicebridge.sim``) holding the clip files.
 CLIPS_DIR = "clips"
@@ -81,57 +79,8 @@ class UnknownClipError(VoicebridgeError, KeyError):
         return f"unknown audio clip {self.name!r}; known clips: {', '.join(self.known)}"
 
 
-def _decode_sample(code: int) -> int:
-    code = ~code & 0xFF
-    magnitude = (((code & 0x0F) << 3) + _BIAS) << ((code & 0x70) >> 4)
-    return _BIAS - magnitude if code & 0x80 else magnitude - _BIAS
-
-
-def _encode_sample(sample: int) -> int:
-    value = sample >> 2  # 16-bit → 14-bit (floor, as the reference does)
-    if value < 0:
-        value, mask = -value, 0x7F
-    else:
-        mask = 0xFF
-    value = min(value, _CLIP_14) + (_BIAS >> 2)
-    for segment, end in enumerate(_SEGMENT_ENDS):
-        if value <= end:
-            return ((segment << 4) | ((value >> (segment + 1)) & 0x0F)) ^ mask
-    return 0x7F ^ mask  # unreachable after clipping; kept for the reference's shape
-
-
-#: μ-law byte → linear 16-bit sample.
-_DECODE: tuple[int, ...] = tuple(_decode_sample(code) for code in range(256))
 #: μ-law byte → |linear sample|, for frame energy.
-_ABS: tuple[int, ...] = tuple(abs(sample) for sample in _DECODE)
-#: μ-law byte → 2-byte little-endian sample, for decoding whole buffers.
-_DECODE_LE: tuple[bytes, ...] = tuple(s.to_bytes(2, "little", signed=True) for s in _DECODE)
-
-
-@functools.cache
-def _encode_table() -> bytes:
-    """Unsigned 16-bit pattern (``sample & 0xFFFF``) → μ-law byte; built once (~20 ms)."""
-    return bytes(
-        _encode_sample(pattern - 0x10000 if pattern & 0x8000 else pattern)
-        for pattern in range(0x10000)
-    )
-
-
-def ulaw_to_pcm16(data: bytes) -> bytes:
-    """Decode μ-law bytes to little-endian signed 16-bit PCM (twice the length)."""
-    return b"".join(map(_DECODE_LE.__getitem__, data))
-
-
-def pcm16_to_ulaw(data: bytes) -> bytes:
-    """Encode little-endian signed 16-bit PCM to μ-law. Raises ``ValueError`` on odd length."""
-    if len(data) % 2:
-        raise ValueError(f"PCM16 data must have an even length, got {len(data)} bytes")
-    samples = array("H")
-    samples.frombytes(data)
-    if sys.byteorder == "big":
-        samples.byteswap()
-    table = _encode_table()
-    return bytes(map(table.__getitem__, samples))
+_ABS: tuple[int, ...] = tuple(abs(sample) for sample in ULAW_DECODE)
 
 
 def silence(ms: int) -> bytes:
