@@ -271,7 +271,9 @@ async def test_assistant_audio_faster_than_real_time_is_paced(
 
 @pytest.mark.parametrize(("audio_format", "sample_rate"), [("pcm_s16le", 8000),
                                                            ("pcm_s16le", 16000)])
-async def test_a_vapi_leg_in_pcm_is_converted_both_ways(audio_format: str, sample_rate: int) -> None:
+async def test_a_vapi_leg_in_pcm_is_converted_both_ways(
+    audio_format: str, sample_rate: int
+) -> None:
     vapi = {"audio_format": audio_format, "sample_rate": sample_rate}
     with trio.fail_after(30):
         async with running_bridge(vapi=vapi) as bridge:
