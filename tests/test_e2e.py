@@ -8,6 +8,7 @@ the bridge recorded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import attrs
@@ -18,6 +19,7 @@ import trio_websocket
 
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
 from voicebridge.bridge.outcome import Outcome
+from voicebridge.observability.logs import record_fields
 from voicebridge.sim.audio import CLIP_TEXTS
 from voicebridge.sim.caller import (
     CallReport,
@@ -54,7 +56,8 @@ def assert_served(report: CallReport, bridge: Bridge) -> None:
     assert record.frames_dropped == 0
 
 
-async def test_a_conversation_with_a_barge_in() -> None:
+async def test_a_conversation_with_a_barge_in(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="voicebridge")
     # The assistant greets, answers the caller with its long reply; the caller talks
     # over that reply one second in; the assistant stops, says goodbye, ends the call.
     assistant = attrs.evolve(SHORT_ASSISTANT, end_after_replies=1, tail_after_interrupt_ms=100)
@@ -83,6 +86,15 @@ async def test_a_conversation_with_a_barge_in() -> None:
             if e.message["role"] == "user"]
     assert said == [CLIP_TEXTS["caller_1"], CLIP_TEXTS["caller_2"]]
     assert vapi_call.metadata["twilioCallSid"] == report.call_sid
+    # One call-start and one call-end line, joined by the CallSid; the simulated Twilio
+    # signs the upgrade, so the advisory check says so.
+    events = [record_fields(r) for r in caplog.records if record_fields(r).get("CALL_SID")]
+    assert [f["EVENT"] for f in events] == ["call-start", "call-end"]
+    assert {f["CALL_SID"] for f in events} == {report.call_sid}
+    assert events[0]["UPGRADE_SIGNATURE"] == "valid"
+    assert events[1]["OUTCOME"] == "assistant-ended"
+    assert events[1]["VAPI_CALL_ID"] == vapi_call.id
+    assert events[1]["BARGE_INS"] == 1
     assert vapi_call.create_body["transport"]["audioFormat"] == {
         "format": "mulaw", "container": "raw", "sampleRate": 8000,
     }

@@ -186,14 +186,18 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         services = get_services()
         # The real object behind quart's context-local proxy, for the socket adapter.
         ws = websocket._get_current_object()  # type: ignore[attr-defined]
-        signature = websocket.headers.get("X-Twilio-Signature")
+        # Advisory only (Twilio's own libraries disagree on whether the upgrade is
+        # signed); the stream token in `start` is the gate. The verdict goes on the
+        # call-start line (UPGRADE_SIGNATURE=valid|missing|mismatch|unchecked).
+        upgrade_signature = "unchecked"
         if services.verifier is not None:
             try:
-                services.verifier.verify_upgrade(path=websocket.path, signature=signature)
+                services.verifier.verify_upgrade(
+                    path=websocket.path, signature=websocket.headers.get("X-Twilio-Signature")
+                )
+                upgrade_signature = "valid"
             except SignatureError as exc:
-                # Advisory only (Twilio's own libraries disagree on whether the upgrade
-                # is signed); the stream token in `start` is the gate.
-                log.debug("media socket upgrade signature %s (advisory)", exc.reason)
+                upgrade_signature = exc.reason
         await ws.accept()
         call = Call(
             QuartSocket(ws),
@@ -201,6 +205,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             connector=services.connector,
             verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
             tracker=services.registry,
+            upgrade_signature=upgrade_signature,
         )
         await call.run()
 
@@ -211,7 +216,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             return refusal
         services = get_services()
         call_sid = form.get("CallSid", "")
-        record = services.registry.record_for(call_sid)
+        record = services.registry.record_for_action(call_sid)
         return _twiml_response(after_stream_twiml(services.config, call_sid, record))
 
     @app.get("/healthz")

@@ -167,12 +167,14 @@ class Call:
         connector: AssistantConnector,
         verify_token: Callable[[str, str], None],
         tracker: CallTracker,
+        upgrade_signature: str = "unchecked",
     ) -> None:
         self._twilio = twilio
         self._settings = settings
         self._connector = connector
         self._verify_token = verify_token
         self._tracker = tracker
+        self._upgrade_signature = upgrade_signature
         self._stream = tw.MediaStream()
         codec = LegCodec(settings.vapi_audio_format, settings.vapi_sample_rate)
         # None in the default (mulaw/8000) case: caller audio passes through untouched.
@@ -215,6 +217,7 @@ class Call:
                     call_sid=self._call_sid,
                     stream_sid=start.stream_sid,
                     caller=start.custom_parameters.get(CALLER_PARAMETER),
+                    upgrade_signature=self._upgrade_signature,
                 )
                 async with trio.open_nursery() as call_nursery:
                     call_nursery.start_soon(self._caller_to_agent)
