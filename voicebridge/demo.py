@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -21,30 +20,19 @@ from typing import TextIO
 import trio
 
 from voicebridge.bridge.outcome import CallRecord
-from voicebridge.config import (
-    BridgeConfig,
-    Config,
-    Secret,
-    Secrets,
-    ServerConfig,
-    TwilioConfig,
-    VapiConfig,
-)
+from voicebridge.loopback import loopback_bridge
 from voicebridge.observability.logs import configure_logging
-from voicebridge.server import Listening, bind_listener, serve
 from voicebridge.sim.audio import write_wav
 from voicebridge.sim.caller import (
     CallReport,
     Script,
-    SimTwilioSettings,
     Speak,
     WaitForAssistant,
     WaitForAssistantDone,
     place_call,
 )
-from voicebridge.sim.vapi import SimVapi, SimVapiBehaviour
+from voicebridge.sim.vapi import SimVapiBehaviour
 
-DEMO_ACCOUNT_SID = "AC" + "d" * 32
 #: Calls start this far apart so the account reads in order; the server takes them at once.
 CALL_STAGGER_S = 0.05
 #: The assistant says goodbye and hangs up at the caller turn after this many replies.
@@ -64,25 +52,6 @@ DEMO_SCRIPT: Script = (
 )
 
 
-def demo_config(*, port: int, vapi_base_url: str, auth_token: str, api_key: str) -> Config:
-    """A complete configuration for a server on ``127.0.0.1:port`` and the simulated Vapi."""
-    return Config(
-        server=ServerConfig(
-            listen=f"127.0.0.1:{port}",
-            public_url=f"http://127.0.0.1:{port}",
-            max_concurrent_calls=1000,
-        ),
-        twilio=TwilioConfig(account_sid=DEMO_ACCOUNT_SID),
-        vapi=VapiConfig(base_url=vapi_base_url, assistant_id="sim-assistant"),
-        bridge=BridgeConfig(),
-        credentials=Secrets(
-            twilio_auth_token=Secret(auth_token),
-            vapi_api_key=Secret(api_key),
-            stream_token_secret=Secret(secrets.token_hex(32)),
-        ),
-    )
-
-
 def run_demo(
     *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
     out: TextIO | None = None,
@@ -94,44 +63,25 @@ def run_demo(
 
 
 async def _demo(*, calls: int, save_audio: str | None, out: TextIO) -> int:
-    auth_token = secrets.token_hex(16)
-    api_key = secrets.token_hex(16)
-    sim_vapi = SimVapi(api_key=api_key, behaviour=SimVapiBehaviour(end_after_replies=DEMO_REPLIES))
-    listener = bind_listener("127.0.0.1:0")
-    port = int(listener.getsockname()[1])
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sim_vapi.serve)
-        config = demo_config(
-            port=port, vapi_base_url=sim_vapi.base_url, auth_token=auth_token, api_key=api_key
-        )
-        listening: Listening = await nursery.start(
-            partial(serve, config, listeners=[listener], stop=stop)
-        )
+    behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
+    async with loopback_bridge(behaviour=behaviour) as bridge:
         print(
             f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
-            f"on 127.0.0.1:{listening.port},\n"
+            f"on 127.0.0.1:{bridge.listening.port},\n"
             "  simulated Twilio caller  <->  voicebridge  <->  simulated Vapi assistant\n",
             file=out,
-        )
-        settings = SimTwilioSettings(
-            bridge_url=config.server.public_url,
-            public_url=config.server.public_url,
-            account_sid=DEMO_ACCOUNT_SID,
-            auth_token=auth_token,
         )
         reports: list[CallReport | None] = [None] * calls
 
         async def one_call(index: int) -> None:
             await trio.sleep(index * CALL_STAGGER_S)
-            reports[index] = await place_call(settings, DEMO_SCRIPT)
+            reports[index] = await place_call(bridge.caller, DEMO_SCRIPT)
 
         async with trio.open_nursery() as calls_nursery:
             for index in range(calls):
                 calls_nursery.start_soon(one_call, index)
-        stop.set()
-        records = {sid: listening.registry.record_for(sid) for sid in _sids(reports)}
-        nursery.cancel_scope.cancel(reason="demo finished")
+        registry = bridge.listening.registry
+        records = {sid: registry.record_for(sid) for sid in _sids(reports)}
 
     done = [report for report in reports if report is not None]
     ok = True
