@@ -1,0 +1,173 @@
+"""``/metrics``, ``/healthz`` and ``/readyz`` after real calls on loopback.
+
+Charter: loopback only, port 0, a ``trio.fail_after`` guard on every test, real
+sockets and real time (a few seconds per call). The figures asserted are the ones
+an operator reads on a dashboard, checked against what the bridge recorded.
+"""
+
+from __future__ import annotations
+
+import attrs
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
+from voicebridge.bridge.outcome import BargeIn, CallRecord, Outcome
+from voicebridge.observability.metrics import BridgeMetrics
+from voicebridge.sim.caller import Speak, WaitForAssistant, WaitForAssistantDone, place_call
+from voicebridge.twilio.signature import sign
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition, keyed by (name, sorted labels)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def scrape(bridge: Bridge) -> Samples:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{bridge.url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def record(**changes: object) -> CallRecord:
+    figures: dict[str, object] = {
+        "call_sid": "CA1", "stream_sid": "MZ1", "vapi_call_id": "v1",
+        "outcome": Outcome.CALLER_HUNG_UP, "detail": "stop", "duration_s": 3.0,
+        "frames_from_caller": 150, "frames_to_assistant": 140, "frames_dropped": 2,
+        "assistant_bytes": 8000, "media_messages_to_caller": 12, "heard_ms": 900,
+        "first_audio_ms": 700.0, "barge_ins": (), "caller_audio_bytes": 22400,
+    }
+    figures.update(changes)
+    return CallRecord(**figures)  # type: ignore[arg-type]
+
+
+def test_a_call_record_is_counted_once_at_its_end() -> None:
+    metrics = BridgeMetrics()
+    cut = BargeIn(at_s=2.0, latency_ms=1.5, heard_of_turn_ms=800, discarded_ms=200)
+    metrics.call_ended(record(barge_ins=(cut, cut)))
+    metrics.call_ended(record(outcome=Outcome.TOKEN_REJECTED, frames_to_assistant=0,
+                              first_audio_ms=None, frames_dropped=0))
+    samples = parse(metrics.exposition(active_calls=3, admitting=True).decode())
+    assert value(samples, "voicebridge_active_calls") == 3
+    assert value(samples, "voicebridge_admitting") == 1
+    assert value(samples, "voicebridge_calls_total", outcome="caller-hung-up") == 1
+    assert value(samples, "voicebridge_calls_total", outcome="token-rejected") == 1
+    assert value(samples, "voicebridge_calls_total", outcome="shutdown") == 0
+    assert value(samples, "voicebridge_media_messages_total", direction="caller_to_agent") == 140
+    assert value(samples, "voicebridge_media_messages_total", direction="agent_to_caller") == 24
+    assert value(samples, "voicebridge_audio_bytes_total", direction="caller_to_agent") == 44800
+    assert value(samples, "voicebridge_frames_dropped_total") == 2
+    assert value(samples, "voicebridge_barge_ins_total") == 2
+    assert value(samples, "voicebridge_barge_in_latency_seconds_count") == 2
+    assert value(samples, "voicebridge_barge_in_latency_seconds_bucket", le="0.002") == 2
+    assert value(samples, "voicebridge_barge_in_latency_seconds_bucket", le="0.001") == 0
+    assert value(samples, "voicebridge_first_audio_seconds_count") == 1
+    assert value(samples, "voicebridge_first_audio_seconds_sum") == 0.7
+
+
+def test_two_servers_in_one_process_keep_separate_metrics() -> None:
+    first, second = BridgeMetrics(), BridgeMetrics()
+    first.call_refused("at-capacity")
+    first.webhook_rejected("/twilio/voice")
+    samples = parse(second.exposition(active_calls=0, admitting=False).decode())
+    assert value(samples, "voicebridge_admissions_refused_total", reason="at-capacity") == 0
+    assert value(samples, "voicebridge_admitting") == 0
+    samples = parse(first.exposition(active_calls=0, admitting=True).decode())
+    assert value(samples, "voicebridge_admissions_refused_total", reason="at-capacity") == 1
+    assert value(
+        samples, "voicebridge_webhook_auth_failures_total", path="/twilio/voice"
+    ) == 1
+
+
+async def test_metrics_after_a_call_with_a_barge_in() -> None:
+    assistant = attrs.evolve(SHORT_ASSISTANT, end_after_replies=1)
+    script = (
+        WaitForAssistantDone(quiet_s=0.4),
+        Speak("caller_1"),
+        WaitForAssistant(heard_ms=800),
+        Speak("caller_2"),
+        WaitForAssistantDone(quiet_s=0.4),
+    )
+    with trio.fail_after(40):
+        async with running_bridge(behaviour=assistant) as bridge:
+            before = await scrape(bridge)
+            report = await place_call(bridge.caller, script)
+            after = await scrape(bridge)
+    assert value(before, "voicebridge_calls_total", outcome="assistant-ended") == 0
+    record = bridge.record(report.call_sid)
+    assert record.outcome is Outcome.ASSISTANT_ENDED
+    assert value(after, "voicebridge_calls_total", outcome="assistant-ended") == 1
+    assert value(after, "voicebridge_active_calls") == 0
+    assert value(after, "voicebridge_barge_ins_total") == len(record.barge_ins) == 1
+    assert value(after, "voicebridge_barge_in_latency_seconds_count") == 1
+    assert value(after, "voicebridge_barge_in_latency_seconds_sum") == (
+        record.barge_ins[0].latency_ms / 1000
+    )
+    to_agent = {"direction": "caller_to_agent"}
+    to_caller = {"direction": "agent_to_caller"}
+    assert value(after, "voicebridge_media_messages_total", **to_agent) == (
+        record.frames_to_assistant
+    ) > 100
+    assert value(after, "voicebridge_media_messages_total", **to_caller) == (
+        record.media_messages_to_caller
+    ) > 0
+    assert value(after, "voicebridge_audio_bytes_total", **to_agent) == (
+        160 * record.frames_to_assistant
+    )
+    assert value(after, "voicebridge_audio_bytes_total", **to_caller) == record.assistant_bytes
+    assert value(after, "voicebridge_frames_dropped_total") == 0
+    assert value(after, "voicebridge_vapi_create_seconds_count") == 1
+    assert value(after, "voicebridge_first_audio_seconds_count") == 1
+    # Sampled: one caller frame a second, one assistant audio message in ten.
+    caller_samples = value(after, "voicebridge_added_latency_seconds_count", **to_agent)
+    assert 1 <= caller_samples <= record.frames_to_assistant // 50
+    assert value(after, "voicebridge_added_latency_seconds_count", **to_caller) >= 1
+    assert value(after, "voicebridge_added_latency_seconds_bucket", le="+Inf", **to_agent) == (
+        caller_samples
+    )
+
+
+async def test_refusals_and_rejected_webhooks_are_counted() -> None:
+    with trio.fail_after(20):
+        async with running_bridge(server={"max_concurrent_calls": 1}) as bridge:
+            url = bridge.config.server.public_url + "/twilio/voice"
+
+            async def ring(call_sid: str, signature: str | None = None) -> httpx.Response:
+                form = {"CallSid": call_sid, "AccountSid": bridge.caller.account_sid,
+                        "From": "+15550100001", "To": "+15550100002"}
+                if signature is None:
+                    signature = sign(url, form, bridge.caller.auth_token)
+                return await http.post(url, data=form, headers={"X-Twilio-Signature": signature})
+
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(f"{bridge.url}/healthz")).status_code == 200
+                assert (await http.get(f"{bridge.url}/readyz")).status_code == 200
+                forged = await ring("CA" + "0" * 32, signature="forged")
+                # The first call rings (it holds the only slot); the second is refused.
+                admitted = await ring("CA" + "1" * 32)
+                refused = await ring("CA" + "2" * 32)
+                ready = await http.get(f"{bridge.url}/readyz")
+            samples = await scrape(bridge)
+    assert forged.status_code == 403
+    assert "<Connect" in admitted.text
+    assert "<Connect" not in refused.text
+    assert ready.status_code == 503
+    assert value(samples, "voicebridge_admitting") == 0
+    assert value(samples, "voicebridge_admissions_refused_total", reason="at-capacity") == 1
+    assert value(samples, "voicebridge_admissions_refused_total", reason="draining") == 0
+    assert value(
+        samples, "voicebridge_webhook_auth_failures_total", path="/twilio/voice"
+    ) == 1
