@@ -8,7 +8,8 @@ They hold no call logic of their own.
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
-- ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls).
+- ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
+  ``GET /metrics`` (Prometheus text format, ``observability.metrics``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from attrs import define
+from attrs import define, field
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
@@ -35,6 +36,8 @@ from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config
 from voicebridge.errors import SocketClosed
 from voicebridge.observability.logs import log_event
+from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SignatureError, WebhookVerifier
@@ -62,6 +65,8 @@ class Services:
     verifier: WebhookVerifier | None
     connector: AssistantConnector
     call_settings: CallSettings
+    #: Kept across reloads (pass the old one on), so counters never restart.
+    metrics: BridgeMetrics = field(factory=BridgeMetrics)
 
 
 class QuartSocket:
@@ -134,6 +139,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 signature=request.headers.get("X-Twilio-Signature"),
             )
         except SignatureError as exc:
+            services.metrics.webhook_rejected(request.path)
             log_event(
                 log,
                 logging.WARNING,
@@ -157,7 +163,9 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         if not call_sid:
             return _text_response("CallSid missing", 400)
         if not services.registry.try_admit(call_sid):
-            reason = "draining" if services.registry.draining else "at capacity"
+            draining = services.registry.draining
+            reason = "draining" if draining else "at capacity"
+            services.metrics.call_refused("draining" if draining else "at-capacity")
             log_event(
                 log,
                 logging.WARNING,
@@ -202,10 +210,11 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         call = Call(
             QuartSocket(ws),
             settings=services.call_settings,
-            connector=services.connector,
+            connector=services.metrics.timed(services.connector),
             verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
             tracker=services.registry,
             upgrade_signature=upgrade_signature,
+            observer=services.metrics,
         )
         await call.run()
 
@@ -222,6 +231,15 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
     @app.get("/healthz")
     async def healthz() -> Response:
         return _text_response("ok", 200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        services = get_services()
+        registry = services.registry
+        body = services.metrics.exposition(
+            active_calls=registry.active_count, admitting=registry.admitting
+        )
+        return Response(body, status=200, content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/readyz")
     async def readyz() -> Response:

@@ -60,6 +60,11 @@ TWILIO_MEDIA_FORMAT = ("audio/x-mulaw", 8000, 1)
 TOKEN_PARAMETER = "token"
 CALLER_PARAMETER = "caller"
 CALLED_PARAMETER = "called"
+#: One caller frame in this many (one a second) and one assistant audio message in
+#: ``ASSISTANT_LATENCY_SAMPLE_EVERY`` have their time inside the bridge measured for the
+#: metrics: enough for a histogram, and no clock read on the other frames.
+CALLER_LATENCY_SAMPLE_EVERY = 50
+ASSISTANT_LATENCY_SAMPLE_EVERY = 10
 
 
 class AssistantCall(Protocol):
@@ -110,6 +115,19 @@ class _EndSignal:
             self.reason = reason
             for scope in self._scopes:
                 scope.cancel(reason=reason)
+
+
+class CallObserver(Protocol):
+    """Where a call reports to the metrics (``observability.metrics.BridgeMetrics``)."""
+
+    def call_ended(self, record: CallRecord) -> None:
+        """Once per call, with its final record, before the Twilio socket closes."""
+
+    def caller_frame_latency(self, seconds: float) -> None:
+        """A sampled caller frame: parsed → written to the assistant."""
+
+    def assistant_audio_latency(self, seconds: float) -> None:
+        """A sampled assistant audio message: received → first byte written to Twilio."""
 
 
 #: How a tracker ends a live call from outside (drain): ``end(outcome, detail)``.
@@ -168,6 +186,7 @@ class Call:
         verify_token: Callable[[str, str], None],
         tracker: CallTracker,
         upgrade_signature: str = "unchecked",
+        observer: CallObserver | None = None,
     ) -> None:
         self._twilio = twilio
         self._settings = settings
@@ -175,6 +194,7 @@ class Call:
         self._verify_token = verify_token
         self._tracker = tracker
         self._upgrade_signature = upgrade_signature
+        self._observer = observer
         self._stream = tw.MediaStream()
         codec = LegCodec(settings.vapi_audio_format, settings.vapi_sample_rate)
         # None in the default (mulaw/8000) case: caller audio passes through untouched.
@@ -192,6 +212,10 @@ class Call:
         self._frames_from_caller = 0
         self._frames_to_assistant = 0
         self._frames_dropped = 0
+        self._caller_audio_bytes = 0
+        # The sampled caller frame in flight to the assistant, and when it was parsed.
+        self._latency_probe: bytes | None = None
+        self._latency_probe_at = 0.0
 
     async def run(self) -> CallRecord:
         """Run the call to its end and return its record. Never raises but ``Cancelled``.
@@ -233,6 +257,8 @@ class Call:
                 record = self._record()
                 if begun:
                     self._tracker.finish(record)
+                if self._observer is not None:
+                    self._observer.call_ended(record)
                 await self._twilio.aclose(1000, "call ended")
                 _log_call_end(record)
         return record
@@ -322,6 +348,13 @@ class Call:
             inbox.send_nowait(payload)
         except trio.WouldBlock:
             self._frames_dropped += 1
+            return
+        if (
+            self._frames_from_caller % CALLER_LATENCY_SAMPLE_EVERY == 0
+            and self._observer is not None
+        ):
+            self._latency_probe = payload
+            self._latency_probe_at = trio.current_time()
 
     async def _forward_digit(self, digit: str) -> None:
         inbox = self._to_assistant
@@ -364,6 +397,8 @@ class Call:
             chunk_ms=self._settings.playout_chunk_ms,
             resume_gap_ms=self._settings.barge_in_resume_gap_ms,
             call_started_at=self._started_at,
+            on_latency=self._observer.assistant_audio_latency if self._observer else None,
+            latency_sample_every=ASSISTANT_LATENCY_SAMPLE_EVERY,
         )
         self._playout = playout
         inbox, outbox = trio.open_memory_channel[bytes | str](CALLER_AUDIO_BUFFER_FRAMES)
@@ -442,6 +477,12 @@ class Call:
                 await socket.send(message)
                 if isinstance(message, bytes):
                     self._frames_to_assistant += 1
+                    self._caller_audio_bytes += len(message)
+                    if message is self._latency_probe and self._observer is not None:
+                        self._latency_probe = None
+                        self._observer.caller_frame_latency(
+                            trio.current_time() - self._latency_probe_at
+                        )
         except SocketWriteTimeout:
             self._end(Outcome.ASSISTANT_LEG_FAILED, "unresponsive: Vapi stopped reading")
         except SocketClosed:
@@ -505,6 +546,7 @@ class Call:
             frames_from_caller=self._frames_from_caller,
             frames_to_assistant=self._frames_to_assistant,
             frames_dropped=self._frames_dropped,
+            caller_audio_bytes=self._caller_audio_bytes,
             assistant_bytes=stats.assistant_bytes if stats else 0,
             media_messages_to_caller=stats.media_messages if stats else 0,
             heard_ms=stats.heard_ms if stats else 0,

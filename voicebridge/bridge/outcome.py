@@ -70,3 +70,5 @@ class CallRecord:
     #: Time from the stream's start to the first assistant audio sent to Twilio.
     first_audio_ms: float | None
     barge_ins: tuple[BargeIn, ...]
+    #: Caller audio bytes written to the assistant (after any format conversion).
+    caller_audio_bytes: int = 0

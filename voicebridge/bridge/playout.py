@@ -91,6 +91,8 @@ class Playout:
         resume_gap_ms: int,
         call_started_at: float,
         clock: Callable[[], float] = trio.current_time,
+        on_latency: Callable[[float], None] | None = None,
+        latency_sample_every: int = 10,
     ) -> None:
         if lead_ms < FRAME_MS or chunk_ms < FRAME_MS:
             raise ValueError("lead_ms and chunk_ms must be at least one frame")
@@ -120,6 +122,12 @@ class Playout:
         # when the last discarded audio (or the interruption) arrived.
         self._discarding_since: float | None = None
         self._wakeup = trio.Event()
+        # Sampled latency (metrics): every ``latency_sample_every``-th audio message fed
+        # is stamped; the next Twilio write reports the time since.
+        self._on_latency = on_latency
+        self._latency_sample_every = latency_sample_every
+        self._feeds = 0
+        self._latency_fed_at: float | None = None
 
     # -- called by the reader tasks ------------------------------------------------
 
@@ -134,6 +142,10 @@ class Playout:
                 return
             # The audio paused long enough: this is a new turn, not the cut one's tail.
             self._begin_turn()
+        if self._on_latency is not None:
+            self._feeds += 1
+            if self._feeds % self._latency_sample_every == 0 and self._latency_fed_at is None:
+                self._latency_fed_at = self._clock()
         room = MAX_PENDING_BYTES - len(self._pending)
         if len(audio) > room:
             self.stats.dropped_bytes += len(audio) - room
@@ -154,6 +166,7 @@ class Playout:
         """Barge-in: cut the current turn now. ``run()`` sends the ``clear``."""
         now = self._clock()
         self._pending.clear()
+        self._latency_fed_at = None
         self._discarding_since = now
         if self._interrupted_at is None:
             self._interrupted_at = now
@@ -210,6 +223,9 @@ class Playout:
             if self.stats.first_audio_at is None:
                 self.stats.first_audio_at = self._clock()
             await self._twilio.send(self._stream.send_media(chunk))
+            if self._latency_fed_at is not None and self._on_latency is not None:
+                self._on_latency(self._clock() - self._latency_fed_at)
+                self._latency_fed_at = None
             await self._twilio.send(self._stream.send_mark(mark))
             self.stats.media_messages += 1
 
