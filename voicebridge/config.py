@@ -247,6 +247,12 @@ class TwilioConfig:
     media_inactivity_s: float = field(default=5.0, validator=_deadline(300))
     #: Lifetime of the single-use stream token put in the TwiML.
     stream_token_ttl_s: float = field(default=60.0, validator=_deadline(3600))
+    #: Twilio's REST API (``voicebridge.sim`` serves a fake one for tests).
+    rest_base_url: str = field(
+        default="https://api.twilio.com", converter=_strip_trailing_slash, validator=_base_url
+    )
+    #: Time allowed for one Twilio REST request (redirect, hang-up, create).
+    rest_deadline_s: float = field(default=10.0, validator=_deadline(60))
 
 
 @frozen(kw_only=True)
@@ -286,6 +292,156 @@ class BridgeConfig:
     barge_in_resume_gap_ms: int = field(default=250, validator=_int_range(20, 5000))
 
 
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_HANDLER_SPEC = re.compile(rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*:{_IDENTIFIER}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _tool_handlers(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
+    """Validator: tool name -> ``package.module:function`` or an http(s) URL."""
+    for name, spec in value.items():
+        if not _TOOL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{attribute.name}.{name}", "a tool name is 1-64 letters, digits, _ . or -"
+            )
+        if spec.startswith(("http://", "https://")):
+            reason = _url_problem(spec.partition("?")[0])
+            if reason:
+                raise ConfigError(f"{attribute.name}.{name}", reason)
+        elif not _HANDLER_SPEC.fullmatch(spec):
+            raise ConfigError(
+                f"{attribute.name}.{name}",
+                f"must be 'package.module:function' or an http(s) URL, got {_show(spec)}",
+            )
+
+
+def _tool_name_or_empty(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not _TOOL_NAME.fullmatch(value):
+        raise ConfigError(attribute.name, "a tool name is 1-64 letters, digits, _ . or -")
+
+
+def _header_name(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _HEADER_NAME.fullmatch(value):
+        raise ConfigError(attribute.name, f"must be an HTTP header name, got {_show(value)}")
+
+
+def _e164_tuple(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, number in enumerate(value):
+        if not _E164.fullmatch(number):
+            raise ConfigError(
+                f"{attribute.name}[{index}]",
+                f"must be an E.164 number ('+' and 8 to 15 digits), got {_show(number)}",
+            )
+
+
+def _containing(placeholder: str) -> _Validator:
+    """Validator: a template that holds ``placeholder`` (e.g. ``{digit}``)."""
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+        if placeholder not in value:
+            raise ConfigError(attribute.name, f"must contain {placeholder}, got {_show(value)}")
+
+    return check
+
+
+def _hmac_needs_credential(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    # Invariant: attrs runs validators after every field is set, so auth is readable.
+    if instance.auth == "hmac" and instance.set_server_url and not value:
+        raise ConfigError(
+            attribute.name,
+            "auth = hmac with set_server_url needs the id of the HMAC credential created in "
+            "Vapi (Vapi signs with it); or set set_server_url = false and point the "
+            "assistant's server at us in Vapi",
+        )
+
+
+@frozen(kw_only=True)
+class ControlConfig:
+    """``[control]``: Vapi's server webhooks (tool calls, reports) and their authentication."""
+
+    #: Serve ``POST /vapi/webhook`` and have created calls send their webhooks to it.
+    enabled: bool = False
+    #: How Vapi proves a webhook is its own: ``secret`` (``X-Vapi-Secret`` header),
+    #: ``bearer`` (a token in ``bearer_header``) or ``hmac`` (a signature of the raw body).
+    auth: Literal["secret", "bearer", "hmac"] = "bearer"
+    bearer_header: str = field(default="Authorization", validator=_header_name)
+    #: Put before the token in ``bearer_header`` (Vapi's default ``Bearer ``; may be empty).
+    bearer_prefix: str = "Bearer "
+    hmac_algorithm: Literal["sha256", "sha512", "sha1"] = "sha256"
+    hmac_signature_header: str = field(default="x-signature", validator=_header_name)
+    hmac_timestamp_header: str = field(default="x-timestamp", validator=_header_name)
+    #: Text before the signature in its header, e.g. ``sha256=``; empty = none.
+    hmac_signature_prefix: str = ""
+    #: What is signed; placeholders ``{timestamp}``, ``{body}``, ``{method}``, ``{url}``.
+    hmac_payload_format: str = field(default="{timestamp}.{body}", validator=_containing("{body}"))
+    hmac_signature_encoding: Literal["hex", "base64"] = "hex"
+    #: The secret is base64 text of the key bytes (Vapi's ``secretIsBase64``).
+    hmac_secret_is_base64: bool = False
+    #: A signed webhook whose timestamp is further than this from our clock is a replay.
+    replay_window_s: float = field(default=300.0, validator=_deadline(3600))
+    #: Larger webhook bodies are refused with 413 (end-of-call reports carry transcripts).
+    max_body_bytes: int = field(default=4 * 1024 * 1024, validator=_int_range(1024, 64 << 20))
+    #: Put ``assistantOverrides.server`` (our webhook URL and its credential) on every
+    #: call we create; off when the assistant's server is configured in Vapi instead.
+    set_server_url: bool = True
+    #: Id of the Vapi credential for ``server.credentialId`` (required for ``hmac``; for
+    #: ``secret``/``bearer`` without it the secret is sent in ``server.headers``).
+    credential_id: str = field(default="", validator=_hmac_needs_credential)
+    #: What the assistant is told when the caller presses a key; ``{digit}`` is the key.
+    dtmf_wording: str = field(
+        default="(The caller pressed {digit}.)", validator=_containing("{digit}")
+    )
+    #: Also call this tool (a ``[tools] handlers`` name) with ``{"digit": …}``; empty = no.
+    dtmf_tool: str = field(default="", validator=_tool_name_or_empty)
+
+
+@frozen(kw_only=True)
+class ToolsConfig:
+    """``[tools]``: which code answers each tool the assistant calls, and how fast."""
+
+    #: Tool name -> ``package.module:function`` (sync or async) or an http(s) URL.
+    handlers: dict[str, str] = field(factory=dict, validator=_tool_handlers)
+    #: A handler that has not answered by then gives the tool an ``error`` result.
+    #: Keep it under the Vapi server timeout (20 s by default).
+    deadline_s: float = field(default=8.0, validator=_deadline(60))
+    #: Built-in tool that transfers the caller (see ``[transfer]``); empty = none.
+    transfer_tool: str = field(default="transfer_to_human", validator=_tool_name_or_empty)
+    #: Built-in tool that ends the call once the assistant's goodbye played; empty = none.
+    end_call_tool: str = field(default="end_call", validator=_tool_name_or_empty)
+
+
+@frozen(kw_only=True)
+class TransferConfig:
+    """``[transfer]``: where the caller may be transferred, and how the handover goes."""
+
+    #: E.164 number dialled when the transfer names no destination; empty = none.
+    default_destination: str = field(default="", validator=_e164_or_empty)
+    #: Other numbers the assistant may name in the tool's ``destination`` argument.
+    allowed: tuple[str, ...] = field(default=(), validator=_e164_tuple)
+    #: ``<Dial callerId>``; empty = Twilio's default (the caller's number on inbound calls).
+    caller_id: str = field(default="", validator=_e164_or_empty)
+    #: The tool's result, which the assistant turns into its goodbye.
+    result: str = "Transferring the caller now. Say a short goodbye."
+    #: After the request, how long the assistant may take to start its goodbye.
+    goodbye_wait_s: float = field(default=2.0, validator=_deadline(30))
+    #: The most the goodbye may take to play before the caller is moved anyway.
+    goodbye_deadline_s: float = field(default=15.0, validator=_deadline(120))
+    #: The call is held by another process: wait this long (the goodbye) before the REST
+    #: redirect, since no playout marks are visible from here.
+    remote_delay_s: float = field(default=3.0, validator=_deadline(30))
+
+
+@frozen(kw_only=True)
+class OutboundConfig:
+    """``[outbound]``: calls placed by ``voicebridge call`` and ``POST /control/calls``."""
+
+    #: The Twilio number outbound calls come from (E.164).
+    from_number: str = field(default="", validator=_e164_or_empty)
+    #: Serve ``POST /control/calls`` (bearer ``control_api_token``) for other programs.
+    http_enabled: bool = False
+
+
 @frozen(kw_only=True)
 class Secrets:
     """Secrets never come from the config file in plain text.
@@ -298,6 +454,10 @@ class Secrets:
     twilio_auth_token: Secret = field(factory=lambda: Secret(""))
     vapi_api_key: Secret = field(factory=lambda: Secret(""))
     stream_token_secret: Secret = field(factory=lambda: Secret(""))
+    #: Authenticates Vapi's webhooks (``[control] auth``).
+    vapi_webhook_secret: Secret = field(factory=lambda: Secret(""))
+    #: Bearer token of ``POST /control/calls``.
+    control_api_token: Secret = field(factory=lambda: Secret(""))
 
 
 #: secret attribute -> (systemd credential name, environment variable)
@@ -305,6 +465,8 @@ SECRET_SOURCES: dict[str, tuple[str, str]] = {
     "twilio_auth_token": ("twilio-auth-token", "VOICEBRIDGE_TWILIO_AUTH_TOKEN"),
     "vapi_api_key": ("vapi-api-key", "VOICEBRIDGE_VAPI_API_KEY"),
     "stream_token_secret": ("stream-token-secret", "VOICEBRIDGE_STREAM_TOKEN_SECRET"),
+    "vapi_webhook_secret": ("vapi-webhook-secret", "VOICEBRIDGE_VAPI_WEBHOOK_SECRET"),
+    "control_api_token": ("control-api-token", "VOICEBRIDGE_CONTROL_API_TOKEN"),
 }
 
 #: ``VOICEBRIDGE_*`` environment variables that are not ``<SECTION>_<KEY>`` overrides, so
@@ -322,6 +484,8 @@ class SecretFiles:
     twilio_auth_token_file: str = ""
     vapi_api_key_file: str = ""
     stream_token_secret_file: str = ""
+    vapi_webhook_secret_file: str = ""
+    control_api_token_file: str = ""
 
 
 @frozen(kw_only=True)
@@ -344,6 +508,10 @@ class Config:
             say="Sorry, we are having technical difficulties. Please call again later."
         )
     )
+    control: ControlConfig = field(factory=ControlConfig)
+    tools: ToolsConfig = field(factory=ToolsConfig)
+    transfer: TransferConfig = field(factory=TransferConfig)
+    outbound: OutboundConfig = field(factory=OutboundConfig)
     secrets: SecretFiles = field(factory=SecretFiles)
     #: Filled by the loader from credentials, files or env; not a file section.
     credentials: Secrets = field(factory=Secrets)
@@ -510,6 +678,24 @@ def _structure_json_object(value: Any, _: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _structure_str_table(value: Any, _: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _expected("a table", value)
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ConfigError(str(key), f"expected a string, got {_show(item)}")
+    return dict(value)
+
+
+def _structure_str_array(value: Any, _: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise _expected("an array", value)
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"[{index}]", f"expected a string, got {_show(item)}")
+    return tuple(value)
+
+
 def _structure_secrets(value: Any, _: type) -> Secrets:
     raise ConfigError("", "secrets are not read from the config file")
 
@@ -536,6 +722,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(Secrets, _structure_secrets)
     converter.register_structure_hook_func(_is_literal, _structure_literal)
     converter.register_structure_hook_func(lambda t: t == dict[str, Any], _structure_json_object)
+    converter.register_structure_hook_func(lambda t: t == dict[str, str], _structure_str_table)
+    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_array)
     converter.register_structure_hook_factory(
         lambda t: attrs.has(t) and t is not Secrets, _attrs_hook_factory
     )
@@ -624,6 +812,19 @@ def _parse_env_value(text: str, type_: Any) -> Any:
                 return choice
         listed = ", ".join(str(c) for c in typing.get_args(type_))
         raise ConfigError("", f"must be one of {listed}; got {_show(text)}")
+    if type_ == tuple[str, ...]:
+        # A JSON array of strings, or (simpler in a unit file) comma-separated items.
+        if stripped.startswith("["):
+            items = _parse_env_json(text)
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ConfigError("", "expected a JSON array of strings")
+            return items
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if type_ == dict[str, str]:
+        table = _parse_env_json(text)
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ConfigError("", "expected a JSON object of strings")
+        return table
     if type_ == dict[str, Any]:
         try:
             value = json.loads(text)
@@ -633,6 +834,13 @@ def _parse_env_value(text: str, type_: Any) -> Any:
             raise ConfigError("", f"expected a JSON object, got {_show(value)}")
         return value
     raise AssertionError(f"no environment parser for {type_!r}")  # a new field type: add one
+
+
+def _parse_env_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError("", f"expected JSON: {exc}") from None
 
 
 def _apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> list[_Problem]:
@@ -720,6 +928,10 @@ def _incomplete(config: Config) -> list[_Problem]:
     required = ["vapi_api_key", "stream_token_secret"]
     if config.twilio.validate_signatures:
         required.insert(0, "twilio_auth_token")
+    if config.control.enabled:
+        required.append("vapi_webhook_secret")
+    if config.outbound.http_enabled:
+        required.append("control_api_token")
     for name in required:
         secret: Secret = getattr(config.credentials, name)
         if not secret:

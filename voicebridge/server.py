@@ -24,10 +24,12 @@ from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.call import AssistantConnector, CallSettings
 from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config
+from voicebridge.control.plane import ControlPlane
+from voicebridge.control.routes import vapi_server_override
 from voicebridge.observability.logs import log_event
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
-from voicebridge.web import Services, create_app
+from voicebridge.web import VOICE_PATH, Services, create_app
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,17 @@ def build_services(
         )
         if config.twilio.validate_signatures
         else None,
-        connector=connector or VapiConnector(http, config.vapi, credentials.vapi_api_key.reveal()),
+        connector=connector
+        or VapiConnector(
+            http,
+            config.vapi,
+            credentials.vapi_api_key.reveal(),
+            server=vapi_server_override(config),
+        ),
         call_settings=CallSettings.from_config(config),
+        control=ControlPlane.from_config(
+            config, http, voice_url=config.server.public_url + VOICE_PATH
+        ),
     )
 
 

@@ -8,6 +8,7 @@ They hold no call logic of their own.
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
+- ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
 - ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
   ``GET /metrics`` (Prometheus text format, ``observability.metrics``).
 """
@@ -31,9 +32,11 @@ from voicebridge.bridge.call import (
     Call,
     CallSettings,
 )
-from voicebridge.bridge.outcome import CallRecord
+from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config
+from voicebridge.control.plane import ControlPlane, transfer_twiml
+from voicebridge.control.routes import add_control_routes
 from voicebridge.errors import SocketClosed
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -65,6 +68,8 @@ class Services:
     verifier: WebhookVerifier | None
     connector: AssistantConnector
     call_settings: CallSettings
+    #: Vapi webhooks, tools, transfers, outbound calls; None: call control is off.
+    control: ControlPlane | None = None
     #: Kept across reloads (pass the old one on), so counters never restart.
     metrics: BridgeMetrics = field(factory=BridgeMetrics)
 
@@ -123,11 +128,17 @@ def _path_and_query() -> str:
 def create_app(get_services: Callable[[], Services]) -> QuartTrio:
     """The quart-trio app. ``get_services`` returns the current services (reloadable)."""
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_WEBHOOK_BYTES
+    # Vapi's end-of-call reports can be larger than any Twilio webhook: the app-wide
+    # limit is the larger one, and the Twilio routes check their own (signed_form).
+    app.config["MAX_CONTENT_LENGTH"] = max(
+        MAX_WEBHOOK_BYTES, get_services().config.control.max_body_bytes
+    )
 
     async def signed_form() -> tuple[dict[str, str], Response | None]:
         """The webhook's form, or the 403 to answer when its signature is bad."""
         services = get_services()
+        if (request.content_length or 0) > MAX_WEBHOOK_BYTES:
+            return {}, _text_response("body too large", 413)
         form = await request.form
         params = list(form.items(multi=True))
         if services.verifier is None:
@@ -214,6 +225,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
             tracker=services.registry,
             upgrade_signature=upgrade_signature,
+            control=services.control,
             observer=services.metrics,
         )
         await call.run()
@@ -249,6 +261,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         reason = "draining" if registry.draining else "at capacity"
         return _text_response(f"not ready: {reason}", 503)
 
+    add_control_routes(app, lambda: get_services().control)
     return app
 
 
@@ -266,6 +279,8 @@ def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None)
             call_sid=call_sid,
         )
         return twiml.caller_action(config.fallback)
+    if record.outcome is Outcome.TRANSFERRED and record.transfer_to:
+        return transfer_twiml(record.transfer_to, caller_id=config.transfer.caller_id)
     if record.outcome.caller_gets_fallback:
         return twiml.caller_action(config.fallback)
     return twiml.hangup()

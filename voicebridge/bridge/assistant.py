@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import httpx
 
@@ -19,15 +21,24 @@ class VapiConnector:
     its kind (auth, rejected, server, timeout, refused, dropped, protocol).
     """
 
-    def __init__(self, http: httpx.AsyncClient, config: VapiConfig, api_key: str) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        config: VapiConfig,
+        api_key: str,
+        *,
+        server: Mapping[str, Any] | None = None,
+    ) -> None:
         self._http = http
         self._config = config
         self._api_key = api_key
+        # assistantOverrides.server: where Vapi sends the call's webhooks (call control).
+        self._server = server
 
     async def create(self, *, call_sid: str, caller: str, called: str) -> VapiCall:
         return await create_call(
             self._http, self._config, self._api_key,
-            call_sid=call_sid, caller=caller, called=called,
+            call_sid=call_sid, caller=caller, called=called, server=self._server,
         )
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:

@@ -33,7 +33,7 @@ from typing import Protocol
 import trio
 from attrs import frozen
 
-from voicebridge.bridge.outcome import CallRecord, Outcome
+from voicebridge.bridge.outcome import CallRecord, Handover, Outcome
 from voicebridge.bridge.playout import Playout
 from voicebridge.codec import LegCodec
 from voicebridge.config import Config
@@ -142,6 +142,46 @@ class CallTracker(Protocol):
     def finish(self, record: CallRecord) -> None: ...
 
 
+#: Key presses waiting for call control's DTMF hook. People press a few keys a second
+#: and the hook is bounded by a tool deadline; 16 rides out a burst, more are dropped.
+DIGIT_BUFFER = 16
+
+
+class CallControl(Protocol):
+    """Call control's view of the live calls of this process (``control.plane``)."""
+
+    def attach(self, call_sid: str, call: Call) -> None:
+        """The call's stream started: webhooks about it may now act on it here."""
+
+    def detach(self, call_sid: str, call: Call) -> None:
+        """The call ended."""
+
+    async def on_digit(self, call_sid: str, vapi_call_id: str, digit: str) -> str | None:
+        """The caller pressed ``digit``; a returned text goes to the assistant as a
+        system message. Bounded by call control's own deadline."""
+
+
+class _AssistantSpeech:
+    """Whether the assistant is mid-turn, as its ``speech-update``s say; waitable.
+
+    A handover waits on it, so that a goodbye is never cut off in the middle.
+    """
+
+    def __init__(self) -> None:
+        self.speaking = False
+        self._changed = trio.Event()
+
+    def update(self, speaking: bool) -> None:
+        if speaking != self.speaking:
+            self.speaking = speaking
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_until(self, *, speaking: bool) -> None:
+        while self.speaking != speaking:
+            await self._changed.wait()
+
+
 @frozen(kw_only=True)
 class CallSettings:
     start_deadline_s: float
@@ -156,6 +196,12 @@ class CallSettings:
     #: The Vapi leg's audio format; anything but mulaw/8000 is converted per frame.
     vapi_audio_format: str = "mulaw"
     vapi_sample_rate: int = 8000
+    #: What the assistant is told on a key press; ``{digit}`` is the key.
+    dtmf_wording: str = "(The caller pressed {digit}.)"
+    #: A handover waits this long for the assistant's goodbye to begin …
+    goodbye_wait_s: float = 2.0
+    #: … and at most this long in all before it ends the call.
+    goodbye_deadline_s: float = 15.0
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -171,6 +217,9 @@ class CallSettings:
             end_deadline_s=config.vapi.end_deadline_s,
             vapi_audio_format=config.vapi.audio_format,
             vapi_sample_rate=config.vapi.sample_rate,
+            dtmf_wording=config.control.dtmf_wording,
+            goodbye_wait_s=config.transfer.goodbye_wait_s,
+            goodbye_deadline_s=config.transfer.goodbye_deadline_s,
         )
 
 
@@ -186,6 +235,7 @@ class Call:
         verify_token: Callable[[str, str], None],
         tracker: CallTracker,
         upgrade_signature: str = "unchecked",
+        control: CallControl | None = None,
         observer: CallObserver | None = None,
     ) -> None:
         self._twilio = twilio
@@ -194,6 +244,12 @@ class Call:
         self._verify_token = verify_token
         self._tracker = tracker
         self._upgrade_signature = upgrade_signature
+        self._control = control
+        # Set once by hand_over(); the handover task then ends the call after the goodbye.
+        self._handover: Handover | None = None
+        self._handover_requested = trio.Event()
+        self._assistant_speech = _AssistantSpeech()
+        self._digits_in, self._digits_out = trio.open_memory_channel[str](DIGIT_BUFFER)
         self._observer = observer
         self._stream = tw.MediaStream()
         codec = LegCodec(settings.vapi_audio_format, settings.vapi_sample_rate)
@@ -233,6 +289,8 @@ class Call:
             if start is not None and self._accept(start):
                 self._tracker.begin(self._call_sid, self.end)
                 begun = True
+                if self._control is not None:
+                    self._control.attach(self._call_sid, self)
                 log_event(
                     log,
                     logging.INFO,
@@ -257,6 +315,8 @@ class Call:
                 record = self._record()
                 if begun:
                     self._tracker.finish(record)
+                    if self._control is not None:
+                        self._control.detach(self._call_sid, self)
                 if self._observer is not None:
                     self._observer.call_ended(record)
                 await self._twilio.aclose(1000, "call ended")
@@ -361,9 +421,15 @@ class Call:
         if inbox is None:
             log.info("call %s: DTMF %s before the assistant was connected", self._call_sid, digit)
             return
+        if self._control is not None:
+            try:
+                self._digits_in.send_nowait(digit)
+            except trio.WouldBlock:
+                log.info("call %s: DTMF %s dropped (call control is behind)", self._call_sid, digit)
+        wording = self._settings.dtmf_wording.replace("{digit}", digit)
         # Control messages are never dropped: this may wait behind queued audio, at
         # most until the sender's write deadline fails the leg.
-        await inbox.send(vp.add_message(role="user", content=f"(The caller pressed {digit}.)"))
+        await inbox.send(vp.add_message(role="user", content=wording))
 
     # -- the assistant leg ---------------------------------------------------------
 
@@ -407,6 +473,9 @@ class Call:
             leg_nursery.start_soon(self._assistant_sender, socket, outbox)
             leg_nursery.start_soon(self._playout_task, playout)
             leg_nursery.start_soon(self._keepalive, socket)
+            leg_nursery.start_soon(self._handover_task, playout)
+            if self._control is not None:
+                leg_nursery.start_soon(self._digit_task, self._control)
             self._to_assistant = inbox
 
     async def _close_assistant(self, socket: PingableSocket) -> None:
@@ -452,6 +521,7 @@ class Call:
 
     def _on_speech_update(self, event: vp.SpeechUpdate, playout: Playout) -> None:
         if event.role == "assistant":
+            self._assistant_speech.update(event.status == "started")
             if event.status == "started":
                 playout.turn_started()
             else:
@@ -525,8 +595,54 @@ class Call:
         """End the call from outside (e.g. the drain deadline passed); safe at any time."""
         self._end(outcome, detail)
 
+    @property
+    def vapi_call_id(self) -> str:
+        return self._vapi_call_id
+
+    def hand_over(self, handover: Handover) -> bool:
+        """End the call with ``handover`` once the assistant's goodbye has played.
+
+        Safe at any time. False when the call is already ending or being handed over.
+        The handover task waits for the assistant to finish its turn (or, for
+        ``goodbye_wait_s``, to start one), then for Twilio to confirm the audio played
+        (marks), at most ``goodbye_deadline_s`` in all; then the call ends with
+        ``handover.outcome``, Vapi gets ``end-call``, and the after-stream TwiML acts.
+        """
+        if self._handover is not None or self._ending.reason is not None:
+            return False
+        self._handover = handover
+        self._handover_requested.set()
+        return True
+
+    async def _handover_task(self, playout: Playout) -> None:
+        await self._handover_requested.wait()
+        handover = self._handover
+        assert handover is not None
+        with trio.move_on_after(self._settings.goodbye_deadline_s):
+            await self._wait_goodbye(playout)
+        self._end(handover.outcome, handover.detail)
+
+    async def _wait_goodbye(self, playout: Playout) -> None:
+        """The turn in progress, or one that starts within ``goodbye_wait_s``, plays out."""
+        speech = self._assistant_speech
+        await speech.wait_until(speaking=False)
+        with trio.move_on_after(self._settings.goodbye_wait_s):
+            await speech.wait_until(speaking=True)
+        await speech.wait_until(speaking=False)
+        await playout.wait_drained()
+
+    async def _digit_task(self, control: CallControl) -> None:
+        async for digit in self._digits_out:
+            answer = await control.on_digit(self._call_sid, self._vapi_call_id, digit)
+            inbox = self._to_assistant
+            if answer and inbox is not None:
+                await inbox.send(vp.add_message(role="system", content=answer))
+
     def _end(self, outcome: Outcome, detail: str) -> None:
         """Record why the call ends (the first reason wins) and cancel the call's tasks."""
+        if self._handover is not None and outcome is Outcome.ASSISTANT_ENDED:
+            # The assistant hung up during the handover's goodbye: the handover still wins.
+            outcome, detail = self._handover.outcome, self._handover.detail
         self._set_outcome(outcome, detail)
         self._ending.fire(f"call ending: {outcome.value}")
 
@@ -552,6 +668,11 @@ class Call:
             heard_ms=stats.heard_ms if stats else 0,
             first_audio_ms=first_audio_ms,
             barge_ins=tuple(stats.barge_ins) if stats else (),
+            transfer_to=(
+                self._handover.transfer_to
+                if self._handover is not None and self._outcome is Outcome.TRANSFERRED
+                else ""
+            ),
         )
 
 

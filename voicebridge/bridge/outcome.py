@@ -22,6 +22,10 @@ class Outcome(enum.Enum):
     PROTOCOL_ERROR = "protocol-error"
     #: The stream's token was missing, forged, expired, for another call, or reused.
     TOKEN_REJECTED = "token-rejected"
+    #: Call control moved the caller to a ``<Dial>`` (``CallRecord.transfer_to``).
+    TRANSFERRED = "transferred"
+    #: Call control ended the call (the end-call tool, or Vapi's phone-call-control hang-up).
+    ENDED_BY_CONTROL = "ended-by-control"
     #: The daemon was shutting down and the call outlived the drain deadline.
     SHUTDOWN = "shutdown"
     #: A bug in voicebridge; the log line carries the traceback.
@@ -30,7 +34,22 @@ class Outcome(enum.Enum):
     @property
     def caller_gets_fallback(self) -> bool:
         """Whether the after-stream TwiML plays the fallback rather than hanging up."""
-        return self not in (Outcome.CALLER_HUNG_UP, Outcome.ASSISTANT_ENDED)
+        return self not in (
+            Outcome.CALLER_HUNG_UP,
+            Outcome.ASSISTANT_ENDED,
+            Outcome.TRANSFERRED,
+            Outcome.ENDED_BY_CONTROL,
+        )
+
+
+@frozen(kw_only=True)
+class Handover:
+    """How call control asks a live call to end once the assistant's goodbye has played."""
+
+    outcome: Outcome
+    detail: str
+    #: The number (or SIP URI) to ``<Dial>`` when ``outcome`` is ``TRANSFERRED``.
+    transfer_to: str = ""
 
 
 @frozen(kw_only=True)
@@ -70,5 +89,7 @@ class CallRecord:
     #: Time from the stream's start to the first assistant audio sent to Twilio.
     first_audio_ms: float | None
     barge_ins: tuple[BargeIn, ...]
+    #: Where call control transferred the caller (``Outcome.TRANSFERRED``); else "".
+    transfer_to: str = ""
     #: Caller audio bytes written to the assistant (after any format conversion).
     caller_audio_bytes: int = 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import math
 import secrets
@@ -71,6 +72,7 @@ __all__ = [
     "FinalAction",
     "Hangup",
     "HeardTurn",
+    "LiveCall",
     "PressDigit",
     "Script",
     "SendRaw",
@@ -143,6 +145,8 @@ class SimTwilioSettings:
     auth_token: str = field(repr=False)
     from_number: str = "+15550100001"
     to_number: str = "+15550100002"
+    #: The webhook's ``Direction``: ``inbound``, or ``outbound-api`` for REST-placed calls.
+    direction: str = "inbound"
     #: The caller hangs up once the stream has run this long (``ended_by="max_duration"``).
     max_call_s: float = field(default=DEFAULT_MAX_CALL_S, validator=attrs.validators.gt(0))
 
@@ -324,6 +328,47 @@ class CallReport:
     #: What the caller heard from stream start to stream end, real-time aligned
     #: (silence where nothing played); raw μ-law 8 kHz for ``audio.write_wav``.
     heard_audio: bytes = field(repr=False)
+    #: How Twilio's REST API changed the call while it streamed (``LiveCall``): ""
+    #: (it did not), ``redirect`` (new TwiML: ``final_*`` describe it, no
+    #: ``<Connect action>`` was fetched) or ``completed`` (hung up).
+    rest_update: str = ""
+
+
+class LiveCall:
+    """A call in progress as Twilio's REST API sees it; ``Calls/{sid}`` updates act on it.
+
+    ``redirect`` and ``complete`` end the Media Stream the way Twilio does (``stop``,
+    then the socket is closed); the call then runs the new TwiML instead of the
+    ``<Connect action>``. The first update wins; an update before the stream opened
+    only takes effect once it has.
+    """
+
+    def __init__(self, call_sid: str) -> None:
+        self.call_sid = call_sid
+        #: "" until updated, then ``redirect`` or ``completed``.
+        self.update = ""
+        self.twiml = ""
+        self._writer: _StreamWriter | None = None
+
+    async def redirect(self, twiml: str) -> None:
+        if not self.update:
+            self.update, self.twiml = "redirect", twiml
+            await self._end_stream()
+
+    async def complete(self) -> None:
+        if not self.update:
+            self.update = "completed"
+            await self._end_stream()
+
+    async def _attach(self, writer: _StreamWriter) -> None:
+        self._writer = writer
+        if self.update:
+            await self._end_stream()
+
+    async def _end_stream(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(SocketClosed):
+                await self._writer.hang_up()
 
 
 # --- Public entry point --------------------------------------------------------------
@@ -335,6 +380,7 @@ async def place_call(
     *,
     call_sid: str | None = None,
     http: httpx.AsyncClient | None = None,
+    live: LiveCall | None = None,
 ) -> CallReport:
     """Place one inbound call against the server at ``settings.bridge_url``; report it.
 
@@ -342,16 +388,17 @@ async def place_call(
     (and a bad step ``ValueError``) without touching the network. Network failures
     and protocol faults do not raise: they end the call and appear in the report,
     as they would in Twilio's debugger. ``http`` is reused if given (and left open).
-    Cancellation aborts the call where it stands (sockets are closed).
+    Cancellation aborts the call where it stands (sockets are closed). ``live`` (its
+    ``call_sid`` is the call's) lets a simulated REST API update the call meanwhile.
     """
     utterances = _load_utterances(script)
     started = trio.current_time()
-    call_sid = call_sid or "CA" + secrets.token_hex(16)
+    call_sid = live.call_sid if live is not None else call_sid or "CA" + secrets.token_hex(16)
     if http is None:
         async with httpx.AsyncClient(verify=_tls_context()) as own_http:
-            call = _SimCall(settings, tuple(script), utterances, call_sid, own_http)
+            call = _SimCall(settings, tuple(script), utterances, call_sid, own_http, live)
             return await call.run(started)
-    return await _SimCall(settings, tuple(script), utterances, call_sid, http).run(started)
+    return await _SimCall(settings, tuple(script), utterances, call_sid, http, live).run(started)
 
 
 @functools.cache
@@ -439,7 +486,9 @@ class _SimCall:
         utterances: Mapping[str, _Utterance],
         call_sid: str,
         http: httpx.AsyncClient,
+        live: LiveCall | None = None,
     ) -> None:
+        self._live = live
         self._settings = settings
         self._script = script
         self._utterances = utterances
@@ -460,6 +509,14 @@ class _SimCall:
 
         result = await self._stream(stream_twiml)
         action_twiml = ""
+        if self._live is not None and self._live.update:
+            # Twilio's REST API moved the call on: its new TwiML runs, not the action.
+            redirected = None
+            if self._live.update == "redirect":
+                redirected = self._parse_twiml(self._live.twiml, "REST redirect")
+            final = _summarize(list(redirected) if redirected is not None else [])
+            report = self._report(started, status, twiml, result, action_twiml="", final=final)
+            return attrs.evolve(report, rest_update=self._live.update)
         if stream_twiml.action is not None:
             hung_up = result.ended_by in ("caller", "max_duration", "step_timeout")
             action_url = urljoin(voice_url, stream_twiml.action)
@@ -485,7 +542,7 @@ class _SimCall:
             "From": settings.from_number,
             "To": settings.to_number,
             "CallStatus": call_status,
-            "Direction": "inbound",
+            "Direction": settings.direction,
             "ApiVersion": _API_VERSION,
         }
         if call_status == "ringing":
@@ -613,6 +670,8 @@ class _SimCall:
             account_sid=self._settings.account_sid, call_sid=self._call_sid, stream_sid=stream_sid
         )
         writer = _StreamWriter(socket, ids)
+        if self._live is not None:
+            await self._live._attach(writer)
         try:
             await writer.send_connected()
             await writer.send_start(dict(stream_twiml.parameters))

@@ -14,7 +14,7 @@ import functools
 import math
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final, Literal, TypeAlias
 
 import h11
@@ -95,7 +95,12 @@ def call_name(call_sid: str) -> str:
 
 
 def build_create_body(
-    config: VapiConfig, *, call_sid: str, caller: str, called: str
+    config: VapiConfig,
+    *,
+    call_sid: str,
+    caller: str,
+    called: str,
+    server: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /call`` for one Twilio call (PROTOCOLS.md section 2).
 
@@ -103,6 +108,8 @@ def build_create_body(
     neither set is a ``ConfigError``. The CallSid and numbers go in both
     ``assistantOverrides.metadata`` (for our logs and webhooks) and ``variableValues``
     (for the assistant's prompt templates): the schema has no top-level metadata.
+    ``server`` (our webhook URL and its credential, ``control.routes``) becomes
+    ``assistantOverrides.server``, so that Vapi's webhooks for the call come to us.
     """
     body: dict[str, Any] = {"name": call_name(call_sid)}
     if config.assistant_id:
@@ -117,6 +124,8 @@ def build_create_body(
         "metadata": dict(correlation),
         "variableValues": dict(correlation),
     }
+    if server:
+        body["assistantOverrides"]["server"] = dict(server)
     body["transport"] = {
         "provider": "vapi.websocket",
         "audioFormat": {
@@ -136,6 +145,7 @@ async def create_call(
     call_sid: str,
     caller: str,
     called: str,
+    server: Mapping[str, Any] | None = None,
 ) -> VapiCall:
     """Create the Vapi call for a Twilio call: ``POST {base_url}/call``; its ``VapiCall``.
 
@@ -146,7 +156,9 @@ async def create_call(
     connection) and ``trio.Cancelled`` propagates; Vapi may then have created a call
     that nobody connects to, which Vapi ends by itself for lack of audio.
     """
-    body = orjson.dumps(build_create_body(config, call_sid=call_sid, caller=caller, called=called))
+    body = orjson.dumps(
+        build_create_body(config, call_sid=call_sid, caller=caller, called=called, server=server)
+    )
     headers = {
         "Authorization": f"Bearer {_checked_api_key(api_key)}",
         "Content-Type": "application/json",

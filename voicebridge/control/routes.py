@@ -1,0 +1,163 @@
+"""HTTP endpoints of call control: Vapi's webhook and the outbound-call API. Adapters only.
+
+- ``POST /vapi/webhook``: Vapi's server messages. Over ``control.max_body_bytes`` →
+  413; not authentic (``control.auth``, over the raw body bytes) → 401 and one log
+  line; not JSON or not the envelope → 400; anything else → 200 with the answer
+  (tool results, transfer destination, or ``{}``). Unknown types → 200 ``{}``.
+- ``POST /control/calls``: ``{"to": "+1…"}`` with ``Authorization: Bearer <control
+  api token>`` places an outbound call → 201 ``{"callSid": …}``.
+
+Both answer 404 unless enabled in the configuration.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import orjson
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from voicebridge.config import Config
+from voicebridge.control import messages as msg
+from voicebridge.control.auth import WebhookAuthError
+from voicebridge.control.plane import ControlError, ControlPlane
+from voicebridge.observability.logs import log_event
+from voicebridge.twilio.rest import TwilioRestError
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH: Final = "/vapi/webhook"
+CALLS_PATH: Final = "/control/calls"
+#: An outbound-call request is one small JSON object.
+MAX_CALL_REQUEST_BYTES: Final = 4096
+JSON: Final = "application/json"
+
+
+def vapi_server_override(config: Config) -> dict[str, Any] | None:
+    """``assistantOverrides.server`` for calls we create: our webhook URL and its credential.
+
+    None when call control is off or ``set_server_url`` is false. With a
+    ``credential_id`` Vapi authenticates with that credential (required for HMAC: Vapi
+    holds the key); otherwise the secret travels in ``server.headers``, the way Vapi
+    sends it back (``X-Vapi-Secret``, or the bearer header with its prefix).
+    """
+    control = config.control
+    if not control.enabled or not control.set_server_url or not config.server.public_url:
+        return None
+    server: dict[str, Any] = {"url": config.server.public_url + WEBHOOK_PATH}
+    secret = config.credentials.vapi_webhook_secret.reveal()
+    if control.credential_id:
+        server["credentialId"] = control.credential_id
+    elif control.auth == "secret":
+        server["headers"] = {"X-Vapi-Secret": secret}
+    elif control.auth == "bearer":
+        server["headers"] = {control.bearer_header: control.bearer_prefix + secret}
+    return server
+
+
+def _json_response(body: bytes | Mapping[str, Any], status: int = 200) -> Response:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    response = Response(data, status=status, mimetype=JSON)
+    response.headers["Connection"] = "close"
+    return response
+
+
+def _error(status: int, message: str) -> Response:
+    return _json_response({"error": message}, status)
+
+
+def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | None]) -> None:
+    """Register the call-control endpoints on ``app``; ``get_control`` gives the current plane."""
+
+    def spawn(work: Callable[[], Any]) -> None:
+        app.add_background_task(work)
+
+    @app.post(WEBHOOK_PATH)
+    async def vapi_webhook() -> Response:
+        plane = get_control()
+        if plane is None or plane.authenticator is None:
+            return _error(404, "not found")
+        config = plane.config
+        limit = config.control.max_body_bytes
+        if (request.content_length or 0) > limit:
+            _log_rejected("too-large", f"body of {request.content_length} bytes is over {limit}")
+            return _error(413, "body too large")
+        try:
+            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        except RequestEntityTooLarge:
+            _log_rejected("too-large", "body over the server's limit")
+            return _error(413, "body too large")
+        if len(body) > limit:
+            _log_rejected("too-large", f"body of {len(body)} bytes is over {limit}")
+            return _error(413, "body too large")
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        query = request.query_string.decode("latin-1")
+        url = config.server.public_url + request.path + (f"?{query}" if query else "")
+        try:
+            plane.authenticator.verify(
+                headers=headers, body=body, method=request.method, url=url, now=time.time()
+            )
+        except WebhookAuthError as exc:
+            _log_rejected(exc.reason, str(exc))
+            return _error(401, "unauthorized")
+        try:
+            message = msg.parse_webhook(body)
+        except msg.MalformedWebhook as exc:
+            log.info("Vapi webhook refused (400): %s", exc)
+            return _error(400, "not a Vapi server message")
+        return _json_response(await plane.handle(message, spawn))
+
+    @app.post(CALLS_PATH)
+    async def place_call() -> Response:
+        plane = get_control()
+        if plane is None or not plane.config.outbound.http_enabled:
+            return _error(404, "not found")
+        token = plane.config.credentials.control_api_token.reveal()
+        given = request.headers.get("Authorization", "")
+        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            _log_rejected("mismatch", "outbound call request without the control API token")
+            return _error(401, "unauthorized")
+        if (request.content_length or 0) > MAX_CALL_REQUEST_BYTES:
+            return _error(413, "body too large")
+        try:
+            document = orjson.loads(
+                await request.get_data(cache=False, as_text=False, parse_form_data=False)
+            )
+        except (orjson.JSONDecodeError, RequestEntityTooLarge):
+            return _error(400, 'expected JSON {"to": "+15551234567"}')
+        to = document.get("to") if isinstance(document, dict) else None
+        if not isinstance(to, str) or not _is_e164(to):
+            return _error(400, "'to' must be an E.164 number")
+        try:
+            call_sid = await plane.place_call(to)
+        except ControlError as exc:
+            return _error(503, str(exc))
+        except TwilioRestError as exc:
+            log.warning("outbound call to %s failed: %s", to, exc)
+            return _error(502, "Twilio refused the call")
+        return _json_response({"callSid": call_sid}, 201)
+
+
+def _is_e164(number: str) -> bool:
+    digits = number[1:]
+    return (
+        number.startswith("+") and digits.isascii() and digits.isdigit() and 8 <= len(digits) <= 15
+    )
+
+
+def _log_rejected(reason: str, detail: str) -> None:
+    log_event(
+        log,
+        logging.WARNING,
+        "webhook-rejected",
+        f"{request.path}: {detail}; answered {413 if reason == 'too-large' else 401}",
+        path=request.path,
+        reason=reason,
+        remote=request.remote_addr,
+    )
