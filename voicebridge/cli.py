@@ -1,4 +1,4 @@
-"""The ``voicebridge`` command: ``serve``, ``check-config``, ``demo``."""
+"""The ``voicebridge`` command: ``serve``, ``check-config``, ``demo``, ``loadtest``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         "--save-audio", metavar="DIR", help="write what each caller heard as WAV files into DIR"
     )
     demo.add_argument("--verbose", action="store_true", help="show the server's log lines")
+
+    from voicebridge.loadtest import cli as loadtest_cli
+
+    loadtest = commands.add_parser(
+        "loadtest",
+        help="N concurrent simulated calls against a bridge (one it starts, or --url): "
+        "added latency, barge-in, CPU and memory per call",
+    )
+    loadtest_cli.add_arguments(loadtest)
     return parser
 
 
@@ -64,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("voicebridge: --calls must be at least 1", file=sys.stderr)
             return 2
         return run_demo(calls=args.calls, save_audio=args.save_audio, verbose=args.verbose)
+    if args.command == "loadtest":
+        from voicebridge.loadtest import cli as loadtest_cli
+
+        return loadtest_cli.main(args)
     raise AssertionError(args.command)
 
 
