@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -127,6 +128,28 @@ def _parse(output: bytes) -> list[Entry]:
             entry[name] = "" if value is None else str(value)
         entries.append(entry)
     return entries
+
+
+@contextlib.contextmanager
+def saved_voicebridge_logging() -> Iterator[None]:
+    """Restore the ``voicebridge`` logger's handlers, level and propagation on exit.
+
+    For tests that call ``configure_logging`` (which replaces them): later tests, and
+    pytest's ``caplog``, find the logger as it was.
+    """
+    root = logging.getLogger("voicebridge")
+    handlers, level, propagate = list(root.handlers), root.level, root.propagate
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        root.propagate = propagate
 
 
 def _journald_binary() -> str | None:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -81,19 +82,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(config_path: str) -> int:
+    """``voicebridge serve``: 0 after a drain, 1 when it cannot serve, 2 for a bad setup."""
+    from voicebridge.listenfds import ListenFdsError, listen_sockets
+    from voicebridge.sdnotify import Notifier, watchdog_interval
     from voicebridge.server import serve
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"voicebridge: config error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(f"voicebridge: config error: {note}", file=sys.stderr)
         return 2
-    configure_logging(config.server.log_level.upper())
+    configure_logging(config.server.log_level.upper(), target=config.server.log_target)
+    log = logging.getLogger("voicebridge")
+    # Taken from the environment (and removed from it) so that no child inherits them.
+    notifier = Notifier.from_environ(unset_environment=True)
+    watchdog_s = watchdog_interval()
     try:
-        trio.run(lambda: serve(config, handle_signals=True))
+        activated = listen_sockets()
+    except ListenFdsError as exc:
+        log.error("cannot serve: socket activation: %s", exc)
+        return 2
+    try:
+        trio.run(
+            partial(
+                serve,
+                config,
+                listeners=[item.socket for item in activated],
+                handle_signals=True,
+                notifier=notifier,
+                watchdog_interval_s=watchdog_s,
+                reload_config=partial(load_config, config_path),
+            )
+        )
     except OSError as exc:
-        logging.getLogger("voicebridge").error("cannot serve: %s", exc)
+        log.error("cannot serve: %s", exc)
         return 1
+    finally:
+        notifier.close()
     return 0
 
 

@@ -92,6 +92,11 @@ def _at_least_one(instance: Any, attribute: attrs.Attribute[Any], value: int) ->
         raise ConfigError(attribute.name, f"must be at least 1, got {value}")
 
 
+def _absolute_path_or_empty(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not os.path.isabs(value):
+        raise ConfigError(attribute.name, f"must be empty or an absolute path, got {_show(value)}")
+
+
 def _chunk_within_lead(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     # Invariant: attrs runs validators after every field is set, so the lead is readable.
     lead = instance.playout_lead_ms
@@ -232,6 +237,15 @@ class ServerConfig:
     public_url: str = field(default="", converter=_strip_trailing_slash, validator=_base_url)
     max_concurrent_calls: int = field(default=50, validator=_at_least_one)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Where logs go: ``auto`` = native journal entries when journald is reachable (and
+    #: stderr is not a terminal), else text lines on stderr; or force one of the two.
+    log_target: Literal["auto", "journal", "stderr"] = "auto"
+    #: On SIGTERM, how long active calls may go on before they are ended with the fallback.
+    #: The unit's ``TimeoutStopSec`` must exceed it (by 15 s: see docs/operations.md).
+    drain_deadline_s: float = field(default=30.0, validator=_deadline(3600))
+    #: Directory the processes of one box share (call outcomes, used stream tokens), on
+    #: tmpfs. Empty: ``$RUNTIME_DIRECTORY`` when systemd sets it, else nothing is shared.
+    shared_dir: str = field(default="", validator=_absolute_path_or_empty)
 
 
 @frozen(kw_only=True)

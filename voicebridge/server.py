@@ -1,32 +1,57 @@
-"""Process life: build the services, serve the app with hypercorn under trio, stop cleanly.
+"""Process life: serve the app with hypercorn under trio, tell systemd, drain, reload.
 
-``serve()`` binds (or is handed) the listening sockets, runs hypercorn on them and
-returns when told to stop: on SIGINT/SIGTERM when ``handle_signals`` is set, or when
-``stop`` is set by the caller (tests, the demo). Stopping first refuses new calls
-(the webhook answers the overflow TwiML, ``/readyz`` fails), then lets hypercorn's
-graceful shutdown close the rest.
+``serve()`` runs one voicebridge process until it is told to stop:
+
+- It serves on the listening sockets it is handed (socket activation, see
+  ``voicebridge.listenfds``; tests) or binds ``server.listen``.
+- It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
+  hypercorn listens, ``STATUS=`` whenever the active calls or the drain state change,
+  ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
+  ``RELOADING=1`` … ``READY=1`` around a reload.
+- **Drain** (SIGTERM or SIGINT with ``handle_signals``, or ``stop`` set): new calls are
+  refused at once (the webhook answers the overflow TwiML, ``/readyz`` 503), active calls
+  get ``server.drain_deadline_s`` to finish, then the rest are ended as ``shutdown`` (the
+  caller hears the fallback through the ``<Connect action>``, the Vapi leg gets
+  ``end-call``). The ``<Connect action>`` route keeps being served until every call that
+  ended during the drain has had its action answered (or ``ACTION_GRACE_S`` passed); only
+  then is hypercorn told to shut down. ``serve`` then returns normally (exit status 0).
+- A second SIGTERM or SIGINT **stops at once**: the drain deadline is cut short and every
+  call is ended as ``shutdown`` now; the last, bounded steps of the drain (goodbyes, the
+  ``<Connect action>`` requests) still run, so callers hear the fallback.
+- **Reload** (SIGHUP): ``reload_config()`` re-reads the configuration and secrets; new
+  ``Services`` are built around the same registry and swapped in, so limits, overflow,
+  fallback, assistant and log level apply to calls from then on (calls in progress keep
+  what they started with). An invalid configuration is refused with one log line and
+  the process keeps running on the one it has.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import attrs
 import httpx
 import trio
 from attrs import frozen
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from voicebridge.boxstate import SWEEP_INTERVAL_S, SharedDir, SharedStreamTokens
 from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.call import AssistantConnector, CallSettings
+from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
+from voicebridge.errors import ConfigError
 from voicebridge.observability.logs import log_event
+from voicebridge.observability.metrics import BridgeMetrics
+from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
 from voicebridge.web import VOICE_PATH, Services, create_app
@@ -35,10 +60,23 @@ log = logging.getLogger(__name__)
 
 #: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
 MAX_WEBSOCKET_MESSAGE_BYTES = 64 * 1024
-#: How long hypercorn lets open connections run after the stop before cancelling them.
-#: The calls wind down within this (their own close steps are bounded by a few seconds).
+#: How long hypercorn lets open connections run after its shutdown trigger before
+#: cancelling them. By then the drain has ended every call; this only bounds stragglers.
 GRACEFUL_TIMEOUT_S = 5.0
+#: Listen backlog; the same as ``Backlog=`` in voicebridge.socket, because hypercorn calls
+#: ``listen()`` again on an inherited socket and would otherwise shrink it to 100.
 LISTEN_BACKLOG = 1024
+#: After the drain deadline ends the remaining calls, how much longer than the Vapi end
+#: deadline (``end-call`` + close) they get to close their sockets.
+CLOSE_SLACK_S = 2.0
+#: How long the drain keeps serving for the ``<Connect action>`` requests of calls that
+#: ended during it. Twilio asks within a second; one landing on another process is never
+#: seen here, so this also bounds that wait.
+ACTION_GRACE_S = 3.0
+#: At most one ``STATUS=`` datagram per this interval (a burst of call starts is one update).
+STATUS_MIN_INTERVAL_S = 0.25
+#: The signals ``serve`` handles with ``handle_signals``.
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @frozen
@@ -67,29 +105,51 @@ def bind_listener(listen: str) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
 
 
+def shared_dir_path(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The shared directory to use: ``server.shared_dir``, else systemd's first
+    ``$RUNTIME_DIRECTORY``, else ``""`` (nothing shared)."""
+    env = os.environ if environ is None else environ
+    return config.server.shared_dir or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+
+
 def build_services(
     config: Config,
     http: httpx.AsyncClient,
     *,
     registry: CallRegistry | None = None,
+    tokens: StreamTokens | None = None,
     connector: AssistantConnector | None = None,
+    shared: SharedDir | None = None,
+    metrics: BridgeMetrics | None = None,
 ) -> Services:
-    """The route services for ``config``; a given ``registry`` is kept (reload)."""
+    """The route services for ``config``.
+
+    A given ``registry`` (reload) is kept, with ``max_calls`` updated; so are given
+    ``tokens`` (a reload that did not change the token secret keeps its memory of used
+    tokens) and ``metrics`` (counters never restart). ``shared`` makes a new registry
+    and new tokens work across processes.
+    """
     credentials = config.credentials
     if registry is None:
         registry = CallRegistry(
             max_calls=config.server.max_concurrent_calls,
             reservation_ttl_s=config.twilio.stream_token_ttl_s,
+            shared=shared,
         )
     else:
         registry.max_calls = config.server.max_concurrent_calls
+    if tokens is None:
+        secret = credentials.stream_token_secret.reveal().encode()
+        ttl_s = config.twilio.stream_token_ttl_s
+        tokens = (
+            SharedStreamTokens(secret=secret, ttl_s=ttl_s, shared=shared)
+            if shared is not None
+            else StreamTokens(secret=secret, ttl_s=ttl_s)
+        )
     return Services(
         config=config,
         registry=registry,
-        tokens=StreamTokens(
-            secret=credentials.stream_token_secret.reveal().encode(),
-            ttl_s=config.twilio.stream_token_ttl_s,
-        ),
+        tokens=tokens,
         verifier=WebhookVerifier(
             auth_token=credentials.twilio_auth_token.reveal(),
             public_url=config.server.public_url,
@@ -107,6 +167,7 @@ def build_services(
         control=ControlPlane.from_config(
             config, http, voice_url=config.server.public_url + VOICE_PATH
         ),
+        metrics=metrics if metrics is not None else BridgeMetrics(),
     )
 
 
@@ -117,50 +178,54 @@ async def serve(
     stop: trio.Event | None = None,
     handle_signals: bool = False,
     connector: AssistantConnector | None = None,
+    notifier: Notifier | None = None,
+    watchdog_interval_s: float | None = None,
+    reload_config: Callable[[], Config] | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``stop`` is set (or SIGINT/SIGTERM with ``handle_signals``).
+    """Serve until drained (``stop`` set, or SIGTERM/SIGINT with ``handle_signals``).
 
     ``listeners`` are already-listening sockets (socket activation, tests); without
     them ``config.server.listen`` is bound. The sockets are handed to hypercorn,
     which closes them. ``connector`` replaces the Vapi connector (tests).
+    ``notifier`` talks to systemd (none: nothing is sent); with ``watchdog_interval_s``
+    it also pings the watchdog. ``reload_config`` is what SIGHUP calls for the new
+    configuration (``load_config`` with the same path); without it SIGHUP is logged and
+    ignored. Returns normally after a drain; raises ``OSError`` if it cannot listen or
+    the shared directory cannot be made.
     """
-    if stop is None:
-        stop = trio.Event()
     sockets = list(listeners) or [bind_listener(config.server.listen)]
     addresses = tuple(_address(sock) for sock in sockets)
+    shared_path = shared_dir_path(config)
+    shared = SharedDir(shared_path) if shared_path else None
     async with httpx.AsyncClient() as http:
-        services = build_services(config, http, connector=connector)
-        app = create_app(lambda: services)
-        hypercorn_config = HypercornConfig()
+        process = _ServerProcess(
+            config,
+            http,
+            stop=stop if stop is not None else trio.Event(),
+            notifier=notifier if notifier is not None else Notifier(None),
+            connector=connector,
+            reload_config=reload_config,
+            shared=shared,
+        )
+        app = create_app(process.current_services)
+        hypercorn_config = process.hypercorn_config
         # hypercorn takes ownership of each fd://N socket (it closes it).
         hypercorn_config.bind = [f"fd://{sock.detach()}" for sock in sockets]
-        hypercorn_config.websocket_max_message_size = MAX_WEBSOCKET_MESSAGE_BYTES
-        hypercorn_config.graceful_timeout = GRACEFUL_TIMEOUT_S
-        hypercorn_config.accesslog = None
-        hypercorn_config.errorlog = logging.getLogger("voicebridge.http")
-        hypercorn_config.read_timeout = 30
 
-        async def shutdown_trigger() -> None:
-            await stop.wait()
-            services.registry.start_draining()
-            log_event(
-                log,
-                logging.INFO,
-                "stopping",
-                f"stopping: refusing new calls, {services.registry.active_count} active",
-                active_calls=services.registry.active_count,
-            )
-
-        async with trio.open_nursery() as signal_nursery:
+        async with trio.open_nursery() as process_nursery:
             if handle_signals:
-                signal_nursery.start_soon(_wait_for_signal, stop)
+                await process_nursery.start(process.handle_signals)
+            if watchdog_interval_s is not None and process.notifier.enabled:
+                await process_nursery.start(run_watchdog, process.notifier, watchdog_interval_s)
+            if shared is not None:
+                process_nursery.start_soon(_sweep_periodically, shared)
             async with trio.open_nursery() as http_nursery:
                 await http_nursery.start(
                     lambda task_status: hypercorn_serve(
                         app,
                         hypercorn_config,
-                        shutdown_trigger=shutdown_trigger,
+                        shutdown_trigger=process.wait_http_shutdown,
                         task_status=task_status,
                     )
                 )
@@ -169,21 +234,279 @@ async def serve(
                     logging.INFO,
                     "listening",
                     "accepting connections on "
-                    + ", ".join(f"{host}:{port}" for host, port in addresses),
+                    + ", ".join(f"{host}:{port}" for host, port in addresses)
+                    + (" (socket activation)" if listeners else ""),
                     public_url=config.server.public_url,
+                    socket_activated=bool(listeners),
+                    shared_dir=shared_path or None,
+                    max_concurrent_calls=config.server.max_concurrent_calls,
                 )
-                task_status.started(Listening(addresses, services.registry))
+                process.notifier.ready(status=process.status_text())
+                process_nursery.start_soon(process.report_status)
+                process_nursery.start_soon(process.drain_when_asked)
+                task_status.started(Listening(addresses, process.services.registry))
             # hypercorn has finished its graceful shutdown.
-            signal_nursery.cancel_scope.cancel(reason="server stopped")
+            process_nursery.cancel_scope.cancel(reason="server stopped")
         log_event(log, logging.INFO, "stopped", "stopped")
 
 
-async def _wait_for_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            stop.set()
+class _ServerProcess:
+    """The live state of one serving process: its services, drain, reload and signals."""
+
+    def __init__(
+        self,
+        config: Config,
+        http: httpx.AsyncClient,
+        *,
+        stop: trio.Event,
+        notifier: Notifier,
+        connector: AssistantConnector | None,
+        reload_config: Callable[[], Config] | None,
+        shared: SharedDir | None,
+    ) -> None:
+        self.notifier = notifier
+        #: Swapped whole by a reload; the routes read it per request.
+        self.services = build_services(config, http, connector=connector, shared=shared)
+        self.hypercorn_config = _hypercorn_config()
+        self._http = http
+        self._connector = connector
+        self._reload_config = reload_config
+        self._shared = shared
+        #: Set to drain (first SIGTERM/SIGINT, or the caller's ``stop``).
+        self._stop = stop
+        #: Set when hypercorn should shut down: the drain is over, or stop at once.
+        self._http_shutdown = trio.Event()
+        # Invariant: once True, the drain's wait for calls to finish is (or will be) over.
+        self._stopping_now = False
+        #: The drain's wait for calls to finish by themselves; stopping at once cancels it.
+        self._patience_scope = trio.CancelScope()
+
+    def current_services(self) -> Services:
+        return self.services
+
+    async def wait_http_shutdown(self) -> None:
+        """hypercorn's shutdown trigger."""
+        await self._http_shutdown.wait()
+
+    # -- status ----------------------------------------------------------------------
+
+    def status_text(self) -> str:
+        """The one-line ``STATUS=`` shown by ``systemctl status``."""
+        registry = self.services.registry
+        calls = _calls(registry.active_count)
+        if self._stopping_now:
+            return f"Stopping at once: {calls} active"
+        if registry.draining:
+            return f"Draining: {calls} active, refusing new calls"
+        return f"Serving: {calls} active, limit {registry.max_calls}"
+
+    async def report_status(self) -> None:
+        """Keep ``STATUS=`` current, at most once per ``STATUS_MIN_INTERVAL_S``."""
+        if not self.notifier.enabled:
             return
+        registry = self.services.registry
+        seen = registry.changes
+        while True:
+            seen = await registry.wait_changed_since(seen)
+            self.notifier.status(self.status_text())
+            await trio.sleep(STATUS_MIN_INTERVAL_S)
+
+    # -- signals ---------------------------------------------------------------------
+
+    async def handle_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """SIGTERM/SIGINT: drain, and at the second one stop at once; SIGHUP: reload."""
+        with trio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif not self._stop.is_set():
+                    log.info("received %s: draining", name)
+                    self._stop.set()
+                else:
+                    self.stop_at_once(f"second signal, {name}")
+
+    # -- drain -----------------------------------------------------------------------
+
+    async def drain_when_asked(self) -> None:
+        """Wait for ``stop``, drain, then let hypercorn shut down."""
+        await self._stop.wait()
+        await self._drain()
+        self._http_shutdown.set()
+
+    async def _drain(self) -> None:
+        registry = self.services.registry
+        config = self.services.config
+        deadline_s = config.server.drain_deadline_s
+        started = trio.current_time()
+        registry.start_draining()
+        active = registry.active_count
+        self.notifier.notify(STOPPING=1, STATUS=self.status_text())
+        log_event(
+            log,
+            logging.INFO,
+            "drain-start",
+            f"draining: refusing new calls; {_calls(active)} active get up to "
+            f"{deadline_s:g} s to finish",
+            active_calls=active,
+            drain_deadline_s=deadline_s,
+        )
+        with self._patience_scope:
+            self._patience_scope.deadline = trio.current_time() + deadline_s
+            await registry.wait_idle()
+        ended = 0
+        if registry.load and not self._stopping_now:
+            ended = registry.end_all(Outcome.SHUTDOWN, "drain deadline passed")
+            log_event(
+                log,
+                logging.WARNING,
+                "drain-deadline",
+                f"drain deadline ({deadline_s:g} s) passed: ending {_calls(ended)} "
+                "with the fallback",
+                ended_calls=ended,
+                drain_deadline_s=deadline_s,
+            )
+        with trio.move_on_after(config.vapi.end_deadline_s + CLOSE_SLACK_S):
+            await registry.wait_idle()
+        with trio.move_on_after(ACTION_GRACE_S):
+            await registry.wait_actions_answered()
+        log_event(
+            log,
+            logging.INFO,
+            "drain-done",
+            f"drained in {trio.current_time() - started:.1f} s: {_calls(active)} were "
+            f"active, {ended} ended at the deadline; stopping the server",
+            duration_s=round(trio.current_time() - started, 3),
+            active_calls=active,
+            ended_calls=ended,
+            still_active=registry.active_count,
+            actions_unanswered=registry.awaiting_action,
+        )
+
+    def stop_at_once(self, why: str) -> None:
+        """End every call now and cut the drain short.
+
+        The calls still say goodbye to Vapi and their callers still get the fallback
+        through the ``<Connect action>``: the drain goes on with its last steps, each
+        bounded (the Vapi end deadline + ``CLOSE_SLACK_S``, then ``ACTION_GRACE_S``).
+        """
+        if self._stopping_now:
+            return
+        self._stopping_now = True
+        registry = self.services.registry
+        registry.start_draining()
+        ended = registry.end_all(Outcome.SHUTDOWN, f"stopped at once ({why})")
+        log_event(
+            log,
+            logging.WARNING,
+            "stop-now",
+            f"stopping at once ({why}): ending {_calls(ended)}",
+            ended_calls=ended,
+        )
+        self.notifier.notify(STOPPING=1, STATUS=self.status_text())
+        self._patience_scope.cancel(reason=f"stopping at once ({why})")
+        self._stop.set()
+
+    # -- reload ----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the configuration and apply it to new calls; keep the old one if invalid."""
+        if self._stop.is_set():
+            log.warning("reload ignored: the server is stopping")
+            return
+        if self._reload_config is None:
+            log.warning("reload ignored: this server was not started from a config file")
+            return
+        self.notifier.reloading()
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            others = len(getattr(exc, "__notes__", ()))
+            log_event(
+                log,
+                logging.ERROR,
+                "reload-failed",
+                f"reload refused, still serving with the previous configuration: {exc}"
+                + (f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""),
+                key=exc.key or None,
+                reason=exc.reason,
+            )
+            self.notifier.ready(status=self.status_text())
+            return
+        old = self.services
+        new = self._keep_restart_only_settings(old.config, new)
+        same_tokens = (
+            new.credentials.stream_token_secret == old.config.credentials.stream_token_secret
+            and new.twilio.stream_token_ttl_s == old.config.twilio.stream_token_ttl_s
+        )
+        self.services = build_services(
+            new,
+            self._http,
+            registry=old.registry,
+            tokens=old.tokens if same_tokens else None,
+            connector=self._connector,
+            shared=self._shared,
+            metrics=old.metrics,
+        )
+        logging.getLogger("voicebridge").setLevel(new.server.log_level.upper())
+        log_event(
+            log,
+            logging.INFO,
+            "reloaded",
+            f"configuration reloaded: limit {new.server.max_concurrent_calls} calls, "
+            f"log level {new.server.log_level}; calls in progress keep their settings",
+            max_concurrent_calls=new.server.max_concurrent_calls,
+            log_level=new.server.log_level,
+        )
+        self.notifier.ready(status=self.status_text())
+
+    @staticmethod
+    def _keep_restart_only_settings(old: Config, new: Config) -> Config:
+        """``new`` with the settings that only a restart can change put back, and logged.
+
+        The sockets are bound and the log target and shared directory set up at start; the
+        public URL is in the ``<Connect action>`` of calls in progress, whose signatures
+        must keep verifying.
+        """
+        restart_only = ("listen", "public_url", "log_target", "shared_dir")
+        changed = [
+            key for key in restart_only if getattr(new.server, key) != getattr(old.server, key)
+        ]
+        if not changed:
+            return new
+        log_event(
+            log,
+            logging.WARNING,
+            "reload-needs-restart",
+            "changes to server." + ", server.".join(changed) + " take effect at the next restart",
+            keys=",".join(changed),
+        )
+        kept = {key: getattr(old.server, key) for key in changed}
+        return new.evolve(server=attrs.evolve(new.server, **kept))
+
+
+def _hypercorn_config() -> HypercornConfig:
+    config = HypercornConfig()
+    config.websocket_max_message_size = MAX_WEBSOCKET_MESSAGE_BYTES
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.backlog = LISTEN_BACKLOG
+    config.accesslog = None
+    config.errorlog = logging.getLogger("voicebridge.http")
+    config.read_timeout = 30
+    return config
+
+
+async def _sweep_periodically(shared: SharedDir) -> None:
+    """Delete expired files from the shared directory now and every ``SWEEP_INTERVAL_S``."""
+    while True:
+        removed = await trio.to_thread.run_sync(shared.sweep, abandon_on_cancel=True)
+        log.debug("swept %d expired files from %s", removed, shared.path)
+        await trio.sleep(SWEEP_INTERVAL_S)
+
+
+def _calls(count: int) -> str:
+    return f"{count} call{'' if count == 1 else 's'}"
 
 
 def _address(sock: socket.socket) -> tuple[str, int]:

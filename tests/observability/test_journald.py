@@ -51,17 +51,8 @@ def call_sid() -> str:
 @pytest.fixture
 def logger() -> Iterator[logging.Logger]:
     """A child of the ``voicebridge`` logger; the parent's setup is restored afterwards."""
-    root = logging.getLogger("voicebridge")
-    saved = (list(root.handlers), root.level, root.propagate)
-    yield logging.getLogger("voicebridge.test")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        if handler not in saved[0]:
-            handler.close()
-    for handler in saved[0]:
-        root.addHandler(handler)
-    root.setLevel(saved[1])
-    root.propagate = saved[2]
+    with journald_fixture.saved_voicebridge_logging():
+        yield logging.getLogger("voicebridge.test")
 
 
 @pytest.fixture

@@ -69,6 +69,9 @@ class CallRegistry:
         self._ending_all: tuple[Outcome, str] | None = None
         # Calls that ended while draining and whose <Connect action> was not asked for yet.
         self._awaiting_action: set[str] = set()
+        # Active calls whose <Connect action> was asked for already: the caller hung up, and
+        # Twilio asks while the call is still saying goodbye to Vapi.
+        self._answered_early: set[str] = set()
         # Counts changes to the active calls and the drain state (see wait_changed_since).
         self._changes = 0
         self._changed = trio.Event()
@@ -146,15 +149,19 @@ class CallRegistry:
         self._forget_old_records(now)
         if self._shared is not None:
             self._shared.save_record(record)
-        if self._draining:
+        if record.call_sid in self._answered_early:
+            self._answered_early.discard(record.call_sid)
+        elif self._draining:
             self._awaiting_action.add(record.call_sid)
 
     def end_all(self, outcome: Outcome, detail: str) -> int:
         """End every active call with ``outcome`` (drain deadline); returns how many.
 
-        A call whose stream begins later is ended at once with the same outcome.
+        Reservations are dropped: a call whose stream begins later is ended at once
+        with the same outcome.
         """
         self._ending_all = (outcome, detail)
+        self._reservations.clear()
         enders = list(self._active.values())
         for end in enders:
             end(outcome, detail)
@@ -172,6 +179,8 @@ class CallRegistry:
         if call_sid in self._awaiting_action:
             self._awaiting_action.discard(call_sid)
             self._note_change()
+        elif call_sid in self._active:
+            self._answered_early.add(call_sid)
         return self.record_for(call_sid)
 
     @property
