@@ -390,7 +390,7 @@ async def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path: Path) ->
     assert (ready.status_code, ready.text) == (503, "not ready: draining\n")
     assert 2.0 <= long_ended_at - sigterm_at < 3.5, "ended at the drain deadline"
     assert exited_at - sigterm_at < 5.0
-    assert len(server.log_lines("draining: refusing new calls; 2 calls active")) == 1
+    assert len(server.log_lines("draining: refusing new calls; waiting up to 2 s for 2 calls")) == 1
     assert len(server.log_lines("drain deadline (2 s) passed: ending 1 call with")) == 1
     [done] = server.log_lines("drained in")
     assert "ACTIONS_UNANSWERED=0" in done
@@ -466,7 +466,7 @@ async def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path
     assert "<Connect" in first.text
     assert OVERFLOW_WORDS in second.text.lower() and OVERFLOW_WORDS in third.text.lower()
     assert health.status_code == 200
-    assert len(server.log_lines("configuration reloaded: limit 1 calls")) == 1
+    assert len(server.log_lines("configuration reloaded: limit 1 call,")) == 1
     [refused] = server.log_lines("reload refused")
     assert "server.max_concurrent_calls" in refused
     assert box.notify.with_key("RELOADING")[1].fields["RELOADING"] == "1"

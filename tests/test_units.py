@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from voicebridge import server
+from voicebridge.config import ServerConfig, VapiConfig
+
 UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
 INSTALLED_BINARY = "/opt/voicebridge/venv/bin/voicebridge"
 
@@ -35,11 +38,18 @@ def analyze() -> str:
 #: The ceiling the issue sets for ``systemd-analyze security`` (lower is safer).
 MAX_EXPOSURE = 2.0
 
-#: The drain deadline's default (issue 3: 30 s). When the config grows its
-#: drain-deadline key, compare against that default instead.
-DRAIN_DEADLINE_DEFAULT_S = 30.0
+#: The drain deadline's default (``server.drain_deadline_s``).
+DRAIN_DEADLINE_DEFAULT_S = ServerConfig().drain_deadline_s
+#: What a stop takes beyond the drain deadline, at worst: the Vapi goodbyes and socket
+#: closes, the <Connect action> requests, hypercorn's graceful shutdown.
+STOP_AFTER_DEADLINE_S = (
+    VapiConfig().end_deadline_s + server.CLOSE_SLACK_S + server.ACTION_GRACE_S
+    + server.GRACEFUL_TIMEOUT_S
+)
+#: The margin docs/operations.md asks operators to keep between the two.
+DOCUMENTED_MARGIN_S = 15.0
 
-#: The socket drop-in docs/systemd.md prescribes for the one-process-per-core setup.
+#: The socket drop-in docs/operations.md prescribes for the one-process-per-core setup.
 WORKERS_DROP_IN = "[Socket]\nService=voicebridge@0.service\n"
 
 #: Keys only the template has, and keys whose values differ between the two services.
@@ -185,7 +195,8 @@ def test_template_does_not_drift_from_the_service() -> None:
 def test_stop_timeout_exceeds_the_drain_deadline() -> None:
     service = settings(UNITS_DIR / "voicebridge.service")
     [timeout] = service[("Service", "TimeoutStopSec")]
-    assert float(timeout) > DRAIN_DEADLINE_DEFAULT_S
+    assert STOP_AFTER_DEADLINE_S < DOCUMENTED_MARGIN_S
+    assert float(timeout) >= DRAIN_DEADLINE_DEFAULT_S + DOCUMENTED_MARGIN_S
 
 
 def test_service_contract() -> None:
@@ -199,6 +210,11 @@ def test_service_contract() -> None:
     assert credentials == {"twilio-auth-token", "vapi-api-key", "stream-token-secret"}
     socket_unit = settings(UNITS_DIR / "voicebridge.socket")
     assert socket_unit[("Socket", "FileDescriptorName")] == ["http"]
+    assert socket_unit[("Socket", "Backlog")] == [str(server.LISTEN_BACKLOG)]
+    # The shared directory: one per box, kept while any worker runs, one user for all.
+    assert service[("Service", "RuntimeDirectory")] == ["voicebridge"]
+    assert service[("Service", "RuntimeDirectoryPreserve")] == ["yes"]
+    assert service[("Service", "User")] == ["voicebridge"]
 
 
 #: Run in a child: enforce write-xor-execute memory the way MemoryDenyWriteExecute=yes

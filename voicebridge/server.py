@@ -320,9 +320,10 @@ class _ServerProcess:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
+                    log_event(log, logging.INFO, "signal", f"{name}: reloading", signal=name)
                     self.reload()
                 elif not self._stop.is_set():
-                    log.info("received %s: draining", name)
+                    log_event(log, logging.INFO, "signal", f"{name}: draining", signal=name)
                     self._stop.set()
                 else:
                     self.stop_at_once(f"second signal, {name}")
@@ -347,8 +348,8 @@ class _ServerProcess:
             log,
             logging.INFO,
             "drain-start",
-            f"draining: refusing new calls; {_calls(active)} active get up to "
-            f"{deadline_s:g} s to finish",
+            f"draining: refusing new calls; waiting up to {deadline_s:g} s for "
+            f"{_calls(active)} to finish",
             active_calls=active,
             drain_deadline_s=deadline_s,
         )
@@ -357,14 +358,17 @@ class _ServerProcess:
             await registry.wait_idle()
         ended = 0
         if registry.load and not self._stopping_now:
+            unstarted = registry.load - registry.active_count
             ended = registry.end_all(Outcome.SHUTDOWN, "drain deadline passed")
             log_event(
                 log,
                 logging.WARNING,
                 "drain-deadline",
                 f"drain deadline ({deadline_s:g} s) passed: ending {_calls(ended)} "
-                "with the fallback",
+                "with the fallback"
+                + (f"; {unstarted} admitted never started streaming" if unstarted else ""),
                 ended_calls=ended,
+                unstarted_calls=unstarted,
                 drain_deadline_s=deadline_s,
             )
         with trio.move_on_after(config.vapi.end_deadline_s + CLOSE_SLACK_S):
@@ -375,8 +379,8 @@ class _ServerProcess:
             log,
             logging.INFO,
             "drain-done",
-            f"drained in {trio.current_time() - started:.1f} s: {_calls(active)} were "
-            f"active, {ended} ended at the deadline; stopping the server",
+            f"drained in {trio.current_time() - started:.1f} s ({_calls(active)} at the "
+            f"start, {ended} ended at the deadline); stopping the server",
             duration_s=round(trio.current_time() - started, 3),
             active_calls=active,
             ended_calls=ended,
@@ -454,7 +458,7 @@ class _ServerProcess:
             log,
             logging.INFO,
             "reloaded",
-            f"configuration reloaded: limit {new.server.max_concurrent_calls} calls, "
+            f"configuration reloaded: limit {_calls(new.server.max_concurrent_calls)}, "
             f"log level {new.server.log_level}; calls in progress keep their settings",
             max_concurrent_calls=new.server.max_concurrent_calls,
             log_level=new.server.log_level,
