@@ -336,8 +336,9 @@ async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
     assert report.final_action == "hangup"
     assert report.first_audio_ms is not None
     assert "(socket activation)" in srv.stderr
-    received = box.notify.received
-    # READY comes first, with a status; then the call's comings and goings; STOPPING last.
+    # Besides the watchdog pings: READY comes first, with a status; then the call's comings
+    # and goings; STOPPING last.
+    received = [n for n in box.notify.received if "WATCHDOG" not in n.fields]
     assert received[0].fields == {"READY": "1", "STATUS": "Serving: 0 calls active, limit 50"}
     statuses = [n.fields["STATUS"] for n in received if set(n.fields) == {"STATUS"}]
     assert "Serving: 1 call active, limit 50" in statuses
@@ -385,6 +386,9 @@ async def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path: Path) ->
     assert "OUTCOME=caller-hung-up" in short_end
     assert (long.ended_by, long.final_action) == ("server", "say")
     assert FALLBACK_WORDS in long.final_say.lower()
+    [long_at_vapi] = [c for c in box.vapi.calls.values() if c.call_sid == long.call_sid]
+    assert long_at_vapi.end_call_received_at is not None, "the Vapi leg got end-call"
+    assert long_at_vapi.close_code == 1000
     assert (new.streamed, new.final_action) == (False, "say")
     assert OVERFLOW_WORDS in new.final_say.lower()
     assert (ready.status_code, ready.text) == (503, "not ready: draining\n")
@@ -450,7 +454,8 @@ async def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path
                 # Valid: the limit drops to one call. A webhook that is answered holds a
                 # slot until its stream starts, so the second caller hears the overflow.
                 box.write_config(
-                    "vb.toml", public_port=port, max_concurrent_calls=1, drain_deadline_s=0.5
+                    "vb.toml", public_port=port, max_concurrent_calls=1, drain_deadline_s=0.5,
+                    listen="127.0.0.1:9",  # the socket is bound: only a restart changes it
                 )
                 await reload()
                 first = await post_webhook(box, port, "CA" + "1" * 32)
@@ -467,6 +472,7 @@ async def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path
     assert OVERFLOW_WORDS in second.text.lower() and OVERFLOW_WORDS in third.text.lower()
     assert health.status_code == 200
     assert len(server.log_lines("configuration reloaded: limit 1 call,")) == 1
+    assert len(server.log_lines("changes to server.listen take effect at the next restart")) == 1
     [refused] = server.log_lines("reload refused")
     assert "server.max_concurrent_calls" in refused
     assert box.notify.with_key("RELOADING")[1].fields["RELOADING"] == "1"

@@ -423,8 +423,24 @@ class _ServerProcess:
             log.warning("reload ignored: this server was not started from a config file")
             return
         self.notifier.reloading()
+        old = self.services
         try:
-            new = self._reload_config()
+            new, restart_only = _keep_restart_only_settings(old.config, self._reload_config())
+            same_tokens = (
+                new.credentials.stream_token_secret == old.config.credentials.stream_token_secret
+                and new.twilio.stream_token_ttl_s == old.config.twilio.stream_token_ttl_s
+            )
+            # Builds everything before anything changes: a bad tool handler, say, raises
+            # here and leaves the running configuration untouched.
+            services = build_services(
+                new,
+                self._http,
+                registry=old.registry,
+                tokens=old.tokens if same_tokens else None,
+                connector=self._connector,
+                shared=self._shared,
+                metrics=old.metrics,
+            )
         except ConfigError as exc:
             others = len(getattr(exc, "__notes__", ()))
             log_event(
@@ -438,22 +454,18 @@ class _ServerProcess:
             )
             self.notifier.ready(status=self.status_text())
             return
-        old = self.services
-        new = self._keep_restart_only_settings(old.config, new)
-        same_tokens = (
-            new.credentials.stream_token_secret == old.config.credentials.stream_token_secret
-            and new.twilio.stream_token_ttl_s == old.config.twilio.stream_token_ttl_s
-        )
-        self.services = build_services(
-            new,
-            self._http,
-            registry=old.registry,
-            tokens=old.tokens if same_tokens else None,
-            connector=self._connector,
-            shared=self._shared,
-            metrics=old.metrics,
-        )
+        self.services = services
         logging.getLogger("voicebridge").setLevel(new.server.log_level.upper())
+        if restart_only:
+            log_event(
+                log,
+                logging.WARNING,
+                "reload-needs-restart",
+                "changes to server."
+                + ", server.".join(restart_only)
+                + " take effect at the next restart",
+                keys=",".join(restart_only),
+            )
         log_event(
             log,
             logging.INFO,
@@ -465,29 +477,22 @@ class _ServerProcess:
         )
         self.notifier.ready(status=self.status_text())
 
-    @staticmethod
-    def _keep_restart_only_settings(old: Config, new: Config) -> Config:
-        """``new`` with the settings that only a restart can change put back, and logged.
 
-        The sockets are bound and the log target and shared directory set up at start; the
-        public URL is in the ``<Connect action>`` of calls in progress, whose signatures
-        must keep verifying.
-        """
-        restart_only = ("listen", "public_url", "log_target", "shared_dir")
-        changed = [
-            key for key in restart_only if getattr(new.server, key) != getattr(old.server, key)
-        ]
-        if not changed:
-            return new
-        log_event(
-            log,
-            logging.WARNING,
-            "reload-needs-restart",
-            "changes to server." + ", server.".join(changed) + " take effect at the next restart",
-            keys=",".join(changed),
-        )
-        kept = {key: getattr(old.server, key) for key in changed}
-        return new.evolve(server=attrs.evolve(new.server, **kept))
+#: ``[server]`` keys a reload cannot change: the sockets are bound and the log target and
+#: shared directory set up at start; the public URL is in the ``<Connect action>`` of calls
+#: in progress, whose signatures must keep verifying.
+RESTART_ONLY_KEYS = ("listen", "public_url", "log_target", "shared_dir")
+
+
+def _keep_restart_only_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with the ``RESTART_ONLY_KEYS`` of ``old`` put back, and the keys that differed."""
+    changed = [
+        key for key in RESTART_ONLY_KEYS if getattr(new.server, key) != getattr(old.server, key)
+    ]
+    if not changed:
+        return new, changed
+    kept = {key: getattr(old.server, key) for key in changed}
+    return new.evolve(server=attrs.evolve(new.server, **kept)), changed
 
 
 def _hypercorn_config() -> HypercornConfig:
