@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import trio
 from attrs import frozen
@@ -95,9 +96,13 @@ class BridgeProcess:
         assistant_key: str,
         auth_token: str,
         cpu: int | None,
-        module: str = "voicebridge.loadtest.bridge_main",
+        command: Sequence[str] | None = None,
     ) -> BridgeProcess:
-        """Start the bridge (``module``'s ``main``) and wait until it accepts calls."""
+        """Start the bridge and wait until it accepts calls.
+
+        ``command`` runs something else in its place that reads the same settings and
+        says ``ready`` the same way (the reference relays of ``bench/``).
+        """
         listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
         port = int(listener.getsockname()[1])
         env = dict(os.environ)
@@ -111,7 +116,7 @@ class BridgeProcess:
         })
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", module],
+                list(command or (sys.executable, "-m", "voicebridge.loadtest.bridge_main")),
                 stdout=subprocess.PIPE,
                 pass_fds=(listener.fileno(),),
                 env=env,

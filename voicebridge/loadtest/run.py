@@ -124,19 +124,29 @@ async def run_loadtest(
     *,
     target_factory: TargetFactory | None = None,
 ) -> LoadReport:
-    """Run one load test and report it (see the module docstring)."""
+    """Run one load test and report it (see the module docstring).
+
+    With ``bridge_cpu`` this process keeps to the other CPUs while the test runs.
+    """
     if options.calls < 1 or options.duration_s <= WINDOW_SETTLE_S:
         raise LoadTestError(
             f"need at least 1 call and more than {WINDOW_SETTLE_S:g} s of duration"
         )
+    cpus = available_cpus()
     if options.bridge_cpu is not None:
-        cpus = available_cpus()
         if options.bridge_cpu not in cpus or len(cpus) < 2:
             raise LoadTestError(
                 f"cannot pin the bridge to CPU {options.bridge_cpu} and the generator to "
                 f"another one (this process may use CPUs {sorted(cpus)})"
             )
         pin_to(cpus - {options.bridge_cpu})
+    try:
+        return await _run(options, target_factory)
+    finally:
+        pin_to(cpus)
+
+
+async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -> LoadReport:
     ramp_s = options.ramp_s if options.ramp_s is not None else default_ramp_s(options.calls)
     traffic = Traffic(
         calls=options.calls, duration_s=options.duration_s, ramp_s=ramp_s,

@@ -1,0 +1,323 @@
+"""The capacity benchmark: sweep the number of calls, with the physical-limit references.
+
+    .venv/bin/python bench/sweep.py                    # writes docs/performance.md + plots
+    .venv/bin/python bench/sweep.py --duration 10 --step 50 --out /tmp/perf.md
+
+For N = start, start+step, … it runs ``voicebridge loadtest`` (the bridge in its own
+process pinned to ``--bridge-cpu``, the generator on the other cores) until the p99
+added latency of either direction passes ``--limit-ms`` (20 ms), a call fails, or the
+generator itself saturates. At every N it runs the same traffic through a bare trio
+TCP relay and a bare trio-websocket relay (``bench/relays.py``), pinned the same way:
+what the machine and the libraries cost per message, which no bridge can beat. It
+then writes a Markdown report (the table, the ratios to the references, the machine
+and its load) and two PNG plots (latency vs calls, CPU per call vs calls) beside it.
+
+Figures come from one run each; they are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator
+from voicebridge.loadtest.process import BridgeProcess
+from voicebridge.loadtest.report import LoadReport
+from voicebridge.loadtest.run import LoadTestOptions, Target, TargetFactory, run_loadtest
+
+HERE = Path(__file__).resolve().parent
+RELAYS = HERE / "relays.py"
+REFERENCES = {"tcp": "bare trio TCP relay", "ws": "bare trio-websocket relay"}
+#: The targets of issue 5 for one bridge process on one core.
+TARGET_P99_MS = 10.0
+TARGET_BARGE_IN_P99_MS = 5.0
+TARGET_RSS_KIB = 150.0
+
+
+def relay_factory(kind: str, cpu: int | None) -> TargetFactory:
+    """Starts ``bench/relays.py kind`` in place of the bridge."""
+
+    @asynccontextmanager
+    async def start(generator: LoadGenerator) -> AsyncIterator[Target]:
+        relay = await BridgeProcess.start(
+            assistant_url=generator.base_url, assistant_key=generator.api_key, auth_token="",
+            cpu=cpu, command=[sys.executable, str(RELAYS), kind],
+        )
+        try:
+            target = BridgeTarget(host="127.0.0.1", port=relay.port, public_url=None, relay=True)
+            yield Target(target, relay.pid, REFERENCES[kind])
+        finally:
+            with trio.CancelScope(shield=True):
+                await relay.stop()
+
+    return start
+
+
+def _worst_p99(report: LoadReport) -> float:
+    values = [report.caller_to_agent.p99, report.agent_to_caller.p99]
+    return max(value for value in values if value is not None) if any(
+        value is not None for value in values) else float("inf")
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the sweep; one row per N with the bridge's and the references' reports."""
+    rows: list[dict[str, Any]] = []
+    calls = args.start
+    while calls <= args.max:
+        options = LoadTestOptions(calls=calls, duration_s=args.duration,
+                                  bridge_cpu=args.bridge_cpu, seed=args.seed)
+        print(f"--- {calls} calls: voicebridge", flush=True)
+        bridge = trio.run(run_loadtest, options)
+        print(bridge.table(), flush=True)
+        row: dict[str, Any] = {"calls": calls, "bridge": bridge.to_json()}
+        for kind in REFERENCES:
+            print(f"--- {calls} calls: {REFERENCES[kind]}", flush=True)
+            reference = trio.run(
+                partial(run_loadtest, options,
+                        target_factory=relay_factory(kind, args.bridge_cpu))
+            )
+            row[kind] = reference.to_json()
+        rows.append(row)
+        worst = _worst_p99(bridge)
+        if bridge.failed_calls or worst > args.limit_ms or not bridge.valid:
+            row["stopped"] = (
+                f"{bridge.failed_calls} failed calls" if bridge.failed_calls
+                else f"p99 {worst:.1f} ms > {args.limit_ms:g} ms" if worst > args.limit_ms
+                else "generator saturated: " + "; ".join(bridge.invalid_reasons)
+            )
+            break
+        calls += args.step
+    return rows
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on, and how busy it was."""
+    model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{model}, {os.cpu_count()} cores",
+        "load average before": load,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def _get(row: dict[str, Any], who: str, *path: str) -> Any:
+    value: Any = row.get(who)
+    for key in path:
+        if value is None:
+            return None
+        value = value.get(key)
+    return value
+
+
+def _f(value: float | None, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def capacity(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The largest N that met the targets, and CPU-bound capacity per core."""
+    met = [
+        row["calls"] for row in rows
+        if row["bridge"]["valid"] and not row["bridge"]["failed_calls"]
+        and not row["bridge"]["dropped_frames"]
+        and max(_get(row, "bridge", "added_latency_ms", d, "p99") or 1e9
+                for d in ("caller_to_agent", "agent_to_caller")) <= TARGET_P99_MS
+        and (_get(row, "bridge", "barge_in_ms", "p99") or 0) <= TARGET_BARGE_IN_P99_MS
+    ]
+    last = rows[-1]["bridge"] if rows else None
+    return {
+        "max_calls_meeting_targets": max(met) if met else None,
+        "cpu_bound_calls_per_core": (
+            1e6 / last["cpu_us_per_call_second"]
+            if last and last["cpu_us_per_call_second"] else None
+        ),
+    }
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, info: dict[str, str],
+                 args: argparse.Namespace) -> None:
+    """docs/performance.md: the table, ratios, the machine, the plots."""
+    plots = plot(rows, out.parent)
+    cap = capacity(rows)
+    lines = [
+        "# Performance: calls per core, added latency, barge-in, CPU and memory per call",
+        "",
+        "Written by `bench/sweep.py` (see the README); every figure comes from one run of",
+        "`voicebridge loadtest` on the machine below. The bridge ran in its own process",
+        f"pinned to CPU {args.bridge_cpu}, the load generator on the other core. Each row",
+        f"held N calls for {args.duration:g} s after a ramp; latencies are measured over",
+        "that window from the sequence numbers the simulated peers embed in the audio",
+        "(frame in → frame out, both peers on one clock). The references carry the",
+        "same traffic (caller frames one way; assistant audio, a mark per chunk and the",
+        "mark echoes the other) through a relay that does nothing else.",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += [
+        "",
+        "## Result",
+        "",
+        f"- Most concurrent calls meeting every target (p99 added ≤ {TARGET_P99_MS:g} ms each "
+        f"way, 0 dropped, barge-in p99 ≤ {TARGET_BARGE_IN_P99_MS:g} ms): "
+        f"**{cap['max_calls_meeting_targets'] or 'none'}**",
+        f"- CPU-bound ceiling (1 s of CPU / CPU per call-second at the last N): "
+        f"{_f(cap['cpu_bound_calls_per_core'], '.0f')} calls per core",
+    ]
+    if rows and "stopped" in rows[-1]:
+        lines.append(f"- The sweep stopped at {rows[-1]['calls']} calls: {rows[-1]['stopped']}")
+    lines += [
+        "",
+        "## Sweep",
+        "",
+        "| calls | c→a p50 / p99 / max ms | a→c p50 / p99 / max ms | barge-in p50 / p99 ms "
+        "| heard after clear | dropped | failed | CPU µs/call-s | core % | RSS KiB/call "
+        "| valid |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        b = row["bridge"]
+        c2a = b["added_latency_ms"]["caller_to_agent"]
+        a2c = b["added_latency_ms"]["agent_to_caller"]
+        lines.append(
+            f"| {row['calls']} | {_f(c2a['p50'], '.2f')} / {_f(c2a['p99'], '.2f')} / "
+            f"{_f(c2a['max'], '.1f')} | {_f(a2c['p50'], '.2f')} / {_f(a2c['p99'], '.2f')} / "
+            f"{_f(a2c['max'], '.1f')} | {_f(b['barge_in_ms']['p50'], '.2f')} / "
+            f"{_f(b['barge_in_ms']['p99'], '.2f')} | {_f(b['heard_after_clear_ms'], '.0f')} ms "
+            f"| {b['dropped_frames']} | {b['failed_calls']} | "
+            f"{_f(b['cpu_us_per_call_second'], '.0f')} | {_f(b['bridge_cpu_pct'], '.0f')} | "
+            f"{_f(b['rss_kib_per_call'], '.0f')} | {'yes' if b['valid'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "## The references: the same traffic through a bare relay",
+        "",
+        "| calls | bridge CPU µs/call-s | TCP relay µs/call-s | ws relay µs/call-s "
+        "| bridge ÷ TCP | bridge ÷ ws | p99 c→a ms bridge / TCP / ws "
+        "| p99 a→c ms bridge / TCP / ws |",
+        "|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        cpu = {who: _get(row, who, "cpu_us_per_call_second") for who in ("bridge", "tcp", "ws")}
+        p99 = {
+            d: [_get(row, who, "added_latency_ms", d, "p99") for who in ("bridge", "tcp", "ws")]
+            for d in ("caller_to_agent", "agent_to_caller")
+        }
+        lines.append(
+            f"| {row['calls']} | {_f(cpu['bridge'], '.0f')} | {_f(cpu['tcp'], '.0f')} | "
+            f"{_f(cpu['ws'], '.0f')} | {_ratio(cpu['bridge'], cpu['tcp'])} | "
+            f"{_ratio(cpu['bridge'], cpu['ws'])} | "
+            + " / ".join(_f(v, ".2f") for v in p99["caller_to_agent"]) + " | "
+            + " / ".join(_f(v, ".2f") for v in p99["agent_to_caller"]) + " |"
+        )
+    lines += ["", "## Plots", ""]
+    lines += [f"![{title}]({name})" for title, name in plots]
+    lines += [
+        "",
+        "## Raw figures",
+        "",
+        "<details><summary>every run's <code>--json</code></summary>",
+        "",
+        "```json",
+        json.dumps(rows, indent=1),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if not numerator or not denominator:
+        return "–"
+    return f"{numerator / denominator:.1f}×"
+
+
+def plot(rows: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
+    """Two PNGs beside the report: latency vs calls, CPU per call vs calls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calls = [row["calls"] for row in rows]
+    who_names = {"bridge": "voicebridge", "tcp": REFERENCES["tcp"], "ws": REFERENCES["ws"]}
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for who, name in who_names.items():
+        for direction, style in (("caller_to_agent", "-"), ("agent_to_caller", "--")):
+            values = [_get(row, who, "added_latency_ms", direction, "p99") for row in rows]
+            axes.plot(calls, values, style, marker="o",
+                      label=f"{name}, {direction.replace('_', ' ')}")
+    axes.axhline(TARGET_P99_MS, color="grey", linestyle=":", label="target p99 (10 ms)")
+    axes.set_xlabel("concurrent calls (one process, one core)")
+    axes.set_ylabel("p99 added latency (ms)")
+    axes.set_yscale("log")
+    axes.set_title("p99 added latency per frame vs concurrent calls")
+    axes.legend(fontsize="small")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    latency_png = folder / "performance-latency.png"
+    figure.savefig(latency_png, dpi=100)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for who, name in who_names.items():
+        values = [_get(row, who, "cpu_us_per_call_second") for row in rows]
+        axes.plot(calls, values, marker="o", label=name)
+    axes.set_xlabel("concurrent calls (one process, one core)")
+    axes.set_ylabel("CPU µs per call-second")
+    axes.set_ylim(bottom=0)
+    axes.set_title("CPU per call vs concurrent calls (1,000,000 µs = one core)")
+    axes.legend(fontsize="small")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    cpu_png = folder / "performance-cpu.png"
+    figure.savefig(cpu_png, dpi=100)
+    plt.close(figure)
+    return [("p99 added latency vs calls", latency_png.name),
+            ("CPU per call vs calls", cpu_png.name)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--start", type=int, default=25)
+    parser.add_argument("--step", type=int, default=25)
+    parser.add_argument("--max", type=int, default=400)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--limit-ms", type=float, default=20.0)
+    parser.add_argument("--bridge-cpu", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "performance.md")
+    parser.add_argument("--rows", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    info = machine()
+    rows = sweep(args)
+    if args.rows:
+        args.rows.write_text(json.dumps(rows, indent=1))
+    write_report(rows, args.out, info, args)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
