@@ -334,11 +334,15 @@ class CallReport:
     rest_update: str = ""
 
 
+#: How long a REST update may take to tell the Media Stream it ends (``stop``).
+LIVE_UPDATE_CLOSE_S = 1.0
+
+
 class LiveCall:
     """A call in progress as Twilio's REST API sees it; ``Calls/{sid}`` updates act on it.
 
-    ``redirect`` and ``complete`` end the Media Stream the way Twilio does (``stop``,
-    then the socket is closed); the call then runs the new TwiML instead of the
+    ``redirect`` and ``complete`` end the Media Stream the way Twilio does (``stop``;
+    the bridge closes the socket); the call then runs the new TwiML instead of the
     ``<Connect action>``. The first update wins; an update before the stream opened
     only takes effect once it has.
     """
@@ -366,9 +370,14 @@ class LiveCall:
             await self._end_stream()
 
     async def _end_stream(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(SocketClosed):
-                await self._writer.hang_up()
+        """Send ``stop``; the bridge then closes the socket, which ends the stream's tasks
+        (closing it from here too would race their own close). Bounded, as the stream
+        may be ending meanwhile."""
+        writer = self._writer
+        if writer is not None:
+            stop = {"accountSid": writer._ids.account_sid, "callSid": writer._ids.call_sid}
+            with trio.move_on_after(LIVE_UPDATE_CLOSE_S), contextlib.suppress(SocketClosed):
+                await writer._send_numbered("stop", stop)
 
 
 # --- Public entry point --------------------------------------------------------------

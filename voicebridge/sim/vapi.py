@@ -85,6 +85,12 @@ from voicebridge.sim.audio import (
     pcm16_to_ulaw,
     ulaw_to_pcm16,
 )
+from voicebridge.sim.server_messages import (
+    SimServerCredential,
+    SimToolCall,
+    ToolExchange,
+    send_tool_calls,
+)
 from voicebridge.sim.wire import HttpRequest, HttpResponse, SimWebSocket, serve_http_ws
 
 #: The key ``SimVapi`` expects unless told otherwise.
@@ -206,6 +212,9 @@ class SimVapiBehaviour:
     close_on_unknown_message: bool = False
     audio_burst: bool = False
     silent: bool = False
+    #: Tool calls the assistant makes, POSTed as ``tool-calls`` webhooks to the call's
+    #: ``assistantOverrides.server`` (``sim.server_messages``).
+    tool_calls: tuple[SimToolCall, ...] = ()
 
 
 BehaviourChooser = Callable[[int, str | None], SimVapiBehaviour]
@@ -280,6 +289,10 @@ class SimVapiCallRecord:
     ended_reason: str | None = None
     ended_at: float | None = None
     close_code: int | None = None  # the WebSocket's final close code
+    #: The ``server.credentialId`` credential webhooks are signed with (None: headers only).
+    server_credential: SimServerCredential | None = None
+    #: Every tool-calls webhook sent and its answer.
+    tool_exchanges: list[ToolExchange] = attrs.Factory(list)
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
 
     @property
@@ -350,6 +363,8 @@ class SimVapi:
         self.max_concurrent_calls = max_concurrent_calls
         self._calls: dict[str, SimVapiCallRecord] = {}
         self._create_attempts: list[CreateAttempt] = []
+        #: Vapi's custom credentials by id (``server.credentialId``), e.g. an HMAC key.
+        self.credentials: dict[str, SimServerCredential] = {}
         self._host = "127.0.0.1"
         self._port: int | None = None
 
@@ -455,6 +470,9 @@ class SimVapi:
             audio_format=_audio_format(attempt.body),
         )
         self._calls[call_id] = record
+        server = record.overrides.get("server")
+        if isinstance(server, dict) and isinstance(server.get("credentialId"), str):
+            record.server_credential = self.credentials.get(server["credentialId"])
         attempt.call_id = call_id
         return _json_response(201, self._call_resource(record, "queued", authority))
 
@@ -664,6 +682,8 @@ class _CallSession:
             if caller_speaking:  # the caller went on talking: keep listening
                 await self._announce_caller_started()
                 continue
+            if await self._call_tools(replies):
+                await trio.sleep_forever()  # holding: the bridge ends the call
             if behaviour.end_after_replies is not None and replies >= behaviour.end_after_replies:
                 await self._speak_turn(behaviour.goodbye_clip)
                 self._finish(ENDED_ASSISTANT, _Hangup.POLITE)
@@ -671,6 +691,21 @@ class _CallSession:
             clip = behaviour.reply_clips[replies % len(behaviour.reply_clips)]
             replies += 1
             caller_speaking = await self._speak_turn(clip)
+
+    async def _call_tools(self, replies: int) -> bool:
+        """Make the tool calls due before reply ``replies``; True when one holds the line."""
+        hold = False
+        for index, tool in enumerate(self._behaviour.tool_calls):
+            if tool.before_reply != replies:
+                continue
+            record = self._record
+            record.tool_exchanges += await send_tool_calls(
+                record.id, record.overrides, record.server_credential, tool, index
+            )
+            if tool.say_after is not None:
+                await self._speak_turn(tool.say_after)
+            hold = hold or tool.hold
+        return hold
 
     async def _speak_turn(self, clip: str) -> bool:
         """Speak one clip, interruptible; returns whether the caller started speaking meanwhile."""
