@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
 
+    call = commands.add_parser(
+        "call",
+        help="place an outbound call (Twilio REST) that reaches the assistant through this "
+        "deployment's voice webhook; prints its CallSid",
+    )
+    call.add_argument("number", help="E.164 number to call, e.g. +15551234567")
+    call.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
+
     demo = commands.add_parser(
         "demo",
         help="a real call through the real server, against the simulated Twilio caller "
@@ -78,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from voicebridge.loadtest import cli as loadtest_cli
 
         return loadtest_cli.main(args)
+    if args.command == "call":
+        from voicebridge.control.outbound import call_main
+
+        return call_main(args.number, args.config)
     raise AssertionError(args.command)
 
 
@@ -104,6 +116,9 @@ def _serve(config_path: str) -> int:
     except ListenFdsError as exc:
         log.error("cannot serve: socket activation: %s", exc)
         return 2
+    from voicebridge.gctuning import tune_gc_for_latency
+
+    tune_gc_for_latency()  # everything is imported: freeze it (see gctuning)
     try:
         trio.run(
             partial(

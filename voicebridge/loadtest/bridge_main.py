@@ -4,8 +4,8 @@ Started by ``loadtest.process.BridgeProcess``, which passes its settings in
 ``VOICEBRIDGE_LOADTEST_*`` variables: the listening socket's fd and port, the
 simulated assistant's URL and key, the Twilio auth token, and the CPU to pin to.
 It serves the real app with the loopback configuration (warning-level logs, so that
-the figures are the bridge's and not the terminal's) until SIGTERM, after printing
-``ready``.
+the figures are the bridge's and not the terminal's) and the garbage-collector tuning
+of ``voicebridge serve`` until SIGTERM, after printing ``ready``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from functools import partial
 import attrs
 import trio
 
+from voicebridge.gctuning import tune_gc_for_latency
 from voicebridge.loadtest.process import ENV_PREFIX, pin_to
 from voicebridge.loopback import loopback_config
 from voicebridge.observability.logs import configure_logging
@@ -44,6 +45,7 @@ def main() -> int:
         server=attrs.evolve(config.server, max_concurrent_calls=MAX_CALLS, log_level="warning")
     )
     listener = socket.socket(fileno=int(env[f"{ENV_PREFIX}FD"]))
+    tune_gc_for_latency()  # as ``voicebridge serve`` does
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
