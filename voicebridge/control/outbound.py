@@ -50,13 +50,7 @@ def call_main(
 
     async def place() -> str:
         async with httpx.AsyncClient() as http:
-            rest = TwilioRest(
-                http,
-                account_sid=config.twilio.account_sid,
-                auth_token=token,
-                base_url=config.twilio.rest_base_url,
-                deadline_s=config.twilio.rest_deadline_s,
-            )
+            rest = TwilioRest.from_config(http, config)
             return await place_outbound_call(
                 rest,
                 from_number=config.outbound.from_number,

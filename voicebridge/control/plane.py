@@ -104,16 +104,7 @@ class ControlPlane:
         dispatcher = ToolDispatcher.from_config(
             config.tools.handlers, deadline_s=config.tools.deadline_s, http=http
         )
-        token = config.credentials.twilio_auth_token.reveal()
-        rest = None
-        if config.twilio.account_sid and token:
-            rest = TwilioRest(
-                http,
-                account_sid=config.twilio.account_sid,
-                auth_token=token,
-                base_url=config.twilio.rest_base_url,
-                deadline_s=config.twilio.rest_deadline_s,
-            )
+        rest = TwilioRest.from_config(http, config)
         return cls(config, dispatcher=dispatcher, rest=rest, voice_url=voice_url)
 
     @property

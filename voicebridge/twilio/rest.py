@@ -21,6 +21,7 @@ from twilio.http import AsyncHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
+from voicebridge.config import Config
 from voicebridge.errors import VoicebridgeError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,20 @@ class TwilioRest:
         )
         # Point the API domain at base_url (the simulated REST API in tests).
         self._client.api.base_url = base_url.rstrip("/")
+
+    @classmethod
+    def from_config(cls, http: httpx.AsyncClient, config: Config) -> TwilioRest | None:
+        """The account's client, or None without ``twilio.account_sid`` and the auth token."""
+        token = config.credentials.twilio_auth_token.reveal()
+        if not config.twilio.account_sid or not token:
+            return None
+        return cls(
+            http,
+            account_sid=config.twilio.account_sid,
+            auth_token=token,
+            base_url=config.twilio.rest_base_url,
+            deadline_s=config.twilio.rest_deadline_s,
+        )
 
     async def redirect(self, call_sid: str, twiml: str) -> bool:
         """Give the live call new TwiML (its ``<Connect><Stream>`` ends); False: call gone."""
