@@ -55,6 +55,10 @@ AFTER_STREAM_PATH = "/twilio/after-stream"
 #: and keeps a hostile client from making us buffer megabytes.
 MAX_WEBHOOK_BYTES = 64 * 1024
 TWIML = "text/xml"
+#: How long the ``<Connect action>`` waits for a call that is still winding down (its
+#: goodbye to Vapi: one round trip, ``vapi.end_deadline_s`` at worst); well inside
+#: Twilio's 15 s webhook timeout.
+AFTER_STREAM_WAIT_S = 5.0
 
 
 @define
@@ -238,6 +242,11 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         services = get_services()
         call_sid = form.get("CallSid", "")
         record = services.registry.record_for_action(call_sid)
+        if record is None:
+            # Twilio asks as soon as the stream is gone, while the call may still be
+            # saying goodbye to Vapi (a round trip): its outcome is a moment away.
+            with trio.move_on_after(AFTER_STREAM_WAIT_S):
+                record = await services.registry.wait_record(call_sid)
         return _twiml_response(after_stream_twiml(services.config, call_sid, record))
 
     @app.get("/healthz")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -195,9 +196,18 @@ class MemoryCall:
 class MemoryConnector:
     """An ``AssistantConnector`` whose Vapi is a memory socket the test drives."""
 
-    def __init__(self, *, fail: VapiError | None = None, create_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        fail: VapiError | None = None,
+        create_delay_s: float = 0.0,
+        buffer: float = math.inf,
+    ) -> None:
         self.fail = fail
         self.create_delay_s = create_delay_s
+        #: Messages in flight each way on the Vapi socket: a small buffer pushes back
+        #: on the bridge as TCP does when Vapi stops reading.
+        self.buffer = buffer
         self.peer: MemorySocket | None = None
         self.opened = trio.Event()
 
@@ -209,7 +219,7 @@ class MemoryConnector:
 
     @asynccontextmanager
     async def connect(self, call: MemoryCall) -> AsyncIterator[PingableSocket]:
-        ours, theirs = memory_socket_pair()
+        ours, theirs = memory_socket_pair(self.buffer)
         self.peer = theirs
         self.opened.set()
         try:

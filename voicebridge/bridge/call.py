@@ -26,6 +26,7 @@ call only, with one log line; it never reaches the server.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Protocol
@@ -39,7 +40,12 @@ from voicebridge.codec import LegCodec
 from voicebridge.config import Config
 from voicebridge.errors import RemoteProtocolError, SocketClosed
 from voicebridge.observability.logs import log_event
-from voicebridge.sockets import MessageSocket, PingableSocket, SocketWriteTimeout
+from voicebridge.sockets import (
+    WRITE_DEADLINE_S,
+    MessageSocket,
+    PingableSocket,
+    SocketWriteTimeout,
+)
 from voicebridge.twilio import media as tw
 from voicebridge.twilio.token import TokenRejected
 from voicebridge.vapi import transport as vp
@@ -51,6 +57,15 @@ log = logging.getLogger(__name__)
 #: 10 frames (200 ms) rides out a scheduling hiccup, and past that the audio is stale
 #: (the caller has moved on), so newer frames are dropped and counted instead.
 CALLER_AUDIO_BUFFER_FRAMES = 10
+#: Nothing at all from Vapi for this long (no audio, no message; pings may still be
+#: answered) means the assistant is wedged: the leg fails and the caller gets the
+#: fallback rather than dead air. Vapi itself ends a call after its
+#: ``silenceTimeoutSeconds`` (30 s by default) with a ``status-update``, so a working
+#: assistant never comes near 45 s of nothing.
+ASSISTANT_SILENCE_S = 45.0
+#: A call's wind-down is shielded from outside cancellation; each step has its own
+#: bound, and past their sum plus this slack a backstop cancels whatever is left.
+WIND_DOWN_SLACK_S = 1.0
 #: After the assistant ends the call, how long past its queued audio we wait for
 #: Twilio to confirm the goodbye played before closing the stream anyway.
 GOODBYE_SLACK_S = 1.0
@@ -202,6 +217,8 @@ class CallSettings:
     goodbye_wait_s: float = 2.0
     #: … and at most this long in all before it ends the call.
     goodbye_deadline_s: float = 15.0
+    #: The Vapi leg fails when nothing at all (audio or message) came from Vapi this long.
+    assistant_silence_s: float = ASSISTANT_SILENCE_S
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -257,6 +274,8 @@ class Call:
         self._codec = None if codec.passthrough else codec
         self._started_at = 0.0
         self._ending = _EndSignal()
+        # The shielded scope the call's tasks run in, once they run (see _end_if_cancelled).
+        self._call_scope: trio.CancelScope | None = None
         self._outcome: Outcome | None = None
         self._detail = ""
         self._call_sid = ""
@@ -301,9 +320,16 @@ class Call:
                     caller=start.custom_parameters.get(CALLER_PARAMETER),
                     upgrade_signature=self._upgrade_signature,
                 )
-                async with trio.open_nursery() as call_nursery:
-                    call_nursery.start_soon(self._caller_to_agent)
-                    call_nursery.start_soon(self._assistant_leg, start)
+                # The call runs shielded and ends only through _end(): a cancellation
+                # from outside becomes an end like any other (see _end_if_cancelled).
+                async with trio.open_nursery() as watch_nursery:
+                    watch_nursery.start_soon(self._end_if_cancelled, watch_nursery.cancel_scope)
+                    with trio.CancelScope(shield=True) as call_scope:
+                        self._call_scope = call_scope
+                        async with trio.open_nursery() as call_nursery:
+                            call_nursery.start_soon(self._caller_to_agent)
+                            call_nursery.start_soon(self._assistant_leg, start)
+                    watch_nursery.cancel_scope.cancel(reason="call over")
         except* trio.Cancelled:
             self._set_outcome(Outcome.STREAM_LOST, "media socket closed by the peer or server")
             raise
@@ -488,36 +514,51 @@ class Call:
             await end_call(socket, deadline_s=self._settings.end_deadline_s)
 
     async def _agent_to_caller(self, socket: PingableSocket, playout: Playout) -> None:
-        try:
-            while True:
-                message = await socket.receive()
-                if isinstance(message, bytes):
-                    if self._codec is not None:
-                        message = self._codec.from_assistant(message)
-                    playout.feed(message)
-                    continue
-                event = vp.parse_message(message)
-                if isinstance(event, vp.UserInterrupted):
-                    playout.interrupt()
-                elif isinstance(event, vp.SpeechUpdate):
-                    self._on_speech_update(event, playout)
-                elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
+        # Vapi's answering pings proves only that its socket is up: a wedged assistant
+        # sends nothing at all. The scope's deadline is pushed forward by every message.
+        silence_s = self._settings.assistant_silence_s
+        with trio.CancelScope() as silence_scope:
+            silence_scope.deadline = trio.current_time() + silence_s
+            try:
+                while True:
+                    message = await socket.receive()
+                    silence_scope.deadline = trio.current_time() + silence_s
+                    if isinstance(message, bytes):
+                        if self._codec is not None:
+                            message = self._codec.from_assistant(message)
+                        playout.feed(message)
+                        continue
+                    event = vp.parse_message(message)
+                    if isinstance(event, vp.UserInterrupted):
+                        playout.interrupt()
+                    elif isinstance(event, vp.SpeechUpdate):
+                        self._on_speech_update(event, playout)
+                    elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
+                        silence_scope.deadline = math.inf  # the goodbye wait has its own bound
+                        await self._let_goodbye_play(playout)
+                        self._end(Outcome.ASSISTANT_ENDED, event.ended_reason or "ended")
+                        return
+                    elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
+                        log.debug(
+                            "call %s: %s said %r", self._call_sid, event.role, event.transcript
+                        )
+                    else:
+                        # hang (the assistant is stalling, not hanging up), model output, …
+                        log.debug("call %s: Vapi %s", self._call_sid, type(event).__name__)
+            except SocketClosed as exc:
+                if exc.code == 1000:
+                    silence_scope.deadline = math.inf
                     await self._let_goodbye_play(playout)
-                    self._end(Outcome.ASSISTANT_ENDED, event.ended_reason or "ended")
-                    return
-                elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
-                    log.debug("call %s: %s said %r", self._call_sid, event.role, event.transcript)
+                    self._end(Outcome.ASSISTANT_ENDED, "Vapi closed the socket")
                 else:
-                    # hang (the assistant is stalling, not hanging up), model output, …
-                    log.debug("call %s: Vapi %s", self._call_sid, type(event).__name__)
-        except SocketClosed as exc:
-            if exc.code == 1000:
-                await self._let_goodbye_play(playout)
-                self._end(Outcome.ASSISTANT_ENDED, "Vapi closed the socket")
-            else:
-                self._end(Outcome.ASSISTANT_LEG_FAILED, f"dropped: Vapi socket lost ({exc})")
-        except RemoteProtocolError as exc:
-            self._end(Outcome.ASSISTANT_LEG_FAILED, f"protocol: Vapi message: {exc}")
+                    self._end(Outcome.ASSISTANT_LEG_FAILED, f"dropped: Vapi socket lost ({exc})")
+            except RemoteProtocolError as exc:
+                self._end(Outcome.ASSISTANT_LEG_FAILED, f"protocol: Vapi message: {exc}")
+        if silence_scope.cancelled_caught:
+            self._end(
+                Outcome.ASSISTANT_LEG_FAILED,
+                f"unresponsive: nothing from Vapi for {silence_s:g} s",
+            )
 
     def _on_speech_update(self, event: vp.SpeechUpdate, playout: Playout) -> None:
         if event.role == "assistant":
@@ -645,6 +686,35 @@ class Call:
             outcome, detail = self._handover.outcome, self._handover.detail
         self._set_outcome(outcome, detail)
         self._ending.fire(f"call ending: {outcome.value}")
+        if self._call_scope is not None:
+            # The (shielded) wind-down has its own bounds; this backstop keeps a bug in
+            # one of them from holding a stopping server for ever.
+            backstop = trio.current_time() + self._wind_down_bound_s()
+            self._call_scope.deadline = min(self._call_scope.deadline, backstop)
+
+    def _wind_down_bound_s(self) -> float:
+        """Longest a call may take to wind down once it ends, plus ``WIND_DOWN_SLACK_S``.
+
+        A write to Twilio stuck until its deadline, then the Vapi goodbye and the
+        close of its socket, each bounded by the end deadline.
+        """
+        return WRITE_DEADLINE_S + 2 * self._settings.end_deadline_s + WIND_DOWN_SLACK_S
+
+    async def _end_if_cancelled(self, own_scope: trio.CancelScope) -> None:
+        """Turn a cancellation from outside into the end of the call.
+
+        Twilio closes the media socket right after ``stop``, and quart-trio turns a
+        closed socket into a cancellation of the whole handler; so does a stopping
+        server. Were the call's tasks cancelled with it, the Vapi socket's reader would
+        be too, and the goodbye to Vapi would wait out its deadline for an answer that
+        nobody reads, holding back the record the ``<Connect action>`` asks for. So the
+        call runs shielded, and this task, outside the shield, ends it instead.
+        """
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not own_scope.cancel_called:  # not "call over": the cancellation is outside
+                self._end(Outcome.STREAM_LOST, "media socket closed by the peer or server")
 
     def _record(self) -> CallRecord:
         playout = self._playout

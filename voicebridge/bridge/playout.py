@@ -29,6 +29,7 @@ import trio
 from attrs import define, field
 
 from voicebridge.bridge.outcome import BargeIn
+from voicebridge.errors import SocketClosed
 from voicebridge.sockets import MessageSocket
 from voicebridge.twilio.media import MediaStream
 
@@ -222,11 +223,11 @@ class Playout:
             self._buffered_ms += ms
             if self.stats.first_audio_at is None:
                 self.stats.first_audio_at = self._clock()
-            await self._twilio.send(self._stream.send_media(chunk))
+            await self._twilio.send(self._open_stream().send_media(chunk))
             if self._latency_fed_at is not None and self._on_latency is not None:
                 self._on_latency(self._clock() - self._latency_fed_at)
                 self._latency_fed_at = None
-            await self._twilio.send(self._stream.send_mark(mark))
+            await self._twilio.send(self._open_stream().send_mark(mark))
             self.stats.media_messages += 1
 
     async def _wait_next_chunk(self) -> bytes:
@@ -248,6 +249,16 @@ class Playout:
                 continue
             await self._wait_for_change()
 
+    def _open_stream(self) -> MediaStream:
+        """The stream, to encode the next frame with; a stopped one counts as closed.
+
+        Twilio's ``stop`` may be read while one of our (shielded) writes is under way:
+        the call is ending then, and no frame may be encoded for the stream any more.
+        """
+        if self._stream.stopped:
+            raise SocketClosed(None, "Twilio stopped the stream")
+        return self._stream
+
     async def _send_clear(self) -> None:
         interrupted_at = self._interrupted_at
         self._interrupted_at = None
@@ -257,7 +268,7 @@ class Playout:
             discarded += chunk.ms
         self._outstanding.clear()
         self._buffered_ms = 0
-        await self._twilio.send(self._stream.send_clear())
+        await self._twilio.send(self._open_stream().send_clear())
         now = self._clock()
         if interrupted_at is not None:
             self.stats.barge_ins.append(

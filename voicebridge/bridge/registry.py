@@ -189,6 +189,13 @@ class CallRegistry:
         answered (yet, or at all: it may have landed on another process)."""
         return len(self._awaiting_action)
 
+    async def wait_record(self, call_sid: str) -> CallRecord | None:
+        """The call's record once it has one: at once if it has ended, when it has if it
+        is still active (winding down), None if it is neither. Bound it from outside."""
+        while call_sid in self._active:
+            await self.wait_changed_since(self._changes)
+        return self.record_for(call_sid)
+
     async def wait_changed_since(self, seen: int) -> int:
         """Wait until ``changes`` differs from ``seen`` (at once if it does); returns it."""
         while self._changes == seen:

@@ -4,7 +4,8 @@
 inbound call (docs/PROTOCOLS.md §1): it POSTs the signed voice webhook, follows the
 ``<Connect><Stream>`` answer by opening the Media Stream WebSocket, streams the
 caller's microphone at real time (20 ms μ-law frames, silence while the caller is
-quiet) while a script makes the caller speak, wait, press digits and hang up, plays
+quiet) while a script makes the caller speak, wait, press digits and hang up (or
+misbehave, for fault tests: flood, drop the connection, stop reading), plays
 what the bridge sends through a model of Twilio's playback buffer (mark echo and
 ``clear`` semantics included), checks every frame the bridge sends the way Twilio
 does, and finally fetches the ``<Connect action>`` URL. Everything it observed comes
@@ -68,18 +69,22 @@ __all__ = [
     "TURN_GAP_MS",
     "BargeIn",
     "CallReport",
+    "Drop",
     "EndedBy",
     "FinalAction",
+    "Flood",
     "Hangup",
     "HeardTurn",
     "LiveCall",
     "PressDigit",
     "Script",
+    "SendMedia",
     "SendRaw",
     "Silence",
     "SimTwilioSettings",
     "Speak",
     "Step",
+    "StopReading",
     "WaitForAssistant",
     "WaitForAssistantDone",
     "place_call",
@@ -220,16 +225,73 @@ class SendRaw:
 
 @frozen
 class Hangup:
-    """The caller hangs up: ``stop``, then the WebSocket is closed (as Twilio does)."""
+    """The caller hangs up: ``stop``, then the WebSocket is closed (as Twilio does).
+
+    ``media_after_stop`` misbehaves on purpose (fault injection; Twilio never does it):
+    that many more ``media`` frames follow the ``stop`` before the close.
+    """
+
+    media_after_stop: int = field(default=0, validator=attrs.validators.ge(0))
+
+
+@frozen
+class Drop:
+    """The connection drops: TCP is closed with neither ``stop`` nor a WebSocket close frame.
+
+    The call itself is still up, so Twilio goes on to the ``<Connect action>``
+    (``ended_by="dropped"``).
+    """
+
+
+@frozen
+class Flood:
+    """``seconds`` of microphone frames (silence) sent back to back, as fast as TCP takes them.
+
+    Sequence numbers and timestamps stay consecutive; the microphone then resumes its
+    real-time pace from the wall clock (its timestamps now run ``seconds`` ahead of it).
+    """
+
+    seconds: float = field(validator=attrs.validators.gt(0))
+
+
+@frozen
+class SendMedia:
+    """One ``media`` frame carrying ``audio`` whatever its length (Twilio's are 20 ms)."""
+
+    audio: bytes = field(validator=attrs.validators.min_len(1))
+
+
+@frozen
+class StopReading:
+    """Twilio stops reading the socket for ``seconds`` (``math.inf``: never again).
+
+    Nothing the bridge sends is played or echoed meanwhile; once trio-websocket's queue
+    (``STREAM_MESSAGE_BUFFER``) is full, TCP backpressure reaches the bridge. The
+    microphone keeps sending; the step returns at once.
+    """
+
+    seconds: float = field(validator=attrs.validators.gt(0))
 
 
 Step: TypeAlias = (
-    Silence | Speak | WaitForAssistant | WaitForAssistantDone | PressDigit | SendRaw | Hangup
+    Silence
+    | Speak
+    | WaitForAssistant
+    | WaitForAssistantDone
+    | PressDigit
+    | SendRaw
+    | Hangup
+    | Drop
+    | Flood
+    | SendMedia
+    | StopReading
 )
 Script: TypeAlias = Sequence[Step]
 
 FinalAction = Literal["hangup", "say", "dial", "connect", "none"]
-EndedBy = Literal["no_stream", "stream_failed", "server", "caller", "max_duration", "step_timeout"]
+EndedBy = Literal[
+    "no_stream", "stream_failed", "server", "caller", "dropped", "max_duration", "step_timeout"
+]
 
 
 # --- The report ----------------------------------------------------------------------
@@ -257,7 +319,8 @@ class BargeIn:
     """
 
     #: Timestamp of the utterance's first speech frame (the ``media.timestamp`` the
-    #: bridge sees), ms since stream start.
+    #: bridge sees, less frames a ``Flood`` or ``SendMedia`` sent ahead of the
+    #: microphone's pace), ms since stream start.
     speech_onset_ms: float
     #: When the bridge's ``clear`` arrived (first clear at or after the onset and
     #: before the next barge-in's onset), ms since stream start; None: no clear.
@@ -332,6 +395,9 @@ class CallReport:
     #: (it did not), ``redirect`` (new TwiML: ``final_*`` describe it, no
     #: ``<Connect action>`` was fetched) or ``completed`` (hung up).
     rest_update: str = ""
+    #: μ-law bytes of assistant audio the bridge sent, heard or not (a clear or the end
+    #: of the call may have cut it), up to Twilio's 10-minute buffer.
+    audio_received_bytes: int = 0
 
 
 #: How long a REST update may take to tell the Media Stream it ends (``stop``).
@@ -642,20 +708,15 @@ class _SimCall:
             async with trio.open_nursery() as connection_nursery:
                 try:
                     with trio.fail_after(STREAM_CONNECT_TIMEOUT_S):
-                        connection = await trio_websocket.connect_websocket_url(
-                            connection_nursery,
-                            target,
-                            ssl_context=_tls_context() if target.startswith("wss:") else None,
-                            extra_headers=[(b"x-twilio-signature", signature.encode("ascii"))],
-                            message_queue_size=STREAM_MESSAGE_BUFFER,
-                            max_message_size=MAX_BRIDGE_MESSAGE_BYTES,
+                        connection, transport = await _connect_media_socket(
+                            connection_nursery, target, signature
                         )
                 except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
                     connection_nursery.cancel_scope.cancel(reason="stream handshake failed")
                     return self._stream_failed(stream_twiml, exc)
                 socket = TrioWebSocket(connection)
                 try:
-                    return await self._run_stream(socket, stream_sid, stream_twiml)
+                    return await self._run_stream(socket, transport, stream_sid, stream_twiml)
                 finally:
                     await socket.aclose()
                     # The closing handshake is over; do not wait for the bridge to
@@ -673,7 +734,11 @@ class _SimCall:
         return attrs.evolve(_no_stream(), ended_by="stream_failed")
 
     async def _run_stream(
-        self, socket: TrioWebSocket, stream_sid: str, stream_twiml: _StreamTwiml
+        self,
+        socket: TrioWebSocket,
+        transport: trio.abc.AsyncResource,
+        stream_sid: str,
+        stream_twiml: _StreamTwiml,
     ) -> _StreamResult:
         ids = _StreamIds(
             account_sid=self._settings.account_sid, call_sid=self._call_sid, stream_sid=stream_sid
@@ -695,6 +760,7 @@ class _SimCall:
         stream = _MediaStream(
             socket,
             writer,
+            transport=transport,
             start_time=trio.current_time(),
             script=self._script,
             utterances=self._utterances,
@@ -732,6 +798,7 @@ class _SimCall:
             clears=result.clears,
             frames_sent=result.frames_sent,
             bytes_heard=playout.bytes_heard if playout is not None else 0,
+            audio_received_bytes=playout.bytes_received if playout is not None else 0,
             protocol_violations=self._violations.as_list(),
             close_code=result.close_code,
             action_twiml=action_twiml,
@@ -741,6 +808,33 @@ class _SimCall:
             duration_s=trio.current_time() - started,
             heard_audio=playout.heard_audio if playout is not None else b"",
         )
+
+
+async def _connect_media_socket(
+    nursery: trio.Nursery, url: str, signature: str
+) -> tuple[trio_websocket.WebSocketConnection, trio.abc.AsyncResource]:
+    """Open the Media Stream WebSocket; also returns its TCP (or TLS) stream, for ``Drop``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    transport: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    if secure:
+        transport = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=_tls_context(), https_compatible=True
+        )
+    else:
+        transport = await trio.open_tcp_stream(host, port)
+    connection = await trio_websocket.wrap_client_stream(
+        nursery,
+        transport,
+        host if port in (80, 443) else f"{host}:{port}",
+        (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+        extra_headers=[(b"x-twilio-signature", signature.encode("ascii"))],
+        message_queue_size=STREAM_MESSAGE_BUFFER,
+        max_message_size=MAX_BRIDGE_MESSAGE_BYTES,
+    )
+    return connection, transport
 
 
 def _is_success(status: int) -> bool:
@@ -817,20 +911,23 @@ class _StreamWriter:
     async def send_media(self, payload_b64: str) -> None:
         """The next microphone frame; ``chunk`` and ``timestamp`` follow ``frames_sent``."""
         async with self._write_lock:
-            message = {
-                "event": "media",
-                "sequenceNumber": str(self._next_sequence),
-                "streamSid": self._ids.stream_sid,
-                "media": {
-                    "track": "inbound",
-                    "chunk": str(self.frames_sent + 1),
-                    "timestamp": str(self.frames_sent * FRAME_MS),
-                    "payload": payload_b64,
-                },
-            }
-            await self._socket.send(_dumps(message))
-            self._next_sequence += 1
-            self.frames_sent += 1
+            await self._send_media_locked(payload_b64)
+
+    async def _send_media_locked(self, payload_b64: str) -> None:
+        message = {
+            "event": "media",
+            "sequenceNumber": str(self._next_sequence),
+            "streamSid": self._ids.stream_sid,
+            "media": {
+                "track": "inbound",
+                "chunk": str(self.frames_sent + 1),
+                "timestamp": str(self.frames_sent * FRAME_MS),
+                "payload": payload_b64,
+            },
+        }
+        await self._socket.send(_dumps(message))
+        self._next_sequence += 1
+        self.frames_sent += 1
 
     async def send_mark(self, name: str) -> None:
         await self._send_numbered("mark", {"name": name})
@@ -843,8 +940,11 @@ class _StreamWriter:
         async with self._write_lock:
             await self._socket.send(frame)
 
-    async def hang_up(self) -> None:
-        """``stop``, then close the socket, with nothing in between (no echo after stop)."""
+    async def hang_up(self, *, media_after_stop: int = 0) -> None:
+        """``stop``, then close the socket, with nothing in between (no echo after stop).
+
+        ``media_after_stop`` silence frames are sent between the two (a fault).
+        """
         ids = self._ids
         async with self._write_lock:
             message = {
@@ -855,6 +955,9 @@ class _StreamWriter:
             }
             try:
                 await self._socket.send(_dumps(message))
+                self._next_sequence += 1
+                for _ in range(media_after_stop):
+                    await self._send_media_locked(_SILENCE_FRAME_B64)
             finally:
                 await self._socket.aclose()
 
@@ -891,6 +994,7 @@ class _MediaStream:
         socket: TrioWebSocket,
         writer: _StreamWriter,
         *,
+        transport: trio.abc.AsyncResource,
         start_time: float,
         script: tuple[Step, ...],
         utterances: Mapping[str, _Utterance],
@@ -899,6 +1003,7 @@ class _MediaStream:
     ) -> None:
         self._socket = socket
         self._writer = writer
+        self._transport = transport
         self._start = start_time
         self._script = script
         self._utterances = utterances
@@ -914,6 +1019,12 @@ class _MediaStream:
         self._marks_sent = 0
         self._marks_cleared = 0
         self._clears = 0
+        #: Media frames sent ahead of the microphone's real-time pace (Flood, SendMedia).
+        self._unpaced_frames = 0
+        #: Until then Twilio reads nothing from the socket (StopReading).
+        self._reading_resumes_at = -math.inf
+        #: Set when the caller's side is over: a paused reader then reads the rest.
+        self._talk_done = trio.Event()
 
     async def run(self) -> _StreamResult:
         """Run the call from just after ``start`` until the stream closes (by either side)."""
@@ -946,6 +1057,9 @@ class _MediaStream:
         """Receive until the socket closes, then end the stream (stopping the caller)."""
         try:
             while True:
+                if trio.current_time() < self._reading_resumes_at:
+                    with trio.move_on_at(self._reading_resumes_at):
+                        await self._talk_done.wait()
                 message: str | bytes | None = None
                 with trio.move_on_at(self._playout.next_mark_due()):
                     message = await self._socket.receive()
@@ -985,6 +1099,12 @@ class _MediaStream:
     async def _talk(self) -> None:
         """Run the script, then keep the line open; hang up on timeout or max duration."""
         try:
+            await self._run_script()
+        finally:
+            self._talk_done.set()
+
+    async def _run_script(self) -> None:
+        try:
             with trio.move_on_at(self._start + self._max_call_s):
                 for index, step in enumerate(self._script):
                     try:
@@ -994,7 +1114,7 @@ class _MediaStream:
                         self._end("step_timeout")
                         await self._writer.hang_up()
                         return
-                    if isinstance(step, Hangup):
+                    if isinstance(step, Hangup | Drop):
                         return
                 while True:  # script over: listen until the bridge ends the call
                     await self._send_frame(_SILENCE_FRAME_B64)
@@ -1027,19 +1147,32 @@ class _MediaStream:
             await self._writer.send_dtmf(step.digit)
         elif isinstance(step, SendRaw):
             await self._writer.send_raw(step.frame)
+        elif isinstance(step, Flood):
+            frames = round(step.seconds * 1000 / FRAME_MS)
+            for _ in range(frames):
+                await self._writer.send_media(_SILENCE_FRAME_B64)
+            self._unpaced_frames += frames
+        elif isinstance(step, SendMedia):
+            await self._writer.send_media(base64.b64encode(step.audio).decode("ascii"))
+            self._unpaced_frames += 1
+        elif isinstance(step, StopReading):
+            self._reading_resumes_at = trio.current_time() + step.seconds
+        elif isinstance(step, Drop):
+            self._end("dropped")
+            await self._transport.aclose()
         else:
             self._end("caller")
-            await self._writer.hang_up()
+            await self._writer.hang_up(media_after_stop=step.media_after_stop)
 
     async def _speak(self, utterance: _Utterance) -> None:
         interruption: _Interruption | None = None
         for index, payload in enumerate(utterance.payloads):
             await self._wait_next_tick()
             if index == utterance.onset_frame and self._playout.assistant_speech_pending():
-                interruption = _Interruption(self._writer.frames_sent * FRAME_MS)
+                interruption = _Interruption(self._mic_ms())
                 self._interruptions.append(interruption)
             await self._writer.send_media(payload)
-        self._last_utterance_end_ms = self._writer.frames_sent * FRAME_MS
+        self._last_utterance_end_ms = self._mic_ms()
         if interruption is not None:
             interruption.end_ms = self._last_utterance_end_ms
 
@@ -1047,9 +1180,13 @@ class _MediaStream:
         await self._wait_next_tick()
         await self._writer.send_media(payload_b64)
 
+    def _mic_ms(self) -> float:
+        """Where the microphone is, ms since stream start (frames sent out of pace excluded)."""
+        return float((self._writer.frames_sent - self._unpaced_frames) * FRAME_MS)
+
     async def _wait_next_tick(self) -> None:
         """Sleep until the next microphone frame is due, and let the ear catch up."""
-        await trio.sleep_until(self._start + self._writer.frames_sent * FRAME_S)
+        await trio.sleep_until(self._start + self._mic_ms() / 1000)
         self._playout.advance(trio.current_time())
 
     def _heard_current_turn(self, heard_ms: float) -> bool:
@@ -1300,6 +1437,10 @@ class _Playout:
     @property
     def bytes_heard(self) -> int:
         return self._bytes_accepted - self._bytes_discarded
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_accepted
 
     @property
     def heard_audio(self) -> bytes:
