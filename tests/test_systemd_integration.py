@@ -325,6 +325,7 @@ async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
             command = [ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=http"]
             command += [f"--setenv={name}={value}" for name, value in environment.items()]
             async with serving([*command, *SERVE, str(config)], {"PATH": "/usr/bin:/bin"}) as srv:
+                await srv.wait_for_log(f"Listening on 127.0.0.1:{port}")
                 # systemd-socket-activate starts the server at the first connection: the
                 # webhook waits in the backlog meanwhile, it is never refused.
                 report = await place_call(box.caller(port=port), SHORT_CALL)

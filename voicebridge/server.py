@@ -54,7 +54,7 @@ from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
-from voicebridge.web import VOICE_PATH, Services, create_app
+from voicebridge.web import VOICE_PATH, Services, asgi_app
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ async def serve(
             reload_config=reload_config,
             shared=shared,
         )
-        app = create_app(process.current_services)
+        app = asgi_app(process.current_services)
         hypercorn_config = process.hypercorn_config
         # hypercorn takes ownership of each fd://N socket (it closes it).
         hypercorn_config.bind = [f"fd://{sock.detach()}" for sock in sockets]
@@ -274,7 +274,7 @@ class _ServerProcess:
         self._shared = shared
         #: Set to drain (first SIGTERM/SIGINT, or the caller's ``stop``).
         self._stop = stop
-        #: Set when hypercorn should shut down: the drain is over, or stop at once.
+        #: Set when hypercorn should shut down: the drain is over.
         self._http_shutdown = trio.Event()
         # Invariant: once True, the drain's wait for calls to finish is (or will be) over.
         self._stopping_now = False
@@ -337,6 +337,8 @@ class _ServerProcess:
         self._http_shutdown.set()
 
     async def _drain(self) -> None:
+        """Refuse new calls, wait for the active ones up to the deadline, end the rest,
+        wait (bounded) for their goodbyes and ``<Connect action>`` requests."""
         registry = self.services.registry
         config = self.services.config
         deadline_s = config.server.drain_deadline_s
