@@ -347,7 +347,10 @@ async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
     pings = [n.at for n in box.notify.with_key("WATCHDOG")]
     assert len(pings) >= 10, "a call of ~4 s at one ping per 150 ms"
     gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
-    assert all(0.1 < gap < 0.3 for gap in gaps), gaps
+    # The cadence is kept (a late ping does not shift the next ones); single gaps jitter
+    # with the load on this machine, so the bounds on each are loose.
+    assert 0.13 < (pings[-1] - pings[0]) / len(gaps) < 0.17, gaps
+    assert all(0.02 < gap < 0.5 for gap in gaps), gaps
 
 
 # -- drain on SIGTERM -----------------------------------------------------------------
@@ -426,6 +429,7 @@ async def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:
                     assert await server.process.wait() == 0
                     stopped_after = trio.current_time() - second_at
     [report] = reports
+    print(f"second signal: the process exited {stopped_after:.2f} s after it")
     assert stopped_after < 4.0, "not the 60 s drain deadline"
     assert report.ended_by == "server"
     assert FALLBACK_WORDS in report.final_say.lower()
