@@ -6,7 +6,8 @@ They hold no call logic of their own.
 
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
-- ``WS /twilio/stream``: the media stream; one ``Call`` per socket.
+- ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served on
+  ASGI directly (``asgi_app``), not through quart: see ``AsgiSocket``.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
 - ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
 - ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
@@ -21,7 +22,12 @@ from typing import Any
 
 import trio
 from attrs import define, field
-from quart import Response, request, websocket
+from hypercorn.typing import ASGIFramework as AsgiApp
+from hypercorn.typing import ASGIReceiveCallable as Receive
+from hypercorn.typing import ASGISendCallable as Send
+from hypercorn.typing import Scope, WebsocketSendEvent
+from hypercorn.utils import UnexpectedMessageError
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from voicebridge.bridge.call import (
@@ -78,27 +84,54 @@ class Services:
     metrics: BridgeMetrics = field(factory=BridgeMetrics)
 
 
-class QuartSocket:
-    """``MessageSocket`` over quart-trio's websocket.
+class AsgiSocket:
+    """``MessageSocket`` over an ASGI WebSocket (hypercorn's), with no framework between.
 
-    A peer that disconnects reaches the handler as ``trio.Cancelled`` (quart-trio
-    cancels it), never as an error from ``receive``.
+    The media socket carries every caller frame (50 a second per call) and all the
+    assistant's audio, so what each message costs is what a call costs. Through
+    quart-trio each inbound message took one more task hop (its reader task and
+    queue) and framework code each way; profiles of ``voicebridge loadtest`` put it
+    at about a tenth of the bridge's CPU (docs/performance.md). The webhooks, which
+    come once per call, stay on quart.
+
+    A peer that disconnects arrives as ``websocket.disconnect``: ``receive`` raises
+    ``SocketClosed`` with its close code.
     """
 
-    def __init__(self, ws: Any) -> None:
-        self._ws = ws
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
         self._closed = False
+        self._peer_closed: int | None = None
 
     async def receive(self) -> str | bytes:
-        message: str | bytes = await self._ws.receive()
-        return message
+        if self._peer_closed is not None:
+            raise SocketClosed(self._peer_closed, "closed by the peer")
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            text = message.get("text")
+            if text is not None:
+                return text
+            return message.get("bytes") or b""
+        # websocket.disconnect: the peer closed (or the connection broke, 1006).
+        code = message.get("code") if message["type"] == "websocket.disconnect" else None
+        self._peer_closed = code if isinstance(code, int) else 1005
+        raise SocketClosed(self._peer_closed, "closed by the peer")
 
     async def send(self, message: str | bytes) -> None:
         if self._closed:
             raise SocketClosed(None, "closed by us")
+        if isinstance(message, str):
+            event: WebsocketSendEvent = {"type": "websocket.send", "text": message, "bytes": None}
+        else:
+            event = {"type": "websocket.send", "text": None, "bytes": message}
         with trio.CancelScope(shield=True):
             with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
-                await self._ws.send(message)
+                try:
+                    await self._send(event)
+                except UnexpectedMessageError:
+                    # hypercorn's verdict on a send after the close handshake began.
+                    raise SocketClosed(self._peer_closed, "closed") from None
         if write_scope.cancelled_caught:
             raise SocketWriteTimeout(None, "write deadline passed")
 
@@ -107,7 +140,9 @@ class QuartSocket:
             return
         self._closed = True
         with close_scope():
-            await self._ws.close(code, reason)
+            # hypercorn refuses a close of a socket already closed: nothing to say then.
+            with contextlib.suppress(UnexpectedMessageError):
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 def _twiml_response(body: str) -> Response:
@@ -204,36 +239,6 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         )
         return _twiml_response(body)
 
-    @app.websocket(STREAM_PATH)
-    async def media_stream() -> None:
-        services = get_services()
-        # The real object behind quart's context-local proxy, for the socket adapter.
-        ws = websocket._get_current_object()  # type: ignore[attr-defined]
-        # Advisory only (Twilio's own libraries disagree on whether the upgrade is
-        # signed); the stream token in `start` is the gate. The verdict goes on the
-        # call-start line (UPGRADE_SIGNATURE=valid|missing|mismatch|unchecked).
-        upgrade_signature = "unchecked"
-        if services.verifier is not None:
-            try:
-                services.verifier.verify_upgrade(
-                    path=websocket.path, signature=websocket.headers.get("X-Twilio-Signature")
-                )
-                upgrade_signature = "valid"
-            except SignatureError as exc:
-                upgrade_signature = exc.reason
-        await ws.accept()
-        call = Call(
-            QuartSocket(ws),
-            settings=services.call_settings,
-            connector=services.metrics.timed(services.connector),
-            verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
-            tracker=services.registry,
-            upgrade_signature=upgrade_signature,
-            control=services.control,
-            observer=services.metrics,
-        )
-        await call.run()
-
     @app.post(AFTER_STREAM_PATH)
     async def after_stream() -> Response:
         form, refusal = await signed_form()
@@ -272,6 +277,52 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
 
     add_control_routes(app, lambda: get_services().control)
     return app
+
+
+def asgi_app(get_services: Callable[[], Services]) -> AsgiApp:
+    """The application to serve: the media socket on bare ASGI, the rest through quart."""
+    app = create_app(get_services)
+
+    async def serve_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == STREAM_PATH:
+            await _media_stream(get_services(), scope, receive, send)
+        else:
+            await app(scope, receive, send)  # type: ignore[arg-type]
+
+    return serve_asgi
+
+
+async def _media_stream(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
+    """``WS /twilio/stream``: accept the socket and run one ``Call`` on it."""
+    if (await receive())["type"] != "websocket.connect":
+        return  # the client went away during the handshake
+    # Advisory only (Twilio's own libraries disagree on whether the upgrade is
+    # signed); the stream token in `start` is the gate. The verdict goes on the
+    # call-start line (UPGRADE_SIGNATURE=valid|missing|mismatch|unchecked).
+    upgrade_signature = "unchecked"
+    if services.verifier is not None:
+        headers = {name.decode("latin-1"): value for name, value in scope["headers"]}
+        signature = headers.get("x-twilio-signature")
+        try:
+            services.verifier.verify_upgrade(
+                path=scope["path"],
+                signature=signature.decode("latin-1") if signature is not None else None,
+            )
+            upgrade_signature = "valid"
+        except SignatureError as exc:
+            upgrade_signature = exc.reason
+    await send({"type": "websocket.accept", "subprotocol": None, "headers": ()})
+    call = Call(
+        AsgiSocket(receive, send),
+        settings=services.call_settings,
+        connector=services.metrics.timed(services.connector),
+        verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
+        tracker=services.registry,
+        upgrade_signature=upgrade_signature,
+        control=services.control,
+        observer=services.metrics,
+    )
+    await call.run()
 
 
 def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None) -> str:
