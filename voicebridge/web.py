@@ -16,16 +16,16 @@ They hold no call logic of their own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import trio
 from attrs import define, field
 from hypercorn.typing import ASGIFramework as AsgiApp
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
-from hypercorn.typing import Scope, WebsocketSendEvent
+from hypercorn.typing import Scope, WebsocketScope, WebsocketSendEvent
 from hypercorn.utils import UnexpectedMessageError
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -139,10 +139,9 @@ class AsgiSocket:
         if self._closed:
             return
         self._closed = True
-        with close_scope():
-            # hypercorn refuses a close of a socket already closed: nothing to say then.
-            with contextlib.suppress(UnexpectedMessageError):
-                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        # hypercorn refuses a close of a socket already closed: nothing to say then.
+        with close_scope(), contextlib.suppress(UnexpectedMessageError):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 def _twiml_response(body: str) -> Response:
@@ -287,12 +286,14 @@ def asgi_app(get_services: Callable[[], Services]) -> AsgiApp:
         if scope["type"] == "websocket" and scope["path"] == STREAM_PATH:
             await _media_stream(get_services(), scope, receive, send)
         else:
-            await app(scope, receive, send)  # type: ignore[arg-type]
+            await app(scope, receive, send)
 
     return serve_asgi
 
 
-async def _media_stream(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
+async def _media_stream(
+    services: Services, scope: WebsocketScope, receive: Receive, send: Send
+) -> None:
     """``WS /twilio/stream``: accept the socket and run one ``Call`` on it."""
     if (await receive())["type"] != "websocket.connect":
         return  # the client went away during the handshake
