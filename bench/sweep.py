@@ -38,6 +38,8 @@ from voicebridge.loadtest.run import LoadTestOptions, Target, TargetFactory, run
 
 HERE = Path(__file__).resolve().parent
 RELAYS = HERE / "relays.py"
+#: Hand-written: what the profiles showed and which levers were measured (kept or not).
+FINDINGS = HERE / "findings.md"
 REFERENCES = {"tcp": "bare trio TCP relay", "ws": "bare trio-websocket relay"}
 #: The targets of issue 5 for one bridge process on one core.
 TARGET_P99_MS = 10.0
@@ -190,7 +192,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, info: dict[str, str],
         "## Sweep",
         "",
         "| calls | c→a p50 / p99 / max ms | a→c p50 / p99 / max ms | barge-in p50 / p99 ms "
-        "| heard after clear | dropped | failed | CPU µs/call-s | core % | RSS KiB/call "
+        "| heard after clear | dropped | failed | CPU µs/call-s | core % "
+        "| RSS KiB/call (growth over the window) "
         "| valid |",
         "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -205,7 +208,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, info: dict[str, str],
             f"{_f(b['barge_in_ms']['p99'], '.2f')} | {_f(b['heard_after_clear_ms'], '.0f')} ms "
             f"| {b['dropped_frames']} | {b['failed_calls']} | "
             f"{_f(b['cpu_us_per_call_second'], '.0f')} | {_f(b['bridge_cpu_pct'], '.0f')} | "
-            f"{_f(b['rss_kib_per_call'], '.0f')} | {'yes' if b['valid'] else 'no'} |"
+            f"{_f(b['rss_kib_per_call'], '.0f')} ({_f(b['rss_growth_kib'], '+d')} KiB) | "
+            f"{'yes' if b['valid'] else 'no'} |"
         )
     lines += [
         "",
@@ -229,6 +233,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, info: dict[str, str],
             + " / ".join(_f(v, ".2f") for v in p99["caller_to_agent"]) + " | "
             + " / ".join(_f(v, ".2f") for v in p99["agent_to_caller"]) + " |"
         )
+    if FINDINGS.exists():
+        lines += ["", FINDINGS.read_text().rstrip()]
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({name})" for title, name in plots]
     lines += [

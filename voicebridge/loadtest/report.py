@@ -78,6 +78,8 @@ class LoadReport:
     rss_kib_per_call: float | None
     rss_idle_kib: int | None
     rss_loaded_kib: int | None
+    #: RSS growth from the start to the end of the window, all calls up: flat is 0.
+    rss_growth_kib: int | None
     generator_cpu_pct: float
     generator_tick_slip_p99_ms: float | None
     window_s: float
@@ -126,6 +128,7 @@ class LoadReport:
             "rss_kib_per_call": _round(self.rss_kib_per_call),
             "rss_idle_kib": self.rss_idle_kib,
             "rss_loaded_kib": self.rss_loaded_kib,
+            "rss_growth_kib": self.rss_growth_kib,
             "generator_cpu_pct": _round(self.generator_cpu_pct),
             "generator_tick_slip_p99_ms": _round(self.generator_tick_slip_p99_ms),
         }
@@ -163,7 +166,8 @@ class LoadReport:
             f"call-second ({_maybe(self.bridge_cpu_pct, '.0f')} % of a core)",
             f"bridge RSS per call:        {_maybe(self.rss_kib_per_call, '.0f')} KiB "
             f"(idle {_maybe(self.rss_idle_kib, 'd')} KiB, loaded "
-            f"{_maybe(self.rss_loaded_kib, 'd')} KiB)",
+            f"{_maybe(self.rss_loaded_kib, 'd')} KiB, "
+            f"{_maybe(self.rss_growth_kib, '+d')} KiB over the window)",
             f"generator CPU:              {self.generator_cpu_pct:.0f} % of a core, tick slip "
             f"p99 {_maybe(self.generator_tick_slip_p99_ms, '.1f')} ms",
             "",

@@ -267,6 +267,10 @@ def _report(
         rss_kib_per_call=rss_per_call,
         rss_idle_kib=idle.rss_kib if idle is not None else None,
         rss_loaded_kib=bridge_end.rss_kib if bridge_end is not None else None,
+        rss_growth_kib=(
+            bridge_end.rss_kib - bridge_start.rss_kib
+            if bridge_start is not None and bridge_end is not None else None
+        ),
         generator_cpu_pct=generator_cpu_pct,
         generator_tick_slip_p99_ms=slip.p99,
         window_s=window_s if math.isfinite(window_s) else 0.0,
