@@ -33,7 +33,7 @@ import trio
 
 from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator
 from voicebridge.loadtest.process import BridgeProcess
-from voicebridge.loadtest.report import LoadReport
+from voicebridge.loadtest.report import GENERATOR_SATURATED_PCT, LoadReport
 from voicebridge.loadtest.run import LoadTestOptions, Target, TargetFactory, run_loadtest
 
 HERE = Path(__file__).resolve().parent
@@ -92,11 +92,14 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
             row[kind] = reference.to_json()
         rows.append(row)
         worst = _worst_p99(bridge)
-        if bridge.failed_calls or worst > args.limit_ms or not bridge.valid:
+        # A row whose generator slipped is kept (marked not valid); a saturated
+        # generator cannot load more calls, so the sweep ends there.
+        saturated = bridge.generator_cpu_pct > GENERATOR_SATURATED_PCT
+        if bridge.failed_calls or worst > args.limit_ms or saturated:
             row["stopped"] = (
                 f"{bridge.failed_calls} failed calls" if bridge.failed_calls
                 else f"p99 {worst:.1f} ms > {args.limit_ms:g} ms" if worst > args.limit_ms
-                else "generator saturated: " + "; ".join(bridge.invalid_reasons)
+                else f"the generator used {bridge.generator_cpu_pct:.0f} % of its core"
             )
             break
         calls += args.step
