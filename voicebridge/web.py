@@ -158,6 +158,12 @@ def _text_response(body: str, status: int) -> Response:
     return response
 
 
+def _parameter_value(name: str, value: str) -> str:
+    """``value`` for a ``<Parameter>`` (informational: the caller's and called numbers),
+    or "" when it would not fit Twilio's limit: a call is never refused for it."""
+    return value if len(name) + len(value) < twiml.MAX_PARAMETER_CHARS else ""
+
+
 def _path_and_query() -> str:
     query = request.query_string.decode("latin-1")
     return request.path + (f"?{query}" if query else "")
@@ -211,6 +217,10 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         call_sid = form.get("CallSid", "")
         if not call_sid:
             return _text_response("CallSid missing", 400)
+        try:
+            token = services.tokens.issue(call_sid)
+        except ValueError:  # Twilio's CallSids are CA + 32 hex digits
+            return _text_response("CallSid malformed", 400)
         if not services.registry.try_admit(call_sid):
             draining = services.registry.draining
             reason = "draining" if draining else "at capacity"
@@ -231,9 +241,9 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             stream_url=stream_url,
             action_url=public_url + AFTER_STREAM_PATH,
             parameters={
-                TOKEN_PARAMETER: services.tokens.issue(call_sid),
-                CALLER_PARAMETER: form.get("From", ""),
-                CALLED_PARAMETER: form.get("To", ""),
+                TOKEN_PARAMETER: token,
+                CALLER_PARAMETER: _parameter_value(CALLER_PARAMETER, form.get("From", "")),
+                CALLED_PARAMETER: _parameter_value(CALLED_PARAMETER, form.get("To", "")),
             },
         )
         return _twiml_response(body)

@@ -149,13 +149,16 @@ def vapi_call_of(bridge: Bridge, call_sid: str) -> SimVapiCallRecord:
     return record
 
 
-def assert_witness_untouched(report: CallReport, bridge: Bridge) -> None:
+def assert_witness_untouched(
+    report: CallReport, bridge: Bridge, *, allow_dropped: bool = False
+) -> None:
     """A witness's call went exactly as a normal call does, whatever the fault did.
 
     The caller heard the greeting, talked over it and was obeyed at once (not one
     frame of the cut turn after the clear), heard the answer and hung up; Twilio saw
     clean traffic; every caller frame reached Vapi byte for byte (Vapi recognised
-    the words) and none was dropped; Vapi was told goodbye and closed cleanly.
+    the words) and none was dropped (``allow_dropped``: stale frames may have been,
+    and were counted); Vapi was told goodbye and closed cleanly.
     """
     label = f"witness {report.call_sid}"
     assert report.protocol_violations == [], label
@@ -167,7 +170,7 @@ def assert_witness_untouched(report: CallReport, bridge: Bridge) -> None:
     assert [turn.interrupted for turn in report.turns] == [True, False], label
     record = bridge.record(report.call_sid)
     assert record.outcome is Outcome.CALLER_HUNG_UP, (label, record.detail)
-    assert record.frames_dropped == 0, label
+    assert allow_dropped or record.frames_dropped == 0, label
     [bridge_barge_in] = record.barge_ins
     assert bridge_barge_in.latency_ms < WITNESS_BARGE_IN_MAX_MS, label
     vapi_call = vapi_call_of(bridge, report.call_sid)
@@ -176,7 +179,8 @@ def assert_witness_untouched(report: CallReport, bridge: Bridge) -> None:
         for event in vapi_call.messages("transcript")
         if event.message["role"] == "user"
     ]
-    assert said == [CLIP_TEXTS[WITNESS_WORDS]], label
+    if not record.frames_dropped:
+        assert said == [CLIP_TEXTS[WITNESS_WORDS]], label
     assert vapi_call.end_call_received_at is not None, label
     assert vapi_call.close_code == 1000, label
 
@@ -241,7 +245,7 @@ async def calls_by_outcome(bridge: Bridge) -> dict[str, float]:
 async def assert_metrics(bridge: Bridge, expected: Mapping[Outcome, int]) -> None:
     """``/metrics`` counts exactly ``expected`` calls by outcome (and nothing else)."""
     counts = await calls_by_outcome(bridge)
-    assert counts == {outcome.value: float(n) for outcome, n in expected.items()}
+    assert counts == {outcome.value: float(n) for outcome, n in expected.items()}, counts
 
 
 def witnesses_and(outcome: Outcome, count: int = 1) -> dict[Outcome, int]:

@@ -363,6 +363,11 @@ class SimVapi:
         self.max_concurrent_calls = max_concurrent_calls
         self._calls: dict[str, SimVapiCallRecord] = {}
         self._create_attempts: list[CreateAttempt] = []
+        # Attempts dropped by forget_ended(): create_order keeps counting past them.
+        self._forgotten_attempts = 0
+        #: Close each ``POST /call`` connection after its answer (no keep-alive), so that
+        #: a soak's idle server holds no pooled connection whose count would vary.
+        self.close_connections = False
         #: Vapi's custom credentials by id (``server.credentialId``), e.g. an HMAC key.
         self.credentials: dict[str, SimServerCredential] = {}
         self._host = "127.0.0.1"
@@ -371,6 +376,17 @@ class SimVapi:
     @property
     def api_key(self) -> str:
         return self._api_key
+
+    def forget_ended(self) -> int:
+        """Drop the records of ended calls and answered create attempts; returns how many
+        calls were dropped. For long runs (a soak): memory then stays flat."""
+        ended = [call_id for call_id, call in self._calls.items() if call.ended_at is not None]
+        for call_id in ended:
+            del self._calls[call_id]
+        kept = [attempt for attempt in self._create_attempts if attempt.status is None]
+        self._forgotten_attempts += len(self._create_attempts) - len(kept)
+        self._create_attempts = kept
+        return len(ended)
 
     @property
     def port(self) -> int:
@@ -424,7 +440,7 @@ class SimVapi:
         except orjson.JSONDecodeError:
             body = None
         create_body = body if isinstance(body, dict) else None
-        order = len(self._create_attempts)
+        order = self._forgotten_attempts + len(self._create_attempts)
         call_sid = _call_sid(create_body) if create_body is not None else None
         behaviour = self.behaviour_for(order, call_sid) if self.behaviour_for else self.behaviour
         attempt = CreateAttempt(
@@ -433,6 +449,8 @@ class SimVapi:
         self._create_attempts.append(attempt)
         response = await self._create_call(attempt, behaviour, call_sid, self._authority(request))
         attempt.status = response.status
+        if self.close_connections:
+            response = attrs.evolve(response, headers=(*response.headers, ("connection", "close")))
         return response
 
     def _authority(self, request: HttpRequest) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -9,10 +10,19 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from voicebridge.config import CallerAction
 
-__all__ = ["MAX_PARAMETER_CHARS", "caller_action", "connect_stream", "hangup"]
+__all__ = ["MAX_PARAMETER_CHARS", "caller_action", "connect_stream", "hangup", "xml_safe"]
 
 #: Twilio's limit on one ``<Parameter>``: its name and value together must be shorter.
 MAX_PARAMETER_CHARS = 500
+#: Characters XML 1.0 cannot carry at all (most C0 controls, surrogates, U+FFFE/U+FFFF):
+#: written raw they make the whole document malformed, and Twilio then plays its
+#: generic error to the caller.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` without the characters XML cannot carry (they are dropped)."""
+    return _NOT_XML.sub("", text)
 
 
 def connect_stream(
@@ -30,11 +40,13 @@ def connect_stream(
     ``stream-started`` / ``stream-stopped`` / ``stream-error`` events. The parameters
     arrive in ``start.customParameters``, in this order.
 
+    Characters XML cannot carry are dropped from names and values (``xml_safe``).
     Raises ``ValueError`` when ``stream_url`` is not ``wss://`` (or ``ws://``, for local
     tests) or carries a query string or fragment (Twilio does not support them; per-call
     data goes in parameters), when a parameter name is empty, or when a parameter's name
     and value together reach ``MAX_PARAMETER_CHARS``.
     """
+    parameters = {xml_safe(name): xml_safe(value) for name, value in parameters.items()}
     url = urlsplit(stream_url)
     if url.scheme not in ("wss", "ws") or not url.netloc:
         raise ValueError(f"stream URL must be wss://host/path, not {stream_url!r}")
@@ -60,10 +72,14 @@ def connect_stream(
 
 
 def caller_action(action: CallerAction) -> str:
-    """``<Say>`` the words (if any), ``<Dial>`` the number (if any), then ``<Hangup/>``."""
+    """``<Say>`` the words (if any), ``<Dial>`` the number (if any), then ``<Hangup/>``.
+
+    Characters XML cannot carry are dropped from the words (``xml_safe``).
+    """
     response = VoiceResponse()
-    if action.say:
-        response.say(action.say, voice=action.voice or None)
+    say = xml_safe(action.say)
+    if say:
+        response.say(say, voice=xml_safe(action.voice) or None)
     if action.dial:
         response.dial(action.dial)
     response.hangup()
