@@ -16,7 +16,9 @@ import trio
 
 from voicebridge.cli import main
 from voicebridge.loadtest.generator import MARKER_BYTES, marker, read_marker
+from voicebridge.loadtest.process import BridgeProcess
 from voicebridge.loadtest.report import Percentiles
+from voicebridge.loadtest.run import ExternalBridge, LoadTestOptions, run_loadtest
 from voicebridge.loadtest.wire import (
     OP_BINARY,
     OP_CLOSE,
@@ -70,6 +72,33 @@ def test_the_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
 def test_an_external_bridge_needs_its_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["loadtest", "--url", "http://127.0.0.1:9"]) == 2
     assert "--auth-token" in capsys.readouterr().err
+
+
+async def test_an_external_bridge_is_loaded_through_its_url() -> None:
+    # A bridge this test starts, but the load test only knows by URL, secrets and pid,
+    # as it would know one started by systemd; its Vapi is the load test's assistant.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        assistant_port = probe.getsockname()[1]
+    bridge = await BridgeProcess.start(
+        assistant_url=f"http://127.0.0.1:{assistant_port}", assistant_key="k" * 16,
+        auth_token="t" * 32, cpu=None,
+    )
+    try:
+        external = ExternalBridge(
+            url=bridge.url, public_url=None, auth_token="t" * 32,
+            assistant_port=assistant_port, assistant_key="k" * 16, pid=bridge.pid,
+        )
+        with trio.fail_after(60):
+            report = await run_loadtest(
+                LoadTestOptions(calls=3, duration_s=2.5, ramp_s=0.5, external=external)
+            )
+    finally:
+        await bridge.stop()
+    assert report.target == bridge.url
+    assert report.failed_calls == 0, report.failures
+    assert report.caller_frames > 0 and report.assistant_chunks > 0
+    assert report.cpu_us_per_call_second is not None
 
 
 def test_markers_survive_any_sequence_number() -> None:
