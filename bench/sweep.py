@@ -320,6 +320,7 @@ def main() -> int:
     parser.add_argument("--rows", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     info = machine()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = sweep(args)
     if args.rows:
         args.rows.write_text(json.dumps(rows, indent=1))
