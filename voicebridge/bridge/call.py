@@ -703,12 +703,12 @@ class Call:
     async def _end_if_cancelled(self, own_scope: trio.CancelScope) -> None:
         """Turn a cancellation from outside into the end of the call.
 
-        Twilio closes the media socket right after ``stop``, and quart-trio turns a
-        closed socket into a cancellation of the whole handler; so does a stopping
-        server. Were the call's tasks cancelled with it, the Vapi socket's reader would
-        be too, and the goodbye to Vapi would wait out its deadline for an answer that
-        nobody reads, holding back the record the ``<Connect action>`` asks for. So the
-        call runs shielded, and this task, outside the shield, ends it instead.
+        A stopping server cancels its handlers (as quart-trio did on every closed
+        socket, Twilio's close right after ``stop`` included). Were the call's tasks
+        cancelled with them, the Vapi socket's reader would be too, and the goodbye to
+        Vapi would wait out its deadline for an answer that nobody reads, holding back
+        the record the ``<Connect action>`` asks for. So the call runs shielded, and
+        this task, outside the shield, ends it instead.
         """
         try:
             await trio.sleep_forever()
