@@ -317,13 +317,21 @@ def main() -> int:
     parser.add_argument("--bridge-cpu", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "performance.md")
-    parser.add_argument("--rows", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--rows", type=Path, help="also write the rows (and machine) as JSON")
+    parser.add_argument("--from-rows", type=Path,
+                        help="only write the report, from the JSON a run wrote with --rows")
     args = parser.parse_args()
-    info = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.from_rows:
+        saved = json.loads(args.from_rows.read_text())
+        write_report(saved["rows"], args.out, saved["machine"], args)
+        print(f"wrote {args.out}")
+        return 0
+    info = machine()
     rows = sweep(args)
+    info["load average after"] = " ".join(f"{value:.2f}" for value in os.getloadavg())
     if args.rows:
-        args.rows.write_text(json.dumps(rows, indent=1))
+        args.rows.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     write_report(rows, args.out, info, args)
     print(f"wrote {args.out}")
     return 0
