@@ -287,6 +287,10 @@ class VapiConfig:
     pong_deadline_s: float = field(default=3.0, validator=_deadline(60))
     #: Time allowed for ``end-call`` + close when we end the Vapi leg.
     end_deadline_s: float = field(default=2.0, validator=_deadline(60))
+    #: Nothing at all from Vapi (no audio, no message) for this long fails the leg: the
+    #: caller gets the fallback, not dead air. Keep it above the assistant's
+    #: ``silenceTimeoutSeconds`` (Vapi's default 30 s), after which Vapi ends the call.
+    silence_deadline_s: float = field(default=45.0, validator=_deadline(3600))
 
 
 @frozen(kw_only=True)

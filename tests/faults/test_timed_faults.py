@@ -23,7 +23,11 @@ from tests.faults.memory import (
     MemoryCallRun,
     run_calls,
 )
-from voicebridge.bridge.call import ASSISTANT_SILENCE_S, CALLER_AUDIO_BUFFER_FRAMES
+from voicebridge.bridge.call import (
+    ASSISTANT_SILENCE_S,
+    CALLER_AUDIO_BUFFER_FRAMES,
+    CallSettings,
+)
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.playout import BYTES_PER_MS, MAX_PENDING_BYTES, Playout
 from voicebridge.config import Config
@@ -212,6 +216,13 @@ async def test_vapi_silent_for_a_minute_gives_the_fallback(
     assert FALLBACK_WORDS in fallback(record)
     for run, witness in zip(runs[1:], witnesses, strict=True):
         witness.check(run)
+
+
+def test_the_silence_deadline_is_configurable_with_the_same_default() -> None:
+    config = Config()
+    assert config.vapi.silence_deadline_s == ASSISTANT_SILENCE_S
+    quick = config.evolve(vapi=attrs.evolve(config.vapi, silence_deadline_s=7.5))
+    assert CallSettings.from_config(quick).assistant_silence_s == 7.5
 
 
 async def test_vapi_that_stops_reading_drops_stale_caller_audio_then_fails(

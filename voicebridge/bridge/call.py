@@ -61,7 +61,7 @@ CALLER_AUDIO_BUFFER_FRAMES = 10
 #: answered) means the assistant is wedged: the leg fails and the caller gets the
 #: fallback rather than dead air. Vapi itself ends a call after its
 #: ``silenceTimeoutSeconds`` (30 s by default) with a ``status-update``, so a working
-#: assistant never comes near 45 s of nothing.
+#: assistant never comes near 45 s of nothing. The default of ``vapi.silence_deadline_s``.
 ASSISTANT_SILENCE_S = 45.0
 #: A call's wind-down is shielded from outside cancellation; each step has its own
 #: bound, and past their sum plus this slack a backstop cancels whatever is left.
@@ -232,6 +232,7 @@ class CallSettings:
             ping_interval_s=config.vapi.ping_interval_s,
             pong_deadline_s=config.vapi.pong_deadline_s,
             end_deadline_s=config.vapi.end_deadline_s,
+            assistant_silence_s=config.vapi.silence_deadline_s,
             vapi_audio_format=config.vapi.audio_format,
             vapi_sample_rate=config.vapi.sample_rate,
             dtmf_wording=config.control.dtmf_wording,
