@@ -145,10 +145,12 @@ async def test_a_blocked_event_loop_delays_the_watchdog_and_spares_the_calls() -
     before = [t for t in pings if t <= block_start]
     after = [t for t in pings if t >= block_end]
     assert len(before) + len(after) == len(pings), "no ping while the loop was blocked"
-    assert after[0] - block_end < 0.1, "the first ping goes out as soon as the loop runs"
+    assert after[0] - block_end < 0.15, "the first ping goes out as soon as the loop runs"
     gaps_after = [b - a for a, b in itertools.pairwise(after)]
+    assert len(gaps_after) >= 3
     assert all(gap > WATCHDOG_INTERVAL_S / 2 for gap in gaps_after), "no burst of pings"
-    assert abs(after[1] - after[0] - WATCHDOG_INTERVAL_S) < 0.05, "then the cadence resumes"
+    mean_gap = sum(gaps_after) / len(gaps_after)
+    assert abs(mean_gap - WATCHDOG_INTERVAL_S) < 0.05, "then the cadence resumes"
     # The calls did not notice beyond a hiccup: caller audio that queued up meanwhile
     # was forwarded (or dropped as stale and counted), nothing timed out.
     for report in run.witnesses:
