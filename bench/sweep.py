@@ -271,40 +271,40 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
 
     calls = [row["calls"] for row in rows]
     who_names = {"bridge": "voicebridge", "tcp": REFERENCES["tcp"], "ws": REFERENCES["ws"]}
+    colours = {"bridge": "tab:blue", "tcp": "tab:green", "ws": "tab:purple"}
+
+    def save(figure: Any, axes: Any, ylabel: str, title: str, name: str) -> str:
+        axes.set_xlabel("concurrent calls (one process, one core)")
+        axes.set_ylabel(ylabel)
+        axes.set_title(title)
+        axes.legend(fontsize="small")
+        axes.grid(True, alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=100)
+        plt.close(figure)
+        return name
+
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for who, name in who_names.items():
         for direction, style in (("caller_to_agent", "-"), ("agent_to_caller", "--")):
             values = [_get(row, who, "added_latency_ms", direction, "p99") for row in rows]
-            axes.plot(calls, values, style, marker="o",
+            axes.plot(calls, values, style, marker="o", color=colours[who],
                       label=f"{name}, {direction.replace('_', ' ')}")
     axes.axhline(TARGET_P99_MS, color="grey", linestyle=":", label="target p99 (10 ms)")
-    axes.set_xlabel("concurrent calls (one process, one core)")
-    axes.set_ylabel("p99 added latency (ms)")
     axes.set_yscale("log")
-    axes.set_title("p99 added latency per frame vs concurrent calls")
-    axes.legend(fontsize="small")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    latency_png = folder / "performance-latency.png"
-    figure.savefig(latency_png, dpi=100)
-    plt.close(figure)
+    latency_png = save(figure, axes, "p99 added latency (ms)",
+                       "p99 added latency per frame vs concurrent calls",
+                       "performance-latency.png")
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for who, name in who_names.items():
         values = [_get(row, who, "cpu_us_per_call_second") for row in rows]
-        axes.plot(calls, values, marker="o", label=name)
-    axes.set_xlabel("concurrent calls (one process, one core)")
-    axes.set_ylabel("CPU µs per call-second")
+        axes.plot(calls, values, marker="o", color=colours[who], label=name)
     axes.set_ylim(bottom=0)
-    axes.set_title("CPU per call vs concurrent calls (1,000,000 µs = one core)")
-    axes.legend(fontsize="small")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    cpu_png = folder / "performance-cpu.png"
-    figure.savefig(cpu_png, dpi=100)
-    plt.close(figure)
-    return [("p99 added latency vs calls", latency_png.name),
-            ("CPU per call vs calls", cpu_png.name)]
+    cpu_png = save(figure, axes, "CPU µs per call-second",
+                   "CPU per call vs concurrent calls (1,000,000 µs = one core)",
+                   "performance-cpu.png")
+    return [("p99 added latency vs calls", latency_png), ("CPU per call vs calls", cpu_png)]
 
 
 def main() -> int:
