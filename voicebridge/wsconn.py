@@ -1,0 +1,424 @@
+"""A lean WebSocket connection for the call's two sockets: wsproto, read by the call's own task.
+
+Both of a call's sockets carry a message every few milliseconds, and a barge-in
+must cross the bridge in one scheduling pass. The general-purpose stacks each put
+a task of their own between the socket and the call (hypercorn's connection
+reader, trio-websocket's reader) and yield to trio's scheduler on every write;
+under load each such hop waits for the scheduler's next batch (profiles and
+figures: docs/performance.md). ``WsConnection`` has no task of its own:
+
+- ``receive()`` is called by the call's reader task. It returns a message wsproto
+  already parsed if there is one; otherwise it waits until the socket is readable
+  (the one scheduling pass), reads everything there is and parses it. Pings are
+  answered and pongs noted on the way; a close frame is answered, and the messages
+  that came before it are still returned before ``SocketClosed``.
+- ``send()`` on a plain TCP socket writes the frame straight into the kernel's
+  buffer and returns without yielding when the buffer takes it whole (nearly
+  always); only when the buffer is full does it wait, shielded (a torn frame would
+  corrupt the connection) and bounded by ``WRITE_DEADLINE_S``. Over TLS (a
+  ``wss://`` Vapi URL) it writes through the TLS stream, with the same bounds.
+  Writers take turns under a lock whose uncontended acquire does not yield either.
+- ``ping()`` writes a ping and waits for its pong, which the reader notes: like
+  trio-websocket's, it needs someone to be reading.
+
+The framing, masking, UTF-8 checks and close handshake are wsproto's. A message
+over ``MAX_MESSAGE_BYTES`` closes the connection with 1009; a frame that breaks the
+protocol closes it with wsproto's code (1002, 1007, …). Either way ``receive``
+raises ``SocketClosed`` with that code, so the call ends with one log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections import deque
+from typing import Any
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from voicebridge.errors import SocketClosed
+from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
+
+#: Largest message accepted. Twilio's media messages are ~350 bytes and Vapi's
+#: control messages a few KiB (an end-of-call report with a transcript can reach
+#: hundreds of KiB, but that comes by webhook, not on this socket).
+MAX_MESSAGE_BYTES = 1024 * 1024
+#: One read takes at most this much: under load several frames arrive together.
+RECV_BYTES = 64 * 1024
+#: How long ``aclose`` waits for the peer's answering close frame before dropping the
+#: connection (within the caller's own deadline). Live peers answer in a round trip.
+CLOSE_REPLY_S = 1.0
+#: The close code of a connection that ended without a close frame (RFC 6455 7.1.5).
+ABNORMAL_CLOSURE = 1006
+MESSAGE_TOO_BIG = 1009
+
+
+class Transport:
+    """A byte stream under a ``WsConnection``: a raw socket, or a trio stream (TLS)."""
+
+    async def receive_some(self) -> bytes:
+        """Wait for bytes; b"" once the peer has closed (or reset) the connection."""
+        raise NotImplementedError
+
+    def try_send(self, data: memoryview) -> int:
+        """Write what the kernel takes now, without waiting; how many bytes it took."""
+        raise NotImplementedError
+
+    async def send_rest(self, data: memoryview) -> None:
+        """Write all of ``data``, waiting as needed. Raises ``SocketClosed``."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class SocketTransport(Transport):
+    """A connected non-blocking stdlib TCP socket, driven with trio's I/O waits."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # not TCP (a socketpair in tests): no Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+    async def receive_some(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError:  # reset, or closed under us: the connection is gone
+                return b""
+
+    def try_send(self, data: memoryview) -> int:
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            why = os.strerror(exc.errno or 0)
+            raise SocketClosed(ABNORMAL_CLOSURE, f"connection lost ({why})") from None
+
+    async def send_rest(self, data: memoryview) -> None:
+        while data:
+            await trio.lowlevel.wait_writable(self.sock)
+            data = data[self.try_send(data) :]
+
+    async def aclose(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class StreamTransport(Transport):
+    """Any trio stream (``trio.SSLStream`` for ``wss://``): every write goes through it."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def receive_some(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(RECV_BYTES))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    def try_send(self, data: memoryview) -> int:
+        return 0
+
+    async def send_rest(self, data: memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SocketClosed(ABNORMAL_CLOSURE, "connection lost") from None
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.aclose()
+
+
+class WsConnection:
+    """``PingableSocket`` over an open wsproto connection; see the module docstring.
+
+    ``ws`` has finished its opening handshake (``accept_upgrade``, or the Vapi
+    client's); bytes read past the handshake are already in it.
+    """
+
+    def __init__(self, transport: Transport, ws: WSConnection) -> None:
+        self._transport = transport
+        self._ws = ws
+        self._messages: deque[str | bytes] = deque()
+        # The frames of a fragmented message so far (rare: Twilio and Vapi send whole ones).
+        self._partial: list[Any] | None = None
+        self._partial_size = 0
+        self._write_lock = trio.Lock()
+        # Payloads of our pings awaiting their pong.
+        self._pings: dict[bytes, trio.Event] = {}
+        self._ping_seq = 0
+        # Set once the connection is closed: the code for SocketClosed, and why.
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._peer_closed = trio.Event()
+        self._transport_closed = False
+        # True while a task is in receive(): aclose then leaves the reading to it.
+        self._reading = False
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closed (the peer's, ours, or 1006); None while open."""
+        return self._close_code
+
+    # -- reading --------------------------------------------------------------------
+
+    async def receive(self) -> str | bytes:
+        while True:
+            await self._handle_events()
+            if self._messages:
+                return self._messages.popleft()
+            if self._close_code is not None:
+                raise SocketClosed(self._close_code, self._close_reason)
+            self._reading = True
+            try:
+                data = await self._transport.receive_some()
+            finally:
+                self._reading = False
+            if not data:
+                self._lost("connection lost without a close frame")
+                continue
+            self._ws.receive_data(data)
+
+    async def _handle_events(self) -> None:
+        for event in self._ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._on_message(event)
+            elif isinstance(event, Ping):
+                await self._write_event(event.response(), quiet=True)
+            elif isinstance(event, Pong):
+                pong = self._pings.pop(bytes(event.payload), None)
+                if pong is not None:
+                    pong.set()
+            elif isinstance(event, CloseConnection):
+                await self._on_close(event)
+            # Nothing else arrives on an open connection.
+
+    def _on_message(self, event: TextMessage | BytesMessage) -> None:
+        if self._close_code is not None:
+            return
+        data = event.data
+        if event.message_finished and self._partial is None:
+            self._messages.append(data if isinstance(data, str) else bytes(data))
+            return
+        self._partial_size += len(data)
+        if self._partial_size > MAX_MESSAGE_BYTES:
+            self._partial = None
+            self._fail(MESSAGE_TOO_BIG, f"message over {MAX_MESSAGE_BYTES} bytes")
+            return
+        if self._partial is None:
+            self._partial = []
+        self._partial.append(data)
+        if event.message_finished:
+            parts = self._partial
+            self._partial = None
+            self._partial_size = 0
+            joined = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+            self._messages.append(joined)
+
+    async def _on_close(self, event: CloseConnection) -> None:
+        state = self._ws.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer closed first: answer with the same code, then we are done.
+            await self._write_event(event.response(), quiet=True)
+            self._set_closed(event.code, event.reason or "closed by the peer")
+        elif state is ConnectionState.CLOSED:
+            # The answer to our own close frame.
+            self._set_closed(event.code, event.reason or "")  # no-op: ours is recorded
+        else:
+            # wsproto found the peer's bytes broken (ParseFailed): close with its code.
+            self._fail(event.code, event.reason or "protocol error")
+        self._peer_closed.set()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: send our close frame (best effort), stop reading."""
+        self._set_closed(code, reason)
+        with contextlib.suppress(LocalProtocolError):
+            data = self._ws.send(CloseConnection(code=code, reason=reason[:100]))
+            if not self._write_lock.locked():
+                with contextlib.suppress(SocketClosed):
+                    self._transport.try_send(memoryview(data))
+        self._peer_closed.set()
+
+    def _lost(self, reason: str) -> None:
+        self._set_closed(ABNORMAL_CLOSURE, reason)
+        self._peer_closed.set()
+
+    def _set_closed(self, code: int, reason: str) -> None:
+        if self._close_code is None:
+            self._close_code = code
+            self._close_reason = reason
+        # Nobody will answer a ping on a closed connection.
+        for pong in self._pings.values():
+            pong.set()
+        self._pings.clear()
+
+    # -- writing --------------------------------------------------------------------
+
+    async def send(self, message: str | bytes) -> None:
+        if self._close_code is not None or self._ws.state is not ConnectionState.OPEN:
+            raise SocketClosed(self._close_code, self._close_reason or "closing")
+        if isinstance(message, str):
+            await self._write(self._ws.send(TextMessage(data=message)))
+        else:
+            await self._write(self._ws.send(BytesMessage(data=message)))
+
+    async def _write_event(self, event: Event, *, quiet: bool = False) -> None:
+        try:
+            data = self._ws.send(event)
+        except LocalProtocolError:
+            if quiet:
+                return
+            raise SocketClosed(self._close_code, "closing") from None
+        try:
+            await self._write(data)
+        except SocketClosed:
+            if not quiet:
+                raise
+
+    async def _write(self, data: bytes) -> None:
+        """Write one whole frame, in turn with other writers; shielded and bounded."""
+        lock = self._write_lock
+        view = memoryview(data)
+        if not lock.locked():
+            lock.acquire_nowait()  # the common case: no yield
+            try:
+                sent = self._transport.try_send(view)
+                if sent == len(view):
+                    return
+                await self._finish_write(view[sent:])
+            finally:
+                lock.release()
+            return
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S) as wait_scope:
+                await lock.acquire()
+        if wait_scope.cancelled_caught:
+            raise SocketWriteTimeout(None, "write deadline passed (another write stuck)")
+        try:
+            await self._finish_write(view)
+        finally:
+            lock.release()
+
+    async def _finish_write(self, rest: memoryview) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
+                await self._transport.send_rest(rest)
+        if write_scope.cancelled_caught:
+            # Part of a frame may have gone out: the connection cannot be used again.
+            self._lost("write deadline passed")
+            raise SocketWriteTimeout(None, "write deadline passed")
+
+    async def ping(self) -> None:
+        """Write a ping and wait for its pong (noted by whoever is in ``receive``)."""
+        self._ping_seq += 1
+        payload = self._ping_seq.to_bytes(8, "big")
+        pong = trio.Event()
+        self._pings[payload] = pong
+        try:
+            await self._write_event(Ping(payload=payload))
+            await pong.wait()
+        finally:
+            self._pings.pop(payload, None)
+        if self._close_code is not None:
+            raise SocketClosed(self._close_code, self._close_reason)
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close politely: our close frame, the peer's answer (briefly), then TCP."""
+        if self._transport_closed:
+            return
+        with close_scope():
+            try:
+                if self._ws.state is ConnectionState.OPEN:
+                    self._set_closed(code, reason or "closed by us")
+                    close = CloseConnection(code=code, reason=reason[:100])
+                    await self._write_event(close, quiet=True)
+                    with trio.move_on_after(CLOSE_REPLY_S):
+                        if self._reading:
+                            await self._peer_closed.wait()
+                        else:
+                            await self._read_until_closed()
+            finally:
+                self._transport_closed = True
+                await self._transport.aclose()
+
+    async def _read_until_closed(self) -> None:
+        """Read (and drop) until the peer's close frame, unless a reader is doing it."""
+        while not self._peer_closed.is_set():
+            data = await self._transport.receive_some()
+            if not data:
+                return
+            self._ws.receive_data(data)
+            for event in self._ws.events():
+                if isinstance(event, CloseConnection):
+                    self._peer_closed.set()
+
+
+
+# -- the server's side of the opening handshake -------------------------------------
+
+
+class UpgradeRefused(Exception):
+    """A request that is not a valid WebSocket upgrade; ``answer`` is the HTTP reply."""
+
+    def __init__(self, reason: str, answer: bytes) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.answer = answer
+
+
+def read_upgrade(head: bytes) -> tuple[WSConnection, Request]:
+    """Parse an upgrade request (its head, and whatever followed it).
+
+    Raises ``UpgradeRefused`` with the 400 to send for anything wsproto does not
+    accept as a WebSocket upgrade (a missing key, a wrong version, not a GET …).
+    """
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(head)
+        event = next(ws.events(), None)
+    except RemoteProtocolError as exc:
+        raise UpgradeRefused(str(exc), _BAD_UPGRADE) from None
+    if not isinstance(event, Request):
+        raise UpgradeRefused("not a complete upgrade request", _BAD_UPGRADE)
+    return ws, event
+
+
+async def accept_upgrade(transport: Transport, ws: WSConnection) -> WsConnection:
+    """Answer the upgrade ``read_upgrade`` parsed (101) and return the open connection."""
+    data = memoryview(ws.send(AcceptConnection()))
+    sent = transport.try_send(data)
+    if sent < len(data):
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
+                await transport.send_rest(data[sent:])
+        if write_scope.cancelled_caught:
+            raise SocketWriteTimeout(None, "write deadline passed")
+    return WsConnection(transport, ws)
+
+
+_BAD_UPGRADE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 24\r\n"
+    b"connection: close\r\n\r\nnot a WebSocket upgrade\n"
+)
