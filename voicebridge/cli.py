@@ -1,4 +1,4 @@
-"""The ``voicebridge`` command: ``serve``, ``check-config``, ``demo``, ``loadtest``."""
+"""The ``voicebridge`` command: ``serve``, ``check-config``, ``call``, ``demo``, ``loadtest``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         "deployment's voice webhook; prints its CallSid",
     )
     call.add_argument("number", help="E.164 number to call, e.g. +15551234567")
+    call.add_argument(
+        "--assistant",
+        default="",
+        metavar="ID",
+        help="the Vapi assistant of this call, one of [outbound] assistants "
+        "(default vapi.assistant_id)",
+    )
     call.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
 
     demo = commands.add_parser(
@@ -89,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "call":
         from voicebridge.control.outbound import call_main
 
-        return call_main(args.number, args.config)
+        return call_main(args.number, args.config, assistant=args.assistant)
     raise AssertionError(args.command)
 
 

@@ -57,6 +57,8 @@ UNSET = "(unset)"
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 _E164 = re.compile(r"\+[0-9]{8,15}")
+#: A Vapi assistant id an outbound call may name (Vapi's are UUIDs).
+ASSISTANT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -353,6 +355,16 @@ def _e164_tuple(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str
             )
 
 
+def _assistant_ids(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, assistant in enumerate(value):
+        if not ASSISTANT_ID.fullmatch(assistant):
+            raise ConfigError(
+                f"{attribute.name}[{index}]",
+                f"must be a Vapi assistant id (1-64 letters, digits, _ or -), "
+                f"got {_show(assistant)}",
+            )
+
+
 def _containing(placeholder: str) -> _Validator:
     """Validator: a template that holds ``placeholder`` (e.g. ``{digit}``)."""
 
@@ -458,6 +470,8 @@ class OutboundConfig:
     from_number: str = field(default="", validator=_e164_or_empty)
     #: Serve ``POST /control/calls`` (bearer ``control_api_token``) for other programs.
     http_enabled: bool = False
+    #: Vapi assistants an outbound call may name instead of ``vapi.assistant_id``.
+    assistants: tuple[str, ...] = field(default=(), validator=_assistant_ids)
 
 
 @frozen(kw_only=True)

@@ -210,6 +210,10 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
 
     @app.post(VOICE_PATH)
     async def voice_webhook() -> Response:
+        from voicebridge.bridge.call import ASSISTANT_PARAMETER
+        from voicebridge.control.assistants import AssistantRefused, granted_assistant
+        from voicebridge.control.routes import log_rejected
+
         form, refusal = await signed_form()
         if refusal is not None:
             return refusal
@@ -221,6 +225,13 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             token = services.tokens.issue(call_sid)
         except ValueError:  # Twilio's CallSids are CA + 32 hex digits
             return _text_response("CallSid malformed", 400)
+        try:
+            # An outbound call's own assistant, only as voicebridge granted it.
+            assistant = granted_assistant(services.config, request.args, to=form.get("To", ""))
+        except AssistantRefused as exc:
+            services.metrics.webhook_rejected(request.path)
+            log_rejected("assistant", str(exc), status=403, call_sid=call_sid)
+            return _text_response("forbidden", 403)
         if not services.registry.try_admit(call_sid):
             draining = services.registry.draining
             reason = "draining" if draining else "at capacity"
@@ -237,14 +248,17 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             return _twiml_response(twiml.caller_action(services.config.overflow))
         public_url = services.config.server.public_url
         stream_url = "ws" + public_url.removeprefix("http") + STREAM_PATH
+        parameters = {
+            TOKEN_PARAMETER: token,
+            CALLER_PARAMETER: _parameter_value(CALLER_PARAMETER, form.get("From", "")),
+            CALLED_PARAMETER: _parameter_value(CALLED_PARAMETER, form.get("To", "")),
+        }
+        if assistant:
+            parameters[ASSISTANT_PARAMETER] = assistant
         body = twiml.connect_stream(
             stream_url=stream_url,
             action_url=public_url + AFTER_STREAM_PATH,
-            parameters={
-                TOKEN_PARAMETER: token,
-                CALLER_PARAMETER: _parameter_value(CALLER_PARAMETER, form.get("From", "")),
-                CALLED_PARAMETER: _parameter_value(CALLED_PARAMETER, form.get("To", "")),
-            },
+            parameters=parameters,
         )
         return _twiml_response(body)
 

@@ -211,7 +211,9 @@ class MemoryConnector:
         self.peer: MemorySocket | None = None
         self.opened = trio.Event()
 
-    async def create(self, *, call_sid: str, caller: str, called: str) -> MemoryCall:
+    async def create(
+        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+    ) -> MemoryCall:
         await trio.sleep(self.create_delay_s)
         if self.fail is not None:
             raise self.fail

@@ -54,3 +54,21 @@ def test_voicebridge_call_needs_the_outbound_settings(
     config.write_text("")
     assert main(["call", CALLEE, "--config", str(config)]) == 2
     assert "outbound.from_number" in capsys.readouterr().err
+
+
+def test_voicebridge_call_refuses_an_assistant_not_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "voicebridge.toml"
+    config.write_text('[outbound]\nassistants = ["asst-sales"]\n')
+    assert main(["call", CALLEE, "--assistant", "asst-nobody", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "voicebridge: --assistant refused: "
+        "assistant 'asst-nobody' is not listed in outbound.assistants\n"
+    )
+    assert main(["call", CALLEE, "--assistant", "asst-sales", "--config", str(config)]) == 2
+    assert "credentials.stream_token_secret" in capsys.readouterr().err
+    assert main(["call", "5550100777", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "voicebridge: '5550100777' is not an E.164 number (+15551234567)\n"
+    )

@@ -35,10 +35,14 @@ class VapiConnector:
         # assistantOverrides.server: where Vapi sends the call's webhooks (call control).
         self._server = server
 
-    async def create(self, *, call_sid: str, caller: str, called: str) -> VapiCall:
+    async def create(
+        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+    ) -> VapiCall:
+        """``assistant``: an outbound call's own assistant id; "" for ``vapi.assistant_id``."""
         return await create_call(
             self._http, self._config, self._api_key,
             call_sid=call_sid, caller=caller, called=called, server=self._server,
+            assistant=assistant,
         )
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:

@@ -75,6 +75,8 @@ TWILIO_MEDIA_FORMAT = ("audio/x-mulaw", 8000, 1)
 TOKEN_PARAMETER = "token"
 CALLER_PARAMETER = "caller"
 CALLED_PARAMETER = "called"
+#: Only on an outbound call that named its own assistant (``control.assistants``).
+ASSISTANT_PARAMETER = "assistant"
 #: One caller frame in this many (one a second) and one assistant audio message in
 #: ``ASSISTANT_LATENCY_SAMPLE_EVERY`` have their time inside the bridge measured for the
 #: metrics: enough for a histogram, and no clock read on the other frames.
@@ -97,7 +99,11 @@ class AssistantConnector(Protocol):
     outlive the call's tasks, so that its reader still runs while we say goodbye.
     """
 
-    async def create(self, *, call_sid: str, caller: str, called: str) -> AssistantCall: ...
+    async def create(
+        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+    ) -> AssistantCall:
+        """``assistant``: the Vapi assistant id of this call; "" for the configured one."""
+        ...
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]: ...
 
@@ -468,6 +474,7 @@ class Call:
                     call_sid=start.call_sid,
                     caller=params.get(CALLER_PARAMETER, ""),
                     called=params.get(CALLED_PARAMETER, ""),
+                    assistant=params.get(ASSISTANT_PARAMETER, ""),
                 )
             if create_scope.cancelled_caught:
                 return  # the call ended while the assistant call was being created

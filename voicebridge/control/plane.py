@@ -28,6 +28,7 @@ from voicebridge.bridge.call import Call
 from voicebridge.bridge.outcome import Handover, Outcome
 from voicebridge.config import Config
 from voicebridge.control import messages as msg
+from voicebridge.control.assistants import outbound_assistant, outbound_voice_url
 from voicebridge.control.auth import WebhookAuthenticator
 from voicebridge.control.tools import ResultMemory, ToolContext, ToolDispatcher
 from voicebridge.errors import VoicebridgeError
@@ -353,34 +354,40 @@ class ControlPlane:
 
     # -- outbound calls ----------------------------------------------------------------
 
-    async def place_call(self, to: str) -> str:
+    async def place_call(self, to: str, *, assistant: str = "") -> str:
         """Place an outbound call to ``to``; its TwiML is our voice webhook. Its CallSid.
 
-        Raises ``ControlError`` when outbound calls are not configured and
-        ``TwilioRestError`` when Twilio refuses.
+        ``assistant``: one of ``outbound.assistants``; "" for ``vapi.assistant_id``.
+        Raises ``AssistantRefused`` for any other, ``ControlError`` when outbound calls
+        are not configured and ``TwilioRestError`` when Twilio refuses.
         """
         return await place_outbound_call(
-            self._rest, from_number=self._config.outbound.from_number, to=to, url=self._voice_url
+            self._rest, self._config, voice_url=self._voice_url, to=to, assistant=assistant
         )
 
 
 async def place_outbound_call(
-    rest: TwilioRest | None, *, from_number: str, to: str, url: str
+    rest: TwilioRest | None, config: Config, *, voice_url: str, to: str, assistant: str = ""
 ) -> str:
     """``POST Calls.json`` with ``Url`` = our voice webhook, so the call reaches the assistant
-    the way an inbound one does (signed webhook, admission, stream token)."""
+    the way an inbound one does (signed webhook, admission, stream token). A named
+    ``assistant`` rides in that URL with its grant (``control.assistants``)."""
     if rest is None:
         raise ControlError("outbound calls need twilio.account_sid and the Twilio auth token")
+    from_number = config.outbound.from_number
     if not from_number:
         raise ControlError("outbound calls need outbound.from_number")
+    url = outbound_voice_url(config, voice_url, to=to, assistant=assistant)
+    chosen = outbound_assistant(config, assistant)
     sid = await rest.create_call(to=to, from_=from_number, url=url)
     log_event(
         log,
         logging.INFO,
         "call-placed",
-        f"outbound call {sid} to {to} placed",
+        f"outbound call {sid} to {to} placed" + (f" for assistant {chosen}" if chosen else ""),
         call_sid=sid,
         to=to,
+        assistant=chosen or None,
     )
     return sid
 

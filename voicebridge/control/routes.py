@@ -4,8 +4,9 @@
   413; not authentic (``control.auth``, over the raw body bytes) → 401 and one log
   line; not JSON or not the envelope → 400; anything else → 200 with the answer
   (tool results, transfer destination, or ``{}``). Unknown types → 200 ``{}``.
-- ``POST /control/calls``: ``{"to": "+1…"}`` with ``Authorization: Bearer <control
-  api token>`` places an outbound call → 201 ``{"callSid": …}``.
+- ``POST /control/calls``: ``{"to": "+1…"}`` (and optionally ``"assistant"``, one of
+  ``outbound.assistants``) with ``Authorization: Bearer <control api token>`` places
+  an outbound call → 201 ``{"callSid": …}``; 400 for a bad number or assistant.
 
 Both answer 404 unless enabled in the configuration.
 """
@@ -25,6 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from voicebridge.config import Config
 from voicebridge.control import messages as msg
+from voicebridge.control.assistants import AssistantRefused, is_e164, outbound_assistant
 from voicebridge.control.auth import WebhookAuthError
 from voicebridge.control.plane import ControlError, ControlPlane
 from voicebridge.observability.logs import log_event
@@ -86,15 +88,15 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         config = plane.config
         limit = config.control.max_body_bytes
         if (request.content_length or 0) > limit:
-            _log_rejected("too-large", f"body of {request.content_length} bytes is over {limit}")
+            log_rejected("too-large", f"body of {request.content_length} bytes is over {limit}")
             return _error(413, "body too large")
         try:
             body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         except RequestEntityTooLarge:
-            _log_rejected("too-large", "body over the server's limit")
+            log_rejected("too-large", "body over the server's limit")
             return _error(413, "body too large")
         if len(body) > limit:
-            _log_rejected("too-large", f"body of {len(body)} bytes is over {limit}")
+            log_rejected("too-large", f"body of {len(body)} bytes is over {limit}")
             return _error(413, "body too large")
         headers = {name.lower(): value for name, value in request.headers.items()}
         query = request.query_string.decode("latin-1")
@@ -104,7 +106,7 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
                 headers=headers, body=body, method=request.method, url=url, now=time.time()
             )
         except WebhookAuthError as exc:
-            _log_rejected(exc.reason, str(exc))
+            log_rejected(exc.reason, str(exc))
             return _error(401, "unauthorized")
         try:
             message = msg.parse_webhook(body)
@@ -121,7 +123,7 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         token = plane.config.credentials.control_api_token.reveal()
         given = request.headers.get("Authorization", "")
         if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            _log_rejected("mismatch", "outbound call request without the control API token")
+            log_rejected("mismatch", "outbound call request without the control API token")
             return _error(401, "unauthorized")
         if (request.content_length or 0) > MAX_CALL_REQUEST_BYTES:
             return _error(413, "body too large")
@@ -131,12 +133,22 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
             )
         except (orjson.JSONDecodeError, RequestEntityTooLarge):
             return _error(400, 'expected JSON {"to": "+15551234567"}')
-        to = document.get("to") if isinstance(document, dict) else None
-        if not isinstance(to, str) or not _is_e164(to):
+        if not isinstance(document, dict):
+            return _error(400, 'expected JSON {"to": "+15551234567"}')
+        to = document.get("to")
+        if not isinstance(to, str) or not is_e164(to):
             return _error(400, "'to' must be an E.164 number")
+        assistant = document.get("assistant", "")
+        if not isinstance(assistant, str):
+            return _error(400, "'assistant' must be a string")
         try:
-            call_sid = await plane.place_call(to)
-        except ControlError as exc:
+            outbound_assistant(plane.config, assistant)
+        except AssistantRefused as exc:
+            log.warning("outbound call to %s refused: %s", to, exc)
+            return _error(400, str(exc))
+        try:
+            call_sid = await plane.place_call(to, assistant=assistant)
+        except (ControlError, AssistantRefused) as exc:
             return _error(503, str(exc))
         except TwilioRestError as exc:
             log.warning("outbound call to %s failed: %s", to, exc)
@@ -144,19 +156,19 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         return _json_response({"callSid": call_sid}, 201)
 
 
-def _is_e164(number: str) -> bool:
-    digits = number[1:]
-    return (
-        number.startswith("+") and digits.isascii() and digits.isdigit() and 8 <= len(digits) <= 15
-    )
-
-
-def _log_rejected(reason: str, detail: str) -> None:
+def log_rejected(
+    reason: str, detail: str, *, status: int | None = None, call_sid: str | None = None
+) -> None:
+    """The one ``EVENT=webhook-rejected`` warning about the request being answered
+    ``status`` (by default 413 for ``too-large``, else 401)."""
+    if status is None:
+        status = 413 if reason == "too-large" else 401
     log_event(
         log,
         logging.WARNING,
         "webhook-rejected",
-        f"{request.path}: {detail}; answered {413 if reason == 'too-large' else 401}",
+        f"{request.path}: {detail}; answered {status}",
+        call_sid=call_sid,
         path=request.path,
         reason=reason,
         remote=request.remote_addr,

@@ -207,10 +207,14 @@ class _TimedConnector:
         self._inner = inner
         self._histogram = histogram
 
-    async def create(self, *, call_sid: str, caller: str, called: str) -> AssistantCall:
+    async def create(
+        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+    ) -> AssistantCall:
         started = time.perf_counter()
         try:
-            return await self._inner.create(call_sid=call_sid, caller=caller, called=called)
+            return await self._inner.create(
+                call_sid=call_sid, caller=caller, called=called, assistant=assistant
+            )
         finally:
             self._histogram.observe(time.perf_counter() - started)
 

@@ -13,7 +13,7 @@ Serves, with HTTP Basic auth (account SID : auth token) like Twilio:
   is 404 with Twilio's error 20404.
 
 Calls placed by ``place_inbound`` (tests) are live here too, so REST updates reach them.
-Everything is recorded: ``updates``, ``transfers``, ``reports`` (by CallSid).
+Everything is recorded: ``created``, ``updates``, ``transfers``, ``reports`` (by CallSid).
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ OUTBOUND_DIRECTION: Final = "outbound-api"
 
 
 @attrs.frozen(kw_only=True)
+class RestCreate:
+    """One ``Calls.json`` create: the call it placed and the webhook ``Url`` it was given."""
+
+    call_sid: str
+    to: str
+    url: str
+
+
+@attrs.frozen(kw_only=True)
 class RestUpdate:
     """One ``Calls/{sid}`` update: ``kind`` is ``twiml``, ``url`` or ``status``."""
 
@@ -68,6 +77,7 @@ class SimTwilioRest:
         self._live: dict[str, LiveCall] = {}
         self._done: dict[str, trio.Event] = {}
         self.reports: dict[str, CallReport] = {}
+        self.created: list[RestCreate] = []
         self.updates: list[RestUpdate] = []
         #: (CallSid, number) for each ``<Dial>`` a redirect brought.
         self.transfers: list[tuple[str, str]] = []
@@ -157,6 +167,7 @@ class SimTwilioRest:
             direction=OUTBOUND_DIRECTION,
         )
         self._done.setdefault(sid, trio.Event())
+        self.created.append(RestCreate(call_sid=sid, to=to, url=url))
         self._nursery.start_soon(self._run_call, settings, self.callee_script, sid)
         return _resource(201, sid, self._settings.account_sid, to, from_, "queued")
 

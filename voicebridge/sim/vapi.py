@@ -296,6 +296,12 @@ class SimVapiCallRecord:
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
 
     @property
+    def assistant_id(self) -> str | None:
+        """The ``assistantId`` the call was created with (None: an inline assistant)."""
+        value = self.create_body.get("assistantId")
+        return value if isinstance(value, str) else None
+
+    @property
     def overrides(self) -> JsonObject:
         value = self.create_body.get("assistantOverrides")
         return value if isinstance(value, dict) else {}

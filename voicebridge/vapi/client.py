@@ -101,19 +101,21 @@ def build_create_body(
     caller: str,
     called: str,
     server: Mapping[str, Any] | None = None,
+    assistant: str = "",
 ) -> dict[str, Any]:
     """The JSON body of ``POST /call`` for one Twilio call (PROTOCOLS.md section 2).
 
-    The assistant is ``config.assistant_id``, else the inline ``config.assistant``;
-    neither set is a ``ConfigError``. The CallSid and numbers go in both
+    The assistant is ``assistant`` (an outbound call's own, already checked against
+    ``outbound.assistants``), else ``config.assistant_id``, else the inline
+    ``config.assistant``; none of them is a ``ConfigError``. The CallSid and numbers go in both
     ``assistantOverrides.metadata`` (for our logs and webhooks) and ``variableValues``
     (for the assistant's prompt templates): the schema has no top-level metadata.
     ``server`` (our webhook URL and its credential, ``control.routes``) becomes
     ``assistantOverrides.server``, so that Vapi's webhooks for the call come to us.
     """
     body: dict[str, Any] = {"name": call_name(call_sid)}
-    if config.assistant_id:
-        body["assistantId"] = config.assistant_id
+    if assistant or config.assistant_id:
+        body["assistantId"] = assistant or config.assistant_id
     elif config.assistant:
         body["assistant"] = config.assistant
     else:
@@ -146,6 +148,7 @@ async def create_call(
     caller: str,
     called: str,
     server: Mapping[str, Any] | None = None,
+    assistant: str = "",
 ) -> VapiCall:
     """Create the Vapi call for a Twilio call: ``POST {base_url}/call``; its ``VapiCall``.
 
@@ -155,9 +158,17 @@ async def create_call(
     ``ConfigError``. On cancellation the request is abandoned (httpx closes its
     connection) and ``trio.Cancelled`` propagates; Vapi may then have created a call
     that nobody connects to, which Vapi ends by itself for lack of audio.
+    ``assistant`` is the call's own assistant id, as in ``build_create_body``.
     """
     body = orjson.dumps(
-        build_create_body(config, call_sid=call_sid, caller=caller, called=called, server=server)
+        build_create_body(
+            config,
+            call_sid=call_sid,
+            caller=caller,
+            called=called,
+            server=server,
+            assistant=assistant,
+        )
     )
     headers = {
         "Authorization": f"Bearer {_checked_api_key(api_key)}",
