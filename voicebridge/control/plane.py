@@ -90,6 +90,10 @@ class ControlPlane:
         self._memory = ResultMemory()
         self._calls: dict[str, Call] = {}
         self._recent: OrderedDict[str, str] = OrderedDict()
+        # CallSid -> the handover under way for it. Vapi may ask for the same one twice
+        # (a transfer-destination-request, then the phone-call-control forward to that
+        # destination; or a retry): the repeat is acknowledged, never carried out again.
+        self._handovers: OrderedDict[str, Handover] = OrderedDict()
         self.authenticator: WebhookAuthenticator | None = None
         if config.control.enabled:
             self.authenticator = WebhookAuthenticator.from_config(
@@ -274,19 +278,32 @@ class ControlPlane:
         return orjson.dumps({"error": error}) if error else b"{}"
 
     def _hand_over(self, ref: msg.CallRef, handover: Handover, spawn: Spawn) -> str:
-        """Hand the call over here, or through Twilio's REST API; "" or why not."""
-        call = self._calls.get(ref.call_sid) if ref.call_sid else None
+        """Hand the call over here, or through Twilio's REST API; "" or why not.
+
+        A request for the handover already under way is acknowledged ("") and not
+        acted on again; a different one is refused.
+        """
+        if not ref.call_sid:
+            return "the call's Twilio CallSid is unknown"
+        earlier = self._handovers.get(ref.call_sid)
+        if earlier is not None:
+            if (earlier.outcome, earlier.transfer_to) == (handover.outcome, handover.transfer_to):
+                return ""
+            return f"the call is already being handed over ({earlier.outcome.value})"
+        call = self._calls.get(ref.call_sid)
         if call is not None:
             if not call.hand_over(handover):
                 return "the call is already ending"
-            self._log_handover(ref, handover, "here")
-            return ""
-        if not ref.call_sid:
-            return "the call's Twilio CallSid is unknown"
-        if self._rest is None:
+            where = "here"
+        elif self._rest is None:
             return "the call is held elsewhere and Twilio REST credentials are not configured"
-        self._log_handover(ref, handover, "Twilio REST")
-        spawn(partial(self._hand_over_remotely, ref, handover))
+        else:
+            where = "Twilio REST"
+            spawn(partial(self._hand_over_remotely, ref, handover))
+        self._handovers[ref.call_sid] = handover
+        while len(self._handovers) > MAX_REMEMBERED_CALLS:
+            self._handovers.popitem(last=False)
+        self._log_handover(ref, handover, where)
         return ""
 
     async def _hand_over_remotely(self, ref: msg.CallRef, handover: Handover) -> None:
@@ -301,6 +318,7 @@ class ControlPlane:
             else:
                 done = await self._rest.hang_up(ref.call_sid)
         except TwilioRestError as exc:
+            self._handovers.pop(ref.call_sid, None)  # a later request may try again
             _log_call(
                 logging.WARNING,
                 "handover-failed",
