@@ -100,7 +100,10 @@ class SocketTransport(Transport):
             try:
                 return self.sock.recv(RECV_BYTES)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                try:
+                    await trio.lowlevel.wait_readable(self.sock)
+                except trio.ClosedResourceError:  # aclose() closed it while we waited
+                    return b""
             except OSError:  # reset, or closed under us: the connection is gone
                 return b""
 
@@ -115,7 +118,10 @@ class SocketTransport(Transport):
 
     async def send_rest(self, data: memoryview) -> None:
         while data:
-            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                await trio.lowlevel.wait_writable(self.sock)
+            except trio.ClosedResourceError:  # aclose() closed it while we waited
+                raise SocketClosed(ABNORMAL_CLOSURE, "connection closed") from None
             data = data[self.try_send(data) :]
 
     async def aclose(self) -> None:
@@ -332,6 +338,8 @@ class WsConnection:
 
     async def ping(self) -> None:
         """Write a ping and wait for its pong (noted by whoever is in ``receive``)."""
+        if self._close_code is not None:  # nobody would ever answer it
+            raise SocketClosed(self._close_code, self._close_reason)
         self._ping_seq += 1
         payload = self._ping_seq.to_bytes(8, "big")
         pong = trio.Event()
@@ -350,10 +358,12 @@ class WsConnection:
             return
         with close_scope():
             try:
-                if self._ws.state is ConnectionState.OPEN:
+                # Lost (1006: the peer vanished, or a write was cut short): nothing more
+                # can be written, and a close frame after a torn frame is garbage.
+                if self._ws.state is ConnectionState.OPEN and self._close_code is None:
                     self._set_closed(code, reason or "closed by us")
                     close = CloseConnection(code=code, reason=reason[:100])
-                    await self._write_event(close, quiet=True)
+                    await self._write_close(self._ws.send(close))
                     with trio.move_on_after(CLOSE_REPLY_S):
                         if self._reading:
                             await self._peer_closed.wait()
@@ -362,6 +372,21 @@ class WsConnection:
             finally:
                 self._transport_closed = True
                 await self._transport.aclose()
+
+    async def _write_close(self, data: bytes) -> None:
+        """Write our close frame in turn with other writers, within ``close_scope``.
+
+        Unlike ``_write`` it is not shielded on its own: the caller's deadline bounds
+        it, also while it waits for a writer stuck mid-frame (closing the transport
+        then releases that writer). A close frame cut short ends a connection that
+        is ending anyway.
+        """
+        with contextlib.suppress(SocketClosed):
+            async with self._write_lock:
+                view = memoryview(data)
+                sent = self._transport.try_send(view)
+                if sent < len(view):
+                    await self._transport.send_rest(view[sent:])
 
     async def _read_until_closed(self) -> None:
         """Read (and drop) until the peer's close frame, unless a reader is doing it."""

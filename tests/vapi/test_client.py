@@ -1,16 +1,22 @@
 """voicebridge.vapi.client over real loopback HTTP and WebSocket.
 
 Charter: loopback only (127.0.0.1, port 0), real sockets and real servers written
-here (h11 over trio TCP for HTTP, trio-websocket for the transport socket), no
-mocks; every test guarded by ``trio.fail_after``. The deadline tests wait real
+here (h11 over trio TCP for HTTP; for the transport socket trio-websocket, an
+implementation independent of ours, or wsproto driven by hand where a test needs
+exact bytes), no mocks; every test guarded by ``trio.fail_after``. The deadline tests wait real
 time, kept to ``SHORT_DEADLINE_S`` each; anything else timed uses ``autojump_clock``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -20,6 +26,14 @@ import orjson
 import pytest
 import trio
 import trio_websocket
+import wsproto
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Request,
+    TextMessage,
+)
 
 from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed
@@ -33,6 +47,7 @@ from voicebridge.vapi.client import (
     end_call,
     open_transport,
 )
+from voicebridge.wsconn import CLOSE_REPLY_S, WsConnection
 
 #: Guard on every test: a loopback exchange takes milliseconds.
 GUARD_S = 3.0
@@ -409,13 +424,14 @@ class WsServer:
 
     handler: Callable[[trio_websocket.WebSocketConnection], Awaitable[None]] | None = None
     reject_status: int | None = None
+    ssl_context: ssl.SSLContext | None = None
     paths: list[str] = attrs.field(factory=list)
     headers: list[dict[bytes, bytes]] = attrs.field(factory=list)
     port: int = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
         server = await nursery.start(
-            trio_websocket.serve_websocket, self._handle, "127.0.0.1", 0, None
+            trio_websocket.serve_websocket, self._handle, "127.0.0.1", 0, self.ssl_context
         )
         self.port = server.port
 
@@ -559,9 +575,10 @@ async def test_open_transport_to_a_closed_port_is_refused() -> None:
     assert_secret_free(info.value)
 
 
-async def tcp_server(
-    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
-) -> int:
+TcpHandler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def tcp_server(nursery: trio.Nursery, handler: TcpHandler) -> int:
     listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
     port: int = listeners[0].socket.getsockname()[1]
     return port
@@ -577,32 +594,46 @@ async def hang_up_on_the_upgrade(stream: trio.SocketStream) -> None:
     await stream.aclose()
 
 
-async def answer_garbage(stream: trio.SocketStream) -> None:
-    await stream.receive_some(65536)
-    await stream.send_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-    await trio.sleep_forever()
+def answer_with(reply: bytes, *, then_hang_up: bool = False) -> TcpHandler:
+    """A peer that reads the upgrade request, writes ``reply`` and waits (or hangs up)."""
 
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(reply)
+        if then_hang_up:
+            await stream.aclose()
+        else:
+            await trio.sleep_forever()
 
-async def answer_plain_http(stream: trio.SocketStream) -> None:
-    await stream.receive_some(65536)
-    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-    await trio.sleep_forever()
+    return handler
 
 
 @pytest.mark.parametrize(
     ("handler", "kind"),
     [
         (silent, "timeout"),
-        # trio-websocket 0.12.2 leaves the opener waiting when the peer closes
-        # during the upgrade: a drop there surfaces at the deadline, as a timeout.
-        (hang_up_on_the_upgrade, "timeout"),
-        (answer_garbage, "protocol"),
-        (answer_plain_http, "protocol"),
+        (hang_up_on_the_upgrade, "dropped"),
+        (
+            answer_with(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n", then_hang_up=True
+            ),
+            "dropped",
+        ),
+        (answer_with(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"), "protocol"),
+        (answer_with(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"), "protocol"),
+        (
+            answer_with(
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+                b"connection: upgrade\r\nsec-websocket-accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n"
+            ),
+            "protocol",
+        ),
+        (answer_with(b"HTTP/1.1 103 Early Hints\r\n\r\n"), "protocol"),
     ],
-    ids=["silent", "hang-up", "garbage", "plain-http"],
+    ids=["silent", "hang-up", "half-answer", "garbage", "plain-http", "wrong-accept", "1xx"],
 )
 async def test_open_transport_bad_peers(
-    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]], kind: str
+    nursery: trio.Nursery, handler: TcpHandler, kind: str
 ) -> None:
     with trio.fail_after(GUARD_S):
         port = await tcp_server(nursery, handler)
@@ -613,12 +644,126 @@ async def test_open_transport_bad_peers(
                 pytest.fail("the body must not run")
         elapsed = trio.current_time() - start
     assert info.value.kind == kind
-    assert elapsed < SHORT_DEADLINE_S + 0.5
+    if kind == "timeout":
+        assert SHORT_DEADLINE_S <= elapsed < SHORT_DEADLINE_S + 0.5
+    else:  # known at once, not at the deadline
+        assert elapsed < SHORT_DEADLINE_S
     assert_secret_free(info.value)
 
 
-async def test_open_transport_rejects_a_non_websocket_url() -> None:
-    call = VapiCall(id="c", websocket_url=f"https://api.vapi.ai{SECRET_PATH}")
+@attrs.define
+class RawWsServer:
+    """A WebSocket server on wsproto driven by hand: ``behaviour`` runs once the upgrade
+    request is read, and answers it (or not) byte for byte."""
+
+    behaviour: Callable[[trio.SocketStream, wsproto.WSConnection], Awaitable[None]]
+    requests: list[Request] = attrs.field(factory=list)
+    port: int = 0
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self.port = await tcp_server(nursery, self._handle)
+
+    def call(self, query: str = "") -> VapiCall:
+        url = f"ws://127.0.0.1:{self.port}{SECRET_PATH}{query}"
+        return VapiCall(id="call-1", websocket_url=url)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        while data := await stream.receive_some(65536):
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, Request):
+                    self.requests.append(event)
+                    await self.behaviour(stream, ws)
+                    return
+
+
+async def accept_with_messages_behind(stream: trio.SocketStream, ws: wsproto.WSConnection) -> None:
+    # The 101 and Vapi's first messages in one write: they arrive in one read.
+    await stream.send_all(
+        ws.send(AcceptConnection())
+        + ws.send(TextMessage(data='{"type":"assistant.started"}'))
+        + ws.send(BytesMessage(data=b"\x01" * 160))
+    )
+    while data := await stream.receive_some(65536):
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, CloseConnection):
+                await stream.send_all(ws.send(event.response()))
+
+
+async def accept_then_never_read(stream: trio.SocketStream, ws: wsproto.WSConnection) -> None:
+    await stream.send_all(ws.send(AcceptConnection()))
+    await trio.sleep_forever()
+
+
+async def test_open_transport_request_and_what_follows_the_101(nursery: trio.Nursery) -> None:
+    with trio.fail_after(GUARD_S):
+        server = RawWsServer(accept_with_messages_behind)
+        await server.start(nursery)
+        call = server.call("?token=abc")
+        async with open_transport(call, API_KEY, connect_deadline_s=1.0) as sock:
+            assert isinstance(sock, WsConnection)
+            assert await sock.receive() == '{"type":"assistant.started"}'
+            assert await sock.receive() == b"\x01" * 160
+    [request] = server.requests
+    assert request.target == f"{SECRET_PATH}?token=abc"
+    assert request.host == f"127.0.0.1:{server.port}"
+    assert (b"authorization", f"Bearer {API_KEY}".encode()) in request.extra_headers
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["exit", "cancelled-exit"])
+async def test_open_transport_exit_waits_for_vapis_close_only_as_long_as_allowed(
+    nursery: trio.Nursery, cancelled: bool
+) -> None:
+    with trio.fail_after(GUARD_S):
+        server = RawWsServer(accept_then_never_read)
+        await server.start(nursery)
+        with trio.CancelScope() as call_scope:
+            async with open_transport(
+                server.call(), API_KEY, connect_deadline_s=1.0, close_deadline_s=SHORT_DEADLINE_S
+            ):
+                start = trio.current_time()
+                if cancelled:
+                    call_scope.cancel(reason="caller hung up")
+                    await trio.sleep_forever()
+        elapsed = trio.current_time() - start
+    assert call_scope.cancelled_caught == cancelled
+    assert SHORT_DEADLINE_S < CLOSE_REPLY_S  # so it is close_deadline_s that bounds the exit
+    if cancelled:  # only the grace: the call is going away
+        assert client.CANCELLED_CLOSE_GRACE_S <= elapsed < SHORT_DEADLINE_S
+    else:
+        assert SHORT_DEADLINE_S <= elapsed < SHORT_DEADLINE_S + 0.5
+
+
+async def test_open_transport_exit_reads_vapis_answer_to_the_close(nursery: trio.Nursery) -> None:
+    recorder = Recorder()
+    with trio.fail_after(GUARD_S):
+        server = await start_ws(nursery, handler=recorder)
+        async with open_transport(server.call(), API_KEY, connect_deadline_s=1.0) as sock:
+            await sock.send("bye")
+            start = trio.current_time()
+        elapsed = trio.current_time() - start
+        await recorder.done.wait()
+    assert recorder.messages == ["bye"]
+    assert recorder.close_code == 1000
+    assert elapsed < CLOSE_REPLY_S / 2  # the answer came in a round trip
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://api.vapi.ai{SECRET_PATH}",
+        f"ws://127.0.0.1:99999{SECRET_PATH}",
+        f"ws://127.0.0.1:port{SECRET_PATH}",
+        f"ws://{SECRET_PATH}",
+        f"ws://127.0.0.1{SECRET_PATH}/with space",
+        f"ws://127.0.0.1{SECRET_PATH}/é",
+    ],
+    ids=["https", "port-range", "port-word", "no-host", "space", "non-ascii"],
+)
+async def test_open_transport_rejects_a_non_websocket_url(url: str) -> None:
+    call = VapiCall(id="c", websocket_url=url)
     with trio.fail_after(GUARD_S), pytest.raises(VapiError) as info:
         async with open_transport(call, API_KEY, connect_deadline_s=1.0):
             pytest.fail("the body must not run")
@@ -634,9 +779,8 @@ async def test_open_transport_wss_to_a_closed_port_is_refused() -> None:
     assert info.value.kind == "refused"
 
 
-async def test_open_transport_tls_failure_surfaces_as_timeout(nursery: trio.Nursery) -> None:
-    # wss:// to a plain-TCP WebSocket server: the TLS handshake fails inside
-    # trio-websocket's reader task, which does not wake the opener (0.12.2).
+async def test_open_transport_tls_failure_is_dropped(nursery: trio.Nursery) -> None:
+    # wss:// to a plain-TCP WebSocket server: it answers the TLS hello with an HTTP 400.
     with trio.fail_after(GUARD_S):
         server = await start_ws(nursery, handler=Recorder())
         with pytest.raises(VapiError) as info:
@@ -644,7 +788,78 @@ async def test_open_transport_tls_failure_surfaces_as_timeout(nursery: trio.Nurs
                 server.call("wss"), API_KEY, connect_deadline_s=SHORT_DEADLINE_S
             ):
                 pytest.fail("the body must not run")
-    assert info.value.kind == "timeout"
+    assert info.value.kind == "dropped"
+    assert "TLS handshake failed" in str(info.value)
+    assert_secret_free(info.value)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (made by openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = (
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
+        " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1"
+    )
+    subprocess.run(
+        [openssl, *request.split(), "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_open_transport_over_tls(
+    nursery: trio.Nursery, tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    monkeypatch.setattr(client, "_default_ssl_context", lambda: client_context)
+
+    async def echo(websocket: trio_websocket.WebSocketConnection) -> None:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                await websocket.send_message(await websocket.get_message())
+
+    recorder = Recorder()
+    with trio.fail_after(GUARD_S):
+        server = await start_ws(nursery, handler=echo, ssl_context=server_context)
+        async with open_transport(server.call("wss"), API_KEY, connect_deadline_s=1.0) as sock:
+            await sock.send('{"type":"end-call"}')
+            await sock.send(b"\x00" * 160)
+            assert await sock.receive() == '{"type":"end-call"}'
+            assert await sock.receive() == b"\x00" * 160
+            async with trio.open_nursery() as reading:  # a pong is noted by the reader
+                reading.start_soon(sock.receive)
+                await sock.ping()
+                reading.cancel_scope.cancel()
+        other = await start_ws(nursery, handler=recorder, ssl_context=server_context)
+        async with open_transport(other.call("wss"), API_KEY, connect_deadline_s=1.0):
+            pass
+        await recorder.done.wait()
+    assert server.headers[0][b"authorization"] == f"Bearer {API_KEY}".encode()
+    assert recorder.close_code == 1000
+
+
+async def test_open_transport_over_tls_with_an_untrusted_certificate(
+    nursery: trio.Nursery, tls_files: tuple[Path, Path]
+) -> None:
+    cert, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    with trio.fail_after(GUARD_S):
+        server = await start_ws(nursery, handler=Recorder(), ssl_context=server_context)
+        with pytest.raises(VapiError) as info:
+            async with open_transport(server.call("wss"), API_KEY, connect_deadline_s=1.0):
+                pytest.fail("the body must not run")
+    assert info.value.kind == "dropped"
+    assert "certificate verify failed" in str(info.value)
     assert_secret_free(info.value)
 
 

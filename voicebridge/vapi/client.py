@@ -1,8 +1,9 @@
 """The Vapi leg's I/O: create a call with the WebSocket transport, open its socket, end it.
 
 ``create_call`` POSTs ``/call`` with httpx; ``open_transport`` opens the call's
-transport socket with trio-websocket and hands it out as a ``TrioWebSocket``;
-``end_call`` says goodbye on it. Every failure to start the leg is one
+transport socket (its own TCP/TLS connection and wsproto upgrade) and hands it out
+as a ``wsconn.WsConnection``, read by the call's own task; ``end_call`` says
+goodbye on it. Every failure to start the leg is one
 ``VapiError`` whose ``kind`` the call's outcome can be built from; its message is
 safe to log: it never holds the API key or the socket URL (a bearer secret).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -21,14 +23,16 @@ import h11
 import httpx
 import orjson
 import trio
-import trio_websocket
 import wsproto.utilities
 from attrs import field, frozen
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, Request
 
 from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed, VoicebridgeError
-from voicebridge.sockets import MessageSocket, TrioWebSocket
+from voicebridge.sockets import MessageSocket
 from voicebridge.vapi import transport
+from voicebridge.wsconn import SocketTransport, StreamTransport, Transport, WsConnection
 
 VapiErrorKind: TypeAlias = Literal[
     "auth", "rejected", "server", "timeout", "refused", "dropped", "protocol"
@@ -287,8 +291,8 @@ async def open_transport(
     *,
     connect_deadline_s: float,
     close_deadline_s: float = CLOSE_DEADLINE_S,
-) -> AsyncIterator[TrioWebSocket]:
-    """Open ``call``'s transport socket; ``async with`` it to use it as a ``TrioWebSocket``.
+) -> AsyncIterator[WsConnection]:
+    """Open ``call``'s transport socket; ``async with`` it to use it as a ``WsConnection``.
 
     The API key goes in ``Authorization`` on the upgrade. ``wss://`` URLs use the
     default TLS context, ``ws://`` (the local simulator) plain TCP.
@@ -296,81 +300,173 @@ async def open_transport(
     Connecting (DNS, TCP, TLS, upgrade) is bounded by ``connect_deadline_s``; failing
     raises ``VapiError``: ``refused`` (no TCP connection), ``auth`` (upgrade answered
     401/403), ``server`` (5xx), ``rejected`` (other 4xx), ``protocol`` (an answer that
-    is not a WebSocket upgrade) or ``timeout``. trio-websocket 0.12.2 never wakes the
-    opener when the peer closes the connection or fails TLS during the upgrade: those
-    show as ``timeout`` at the deadline, not as ``dropped``.
+    is not a WebSocket upgrade, or a URL that is not a ws(s) URL), ``dropped`` (the
+    peer closed the connection, or failed TLS, before answering the upgrade) or
+    ``timeout`` (no answer within the deadline).
 
     Cancellation while connecting propagates as ``trio.Cancelled``. The body's
-    exceptions, ``trio.Cancelled`` included, propagate unchanged (not in an exception
-    group: trio-websocket unwraps its internal nursery's group). On exit the socket is
-    closed (code 1000), shielded from cancellation and bounded by ``close_deadline_s``;
-    when the exit is a cancellation, only ``CANCELLED_CLOSE_GRACE_S`` (see
-    ``_close_on_exit``). Say goodbye with ``end_call`` *inside* the block, before any
-    scope around it is cancelled: that is when Vapi's answer can still be read.
+    exceptions, ``trio.Cancelled`` included, propagate unchanged (the connection has
+    no task of its own, so nothing wraps them in an exception group). On exit the
+    socket is closed (code 1000, and Vapi's answering close frame read), shielded from
+    cancellation and bounded by ``close_deadline_s``; when the exit is a cancellation,
+    only ``CANCELLED_CLOSE_GRACE_S`` (see ``_close_on_exit``). Say goodbye with
+    ``end_call`` *inside* the block, before any scope around it is cancelled.
     """
-    headers = [(b"authorization", f"Bearer {_checked_api_key(api_key)}".encode())]
+    authorization = f"Bearer {_checked_api_key(api_key)}".encode()
+    secrets = (api_key, call.websocket_url)
+    target = _Target.parse(call.websocket_url)
+    ws = WSConnection(ConnectionType.CLIENT)
     try:
-        websocket_cm = trio_websocket.open_websocket_url(
-            call.websocket_url,
-            _default_ssl_context() if call.websocket_url.startswith("wss:") else None,
-            extra_headers=headers,
-            # Our own deadline below bounds connecting: trio-websocket's connect_timeout
-            # does not fire while its reader task waits on a silent peer (measured).
-            connect_timeout=math.inf,
-            # We close the socket ourselves before trio-websocket does (below), so its
-            # close is a no-op; this is only a backstop.
-            disconnect_timeout=close_deadline_s,
+        request = ws.send(
+            Request(
+                host=target.host_header,
+                target=target.resource,
+                extra_headers=[(b"authorization", authorization)],
+            )
         )
-    except ValueError:  # trio-websocket's verdict on the URL
+    except (ValueError, h11.LocalProtocolError, wsproto.utilities.LocalProtocolError):
+        # A host or path that cannot go in an HTTP request (wsproto/h11's verdict).
         raise _connect_error("protocol", "the call's socket URL is not a ws(s) URL") from None
 
-    # Invariant: connect_scope has a deadline only until the socket is open, so it can
-    # only ever catch a cancellation of the connect phase.
-    connected = False
-    with trio.CancelScope(deadline=trio.current_time() + connect_deadline_s) as connect_scope:
+    # Invariant: this deadline covers connecting only; the body runs outside it.
+    connection: WsConnection | None = None
+    with trio.move_on_after(connect_deadline_s):
+        transport = await _connect_transport(target, secrets)
         try:
-            async with websocket_cm as websocket:
-                connected = True
-                connect_scope.deadline = math.inf
-                try:
-                    yield TrioWebSocket(websocket)
-                finally:
-                    await _close_on_exit(websocket, close_deadline_s)
-        except trio_websocket.ConnectionRejected as exc:
-            if connected:
-                raise
-            raise _rejected_upgrade(exc.status_code) from None
-        except trio_websocket.HandshakeError as exc:
-            if connected:
-                raise
-            # open_websocket raises HandshakeError from the OSError of a failed connect.
-            cause = exc.__cause__
-            detail = _describe(cause, api_key, call.websocket_url) if cause else "cannot connect"
-            raise _connect_error("refused", detail) from None
-        except (h11.ProtocolError, wsproto.utilities.ProtocolError) as exc:
-            # trio-websocket lets these escape when the answer to the upgrade is not HTTP.
-            if connected:
-                raise
-            raise _connect_error(
-                "protocol", f"the answer to the upgrade is not HTTP ({type(exc).__name__})"
-            ) from None
-    if connect_scope.cancelled_caught:
+            await _upgrade(transport, ws, request, secrets)
+        except BaseException:
+            await _drop(transport)
+            raise
+        connection = WsConnection(transport, ws)
+    if connection is None:
         raise _connect_error("timeout", f"no upgrade within {connect_deadline_s:g} s")
+    try:
+        yield connection
+    finally:
+        await _close_on_exit(connection, close_deadline_s)
 
 
-async def _close_on_exit(websocket: trio_websocket.WebSocketConnection, deadline_s: float) -> None:
-    """Close ``websocket`` (code 1000), shielded, within ``deadline_s``.
+@frozen(kw_only=True)
+class _Target:
+    """Where a ``ws(s)://`` URL points: what to connect to and what to ask for."""
 
-    When the scope around ``open_transport`` is being cancelled, trio-websocket's reader
-    task (inside that scope) is being cancelled too: nobody will read Vapi's answer to
-    our close frame, and waiting for it would always last the whole deadline. Then we
-    only give the close frame ``CANCELLED_CLOSE_GRACE_S`` to go out, and drop the TCP
-    connection (trio-websocket closes the stream when its close is cut short).
+    tls: bool
+    hostname: str
+    port: int
+    #: The ``Host`` header: the host, with the port unless it is the scheme's default.
+    host_header: str
+    #: The request target: path and query (the secret part of the URL).
+    resource: str
+
+    @classmethod
+    def parse(cls, url: str) -> _Target:
+        """The parts of ``url``; a ``VapiError`` (protocol) for anything but a ws(s) URL."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port  # ValueError when out of range or not a number
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise _connect_error("protocol", "the call's socket URL is not a ws(s) URL")
+        tls = parts.scheme == "wss"
+        default_port = 443 if tls else 80
+        hostname = parts.hostname
+        host = f"[{hostname}]" if ":" in hostname else hostname  # an IPv6 literal
+        if port is not None and port != default_port:
+            host = f"{host}:{port}"
+        resource = parts.path or "/"
+        if parts.query:
+            resource = f"{resource}?{parts.query}"
+        return cls(
+            tls=tls,
+            hostname=hostname,
+            port=default_port if port is None else port,
+            host_header=host,
+            resource=resource,
+        )
+
+
+async def _connect_transport(target: _Target, secrets: tuple[str, ...]) -> Transport:
+    """TCP (and TLS for ``wss://``) to ``target``; ``VapiError`` refused or dropped."""
+    try:
+        stream = await trio.open_tcp_stream(target.hostname, target.port)
+    except OSError as exc:  # refused, unreachable, DNS (gaierror)
+        raise _connect_error("refused", _describe(exc, *secrets)) from None
+    if not target.tls:
+        # The call's own task reads and writes the socket directly (wsconn).
+        return SocketTransport(socket.socket(fileno=stream.socket.detach()))
+    tls_stream = trio.SSLStream(
+        stream, _default_ssl_context(), server_hostname=target.hostname, https_compatible=True
+    )
+    try:
+        await tls_stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls_stream)
+        cause = exc.__cause__
+        detail = _describe(cause, *secrets) if cause else "connection lost"
+        raise _connect_error("dropped", f"TLS handshake failed ({detail})") from None
+    except BaseException:
+        await trio.aclose_forcefully(tls_stream)
+        raise
+    return StreamTransport(tls_stream)
+
+
+async def _upgrade(
+    transport: Transport, ws: WSConnection, request: bytes, secrets: tuple[str, ...]
+) -> None:
+    """Send the upgrade ``request`` and read the answer until ``ws`` is open.
+
+    Raises ``VapiError``: the upgrade refused (its status), ``protocol`` (not HTTP, or
+    HTTP but not a WebSocket answer), ``dropped`` (the connection closed first).
+    Bytes that followed the 101 stay in ``ws`` for the connection to parse.
+    """
+    view = memoryview(request)
+    try:
+        sent = transport.try_send(view)
+        if sent < len(view):
+            await transport.send_rest(view[sent:])
+    except SocketClosed as exc:
+        raise _connect_error("dropped", f"sending the upgrade: {exc.reason}") from None
+    while True:
+        data = await transport.receive_some()
+        try:
+            ws.receive_data(data)  # b"": the peer closed
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return  # stop here: what follows is the connection's to read
+                if isinstance(event, RejectConnection):
+                    raise _rejected_upgrade(event.status_code)
+        except wsproto.utilities.RemoteProtocolError as exc:
+            if not data:  # an answer cut short by the peer closing
+                break
+            detail = _clean(str(exc), *secrets)
+            raise _connect_error(
+                "protocol", f"the answer to the upgrade is not a WebSocket upgrade ({detail})"
+            ) from None
+        if not data:
+            break
+    raise _connect_error("dropped", "the connection closed before the upgrade was answered")
+
+
+async def _drop(transport: Transport) -> None:
+    """Close ``transport`` at once (no goodbye): a connection that never opened."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await transport.aclose()
+
+
+async def _close_on_exit(connection: WsConnection, deadline_s: float) -> None:
+    """Close ``connection`` (code 1000), shielded, within ``deadline_s``.
+
+    When the scope around ``open_transport`` is being cancelled, the call is going
+    away and must not wait on Vapi: the close frame and Vapi's answer then get only
+    ``CANCELLED_CLOSE_GRACE_S`` (a round trip on a live connection), after which the
+    TCP connection is dropped.
     """
     if trio.current_effective_deadline() == -math.inf:
         deadline_s = min(deadline_s, CANCELLED_CLOSE_GRACE_S)
     with trio.move_on_after(deadline_s, shield=True):
-        await websocket.aclose()
+        await connection.aclose()
 
 
 def _rejected_upgrade(status: int) -> VapiError:
@@ -410,8 +506,8 @@ async def end_call(socket: MessageSocket, *, deadline_s: float) -> None:
     bounds all of it, and a surrounding cancellation is delivered at the caller's next
     checkpoint. A socket already closed (by Vapi, or by us) is the expected race and
     is not an error: ``end_call`` never raises ``SocketClosed``. The socket's own
-    shielded write/close bounds (``sockets.WRITE_DEADLINE_S``) cannot be cut short
-    from here: a ``TrioWebSocket`` whose peer stops answering can hold it that long.
+    shielded write bound (``sockets.WRITE_DEADLINE_S``) cannot be cut short from
+    here: a socket whose peer stops reading can hold it that long.
     """
     with trio.move_on_after(deadline_s, shield=True):
         with contextlib.suppress(SocketClosed):
