@@ -1,9 +1,11 @@
-"""Process life: serve the app with hypercorn under trio, tell systemd, drain, reload.
+"""Process life: serve calls and the app under trio, tell systemd, drain, reload.
 
 ``serve()`` runs one voicebridge process until it is told to stop:
 
 - It serves on the listening sockets it is handed (socket activation, see
-  ``voicebridge.listenfds``; tests) or binds ``server.listen``.
+  ``voicebridge.listenfds``; tests) or binds ``server.listen``. The front door
+  (``voicebridge.front``) gives media streams to the calls and every other request
+  to hypercorn and the quart app.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
   hypercorn listens, ``STATUS=`` whenever the active calls or the drain state change,
   ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
@@ -38,7 +40,6 @@ import httpx
 import trio
 from attrs import frozen
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from voicebridge.boxstate import SWEEP_INTERVAL_S, SharedDir, SharedStreamTokens
 from voicebridge.bridge.assistant import VapiConnector
@@ -49,22 +50,30 @@ from voicebridge.config import Config
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
+from voicebridge.front import serve_front
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
-from voicebridge.web import VOICE_PATH, Services, asgi_app
+from voicebridge.web import (
+    MAX_MEDIA_MESSAGE_BYTES,
+    STREAM_PATH,
+    VOICE_PATH,
+    Services,
+    create_app,
+    media_connection,
+)
+from voicebridge.wsconn import SocketTransport
 
 log = logging.getLogger(__name__)
 
-#: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
-MAX_WEBSOCKET_MESSAGE_BYTES = 64 * 1024
+#: The media socket's message limit (``web.MAX_MEDIA_MESSAGE_BYTES``), and hypercorn's.
+MAX_WEBSOCKET_MESSAGE_BYTES = MAX_MEDIA_MESSAGE_BYTES
 #: How long hypercorn lets open connections run after its shutdown trigger before
 #: cancelling them. By then the drain has ended every call; this only bounds stragglers.
 GRACEFUL_TIMEOUT_S = 5.0
-#: Listen backlog; the same as ``Backlog=`` in voicebridge.socket, because hypercorn calls
-#: ``listen()`` again on an inherited socket and would otherwise shrink it to 100.
+#: Listen backlog of a socket we bind; the same as ``Backlog=`` in voicebridge.socket.
 LISTEN_BACKLOG = 1024
 #: After the drain deadline ends the remaining calls, how much longer than the Vapi end
 #: deadline (``end-call`` + close) they get to close their sockets.
@@ -208,10 +217,10 @@ async def serve(
             reload_config=reload_config,
             shared=shared,
         )
-        app = asgi_app(process.current_services)
-        hypercorn_config = process.hypercorn_config
-        # hypercorn takes ownership of each fd://N socket (it closes it).
-        hypercorn_config.bind = [f"fd://{sock.detach()}" for sock in sockets]
+        app = create_app(process.current_services)
+
+        async def media(transport: SocketTransport, head: bytes) -> None:
+            await media_connection(process.current_services(), transport, head)
 
         async with trio.open_nursery() as process_nursery:
             if handle_signals:
@@ -221,10 +230,14 @@ async def serve(
             if shared is not None:
                 process_nursery.start_soon(_sweep_periodically, shared)
             async with trio.open_nursery() as http_nursery:
+                # The front door takes ownership of the sockets (it closes them).
                 await http_nursery.start(
-                    lambda task_status: hypercorn_serve(
+                    lambda task_status: serve_front(
                         app,
-                        hypercorn_config,
+                        process.hypercorn_config,
+                        sockets,
+                        media_path=STREAM_PATH,
+                        media=media,
                         shutdown_trigger=process.wait_http_shutdown,
                         task_status=task_status,
                     )

@@ -12,7 +12,7 @@ with ``WRITE_DEADLINE_S`` so a peer that stops reading cannot hold us forever.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 import trio_websocket
@@ -65,6 +65,28 @@ class MessageSocket(Protocol):
 class PingableSocket(MessageSocket, Protocol):
     async def ping(self) -> None:
         """Send a WebSocket ping and wait for its pong. Raises ``SocketClosed``."""
+        ...
+
+
+@runtime_checkable
+class DirectSocket(PingableSocket, Protocol):
+    """A socket a reader task can also write to without waiting (``wsconn.WsConnection``).
+
+    The caller's audio goes to Vapi through it straight from the Twilio reader when
+    nothing is queued ahead, sparing the hop to the sender task (``bridge.call``).
+    """
+
+    def send_nowait(self, message: str | bytes) -> bool:
+        """Write now or not at all (False); see ``needs_flush`` after True."""
+        ...
+
+    @property
+    def needs_flush(self) -> bool:
+        """Part of the last ``send_nowait`` frame is still to go (``flush``)."""
+        ...
+
+    async def flush(self) -> None:
+        """Write the rest of that frame; shielded, bounded by ``WRITE_DEADLINE_S``."""
         ...
 
 
@@ -153,6 +175,21 @@ class MemorySocket:
             raise SocketClosed(self.close_code, "peer gone") from None
         if write_scope.cancelled_caught:
             raise SocketWriteTimeout(None, "write deadline passed")
+
+    def send_nowait(self, message: str | bytes) -> bool:
+        """``DirectSocket``: deliver now if the buffer has room (a message is never split)."""
+        try:
+            self._send_channel.send_nowait(message)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    @property
+    def needs_flush(self) -> bool:
+        return False
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def ping(self) -> None:
         ping = _Ping()

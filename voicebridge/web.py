@@ -6,8 +6,9 @@ They hold no call logic of their own.
 
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
-- ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served on
-  ASGI directly (``asgi_app``), not through quart: see ``AsgiSocket``.
+- ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served by
+  the front door on a lean WebSocket (``media_connection``; ``voicebridge.front``),
+  not through hypercorn and quart.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
 - ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
 - ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
@@ -22,15 +23,11 @@ from collections.abc import Callable
 
 import trio
 from attrs import define, field
-from hypercorn.typing import ASGIFramework as AsgiApp
-from hypercorn.typing import ASGIReceiveCallable as Receive
-from hypercorn.typing import ASGISendCallable as Send
-from hypercorn.typing import Scope, WebsocketScope, WebsocketSendEvent
-from hypercorn.utils import UnexpectedMessageError
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from voicebridge.bridge.call import (
+    ASSISTANT_PARAMETER,
     CALLED_PARAMETER,
     CALLER_PARAMETER,
     TOKEN_PARAMETER,
@@ -41,16 +38,17 @@ from voicebridge.bridge.call import (
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config
+from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
-from voicebridge.control.routes import add_control_routes
+from voicebridge.control.routes import add_control_routes, log_rejected
 from voicebridge.errors import SocketClosed
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
-from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SignatureError, WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
+from voicebridge.wsconn import SocketTransport, UpgradeRefused, accept_upgrade, read_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +59,8 @@ AFTER_STREAM_PATH = "/twilio/after-stream"
 #: and keeps a hostile client from making us buffer megabytes.
 MAX_WEBHOOK_BYTES = 64 * 1024
 TWIML = "text/xml"
+#: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
+MAX_MEDIA_MESSAGE_BYTES = 64 * 1024
 #: How long the ``<Connect action>`` waits for a call that is still winding down (its
 #: goodbye to Vapi: one round trip, ``vapi.end_deadline_s`` at worst); well inside
 #: Twilio's 15 s webhook timeout.
@@ -82,66 +82,6 @@ class Services:
     control: ControlPlane | None = None
     #: Kept across reloads (pass the old one on), so counters never restart.
     metrics: BridgeMetrics = field(factory=BridgeMetrics)
-
-
-class AsgiSocket:
-    """``MessageSocket`` over an ASGI WebSocket (hypercorn's), with no framework between.
-
-    The media socket carries every caller frame (50 a second per call) and all the
-    assistant's audio, so what each message costs is what a call costs. Through
-    quart-trio each inbound message took one more task hop (its reader task and
-    queue) and framework code each way; profiles of ``voicebridge loadtest`` put it
-    at about a tenth of the bridge's CPU (docs/performance.md). The webhooks, which
-    come once per call, stay on quart.
-
-    A peer that disconnects arrives as ``websocket.disconnect``: ``receive`` raises
-    ``SocketClosed`` with its close code.
-    """
-
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive = receive
-        self._send = send
-        self._closed = False
-        self._peer_closed: int | None = None
-
-    async def receive(self) -> str | bytes:
-        if self._peer_closed is not None:
-            raise SocketClosed(self._peer_closed, "closed by the peer")
-        message = await self._receive()
-        if message["type"] == "websocket.receive":
-            text = message.get("text")
-            if text is not None:
-                return text
-            return message.get("bytes") or b""
-        # websocket.disconnect: the peer closed (or the connection broke, 1006).
-        code = message.get("code") if message["type"] == "websocket.disconnect" else None
-        self._peer_closed = code if isinstance(code, int) else 1005
-        raise SocketClosed(self._peer_closed, "closed by the peer")
-
-    async def send(self, message: str | bytes) -> None:
-        if self._closed:
-            raise SocketClosed(None, "closed by us")
-        if isinstance(message, str):
-            event: WebsocketSendEvent = {"type": "websocket.send", "text": message, "bytes": None}
-        else:
-            event = {"type": "websocket.send", "text": None, "bytes": message}
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
-                try:
-                    await self._send(event)
-                except UnexpectedMessageError:
-                    # hypercorn's verdict on a send after the close handshake began.
-                    raise SocketClosed(self._peer_closed, "closed") from None
-        if write_scope.cancelled_caught:
-            raise SocketWriteTimeout(None, "write deadline passed")
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # hypercorn refuses a close of a socket already closed: nothing to say then.
-        with close_scope(), contextlib.suppress(UnexpectedMessageError):
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
 def _twiml_response(body: str) -> Response:
@@ -210,9 +150,6 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
 
     @app.post(VOICE_PATH)
     async def voice_webhook() -> Response:
-        from voicebridge.bridge.call import ASSISTANT_PARAMETER
-        from voicebridge.control.assistants import AssistantRefused, granted_assistant
-        from voicebridge.control.routes import log_rejected
 
         form, refusal = await signed_form()
         if refusal is not None:
@@ -302,52 +239,65 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
     return app
 
 
-def asgi_app(get_services: Callable[[], Services]) -> AsgiApp:
-    """The application to serve: the media socket on bare ASGI, the rest through quart."""
-    app = create_app(get_services)
+async def media_connection(services: Services, transport: SocketTransport, head: bytes) -> None:
+    """``WS /twilio/stream``: the front door's media handler. Accept, run one ``Call``.
 
-    async def serve_asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == STREAM_PATH:
-            await _media_stream(get_services(), scope, receive, send)
-        else:
-            await app(scope, receive, send)
-
-    return serve_asgi
-
-
-async def _media_stream(
-    services: Services, scope: WebsocketScope, receive: Receive, send: Send
-) -> None:
-    """``WS /twilio/stream``: accept the socket and run one ``Call`` on it."""
-    if (await receive())["type"] != "websocket.connect":
-        return  # the client went away during the handshake
-    # Advisory only (Twilio's own libraries disagree on whether the upgrade is
-    # signed); the stream token in `start` is the gate. The verdict goes on the
-    # call-start line (UPGRADE_SIGNATURE=valid|missing|mismatch|unchecked).
-    upgrade_signature = "unchecked"
-    if services.verifier is not None:
-        headers = {name.decode("latin-1"): value for name, value in scope["headers"]}
-        signature = headers.get("x-twilio-signature")
+    The socket is served on ``voicebridge.wsconn`` (the call's own task reads it),
+    not through hypercorn: see ``voicebridge.front``. Owns ``transport``: closed on
+    the way out whatever happens.
+    """
+    try:
         try:
-            services.verifier.verify_upgrade(
-                path=scope["path"],
-                signature=signature.decode("latin-1") if signature is not None else None,
+            ws, upgrade = read_upgrade(head)
+        except UpgradeRefused as exc:
+            log_event(
+                log,
+                logging.WARNING,
+                "stream-refused",
+                f"{STREAM_PATH}: not a WebSocket upgrade ({exc.reason}); answered 400",
+                path=STREAM_PATH,
+                reason=exc.reason,
             )
-            upgrade_signature = "valid"
-        except SignatureError as exc:
-            upgrade_signature = exc.reason
-    await send({"type": "websocket.accept", "subprotocol": None, "headers": ()})
-    call = Call(
-        AsgiSocket(receive, send),
-        settings=services.call_settings,
-        connector=services.metrics.timed(services.connector),
-        verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
-        tracker=services.registry,
-        upgrade_signature=upgrade_signature,
-        control=services.control,
-        observer=services.metrics,
-    )
-    await call.run()
+            with contextlib.suppress(SocketClosed):
+                transport.try_send(memoryview(exc.answer))
+            return
+        # Advisory only (Twilio's own libraries disagree on whether the upgrade is
+        # signed); the stream token in `start` is the gate. The verdict goes on the
+        # call-start line (UPGRADE_SIGNATURE=valid|missing|mismatch|unchecked).
+        upgrade_signature = "unchecked"
+        if services.verifier is not None:
+            signature = next(
+                (v for k, v in upgrade.extra_headers if k.lower() == b"x-twilio-signature"),
+                None,
+            )
+            try:
+                services.verifier.verify_upgrade(
+                    path=upgrade.target.split("?", 1)[0],
+                    signature=signature.decode("latin-1") if signature is not None else None,
+                )
+                upgrade_signature = "valid"
+            except SignatureError as exc:
+                upgrade_signature = exc.reason
+        try:
+            socket = await accept_upgrade(
+                transport, ws, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES
+            )
+        except SocketClosed:
+            return  # the client went away during the handshake
+        call = Call(
+            socket,
+            settings=services.call_settings,
+            connector=services.metrics.timed(services.connector),
+            verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
+            tracker=services.registry,
+            upgrade_signature=upgrade_signature,
+            control=services.control,
+            observer=services.metrics,
+        )
+        await call.run()
+    finally:
+        with trio.CancelScope(shield=True):
+            await transport.aclose()
 
 
 def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None) -> str:

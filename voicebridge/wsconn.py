@@ -164,14 +164,25 @@ class WsConnection:
     client's); bytes read past the handshake are already in it.
     """
 
-    def __init__(self, transport: Transport, ws: WSConnection) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        ws: WSConnection,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self._transport = transport
         self._ws = ws
+        self._max_message_bytes = max_message_bytes
         self._messages: deque[str | bytes] = deque()
         # The frames of a fragmented message so far (rare: Twilio and Vapi send whole ones).
         self._partial: list[Any] | None = None
         self._partial_size = 0
-        self._write_lock = trio.Lock()
+        # Writers take turns. A semaphore, not a Lock: the rest of a frame that
+        # send_nowait began is finished (and the turn handed back) by another task.
+        self._write_lock = trio.Semaphore(1, max_value=1)
+        # The rest of a frame send_nowait began; the write lock is held until flushed.
+        self._tail: memoryview | None = None
         # Payloads of our pings awaiting their pong.
         self._pings: dict[bytes, trio.Event] = {}
         self._ping_seq = 0
@@ -226,12 +237,15 @@ class WsConnection:
             return
         data = event.data
         if event.message_finished and self._partial is None:
+            if len(data) > self._max_message_bytes:
+                self._fail(MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes")
+                return
             self._messages.append(data if isinstance(data, str) else bytes(data))
             return
         self._partial_size += len(data)
-        if self._partial_size > MAX_MESSAGE_BYTES:
+        if self._partial_size > self._max_message_bytes:
             self._partial = None
-            self._fail(MESSAGE_TOO_BIG, f"message over {MAX_MESSAGE_BYTES} bytes")
+            self._fail(MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes")
             return
         if self._partial is None:
             self._partial = []
@@ -262,7 +276,7 @@ class WsConnection:
         self._set_closed(code, reason)
         with contextlib.suppress(LocalProtocolError):
             data = self._ws.send(CloseConnection(code=code, reason=reason[:100]))
-            if not self._write_lock.locked():
+            if self._write_lock.value:
                 with contextlib.suppress(SocketClosed):
                     self._transport.try_send(memoryview(data))
         self._peer_closed.set()
@@ -290,6 +304,52 @@ class WsConnection:
         else:
             await self._write(self._ws.send(BytesMessage(data=message)))
 
+    def send_nowait(self, message: str | bytes) -> bool:
+        """Write one message now, without waiting, or say it cannot be done.
+
+        False (nothing written) when another write holds the socket, the connection is
+        closing, or the kernel's buffer takes none of the frame (always, over TLS).
+        True when the frame went out, or part of it: then ``needs_flush`` is True and
+        the rest waits for ``flush()``, which the caller must see to; until then the
+        socket stays locked, so every other write waits behind that rest.
+        """
+        if (
+            self._write_lock.value == 0
+            or self._close_code is not None
+            or self._ws.state is not ConnectionState.OPEN
+        ):
+            return False
+        if isinstance(message, str):
+            data = memoryview(self._ws.send(TextMessage(data=message)))
+        else:
+            data = memoryview(self._ws.send(BytesMessage(data=message)))
+        try:
+            sent = self._transport.try_send(data)
+        except SocketClosed:
+            return False  # the next write (or the reader) reports it
+        if sent == 0:
+            return False
+        if sent < len(data):
+            self._write_lock.acquire_nowait()
+            self._tail = data[sent:]
+        return True
+
+    @property
+    def needs_flush(self) -> bool:
+        """Part of a frame from ``send_nowait`` is still to be written (``flush``)."""
+        return self._tail is not None
+
+    async def flush(self) -> None:
+        """Finish the frame ``send_nowait`` began; shielded and bounded like ``send``."""
+        tail = self._tail
+        if tail is None:
+            return
+        self._tail = None
+        try:
+            await self._finish_write(tail)
+        finally:
+            self._write_lock.release()
+
     async def _write_event(self, event: Event, *, quiet: bool = False) -> None:
         try:
             data = self._ws.send(event)
@@ -307,7 +367,7 @@ class WsConnection:
         """Write one whole frame, in turn with other writers; shielded and bounded."""
         lock = self._write_lock
         view = memoryview(data)
-        if not lock.locked():
+        if lock.value:
             lock.acquire_nowait()  # the common case: no yield
             try:
                 sent = self._transport.try_send(view)
@@ -430,7 +490,9 @@ def read_upgrade(head: bytes) -> tuple[WSConnection, Request]:
     return ws, event
 
 
-async def accept_upgrade(transport: Transport, ws: WSConnection) -> WsConnection:
+async def accept_upgrade(
+    transport: Transport, ws: WSConnection, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> WsConnection:
     """Answer the upgrade ``read_upgrade`` parsed (101) and return the open connection."""
     data = memoryview(ws.send(AcceptConnection()))
     sent = transport.try_send(data)
@@ -440,7 +502,7 @@ async def accept_upgrade(transport: Transport, ws: WSConnection) -> WsConnection
                 await transport.send_rest(data[sent:])
         if write_scope.cancelled_caught:
             raise SocketWriteTimeout(None, "write deadline passed")
-    return WsConnection(transport, ws)
+    return WsConnection(transport, ws, max_message_bytes=max_message_bytes)
 
 
 _BAD_UPGRADE = (

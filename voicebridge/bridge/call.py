@@ -42,6 +42,7 @@ from voicebridge.errors import RemoteProtocolError, SocketClosed
 from voicebridge.observability.logs import log_event
 from voicebridge.sockets import (
     WRITE_DEADLINE_S,
+    DirectSocket,
     MessageSocket,
     PingableSocket,
     SocketWriteTimeout,
@@ -82,6 +83,15 @@ ASSISTANT_PARAMETER = "assistant"
 #: metrics: enough for a histogram, and no clock read on the other frames.
 CALLER_LATENCY_SAMPLE_EVERY = 50
 ASSISTANT_LATENCY_SAMPLE_EVERY = 10
+
+
+class _FlushMark:
+    """In the Vapi sender's inbox: finish the frame the Twilio reader began writing."""
+
+
+_FLUSH = _FlushMark()
+#: What the Vapi sender's inbox carries: caller audio, control messages, ``_FLUSH``.
+_Outgoing = bytes | str | _FlushMark
 
 
 class AssistantCall(Protocol):
@@ -290,7 +300,12 @@ class Call:
         self._playout: Playout | None = None
         # The Vapi sender's inbox; None until the assistant leg is up (caller audio
         # before that has nowhere to go and is not counted as dropped).
-        self._to_assistant: trio.MemorySendChannel[bytes | str] | None = None
+        self._to_assistant: trio.MemorySendChannel[_Outgoing] | None = None
+        # The Vapi socket, when the Twilio reader may write caller audio to it directly;
+        # it does so only while nothing is queued for the sender (_queued == 0), so the
+        # order of what reaches Vapi never changes.
+        self._direct: DirectSocket | None = None
+        self._queued = 0
         self._frames_from_caller = 0
         self._frames_to_assistant = 0
         self._frames_dropped = 0
@@ -435,19 +450,49 @@ class Call:
         inbox = self._to_assistant
         if inbox is None:
             return
+        sampled = (
+            self._frames_from_caller % CALLER_LATENCY_SAMPLE_EVERY == 0
+            and self._observer is not None
+        )
+        parsed_at = trio.current_time() if sampled else 0.0
         if self._codec is not None:
             payload = self._codec.to_assistant(payload)
+        direct = self._direct
+        if direct is not None and self._queued == 0 and direct.send_nowait(payload):
+            # Written from here, no hop to the sender task (nearly always, on a live leg).
+            self._count_to_assistant(payload)
+            if direct.needs_flush:
+                # The kernel took part of the frame: the sender finishes it, and
+                # everything after queues behind that.
+                self._queued += 1
+                inbox.send_nowait(_FLUSH)
+            if sampled and self._observer is not None:
+                self._observer.caller_frame_latency(trio.current_time() - parsed_at)
+            return
         try:
             inbox.send_nowait(payload)
         except trio.WouldBlock:
             self._frames_dropped += 1
             return
-        if (
-            self._frames_from_caller % CALLER_LATENCY_SAMPLE_EVERY == 0
-            and self._observer is not None
-        ):
+        self._queued += 1
+        if sampled:
             self._latency_probe = payload
-            self._latency_probe_at = trio.current_time()
+            self._latency_probe_at = parsed_at
+
+    def _count_to_assistant(self, payload: bytes) -> None:
+        self._frames_to_assistant += 1
+        self._caller_audio_bytes += len(payload)
+
+    async def _queue_to_assistant(
+        self, inbox: trio.MemorySendChannel[_Outgoing], message: str
+    ) -> None:
+        """Queue a control message for the sender; waits for room, never drops it."""
+        self._queued += 1
+        try:
+            await inbox.send(message)
+        except BaseException:
+            self._queued -= 1
+            raise
 
     async def _forward_digit(self, digit: str) -> None:
         inbox = self._to_assistant
@@ -462,7 +507,7 @@ class Call:
         wording = self._settings.dtmf_wording.replace("{digit}", digit)
         # Control messages are never dropped: this may wait behind queued audio, at
         # most until the sender's write deadline fails the leg.
-        await inbox.send(vp.add_message(role="user", content=wording))
+        await self._queue_to_assistant(inbox, vp.add_message(role="user", content=wording))
 
     # -- the assistant leg ---------------------------------------------------------
 
@@ -501,7 +546,7 @@ class Call:
             latency_sample_every=ASSISTANT_LATENCY_SAMPLE_EVERY,
         )
         self._playout = playout
-        inbox, outbox = trio.open_memory_channel[bytes | str](CALLER_AUDIO_BUFFER_FRAMES)
+        inbox, outbox = trio.open_memory_channel[_Outgoing](CALLER_AUDIO_BUFFER_FRAMES)
         async with trio.open_nursery() as leg_nursery:
             leg_nursery.start_soon(self._agent_to_caller, socket, playout)
             leg_nursery.start_soon(self._assistant_sender, socket, outbox)
@@ -510,6 +555,7 @@ class Call:
             leg_nursery.start_soon(self._handover_task, playout)
             if self._control is not None:
                 leg_nursery.start_soon(self._digit_task, self._control)
+            self._direct = socket if isinstance(socket, DirectSocket) else None
             self._to_assistant = inbox
 
     async def _close_assistant(self, socket: PingableSocket) -> None:
@@ -538,9 +584,9 @@ class Call:
                         continue
                     event = vp.parse_message(message)
                     if isinstance(event, vp.UserInterrupted):
-                        playout.interrupt()
+                        await playout.barge_in()
                     elif isinstance(event, vp.SpeechUpdate):
-                        self._on_speech_update(event, playout)
+                        await self._on_speech_update(event, playout)
                     elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
                         silence_scope.deadline = math.inf  # the goodbye wait has its own bound
                         await self._let_goodbye_play(playout)
@@ -568,7 +614,7 @@ class Call:
                 f"unresponsive: nothing from Vapi for {silence_s:g} s",
             )
 
-    def _on_speech_update(self, event: vp.SpeechUpdate, playout: Playout) -> None:
+    async def _on_speech_update(self, event: vp.SpeechUpdate, playout: Playout) -> None:
         if event.role == "assistant":
             self._assistant_speech.update(event.status == "started")
             if event.status == "started":
@@ -580,7 +626,7 @@ class Call:
             and event.status == "started"
             and self._settings.barge_in_on_speech_start
         ):
-            playout.interrupt()
+            await playout.barge_in()
 
     async def _let_goodbye_play(self, playout: Playout) -> None:
         """The assistant is done: let the caller hear the rest of what it said."""
@@ -589,14 +635,20 @@ class Call:
             await playout.wait_drained()
 
     async def _assistant_sender(
-        self, socket: PingableSocket, outbox: trio.MemoryReceiveChannel[bytes | str]
+        self, socket: PingableSocket, outbox: trio.MemoryReceiveChannel[_Outgoing]
     ) -> None:
         try:
             async for message in outbox:
-                await socket.send(message)
+                try:
+                    if isinstance(message, _FlushMark):
+                        assert self._direct is not None
+                        await self._direct.flush()
+                        continue
+                    await socket.send(message)
+                finally:
+                    self._queued -= 1
                 if isinstance(message, bytes):
-                    self._frames_to_assistant += 1
-                    self._caller_audio_bytes += len(message)
+                    self._count_to_assistant(message)
                     if message is self._latency_probe and self._observer is not None:
                         self._latency_probe = None
                         self._observer.caller_frame_latency(
@@ -612,8 +664,11 @@ class Call:
     async def _playout_task(self, playout: Playout) -> None:
         try:
             await playout.run()
-        except SocketClosed as exc:
+        except SocketWriteTimeout as exc:
             self._end(Outcome.STREAM_LOST, f"media socket failed while sending ({exc})")
+        except SocketClosed as exc:
+            # Twilio went away; a write can notice before the reader does.
+            self._end(Outcome.STREAM_LOST, f"media socket closed while sending ({exc})")
 
     async def _keepalive(self, socket: PingableSocket) -> None:
         settings = self._settings
@@ -685,7 +740,9 @@ class Call:
             answer = await control.on_digit(self._call_sid, self._vapi_call_id, digit)
             inbox = self._to_assistant
             if answer and inbox is not None:
-                await inbox.send(vp.add_message(role="system", content=answer))
+                await self._queue_to_assistant(
+                    inbox, vp.add_message(role="system", content=answer)
+                )
 
     def _end(self, outcome: Outcome, detail: str) -> None:
         """Record why the call ends (the first reason wins) and cancel the call's tasks."""

@@ -7,16 +7,19 @@ Twilio's buffer ahead of what the caller has heard. The mark echoes tell it, to
 the chunk, how much the caller actually heard.
 
 Each stretch of playout between barge-ins is a *turn* running in its own cancel
-scope. ``interrupt()`` (barge-in) cancels that scope and drops every queued byte;
-the run loop then sends ``clear``, so Twilio drops what it buffered and echoes
-the pending marks, which are booked as discarded, not played. Audio that arrives
+scope. ``barge_in()`` cancels that scope, drops every queued byte and sends
+``clear`` at once, from the task that read the signal (no hop to the playout task
+on the way), so Twilio drops what it buffered and echoes the pending marks, which
+are booked as discarded, not played. Audio that arrives
 from Vapi after the interruption is discarded until the assistant starts a new
 turn (``turn_started()``) or its audio pauses for ``resume_gap_ms``: that is the
 in-flight tail of the cut turn, and not one byte of it may reach the caller.
 
 Writes are never cancelled half way: the sockets shield each write (see
-``voicebridge.sockets``), so a barge-in that lands during a write takes effect
-right after it, and the ``clear`` always follows the last media of the cut turn.
+``voicebridge.sockets``), and playout's writes take turns under one lock (a chunk's
+``media`` and its ``mark`` together), so a barge-in that lands during a write takes
+effect right after it, and the ``clear`` always follows the last media of the cut
+turn. The lock's uncontended acquire does not yield, so it costs no scheduling pass.
 """
 
 from __future__ import annotations
@@ -76,10 +79,10 @@ class PlayoutStats:
 class Playout:
     """Paces assistant audio into Twilio; ``run()`` is the call's playout task.
 
-    ``feed``, ``turn_started``, ``end_of_speech``, ``interrupt`` and ``mark_played`` are
-    synchronous and called from the call's reader tasks; they only change state and
-    wake ``run()``. ``run()`` is the only code that writes to the Twilio socket while
-    the call is up.
+    ``feed``, ``turn_started``, ``end_of_speech`` and ``mark_played`` are synchronous
+    and called from the call's reader tasks; they only change state and wake
+    ``run()``. ``run()`` and ``barge_in()`` are the only code that writes to the
+    Twilio socket while the call is up, one at a time (``_write_lock``).
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class Playout:
         self._turn_heard_ms = 0
         self._mark_seq = 0
         self._turn_scope: trio.CancelScope | None = None
-        # Set by interrupt(): when the signal came; consumed by run() when it sends clear.
+        # Set by barge_in(): when the signal came; consumed by whoever sends the clear.
+        # Not None means a clear is owed.
         self._interrupted_at: float | None = None
+        self._write_lock = trio.Lock()
         # While not None, incoming audio is the cut turn's tail: discard it. The value is
         # when the last discarded audio (or the interruption) arrived.
         self._discarding_since: float | None = None
@@ -163,8 +168,17 @@ class Playout:
         self._pad_partial_frame()
         self._wake()
 
-    def interrupt(self) -> None:
-        """Barge-in: cut the current turn now. ``run()`` sends the ``clear``."""
+    async def barge_in(self) -> None:
+        """Barge-in: cut the current turn now and send the ``clear``.
+
+        If a write of the turn is under way, the clear follows it. Should this task be
+        cancelled before the clear goes out (the call is ending), the playout task
+        still owes it and sends it.
+        """
+        self._interrupt()
+        await self._clear_if_owed()
+
+    def _interrupt(self) -> None:
         now = self._clock()
         self._pending.clear()
         self._latency_fed_at = None
@@ -209,26 +223,44 @@ class Playout:
                 if self._interrupted_at is None:
                     await self._play_turn()
             self._turn_scope = None
-            await self._send_clear()
+            # Cut by a barge-in; barge_in() has usually sent the clear already.
+            await self._clear_if_owed()
+
+    async def _clear_if_owed(self) -> None:
+        """Send the clear a barge-in owes, unless it went out already; in turn with writes."""
+        await self._acquire_writer()
+        try:
+            if self._interrupted_at is not None:
+                await self._send_clear()
+        finally:
+            self._write_lock.release()
 
     async def _play_turn(self) -> None:
         while True:
             chunk = await self._wait_next_chunk()
-            self._mark_seq += 1
-            mark = f"{self._turn}.{self._mark_seq}"
-            ms = len(chunk) // BYTES_PER_MS
-            # Booked before the writes: if a write fails half way the accounting still
-            # matches what Twilio may have received.
-            self._outstanding.append(_SentChunk(mark=mark, ms=ms, turn=self._turn))
-            self._buffered_ms += ms
-            if self.stats.first_audio_at is None:
-                self.stats.first_audio_at = self._clock()
-            await self._twilio.send(self._open_stream().send_media(chunk))
-            if self._latency_fed_at is not None and self._on_latency is not None:
-                self._on_latency(self._clock() - self._latency_fed_at)
-                self._latency_fed_at = None
-            await self._twilio.send(self._open_stream().send_mark(mark))
-            self.stats.media_messages += 1
+            await self._acquire_writer()
+            try:
+                await self._send_chunk(chunk)
+            finally:
+                self._write_lock.release()
+
+    async def _send_chunk(self, chunk: bytes) -> None:
+        """Send one chunk and its mark (the writer lock held)."""
+        self._mark_seq += 1
+        mark = f"{self._turn}.{self._mark_seq}"
+        ms = len(chunk) // BYTES_PER_MS
+        # Booked before the writes: if a write fails half way the accounting still
+        # matches what Twilio may have received.
+        self._outstanding.append(_SentChunk(mark=mark, ms=ms, turn=self._turn))
+        self._buffered_ms += ms
+        if self.stats.first_audio_at is None:
+            self.stats.first_audio_at = self._clock()
+        await self._twilio.send(self._open_stream().send_media(chunk))
+        if self._latency_fed_at is not None and self._on_latency is not None:
+            self._on_latency(self._clock() - self._latency_fed_at)
+            self._latency_fed_at = None
+        await self._twilio.send(self._open_stream().send_mark(mark))
+        self.stats.media_messages += 1
 
     async def _wait_next_chunk(self) -> bytes:
         """Wait until whole frames are queued and Twilio's lead has room; take a chunk."""
@@ -294,6 +326,13 @@ class Playout:
         partial = len(self._pending) % FRAME_BYTES
         if partial:
             self._pending += MULAW_SILENCE * (FRAME_BYTES - partial)
+
+    async def _acquire_writer(self) -> None:
+        """Take the writer lock; without a yield when nobody holds it (nearly always)."""
+        if self._write_lock.locked():
+            await self._write_lock.acquire()
+        else:
+            self._write_lock.acquire_nowait()
 
     def _wake(self) -> None:
         # Every waiter holds the current event; setting it wakes them all, and the

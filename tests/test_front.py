@@ -1,0 +1,105 @@
+"""The front door (``voicebridge.front``): media upgrades to the calls, the rest to hypercorn.
+
+Run against the real server on loopback with raw sockets, so the bytes on the wire
+(split heads, pipelined requests, a silent client) are exactly what the test says.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from tests.harness import running_bridge
+from voicebridge.front import HEAD_DEADLINE_S, _read_head, is_media_request
+from voicebridge.web import STREAM_PATH
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"GET /twilio/stream HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"GET /twilio/stream?x=1 HTTP/1.1\r\n\r\n", True),
+        (b"GET /twilio/streams HTTP/1.1\r\n\r\n", False),
+        (b"POST /twilio/stream HTTP/1.1\r\n\r\n", False),
+        (b"GET /twilio/voice HTTP/1.1\r\n\r\n", False),
+        (b"GET /twilio/stream", False),  # no whole request line
+        (b"GET  /twilio/stream HTTP/1.1\r\n\r\n", False),
+    ],
+)
+def test_only_a_get_of_the_stream_path_is_a_media_request(head: bytes, expected: bool) -> None:
+    assert is_media_request(head, STREAM_PATH) is expected
+
+
+async def _exchange(port: int, *pieces: bytes, pause_s: float = 0.05) -> bytes:
+    """Send ``pieces`` with a pause between them; everything the server answers."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        for piece in pieces:
+            await stream.send_all(piece)
+            await trio.sleep(pause_s)
+        await stream.send_eof()
+        answer = b""
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    return answer
+
+
+async def test_a_request_head_split_across_packets_reaches_hypercorn_whole() -> None:
+    with trio.fail_after(20):
+        async with running_bridge() as bridge:
+            answer = await _exchange(
+                bridge.listening.port, b"GET /hea", b"lthz HTTP/1.1\r\nHo", b"st: a\r\n\r\n"
+            )
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b"ok\n")
+
+
+async def test_two_requests_on_one_connection_are_both_answered() -> None:
+    with trio.fail_after(20):
+        async with running_bridge() as bridge:
+            # /metrics keeps the connection open (the Twilio routes close theirs).
+            request = b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"
+            answer = await _exchange(bridge.listening.port, request + request)
+    assert answer.count(b"HTTP/1.1 200") == 2
+    assert answer.count(b"# TYPE voicebridge_active_calls gauge") == 2
+
+
+async def test_a_get_of_the_stream_path_that_is_no_upgrade_gets_400_and_the_server_goes_on() -> (
+    None
+):
+    with trio.fail_after(20):
+        async with running_bridge() as bridge:
+            port = bridge.listening.port
+            answer = await _exchange(port, b"GET /twilio/stream HTTP/1.1\r\nHost: a\r\n\r\n")
+            after = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.endswith(b"not a WebSocket upgrade\n")
+    assert after.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_client_that_never_finishes_its_head_is_dropped_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with theirs:
+        theirs.sendall(b"GET /healthz HTTP/1.1\r\nHost:")
+        start = trio.current_time()
+        assert await _read_head(ours) is None
+        assert trio.current_time() - start == HEAD_DEADLINE_S
+    ours.close()
+
+
+async def test_the_head_and_what_came_with_it_are_read_whole() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        theirs.sendall(b"POST /x HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody")
+        assert await _read_head(ours) == b"POST /x HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
+        theirs.sendall(b"GET / HTTP/1.1\r\n")
+        theirs.shutdown(socket.SHUT_WR)
+        # A head cut short by the client is handed on as it is (hypercorn answers it).
+        assert await _read_head(ours) == b"GET / HTTP/1.1\r\n"
