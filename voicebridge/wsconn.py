@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections import deque
 from typing import Any
 
@@ -86,6 +87,18 @@ class Transport:
         raise NotImplementedError
 
 
+_per_thread = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """This thread's read buffer (reads copy out of it before any other code runs)."""
+    try:
+        buffer: memoryview = _per_thread.buffer
+    except AttributeError:
+        buffer = _per_thread.buffer = memoryview(bytearray(RECV_BYTES))
+    return buffer
+
+
 class SocketTransport(Transport):
     """A connected non-blocking stdlib TCP socket, driven with trio's I/O waits."""
 
@@ -98,7 +111,13 @@ class SocketTransport(Transport):
     async def receive_some(self) -> bytes:
         while True:
             try:
-                return self.sock.recv(RECV_BYTES)
+                # Into one buffer per thread, then copied out at its size: a plain
+                # recv(RECV_BYTES) allocates 64 KiB and shrinks it to the few hundred
+                # bytes that came, per read, and under load those shrunk blocks
+                # fragment the heap (RSS grew ~55 KiB/s at 100 calls; measured).
+                buffer = _receive_buffer()
+                size = self.sock.recv_into(buffer)
+                return bytes(buffer[:size])
             except BlockingIOError:
                 try:
                     await trio.lowlevel.wait_readable(self.sock)
