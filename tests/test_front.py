@@ -7,14 +7,18 @@ Run against the real server on loopback with raw sockets, so the bytes on the wi
 from __future__ import annotations
 
 import socket
+from functools import partial
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from hypercorn.config import Config as HypercornConfig
 
 from tests.harness import running_bridge
-from voicebridge.front import HEAD_DEADLINE_S, _read_head, is_media_request
+from voicebridge.front import HEAD_DEADLINE_S, _read_head, is_media_request, serve_front
 from voicebridge.web import STREAM_PATH
+from voicebridge.wsconn import SocketTransport
 
 
 @pytest.mark.parametrize(
@@ -103,3 +107,51 @@ async def test_the_head_and_what_came_with_it_are_read_whole() -> None:
         theirs.shutdown(socket.SHUT_WR)
         # A head cut short by the client is handed on as it is (hypercorn answers it).
         assert await _read_head(ours) == b"GET / HTTP/1.1\r\n"
+
+
+async def _tiny_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app with lifespan support that answers every request "hello"."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            kind = message["type"].removeprefix("lifespan.")
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    await receive()
+    headers = [(b"content-length", b"5"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def test_a_bug_in_a_connection_ends_that_connection_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken_media(transport: SocketTransport, head: bytes) -> None:
+        raise RuntimeError("a bug in the media handler")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = trio.Event()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve_front,
+                    _tiny_app,
+                    HypercornConfig(),
+                    [listener],
+                    media_path="/media",
+                    media=broken_media,
+                    shutdown_trigger=stop.wait,
+                )
+            )
+            broken = await _exchange(port, b"GET /media HTTP/1.1\r\nHost: a\r\n\r\n")
+            fine = await _exchange(port, b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+            stop.set()
+    assert broken == b""  # closed, nothing said
+    assert fine.startswith(b"HTTP/1.1 200") and fine.endswith(b"hello")
+    bugs = [r for r in caplog.records if "failed with a bug" in r.getMessage()]
+    assert len(bugs) == 1
+    assert bugs[0].exc_info is not None and "media handler" in str(bugs[0].exc_info[1])
+    assert listener.fileno() == -1, "the listener is closed at shutdown"

@@ -159,14 +159,19 @@ class _Front:
             await trio.lowlevel.checkpoint()
 
     async def connection(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
+        """Serve one connection. A bug here ends this connection only, with one log line."""
         try:
-            head = await _read_head(conn)
-        except BaseException:
-            conn.close()
-            raise
+            await self._serve(conn)
+        except Exception:
+            log.error("a connection failed with a bug; closed it", exc_info=True)
+        finally:
+            if conn.fileno() >= 0:
+                conn.close()
+
+    async def _serve(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        head = await _read_head(conn)
         if head is None:
-            conn.close()
             return
         if is_media_request(head, self._media_path):
             await self._media(SocketTransport(conn), head)
