@@ -9,14 +9,23 @@ performance target: this machine is shared, and a timed assertion would be flaky
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 
 from voicebridge.cli import main
+from voicebridge.loadtest import tls
 from voicebridge.loadtest.generator import MARKER_BYTES, marker, read_marker
-from voicebridge.loadtest.process import BridgeProcess
+from voicebridge.loadtest.process import BridgeProcess, LoadTestError
 from voicebridge.loadtest.report import Percentiles
 from voicebridge.loadtest.run import ExternalBridge, LoadTestOptions, run_loadtest
 from voicebridge.loadtest.wire import (
@@ -27,9 +36,21 @@ from voicebridge.loadtest.wire import (
     OP_PONG,
     OP_TEXT,
     LeanWebSocket,
+    TlsSession,
     WebSocketClosed,
     encode_frame,
 )
+
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="--vapi-tls makes its certificate with openssl"
+)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tls.Certificate:
+    if shutil.which("openssl") is None:
+        pytest.skip("--vapi-tls makes its certificate with openssl")
+    return trio.run(tls.make_certificate, tmp_path_factory.mktemp("vapi-tls"))
 
 
 def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
@@ -58,12 +79,16 @@ def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
     assert report["cpu_us_per_call_second"] > 0
     assert report["rss_kib_per_call"] is not None
     assert 0 < report["generator_cpu_pct"] < 100
+    assert report["vapi_tls"] is False
+    assert report["vapi_tls_handshakes"] == 0
 
 
 def test_the_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["loadtest", "--calls", "2", "--duration", "2", "--ramp", "0.5"])
     table = capsys.readouterr().out
     assert code == 0, table
+    assert table.splitlines()[0].endswith("Vapi leg ws:// (no TLS)")
+    assert "Vapi TLS handshakes" not in table
     assert "added latency caller→agent (ms)" in table
     assert "failed calls:               0" in table
     assert "result: VALID" in table
@@ -74,31 +99,214 @@ def test_an_external_bridge_needs_its_secrets(capsys: pytest.CaptureFixture[str]
     assert "--auth-token" in capsys.readouterr().err
 
 
-async def test_an_external_bridge_is_loaded_through_its_url() -> None:
-    # A bridge this test starts, but the load test only knows by URL, secrets and pid,
-    # as it would know one started by systemd; its Vapi is the load test's assistant.
+@asynccontextmanager
+async def _bridge_elsewhere(env: Mapping[str, str] | None = None) -> AsyncIterator[ExternalBridge]:
+    """A bridge this test starts, but the load test only knows by URL, secrets and pid,
+    as it would know one started by systemd; its Vapi is the load test's assistant."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         assistant_port = probe.getsockname()[1]
     bridge = await BridgeProcess.start(
         assistant_url=f"http://127.0.0.1:{assistant_port}", assistant_key="k" * 16,
-        auth_token="t" * 32, cpu=None,
+        auth_token="t" * 32, cpu=None, env=env,
     )
     try:
-        external = ExternalBridge(
+        yield ExternalBridge(
             url=bridge.url, public_url=None, auth_token="t" * 32,
             assistant_port=assistant_port, assistant_key="k" * 16, pid=bridge.pid,
         )
+    finally:
+        await bridge.stop()
+
+
+async def test_an_external_bridge_is_loaded_through_its_url() -> None:
+    async with _bridge_elsewhere() as external:
         with trio.fail_after(60):
             report = await run_loadtest(
                 LoadTestOptions(calls=3, duration_s=2.5, ramp_s=0.5, external=external)
             )
-    finally:
-        await bridge.stop()
-    assert report.target == bridge.url
+    assert report.target == external.url
     assert report.failed_calls == 0, report.failures
     assert report.caller_frames > 0 and report.assistant_chunks > 0
     assert report.cpu_us_per_call_second is not None
+
+
+@needs_openssl
+def test_with_vapi_tls_the_bridge_reaches_the_simulated_vapi_over_tls(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The traffic of the plain run above (same seed), its Vapi leg over TLS.
+    code = main(["loadtest", "--calls", "5", "--duration", "3", "--ramp", "1",
+                 "--barge-in-share", "1", "--vapi-tls", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    assert report["vapi_tls"] is True
+    assert report["valid"] is True, report["invalid_reasons"]
+    assert report["failed_calls"] == 0, report["failures"]
+    # One transport socket per call, each over TLS (a plain upgrade would be refused);
+    # POST /call stays plain http.
+    assert report["vapi_tls_handshakes"] == 5
+    assert report["vapi_tls_handshake_failures"] == {}
+    assert report["dropped_frames"] == 0
+    assert report["heard_after_clear_ms"] == 0
+    assert report["frames"]["caller_to_agent"]["measured"] >= 400
+    assert report["frames"]["agent_to_caller"]["measured"] > 0
+    assert report["first_audio_ms"]["p50"] is not None  # every call heard its greeting
+    assert report["barge_ins"] >= 1
+
+
+def test_the_started_bridge_trusts_the_vapi_certificate_alone(
+    certificate: tls.Certificate, tmp_path: Path
+) -> None:
+    # What ssl.create_default_context() (the bridge's Vapi leg) loads in the child.
+    env = dict(os.environ, **tls.trust_environment(certificate, tmp_path))
+    probe = ("import json, ssl; c = ssl.create_default_context(); "
+             "print(json.dumps([c.cert_store_stats(), c.get_ca_certs()]))")
+    stats, cas = json.loads(subprocess.run(
+        [sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True,
+    ).stdout)
+    assert stats["x509_ca"] == 1
+    assert cas[0]["subject"] == [[["commonName", "127.0.0.1"]]]
+    assert cas[0]["subjectAltName"] == [["IP Address", "127.0.0.1"]]
+    assert os.listdir(env["SSL_CERT_DIR"]) == []
+
+
+async def test_an_external_bridge_trusting_the_certificate_is_loaded_over_tls(
+    certificate: tls.Certificate, tmp_path: Path
+) -> None:
+    async with _bridge_elsewhere(tls.trust_environment(certificate, tmp_path)) as external:
+        with trio.fail_after(60):
+            report = await run_loadtest(LoadTestOptions(
+                calls=3, duration_s=2.0, ramp_s=0.5, external=external,
+                vapi_tls=True, vapi_tls_certificate=certificate,
+            ))
+    assert report.failed_calls == 0, report.failures
+    assert report.vapi_tls and report.vapi_tls_handshakes == 3
+    assert report.caller_frames > 0 and report.assistant_chunks > 0
+    assert "Vapi leg wss:// (TLS)" in report.table().splitlines()[0]
+    assert "Vapi TLS handshakes:        3 completed, 0 failed" in report.table()
+
+
+@needs_openssl
+def test_an_external_bridge_over_tls_is_first_given_a_certificate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["loadtest", "--url", "http://127.0.0.1:9", "--auth-token", "t",
+                 "--assistant-port", "9", "--assistant-key", "k", "--vapi-tls"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = dict(line.strip().split(": ", 1) for line in err.splitlines()
+                 if line.strip().startswith(("certificate:", "key:")))
+    made = Path(lines["certificate"].strip())
+    try:
+        assert made.is_file() and Path(lines["key"].strip()).is_file()
+        assert f"SSL_CERT_FILE={made} " in err
+        assert f"--vapi-tls-cert {made} " in err
+    finally:
+        shutil.rmtree(made.parent)
+
+
+def test_the_certificate_options_go_with_vapi_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["loadtest", "--vapi-tls-cert", "c.pem", "--vapi-tls-key", "k.pem"]) == 2
+    assert main(["loadtest", "--vapi-tls", "--vapi-tls-cert", "c.pem"]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+async def test_without_openssl_vapi_tls_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(LoadTestError, match="openssl command, which is not installed"):
+        await tls.make_certificate(tmp_path)
+
+
+class _TlsClient:
+    """A TLS client driven by hand over one end of a socket pair (the bridge's side)."""
+
+    def __init__(self, sock: socket.socket, certificate: tls.Certificate) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ssl.create_default_context(cafile=str(certificate.cert)).wrap_bio(
+            self.incoming, self.outgoing, server_hostname="127.0.0.1"
+        )
+
+    async def handshake_then_send(self, data: bytes) -> None:
+        """The handshake, and ``data`` written in the same send as the client's Finished."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                await trio.lowlevel.wait_readable(self.sock)
+                self.incoming.write(self.sock.recv(65536))
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def read_to_the_end(self) -> bytes:
+        """Everything until our peer's close_notify (SSLWantReadError if there is none)."""
+        while data := self.sock.recv(65536):  # the peer closed: this never blocks
+            self.incoming.write(data)
+        received = bytearray()
+        while chunk := self.tls.read(65536):
+            received += chunk
+        return bytes(received)
+
+
+async def _tls_session(certificate: tls.Certificate, first: bytes) -> tuple[
+    TlsSession, _TlsClient
+]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    client = _TlsClient(theirs, certificate)
+    session = TlsSession(ours, tls.server_context(certificate))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.handshake_then_send, first)
+        await session.handshake()
+    return session, client
+
+
+async def test_tls_session_serves_a_websocket_from_the_first_flight(
+    certificate: tls.Certificate,
+) -> None:
+    request = b"GET /x HTTP/1.1\r\n\r\n"
+    with trio.fail_after(5):
+        # The client's Finished and its request arrive in one read: the request must
+        # not wait in the TLS buffer for bytes that never come.
+        session, client = await _tls_session(certificate, request)
+        assert await session.recv_some() == request
+        ws = LeanWebSocket(session.sock, client=False, tls=session)
+        client.send(encode_frame(OP_TEXT, b"caller", masked=True)
+                    + encode_frame(OP_BINARY, b"\x00\x00abc", masked=True))
+        assert await ws.receive_batch() == [(OP_TEXT, b"caller"), (OP_BINARY, b"\x00\x00abc")]
+        ws.send_binary(b"assistant")
+        ws.close(1000)
+    # The frames, the close frame, then TLS's close_notify.
+    assert client.read_to_the_end() == (encode_frame(OP_BINARY, b"assistant", masked=False)
+                                        + encode_frame(OP_CLOSE, b"\x03\xe8", masked=False))
+    client.sock.close()
+
+
+async def test_the_peers_close_notify_ends_a_tls_websocket_after_its_last_frame(
+    certificate: tls.Certificate,
+) -> None:
+    with trio.fail_after(5):
+        session, client = await _tls_session(certificate, b"")
+        ws = LeanWebSocket(session.sock, client=False, tls=session)
+        client.tls.write(encode_frame(OP_TEXT, b"last", masked=True))
+        with pytest.raises(ssl.SSLWantReadError):  # close_notify written, ours awaited
+            client.tls.unwrap()
+        client.sock.sendall(client.outgoing.read())
+        assert await ws.receive_batch() == [(OP_TEXT, b"last")]
+        with pytest.raises(WebSocketClosed, match="TLS closed"):
+            await ws.receive_batch()
+    assert ws.closed
+    ws.close()
+    client.sock.close()
 
 
 def test_markers_survive_any_sequence_number() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TextIO
 
 
@@ -22,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of assistant turns the caller talks over (default 0.3)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulated traffic")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--vapi-tls", action="store_true",
+        help="the simulated Vapi serves its transport sockets over TLS (wss://, with a "
+        "throwaway self-signed certificate for 127.0.0.1 that the bridge started here "
+        "trusts alone); POST /call stays plain http on vapi.base_url",
+    )
     external = parser.add_argument_group(
         "an external bridge (its vapi.base_url must be http://127.0.0.1:ASSISTANT_PORT)"
     )
@@ -35,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     external.add_argument("--assistant-key", metavar="KEY", help="its Vapi API key")
     external.add_argument("--bridge-pid", type=int, metavar="PID",
                           help="its process, for CPU and memory from /proc")
+    external.add_argument(
+        "--vapi-tls-cert", metavar="PEM",
+        help="with --vapi-tls: the certificate to serve, which the bridge must trust before "
+        "it starts (e.g. SSL_CERT_FILE=PEM in its environment); without it, --url "
+        "--vapi-tls makes one, prints where, and stops",
+    )
+    external.add_argument("--vapi-tls-key", metavar="PEM",
+                          help="with --vapi-tls-cert: its private key")
 
 
 def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -43,8 +58,16 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     from voicebridge.loadtest.process import LoadTestError
     from voicebridge.loadtest.run import ExternalBridge, LoadTestOptions, run_loadtest
+    from voicebridge.loadtest.tls import Certificate
 
     out = out or sys.stdout
+    certificate = None
+    if args.vapi_tls_cert or args.vapi_tls_key:
+        if not (args.vapi_tls and args.vapi_tls_cert and args.vapi_tls_key):
+            print("voicebridge loadtest: --vapi-tls-cert and --vapi-tls-key go together, "
+                  "with --vapi-tls", file=sys.stderr)
+            return 2
+        certificate = Certificate(Path(args.vapi_tls_cert), Path(args.vapi_tls_key))
     external = None
     if args.url:
         if not args.auth_token or not args.assistant_key or not args.assistant_port:
@@ -56,10 +79,16 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
             assistant_port=args.assistant_port, assistant_key=args.assistant_key,
             pid=args.bridge_pid,
         )
+        if args.vapi_tls:
+            if certificate is None:
+                return _certificate_for_external_bridge()
+            print(f"voicebridge loadtest: the simulated Vapi serves wss:// with "
+                  f"{certificate.cert.resolve()}; the bridge must trust it", file=sys.stderr)
     options = LoadTestOptions(
         calls=args.calls, duration_s=args.duration, ramp_s=args.ramp,
         bridge_cpu=args.bridge_cpu, external=external,
         barge_in_share=args.barge_in_share, seed=args.seed,
+        vapi_tls=args.vapi_tls, vapi_tls_certificate=certificate,
     )
     try:
         report = trio.run(run_loadtest, options)
@@ -71,3 +100,30 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         print(report.table(), file=out)
     return 0 if report.valid and not report.failed_calls else 1
+
+
+def _certificate_for_external_bridge() -> int:
+    """``--url --vapi-tls`` without a certificate: make one to keep, say how to use it; 2."""
+    import tempfile
+
+    import trio
+
+    from voicebridge.loadtest.process import LoadTestError
+    from voicebridge.loadtest.tls import make_certificate
+
+    directory = Path(tempfile.mkdtemp(prefix="voicebridge-loadtest-tls-"))
+    try:
+        certificate = trio.run(make_certificate, directory)
+    except LoadTestError as exc:
+        print(f"voicebridge loadtest: {exc}", file=sys.stderr)
+        return 2
+    print(
+        "voicebridge loadtest: an external bridge must trust the simulated Vapi's "
+        "certificate before it starts. Made one:\n"
+        f"  certificate: {certificate.cert}\n"
+        f"  key:         {certificate.key}\n"
+        f"Start the bridge with SSL_CERT_FILE={certificate.cert} in its environment, then "
+        f"run again with --vapi-tls-cert {certificate.cert} --vapi-tls-key {certificate.key}",
+        file=sys.stderr,
+    )
+    return 2

@@ -20,6 +20,13 @@ Lean on purpose (``loadtest.wire``): writes go straight into the kernel without
 yielding; one ticker task paces every call's frames, chunks and mark echoes (no
 task per call per frame); one reader task per socket. The ticker's slip is
 measured: a generator that cannot keep its own time does not produce valid figures.
+
+With a TLS context (``voicebridge loadtest --vapi-tls``) the simulated Vapi's
+transport sockets are ``wss://``: on its one port, a connection whose first byte
+starts a TLS handshake is served over TLS (``wire.TlsSession``, encrypting and
+decrypting in place, still no task per message), and any other is plain HTTP;
+``POST /call`` may come either way, but a plain WebSocket upgrade is refused, so
+every Vapi leg of the run is TLS. Completed and failed handshakes are counted.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import contextlib
 import hmac
 import random
 import socket
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -45,8 +53,11 @@ from voicebridge.loadtest.report import LATE_AFTER_MS
 from voicebridge.loadtest.wire import (
     OP_BINARY,
     OP_TEXT,
+    TLS_HANDSHAKE_RECORD,
+    Channel,
     LeanWebSocket,
     RequestHead,
+    TlsSession,
     WebSocketClosed,
     WireError,
     accept_websocket,
@@ -55,6 +66,7 @@ from voicebridge.loadtest.wire import (
     parse_request_head,
     read_body,
     read_head,
+    recv_some,
     respond,
 )
 from voicebridge.twilio.signature import sign
@@ -265,12 +277,20 @@ class LoadGenerator:
     """Runs ``traffic`` against one target; ``figures()`` pools what the calls measured.
 
     ``serve_assistant`` (the simulated Vapi) must be started before ``run``; its
-    ``base_url`` is what the bridge under test uses for Vapi.
+    ``base_url`` is what the bridge under test uses for Vapi. With ``tls`` (a server
+    context) the transport sockets it hands out are ``wss://`` (see the module
+    docstring).
     """
 
-    def __init__(self, traffic: Traffic, *, api_key: str) -> None:
+    def __init__(
+        self, traffic: Traffic, *, api_key: str, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.traffic = traffic
         self.api_key = api_key
+        self._tls = tls
+        #: TLS handshakes the simulated Vapi completed, and why others failed.
+        self.tls_handshakes = 0
+        self.tls_handshake_failures: Counter[str] = Counter()
         self._calls: list[_Call] = []
         self._by_sid: dict[str, _Call] = {}
         self._by_vapi_id: dict[str, _Call] = {}
@@ -295,6 +315,11 @@ class LoadGenerator:
         if self._port is None:
             raise RuntimeError("the simulated assistant is not serving yet")
         return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the transport sockets are ``wss://``."""
+        return self._tls is not None
 
     # -- the simulated Vapi --------------------------------------------------------
 
@@ -323,25 +348,48 @@ class LoadGenerator:
 
     async def _assistant_connection(self, sock: socket.socket) -> None:
         buffer = bytearray()
+        channel: Channel = sock
         try:
-            request = parse_request_head(await read_head(sock, buffer))
+            if self._tls is not None:
+                first = await recv_some(sock)
+                if first[:1] == bytes((TLS_HANDSHAKE_RECORD,)):
+                    channel = await self._tls_handshake(sock, self._tls, first)
+                else:
+                    buffer += first
+            request = parse_request_head(await read_head(channel, buffer))
             if request.method == "POST" and request.path == "/call":
-                body = await read_body(sock, buffer, int(request.headers.get("content-length", 0)))
-                await self._create_call(sock, request, body)
+                length = int(request.headers.get("content-length", 0))
+                body = await read_body(channel, buffer, length)
+                await self._create_call(channel, request, body)
             elif request.headers.get("upgrade", "").lower() == "websocket":
-                await self._assistant_socket(sock, request, buffer)
+                if self._tls is not None and channel is sock:
+                    await respond(channel, 400, b'{"message":"wss:// only: this is TLS"}')
+                    return
+                await self._assistant_socket(channel, request, buffer)
             else:
-                await respond(sock, 404, b'{"message":"not found"}')
+                await respond(channel, 404, b'{"message":"not found"}')
         except (WireError, OSError):
             pass
         finally:
             sock.close()
 
+    async def _tls_handshake(
+        self, sock: socket.socket, context: ssl.SSLContext, first: bytes
+    ) -> TlsSession:
+        session = TlsSession(sock, context, first)
+        try:
+            await session.handshake()
+        except WireError as exc:
+            self.tls_handshake_failures[str(exc)] += 1
+            raise
+        self.tls_handshakes += 1
+        return session
+
     def _authorized(self, request: RequestHead) -> bool:
         given = request.headers.get("authorization", "").encode()
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
-    async def _create_call(self, sock: socket.socket, request: RequestHead, body: bytes) -> None:
+    async def _create_call(self, sock: Channel, request: RequestHead, body: bytes) -> None:
         if not self._authorized(request):
             await respond(sock, 401, b'{"message":"Invalid Key."}')
             return
@@ -356,13 +404,14 @@ class LoadGenerator:
             "status": "queued",
             "transport": {
                 "provider": "vapi.websocket",
-                "websocketCallUrl": f"ws://127.0.0.1:{self._port}/{call.vapi_call_id}/transport",
+                "websocketCallUrl": f"{'wss' if self._tls else 'ws'}://127.0.0.1:{self._port}"
+                f"/{call.vapi_call_id}/transport",
             },
         }
         await respond(sock, 201, orjson.dumps(answer))
 
     async def _assistant_socket(
-        self, sock: socket.socket, request: RequestHead, buffer: bytearray
+        self, sock: Channel, request: RequestHead, buffer: bytearray
     ) -> None:
         parts = request.path.strip("/").split("/")
         call = self._by_vapi_id.get(parts[0]) if len(parts) == 2 else None

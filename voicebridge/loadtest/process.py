@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import trio
 from attrs import frozen
@@ -97,16 +97,19 @@ class BridgeProcess:
         auth_token: str,
         cpu: int | None,
         command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> BridgeProcess:
         """Start the bridge and wait until it accepts calls.
 
         ``command`` runs something else in its place that reads the same settings and
-        says ``ready`` the same way (the reference relays of ``bench/``).
+        says ``ready`` the same way (the reference relays of ``bench/``). ``env`` adds
+        to (or overrides) the environment it inherits: the trust store of ``--vapi-tls``.
         """
         listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
         port = int(listener.getsockname()[1])
-        env = dict(os.environ)
-        env.update({
+        child_env = dict(os.environ)
+        child_env.update(env or {})
+        child_env.update({
             f"{ENV_PREFIX}FD": str(listener.fileno()),
             f"{ENV_PREFIX}PORT": str(port),
             f"{ENV_PREFIX}ASSISTANT_URL": assistant_url,
@@ -119,7 +122,7 @@ class BridgeProcess:
                 list(command or (sys.executable, "-m", "voicebridge.loadtest.bridge_main")),
                 stdout=subprocess.PIPE,
                 pass_fds=(listener.fileno(),),
-                env=env,
+                env=child_env,
             )
         finally:
             listener.close()  # the child holds its own copy

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from attrs import asdict, frozen
+from attrs import asdict, field, frozen
 
 #: A caller frame or an assistant chunk that arrives more than this long after it was
 #: sent is *late*: a telephone jitter buffer hides about two frames, no more.
@@ -83,6 +83,11 @@ class LoadReport:
     generator_cpu_pct: float
     generator_tick_slip_p99_ms: float | None
     window_s: float
+    #: The Vapi leg was ``wss://`` (``--vapi-tls``): TLS handshakes the simulated Vapi
+    #: completed, and failed ones by reason.
+    vapi_tls: bool = False
+    vapi_tls_handshakes: int = 0
+    vapi_tls_handshake_failures: Mapping[str, int] = field(factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object (stable keys; see docs/performance.md)."""
@@ -131,13 +136,17 @@ class LoadReport:
             "rss_growth_kib": self.rss_growth_kib,
             "generator_cpu_pct": _round(self.generator_cpu_pct),
             "generator_tick_slip_p99_ms": _round(self.generator_tick_slip_p99_ms),
+            "vapi_tls": self.vapi_tls,
+            "vapi_tls_handshakes": self.vapi_tls_handshakes,
+            "vapi_tls_handshake_failures": dict(self.vapi_tls_handshake_failures),
         }
 
     def table(self) -> str:
         """A readable summary for a terminal."""
+        leg = "wss:// (TLS)" if self.vapi_tls else "ws:// (no TLS)"
         lines = [
             f"voicebridge loadtest: {self.calls} calls, {self.duration_s:g} s at full load "
-            f"(ramp {self.ramp_s:g} s) against {self.target}",
+            f"(ramp {self.ramp_s:g} s) against {self.target}, Vapi leg {leg}",
             "",
             f"{'':34}{'p50':>9}{'p99':>9}{'max':>9}{'n':>9}",
         ]
@@ -170,6 +179,14 @@ class LoadReport:
             f"{_maybe(self.rss_growth_kib, '+d')} KiB over the window)",
             f"generator CPU:              {self.generator_cpu_pct:.0f} % of a core, tick slip "
             f"p99 {_maybe(self.generator_tick_slip_p99_ms, '.1f')} ms",
+        ]
+        if self.vapi_tls:
+            failed = self.vapi_tls_handshake_failures
+            lines.append(
+                f"Vapi TLS handshakes:        {self.vapi_tls_handshakes} completed, "
+                f"{sum(failed.values())} failed" + (f"  ({_failures(failed)})" if failed else "")
+            )
+        lines += [
             "",
             "result: VALID" if self.valid
             else "result: NOT VALID (" + "; ".join(self.invalid_reasons) + ")",

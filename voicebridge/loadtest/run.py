@@ -10,16 +10,24 @@ CPU and memory of the bridge come from ``/proc`` at the edges of that window: CP
 microseconds per call-second is the bridge's CPU time over the window divided by
 calls × window; RSS per call is the growth of the resident set from idle (before the
 first call) to full load, divided by the calls.
+
+With ``vapi_tls`` the simulated assistant's transport sockets are ``wss://``: the
+certificate (a throwaway one made in a temporary directory, or the one given) is
+served by the generator and trusted, alone, by the bridge it starts
+(``loadtest.tls``); an external bridge must already trust it.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import ssl
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import trio
 from attrs import frozen
@@ -37,6 +45,12 @@ from voicebridge.loadtest.report import (
     GENERATOR_TICK_SLIP_MS,
     LoadReport,
     Percentiles,
+)
+from voicebridge.loadtest.tls import (
+    Certificate,
+    make_certificate,
+    server_context,
+    trust_environment,
 )
 
 #: The first seconds at full load are left out of the window (the last calls' setup).
@@ -78,6 +92,18 @@ class LoadTestOptions:
     external: ExternalBridge | None = None
     barge_in_share: float = 0.3
     seed: int = 1
+    #: The simulated assistant's transport sockets are ``wss://`` (``--vapi-tls``).
+    vapi_tls: bool = False
+    #: With ``vapi_tls``: serve this certificate instead of a throwaway one.
+    vapi_tls_certificate: Certificate | None = None
+
+
+@frozen
+class _AssistantTls:
+    """The simulated assistant's TLS: its context, and the environment trusting it."""
+
+    context: ssl.SSLContext
+    trust_env: Mapping[str, str]
 
 
 @frozen
@@ -95,8 +121,21 @@ TargetFactory = Callable[[LoadGenerator], AbstractAsyncContextManager[Target]]
 
 
 @asynccontextmanager
+async def _assistant_tls(options: LoadTestOptions) -> AsyncIterator[_AssistantTls | None]:
+    """With ``vapi_tls``: the certificate (made here unless given), until the run ends."""
+    if not options.vapi_tls:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="voicebridge-loadtest-tls-") as name:
+        directory = Path(name)
+        certificate = options.vapi_tls_certificate or await make_certificate(directory)
+        yield _AssistantTls(server_context(certificate),
+                            trust_environment(certificate, directory))
+
+
+@asynccontextmanager
 async def _local_bridge(
-    generator: LoadGenerator, options: LoadTestOptions
+    generator: LoadGenerator, options: LoadTestOptions, tls: _AssistantTls | None
 ) -> AsyncIterator[Target]:
     auth_token = secrets.token_hex(16)
     bridge = await BridgeProcess.start(
@@ -104,6 +143,7 @@ async def _local_bridge(
         assistant_key=generator.api_key,
         auth_token=auth_token,
         cpu=options.bridge_cpu,
+        env=tls.trust_env if tls is not None else None,
     )
     try:
         yield Target(
@@ -132,6 +172,11 @@ async def run_loadtest(
         raise LoadTestError(
             f"need at least 1 call and more than {WINDOW_SETTLE_S:g} s of duration"
         )
+    if options.vapi_tls and options.external and options.vapi_tls_certificate is None:
+        raise LoadTestError(
+            "an external bridge must trust the simulated Vapi's certificate before it "
+            "starts: give the certificate it trusts (--vapi-tls-cert, --vapi-tls-key)"
+        )
     cpus = available_cpus()
     if options.bridge_cpu is not None:
         if options.bridge_cpu not in cpus or len(cpus) < 2:
@@ -153,9 +198,22 @@ async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -
         barge_in_share=options.barge_in_share, seed=options.seed,
     )
     external = options.external
-    generator = LoadGenerator(
-        traffic, api_key=external.assistant_key if external else secrets.token_hex(16)
-    )
+    async with _assistant_tls(options) as tls:
+        generator = LoadGenerator(
+            traffic, api_key=external.assistant_key if external else secrets.token_hex(16),
+            tls=tls.context if tls is not None else None,
+        )
+        return await _serve_and_measure(generator, traffic, options, tls, target_factory)
+
+
+async def _serve_and_measure(
+    generator: LoadGenerator,
+    traffic: Traffic,
+    options: LoadTestOptions,
+    tls: _AssistantTls | None,
+    target_factory: TargetFactory | None,
+) -> LoadReport:
+    external = options.external
     async with trio.open_nursery() as assistant_nursery:
         await assistant_nursery.start(
             partial(generator.serve_assistant, port=external.assistant_port if external else 0)
@@ -166,7 +224,7 @@ async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -
         elif external is not None:
             target_cm = _external(external)
         else:
-            target_cm = _local_bridge(generator, options)
+            target_cm = _local_bridge(generator, options, tls)
         async with target_cm as target:
             report = await _measure(generator, traffic, target)
         assistant_nursery.cancel_scope.cancel(reason="load test finished")
@@ -241,6 +299,8 @@ def _report(
         )
     if not figures.caller_latency_ms:
         reasons.append("no caller frame was measured")
+    if generator.tls and not generator.tls_handshakes:
+        reasons.append("no TLS handshake with the simulated Vapi completed")
     return LoadReport(
         target=target.name,
         calls=traffic.calls,
@@ -274,4 +334,7 @@ def _report(
         generator_cpu_pct=generator_cpu_pct,
         generator_tick_slip_p99_ms=slip.p99,
         window_s=window_s if math.isfinite(window_s) else 0.0,
+        vapi_tls=generator.tls,
+        vapi_tls_handshakes=generator.tls_handshakes,
+        vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
     )

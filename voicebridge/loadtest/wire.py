@@ -12,6 +12,11 @@ needs and no more:
   every complete data message that has arrived, answering pings on the way.
   Client frames are masked with the all-zero key, which RFC 6455 allows and which
   makes masking free.
+- ``TlsSession``: the server end of TLS over the same raw socket, for the simulated
+  Vapi's ``wss://`` sockets (``voicebridge loadtest --vapi-tls``). The stdlib's
+  ``ssl.SSLObject`` works between two memory BIOs (``ssl.MemoryBIO``): a frame is
+  encrypted where it is written and the socket's bytes are decrypted where they
+  are read, with no task or stream in between.
 - the opening handshakes of both ends (``connect_websocket``, ``accept_websocket``),
   a minimal request-head reader and a one-shot HTTP client (``http_request``) for the
   webhooks and ``POST /call``.
@@ -26,8 +31,10 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import cast
 
 import trio
 from attrs import frozen
@@ -53,6 +60,14 @@ OP_PING = 0x9
 OP_PONG = 0xA
 
 _ZERO_MASK = b"\x00\x00\x00\x00"
+#: The first byte of a TLS handshake record (a ClientHello): never the start of HTTP.
+TLS_HANDSHAKE_RECORD = 0x16
+#: The most plaintext one TLS record carries: what one ``SSLObject.read`` returns.
+TLS_RECORD_BYTES = 16 * 1024
+#: Where ``TlsSession.decrypt`` reads each record's plaintext (no allocation per read;
+#: every session shares it, as nothing waits between the read and the copy).
+_PLAIN = bytearray(TLS_RECORD_BYTES)
+_PLAIN_VIEW = memoryview(_PLAIN)
 
 
 class WireError(VoicebridgeError):
@@ -108,7 +123,8 @@ async def open_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _recv_some(sock: socket.socket) -> bytes:
+async def recv_some(sock: socket.socket) -> bytes:
+    """What the socket has (waiting until it has something); b"" at its end."""
     while True:
         try:
             data = sock.recv(RECV_BYTES)
@@ -120,7 +136,7 @@ async def _recv_some(sock: socket.socket) -> bytes:
         return data
 
 
-async def _send_all(sock: socket.socket, data: bytes) -> None:
+async def _send_raw(sock: socket.socket, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -131,7 +147,126 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def read_head(sock: socket.socket, buffer: bytearray) -> bytes:
+class TlsSession:
+    """The server end of one TLS connection over a raw non-blocking socket.
+
+    ``handshake`` completes the handshake; then ``encrypt`` turns plaintext into the
+    bytes to write to the socket, and ``decrypt`` turns the bytes read from it into
+    plaintext, neither of them waiting. ``recv_some`` and ``send_all`` are the
+    waiting forms, for the HTTP head and the upgrade before the WebSocket starts.
+    """
+
+    __slots__ = ("_incoming", "_object", "_outgoing", "sock")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, received: bytes = b"") -> None:
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        if received:
+            self._incoming.write(received)
+
+    async def handshake(self) -> None:
+        """Complete the handshake; ``WireError`` when the peer goes away or refuses."""
+        while True:
+            try:
+                self._object.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                data = await recv_some(self.sock)
+                if not data:
+                    raise WireError(
+                        "connection closed in the TLS handshake (certificate refused?)"
+                    ) from None
+                self._incoming.write(data)
+                continue
+            except ssl.SSLError as exc:
+                with contextlib.suppress(OSError):  # the alert, for the peer's logs
+                    await self._flush()
+                raise WireError(f"TLS handshake failed: {exc.reason or exc}") from None
+            break
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if self._outgoing.pending:
+            await _send_raw(self.sock, self._outgoing.read())
+
+    def encrypt(self, data: bytes) -> bytes:
+        """The socket bytes (one or more records) carrying ``data``."""
+        self._object.write(data)
+        return self._outgoing.read()
+
+    def decrypt(self, data: bytes, into: bytearray) -> bool:
+        """Feed bytes read from the socket; append the plaintext they complete to ``into``.
+
+        False once the peer's ``close_notify`` was read (``read`` then returns b"",
+        or raises ``SSLZeroReturnError`` if ours was sent too). A damaged record
+        raises ``ssl.SSLError`` (an ``OSError``).
+        """
+        self._incoming.write(data)
+        # With a buffer, ``read`` returns how much it put there (typeshed says bytes).
+        read = cast(Callable[[int, bytearray], int], self._object.read)
+        try:
+            while count := read(TLS_RECORD_BYTES, _PLAIN):
+                into += _PLAIN_VIEW[:count]
+        except ssl.SSLWantReadError:
+            return True
+        except ssl.SSLZeroReturnError:
+            return False
+        return False
+
+    def output(self) -> bytes:
+        """Bytes TLS itself wants written (a reply to a key update, an alert), if any."""
+        return self._outgoing.read() if self._outgoing.pending else b""
+
+    def close_notify(self) -> bytes:
+        """The socket bytes of our ``close_notify`` (best effort: b"" if TLS refuses)."""
+        with contextlib.suppress(ssl.SSLError):
+            self._object.unwrap()
+        return self.output()
+
+    async def recv_some(self) -> bytes:
+        """The plaintext of what arrives next (waiting for a whole record); b"" at the end.
+
+        Records already read (e.g. with the handshake's last flight) come first.
+        """
+        plain = bytearray()
+        data = b""
+        while True:
+            try:
+                still_open = self.decrypt(data, plain)
+            except ssl.SSLError as exc:
+                raise WireError(f"TLS: {exc.reason or exc}") from None
+            if plain:
+                return bytes(plain)
+            if not still_open:
+                return b""
+            data = await recv_some(self.sock)
+            if not data:
+                return b""
+
+    async def send_all(self, data: bytes) -> None:
+        await _send_raw(self.sock, self.encrypt(data))
+
+
+#: What an HTTP exchange runs over: a raw socket, or TLS on one.
+Channel = socket.socket | TlsSession
+
+
+async def _recv_some(channel: Channel) -> bytes:
+    if isinstance(channel, TlsSession):
+        return await channel.recv_some()
+    return await recv_some(channel)
+
+
+async def _send_all(channel: Channel, data: bytes) -> None:
+    if isinstance(channel, TlsSession):
+        await channel.send_all(data)
+    else:
+        await _send_raw(channel, data)
+
+
+async def read_head(sock: Channel, buffer: bytearray) -> bytes:
     """Read until the blank line ending an HTTP head; the head (leftover stays in ``buffer``)."""
     while True:
         end = buffer.find(b"\r\n\r\n")
@@ -164,7 +299,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     return RequestHead(parts[0], parts[1], _headers(lines))
 
 
-async def read_body(sock: socket.socket, buffer: bytearray, length: int) -> bytes:
+async def read_body(sock: Channel, buffer: bytearray, length: int) -> bytes:
     """Read exactly ``length`` body bytes (some may already be in ``buffer``)."""
     if length > MAX_BODY_BYTES:
         raise WireError(f"body of {length} bytes is too large")
@@ -179,7 +314,7 @@ async def read_body(sock: socket.socket, buffer: bytearray, length: int) -> byte
 
 
 async def respond(
-    sock: socket.socket, status: int, body: bytes, content_type: str = "application/json"
+    sock: Channel, status: int, body: bytes, content_type: str = "application/json"
 ) -> None:
     """Write a whole response that closes the connection."""
     head = (
@@ -253,7 +388,7 @@ async def connect_websocket(
 
 
 async def accept_websocket(
-    sock: socket.socket, request: RequestHead, leftover: bytearray
+    channel: Channel, request: RequestHead, leftover: bytearray
 ) -> LeanWebSocket:
     """Answer ``request`` (an upgrade) with 101 and return the server end."""
     key = request.headers.get("sec-websocket-key", "")
@@ -261,8 +396,10 @@ async def accept_websocket(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         f"sec-websocket-accept: {_accept_key(key)}\r\n\r\n"
     )
-    await _send_all(sock, answer.encode("latin-1"))
-    return LeanWebSocket(sock, client=False, leftover=bytes(leftover))
+    await _send_all(channel, answer.encode("latin-1"))
+    if isinstance(channel, TlsSession):
+        return LeanWebSocket(channel.sock, client=False, leftover=bytes(leftover), tls=channel)
+    return LeanWebSocket(channel, client=False, leftover=bytes(leftover))
 
 
 def encode_frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
@@ -295,10 +432,22 @@ class LeanWebSocket:
     Writes never yield and never interleave: a frame the kernel cannot take whole
     leaves its tail in ``_unsent``, and every later frame queues behind it until
     ``run_flusher`` (which the owner runs as a task) has written it out.
+
+    With ``tls`` (a ``TlsSession`` on ``sock`` whose handshake is done; ``leftover``
+    is then plaintext) each frame is encrypted as it is written, so ``_unsent``
+    holds TLS records, and what is read is decrypted before it is parsed.
     """
 
-    def __init__(self, sock: socket.socket, *, client: bool, leftover: bytes = b"") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        client: bool,
+        leftover: bytes = b"",
+        tls: TlsSession | None = None,
+    ) -> None:
         self.sock = sock
+        self._tls = tls
         self._masked = client
         self._buffer = bytearray(leftover)
         self._unsent = bytearray()
@@ -309,6 +458,8 @@ class LeanWebSocket:
         self.close_code: int | None = None
         # The peer's close frame was read (messages before it are still delivered).
         self._peer_closed = False
+        # The peer's TLS close_notify was read (the same, for the end of the stream).
+        self._tls_ended = False
 
     # -- writing -------------------------------------------------------------------
 
@@ -321,18 +472,28 @@ class LeanWebSocket:
     def _write(self, frame: bytes) -> None:
         if self.closed:
             raise WebSocketClosed(self.close_code, "sending on a closed socket")
+        if self._tls is not None:
+            try:
+                frame = self._tls.encrypt(frame)
+            except ssl.SSLError as exc:
+                self.closed = True
+                raise WebSocketClosed(None, f"TLS: {exc.reason or exc}") from None
+        self._push(frame)
+
+    def _push(self, data: bytes) -> None:
+        """Into the kernel's buffer now, or behind what is already waiting there."""
         if self._unsent:
-            self._unsent += frame
+            self._unsent += data
             return
         try:
-            sent = self.sock.send(frame)
+            sent = self.sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self.closed = True
             raise WebSocketClosed(None, str(exc)) from None
-        if sent < len(frame):
-            self._unsent += frame[sent:]
+        if sent < len(data):
+            self._unsent += data[sent:]
             self._flush_needed.set()
 
     @property
@@ -361,6 +522,8 @@ class LeanWebSocket:
         if not self.closed:
             with contextlib.suppress(WebSocketClosed):
                 self._write(encode_frame(OP_CLOSE, struct.pack("!H", code), masked=self._masked))
+                if self._tls is not None:
+                    self._push(self._tls.close_notify())
             self.closed = True
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -371,7 +534,7 @@ class LeanWebSocket:
         """Wait for data; every complete (opcode, payload) data message that arrived.
 
         Pings are answered; a close frame is answered and raises ``WebSocketClosed``,
-        as does the end of the TCP stream.
+        as does the end of the TCP (or TLS) stream.
         """
         while True:
             messages = self._parse()
@@ -379,6 +542,9 @@ class LeanWebSocket:
                 return messages
             if self._peer_closed:
                 raise WebSocketClosed(self.close_code, "closed by the peer")
+            if self._tls_ended:
+                self.closed = True
+                raise WebSocketClosed(self.close_code, "TLS closed")
             try:
                 data = self.sock.recv(RECV_BYTES)
             except BlockingIOError:
@@ -390,7 +556,20 @@ class LeanWebSocket:
             if not data:
                 self.closed = True
                 raise WebSocketClosed(self.close_code, "TCP closed")
-            self._buffer += data
+            if self._tls is None:
+                self._buffer += data
+            else:
+                self._decrypt(self._tls, data)
+
+    def _decrypt(self, tls: TlsSession, data: bytes) -> None:
+        try:
+            self._tls_ended = not tls.decrypt(data, self._buffer)
+        except ssl.SSLError as exc:
+            self.closed = True
+            raise WebSocketClosed(None, f"TLS: {exc.reason or exc}") from None
+        output = tls.output()
+        if output and not self.closed:
+            self._push(output)
 
     def _parse(self) -> list[tuple[int, bytes]]:
         messages: list[tuple[int, bytes]] = []
