@@ -1,18 +1,29 @@
 """voicebridge.wsconn over real sockets, against a hand-driven wsproto peer.
 
 Charter: every test connects a ``WsConnection`` to the far end of a
-``socket.socketpair()`` (or a trio memory stream for ``StreamTransport``), where a
-wsproto connection driven by the test plays the peer byte by byte. No mocks. Our
-side is the client (as on the Vapi leg) unless a test says otherwise. Anything
-timed runs on ``autojump_clock``; every test is guarded by ``trio.fail_after``.
+``socket.socketpair()``, where a wsproto connection driven by the test plays the
+peer byte by byte. Over TLS (``TlsSocketTransport``) the pair is TCP on loopback
+and the peer's TLS is trio's ``SSLStream`` (an implementation independent of
+ours), with a self-signed certificate made by the ``openssl`` command (skipped
+without it). No mocks. Our side is the client (as on the Vapi leg) unless a test
+says otherwise. Anything timed runs on ``autojump_clock``; every test is guarded by
+``trio.fail_after``.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
+import termios
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -37,7 +48,8 @@ from voicebridge.wsconn import (
     CLOSE_REPLY_S,
     MAX_MESSAGE_BYTES,
     SocketTransport,
-    StreamTransport,
+    TlsHandshakeError,
+    TlsSocketTransport,
     WsConnection,
 )
 
@@ -598,42 +610,361 @@ async def test_a_writer_stuck_when_the_connection_is_closed(
             assert trio.current_time() - start == pytest.approx(0.5)
 
 
-# --- over a trio stream (the TLS path) ------------------------------------------------------
+# --- over TLS (the wss:// Vapi leg) ---------------------------------------------------------
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key in ``folder`` (made by openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = (
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
+        " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1"
+    )
+    subprocess.run(
+        [openssl, *request.split(), "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS server's context with ``make_certificate``'s certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+def tcp_pair(send_buffer: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on loopback: ours and the peer's.
+
+    ``send_buffer`` shrinks our send buffer and the peer's receive buffer, so that a
+    large message fills them.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.socket()
+        if send_buffer is not None:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, send_buffer)
+        ours.connect(listener.getsockname())
+        theirs, _ = listener.accept()
+    return ours, theirs
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """How many bytes wait in ``sock``'s receive buffer."""
+    count = array.array("i", [0])
+    fcntl.ioctl(sock, termios.FIONREAD, count)
+    return count[0]
+
+
+def peer_stream(sock: socket.socket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+class CountingTlsTransport(TlsSocketTransport):
+    """A ``TlsSocketTransport`` that counts its reads."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads = 0
+
+    async def receive_some(self) -> bytes:
+        self.reads += 1
+        return await super().receive_some()
+
+
+TlsConnect = Callable[..., Awaitable[tuple[WsConnection, Peer, TlsSocketTransport]]]
 
 
 @pytest.fixture
-async def stream_pair() -> AsyncIterator[tuple[WsConnection, Peer]]:
-    ours, theirs = trio.testing.memory_stream_pair()
-    our_ws, their_ws = handshake()
-    yield WsConnection(StreamTransport(ours), our_ws), Peer(theirs, their_ws)
+async def tls_connect(tls_files: tuple[Path, Path]) -> AsyncIterator[TlsConnect]:
+    """Connect a ``WsConnection`` over ``TlsSocketTransport`` to a ``Peer`` over trio's TLS.
+
+    Both handshakes (TLS, then WebSocket) are done; the sockets are closed at the end.
+    """
+    cert, _key = tls_files
+    sockets: list[socket.socket] = []
+
+    async def make(
+        *,
+        ours: ConnectionType = ConnectionType.CLIENT,
+        send_buffer: int | None = None,
+        transport: type[TlsSocketTransport] = TlsSocketTransport,
+    ) -> tuple[WsConnection, Peer, TlsSocketTransport]:
+        a, b = tcp_pair(send_buffer)
+        sockets.extend((a, b))
+        client = ssl.create_default_context(cafile=str(cert))
+        server = server_context(*tls_files)
+        if ours is ConnectionType.CLIENT:
+            our_tls = transport(a, client, server_hostname="127.0.0.1")
+            their_tls = trio.SSLStream(peer_stream(b), server, server_side=True)
+        else:
+            our_tls = transport(a, server, server_side=True)
+            their_tls = trio.SSLStream(peer_stream(b), client, server_hostname="127.0.0.1")
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(their_tls.do_handshake)
+                await our_tls.handshake()
+        our_ws, their_ws = handshake(ours)
+        return WsConnection(our_tls, our_ws), Peer(their_tls, their_ws), our_tls
+
+    yield make
+    for sock in sockets:
+        sock.close()
 
 
-async def test_stream_transport_messages_ping_and_close(
-    stream_pair: tuple[WsConnection, Peer],
+def as_event(message: str | bytes) -> Message:
+    if isinstance(message, str):
+        return TextMessage(data=message)
+    return BytesMessage(data=message)
+
+
+@pytest.mark.parametrize("ours", [ConnectionType.CLIENT, ConnectionType.SERVER])
+async def test_tls_whole_messages_arrive_in_order_both_ways(
+    tls_connect: TlsConnect, ours: ConnectionType
 ) -> None:
-    connection, peer = stream_pair
+    connection, peer, _ = await tls_connect(ours=ours)
+    # Larger than a TLS record (16 KiB) too: 100 KiB is seven records, 60,000 bytes of
+    # text four, each split across reads.
+    sent: list[str | bytes] = [
+        '{"type":"assistant.started"}',
+        b"\xff" * 160,
+        bytes(range(256)) * 400,
+        "añb€" * 6000,
+        b"",
+        "",
+        b"\x01" * 160,
+    ]
     with trio.fail_after(GUARD_S):
-        await connection.send("hello")
-        await connection.send(b"\x01\x02")
-        assert await peer.next_message() == "hello"
-        assert await peer.next_message() == b"\x01\x02"
-        await peer.send(TextMessage(data="hi"), Ping(payload=b"p"))
-        assert await connection.receive() == "hi"
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive_until_closed, connection, 1000)
-            assert await peer.next_event() == Pong(payload=b"p")
-            await peer.send(CloseConnection(code=1000))
-            assert await peer.next_event() == CloseConnection(code=1000, reason="")
-        await connection.aclose()
+
+            async def peer_sends() -> None:
+                for message in sent:
+                    await peer.send(as_event(message))
+
+            nursery.start_soon(peer_sends)
+            assert [await connection.receive() for _ in sent] == sent
+        async with trio.open_nursery() as nursery:
+
+            async def we_send() -> None:
+                for message in sent:
+                    await connection.send(message)
+
+            nursery.start_soon(we_send)
+            assert [await peer.next_message() for _ in sent] == sent
 
 
-async def test_stream_transport_peer_gone(stream_pair: tuple[WsConnection, Peer]) -> None:
-    connection, peer = stream_pair
+async def test_tls_many_records_in_one_read_are_returned_without_another_pass(
+    tls_connect: TlsConnect,
+) -> None:
+    connection, peer, transport = await tls_connect(transport=CountingTlsTransport)
+    assert isinstance(transport, CountingTlsTransport)
     with trio.fail_after(GUARD_S):
-        await peer.stream.aclose()
-        with pytest.raises(SocketClosed) as closed:
-            await connection.receive()
-        assert closed.value.code == 1006
+        for i in range(50):  # fifty writes: fifty TLS records
+            await peer.send(BytesMessage(data=bytes([i]) * 160))
+        # TCP on loopback may hold small writes back for a moment (autocorking): wait
+        # until all fifty records (a 162-byte frame and 22 bytes of TLS 1.3 each) are in.
+        for _ in range(1000):
+            if unread_bytes(transport.sock) >= 50 * (162 + 22):
+                break
+            await trio.sleep(0.001)
+        assert await connection.receive() == b"\x00" * 160
+        # Every record was decrypted with the first: no read, no checkpoint.
+        with trio.testing.assert_no_checkpoints():
+            rest = [await connection.receive() for _ in range(49)]
+    assert rest == [bytes([i]) * 160 for i in range(1, 50)]
+    assert transport.reads == 1
+
+
+async def test_tls_writes_with_room_in_the_buffer_do_not_yield(tls_connect: TlsConnect) -> None:
+    connection, peer, transport = await tls_connect()
+    with trio.fail_after(GUARD_S):
+        with trio.testing.assert_no_checkpoints():
+            for i in range(20):
+                assert connection.send_nowait(bytes([i]) * 160)
+                assert not connection.needs_flush
+                await connection.send(f'{{"type":"add-message","n":{i}}}')
+        assert not transport.pending
+        received = [await peer.next_message() for _ in range(40)]
+    assert received[0::2] == [bytes([i]) * 160 for i in range(20)]
+    assert received[1::2] == [f'{{"type":"add-message","n":{i}}}' for i in range(20)]
+
+
+async def test_tls_a_frame_taken_in_part_is_finished_by_flush_before_any_other_write(
+    tls_connect: TlsConnect,
+) -> None:
+    connection, peer, transport = await tls_connect(send_buffer=SMALL_BUFFER)
+    big = bytes(range(256)) * 4096  # 1 MiB: encrypted whole, its records taken in part
+    with trio.fail_after(GUARD_S):
+        assert connection.send_nowait(big)
+        assert connection.needs_flush
+        assert transport.pending
+        # Nothing goes now while records are owed …
+        assert not connection.send_nowait(b"after")
+        assert transport.try_send(memoryview(b"after")) == 0
+        received: list[str | bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read_two() -> None:
+                received.append(await peer.next_message())
+                received.append(await peer.next_message())
+
+            nursery.start_soon(read_two)
+            # … and a normal write waits behind the flush rather than overtaking it.
+            nursery.start_soon(connection.send, "control")
+            await connection.flush()
+        assert not connection.needs_flush
+        assert not transport.pending
+        assert received == [big, "control"]
+        # With the buffer drained, a small frame goes whole, straight away.
+        assert connection.send_nowait(b"small")
+        assert not connection.needs_flush
+        assert await peer.next_message() == b"small"
+
+
+async def test_tls_direct_and_queued_writes_keep_every_message_whole_and_in_order(
+    tls_connect: TlsConnect,
+) -> None:
+    connection, peer, _ = await tls_connect(send_buffer=SMALL_BUFFER)
+    count = 300
+
+    def frame(n: int) -> bytes:
+        return n.to_bytes(2, "big") + bytes([n % 256]) * (160 + 97 * (n % 40))
+
+    def text(n: int) -> str:
+        return f"control {n} " + "x" * (n * 13 % 400)
+
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+
+            async def direct() -> None:
+                # As the call's Twilio reader: written now, else through a normal send.
+                for n in range(count):
+                    if connection.send_nowait(frame(n)):
+                        if connection.needs_flush:
+                            await connection.flush()
+                    else:
+                        await connection.send(frame(n))
+
+            async def queued() -> None:
+                for n in range(count // 3):
+                    await connection.send(text(n))
+
+            nursery.start_soon(direct)
+            nursery.start_soon(queued)
+            received = [await peer.next_message() for _ in range(count + count // 3)]
+    assert [m for m in received if isinstance(m, bytes)] == [frame(n) for n in range(count)]
+    assert [m for m in received if isinstance(m, str)] == [text(n) for n in range(count // 3)]
+
+
+@pytest.mark.parametrize("then_tcp", [False, True], ids=["close-notify", "close-notify-fin"])
+async def test_tls_the_peers_close_notify_ends_the_connection_after_its_messages(
+    tls_connect: TlsConnect, then_tcp: bool
+) -> None:
+    connection, peer, _ = await tls_connect()
+    assert isinstance(peer.stream, trio.SSLStream)
+    tls = peer.stream
+    with trio.fail_after(GUARD_S):
+        await peer.send(TextMessage(data="last words"))
+        async with trio.open_nursery() as nursery:
+            if then_tcp:
+                await tls.aclose()  # close_notify, then the TCP close
+            else:
+                # close_notify alone; the TCP connection stays up until ours comes back.
+                nursery.start_soon(tls.unwrap)
+            assert await connection.receive() == "last words"
+            with pytest.raises(SocketClosed) as closed:
+                await connection.receive()
+            assert closed.value.code == wsconn.ABNORMAL_CLOSURE  # TLS ended, no close frame
+            with pytest.raises(SocketClosed):
+                await connection.send("too late")
+            await connection.aclose()  # our close_notify ends the peer's unwrap
+
+
+async def test_tls_a_reset_ends_reading_and_writing(tls_connect: TlsConnect) -> None:
+    connection, peer, transport = await tls_connect()
+    assert isinstance(peer.stream, trio.SSLStream)
+    raw = peer.stream.transport_stream
+    assert isinstance(raw, trio.SocketStream)
+    raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raw.aclose)  # an RST, not a FIN
+            with pytest.raises(SocketClosed) as closed:
+                await connection.receive()
+        assert closed.value.code == wsconn.ABNORMAL_CLOSURE
         with pytest.raises(SocketClosed):
-            await connection.send("into the void")
+            transport.try_send(memoryview(b"\x00" * 160))
         await connection.aclose()
+
+
+async def test_tls_aclose_sends_the_close_frame_then_close_notify(
+    tls_connect: TlsConnect,
+) -> None:
+    connection, peer, _ = await tls_connect()
+    with trio.fail_after(GUARD_S):
+        async with trio.open_nursery() as nursery:
+
+            async def answer() -> None:
+                event = await peer.next_event()
+                assert event == CloseConnection(code=1000, reason="")
+                await peer.send(CloseConnection(code=1000))
+                # A clean end of TLS: without our close_notify, trio's SSLStream
+                # would raise BrokenResourceError here.
+                assert await peer.next_event() is None
+
+            nursery.start_soon(answer)
+            await connection.aclose()
+    assert connection.close_code == 1000
+
+
+async def test_tls_handshake_with_an_untrusted_certificate_fails(
+    tls_files: tuple[Path, Path],
+) -> None:
+    ours, theirs = tcp_pair()
+    with ours, theirs:
+        # Only the system's CAs: the self-signed certificate is not among them.
+        transport = TlsSocketTransport(
+            ours, ssl.create_default_context(), server_hostname="127.0.0.1"
+        )
+        peer = trio.SSLStream(peer_stream(theirs), server_context(*tls_files), server_side=True)
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as nursery:
+
+                async def peer_handshake() -> None:
+                    with pytest.raises(trio.BrokenResourceError):
+                        await peer.do_handshake()  # our alert reached it
+
+                nursery.start_soon(peer_handshake)
+                with pytest.raises(TlsHandshakeError, match="certificate verify failed"):
+                    await transport.handshake()
+                await transport.aclose()
+
+
+async def test_tls_handshake_with_a_peer_that_hangs_up(tls_files: tuple[Path, Path]) -> None:
+    ours, theirs = tcp_pair()
+    with ours, theirs:
+        transport = TlsSocketTransport(
+            ours, ssl.create_default_context(cafile=str(tls_files[0])), server_hostname="127.0.0.1"
+        )
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as nursery:
+
+                async def read_the_hello_and_hang_up() -> None:
+                    stream = peer_stream(theirs)
+                    assert await stream.receive_some(65536)
+                    await stream.aclose()
+
+                nursery.start_soon(read_the_hello_and_hang_up)
+                with pytest.raises(TlsHandshakeError, match="the peer closed the connection"):
+                    await transport.handshake()
+            await transport.aclose()

@@ -12,12 +12,13 @@ figures: docs/performance.md). ``WsConnection`` has no task of its own:
   (the one scheduling pass), reads everything there is and parses it. Pings are
   answered and pongs noted on the way; a close frame is answered, and the messages
   that came before it are still returned before ``SocketClosed``.
-- ``send()`` on a plain TCP socket writes the frame straight into the kernel's
-  buffer and returns without yielding when the buffer takes it whole (nearly
-  always); only when the buffer is full does it wait, shielded (a torn frame would
-  corrupt the connection) and bounded by ``WRITE_DEADLINE_S``. Over TLS (a
-  ``wss://`` Vapi URL) it writes through the TLS stream, with the same bounds.
-  Writers take turns under a lock whose uncontended acquire does not yield either.
+- ``send()`` writes the frame straight into the kernel's buffer and returns
+  without yielding when the buffer takes it whole (nearly always); only when the
+  buffer is full does it wait, shielded (a torn frame would corrupt the connection)
+  and bounded by ``WRITE_DEADLINE_S``. Over TLS (a ``wss://`` Vapi URL,
+  ``TlsSocketTransport``) it is the same: the frame is encrypted in memory and its
+  records go straight into the kernel's buffer. Writers take turns under a lock
+  whose uncontended acquire does not yield either.
 - ``ping()`` writes a ping and waits for its pong, which the reader notes: like
   trio-websocket's, it needs someone to be reading.
 
@@ -32,9 +33,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -51,7 +53,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from voicebridge.errors import SocketClosed
+from voicebridge.errors import SocketClosed, VoicebridgeError
 from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
 
 #: Largest message accepted. Twilio's media messages are ~350 bytes and Vapi's
@@ -69,18 +71,32 @@ MESSAGE_TOO_BIG = 1009
 
 
 class Transport:
-    """A byte stream under a ``WsConnection``: a raw socket, or a trio stream (TLS)."""
+    """A byte stream under a ``WsConnection``: a raw socket, or TLS over one.
+
+    Writing is ``try_send`` (what can go now, without waiting), then ``send_rest``
+    for the rest. A transport may take bytes in ``try_send`` that it has not yet
+    handed to the kernel (TLS: a record the kernel took only in part). It then says
+    so with ``pending``, and the writer must await ``send_rest`` (with what is left
+    of its data, possibly nothing) before it lets another writer in.
+    """
+
+    #: Bytes ``try_send`` counted as taken are still to be written (``send_rest``).
+    pending: bool = False
 
     async def receive_some(self) -> bytes:
         """Wait for bytes; b"" once the peer has closed (or reset) the connection."""
         raise NotImplementedError
 
     def try_send(self, data: memoryview) -> int:
-        """Write what the kernel takes now, without waiting; how many bytes it took."""
+        """Take what can go now, without waiting; how many bytes of ``data`` it took."""
         raise NotImplementedError
 
     async def send_rest(self, data: memoryview) -> None:
-        """Write all of ``data``, waiting as needed. Raises ``SocketClosed``."""
+        """Write what is ``pending``, then all of ``data``, waiting as needed.
+
+        Raises ``SocketClosed``. The caller bounds it (and shields it: a write cut
+        short tears the byte stream).
+        """
         raise NotImplementedError
 
     async def aclose(self) -> None:
@@ -107,6 +123,9 @@ class SocketTransport(Transport):
         with contextlib.suppress(OSError):  # not TCP (a socketpair in tests): no Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
+        # Never True: the kernel takes a byte or it does not. An instance attribute
+        # (not only the class's) because the hot write path reads it on every frame.
+        self.pending = False
 
     async def receive_some(self) -> bytes:
         while True:
@@ -126,7 +145,7 @@ class SocketTransport(Transport):
             except OSError:  # reset, or closed under us: the connection is gone
                 return b""
 
-    def try_send(self, data: memoryview) -> int:
+    def try_send(self, data: memoryview | bytes | bytearray) -> int:
         try:
             return self.sock.send(data)
         except BlockingIOError:
@@ -150,30 +169,209 @@ class SocketTransport(Transport):
         await trio.lowlevel.checkpoint()
 
 
-class StreamTransport(Transport):
-    """Any trio stream (``trio.SSLStream`` for ``wss://``): every write goes through it."""
+#: Plaintext that ``TlsSocketTransport.send_rest`` encrypts at a time (four TLS
+#: records), so that a large message is not all held as ciphertext at once.
+ENCRYPT_BYTES = 64 * 1024
+_NOTHING = memoryview(b"")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+
+class TlsHandshakeError(VoicebridgeError):
+    """The TLS handshake failed: the peer closed the connection, or TLS itself failed
+    (an untrusted certificate, a peer that does not speak TLS …); ``str`` says which."""
+
+
+class TlsSocketTransport(Transport):
+    """TLS on a connected non-blocking stdlib TCP socket, with no task of its own.
+
+    OpenSSL works between two memory buffers (``ssl.SSLObject`` over two
+    ``ssl.MemoryBIO``): ciphertext read from the socket goes into one, and the
+    ciphertext to write comes out of the other. The socket itself is driven with
+    trio's I/O waits, as ``SocketTransport`` drives a plain one, so over TLS too:
+
+    - ``try_send`` encrypts the frame and hands its records to the kernel without
+      yielding. ``trio.SSLStream`` yields on every write, so every caller frame
+      would take the hop to the call's sender task.
+    - ``receive_some`` reads the ciphertext into the per-thread buffer and decrypts
+      every whole record into it, then copies the plaintext out at its size.
+      ``trio.SSLStream`` allocates the largest read and shrinks it to what came,
+      twice per read (the socket's and OpenSSL's): the allocations that fragmented
+      the heap on the plain path (bench/findings.md, levers 9 and 10).
+
+    Ciphertext the kernel did not take is kept, in order, and ``pending`` is True
+    until ``send_rest`` has written it. ``try_send`` takes nothing while any is kept,
+    so plaintext is encrypted only when its records can follow at once.
+
+    ``handshake`` comes first. For a client, ``server_hostname`` is the name the
+    certificate must carry (and the SNI).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_hostname: str | None = None,
+        server_side: bool = False,
+    ) -> None:
+        # The raw socket's own transport writes the ciphertext and closes the socket.
+        self._raw = SocketTransport(sock)
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        # Ciphertext the kernel has not taken yet, oldest first.
+        self._owed = bytearray()
+        self.pending = False
+        # Nothing more to read: the peer's close_notify, the end of the TCP stream,
+        # a reset, or a record that does not decrypt.
+        self._eof = False
+        # The handshake completed: a close_notify is owed on closing.
+        self._established = False
+
+    async def handshake(self) -> None:
+        """Do the TLS handshake, bounded by the caller's scope; ``TlsHandshakeError``."""
+        buffer = _receive_buffer()
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                with contextlib.suppress(SocketClosed):
+                    self._push()  # the alert OpenSSL wrote to tell the peer why
+                raise TlsHandshakeError(f"{type(exc).__name__}: {exc}") from exc
+            await self._send_handshake()
+            if not await self._read_ciphertext(buffer):
+                raise TlsHandshakeError("the peer closed the connection")
+        await self._send_handshake()  # our Finished (a client), session tickets (a server)
+        self._established = True
+
+    async def _send_handshake(self) -> None:
+        try:
+            await self.send_rest(_NOTHING)
+        except SocketClosed as exc:
+            raise TlsHandshakeError(exc.reason) from None
 
     async def receive_some(self) -> bytes:
-        try:
-            return bytes(await self.stream.receive_some(RECV_BYTES))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
+        buffer = _receive_buffer()
+        while True:
+            size = self._decrypt_into(buffer)
+            if size:
+                return bytes(buffer[:size])
+            if self._eof or not await self._read_ciphertext(buffer):
+                self._eof = True
+                return b""
+
+    def _decrypt_into(self, buffer: memoryview) -> int:
+        """Decrypt the whole records OpenSSL holds into ``buffer``, as many as fit.
+
+        All of them, not one (``SSLObject.read`` returns one record at a time): the
+        frames that came in one read are parsed in one pass, as on a plain socket.
+        """
+        tls = self._tls
+        incoming = self._incoming
+        size = 0
+        limit = len(buffer)
+        while size < limit and (incoming.pending or tls.pending()):
+            try:
+                # Into the buffer, it returns a count (typeshed says bytes).
+                got = cast(int, tls.read(limit - size, buffer[size:]))
+            except ssl.SSLWantReadError:
+                break  # the rest of a record is still to come
+            except ssl.SSLError:  # a broken record, or a TCP end without close_notify
+                self._eof = True
+                break
+            if not got:  # the peer's close_notify
+                self._eof = True
+                break
+            size += got
+        if self._outgoing.pending:
+            # OpenSSL answered something on the way (a TLS 1.3 key update). Whatever
+            # the kernel does not take now goes ahead of the next write.
+            with contextlib.suppress(SocketClosed):  # the next read finds the loss too
+                self._push()
+        return size
+
+    async def _read_ciphertext(self, buffer: memoryview) -> bool:
+        """Wait for ciphertext and hand it to OpenSSL; False once the connection is gone."""
+        while True:
+            try:
+                size = self.sock.recv_into(buffer)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(self.sock)
+                except trio.ClosedResourceError:  # aclose() closed it while we waited
+                    return False
+                continue
+            except OSError:  # reset, or closed under us
+                return False
+            if not size:
+                return False
+            self._incoming.write(buffer[:size])
+            return True
 
     def try_send(self, data: memoryview) -> int:
-        return 0
+        if self.pending:
+            self._push()
+            if self.pending:
+                return 0  # older ciphertext goes first (send_rest)
+        self._encrypt(data)
+        self._push()
+        return len(data)
 
     async def send_rest(self, data: memoryview) -> None:
+        while True:
+            self._push()
+            if not self.pending:
+                if not data:
+                    return
+                self._encrypt(data[:ENCRYPT_BYTES])
+                data = data[ENCRYPT_BYTES:]
+                continue
+            try:
+                await trio.lowlevel.wait_writable(self.sock)
+            except trio.ClosedResourceError:  # aclose() closed it while we waited
+                raise SocketClosed(ABNORMAL_CLOSURE, "connection closed") from None
+
+    def _encrypt(self, data: memoryview) -> None:
+        if not data:
+            return
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise SocketClosed(ABNORMAL_CLOSURE, "connection lost") from None
+            self._tls.write(data)
+        except ssl.SSLError as exc:  # after a close_notify, or a broken TLS state
+            raise SocketClosed(ABNORMAL_CLOSURE, f"TLS failed ({exc})") from None
+
+    def _push(self) -> None:
+        """Hand the ciphertext to the kernel, oldest first, without waiting; keep the rest."""
+        owed = self._owed
+        if self._outgoing.pending:
+            records = self._outgoing.read()
+            if not owed:  # the common case: nothing older, and the kernel takes it all
+                sent = self._raw.try_send(records)
+                if sent < len(records):
+                    owed += memoryview(records)[sent:]
+                    self.pending = True
+                return
+            owed += records
+        if owed:
+            del owed[: self._raw.try_send(owed)]
+            self.pending = bool(owed)
 
     async def aclose(self) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.stream.aclose()
+        if self._established and self.sock.fileno() >= 0:
+            self._established = False
+            # Best effort: a close_notify, if the kernel takes it now.
+            with contextlib.suppress(ssl.SSLError):
+                self._tls.unwrap()  # writes it, then wants the peer's (not awaited)
+            with contextlib.suppress(SocketClosed):
+                self._push()
+        await self._raw.aclose()
 
 
 class WsConnection:
@@ -327,10 +525,13 @@ class WsConnection:
         """Write one message now, without waiting, or say it cannot be done.
 
         False (nothing written) when another write holds the socket, the connection is
-        closing, or the kernel's buffer takes none of the frame (always, over TLS).
+        closing, or the transport takes none of the frame (the kernel's buffer is full,
+        or TLS still has older records to write).
         True when the frame went out, or part of it: then ``needs_flush`` is True and
         the rest waits for ``flush()``, which the caller must see to; until then the
-        socket stays locked, so every other write waits behind that rest.
+        socket stays locked, so every other write waits behind that rest. Over TLS the
+        rest may be ciphertext only (the frame was encrypted whole, and the kernel
+        took part of its records).
         """
         if (
             self._write_lock.value == 0
@@ -342,15 +543,16 @@ class WsConnection:
             data = memoryview(self._ws.send(TextMessage(data=message)))
         else:
             data = memoryview(self._ws.send(BytesMessage(data=message)))
+        transport = self._transport
         try:
-            sent = self._transport.try_send(data)
+            sent = transport.try_send(data)
         except SocketClosed:
             return False  # the next write (or the reader) reports it
         if sent == 0:
             return False
-        if sent < len(data):
+        if sent < len(data) or transport.pending:
             self._write_lock.acquire_nowait()
-            self._tail = data[sent:]
+            self._tail = data[sent:]  # nothing, when only TLS records are left
         return True
 
     @property
@@ -389,8 +591,9 @@ class WsConnection:
         if lock.value:
             lock.acquire_nowait()  # the common case: no yield
             try:
-                sent = self._transport.try_send(view)
-                if sent == len(view):
+                transport = self._transport
+                sent = transport.try_send(view)
+                if sent == len(view) and not transport.pending:
                     return
                 await self._finish_write(view[sent:])
             finally:
@@ -463,9 +666,10 @@ class WsConnection:
         with contextlib.suppress(SocketClosed):
             async with self._write_lock:
                 view = memoryview(data)
-                sent = self._transport.try_send(view)
-                if sent < len(view):
-                    await self._transport.send_rest(view[sent:])
+                transport = self._transport
+                sent = transport.try_send(view)
+                if sent < len(view) or transport.pending:
+                    await transport.send_rest(view[sent:])
 
     async def _read_until_closed(self) -> None:
         """Read (and drop) until the peer's close frame, unless a reader is doing it."""
@@ -477,7 +681,6 @@ class WsConnection:
             for event in self._ws.events():
                 if isinstance(event, CloseConnection):
                     self._peer_closed.set()
-
 
 
 # -- the server's side of the opening handshake -------------------------------------
@@ -515,7 +718,7 @@ async def accept_upgrade(
     """Answer the upgrade ``read_upgrade`` parsed (101) and return the open connection."""
     data = memoryview(ws.send(AcceptConnection()))
     sent = transport.try_send(data)
-    if sent < len(data):
+    if sent < len(data) or transport.pending:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
                 await transport.send_rest(data[sent:])

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import wsproto
 from wsproto.events import (
@@ -35,6 +34,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from tests.test_wsconn import make_certificate, server_context
 from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed
 from voicebridge.sockets import memory_socket_pair
@@ -795,33 +795,19 @@ async def test_open_transport_tls_failure_is_dropped(nursery: trio.Nursery) -> N
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key (made by openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    request = (
-        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
-        " -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1"
-    )
-    subprocess.run(
-        [openssl, *request.split(), "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    """A self-signed certificate for 127.0.0.1 and its key (made by openssl, or skip)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
-async def test_open_transport_over_tls(
-    nursery: trio.Nursery, tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cert, key = tls_files
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=str(cert))
+@pytest.fixture
+def trusted(tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """Make ``open_transport`` trust the test certificate; the server's context for it."""
+    client_context = ssl.create_default_context(cafile=str(tls_files[0]))
     monkeypatch.setattr(client, "_default_ssl_context", lambda: client_context)
+    return server_context(*tls_files)
 
+
+async def test_open_transport_over_tls(nursery: trio.Nursery, trusted: ssl.SSLContext) -> None:
     async def echo(websocket: trio_websocket.WebSocketConnection) -> None:
         with contextlib.suppress(trio_websocket.ConnectionClosed):
             while True:
@@ -829,7 +815,7 @@ async def test_open_transport_over_tls(
 
     recorder = Recorder()
     with trio.fail_after(GUARD_S):
-        server = await start_ws(nursery, handler=echo, ssl_context=server_context)
+        server = await start_ws(nursery, handler=echo, ssl_context=trusted)
         async with open_transport(server.call("wss"), API_KEY, connect_deadline_s=1.0) as sock:
             await sock.send('{"type":"end-call"}')
             await sock.send(b"\x00" * 160)
@@ -839,7 +825,7 @@ async def test_open_transport_over_tls(
                 reading.start_soon(sock.receive)
                 await sock.ping()
                 reading.cancel_scope.cancel()
-        other = await start_ws(nursery, handler=recorder, ssl_context=server_context)
+        other = await start_ws(nursery, handler=recorder, ssl_context=trusted)
         async with open_transport(other.call("wss"), API_KEY, connect_deadline_s=1.0):
             pass
         await recorder.done.wait()
@@ -847,19 +833,65 @@ async def test_open_transport_over_tls(
     assert recorder.close_code == 1000
 
 
+async def test_open_transport_over_tls_is_on_the_lean_path(
+    nursery: trio.Nursery, trusted: ssl.SSLContext
+) -> None:
+    recorder = Recorder()
+    frames = [bytes([i]) * 160 for i in range(50)]
+    big = bytes(range(256)) * 400  # 100 KiB: seven TLS records
+    with trio.fail_after(GUARD_S):
+        server = await start_ws(nursery, handler=recorder, ssl_context=trusted)
+        async with open_transport(server.call("wss"), API_KEY, connect_deadline_s=1.0) as sock:
+            assert isinstance(sock, WsConnection)
+            # Caller frames go straight into the kernel from the caller's task, as on
+            # ws://: no yield, no hop to the sender.
+            with trio.testing.assert_no_checkpoints():
+                for frame in frames:
+                    assert sock.send_nowait(frame)
+                    assert not sock.needs_flush
+            await sock.send(big)
+            await sock.send('{"type":"end-call"}')
+        await recorder.done.wait()
+    assert recorder.messages == [*frames, big, '{"type":"end-call"}']
+    assert recorder.close_code == 1000
+
+
 async def test_open_transport_over_tls_with_an_untrusted_certificate(
     nursery: trio.Nursery, tls_files: tuple[Path, Path]
 ) -> None:
-    cert, key = tls_files
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
     with trio.fail_after(GUARD_S):
-        server = await start_ws(nursery, handler=Recorder(), ssl_context=server_context)
+        server = await start_ws(nursery, handler=Recorder(), ssl_context=server_context(*tls_files))
         with pytest.raises(VapiError) as info:
             async with open_transport(server.call("wss"), API_KEY, connect_deadline_s=1.0):
                 pytest.fail("the body must not run")
     assert info.value.kind == "dropped"
     assert "certificate verify failed" in str(info.value)
+    assert_secret_free(info.value)
+
+
+@pytest.mark.parametrize(
+    ("handler", "kind", "detail"),
+    [
+        (silent, "timeout", "no upgrade within"),
+        (
+            hang_up_on_the_upgrade,
+            "dropped",
+            "TLS handshake failed (the peer closed the connection)",
+        ),
+    ],
+    ids=["silent", "hang-up"],
+)
+async def test_open_transport_wss_peer_that_never_finishes_the_handshake(
+    nursery: trio.Nursery, handler: TcpHandler, kind: str, detail: str
+) -> None:
+    with trio.fail_after(GUARD_S):
+        port = await tcp_server(nursery, handler)  # reads the TLS hello, never answers it
+        call = VapiCall(id="c", websocket_url=f"wss://127.0.0.1:{port}{SECRET_PATH}")
+        with pytest.raises(VapiError) as info:
+            async with open_transport(call, API_KEY, connect_deadline_s=SHORT_DEADLINE_S):
+                pytest.fail("the body must not run")
+    assert info.value.kind == kind
+    assert detail in str(info.value)
     assert_secret_free(info.value)
 
 

@@ -32,7 +32,13 @@ from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed, VoicebridgeError
 from voicebridge.sockets import MessageSocket
 from voicebridge.vapi import transport
-from voicebridge.wsconn import SocketTransport, StreamTransport, Transport, WsConnection
+from voicebridge.wsconn import (
+    SocketTransport,
+    TlsHandshakeError,
+    TlsSocketTransport,
+    Transport,
+    WsConnection,
+)
 
 VapiErrorKind: TypeAlias = Literal[
     "auth", "rejected", "server", "timeout", "refused", "dropped", "protocol"
@@ -387,28 +393,35 @@ class _Target:
 
 
 async def _connect_transport(target: _Target, secrets: tuple[str, ...]) -> Transport:
-    """TCP (and TLS for ``wss://``) to ``target``; ``VapiError`` refused or dropped."""
+    """TCP (and TLS for ``wss://``) to ``target``; ``VapiError`` refused or dropped.
+
+    Either way the call's own task reads and writes the raw socket (``wsconn``); over
+    TLS, OpenSSL encrypts and decrypts in memory (``TlsSocketTransport``).
+    """
     try:
         stream = await trio.open_tcp_stream(target.hostname, target.port)
     except OSError as exc:  # refused, unreachable, DNS (gaierror)
         raise _connect_error("refused", _describe(exc, *secrets)) from None
+    sock = socket.socket(fileno=stream.socket.detach())
     if not target.tls:
-        # The call's own task reads and writes the socket directly (wsconn).
-        return SocketTransport(socket.socket(fileno=stream.socket.detach()))
-    tls_stream = trio.SSLStream(
-        stream, _default_ssl_context(), server_hostname=target.hostname, https_compatible=True
-    )
+        return SocketTransport(sock)
     try:
-        await tls_stream.do_handshake()
-    except trio.BrokenResourceError as exc:
-        await trio.aclose_forcefully(tls_stream)
-        cause = exc.__cause__
-        detail = _describe(cause, *secrets) if cause else "connection lost"
+        transport = TlsSocketTransport(
+            sock, _default_ssl_context(), server_hostname=target.hostname
+        )
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await transport.handshake()
+    except TlsHandshakeError as exc:
+        await _drop(transport)
+        detail = _clean(str(exc), *secrets)
         raise _connect_error("dropped", f"TLS handshake failed ({detail})") from None
     except BaseException:
-        await trio.aclose_forcefully(tls_stream)
+        await _drop(transport)
         raise
-    return StreamTransport(tls_stream)
+    return transport
 
 
 async def _upgrade(
@@ -423,7 +436,7 @@ async def _upgrade(
     view = memoryview(request)
     try:
         sent = transport.try_send(view)
-        if sent < len(view):
+        if sent < len(view) or transport.pending:
             await transport.send_rest(view[sent:])
     except SocketClosed as exc:
         raise _connect_error("dropped", f"sending the upgrade: {exc.reason}") from None
@@ -492,8 +505,15 @@ def _connect_error(kind: VapiErrorKind, detail: str) -> VapiError:
 
 @functools.cache
 def _default_ssl_context() -> ssl.SSLContext:
-    """One shared default TLS context: building one loads the CA store (milliseconds)."""
-    return ssl.create_default_context()
+    """One shared default TLS context: building one loads the CA store (milliseconds).
+
+    Renegotiation is refused: ``TlsSocketTransport`` encrypts a write without reading,
+    and a TLS 1.2 server's renegotiation would put a read in the middle of it (TLS 1.3
+    has none).
+    """
+    context = ssl.create_default_context()
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    return context
 
 
 # --- Ending the call --------------------------------------------------------------------
