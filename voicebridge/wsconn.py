@@ -35,6 +35,7 @@ import os
 import socket
 import ssl
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, cast
 
@@ -70,7 +71,7 @@ ABNORMAL_CLOSURE = 1006
 MESSAGE_TOO_BIG = 1009
 
 
-class Transport:
+class Transport(ABC):
     """A byte stream under a ``WsConnection``: a raw socket, or TLS over one.
 
     Writing is ``try_send`` (what can go now, without waiting), then ``send_rest``
@@ -83,24 +84,25 @@ class Transport:
     #: Bytes ``try_send`` counted as taken are still to be written (``send_rest``).
     pending: bool = False
 
+    @abstractmethod
     async def receive_some(self) -> bytes:
         """Wait for bytes; b"" once the peer has closed (or reset) the connection."""
-        raise NotImplementedError
 
+    @abstractmethod
     def try_send(self, data: memoryview) -> int:
         """Take what can go now, without waiting; how many bytes of ``data`` it took."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def send_rest(self, data: memoryview) -> None:
         """Write what is ``pending``, then all of ``data``, waiting as needed.
 
         Raises ``SocketClosed``. The caller bounds it (and shields it: a write cut
         short tears the byte stream).
         """
-        raise NotImplementedError
 
+    @abstractmethod
     async def aclose(self) -> None:
-        raise NotImplementedError
+        """Close the connection (best effort: nothing to report to the caller)."""
 
 
 _per_thread = threading.local()
