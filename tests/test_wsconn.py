@@ -561,6 +561,35 @@ async def test_a_stuck_write_is_not_cut_by_cancellation(
         assert await peer.next_message() == "and the connection is still good"
 
 
+async def test_a_frame_taken_in_part_is_finished_by_flush_before_any_other_write(
+    connect: Connect,
+) -> None:
+    connection, peer = connect(send_buffer=SMALL_BUFFER)
+    big = bytes(range(256)) * 4096  # 1 MiB: no small send buffer takes it whole
+    with trio.fail_after(GUARD_S):
+        assert connection.send_nowait(big)
+        assert connection.needs_flush
+        # A second message may not go now (the rest of the first must go first) …
+        assert not connection.send_nowait(b"after")
+        received: list[str | bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read_two() -> None:
+                received.append(await peer.next_message())
+                received.append(await peer.next_message())
+
+            nursery.start_soon(read_two)
+            # … and a normal write waits behind the flush rather than overtaking it.
+            nursery.start_soon(connection.send, "control")
+            await connection.flush()
+        assert not connection.needs_flush
+        assert received == [big, "control"]
+        # With the buffer drained, a small frame goes whole, straight away.
+        assert connection.send_nowait(b"small")
+        assert not connection.needs_flush
+        assert await peer.next_message() == b"small"
+
+
 async def test_concurrent_writers_never_interleave_frames(connect: Connect) -> None:
     connection, peer = connect(send_buffer=SMALL_BUFFER)
     writers, count = 4, 25

@@ -4,13 +4,13 @@ the kernel takes only part of a frame (``DirectSocket``, ``WsConnection.send_now
 The call writes a caller frame from the reader task when nothing is queued for the
 Vapi sender. A frame the socket took only in part is finished by the sender
 (``flush``), and every later message queues behind it: Vapi gets every frame whole
-and in order, and the reader still never waits on Vapi.
+and in order, and the reader still never waits on Vapi. ``send_nowait`` and
+``flush`` themselves, on real sockets, are tested in ``tests/test_wsconn.py``.
 """
 
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +19,6 @@ import trio.testing
 
 from tests.bridge.peers import MemoryCall, MemoryConnector, media_frame, stop_frame
 from tests.faults.memory import CallSpec, MemoryCallRun, run_calls
-from tests.test_wsconn import handshake
 from voicebridge.bridge.call import CALLER_AUDIO_BUFFER_FRAMES
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.sockets import (
@@ -29,7 +28,6 @@ from voicebridge.sockets import (
     SocketWriteTimeout,
     memory_socket_pair,
 )
-from voicebridge.wsconn import SocketTransport, WsConnection
 
 
 class PartialSocket(MemorySocket):
@@ -194,55 +192,3 @@ async def test_a_flush_that_never_finishes_fails_the_leg_and_the_reader_keeps_re
     # The reader kept reading until the leg failed, at the write deadline (frames every
     # 20 ms from the stream's start; the flush began with the 5th).
     assert record.frames_from_caller >= (WRITE_DEADLINE_S + 0.08) / 0.02
-
-
-async def _loopback_pair(sndbuf: int) -> tuple[socket.socket, socket.socket]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    await trio.lowlevel.checkpoint()
-    return client, server
-
-
-def _opened_pair(
-    client_sock: socket.socket, server_sock: socket.socket
-) -> tuple[WsConnection, WsConnection]:
-    client, server = handshake()
-    big = 4 * 1024 * 1024
-    return (
-        WsConnection(SocketTransport(client_sock), client, max_message_bytes=big),
-        WsConnection(SocketTransport(server_sock), server, max_message_bytes=big),
-    )
-
-
-async def test_send_nowait_takes_a_frame_in_part_and_flush_finishes_it_before_any_other_write() -> (
-    None
-):
-    client_sock, server_sock = await _loopback_pair(sndbuf=4096)
-    ours, theirs = _opened_pair(client_sock, server_sock)
-    big = bytes(range(256)) * 4096  # 1 MiB: no 4 KiB send buffer takes it whole
-    assert ours.send_nowait(big)
-    assert ours.needs_flush
-    # A second message may not go now (the rest of the first must go first) …
-    assert not ours.send_nowait(b"after")
-    received: list[str | bytes] = []
-    async with trio.open_nursery() as nursery:
-
-        async def read_two() -> None:
-            received.append(await theirs.receive())
-            received.append(await theirs.receive())
-
-        nursery.start_soon(read_two)
-        # … and a normal write waits behind the flush rather than overtaking it.
-        nursery.start_soon(ours.send, "control")
-        await ours.flush()
-    assert not ours.needs_flush
-    assert received == [big, "control"]
-    # With the buffer drained, small frames go whole, straight away.
-    assert ours.send_nowait(b"small")
-    assert not ours.needs_flush
-    assert await theirs.receive() == b"small"
-    await ours.aclose()
-    await theirs.aclose()
