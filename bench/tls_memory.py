@@ -6,7 +6,7 @@ Runs the same traffic twice, each time in a fresh child process (so that one run
 heap does not carry into the other's RSS): ``--pairs`` pairs of ``WsConnection``
 over TLS on loopback, first with the transport the Vapi leg used to have (a
 ``trio.SSLStream``, ``StreamTransport`` below, kept here for the comparison), then
-with ``wsconn.TlsSocketTransport``. Each pair is a client (the bridge's Vapi leg)
+with ``net.transport.TlsSocketTransport``. Each pair is a client (the bridge's Vapi leg)
 and a server (the assistant), both on the transport under test, so every figure
 counts both ends of every pair.
 
@@ -50,13 +50,8 @@ from wsproto.events import AcceptConnection, Request
 
 from voicebridge.errors import SocketClosed
 from voicebridge.gctuning import tune_gc_for_latency
-from voicebridge.wsconn import (
-    ABNORMAL_CLOSURE,
-    RECV_BYTES,
-    TlsSocketTransport,
-    Transport,
-    WsConnection,
-)
+from voicebridge.net.transport import ABNORMAL_CLOSURE, RECV_BYTES, TlsSocketTransport, Transport
+from voicebridge.net.ws import WsConnection
 
 TICK_S = 0.020
 FRAME = b"\x55" * 160

@@ -4,7 +4,7 @@
 
 - It serves on the listening sockets it is handed (socket activation, see
   ``voicebridge.listenfds``; tests) or binds ``server.listen``. The front door
-  (``voicebridge.front``) gives media streams to the calls and every other request
+  (``voicebridge.net.front``) gives media streams to the calls and every other request
   to hypercorn and the quart app.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
   hypercorn listens, ``STATUS=`` whenever the active calls or the drain state change,
@@ -50,7 +50,8 @@ from voicebridge.config import Config
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
-from voicebridge.front import serve_front
+from voicebridge.net.front import serve_front
+from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
@@ -64,7 +65,6 @@ from voicebridge.web import (
     create_app,
     media_connection,
 )
-from voicebridge.wsconn import SocketTransport
 
 log = logging.getLogger(__name__)
 

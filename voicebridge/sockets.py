@@ -70,7 +70,7 @@ class PingableSocket(MessageSocket, Protocol):
 
 @runtime_checkable
 class DirectSocket(PingableSocket, Protocol):
-    """A socket a reader task can also write to without waiting (``wsconn.WsConnection``).
+    """A socket a reader task can also write to without waiting (``net.ws.WsConnection``).
 
     The caller's audio goes to Vapi through it straight from the Twilio reader when
     nothing is queued ahead, sparing the hop to the sender task (``bridge.call``).

@@ -7,7 +7,7 @@ They hold no call logic of their own.
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served by
-  the front door on a lean WebSocket (``media_connection``; ``voicebridge.front``),
+  the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
 - ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
@@ -42,13 +42,14 @@ from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
 from voicebridge.control.routes import add_control_routes, log_rejected
 from voicebridge.errors import SocketClosed
+from voicebridge.net.transport import SocketTransport
+from voicebridge.net.ws import UpgradeRefused, accept_upgrade, read_upgrade
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SignatureError, WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
-from voicebridge.wsconn import SocketTransport, UpgradeRefused, accept_upgrade, read_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,8 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
 async def media_connection(services: Services, transport: SocketTransport, head: bytes) -> None:
     """``WS /twilio/stream``: the front door's media handler. Accept, run one ``Call``.
 
-    The socket is served on ``voicebridge.wsconn`` (the call's own task reads it),
-    not through hypercorn: see ``voicebridge.front``. Owns ``transport``: closed on
+    The socket is served on ``voicebridge.net.ws`` (the call's own task reads it),
+    not through hypercorn: see ``voicebridge.net.front``. Owns ``transport``: closed on
     the way out whatever happens.
     """
     try:

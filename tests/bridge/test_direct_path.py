@@ -5,7 +5,7 @@ The call writes a caller frame from the reader task when nothing is queued for t
 Vapi sender. A frame the socket took only in part is finished by the sender
 (``flush``), and every later message queues behind it: Vapi gets every frame whole
 and in order, and the reader still never waits on Vapi. ``send_nowait`` and
-``flush`` themselves, on real sockets, are tested in ``tests/test_wsconn.py``.
+``flush`` themselves, on real sockets, are tested in ``tests/net/test_ws.py``.
 """
 
 from __future__ import annotations

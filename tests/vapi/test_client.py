@@ -34,9 +34,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from tests.test_wsconn import make_certificate, server_context
+from tests.net.test_ws import make_certificate, server_context
 from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed
+from voicebridge.net.ws import CLOSE_REPLY_S, WsConnection
 from voicebridge.sockets import memory_socket_pair
 from voicebridge.vapi import client
 from voicebridge.vapi.client import (
@@ -47,7 +48,6 @@ from voicebridge.vapi.client import (
     end_call,
     open_transport,
 )
-from voicebridge.wsconn import CLOSE_REPLY_S, WsConnection
 
 #: Guard on every test: a loopback exchange takes milliseconds.
 GUARD_S = 3.0

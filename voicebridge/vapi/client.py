@@ -2,7 +2,7 @@
 
 ``create_call`` POSTs ``/call`` with httpx; ``open_transport`` opens the call's
 transport socket (its own TCP/TLS connection and wsproto upgrade) and hands it out
-as a ``wsconn.WsConnection``, read by the call's own task; ``end_call`` says
+as a ``net.ws.WsConnection``, read by the call's own task; ``end_call`` says
 goodbye on it. Every failure to start the leg is one
 ``VapiError`` whose ``kind`` the call's outcome can be built from; its message is
 safe to log: it never holds the API key or the socket URL (a bearer secret).
@@ -30,15 +30,15 @@ from wsproto.events import AcceptConnection, RejectConnection, Request
 
 from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed, VoicebridgeError
-from voicebridge.sockets import MessageSocket
-from voicebridge.vapi import transport
-from voicebridge.wsconn import (
+from voicebridge.net.transport import (
     SocketTransport,
     TlsHandshakeError,
     TlsSocketTransport,
     Transport,
-    WsConnection,
 )
+from voicebridge.net.ws import WsConnection
+from voicebridge.sockets import MessageSocket
+from voicebridge.vapi import transport
 
 VapiErrorKind: TypeAlias = Literal[
     "auth", "rejected", "server", "timeout", "refused", "dropped", "protocol"
@@ -395,7 +395,7 @@ class _Target:
 async def _connect_transport(target: _Target, secrets: tuple[str, ...]) -> Transport:
     """TCP (and TLS for ``wss://``) to ``target``; ``VapiError`` refused or dropped.
 
-    Either way the call's own task reads and writes the raw socket (``wsconn``); over
+    Either way the call's own task reads and writes the raw socket (``net.ws``); over
     TLS, OpenSSL encrypts and decrypts in memory (``TlsSocketTransport``).
     """
     try:

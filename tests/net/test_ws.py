@@ -1,4 +1,4 @@
-"""voicebridge.wsconn over real sockets, against a hand-driven wsproto peer.
+"""voicebridge.net.ws (and its transports) over real sockets, against a hand-driven wsproto peer.
 
 Charter: every test connects a ``WsConnection`` to the far end of a
 ``socket.socketpair()``, where a wsproto connection driven by the test plays the
@@ -41,17 +41,11 @@ from wsproto.events import (
     TextMessage,
 )
 
-from voicebridge import wsconn
 from voicebridge.errors import SocketClosed
+from voicebridge.net import transport as net_transport
+from voicebridge.net.transport import SocketTransport, TlsHandshakeError, TlsSocketTransport
+from voicebridge.net.ws import CLOSE_REPLY_S, MAX_MESSAGE_BYTES, WsConnection
 from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout
-from voicebridge.wsconn import (
-    CLOSE_REPLY_S,
-    MAX_MESSAGE_BYTES,
-    SocketTransport,
-    TlsHandshakeError,
-    TlsSocketTransport,
-    WsConnection,
-)
 
 #: Guard on every test: a socketpair exchange takes microseconds; on the autojump
 #: clock this is virtual time, so a test that hangs fails at once.
@@ -367,7 +361,7 @@ async def test_a_peer_vanishing_without_a_close_is_1006(connect: Connect) -> Non
         assert await connection.receive() == "last words"
         with pytest.raises(SocketClosed) as closed:
             await connection.receive()
-        assert closed.value.code == wsconn.ABNORMAL_CLOSURE
+        assert closed.value.code == net_transport.ABNORMAL_CLOSURE
         with pytest.raises(SocketClosed):
             await connection.ping()  # nobody would ever answer it
         await connection.aclose()
@@ -525,7 +519,7 @@ async def test_a_write_the_peer_never_reads_times_out(
         # Part of a frame may be out: the connection is done for.
         with pytest.raises(SocketClosed) as closed:
             await connection.receive()
-        assert closed.value.code == wsconn.ABNORMAL_CLOSURE
+        assert closed.value.code == net_transport.ABNORMAL_CLOSURE
         with pytest.raises(SocketClosed):
             await connection.send("again")
         start = trio.current_time()
@@ -913,7 +907,7 @@ async def test_tls_the_peers_close_notify_ends_the_connection_after_its_messages
             assert await connection.receive() == "last words"
             with pytest.raises(SocketClosed) as closed:
                 await connection.receive()
-            assert closed.value.code == wsconn.ABNORMAL_CLOSURE  # TLS ended, no close frame
+            assert closed.value.code == net_transport.ABNORMAL_CLOSURE  # TLS ended, no close frame
             with pytest.raises(SocketClosed):
                 await connection.send("too late")
             await connection.aclose()  # our close_notify ends the peer's unwrap
@@ -930,7 +924,7 @@ async def test_tls_a_reset_ends_reading_and_writing(tls_connect: TlsConnect) -> 
             nursery.start_soon(raw.aclose)  # an RST, not a FIN
             with pytest.raises(SocketClosed) as closed:
                 await connection.receive()
-        assert closed.value.code == wsconn.ABNORMAL_CLOSURE
+        assert closed.value.code == net_transport.ABNORMAL_CLOSURE
         with pytest.raises(SocketClosed):
             transport.try_send(memoryview(b"\x00" * 160))
         await connection.aclose()

@@ -1,4 +1,4 @@
-"""The front door (``voicebridge.front``): media upgrades to the calls, the rest to hypercorn.
+"""The front door (``voicebridge.net.front``): media upgrades to the calls, the rest to hypercorn.
 
 Run against the real server on loopback with raw sockets, so the bytes on the wire
 (split heads, pipelined requests, a silent client) are exactly what the test says.
@@ -16,9 +16,9 @@ import trio.testing
 from hypercorn.config import Config as HypercornConfig
 
 from tests.harness import running_bridge
-from voicebridge.front import HEAD_DEADLINE_S, _read_head, is_media_request, serve_front
+from voicebridge.net.front import HEAD_DEADLINE_S, _read_head, is_media_request, serve_front
+from voicebridge.net.transport import SocketTransport
 from voicebridge.web import STREAM_PATH
-from voicebridge.wsconn import SocketTransport
 
 
 @pytest.mark.parametrize(

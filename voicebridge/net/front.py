@@ -9,7 +9,7 @@ each a wait for trio's scheduler (docs/performance.md). So the front door accept
 the connections itself, reads the first request head, and
 
 - a ``GET`` of the media stream path goes to ``media`` with the raw socket
-  (``voicebridge.wsconn``: the call's own task reads it);
+  (``voicebridge.net.ws``: the call's own task reads it);
 - anything else goes to hypercorn's per-connection server with the bytes already
   read put back in front of the stream, so hypercorn sees the connection whole.
 
@@ -36,7 +36,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import wrap_app
 
-from voicebridge.wsconn import SocketTransport
+from voicebridge.net.transport import SocketTransport
 
 log = logging.getLogger(__name__)
 
