@@ -55,22 +55,28 @@ FIELDS_ATTR = "vb_fields"
 RATE_LIMIT_ATTR = "vb_rate_limited"
 
 
+#: The one keyword of ``log_event`` that is not a field: the rate-limit override.
+RATE_LIMITED_KEYWORD = "rate_limited"
+
+
 def log_event(
     logger: logging.Logger,
     level: int,
     event: str,
     message: str,
     /,
-    *,
-    rate_limited: bool | None = None,
     **fields: FieldValue,
 ) -> None:
     """Emit one structured event. Field names are upper-cased; ``None`` values are left out.
 
-    ``rate_limited`` overrides the rule that warnings and worse are rate-limited per
-    kind and lesser levels are not (see ``RateLimitFilter``): ``True`` for an info line
-    a peer can repeat at will, ``False`` for a warning that must never be suppressed.
+    ``rate_limited=`` (``RATE_LIMITED_KEYWORD``) is not a field: it overrides the rule
+    that warnings and worse are rate-limited per kind and lesser levels are not (see
+    ``RateLimitFilter``). ``True`` for an info line a peer can repeat at will, ``False``
+    for a warning that must never be suppressed; anything but a bool is a ``TypeError``.
     """
+    rate_limited = fields.pop(RATE_LIMITED_KEYWORD, None)
+    if rate_limited is not None and not isinstance(rate_limited, bool):
+        raise TypeError(f"rate_limited must be a bool, not {rate_limited!r}")
     if not logger.isEnabledFor(level):
         return
     record_fields: dict[str, FieldValue] = {"EVENT": event}
@@ -478,16 +484,19 @@ def suppressed_counts() -> dict[str, int]:
     return {} if limiter is None else limiter.suppressed_counts()
 
 
-async def run_suppression_reports(interval_s: float = RATE_LIMIT_WINDOW_S) -> NoReturn:
-    """Every ``interval_s``, report the windows that are over (``RateLimitFilter.flush``).
+async def run_suppression_reports() -> NoReturn:
+    """Every window, report the windows that are over (``RateLimitFilter.flush``).
 
     Without it, a window's suppressed lines would wait for the next log line of any
-    kind. Runs until cancelled; cancellation (the server stopping) reports every count
-    still pending, even of windows that are not over, so none is lost.
+    kind; with it, they are reported within a window of the window's end. Follows
+    whatever rate limiter ``configure_logging`` installed last (none: it only waits).
+    Runs until cancelled; cancellation (the server stopping) reports every count still
+    pending, even of a window that is not over, so none is lost with the process.
     """
     try:
         while True:
-            await trio.sleep(interval_s)
+            limiter = installed_rate_limiter()
+            await trio.sleep(RATE_LIMIT_WINDOW_S if limiter is None else limiter.window_s)
             limiter = installed_rate_limiter()
             if limiter is not None:
                 limiter.flush()
