@@ -148,8 +148,14 @@ def test_peer_text_is_stored_escaped_in_message_and_fields(
 ) -> None:
     # What a peer may put into a CallSid: a line of its own and a terminal sequence.
     peer = "CAx\nWARNING voicebridge.web: forged\r\x1b[2J\u2028\x85\\n"
-    log_event(logger, logging.WARNING, "stream-refused", f"stream {peer} refused",
-              call_sid=call_sid, claimed=peer)
+    log_event(
+        logger,
+        logging.WARNING,
+        "stream-refused",
+        f"stream {peer} refused",
+        call_sid=call_sid,
+        claimed=peer,
+    )
     entry = one_entry(private_journal, call_sid)
     shown = r"CAx\nWARNING voicebridge.web: forged\r\x1b[2J\u2028\x85\\n"
     assert entry["MESSAGE"] == f"stream {shown} refused"
