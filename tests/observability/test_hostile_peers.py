@@ -26,14 +26,20 @@ import pytest
 import trio
 
 from tests import journald_fixture
-from tests.harness import Bridge, running_bridge
+from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
 from tests.journald_fixture import PrivateJournal
 from voicebridge.observability.logs import (
     RATE_LIMIT_BURST,
     RATE_LIMIT_WINDOW_S,
     configure_logging,
 )
-from voicebridge.sim.caller import CallReport, Speak, WaitForAssistantDone, place_call
+from voicebridge.sim.caller import (
+    CallReport,
+    Silence,
+    Speak,
+    WaitForAssistantDone,
+    place_call,
+)
 
 #: The real journald of the journal cases (see tests/journald_fixture.py).
 private_journal = journald_fixture.private_journal
@@ -252,3 +258,28 @@ async def test_a_flood_of_rejections_is_bounded_and_counted_while_a_call_is_logg
     most_lines = BURST * (math.ceil(elapsed / WINDOW_S) + 1)
     assert written + suppressed == FLOOD
     assert BURST <= written <= most_lines
+
+
+async def test_every_call_that_began_gets_its_end_line_even_when_many_fail(
+    tmp_path: Path, request: pytest.FixtureRequest, voicebridge_logging: None
+) -> None:
+    # A Vapi outage: every call ends with a warning of the same kind, faster than the
+    # burst allows. Each is a call an operator may be asked about: none is suppressed.
+    calls = 3 * BURST
+    logs = configure("stderr", tmp_path, request, burst=BURST, window_s=60.0)
+    outage = attrs.evolve(SHORT_ASSISTANT, refuse_create=500)
+    reports: list[CallReport] = []
+    with trio.fail_after(30):
+        async with running_bridge(behaviour=outage) as bridge:
+
+            async def one() -> None:
+                reports.append(await place_call(bridge.caller, (Silence(1),)))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(calls):
+                    nursery.start_soon(one)
+    ends = [line for line in logs.lines() if "ended: assistant-leg-failed" in line]
+    assert len(reports) == len(ends) == calls
+    assert {r.call_sid for r in reports} == {line.split("CALL_SID=")[1].split()[0] for line in ends}
+    assert all(line.startswith("WARNING voicebridge.bridge.call:") for line in ends)
+    assert not any("more suppressed" in line for line in logs.lines())
