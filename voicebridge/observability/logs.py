@@ -292,10 +292,11 @@ Clock = Callable[[], float]
 def rate_limit_kind(record: logging.LogRecord) -> str:
     """What ``record`` is counted as: ``EVENT``, or ``EVENT/OUTCOME`` when it has one.
 
-    The outcome splits ``call-end``: a flood of streams refused for a bad token
-    (``call-end/token-rejected``) cannot silence a call whose assistant failed. A plain
-    ``logging`` record counts as its logger and message template. Kinds are words of
-    our own, never a peer's: a peer cannot make a kind per line.
+    The outcome splits ``call-end`` lines of streams that never began: a flood of bad
+    tokens (``call-end/token-rejected``) cannot silence streams refused for another
+    reason (``call-end/protocol-error``). A plain ``logging`` record counts as its logger
+    and message template. Kinds are words of our own, never a peer's: a peer cannot make
+    a kind per line.
     """
     fields = record_fields(record)
     event = fields.get("EVENT")
