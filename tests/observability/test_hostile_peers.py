@@ -178,6 +178,8 @@ FLOOD = 300
 #: A small window so the test sees several of them in a few seconds of real time.
 BURST = 5
 WINDOW_S = 1.0
+#: How long journald gets to store what a stopped server sent it.
+QUERY_DEADLINE_S = 5.0
 
 
 def _counted_in_text(logs: Logs, kind: str) -> tuple[int, int]:
@@ -197,6 +199,7 @@ async def _counted_in_journal(
 ) -> tuple[int, int]:
     """The same from the journal, once journald has stored all of it (or a deadline)."""
     ours = f"SYSLOG_IDENTIFIER={identifier}"
+    written, summaries, suppressed = 0, [], 0
     with trio.move_on_after(QUERY_DEADLINE_S):
         while True:
             written = len(await journal.wait_for_entries(ours, "OUTCOME=token-rejected", expect=0))
@@ -207,10 +210,6 @@ async def _counted_in_journal(
             await trio.sleep(_POLL_S)
     assert {e["PRIORITY"] for e in summaries} == {"4"}
     return written, suppressed
-
-
-#: How long journald gets to store what a stopped server sent it.
-QUERY_DEADLINE_S = 5.0
 
 
 @pytest.mark.slow
