@@ -29,6 +29,8 @@ from voicebridge.observability.journald import (
     journald_available,
 )
 from voicebridge.observability.logs import (
+    MAX_FIELD_CHARS,
+    MAX_MESSAGE_CHARS,
     LoggingSetup,
     configure_logging,
     is_secret_field,
@@ -172,8 +174,9 @@ def test_long_peer_text_is_cut_with_a_marker(
     long = "z" * 100_000
     log_event(logger, logging.INFO, "long", f"start {long}", call_sid=call_sid, note=long)
     entry = one_entry(private_journal, call_sid)
-    assert entry["MESSAGE"] == "start " + "z" * 1018 + "…[98982 more chars]"
-    assert entry["NOTE"] == "z" * 512 + "…[99488 more chars]"
+    kept = MAX_MESSAGE_CHARS - len("start ")
+    assert entry["MESSAGE"] == "start " + "z" * kept + f"…[{len(long) - kept} more chars]"
+    assert entry["NOTE"] == "z" * MAX_FIELD_CHARS + f"…[{len(long) - MAX_FIELD_CHARS} more chars]"
 
 
 def test_exception_goes_into_fields_and_message(
