@@ -52,7 +52,7 @@ from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
 from voicebridge.net.front import serve_front
 from voicebridge.net.transport import SocketTransport
-from voicebridge.observability.logs import log_event
+from voicebridge.observability.logs import log_event, run_suppression_reports
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
@@ -229,6 +229,8 @@ async def serve(
                 await process_nursery.start(run_watchdog, process.notifier, watchdog_interval_s)
             if shared is not None:
                 process_nursery.start_soon(_sweep_periodically, shared)
+            # Rate-limited log lines are reported within a window of their end.
+            process_nursery.start_soon(run_suppression_reports)
             async with trio.open_nursery() as http_nursery:
                 # The front door takes ownership of the sockets (it closes them).
                 await http_nursery.start(

@@ -29,6 +29,8 @@ from voicebridge.observability.journald import (
     journald_available,
 )
 from voicebridge.observability.logs import (
+    MAX_FIELD_CHARS,
+    MAX_MESSAGE_CHARS,
     LoggingSetup,
     configure_logging,
     is_secret_field,
@@ -140,17 +142,41 @@ def test_priority_follows_the_logging_level(
     assert one_entry(private_journal, call_sid)["PRIORITY"] == priority
 
 
-def test_multi_line_message_is_one_entry(
+def test_peer_text_is_stored_escaped_in_message_and_fields(
     private_journal: PrivateJournal,
     journal_logging: LoggingSetup,
     logger: logging.Logger,
     call_sid: str,
 ) -> None:
-    message = "first line\nsecond line\n\tindented third"
-    log_event(logger, logging.INFO, "multi-line", message, call_sid=call_sid, note="a\nb")
+    # What a peer may put into a CallSid: a line of its own and a terminal sequence.
+    peer = "CAx\nWARNING voicebridge.web: forged\r\x1b[2J\u2028\x85\\n"
+    log_event(
+        logger,
+        logging.WARNING,
+        "stream-refused",
+        f"stream {peer} refused",
+        call_sid=call_sid,
+        claimed=peer,
+    )
     entry = one_entry(private_journal, call_sid)
-    assert entry["MESSAGE"] == message
-    assert entry["NOTE"] == "a\nb"
+    shown = r"CAx\nWARNING voicebridge.web: forged\r\x1b[2J\u2028\x85\\n"
+    assert entry["MESSAGE"] == f"stream {shown} refused"
+    assert entry["CLAIMED"] == shown
+    assert entry["MESSAGE"].isprintable()
+
+
+def test_long_peer_text_is_cut_with_a_marker(
+    private_journal: PrivateJournal,
+    journal_logging: LoggingSetup,
+    logger: logging.Logger,
+    call_sid: str,
+) -> None:
+    long = "z" * 100_000
+    log_event(logger, logging.INFO, "long", f"start {long}", call_sid=call_sid, note=long)
+    entry = one_entry(private_journal, call_sid)
+    kept = MAX_MESSAGE_CHARS - len("start ")
+    assert entry["MESSAGE"] == "start " + "z" * kept + f"…[{len(long) - kept} more chars]"
+    assert entry["NOTE"] == "z" * MAX_FIELD_CHARS + f"…[{len(long) - MAX_FIELD_CHARS} more chars]"
 
 
 def test_exception_goes_into_fields_and_message(
@@ -180,22 +206,31 @@ def _larger_than_a_datagram() -> int:
     return max(250_000, 2 * default_sndbuf)
 
 
-def test_large_message_travels_by_sealed_memfd(
+def _log_with_a_long_traceback(logger: logging.Logger, call_sid: str, text: str) -> None:
+    """A traceback is the one part of an entry that is not cut to a bound."""
+    try:
+        raise ValueError(text)
+    except ValueError:
+        logger.exception("figures failed", extra={"vb_fields": {"CALL_SID": call_sid}})
+
+
+def test_large_entry_travels_by_sealed_memfd(
     private_journal: PrivateJournal,
     journal_logging: LoggingSetup,
     logger: logging.Logger,
     call_sid: str,
 ) -> None:
     size = _larger_than_a_datagram()
-    message = "".join(f"{i:08d}\n" for i in range(size // 9 + 1))
-    log_event(logger, logging.INFO, "transcript", message, call_sid=call_sid)
+    text = "\n".join(f"{i:08d}" for i in range(size // 9 + 1))
+    _log_with_a_long_traceback(logger, call_sid, text)
     entry = one_entry(private_journal, call_sid)
-    assert len(entry["MESSAGE"]) == len(message) > 200_000
-    assert entry["MESSAGE"] == message
+    assert len(entry["EXCEPTION_TEXT"]) > len(text) > 200_000
+    assert entry["EXCEPTION_TEXT"].endswith("ValueError: " + text)
+    assert entry["MESSAGE"] == "figures failed\n" + entry["EXCEPTION_TEXT"]
     assert "VB_TRUNCATED" not in entry
 
 
-def test_large_message_is_truncated_when_no_memfd_can_be_made(
+def test_large_entry_is_truncated_when_no_memfd_can_be_made(
     private_journal: PrivateJournal,
     journal_logging: LoggingSetup,
     logger: logging.Logger,
@@ -206,11 +241,13 @@ def test_large_message_is_truncated_when_no_memfd_can_be_made(
         raise OSError(errno.ENOSYS, "memfd_create blocked")
 
     monkeypatch.setattr(os, "memfd_create", no_memfd)
-    message = "y" * _larger_than_a_datagram()
-    log_event(logger, logging.INFO, "transcript", message, call_sid=call_sid)
+    _log_with_a_long_traceback(logger, call_sid, "y" * _larger_than_a_datagram())
     entry = one_entry(private_journal, call_sid)
-    assert entry["VB_TRUNCATED"] == "MESSAGE"
-    assert entry["MESSAGE"] == "y" * journald.TRUNCATED_VALUE_BYTES + "…[truncated]"
+    assert entry["VB_TRUNCATED"] == "MESSAGE,EXCEPTION_TEXT"
+    for name in ("MESSAGE", "EXCEPTION_TEXT"):
+        kept, marker = entry[name].encode(), "…[truncated]".encode()
+        assert len(kept) == journald.TRUNCATED_VALUE_BYTES + len(marker)
+        assert entry[name].endswith("y…[truncated]")
 
 
 def test_invalid_field_names_are_renamed_deterministically(
@@ -342,9 +379,10 @@ def test_stderr_lines_on_a_journal_stream_carry_priority_prefixes(
     lines = path.read_text().splitlines()
     assert lines[0] == "<6>INFO    voicebridge.test: call started CALL_SID=CA2"
     assert lines[1] == "<3>ERROR   voicebridge.test: vapi leg failed"
-    assert lines[2] == "<3>Traceback (most recent call last):"
-    assert lines[-1] == "<3>RuntimeError: vapi said no"
-    assert all(line.startswith("<3>") for line in lines[1:])
+    # The traceback's lines are indented: only a record starts a line at the prefix.
+    assert lines[2] == "<3>  Traceback (most recent call last):"
+    assert lines[-1] == "<3>  RuntimeError: vapi said no"
+    assert all(line.startswith("<3>  ") for line in lines[2:])
 
 
 def test_journal_stream_of_another_file_is_not_ours(logger: logging.Logger, tmp_path: Path) -> None:

@@ -368,7 +368,7 @@ class Call:
                 if self._observer is not None:
                     self._observer.call_ended(record)
                 await self._twilio.aclose(1000, "call ended")
-                _log_call_end(record)
+                _log_call_end(record, began=begun)
         return record
 
     # -- before the call nursery ---------------------------------------------------
@@ -818,7 +818,10 @@ def _describe(group: BaseExceptionGroup[Exception]) -> str:
     return f"{type(first).__name__}: {first}"
 
 
-def _log_call_end(record: CallRecord) -> None:
+def _log_call_end(record: CallRecord, *, began: bool) -> None:
+    """The call's one ``call-end`` line. A call that began (its token passed) is never
+    rate-limited, whatever its level; a stream that never began is a rejection, which a
+    peer can repeat at will: rate-limited (see ``observability.logs.RateLimitFilter``)."""
     outcome = record.outcome
     if outcome is Outcome.INTERNAL_ERROR:
         level = logging.ERROR
@@ -848,4 +851,5 @@ def _log_call_end(record: CallRecord) -> None:
         first_audio_ms=round(record.first_audio_ms, 1) if record.first_audio_ms else None,
         barge_ins=len(record.barge_ins),
         barge_in_max_ms=round(barge_in_ms, 2) if barge_in_ms is not None else None,
+        rate_limited=not began,
     )

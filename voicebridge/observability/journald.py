@@ -10,7 +10,10 @@ oversized values are truncated and the entry carries ``VB_TRUNCATED=<field names
 Every entry has ``MESSAGE``, ``PRIORITY``, ``SYSLOG_IDENTIFIER``, ``CODE_FILE``,
 ``CODE_LINE``, ``CODE_FUNC``, ``LOGGER``, the record's structured fields
 (``record.vb_fields``, see :mod:`voicebridge.observability.logs`) and, when the record
-carries an exception, ``EXCEPTION_TYPE`` and ``EXCEPTION_TEXT``.
+carries an exception, ``EXCEPTION_TYPE`` and ``EXCEPTION_TEXT``. The message and the
+field values are escaped and bounded exactly as on stderr (``render_message``,
+``render_value``): a peer's newline or escape sequence is stored as visible text, so
+``journalctl`` shows one line where the peer sent two. Only a traceback keeps its newlines.
 
 The handler never blocks the event loop: the socket is non-blocking, and an entry
 journald has no room for (its receive queue is full) is dropped and counted; the next
@@ -36,8 +39,10 @@ from typing import Literal, TextIO
 
 from voicebridge.observability.logs import (
     FieldValue,
-    format_value,
+    escape_lines,
     record_fields,
+    render_message,
+    render_value,
     syslog_priority,
 )
 
@@ -184,13 +189,13 @@ class JournaldHandler(logging.Handler):
 
     def entry_fields(self, record: logging.LogRecord) -> list[tuple[str, str]]:
         """The fields of the journal entry for ``record``, in write order."""
-        message = record.getMessage()
+        message = render_message(record)
         exception_text = ""
         if record.exc_info and record.exc_info[0] is not None:
-            exception_text = self._exception_text(record)
+            exception_text = escape_lines(self._exception_text(record))
             message = f"{message}\n{exception_text}"
         if record.stack_info:
-            message = f"{message}\n{record.stack_info}"
+            message = f"{message}\n{escape_lines(record.stack_info)}"
         fields: list[tuple[str, str]] = [
             ("MESSAGE", message),
             ("PRIORITY", str(syslog_priority(record.levelno))),
@@ -312,7 +317,7 @@ def _structured_fields(fields: Mapping[str, FieldValue]) -> list[tuple[str, str]
             continue
         valid = journal_field_name(name)
         if valid is not None:
-            out.append((valid, format_value(value)))
+            out.append((valid, render_value(value)))
     return out
 
 
