@@ -161,8 +161,10 @@ class CallObserver(Protocol):
         """A sampled assistant audio message: received → first byte written to Twilio."""
 
 
-#: How a tracker ends a live call from outside (drain): ``end(outcome, detail)``.
-EndCall = Callable[[Outcome, str], None]
+#: How a tracker ends a live call from outside (drain): ``end(outcome, detail)``; it
+#: returns how many seconds the call may still take beyond its usual wind-down (a
+#: goodbye already under way is let finish).
+EndCall = Callable[[Outcome, str], float]
 
 
 class CallTracker(Protocol):
@@ -291,6 +293,11 @@ class Call:
         self._codec = None if codec.passthrough else codec
         self._started_at = 0.0
         self._ending = _EndSignal()
+        # Cancelled once the assistant has ended the call: the keepalive stops judging.
+        self._liveness_scope = trio.CancelScope()
+        # When the goodbye's wait ends, once the assistant has ended the call; None before.
+        # Invariant: set at most once, and only after the outcome is decided.
+        self._goodbye_until: float | None = None
         # The shielded scope the call's tasks run in, once they run (see _end_if_cancelled).
         self._call_scope: trio.CancelScope | None = None
         self._outcome: Outcome | None = None
@@ -588,9 +595,10 @@ class Call:
                     elif isinstance(event, vp.SpeechUpdate):
                         await self._on_speech_update(event, playout)
                     elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
+                        detail = event.ended_reason or "ended"
                         silence_scope.deadline = math.inf  # the goodbye wait has its own bound
-                        await self._let_goodbye_play(playout)
-                        self._end(Outcome.ASSISTANT_ENDED, event.ended_reason or "ended")
+                        await self._let_goodbye_play(playout, detail)
+                        self._end(Outcome.ASSISTANT_ENDED, detail)
                         return
                     elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
                         log.debug(
@@ -602,7 +610,7 @@ class Call:
             except SocketClosed as exc:
                 if exc.code == 1000:
                     silence_scope.deadline = math.inf
-                    await self._let_goodbye_play(playout)
+                    await self._let_goodbye_play(playout, "Vapi closed the socket")
                     self._end(Outcome.ASSISTANT_ENDED, "Vapi closed the socket")
                 else:
                     self._end(Outcome.ASSISTANT_LEG_FAILED, f"dropped: Vapi socket lost ({exc})")
@@ -628,10 +636,23 @@ class Call:
         ):
             await playout.barge_in()
 
-    async def _let_goodbye_play(self, playout: Playout) -> None:
-        """The assistant is done: let the caller hear the rest of what it said."""
+    async def _let_goodbye_play(self, playout: Playout, detail: str) -> None:
+        """The assistant is done: let the caller hear the rest of what it said.
+
+        From here the call ends normally however long the goodbye takes: its outcome
+        is decided now (a handover under way still wins, see ``_end``), liveness is no
+        longer judged (nobody reads the assistant's socket while the goodbye plays, so
+        its pongs would go unnoticed), and a drain lets the goodbye finish (``end``).
+        Bounded by the audio queued now plus ``GOODBYE_SLACK_S``.
+        """
         self._to_assistant = None  # nobody listens any more: caller audio stops here
-        with trio.move_on_after(playout.queued_ms / 1000 + GOODBYE_SLACK_S):
+        if self._handover is None:
+            self._set_outcome(Outcome.ASSISTANT_ENDED, detail)
+        self._liveness_scope.cancel(reason="the assistant ended the call")
+        self._goodbye_until = (
+            trio.current_time() + playout.queued_ms / 1000 + GOODBYE_SLACK_S
+        )
+        with trio.move_on_at(self._goodbye_until):
             await playout.wait_drained()
 
     async def _assistant_sender(
@@ -671,6 +692,10 @@ class Call:
             self._end(Outcome.STREAM_LOST, f"media socket closed while sending ({exc})")
 
     async def _keepalive(self, socket: PingableSocket) -> None:
+        with self._liveness_scope:
+            await self._ping_until_unresponsive(socket)
+
+    async def _ping_until_unresponsive(self, socket: PingableSocket) -> None:
         settings = self._settings
         while True:
             await trio.sleep(settings.ping_interval_s)
@@ -695,9 +720,16 @@ class Call:
             self._outcome = outcome
             self._detail = detail
 
-    def end(self, outcome: Outcome, detail: str) -> None:
-        """End the call from outside (e.g. the drain deadline passed); safe at any time."""
+    def end(self, outcome: Outcome, detail: str) -> float:
+        """End the call from outside (e.g. the drain deadline passed); safe at any time.
+
+        A call whose assistant has already ended is left to finish its goodbye (a
+        normal end, bounded); returns how many seconds of it are left, 0 otherwise.
+        """
+        if self._goodbye_until is not None and outcome is Outcome.SHUTDOWN:
+            return max(0.0, self._goodbye_until - trio.current_time())
         self._end(outcome, detail)
+        return 0.0
 
     @property
     def vapi_call_id(self) -> str:
