@@ -200,7 +200,10 @@ def test_create_body_follows_the_protocol() -> None:
         "name": f"vb {CALL_SID}",
         "assistantId": "asst-123",
         "assistantOverrides": {
-            "clientMessages": ["speech-update", "user-interrupted", "status-update", "transcript"],
+            "clientMessages": [
+                "speech-update", "user-interrupted", "status-update", "transcript",
+                "transfer-update",
+            ],
             "metadata": correlation,
             "variableValues": correlation,
             "maxDurationSeconds": 600,

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Protocol, assert_never
+from typing import Any, Protocol, assert_never
 
 import trio
 from attrs import Factory, frozen
@@ -244,6 +244,10 @@ class CallSettings:
     assistant_silence_s: float = ASSISTANT_SILENCE_S
     #: Which of Vapi's ``endedReason`` values are normal ends (``[endings]``).
     endings: EndingPolicy = Factory(EndingPolicy)
+    #: Where a transfer the assistant starts may go (``[transfer]``): the default
+    #: destination (also used when it names none), then the allow-list.
+    transfer_default: str = ""
+    transfer_allowed: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -259,6 +263,8 @@ class CallSettings:
             end_deadline_s=config.vapi.end_deadline_s,
             assistant_silence_s=config.vapi.assistant_silence_s,
             endings=config.endings.policy(),
+            transfer_default=config.transfer.default_destination,
+            transfer_allowed=config.transfer.allowed,
             vapi_audio_format=config.vapi.audio_format,
             vapi_sample_rate=config.vapi.sample_rate,
             dtmf_wording=config.control.dtmf_wording,
@@ -617,6 +623,10 @@ class Call:
                         await self._let_goodbye_play(playout, outcome, detail, socket)
                         self._end(outcome, detail)
                         return
+                    elif isinstance(event, vp.StatusUpdate) and event.status == "forwarding":
+                        self._transfer_for_assistant(event.destination, "status-update forwarding")
+                    elif isinstance(event, vp.TransferUpdate):
+                        self._transfer_for_assistant(event.destination, "transfer-update")
                     elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
                         log.debug(
                             "call %s: %s said %r", self._call_sid, event.role, event.transcript
@@ -654,6 +664,53 @@ class Call:
             and self._settings.barge_in_on_speech_start
         ):
             await playout.barge_in()
+
+    def _transfer_for_assistant(self, destination: Mapping[str, Any] | None, how: str) -> None:
+        """The assistant transferred the call (Vapi's transfer tool, announced on the socket).
+
+        On this transport Vapi has no phone line: the bridge moves the caller, exactly
+        as for call control's transfer tool (the goodbye plays, then ``<Dial>``), to
+        the named number if ``[transfer]`` allows it, or the default destination when
+        none is named. A number outside the allow-list is refused with one warning and
+        the conversation goes on. A repeat (``forwarding`` then ``transfer-update``) is
+        the handover already under way.
+        """
+        requested = vp.destination_number(destination)
+        settings = self._settings
+        target = requested or settings.transfer_default
+        allowed = target and (
+            target == settings.transfer_default or target in settings.transfer_allowed
+        )
+        if not allowed:
+            log_event(
+                log,
+                logging.WARNING,
+                "transfer-refused",
+                f"call {self._call_sid}: the assistant's transfer ({how}) refused: "
+                + ("not an allowed transfer target" if target else "no destination and no default"),
+                call_sid=self._call_sid,
+                vapi_call_id=self._vapi_call_id or None,
+                destination=requested[:40] or None,
+            )
+            return
+        if self._handover is not None and self._handover.transfer_to == target:
+            return  # the same transfer, announced twice
+        if self.hand_over(
+            Handover(
+                outcome=Outcome.TRANSFERRED,
+                detail=f"transferred to {target} (the assistant's {how})",
+                transfer_to=target,
+            )
+        ):
+            log_event(
+                log,
+                logging.INFO,
+                "transfer",
+                f"call {self._call_sid}: the assistant transfers the caller to {target}",
+                call_sid=self._call_sid,
+                vapi_call_id=self._vapi_call_id or None,
+                destination=target,
+            )
 
     def _judge_ending(self, reason: str | None) -> tuple[Outcome, str]:
         """The outcome of Vapi's ``status-update`` ended with ``reason`` (``[endings]``)."""

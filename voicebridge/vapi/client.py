@@ -49,6 +49,17 @@ VapiErrorKind: TypeAlias = Literal[
 #: "Concurrency limit reached"); any other 400 is a plain rejection.
 _CONCURRENCY = re.compile(r"concurrency", re.IGNORECASE)
 
+#: The webhooks call control needs, asked for explicitly: an assistant configured in
+#: Vapi's dashboard may have trimmed its ``serverMessages``, and ``phone-call-control``
+#: is not in Vapi's default set at all.
+REQUIRED_SERVER_MESSAGES: Final[tuple[str, ...]] = (
+    "tool-calls",
+    "transfer-destination-request",
+    "phone-call-control",
+    "status-update",
+    "end-of-call-report",
+)
+
 #: Vapi rejects a call ``name`` longer than this.
 MAX_CALL_NAME_CHARS: Final = 40
 #: Prefix of the call's ``name`` in Vapi's dashboard. Short, so the whole 34-character
@@ -148,6 +159,7 @@ def build_create_body(
     }
     if server:
         body["assistantOverrides"]["server"] = dict(server)
+        body["assistantOverrides"]["serverMessages"] = list(REQUIRED_SERVER_MESSAGES)
     body["transport"] = {
         "provider": "vapi.websocket",
         "audioFormat": {
