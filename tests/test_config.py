@@ -349,16 +349,37 @@ def test_max_concurrent_calls_at_least_one() -> None:
     assert (exc.key, exc.reason) == ("server.max_concurrent_calls", "must be at least 1, got 0")
 
 
+#: Seconds with rules of their own (tested below): the assistant's limits sent to Vapi
+#: (whole seconds in Vapi's ranges) and the silence deadline (0: derived from them).
+ASSISTANT_LIMITS = {("vapi", "max_duration_s"), ("vapi", "silence_timeout_s"),
+                    ("vapi", "silence_deadline_s")}
 DEADLINES = [
     (section, a.name)
     for section, cls in FILE_SECTIONS.items()
     for a in attrs.fields(cls)
-    if a.name.endswith("_s")
+    if a.name.endswith("_s") and (section, a.name) not in ASSISTANT_LIMITS
 ]
 
 
 def test_deadlines_are_all_covered() -> None:
-    assert len(DEADLINES) == 16
+    assert len(DEADLINES) == 15
+
+
+def test_the_assistants_limits_are_in_vapis_ranges_and_sent() -> None:
+    vapi = load({"vapi": {"max_duration_s": 1800, "silence_timeout_s": 60}}).vapi
+    assert (vapi.max_duration_s, vapi.silence_timeout_s) == (1800, 60)
+    # The silence deadline follows the silence timeout unless set.
+    assert vapi.assistant_silence_s == 75
+    assert error_of({"vapi": {"max_duration_s": 5}}).key == "vapi.max_duration_s"
+    assert error_of({"vapi": {"silence_timeout_s": 3601}}).key == "vapi.silence_timeout_s"
+    assert error_of({"vapi": {"silence_deadline_s": -1}}).key == "vapi.silence_deadline_s"
+
+
+def test_a_silence_deadline_below_the_silence_timeout_is_refused() -> None:
+    exc = error_of({"vapi": {"silence_timeout_s": 60, "silence_deadline_s": 45}})
+    assert exc.key == "vapi.silence_deadline_s"
+    assert "at least vapi.silence_timeout_s + 15 s (75)" in exc.reason
+    assert load({"vapi": {"silence_deadline_s": 90}}).vapi.assistant_silence_s == 90
 
 
 @pytest.mark.parametrize(("section", "key"), DEADLINES)

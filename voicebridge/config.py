@@ -36,6 +36,7 @@ from cattrs.errors import AttributeValidationNote, ClassValidationError, Forbidd
 from cattrs.gen import make_dict_structure_fn
 
 from voicebridge.errors import ConfigError
+from voicebridge.vapi.endings import EndingPolicy, is_valid_pattern
 
 DEFAULT_CONFIG_PATH = "/etc/voicebridge/voicebridge.toml"
 
@@ -85,6 +86,17 @@ def _deadline(high: float) -> _Validator:
             raise ConfigError(
                 attribute.name, f"must be more than 0 and at most {high:g} seconds, got {value}"
             )
+
+    return check
+
+
+def _zero_or_deadline(high: float) -> _Validator:
+    """Validator: 0 (meaning "derived") or a number of seconds as ``_deadline``."""
+    positive = _deadline(high)
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value != 0:
+            positive(instance, attribute, value)
 
     return check
 
@@ -289,10 +301,57 @@ class VapiConfig:
     pong_deadline_s: float = field(default=3.0, validator=_deadline(60))
     #: Time allowed for ``end-call`` + close when we end the Vapi leg.
     end_deadline_s: float = field(default=2.0, validator=_deadline(60))
+    #: The assistant's ``maxDurationSeconds``, sent with every call: Vapi ends the call
+    #: then (``exceeded-max-duration``) and the caller hears ``[max_duration]``.
+    max_duration_s: int = field(default=600, validator=_int_range(10, 43200))
+    #: The assistant's ``silenceTimeoutSeconds``, sent with every call: Vapi ends a call
+    #: in which nobody spoke for this long (``silence-timed-out``, a normal end).
+    silence_timeout_s: int = field(default=30, validator=_int_range(10, 3600))
     #: Nothing at all from Vapi (no audio, no message) for this long fails the leg: the
-    #: caller gets the fallback, not dead air. Keep it above the assistant's
-    #: ``silenceTimeoutSeconds`` (Vapi's default 30 s), after which Vapi ends the call.
-    silence_deadline_s: float = field(default=45.0, validator=_deadline(3600))
+    #: caller gets the fallback, not dead air. 0: derived, ``silence_timeout_s`` plus
+    #: ``SILENCE_DEADLINE_MARGIN_S``; set, it must exceed ``silence_timeout_s`` by that
+    #: margin, or healthy quiet calls would be failed before Vapi ends them.
+    silence_deadline_s: float = field(default=0.0, validator=_zero_or_deadline(7200))
+
+    @property
+    def assistant_silence_s(self) -> float:
+        """The silence deadline in force (``silence_deadline_s``, or derived)."""
+        return self.silence_deadline_s or self.silence_timeout_s + SILENCE_DEADLINE_MARGIN_S
+
+
+#: How much longer than the assistant's ``silenceTimeoutSeconds`` the bridge waits for
+#: anything from Vapi: Vapi's own end (``status-update`` ended) comes within a second.
+SILENCE_DEADLINE_MARGIN_S = 15.0
+
+
+def _ending_patterns(
+    instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    for index, pattern in enumerate(value):
+        if not is_valid_pattern(pattern):
+            raise ConfigError(
+                f"{attribute.name}[{index}]",
+                "must be a Vapi endedReason (lower-case letters, digits, '.', '_', '-') "
+                f"or such a prefix followed by '*', got {_show(pattern)}",
+            )
+
+
+@frozen(kw_only=True)
+class EndingsConfig:
+    """``[endings]``: which of Vapi's ``endedReason`` values are normal ends.
+
+    Built in: the assistant or the caller ended the call, or a limit the assistant
+    was given was reached (``voicebridge.vapi.endings.NORMAL_REASONS``); every other
+    reason, an unknown one included, is a failure and the caller hears the fallback.
+    """
+
+    #: More reasons (or ``prefix*``) to treat as normal ends: the caller is hung up.
+    normal: tuple[str, ...] = field(default=(), validator=_ending_patterns)
+    #: Reasons (or ``prefix*``) to treat as failures, even built-in normal ones.
+    failure: tuple[str, ...] = field(default=(), validator=_ending_patterns)
+
+    def policy(self) -> EndingPolicy:
+        return EndingPolicy(normal=self.normal, failure=self.failure)
 
 
 @frozen(kw_only=True)
@@ -540,6 +599,13 @@ class Config:
             say="Sorry, we are having technical difficulties. Please call again later."
         )
     )
+    #: Played after Vapi ended the call at ``vapi.max_duration_s`` (then hang-up).
+    max_duration: CallerAction = field(
+        factory=lambda: CallerAction(
+            say="We have reached the time limit for this call. Thank you for calling. Goodbye."
+        )
+    )
+    endings: EndingsConfig = field(factory=EndingsConfig)
     control: ControlConfig = field(factory=ControlConfig)
     tools: ToolsConfig = field(factory=ToolsConfig)
     transfer: TransferConfig = field(factory=TransferConfig)
@@ -948,6 +1014,24 @@ def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secre
     return Secrets(**found), problems
 
 
+def _silence_problems(vapi: VapiConfig) -> list[_Problem]:
+    """A silence deadline set below the assistant's own silence timeout (plus margin)."""
+    problems: list[_Problem] = []
+    if vapi.silence_deadline_s and (
+        vapi.silence_deadline_s < vapi.silence_timeout_s + SILENCE_DEADLINE_MARGIN_S
+    ):
+        problems.append(
+            (
+                "vapi.silence_deadline_s",
+                f"must be 0 (derived) or at least vapi.silence_timeout_s + "
+                f"{SILENCE_DEADLINE_MARGIN_S:g} s "
+                f"({vapi.silence_timeout_s + SILENCE_DEADLINE_MARGIN_S:g}), got "
+                f"{vapi.silence_deadline_s:g}: quiet calls would fail before Vapi ends them",
+            )
+        )
+    return problems
+
+
 def _incomplete(config: Config) -> list[_Problem]:
     """What a serving daemon needs that ``config`` does not have."""
     problems: list[_Problem] = []
@@ -1063,6 +1147,7 @@ def config_from_mapping(
             )
         )
     config = config.evolve(credentials=credentials)
+    problems += _silence_problems(config.vapi)
     if require_complete:
         problems += _incomplete(config)
     if problems:

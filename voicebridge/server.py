@@ -295,6 +295,8 @@ class _ServerProcess:
         self._stopping_now = False
         #: The drain's wait for calls to finish by themselves; stopping at once cancels it.
         self._patience_scope = trio.CancelScope()
+        #: The longest goodbye left among the calls ``stop_at_once`` ended.
+        self._goodbye_s = 0.0
 
     def current_services(self) -> Services:
         return self.services
@@ -374,9 +376,11 @@ class _ServerProcess:
             self._patience_scope.deadline = trio.current_time() + deadline_s
             await registry.wait_idle()
         ended = 0
+        goodbye_s = self._goodbye_s
         if registry.load and not self._stopping_now:
             unstarted = registry.load - registry.active_count
-            ended = registry.end_all(Outcome.SHUTDOWN, "drain deadline passed")
+            ending = registry.end_all(Outcome.SHUTDOWN, "drain deadline passed")
+            ended, goodbye_s = ending.count, ending.goodbye_s
             log_event(
                 log,
                 logging.WARNING,
@@ -388,7 +392,9 @@ class _ServerProcess:
                 unstarted_calls=unstarted,
                 drain_deadline_s=deadline_s,
             )
-        with trio.move_on_after(config.vapi.end_deadline_s + CLOSE_SLACK_S):
+        # A call whose assistant had already said goodbye is let finish it (a normal
+        # end): the wait covers the longest goodbye left.
+        with trio.move_on_after(goodbye_s + config.vapi.end_deadline_s + CLOSE_SLACK_S):
             await registry.wait_idle()
         with trio.move_on_after(ACTION_GRACE_S):
             await registry.wait_actions_answered()
@@ -417,7 +423,8 @@ class _ServerProcess:
         self._stopping_now = True
         registry = self.services.registry
         registry.start_draining()
-        ended = registry.end_all(Outcome.SHUTDOWN, f"stopped at once ({why})")
+        ending = registry.end_all(Outcome.SHUTDOWN, f"stopped at once ({why})")
+        ended, self._goodbye_s = ending.count, ending.goodbye_s
         log_event(
             log,
             logging.WARNING,

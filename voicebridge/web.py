@@ -50,6 +50,7 @@ from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SignatureError, WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
+from voicebridge.vapi.endings import MAX_DURATION_REASON
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,8 @@ async def media_connection(services: Services, transport: SocketTransport, head:
 
 
 def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None) -> str:
-    """What Twilio does once the stream is over: hang up, or the fallback."""
+    """What Twilio does once the stream is over: hang up, ``<Dial>`` a transfer, the
+    overflow message (Vapi's concurrency limit), the max-duration goodbye, or the fallback."""
     if record is None:
         # Not a call this process ran (or it ran so long ago we forgot it): most likely
         # the process restarted mid-call. The caller may still be there; don't leave
@@ -317,6 +319,10 @@ def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None)
         return twiml.caller_action(config.fallback)
     if record.outcome is Outcome.TRANSFERRED and record.transfer_to:
         return transfer_twiml(record.transfer_to, caller_id=config.transfer.caller_id)
+    if record.outcome is Outcome.ASSISTANT_OVER_LIMIT:
+        return twiml.caller_action(config.overflow)  # the caller may call back
+    if record.outcome is Outcome.ASSISTANT_ENDED and record.ended_reason == MAX_DURATION_REASON:
+        return twiml.caller_action(config.max_duration)
     if record.outcome.caller_gets_fallback:
         return twiml.caller_action(config.fallback)
     return twiml.hangup()

@@ -26,8 +26,9 @@ class Ended:
     def __init__(self) -> None:
         self.calls: list[tuple[Outcome, str]] = []
 
-    def __call__(self, outcome: Outcome, detail: str) -> None:
+    def __call__(self, outcome: Outcome, detail: str) -> float:
         self.calls.append((outcome, detail))
+        return 0.0
 
 
 def registry(max_calls: int = 10, shared: SharedDir | None = None) -> CallRegistry:
@@ -82,7 +83,7 @@ async def test_end_all_ends_the_active_calls_and_any_that_begin_later(
     calls.try_admit("CA2")
     calls.begin("CA1", first)
     calls.start_draining()
-    assert calls.end_all(Outcome.SHUTDOWN, "drain deadline passed") == 1
+    assert calls.end_all(Outcome.SHUTDOWN, "drain deadline passed").count == 1
     assert first.calls == [(Outcome.SHUTDOWN, "drain deadline passed")]
     assert calls.load == 1, "the reservation is no longer waited for"
     calls.begin("CA2", late)  # its stream arrived after the deadline

@@ -182,7 +182,7 @@ async def test_many_calls_ending_in_the_same_instant_on_loopback() -> None:
                     await registry.wait_changed_since(registry.changes)
                 await trio.sleep(0.5)  # every caller hears the greeting
                 busy = (count_tasks(), open_fds())
-                ended = registry.end_all(Outcome.SHUTDOWN, "ended at once")
+                ended = registry.end_all(Outcome.SHUTDOWN, "ended at once").count
             assert ended == count
             assert registry.active_count == 0
             await assert_metrics(bridge, {Outcome.SHUTDOWN: count})

@@ -220,7 +220,7 @@ async def test_vapi_silent_for_a_minute_gives_the_fallback(
 
 def test_the_silence_deadline_is_configurable_with_the_same_default() -> None:
     config = Config()
-    assert config.vapi.silence_deadline_s == ASSISTANT_SILENCE_S
+    assert config.vapi.assistant_silence_s == ASSISTANT_SILENCE_S
     quick = config.evolve(vapi=attrs.evolve(config.vapi, silence_deadline_s=7.5))
     assert CallSettings.from_config(quick).assistant_silence_s == 7.5
 
@@ -324,7 +324,11 @@ async def test_many_calls_ending_in_the_same_instant(
             if way == "stop":
                 await run.twilio.socket.send(stop_frame(run.twilio.next_seq()))
             elif way == "assistant-ended":
-                await vapi.send_json({"type": "status-update", "status": "ended"})
+                await vapi.send_json(
+                    {"type": "status-update", "status": "ended",
+                     "endedReason": "assistant-ended-call"}
+                )
+                await vapi.socket.aclose(1000)  # Vapi closes right after ending the call
             elif way == "vapi-dropped":
                 await vapi.socket.aclose(1006)
             elif way == "twilio-dropped":

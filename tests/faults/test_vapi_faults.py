@@ -33,6 +33,7 @@ from tests.faults.loopback import (
     witnesses_and,
 )
 from tests.harness import Bridge, running_bridge
+from tests.test_e2e import OVERFLOW_WORDS
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.sim.audio import load_clip
 from voicebridge.sim.caller import Script, Silence, WaitForAssistant
@@ -66,7 +67,7 @@ async def test_create_refused_401_400_500_gives_the_fallback_and_spares_other_ca
     # Three callers at once, whose assistant calls Vapi refuses: bad key (401), over
     # the account's concurrency limit (400), Vapi's own fault (500).
     refusals = {fault_sid(str(status)): status for status in (401, 400, 500)}
-    kinds = {401: "auth", 400: "rejected", 500: "server"}
+    kinds = {401: "auth", 500: "server"}
     behaviours = {
         sid: attrs.evolve(WITNESS_ASSISTANT, refuse_create=status)
         for sid, status in refusals.items()
@@ -76,13 +77,24 @@ async def test_create_refused_401_400_500_gives_the_fallback_and_spares_other_ca
             behaviour_for=fault_behaviours(**behaviours), vapi=FAST_VAPI
         ) as bridge:
             run = await run_with_witnesses(bridge, faults={sid: WAIT for sid in refusals})
-            await assert_metrics(bridge, witnesses_and(Outcome.ASSISTANT_LEG_FAILED, 3))
+            expected = witnesses_and(Outcome.ASSISTANT_LEG_FAILED, 2)
+            expected[Outcome.ASSISTANT_OVER_LIMIT] = 1
+            await assert_metrics(bridge, expected)
     for sid, status in refusals.items():
-        record = assert_fallback(
-            run.faults[sid], bridge, detail=f"create-call failed ({kinds[status]})"
-        )
+        if status == 400:
+            # Over the limit, the caller hears the overflow message: they may call back.
+            report = run.faults[sid]
+            assert report.final_action == "say"
+            assert OVERFLOW_WORDS in report.final_say.lower()
+            record = bridge.record(sid)
+            assert record.outcome is Outcome.ASSISTANT_OVER_LIMIT
+            assert "create-call failed (limit)" in record.detail
+        else:
+            record = assert_fallback(
+                run.faults[sid], bridge, detail=f"create-call failed ({kinds[status]})"
+            )
         assert str(status) in record.detail
-        assert record.duration_s < SLACK_S, "the fallback at once, no dead air"
+        assert record.duration_s < SLACK_S, "the caller hears it at once, no dead air"
         assert record.vapi_call_id == "", "no assistant call exists"
         assert_journal_matches(caplog, record, level=logging.WARNING)
     assert_witnesses_untouched(run, bridge)

@@ -200,9 +200,14 @@ def test_create_body_follows_the_protocol() -> None:
         "name": f"vb {CALL_SID}",
         "assistantId": "asst-123",
         "assistantOverrides": {
-            "clientMessages": ["speech-update", "user-interrupted", "status-update", "transcript"],
+            "clientMessages": [
+                "speech-update", "user-interrupted", "status-update", "transcript",
+                "transfer-update",
+            ],
             "metadata": correlation,
             "variableValues": correlation,
+            "maxDurationSeconds": 600,
+            "silenceTimeoutSeconds": 30,
         },
         "transport": {
             "provider": "vapi.websocket",
@@ -299,9 +304,10 @@ async def test_create_call_accepts_200_without_monitor(nursery: trio.Nursery) ->
         (
             400,
             {"message": "Concurrency limit reached", "error": "Bad Request", "statusCode": 400},
-            "rejected",
+            "limit",
             "HTTP 400: Concurrency limit reached",
         ),
+        (400, {"message": "Over Concurrency Limit.", "statusCode": 400}, "limit", "Over Conc"),
         (
             400,
             {
@@ -335,6 +341,19 @@ async def test_create_call_classifies_error_statuses(
     assert info.value.kind == kind
     assert info.value.status_code == status
     assert words in str(info.value)
+    assert_secret_free(info.value)
+
+
+async def test_a_call_created_blocked_by_the_concurrency_limit_is_refused(
+    nursery: trio.Nursery,
+) -> None:
+    blocked = created_body() | {"subscriptionLimits": {"concurrencyBlocked": True}}
+    with trio.fail_after(GUARD_S):
+        server = await start_http(nursery, respond(201, blocked))
+        with pytest.raises(VapiError) as info:
+            await create(vapi_config(server.base_url))
+    assert info.value.kind == "limit"
+    assert "concurrency limit" in str(info.value)
     assert_secret_free(info.value)
 
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager
-from typing import Protocol
+from typing import Any, Protocol, assert_never
 
 import trio
-from attrs import frozen
+from attrs import Factory, frozen
 
 from voicebridge.bridge.outcome import CallRecord, Handover, Outcome
 from voicebridge.bridge.playout import Playout
@@ -51,6 +51,7 @@ from voicebridge.twilio import media as tw
 from voicebridge.twilio.token import TokenRejected
 from voicebridge.vapi import transport as vp
 from voicebridge.vapi.client import VapiError, end_call
+from voicebridge.vapi.endings import Ending, EndingPolicy, safe_reason
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ ASSISTANT_SILENCE_S = 45.0
 #: A call's wind-down is shielded from outside cancellation; each step has its own
 #: bound, and past their sum plus this slack a backstop cancels whatever is left.
 WIND_DOWN_SLACK_S = 1.0
+#: After Vapi's ``status-update`` ended, how long the assistant's socket is still read
+#: for the rest of what it says (audio may follow the message: the end of a goodbye).
+#: Vapi closes the socket right after, which ends the wait at once.
+TAIL_READ_S = 1.0
 #: After the assistant ends the call, how long past its queued audio we wait for
 #: Twilio to confirm the goodbye played before closing the stream anyway.
 GOODBYE_SLACK_S = 1.0
@@ -161,8 +166,10 @@ class CallObserver(Protocol):
         """A sampled assistant audio message: received → first byte written to Twilio."""
 
 
-#: How a tracker ends a live call from outside (drain): ``end(outcome, detail)``.
-EndCall = Callable[[Outcome, str], None]
+#: How a tracker ends a live call from outside (drain): ``end(outcome, detail)``; it
+#: returns how many seconds the call may still take beyond its usual wind-down (a
+#: goodbye already under way is let finish).
+EndCall = Callable[[Outcome, str], float]
 
 
 class CallTracker(Protocol):
@@ -235,6 +242,12 @@ class CallSettings:
     goodbye_deadline_s: float = 15.0
     #: The Vapi leg fails when nothing at all (audio or message) came from Vapi this long.
     assistant_silence_s: float = ASSISTANT_SILENCE_S
+    #: Which of Vapi's ``endedReason`` values are normal ends (``[endings]``).
+    endings: EndingPolicy = Factory(EndingPolicy)
+    #: Where a transfer the assistant starts may go (``[transfer]``): the default
+    #: destination (also used when it names none), then the allow-list.
+    transfer_default: str = ""
+    transfer_allowed: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -248,7 +261,10 @@ class CallSettings:
             ping_interval_s=config.vapi.ping_interval_s,
             pong_deadline_s=config.vapi.pong_deadline_s,
             end_deadline_s=config.vapi.end_deadline_s,
-            assistant_silence_s=config.vapi.silence_deadline_s,
+            assistant_silence_s=config.vapi.assistant_silence_s,
+            endings=config.endings.policy(),
+            transfer_default=config.transfer.default_destination,
+            transfer_allowed=config.transfer.allowed,
             vapi_audio_format=config.vapi.audio_format,
             vapi_sample_rate=config.vapi.sample_rate,
             dtmf_wording=config.control.dtmf_wording,
@@ -291,10 +307,17 @@ class Call:
         self._codec = None if codec.passthrough else codec
         self._started_at = 0.0
         self._ending = _EndSignal()
+        # Cancelled once the assistant has ended the call: the keepalive stops judging.
+        self._liveness_scope = trio.CancelScope()
+        # When the goodbye's wait ends, once the assistant has ended the call; None before.
+        # Invariant: set at most once, and only after the outcome is decided.
+        self._goodbye_until: float | None = None
         # The shielded scope the call's tasks run in, once they run (see _end_if_cancelled).
         self._call_scope: trio.CancelScope | None = None
         self._outcome: Outcome | None = None
         self._detail = ""
+        # Vapi's endedReason once it ended the call (log-safe form); "" before.
+        self._ended_reason = ""
         self._call_sid = ""
         self._vapi_call_id = ""
         self._playout: Playout | None = None
@@ -532,7 +555,14 @@ class Call:
                     with trio.CancelScope(shield=True):
                         await self._close_assistant(socket)
         except VapiError as exc:
-            self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc))
+            if exc.kind == "limit":
+                self._end(
+                    Outcome.ASSISTANT_OVER_LIMIT,
+                    f"{exc}; raise the Vapi account's concurrency limit, or lower "
+                    "server.max_concurrent_calls to it",
+                )
+            else:
+                self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc))
 
     async def _run_assistant_leg(self, socket: PingableSocket) -> None:
         playout = Playout(
@@ -588,10 +618,15 @@ class Call:
                     elif isinstance(event, vp.SpeechUpdate):
                         await self._on_speech_update(event, playout)
                     elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
+                        outcome, detail = self._judge_ending(event.ended_reason)
                         silence_scope.deadline = math.inf  # the goodbye wait has its own bound
-                        await self._let_goodbye_play(playout)
-                        self._end(Outcome.ASSISTANT_ENDED, event.ended_reason or "ended")
+                        await self._let_goodbye_play(playout, outcome, detail, socket)
+                        self._end(outcome, detail)
                         return
+                    elif isinstance(event, vp.StatusUpdate) and event.status == "forwarding":
+                        self._transfer_for_assistant(event.destination, "status-update forwarding")
+                    elif isinstance(event, vp.TransferUpdate):
+                        self._transfer_for_assistant(event.destination, "transfer-update")
                     elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
                         log.debug(
                             "call %s: %s said %r", self._call_sid, event.role, event.transcript
@@ -602,7 +637,9 @@ class Call:
             except SocketClosed as exc:
                 if exc.code == 1000:
                     silence_scope.deadline = math.inf
-                    await self._let_goodbye_play(playout)
+                    await self._let_goodbye_play(
+                        playout, Outcome.ASSISTANT_ENDED, "Vapi closed the socket"
+                    )
                     self._end(Outcome.ASSISTANT_ENDED, "Vapi closed the socket")
                 else:
                     self._end(Outcome.ASSISTANT_LEG_FAILED, f"dropped: Vapi socket lost ({exc})")
@@ -628,11 +665,114 @@ class Call:
         ):
             await playout.barge_in()
 
-    async def _let_goodbye_play(self, playout: Playout) -> None:
-        """The assistant is done: let the caller hear the rest of what it said."""
+    def _transfer_for_assistant(self, destination: Mapping[str, Any] | None, how: str) -> None:
+        """The assistant transferred the call (Vapi's transfer tool, announced on the socket).
+
+        On this transport Vapi has no phone line: the bridge moves the caller, exactly
+        as for call control's transfer tool (the goodbye plays, then ``<Dial>``), to
+        the named number if ``[transfer]`` allows it, or the default destination when
+        none is named. A number outside the allow-list is refused with one warning and
+        the conversation goes on. A repeat (``forwarding`` then ``transfer-update``) is
+        the handover already under way.
+        """
+        requested = vp.destination_number(destination)
+        settings = self._settings
+        target = requested or settings.transfer_default
+        allowed = target and (
+            target == settings.transfer_default or target in settings.transfer_allowed
+        )
+        if not allowed:
+            log_event(
+                log,
+                logging.WARNING,
+                "transfer-refused",
+                f"call {self._call_sid}: the assistant's transfer ({how}) refused: "
+                + ("not an allowed transfer target" if target else "no destination and no default"),
+                call_sid=self._call_sid,
+                vapi_call_id=self._vapi_call_id or None,
+                destination=requested[:40] or None,
+            )
+            return
+        if self._handover is not None and self._handover.transfer_to == target:
+            return  # the same transfer, announced twice
+        if self.hand_over(
+            Handover(
+                outcome=Outcome.TRANSFERRED,
+                detail=f"transferred to {target} (the assistant's {how})",
+                transfer_to=target,
+            )
+        ):
+            log_event(
+                log,
+                logging.INFO,
+                "transfer",
+                f"call {self._call_sid}: the assistant transfers the caller to {target}",
+                call_sid=self._call_sid,
+                vapi_call_id=self._vapi_call_id or None,
+                destination=target,
+            )
+
+    def _judge_ending(self, reason: str | None) -> tuple[Outcome, str]:
+        """The outcome of Vapi's ``status-update`` ended with ``reason`` (``[endings]``)."""
+        self._ended_reason = safe_reason(reason)
+        ending = self._settings.endings.classify(reason)
+        match ending:
+            case Ending.NORMAL:
+                return Outcome.ASSISTANT_ENDED, self._ended_reason
+            case Ending.OVER_LIMIT:
+                return (
+                    Outcome.ASSISTANT_OVER_LIMIT,
+                    f"ended: {self._ended_reason}; raise the Vapi account's concurrency "
+                    "limit, or lower server.max_concurrent_calls to it",
+                )
+            case Ending.FAILURE:
+                return Outcome.ASSISTANT_LEG_FAILED, f"ended: {self._ended_reason}"
+            case _:
+                assert_never(ending)
+
+    async def _let_goodbye_play(
+        self,
+        playout: Playout,
+        outcome: Outcome,
+        detail: str,
+        socket: PingableSocket | None = None,
+    ) -> None:
+        """The assistant is done: let the caller hear the rest of what it said.
+
+        From here the call's outcome is decided, however long the goodbye takes (a
+        handover under way still wins, see ``_end``); liveness is no longer judged
+        (nobody reads the assistant's socket while the goodbye plays, so its pongs
+        would go unnoticed); and a drain lets the goodbye finish (``end``). With
+        ``socket`` (still open after ``status-update`` ended), what the assistant still
+        sends is read for up to ``TAIL_READ_S`` and played: audio may follow the
+        message, and a close then, with or without a status code, changes nothing.
+        Bounded by that, the audio queued then, and ``GOODBYE_SLACK_S``.
+        """
         self._to_assistant = None  # nobody listens any more: caller audio stops here
-        with trio.move_on_after(playout.queued_ms / 1000 + GOODBYE_SLACK_S):
+        if self._handover is None:
+            self._set_outcome(outcome, detail)
+        self._liveness_scope.cancel(reason="the assistant ended the call")
+        now = trio.current_time()
+        tail_s = TAIL_READ_S if socket is not None else 0.0
+        self._goodbye_until = now + tail_s + playout.queued_ms / 1000 + GOODBYE_SLACK_S
+        if socket is not None:
+            with trio.move_on_after(TAIL_READ_S):
+                await self._read_tail(socket, playout)
+            self._goodbye_until = trio.current_time() + playout.queued_ms / 1000 + GOODBYE_SLACK_S
+        with trio.move_on_at(self._goodbye_until):
             await playout.wait_drained()
+
+    async def _read_tail(self, socket: PingableSocket, playout: Playout) -> None:
+        """Play the audio the assistant sends after ending the call, until it closes."""
+        try:
+            while True:
+                message = await socket.receive()
+                if isinstance(message, bytes):
+                    if self._codec is not None:
+                        message = self._codec.from_assistant(message)
+                    playout.feed(message)
+        except SocketClosed:
+            return
 
     async def _assistant_sender(
         self, socket: PingableSocket, outbox: trio.MemoryReceiveChannel[_Outgoing]
@@ -671,6 +811,10 @@ class Call:
             self._end(Outcome.STREAM_LOST, f"media socket closed while sending ({exc})")
 
     async def _keepalive(self, socket: PingableSocket) -> None:
+        with self._liveness_scope:
+            await self._ping_until_unresponsive(socket)
+
+    async def _ping_until_unresponsive(self, socket: PingableSocket) -> None:
         settings = self._settings
         while True:
             await trio.sleep(settings.ping_interval_s)
@@ -695,9 +839,16 @@ class Call:
             self._outcome = outcome
             self._detail = detail
 
-    def end(self, outcome: Outcome, detail: str) -> None:
-        """End the call from outside (e.g. the drain deadline passed); safe at any time."""
+    def end(self, outcome: Outcome, detail: str) -> float:
+        """End the call from outside (e.g. the drain deadline passed); safe at any time.
+
+        A call whose assistant has already ended is left to finish its goodbye (a
+        normal end, bounded); returns how many seconds of it are left, 0 otherwise.
+        """
+        if self._goodbye_until is not None and outcome is Outcome.SHUTDOWN:
+            return max(0.0, self._goodbye_until - trio.current_time())
         self._end(outcome, detail)
+        return 0.0
 
     @property
     def vapi_call_id(self) -> str:
@@ -798,6 +949,7 @@ class Call:
             frames_to_assistant=self._frames_to_assistant,
             frames_dropped=self._frames_dropped,
             caller_audio_bytes=self._caller_audio_bytes,
+            ended_reason=self._ended_reason,
             assistant_bytes=stats.assistant_bytes if stats else 0,
             media_messages_to_caller=stats.media_messages if stats else 0,
             heard_ms=stats.heard_ms if stats else 0,
@@ -841,6 +993,7 @@ def _log_call_end(record: CallRecord, *, began: bool) -> None:
         stream_sid=record.stream_sid or None,
         vapi_call_id=record.vapi_call_id or None,
         outcome=outcome.value,
+        ended_reason=record.ended_reason or None,
         detail=record.detail,
         duration_s=round(record.duration_s, 3),
         frames_from_caller=record.frames_from_caller,

@@ -14,8 +14,12 @@ class Outcome(enum.Enum):
     CALLER_HUNG_UP = "caller-hung-up"
     #: The assistant ended the call (``status-update`` ended, or its socket closed cleanly).
     ASSISTANT_ENDED = "assistant-ended"
-    #: The Vapi leg failed: create refused or timed out, socket refused, dropped, unresponsive.
+    #: The Vapi leg failed: create refused or timed out, socket refused, dropped,
+    #: unresponsive, or Vapi ended the call for a failure (``CallRecord.ended_reason``).
     ASSISTANT_LEG_FAILED = "assistant-leg-failed"
+    #: Vapi refused the call for the account's concurrency limit (a 400, or a call it
+    #: created blocked and ended): the caller hears the overflow message.
+    ASSISTANT_OVER_LIMIT = "assistant-over-limit"
     #: The Twilio media socket went away without ``stop``, or went silent past the deadline.
     STREAM_LOST = "stream-lost"
     #: Twilio's side sent something malformed or out of order, or no ``start`` in time.
@@ -93,3 +97,5 @@ class CallRecord:
     transfer_to: str = ""
     #: Caller audio bytes written to the assistant (after any format conversion).
     caller_audio_bytes: int = 0
+    #: Vapi's ``endedReason`` when Vapi ended the call (``status-update`` ended); else "".
+    ended_reason: str = ""

@@ -11,9 +11,14 @@ scope. ``barge_in()`` cancels that scope, drops every queued byte and sends
 ``clear`` at once, from the task that read the signal (no hop to the playout task
 on the way), so Twilio drops what it buffered and echoes the pending marks, which
 are booked as discarded, not played. Audio that arrives
-from Vapi after the interruption is discarded until the assistant starts a new
-turn (``turn_started()``) or its audio pauses for ``resume_gap_ms``: that is the
-in-flight tail of the cut turn, and not one byte of it may reach the caller.
+from Vapi after the interruption is the in-flight tail of the cut turn, and not one
+byte of it may reach the caller: it is discarded until the assistant starts a new
+turn (``turn_started()``, from ``speech-update`` assistant/started). That is decided
+by the order of the assistant's messages alone, never by when the bridge got round
+to reading them: a bridge that falls behind reads the tail late, and the delay is
+its own, not a pause in the assistant's speech. Only an assistant that sends no
+speech updates at all (its ``clientMessages`` trimmed) is judged by a pause in its
+audio of ``resume_gap_ms`` instead.
 
 Writes are never cancelled half way: the sockets shield each write (see
 ``voicebridge.sockets``), and playout's writes take turns under one lock (a chunk's
@@ -127,6 +132,9 @@ class Playout:
         # While not None, incoming audio is the cut turn's tail: discard it. The value is
         # when the last discarded audio (or the interruption) arrived.
         self._discarding_since: float | None = None
+        # The assistant announces its turns (speech updates): only its "started" then
+        # ends a cut turn's tail, never a pause measured here.
+        self._assistant_announces_turns = False
         self._wakeup = trio.Event()
         # Sampled latency (metrics): every ``latency_sample_every``-th audio message fed
         # is stamped; the next Twilio write reports the time since.
@@ -141,6 +149,9 @@ class Playout:
         """Queue assistant audio for playout (drops, and counts, what would overflow)."""
         self.stats.assistant_bytes += len(audio)
         if self._discarding_since is not None:
+            if self._assistant_announces_turns:
+                self.stats.tail_discarded_bytes += len(audio)
+                return
             now = self._clock()
             if now - self._discarding_since < self._resume_gap_s:
                 self._discarding_since = now
@@ -161,10 +172,12 @@ class Playout:
 
     def turn_started(self) -> None:
         """The assistant began a new turn (``speech-update`` assistant/started)."""
+        self._assistant_announces_turns = True
         self._begin_turn()
 
     def end_of_speech(self) -> None:
         """The assistant finished a turn: pad and send any partial last frame now."""
+        self._assistant_announces_turns = True
         self._pad_partial_frame()
         self._wake()
 
@@ -345,7 +358,8 @@ class Playout:
 
     async def wait_drained(self) -> None:
         """Wait until every queued byte was sent and Twilio confirmed it all played."""
-        self.end_of_speech()
+        self._pad_partial_frame()
+        self._wake()
         while self._pending or self._outstanding:
             await self._wait_for_change()
 

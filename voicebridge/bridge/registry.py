@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
+from attrs import frozen
 
 from voicebridge.bridge.outcome import CallRecord, Outcome
 
@@ -41,6 +42,16 @@ MAX_RECORDS = 10_000
 #: is let go: Twilio opens the stream within a second or two of the webhook's answer,
 #: so an older reservation is a caller who hung up while it rang.
 DRAIN_RESERVATION_GRACE_S = 5.0
+
+
+@frozen
+class EndedAll:
+    """What ``CallRegistry.end_all`` did."""
+
+    #: Active calls told to end.
+    count: int
+    #: The longest goodbye still to play among them (their assistant had already ended).
+    goodbye_s: float
 
 
 class CallRegistry:
@@ -61,7 +72,7 @@ class CallRegistry:
         # call_sid -> reservation expiry
         self._reservations: dict[str, float] = {}
         # call_sid -> how to end it from outside (drain)
-        self._active: dict[str, Callable[[Outcome, str], None]] = {}
+        self._active: dict[str, Callable[[Outcome, str], float]] = {}
         # call_sid -> (record, time finished), oldest first
         self._records: OrderedDict[str, tuple[CallRecord, float]] = OrderedDict()
         self._draining = False
@@ -122,7 +133,7 @@ class CallRegistry:
         self._reservations[call_sid] = self._clock() + self._reservation_ttl_s
         return True
 
-    def begin(self, call_sid: str, end: Callable[[Outcome, str], None]) -> None:
+    def begin(self, call_sid: str, end: Callable[[Outcome, str], float]) -> None:
         """The call's media stream started: its reservation becomes an active call.
 
         A stream whose webhook another instance answered has no reservation here; its
@@ -154,18 +165,18 @@ class CallRegistry:
         elif self._draining:
             self._awaiting_action.add(record.call_sid)
 
-    def end_all(self, outcome: Outcome, detail: str) -> int:
-        """End every active call with ``outcome`` (drain deadline); returns how many.
+    def end_all(self, outcome: Outcome, detail: str) -> EndedAll:
+        """End every active call with ``outcome`` (drain deadline).
 
         Reservations are dropped: a call whose stream begins later is ended at once
-        with the same outcome.
+        with the same outcome. A call whose assistant already said goodbye finishes
+        it (``EndedAll.goodbye_s`` says how long the longest has left).
         """
         self._ending_all = (outcome, detail)
         self._reservations.clear()
         enders = list(self._active.values())
-        for end in enders:
-            end(outcome, detail)
-        return len(enders)
+        goodbye_s = max((end(outcome, detail) for end in enders), default=0.0)
+        return EndedAll(count=len(enders), goodbye_s=goodbye_s)
 
     def record_for(self, call_sid: str) -> CallRecord | None:
         """The finished call's record, if this process (or one sharing its directory) ran it."""

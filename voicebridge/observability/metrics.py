@@ -70,6 +70,13 @@ class BridgeMetrics:
             registry=registry,
         )
         self._calls = {outcome: calls.labels(outcome.value) for outcome in Outcome}
+        self._assistant_endings = Counter(
+            "voicebridge_assistant_endings",
+            "Calls Vapi ended (status-update ended), by Vapi's endedReason and the outcome "
+            "it gave (assistant-ended, assistant-leg-failed, assistant-over-limit).",
+            ["ended_reason", "outcome"],
+            registry=registry,
+        )
         refused = Counter(
             "voicebridge_admissions_refused",
             "Calls the voice webhook refused with the overflow TwiML, by reason.",
@@ -150,6 +157,9 @@ class BridgeMetrics:
     def call_ended(self, record: CallRecord) -> None:
         """Add one ended call's figures (called once per call, before its socket closes)."""
         self._calls[record.outcome].inc()
+        if record.ended_reason:
+            # Log-safe already (vapi.endings.safe_reason): Vapi's enum, a bounded set.
+            self._assistant_endings.labels(record.ended_reason, record.outcome.value).inc()
         if record.frames_to_assistant:
             self._frames_to_agent.inc(record.frames_to_assistant)
         if record.media_messages_to_caller:

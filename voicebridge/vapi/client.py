@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import socket
 import ssl
 import urllib.parse
@@ -41,8 +42,23 @@ from voicebridge.sockets import MessageSocket
 from voicebridge.vapi import transport
 
 VapiErrorKind: TypeAlias = Literal[
-    "auth", "rejected", "server", "timeout", "refused", "dropped", "protocol"
+    "auth", "rejected", "limit", "server", "timeout", "refused", "dropped", "protocol"
 ]
+
+#: How Vapi's 400 for the account's concurrency limit reads ("Over Concurrency Limit.",
+#: "Concurrency limit reached"); any other 400 is a plain rejection.
+_CONCURRENCY = re.compile(r"concurrency", re.IGNORECASE)
+
+#: The webhooks call control needs, asked for explicitly: an assistant configured in
+#: Vapi's dashboard may have trimmed its ``serverMessages``, and ``phone-call-control``
+#: is not in Vapi's default set at all.
+REQUIRED_SERVER_MESSAGES: Final[tuple[str, ...]] = (
+    "tool-calls",
+    "transfer-destination-request",
+    "phone-call-control",
+    "status-update",
+    "end-of-call-report",
+)
 
 #: Vapi rejects a call ``name`` longer than this.
 MAX_CALL_NAME_CHARS: Final = 40
@@ -65,8 +81,9 @@ class VapiError(VoicebridgeError):
     """Starting (or talking to) the Vapi leg failed; ``kind`` says how.
 
     - ``auth``: Vapi refused our API key (HTTP 401/403), or the key is unusable;
-    - ``rejected``: Vapi refused the request (other 4xx: validation, concurrency
-      limit, credits);
+    - ``rejected``: Vapi refused the request (other 4xx: validation, credits);
+    - ``limit``: Vapi refused the call for the account's concurrency limit (a 400
+      saying so, or a 201 whose ``subscriptionLimits.concurrencyBlocked`` is true);
     - ``server``: Vapi failed (5xx);
     - ``timeout``: no complete answer within the deadline;
     - ``refused``: no connection (refused, DNS, unreachable, bad URL scheme);
@@ -135,9 +152,14 @@ def build_create_body(
         "clientMessages": list(transport.REQUIRED_CLIENT_MESSAGES),
         "metadata": dict(correlation),
         "variableValues": dict(correlation),
+        # Sent so that the bridge knows them instead of assuming (its silence deadline
+        # is derived from the silence timeout; Vapi's schema has no default for it).
+        "maxDurationSeconds": config.max_duration_s,
+        "silenceTimeoutSeconds": config.silence_timeout_s,
     }
     if server:
         body["assistantOverrides"]["server"] = dict(server)
+        body["assistantOverrides"]["serverMessages"] = list(REQUIRED_SERVER_MESSAGES)
     body["transport"] = {
         "provider": "vapi.websocket",
         "audioFormat": {
@@ -215,8 +237,10 @@ def _call_from_response(response: httpx.Response, api_key: str) -> VapiCall:
         kind: VapiErrorKind
         if status in (401, 403):
             kind = "auth"
+        elif status == 400 and _CONCURRENCY.search(vapi_message):
+            kind = "limit"
         elif 400 <= status < 500:
-            kind = "rejected"  # 400 validation/limits, 402 credits, 422, 429 rate, 404 …
+            kind = "rejected"  # 400 validation, 402 credits, 422, 429 rate, 404 …
         elif 500 <= status < 600:
             kind = "server"
         else:
@@ -232,6 +256,12 @@ def _call_from_response(response: httpx.Response, api_key: str) -> VapiCall:
     call_id = document.get("id")
     if not isinstance(call_id, str) or not call_id:
         raise _create_error("protocol", f"HTTP {status} body has no 'id'", status)
+    limits = document.get("subscriptionLimits")
+    if isinstance(limits, dict) and limits.get("concurrencyBlocked") is True:
+        # Created, but blocked: Vapi ends it at once (concurrency-limit-reached).
+        raise _create_error(
+            "limit", f"HTTP {status}: call {call_id} blocked by the concurrency limit", status
+        )
     call_transport = document.get("transport")
     websocket_url = (
         call_transport.get("websocketCallUrl") if isinstance(call_transport, dict) else None

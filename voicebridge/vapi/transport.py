@@ -40,6 +40,7 @@ REQUIRED_CLIENT_MESSAGES: Final[tuple[str, ...]] = (
     "user-interrupted",
     "status-update",
     "transcript",
+    "transfer-update",
 )
 
 #: ``Unrecognized.type`` is cut to this many characters: no Vapi type name comes near
@@ -367,6 +368,25 @@ def _parse_arguments(fields: _Fields, path: str, arguments: Any) -> Mapping[str,
     if isinstance(arguments, dict):
         return arguments
     raise fields.error(f"{path} must be an object or a JSON string, got {_json_type(arguments)}")
+
+
+def destination_number(destination: Mapping[str, Any] | None) -> str:
+    """The number (or SIP URI) of a transfer ``destination`` object; "" when it has none.
+
+    Vapi's destinations are ``{"type": "number", "number": "+1…"}`` or
+    ``{"type": "sip", "sipUri": "sip:…"}`` (an assistant destination has neither).
+    """
+    if destination is None:
+        return ""
+    for key in ("number", "sipUri"):
+        value = destination.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:MAX_DESTINATION_CHARS]
+    return ""
+
+
+#: A destination longer than this is no number or SIP URI (E.164 is 16 characters).
+MAX_DESTINATION_CHARS: Final = 256
 
 
 def _parse_transfer_update(fields: _Fields) -> TransferUpdate:

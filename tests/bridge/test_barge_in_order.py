@@ -1,0 +1,60 @@
+"""What belongs to a cut turn is decided by the order of the assistant's messages.
+
+On trio's autojump clock. A bridge that falls behind (its loop blocked by other
+work) reads the cut turn's in-flight tail late; that delay is the bridge's own, not
+a pause in the assistant's speech, and must never make the tail play after the
+``clear``. The starvation is modelled exactly: the clock jumps while the bridge
+does not run, between the barge-in and the tail.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import trio
+import trio.testing
+from trio import Nursery
+
+from tests.bridge.peers import FakeTwilio, MemoryConnector, stop_frame
+from tests.bridge.test_call import run_call, start_vapi
+from voicebridge.bridge.outcome import Outcome
+
+STARTED = {"type": "speech-update", "status": "started", "role": "assistant"}
+#: Longer than ``barge_in_resume_gap_ms`` (250 ms in the tests' settings).
+STARVED_S = 0.6
+TAIL = b"\x11" * 8 * 120  # 120 ms of the cut turn, in flight when the signal came
+NEXT = b"\x22" * 8 * 400  # the next turn's first 400 ms
+
+
+async def test_a_starved_bridge_never_plays_the_cut_turns_tail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: dict[str, float] = {}
+
+    async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
+        nursery.start_soon(twilio.stream_media)
+        vapi = await start_vapi(connector, nursery)
+        await vapi.send_json(STARTED | {"turn": 0})
+        await vapi.speak(2000, paced=False)
+        await trio.sleep(0.5)
+        await vapi.send_json({"type": "user-interrupted"})
+        await trio.sleep(0.01)  # the bridge has sent the clear
+        assert twilio.events("clear")
+        # The bridge does not run for STARVED_S: the tail it then reads arrived long ago.
+        autojump_clock.jump(STARVED_S)
+        await vapi.socket.send(TAIL)
+        await trio.sleep(0.5)
+        seen["next_turn_at"] = trio.current_time()
+        await vapi.send_json(STARTED | {"turn": 1})
+        await vapi.socket.send(NEXT)
+        await trio.sleep(1.0)
+        await twilio.socket.send(stop_frame(twilio.next_seq()))
+
+    record, twilio, _ = await run_call(scenario)
+    [clear] = twilio.events("clear")
+    after_clear = [r for r in twilio.events("media") if r.at >= clear.at]
+    payloads = b"".join(base64.b64decode(r.message["media"]["payload"]) for r in after_clear)
+    assert b"\x11" not in payloads, "the cut turn's tail reached the caller"
+    assert payloads.count(b"\x22") == len(NEXT), "the next turn plays whole"
+    assert all(r.at >= seen["next_turn_at"] for r in after_clear)
+    assert record.outcome is Outcome.CALLER_HUNG_UP
