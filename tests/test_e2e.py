@@ -144,7 +144,6 @@ async def test_one_call_sending_garbage_while_nineteen_finish() -> None:
     ("fault", "detail"),
     [
         ({"refuse_create": 401}, "auth"),
-        ({"refuse_create": 400}, "rejected"),
         ({"refuse_create": 500}, "server"),
         ({"create_delay_s": math.inf}, "timeout"),
         ({"reject_socket": 503}, "server"),
@@ -168,6 +167,21 @@ async def test_assistant_leg_failures_give_the_caller_the_fallback(
     assert report.final_action == "say"
     assert FALLBACK_WORDS in report.final_say.lower()
     assert report.protocol_violations == []
+
+
+async def test_vapis_concurrency_limit_gives_the_caller_the_overflow_message() -> None:
+    # Vapi answers POST /call with 400 "Over Concurrency Limit.": the caller may call
+    # back, so they hear the overflow message, not the fallback.
+    assistant = attrs.evolve(SHORT_ASSISTANT, refuse_create=400)
+    with trio.fail_after(30):
+        async with running_bridge(behaviour=assistant) as bridge:
+            report = await place_call(bridge.caller, (Silence(8),))
+    record = bridge.record(report.call_sid)
+    assert record.outcome is Outcome.ASSISTANT_OVER_LIMIT
+    assert "max_concurrent_calls" in record.detail
+    assert report.ended_by == "server"
+    assert report.final_action == "say"
+    assert OVERFLOW_WORDS in report.final_say.lower()
 
 
 async def test_caller_hang_up_ends_the_vapi_leg_politely() -> None:
