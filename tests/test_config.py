@@ -352,7 +352,7 @@ def test_max_concurrent_calls_at_least_one() -> None:
 #: Seconds with rules of their own (tested below): the assistant's limits sent to Vapi
 #: (whole seconds in Vapi's ranges) and the silence deadline (0: derived from them).
 ASSISTANT_LIMITS = {("vapi", "max_duration_s"), ("vapi", "silence_timeout_s"),
-                    ("vapi", "silence_deadline_s")}
+                    ("vapi", "silence_deadline_s"), ("keypad", "timeout_s")}
 DEADLINES = [
     (section, a.name)
     for section, cls in FILE_SECTIONS.items()
@@ -373,6 +373,15 @@ def test_the_assistants_limits_are_in_vapis_ranges_and_sent() -> None:
     assert error_of({"vapi": {"max_duration_s": 5}}).key == "vapi.max_duration_s"
     assert error_of({"vapi": {"silence_timeout_s": 3601}}).key == "vapi.silence_timeout_s"
     assert error_of({"vapi": {"silence_deadline_s": -1}}).key == "vapi.silence_deadline_s"
+
+
+def test_the_keypad_timeout_may_be_zero_and_at_most_ten_seconds() -> None:
+    assert load({"keypad": {"timeout_s": 0}}).keypad.timeout_s == 0
+    exc = error_of({"keypad": {"timeout_s": 11}})
+    assert exc.key == "keypad.timeout_s"
+    assert exc.reason == "must be between 0 and 10 seconds, got 11.0"
+    assert error_of({"keypad": {"delimiters": ["5"]}}).key == "keypad.delimiters[0]"
+    assert error_of({"keypad": {"wording": "no digits"}}).key == "keypad.wording"
 
 
 def test_a_silence_deadline_below_the_silence_timeout_is_refused() -> None:

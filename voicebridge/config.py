@@ -445,6 +445,48 @@ def _hmac_needs_credential(instance: Any, attribute: attrs.Attribute[Any], value
         )
 
 
+def _keypad_delimiters(
+    instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    for index, key in enumerate(value):
+        if key not in ("#", "*"):
+            raise ConfigError(f"{attribute.name}[{index}]", f"must be '#' or '*', got {_show(key)}")
+
+
+def _zero_or_seconds(high: float) -> _Validator:
+    """Validator: 0 or a number of seconds up to ``high``."""
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        if not 0 <= value <= high:
+            raise ConfigError(
+                attribute.name, f"must be between 0 and {high:g} seconds, got {value}"
+            )
+
+    return check
+
+
+@frozen(kw_only=True)
+class KeypadConfig:
+    """``[keypad]``: how key presses (DTMF) reach the assistant, as Vapi's keypadInputPlan.
+
+    A 10-digit account number is one entry, not ten model turns: digits are gathered
+    and sent as one message when the caller presses a delimiter or stops typing.
+    """
+
+    #: Gather digits into entries; false: every key press is its own message
+    #: (``control.dtmf_wording``).
+    batch: bool = True
+    #: An entry is sent this long after its last key press; 0: only on a delimiter
+    #: (or, with no delimiters, at once).
+    timeout_s: float = field(default=2.0, validator=_zero_or_seconds(10))
+    #: Keys that end an entry at once (not part of it): ``#`` and/or ``*``.
+    delimiters: tuple[str, ...] = field(default=("#",), validator=_keypad_delimiters)
+    #: What the assistant is told; ``{digits}`` is the entry.
+    wording: str = field(
+        default="(The caller entered {digits} on the keypad.)", validator=_containing("{digits}")
+    )
+
+
 @frozen(kw_only=True)
 class ControlConfig:
     """``[control]``: Vapi's server webhooks (tool calls, reports) and their authentication."""
@@ -587,6 +629,7 @@ class Config:
     twilio: TwilioConfig = field(factory=TwilioConfig)
     vapi: VapiConfig = field(factory=VapiConfig)
     bridge: BridgeConfig = field(factory=BridgeConfig)
+    keypad: KeypadConfig = field(factory=KeypadConfig)
     #: Played when the daemon is at its call limit or draining.
     overflow: CallerAction = field(
         factory=lambda: CallerAction(

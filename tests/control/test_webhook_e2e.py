@@ -316,6 +316,7 @@ async def test_transfer_end_call_dtmf_and_a_tool_during_calls() -> None:
     config = sections(
         "hmac", dtmf_wording="The caller pressed key {digit}.", dtmf_tool="digit_menu"
     )
+    config["keypad"] = {"batch": False}  # one message per key press, with its own wording
     with trio.fail_after(30):
         async with running_bridge(
             behaviour_for=lambda order, sid: behaviours[sid or ""], **config

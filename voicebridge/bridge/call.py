@@ -37,7 +37,7 @@ from attrs import Factory, frozen
 from voicebridge.bridge.outcome import CallRecord, Handover, Outcome
 from voicebridge.bridge.playout import Playout
 from voicebridge.codec import LegCodec
-from voicebridge.config import Config
+from voicebridge.config import Config, KeypadConfig
 from voicebridge.errors import RemoteProtocolError, SocketClosed
 from voicebridge.observability.logs import log_event
 from voicebridge.sockets import (
@@ -68,6 +68,9 @@ ASSISTANT_SILENCE_S = 45.0
 #: A call's wind-down is shielded from outside cancellation; each step has its own
 #: bound, and past their sum plus this slack a backstop cancels whatever is left.
 WIND_DOWN_SLACK_S = 1.0
+#: The longest keypad entry: longer ones go to the assistant in pieces this long (an
+#: account or card number fits; a key held down, or a tone generator, cannot grow it).
+MAX_KEYPAD_ENTRY = 32
 #: After Vapi's ``status-update`` ended, how long the assistant's socket is still read
 #: for the rest of what it says (audio may follow the message: the end of a goodbye).
 #: Vapi closes the socket right after, which ends the wait at once.
@@ -236,6 +239,8 @@ class CallSettings:
     vapi_sample_rate: int = 8000
     #: What the assistant is told on a key press; ``{digit}`` is the key.
     dtmf_wording: str = "(The caller pressed {digit}.)"
+    #: Key presses gathered into entries (``[keypad]``); None: one message per key.
+    keypad: KeypadConfig | None = None
     #: A handover waits this long for the assistant's goodbye to begin …
     goodbye_wait_s: float = 2.0
     #: … and at most this long in all before it ends the call.
@@ -268,6 +273,7 @@ class CallSettings:
             vapi_audio_format=config.vapi.audio_format,
             vapi_sample_rate=config.vapi.sample_rate,
             dtmf_wording=config.control.dtmf_wording,
+            keypad=config.keypad if config.keypad.batch else None,
             goodbye_wait_s=config.transfer.goodbye_wait_s,
             goodbye_deadline_s=config.transfer.goodbye_deadline_s,
         )
@@ -300,6 +306,7 @@ class Call:
         self._handover_requested = trio.Event()
         self._assistant_speech = _AssistantSpeech()
         self._digits_in, self._digits_out = trio.open_memory_channel[str](DIGIT_BUFFER)
+        self._keypad_in, self._keypad_out = trio.open_memory_channel[str](DIGIT_BUFFER)
         self._observer = observer
         self._stream = tw.MediaStream()
         codec = LegCodec(settings.vapi_audio_format, settings.vapi_sample_rate)
@@ -527,10 +534,49 @@ class Call:
                 self._digits_in.send_nowait(digit)
             except trio.WouldBlock:
                 log.info("call %s: DTMF %s dropped (call control is behind)", self._call_sid, digit)
+        if self._settings.keypad is not None:
+            try:
+                self._keypad_in.send_nowait(digit)
+            except trio.WouldBlock:
+                log.info("call %s: DTMF %s dropped (keypad entry is behind)", self._call_sid, digit)
+            return
         wording = self._settings.dtmf_wording.replace("{digit}", digit)
         # Control messages are never dropped: this may wait behind queued audio, at
         # most until the sender's write deadline fails the leg.
         await self._queue_to_assistant(inbox, vp.add_message(role="user", content=wording))
+
+    async def _keypad_task(self, keypad: KeypadConfig) -> None:
+        """Gather key presses into entries, as Vapi's keypadInputPlan does.
+
+        An entry goes to the assistant as one ``add-message`` when the caller presses a
+        delimiter (not part of the entry; a delimiter alone is sent as itself), when
+        ``keypad.timeout_s`` passes after its last key (0: never; with no delimiters
+        either, every key at once), or when it reaches ``MAX_KEYPAD_ENTRY``. Entries,
+        like every control message, are never dropped (see ``_queue_to_assistant``).
+        """
+        entry = ""
+        while True:
+            digit: str | None = None
+            if entry and keypad.timeout_s > 0:
+                with trio.move_on_after(keypad.timeout_s):
+                    digit = await self._keypad_out.receive()
+            elif entry or keypad.delimiters or keypad.timeout_s > 0:
+                digit = await self._keypad_out.receive()
+            else:
+                entry = await self._keypad_out.receive()  # no way to end an entry: at once
+            if digit is not None and digit not in keypad.delimiters:
+                entry += digit
+                if len(entry) < MAX_KEYPAD_ENTRY:
+                    continue
+            elif digit is not None and not entry:
+                entry = digit  # a delimiter alone ("press # to continue")
+            inbox = self._to_assistant
+            if inbox is not None:
+                wording = keypad.wording.replace("{digits}", entry)
+                await self._queue_to_assistant(
+                    inbox, vp.add_message(role="user", content=wording)
+                )
+            entry = ""
 
     # -- the assistant leg ---------------------------------------------------------
 
@@ -583,6 +629,8 @@ class Call:
             leg_nursery.start_soon(self._playout_task, playout)
             leg_nursery.start_soon(self._keepalive, socket)
             leg_nursery.start_soon(self._handover_task, playout)
+            if self._settings.keypad is not None:
+                leg_nursery.start_soon(self._keypad_task, self._settings.keypad)
             if self._control is not None:
                 leg_nursery.start_soon(self._digit_task, self._control)
             self._direct = socket if isinstance(socket, DirectSocket) else None
