@@ -103,7 +103,8 @@ class _Reservation:
 
 
 class CallRegistry:
-    """Counts calls against ``max_calls`` and remembers recent outcomes. Not thread-safe."""
+    """Admits each CallSid once and streams it once, counts calls against ``max_calls``,
+    and remembers recent outcomes. Not thread-safe."""
 
     def __init__(
         self,
@@ -226,11 +227,11 @@ class CallRegistry:
     def begin(self, call_sid: str, end: Callable[[Outcome, str], None]) -> bool:
         """The call's media stream started: its reservation becomes an active call.
 
-        False, and nothing changes, when ``call_sid`` has streamed before (here, or in
-        another process sharing the directory): one stream per CallSid, ever; refuse it.
-        A stream whose webhook another instance answered, or whose reservation lapsed,
-        has no reservation here; its valid token proves it was admitted, so it is
-        counted without a check.
+        False when ``call_sid`` has streamed before (here, or in another process sharing
+        the directory): one stream per CallSid, ever; refuse the stream. A stream whose
+        webhook another instance answered, or whose reservation lapsed, has no
+        reservation here; its valid token proves it was admitted, so it is counted
+        without a check.
         """
         spent = self._spent.get(call_sid)
         if call_sid in self._active or (spent is not None and spent[1] == "streamed"):
@@ -241,8 +242,9 @@ class CallRegistry:
             self._remember(call_sid, "streamed")
             return False
         self._spent.pop(call_sid, None)
-        if self._reservations.pop(call_sid, None) is not None and shared is not None:
-            shared.close_admission(call_sid)
+        self._reservations.pop(call_sid, None)
+        if shared is not None:
+            shared.close_admission(call_sid)  # whichever process published it
         self._active[call_sid] = end
         self._note_change()
         if self._ending_all is not None:
