@@ -6,6 +6,8 @@ They hold no call logic of their own.
 
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
+  One admission per CallSid (``CallRegistry.admit``): a repeat before the stream begins
+  gets the same answer, a replay after it a 403.
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served by
   the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.
@@ -228,10 +230,14 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 # Twilio asks again only for an answer it never got, and without that
                 # answer it cannot have opened the stream: this is a replay.
                 services.metrics.webhook_rejected(request.path)
-                what = "has streamed" if spent == "streamed" else "was admitted and lapsed"
+                what = (
+                    "has streamed already"
+                    if spent == "streamed"
+                    else "was admitted before and its stream never came in time"
+                )
                 log_rejected(
                     "replayed",
-                    f"call {call_sid} {what} already (one admission per call)",
+                    f"call {call_sid} {what} (one admission per call)",
                     status=403,
                     call_sid=call_sid,
                 )
