@@ -5,14 +5,15 @@ was asked to create.
 Charter: loopback only, port 0, a ``trio.fail_after`` guard on every test, real time and
 short clips (``tests.harness.SHORT_ASSISTANT``). A captured webhook is the exact signed
 request the simulated Twilio makes for a call (``place_call`` with the same CallSid makes
-it again). The last test's replayer runs in its own OS process (``tests/replay_peer.py``)
-from 127.0.0.2.
+it again). One test's replayer runs in its own OS process (``tests/replay_peer.py``)
+from 127.0.0.2; the last test runs two server processes of one box, sharing a directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,11 @@ import trio_websocket
 
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
 from tests.test_e2e import OVERFLOW_WORDS, SHORT_SCRIPT, assert_served
+from tests.test_systemd_integration import SHORT_CALL, a_box, activated_server, is_ready, listener
 from voicebridge.control.assistants import outbound_voice_url
+from voicebridge.loopback import LOOPBACK_ACCOUNT_SID
 from voicebridge.observability.logs import FieldValue, record_fields
-from voicebridge.sim.caller import place_call
+from voicebridge.sim.caller import SimTwilioSettings, place_call
 from voicebridge.twilio.signature import sign
 
 PEER = Path(__file__).with_name("replay_peer.py")
@@ -45,7 +48,13 @@ class CapturedWebhook:
 
     @classmethod
     def of(cls, bridge: Bridge, call_sid: str, path: str = "/twilio/voice") -> CapturedWebhook:
-        caller = bridge.caller
+        return cls.sent_by(bridge.caller, call_sid, path)
+
+    @classmethod
+    def sent_by(
+        cls, caller: SimTwilioSettings, call_sid: str, path: str = "/twilio/voice"
+    ) -> CapturedWebhook:
+        """The webhook ``caller`` (the simulated Twilio) sends when ``call_sid`` rings."""
         form = {
             "CallSid": call_sid,
             "AccountSid": caller.account_sid,
@@ -57,12 +66,17 @@ class CapturedWebhook:
             "Caller": caller.from_number,
             "Called": caller.to_number,
         }
-        signature = sign(bridge.config.server.public_url + path, form, caller.auth_token)
+        signature = sign(caller.public_url + path, form, caller.auth_token)
         return cls(path=path, form=form, signature=signature)
 
     async def post(self, http: httpx.AsyncClient, bridge: Bridge) -> httpx.Response:
+        return await self.post_to(http, bridge.listening.port)
+
+    async def post_to(self, http: httpx.AsyncClient, port: int) -> httpx.Response:
         return await http.post(
-            bridge.url + self.path, data=self.form, headers={"X-Twilio-Signature": self.signature}
+            f"http://127.0.0.1:{port}{self.path}",
+            data=self.form,
+            headers={"X-Twilio-Signature": self.signature},
         )
 
 
@@ -76,18 +90,23 @@ def stream_parameters(twiml: str) -> dict[str, str]:
 async def start_stream(bridge: Bridge, call_sid: str, parameters: dict[str, str]) -> int:
     """Open the media socket and send a ``start`` carrying ``parameters``; how many
     messages the bridge sent before it closed the socket (it must close it)."""
+    return await start_stream_at(bridge.listening.port, call_sid, parameters)
+
+
+async def start_stream_at(port: int, call_sid: str, parameters: dict[str, str]) -> int:
+    """``start_stream`` to the server on ``port``."""
     stream_sid = "MZ" + "9" * 32
     start = {
         "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
         "start": {
-            "accountSid": bridge.caller.account_sid, "streamSid": stream_sid,
+            "accountSid": LOOPBACK_ACCOUNT_SID, "streamSid": stream_sid,
             "callSid": call_sid, "tracks": ["inbound"],
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             "customParameters": parameters,
         },
     }  # fmt: skip
     received = 0
-    url = f"ws://127.0.0.1:{bridge.listening.port}/twilio/stream"
+    url = f"ws://127.0.0.1:{port}/twilio/stream"
     with trio.fail_after(5):
         async with trio_websocket.open_websocket_url(url) as ws:
             await ws.send_message(json.dumps(start))
@@ -261,6 +280,52 @@ async def test_replays_from_another_process_never_make_a_second_assistant_call(
     assert {(f["REASON"], f["REMOTE"]) for f in rejections} == {("replayed", "127.0.0.2")}
     outcomes = [str(f["OUTCOME"]) for f in fields if f["EVENT"] == "call-end"]
     assert sorted(outcomes) == ["assistant-ended", "token-rejected", "token-rejected"]
+
+
+async def test_the_processes_of_a_box_admit_and_stream_a_call_once(tmp_path: Path) -> None:
+    # Two `voicebridge serve` processes of one box, each on a socket of its own (so that
+    # the test chooses which one a request reaches), sharing one directory.
+    (public_sock, public_port), (sock_a, port_a), (sock_b, port_b) = (listener() for _ in "abc")
+    call_sid, other_sid = "CA" + "8" * 32, "CA" + "9" * 32
+    with trio.fail_after(40), public_sock, sock_a, sock_b:
+        async with a_box(tmp_path, SHORT_ASSISTANT) as box:
+            config = box.write_config(
+                "vb.toml",
+                public_port=public_port,
+                shared_dir=str(tmp_path / "run"),
+                max_concurrent_calls=1,
+            )
+            async with (
+                activated_server(box, config, [("http", sock_a)]) as a,
+                activated_server(box, config, [("http", sock_b)]) as b,
+                httpx.AsyncClient() as http,
+            ):
+                await box.notify.wait_for(is_ready, count=2)
+                via_b = box.caller(port=port_b, public_port=public_port)
+                webhook = CapturedWebhook.sent_by(via_b, call_sid)
+                on_a = await webhook.post_to(http, port_a)
+                on_b = await webhook.post_to(http, port_b)  # the repeat lands on B
+                other_on_b = await CapturedWebhook.sent_by(via_b, other_sid).post_to(http, port_b)
+                # Twilio's own request lands on B too, and so does the stream.
+                report = await place_call(via_b, SHORT_CALL, call_sid=call_sid)
+                replayed = [await webhook.post_to(http, port) for port in (port_a, port_b)]
+                replayed_stream = await start_stream_at(
+                    port_a, call_sid, stream_parameters(on_a.text)
+                )
+                for server in (a, b):
+                    server.signal(signal.SIGTERM)
+                assert (await a.process.wait(), await b.process.wait()) == (0, 0)
+    assert "<Connect" in on_a.text
+    assert on_b.text == report.webhook_twiml == on_a.text
+    assert "<Connect" in other_on_b.text, "the repeat took no slot on B"
+    assert report.final_action == "hangup" and report.protocol_violations == []
+    assert [response.status_code for response in replayed] == [403, 403]
+    assert replayed_stream == 0
+    assert [call.call_sid for call in box.vapi.calls.values()] == [call_sid]
+    for server in (a, b):
+        assert len(server.log_lines(f"call {call_sid} has streamed already")) == 1
+    assert len(a.log_lines("token-rejected (stream token reused)")) == 1
+    assert (tmp_path / "run" / "streams" / call_sid).is_file()
 
 
 class LineReader:
