@@ -218,13 +218,11 @@ class SharedDir:
         def create() -> bool:
             if not _create(path):
                 return False
+            self._live.add(call_sid)  # only a marker that exists is refreshed
             self._stamp(path)
             return True
 
-        claimed = self._attempt("claim the stream of " + call_sid, create, True)
-        if claimed:
-            self._live.add(call_sid)
-        return claimed
+        return self._attempt("claim the stream of " + call_sid, create, True)
 
     def stream_ended(self, call_sid: str) -> None:
         """``call_sid``'s stream (claimed here) ended: its marker is kept from now on."""
