@@ -18,7 +18,7 @@ from voicebridge import boxstate
 from voicebridge.boxstate import SharedDir, SharedStreamTokens
 from voicebridge.bridge.outcome import BargeIn, CallRecord, Outcome
 from voicebridge.observability.logs import record_fields
-from voicebridge.twilio.token import StreamTokens, TokenRejected
+from voicebridge.twilio.token import StreamClaims, StreamTokens, TokenRejected
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 NOW = 1_800_000_000.0
@@ -63,8 +63,11 @@ def test_a_newer_record_replaces_the_older(tmp_path: Path) -> None:
 def test_unsafe_call_sids_never_become_paths(tmp_path: Path, call_sid: str) -> None:
     shared = SharedDir(tmp_path)
     shared.save_record(a_record(call_sid=call_sid))
-    shared.mark_stream_started(call_sid)
+    assert not shared.claim_stream(call_sid)
+    assert shared.publish_admission(call_sid, "<Response/>") is None
+    shared.close_admission(call_sid)
     assert shared.load_record(call_sid) is None
+    assert shared.load_admission(call_sid) is None
     assert not shared.stream_started(call_sid)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
 
@@ -80,11 +83,30 @@ def test_an_unreadable_record_is_ignored(
         assert [shared.load_record(s) for s in ("CA1", "CA2", "CA3")] == [None, None, None]
 
 
-def test_stream_markers_are_seen_by_every_process(tmp_path: Path) -> None:
+def test_a_stream_is_claimed_once_per_box(tmp_path: Path) -> None:
     one, other = two_processes(tmp_path)
     assert not other.stream_started("CA1")
-    one.mark_stream_started("CA1")
+    assert one.claim_stream("CA1")
     assert other.stream_started("CA1")
+    assert not other.claim_stream("CA1")
+    assert not one.claim_stream("CA1")
+    one.stream_ended("CA1")
+    assert not other.claim_stream("CA1"), "not after it ended either"
+
+
+def test_an_admission_is_published_once_and_read_by_every_process(tmp_path: Path) -> None:
+    one, other = two_processes(tmp_path)
+    assert other.load_admission("CA1") is None
+    assert one.publish_admission("CA1", "<Response>first</Response>") is None
+    # The other process, a moment late, is given the answer already published.
+    assert other.publish_admission("CA1", "<Response>second</Response>") == (
+        "<Response>first</Response>"
+    )
+    assert other.load_admission("CA1") == ("<Response>first</Response>", 0.0)
+    one.close_admission("CA1")  # its reservation is over: the answer is no longer given
+    assert other.load_admission("CA1") == ("", 0.0)
+    assert other.publish_admission("CA1", "<Response>third</Response>") == ""
+    assert sorted(p.name for p in (tmp_path / "admissions").iterdir()) == ["CA1"]
 
 
 def test_a_token_is_claimed_once_per_box(tmp_path: Path) -> None:
@@ -100,15 +122,20 @@ def test_stream_tokens_are_single_use_across_processes(tmp_path: Path) -> None:
     issuer = StreamTokens(secret=SECRET, ttl_s=60, clock=lambda: NOW)
     one = SharedStreamTokens(secret=SECRET, ttl_s=60, shared=one_dir, clock=lambda: NOW)
     other = SharedStreamTokens(secret=SECRET, ttl_s=60, shared=other_dir, clock=lambda: NOW)
-    token = issuer.issue("CA1")
-    one.verify(token, call_sid="CA1")
-    with pytest.raises(TokenRejected) as rejected:
-        other.verify(token, call_sid="CA1")
-    assert rejected.value.reason == "reused"
-    # Every other check still comes first: a forged token claims nothing.
+    claims = StreamClaims(call_sid="CA1", caller="+15550100001")
+    token = issuer.issue(claims)
+    # Every other check comes first: a forged token, or a genuine one with another
+    # caller, claims nothing.
     with pytest.raises(TokenRejected) as forged:
-        other.verify(token[:-2] + "AA", call_sid="CA1")
+        other.verify(token[:-2] + "AA", claims)
     assert forged.value.reason == "bad-signature"
+    with pytest.raises(TokenRejected) as altered:
+        other.verify(token, StreamClaims(call_sid="CA1", caller="+15550199999"))
+    assert altered.value.reason == "wrong-parameters"
+    one.verify(token, claims)
+    with pytest.raises(TokenRejected) as rejected:
+        other.verify(token, claims)
+    assert rejected.value.reason == "reused"
     assert len(list((tmp_path / "tokens").iterdir())) == 1
 
 
@@ -116,16 +143,37 @@ def test_sweep_deletes_what_expired_and_keeps_the_rest(tmp_path: Path) -> None:
     shared = SharedDir(tmp_path, clock=lambda: NOW)
     for call_sid, age_s in (("CAold", 601.0), ("CAnew", 599.0)):
         shared.save_record(a_record(call_sid=call_sid))
-        shared.mark_stream_started(call_sid)
-        for kind in ("outcomes", "streams"):
+        os.utime(tmp_path / "outcomes" / call_sid, (NOW - age_s, NOW - age_s))
+    for call_sid, age_s in (("CAforgotten", 3601.0), ("CAremembered", 3599.0)):
+        shared.publish_admission(call_sid, "<Response/>")
+        assert shared.claim_stream(call_sid)
+        shared.stream_ended(call_sid)
+        for kind in ("admissions", "streams"):
             os.utime(tmp_path / kind / call_sid, (NOW - age_s, NOW - age_s))
     expired_ms, live_ms = int(NOW * 1000) - 1, int(NOW * 1000) + 1
     shared.claim_token("spent", expired_ms)
     shared.claim_token("live", live_ms)
-    assert shared.sweep() == 3
+    assert shared.sweep() == 4
     assert sorted(p.name for p in (tmp_path / "outcomes").iterdir()) == ["CAnew"]
-    assert sorted(p.name for p in (tmp_path / "streams").iterdir()) == ["CAnew"]
+    assert sorted(p.name for p in (tmp_path / "admissions").iterdir()) == ["CAremembered"]
+    assert sorted(p.name for p in (tmp_path / "streams").iterdir()) == ["CAremembered"]
     assert [p.name for p in (tmp_path / "tokens").iterdir()] == [f"{live_ms}-live"]
+
+
+def test_a_live_calls_marker_is_never_swept(tmp_path: Path) -> None:
+    clock = [NOW]
+    running_it = SharedDir(tmp_path, clock=lambda: clock[0])
+    other = SharedDir(tmp_path, clock=lambda: clock[0])
+    assert running_it.claim_stream("CAlong")
+    for _ in range(5):  # a five-hour call; every process sweeps every minute
+        clock[0] += 3600
+        running_it.sweep()
+        assert other.sweep() == 0
+    assert not other.claim_stream("CAlong")
+    running_it.stream_ended("CAlong")
+    clock[0] += 3601
+    assert other.sweep() == 1
+    assert other.claim_stream("CAlong"), "forgotten an hour after it ended"
 
 
 def test_sweep_keeps_at_most_the_newest_records(
@@ -147,10 +195,12 @@ def test_a_broken_directory_never_fails_a_call_and_is_logged_once(
     shutil.rmtree(tmp_path / "shared")
     with caplog.at_level(logging.WARNING, logger="voicebridge"):
         shared.save_record(a_record())
-        shared.mark_stream_started("CA1")
         assert shared.load_record(a_record().call_sid) is None
-        # Fails open: the per-process check of StreamTokens still holds.
+        # Fails open: the per-process checks of StreamTokens and the registry still hold.
         assert shared.claim_token("nonce", 1_800_000_060_000)
+        assert shared.claim_stream("CA1")
+        assert shared.publish_admission("CA1", "<Response/>") is None
+        assert shared.load_admission("CA1") is None
         assert shared.sweep() == 0
     failures = [r for r in caplog.records if record_fields(r).get("EVENT") == "shared-dir-failed"]
     assert len(failures) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from xml.etree import ElementTree
 
 import attrs
 import httpx
@@ -247,8 +248,11 @@ async def test_a_replayed_stream_token_is_rejected(caplog: pytest.LogCaptureFixt
     with trio.fail_after(30):
         async with running_bridge() as bridge:
             report = await place_call(bridge.caller, SHORT_SCRIPT)
-            # Take the token out of the TwiML the first call was given, and use it again.
-            token = report.webhook_twiml.split('name="token" value="')[1].split('"')[0]
+            # Take the parameters out of the TwiML the first call was given, and use them
+            # again: the token, and the numbers it vouches for.
+            stream = ElementTree.fromstring(report.webhook_twiml).find("Connect/Stream")
+            assert stream is not None
+            parameters = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
             start = {
                 "event": "start", "sequenceNumber": "1", "streamSid": "MZ" + "9" * 32,
                 "start": {
@@ -256,7 +260,7 @@ async def test_a_replayed_stream_token_is_rejected(caplog: pytest.LogCaptureFixt
                     "callSid": report.call_sid, "tracks": ["inbound"],
                     "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
                                     "channels": 1},
-                    "customParameters": {"token": token},
+                    "customParameters": parameters,
                 },
             }
             url = f"ws://127.0.0.1:{bridge.listening.port}/twilio/stream"

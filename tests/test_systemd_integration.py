@@ -29,6 +29,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from xml.etree import ElementTree
 
 import attrs
 import httpx
@@ -551,8 +552,11 @@ async def test_two_processes_on_one_socket_share_outcomes_and_tokens(tmp_path: P
 
 
 async def replay_stream(port: int, report: CallReport) -> None:
-    """Open a media stream to ``port`` with the stream token ``report``'s call was given."""
-    token = report.webhook_twiml.split('name="token" value="')[1].split('"')[0]
+    """Open a media stream to ``port`` with the stream parameters ``report``'s call was
+    given: its token and the numbers the token vouches for."""
+    stream = ElementTree.fromstring(report.webhook_twiml).find("Connect/Stream")
+    assert stream is not None
+    parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
     stream_sid = "MZ" + secrets.token_hex(16)
     start = {
         "event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
@@ -560,7 +564,7 @@ async def replay_stream(port: int, report: CallReport) -> None:
             "accountSid": LOOPBACK_ACCOUNT_SID, "streamSid": stream_sid,
             "callSid": report.call_sid, "tracks": ["inbound"],
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            "customParameters": {"token": token},
+            "customParameters": parameters,
         },
     }
     async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/twilio/stream") as ws:

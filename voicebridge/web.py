@@ -6,6 +6,8 @@ They hold no call logic of their own.
 
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
+  One admission per CallSid (``CallRegistry.admit``): a repeat before the stream begins
+  gets the same answer, a replay after it a 403.
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served by
   the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import assert_never
 
 import trio
 from attrs import define, field
@@ -36,7 +39,7 @@ from voicebridge.bridge.call import (
     CallSettings,
 )
 from voicebridge.bridge.outcome import CallRecord, Outcome
-from voicebridge.bridge.registry import CallRegistry
+from voicebridge.bridge.registry import Answer, CallRegistry, Full, Spent
 from voicebridge.config import Config
 from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
@@ -49,7 +52,7 @@ from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TY
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SignatureError, WebhookVerifier
-from voicebridge.twilio.token import StreamTokens
+from voicebridge.twilio.token import StreamClaims, StreamTokens, is_call_sid
 from voicebridge.vapi.endings import MAX_DURATION_REASON
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,12 @@ def _text_response(body: str, status: int) -> Response:
 
 def _parameter_value(name: str, value: str) -> str:
     """``value`` for a ``<Parameter>`` (informational: the caller's and called numbers),
-    or "" when it would not fit Twilio's limit: a call is never refused for it."""
-    return value if len(name) + len(value) < twiml.MAX_PARAMETER_CHARS else ""
+    or "" when it would not fit Twilio's limit, or would not come back from Twilio as
+    it was sent (characters XML drops or normalizes): the token vouches for the value
+    exactly, and a call is never refused for it."""
+    if len(name) + len(value) >= twiml.MAX_PARAMETER_CHARS or not value.isprintable():
+        return ""
+    return value
 
 
 def _path_and_query() -> str:
@@ -160,9 +167,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         call_sid = form.get("CallSid", "")
         if not call_sid:
             return _text_response("CallSid missing", 400)
-        try:
-            token = services.tokens.issue(call_sid)
-        except ValueError:  # Twilio's CallSids are CA + 32 hex digits
+        if not is_call_sid(call_sid):  # Twilio's CallSids are CA + 32 hex digits
             return _text_response("CallSid malformed", 400)
         try:
             # An outbound call's own assistant, only as voicebridge granted it.
@@ -171,35 +176,75 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             services.metrics.webhook_rejected(request.path)
             log_rejected("assistant", str(exc), status=403, call_sid=call_sid)
             return _text_response("forbidden", 403)
-        if not services.registry.try_admit(call_sid):
-            draining = services.registry.draining
-            reason = "draining" if draining else "at capacity"
-            services.metrics.call_refused("draining" if draining else "at-capacity")
-            log_event(
-                log,
-                logging.WARNING,
-                "call-refused",
-                f"call {call_sid} refused ({reason}); playing the overflow message",
-                call_sid=call_sid,
-                reason=reason,
-                active_calls=services.registry.active_count,
-            )
-            return _twiml_response(twiml.caller_action(services.config.overflow))
-        public_url = services.config.server.public_url
-        stream_url = "ws" + public_url.removeprefix("http") + STREAM_PATH
-        parameters = {
-            TOKEN_PARAMETER: token,
-            CALLER_PARAMETER: _parameter_value(CALLER_PARAMETER, form.get("From", "")),
-            CALLED_PARAMETER: _parameter_value(CALLED_PARAMETER, form.get("To", "")),
-        }
-        if assistant:
-            parameters[ASSISTANT_PARAMETER] = assistant
-        body = twiml.connect_stream(
-            stream_url=stream_url,
-            action_url=public_url + AFTER_STREAM_PATH,
-            parameters=parameters,
+        # Exactly what the <Stream> will carry, and so what its token vouches for.
+        claims = StreamClaims(
+            call_sid=call_sid,
+            assistant=assistant,
+            caller=_parameter_value(CALLER_PARAMETER, form.get("From", "")),
+            called=_parameter_value(CALLED_PARAMETER, form.get("To", "")),
         )
-        return _twiml_response(body)
+
+        def answer() -> str:
+            """The stream TwiML with a new token; asked for only for a new admission."""
+            public_url = services.config.server.public_url
+            parameters = {
+                TOKEN_PARAMETER: services.tokens.issue(claims),
+                CALLER_PARAMETER: claims.caller,
+                CALLED_PARAMETER: claims.called,
+            }
+            if claims.assistant:
+                parameters[ASSISTANT_PARAMETER] = claims.assistant
+            return twiml.connect_stream(
+                stream_url="ws" + public_url.removeprefix("http") + STREAM_PATH,
+                action_url=public_url + AFTER_STREAM_PATH,
+                parameters=parameters,
+            )
+
+        registry = services.registry
+        match registry.admit(call_sid, answer):
+            case Answer(twiml=body, repeat=repeat):
+                if repeat:
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "webhook-repeated",
+                        f"call {call_sid}: voice webhook repeated before its stream began; "
+                        "answered as before",
+                        call_sid=call_sid,
+                        remote=request.remote_addr,
+                    )
+                return _twiml_response(body)
+            case Full(draining=draining):
+                reason = "draining" if draining else "at capacity"
+                services.metrics.call_refused("draining" if draining else "at-capacity")
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "call-refused",
+                    f"call {call_sid} refused ({reason}); playing the overflow message",
+                    call_sid=call_sid,
+                    reason=reason,
+                    active_calls=registry.active_count,
+                )
+                return _twiml_response(twiml.caller_action(services.config.overflow))
+            case Spent(reason=spent):
+                # Twilio asks again only for an answer it never got, and without that
+                # answer it cannot have opened the stream: this is a replay.
+                services.metrics.webhook_rejected(request.path)
+                what = (
+                    "has streamed already"
+                    if spent == "streamed"
+                    else "was admitted before and its stream never came in time"
+                )
+                log_rejected(
+                    "replayed",
+                    f"call {call_sid} {what} (one admission per call)",
+                    status=403,
+                    call_sid=call_sid,
+                )
+                return _text_response("forbidden", 403)
+            case unreachable:
+                assert_never(unreachable)
 
     @app.post(AFTER_STREAM_PATH)
     async def after_stream() -> Response:
@@ -290,7 +335,7 @@ async def media_connection(services: Services, transport: SocketTransport, head:
             socket,
             settings=services.call_settings,
             connector=services.metrics.timed(services.connector),
-            verify_token=lambda token, call_sid: services.tokens.verify(token, call_sid=call_sid),
+            verify_token=services.tokens.verify,
             tracker=services.registry,
             upgrade_signature=upgrade_signature,
             control=services.control,

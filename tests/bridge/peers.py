@@ -21,6 +21,7 @@ import trio
 from voicebridge.bridge.outcome import CallRecord
 from voicebridge.errors import SocketClosed
 from voicebridge.sockets import MemorySocket, PingableSocket, memory_socket_pair
+from voicebridge.twilio.token import StreamClaims
 from voicebridge.vapi.client import VapiError
 
 STREAM_SID = "MZ" + "0" * 32
@@ -82,7 +83,7 @@ def stop_frame(seq: int) -> str:
     )
 
 
-def verify_token(token: str, call_sid: str) -> None:
+def verify_token(token: str, claims: StreamClaims) -> None:
     from voicebridge.twilio.token import TokenRejected
 
     if token != GOOD_TOKEN:
@@ -235,8 +236,9 @@ class Tracker:
         self.begun: list[str] = []
         self.finished: list[CallRecord] = []
 
-    def begin(self, call_sid: str, end: object) -> None:
+    def begin(self, call_sid: str, end: object) -> bool:
         self.begun.append(call_sid)
+        return True
 
     def finish(self, record: CallRecord) -> None:
         self.finished.append(record)

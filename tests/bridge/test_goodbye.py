@@ -80,8 +80,9 @@ class _Tracker:
         self.ends: list[EndCall] = []
         self.records: list[CallRecord] = []
 
-    def begin(self, call_sid: str, end: EndCall) -> None:
+    def begin(self, call_sid: str, end: EndCall) -> bool:
         self.ends.append(end)
+        return True
 
     def finish(self, record: CallRecord) -> None:
         self.records.append(record)

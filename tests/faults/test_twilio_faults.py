@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import parse_qs
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -206,7 +207,7 @@ async def test_oversized_frames(caplog: pytest.LogCaptureFixture) -> None:
     assert_witnesses_untouched(run, bridge)
 
 
-def _start_frame(call_sid: str, token: str) -> str:
+def _start_frame(call_sid: str, parameters: dict[str, str]) -> str:
     """A ``start`` frame for ``call_sid`` carrying a stream ``token``, as Twilio sends it."""
     stream_sid = "MZ" + "7" * 32
     return json.dumps(
@@ -220,7 +221,7 @@ def _start_frame(call_sid: str, token: str) -> str:
                 "callSid": call_sid,
                 "tracks": ["inbound"],
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                "customParameters": {"token": token},
+                "customParameters": parameters,
             },
         }
     )
@@ -232,15 +233,17 @@ async def test_a_stream_token_replayed_on_a_second_socket(
     # An eavesdropper takes a live call's stream token from the TwiML and opens a
     # second media socket with it while the call runs. The token was used once: the
     # second socket is closed, no assistant call is made, the real call goes on.
-    stolen: list[tuple[str, str]] = []
+    stolen: list[tuple[str, dict[str, str]]] = []
     stolen_event = trio.Event()
 
     async def steal(response: httpx.Response) -> None:
         await response.aread()
         if 'name="token"' in response.text and not stolen:
             call_sid = parse_qs(response.request.content.decode())["CallSid"][0]
-            token = response.text.split('name="token" value="')[1].split('"')[0]
-            stolen.append((call_sid, token))
+            stream = ElementTree.fromstring(response.text).find("Connect/Stream")
+            assert stream is not None
+            parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
+            stolen.append((call_sid, parameters))
             stolen_event.set()
 
     closed_by_server: list[int | None] = []
@@ -248,13 +251,13 @@ async def test_a_stream_token_replayed_on_a_second_socket(
     async def replay(bridge: Bridge) -> None:
         await stolen_event.wait()
         await trio.sleep(0.5)  # the real stream is up and has used the token
-        call_sid, token = stolen[0]
+        call_sid, parameters = stolen[0]
         url = f"ws://127.0.0.1:{bridge.listening.port}{STREAM_PATH}"
         async with trio_websocket.open_websocket_url(url) as ws:
             await ws.send_message(
                 json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
             )
-            await ws.send_message(_start_frame(call_sid, token))
+            await ws.send_message(_start_frame(call_sid, parameters))
             with trio.fail_after(2), pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 while True:
                     await ws.get_message()

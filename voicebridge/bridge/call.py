@@ -48,7 +48,7 @@ from voicebridge.sockets import (
     SocketWriteTimeout,
 )
 from voicebridge.twilio import media as tw
-from voicebridge.twilio.token import TokenRejected
+from voicebridge.twilio.token import StreamClaims, TokenRejected
 from voicebridge.vapi import transport as vp
 from voicebridge.vapi.client import VapiError, end_call
 from voicebridge.vapi.endings import Ending, EndingPolicy, safe_reason
@@ -178,7 +178,9 @@ EndCall = Callable[[Outcome, str], float]
 class CallTracker(Protocol):
     """Admission bookkeeping and the outcomes the after-stream route reads."""
 
-    def begin(self, call_sid: str, end: EndCall) -> None: ...
+    def begin(self, call_sid: str, end: EndCall) -> bool:
+        """The stream of ``call_sid`` starts; False: it streamed before, refuse this one."""
+        ...
 
     def finish(self, record: CallRecord) -> None: ...
 
@@ -288,7 +290,7 @@ class Call:
         *,
         settings: CallSettings,
         connector: AssistantConnector,
-        verify_token: Callable[[str, str], None],
+        verify_token: Callable[[str, StreamClaims], None],
         tracker: CallTracker,
         upgrade_signature: str = "unchecked",
         control: CallControl | None = None,
@@ -326,6 +328,9 @@ class Call:
         # Vapi's endedReason once it ended the call (log-safe form); "" before.
         self._ended_reason = ""
         self._call_sid = ""
+        # What the stream's start carries, once its token vouched for it: only these
+        # values reach Vapi.
+        self._claims: StreamClaims | None = None
         self._vapi_call_id = ""
         self._playout: Playout | None = None
         # The Vapi sender's inbox; None until the assistant leg is up (caller audio
@@ -358,7 +363,6 @@ class Call:
         try:
             start = await self._wait_start()
             if start is not None and self._accept(start):
-                self._tracker.begin(self._call_sid, self.end)
                 begun = True
                 if self._control is not None:
                     self._control.attach(self._call_sid, self)
@@ -380,7 +384,7 @@ class Call:
                         self._call_scope = call_scope
                         async with trio.open_nursery() as call_nursery:
                             call_nursery.start_soon(self._caller_to_agent)
-                            call_nursery.start_soon(self._assistant_leg, start)
+                            call_nursery.start_soon(self._assistant_leg)
                     watch_nursery.cancel_scope.cancel(reason="call over")
         except* trio.Cancelled:
             self._set_outcome(Outcome.STREAM_LOST, "media socket closed by the peer or server")
@@ -432,12 +436,25 @@ class Call:
                 f"/{start.channels} (want audio/x-mulaw/8000/1)",
             )
             return False
-        token = start.custom_parameters.get(TOKEN_PARAMETER, "")
+        params = start.custom_parameters
+        claims = StreamClaims(
+            call_sid=start.call_sid,
+            assistant=params.get(ASSISTANT_PARAMETER, ""),
+            caller=params.get(CALLER_PARAMETER, ""),
+            called=params.get(CALLED_PARAMETER, ""),
+        )
         try:
-            self._verify_token(token, start.call_sid)
+            self._verify_token(params.get(TOKEN_PARAMETER, ""), claims)
         except TokenRejected as exc:
             self._set_outcome(Outcome.TOKEN_REJECTED, f"stream token {exc.reason}")
             return False
+        # Last, so that only a stream that passed every check claims the CallSid.
+        if not self._tracker.begin(start.call_sid, self.end):
+            self._set_outcome(
+                Outcome.TOKEN_REJECTED, "call streamed already (one stream per call)"
+            )
+            return False
+        self._claims = claims
         return True
 
     # -- caller → agent ------------------------------------------------------------
@@ -580,15 +597,16 @@ class Call:
 
     # -- the assistant leg ---------------------------------------------------------
 
-    async def _assistant_leg(self, start: tw.Start) -> None:
-        params = start.custom_parameters
+    async def _assistant_leg(self) -> None:
+        claims = self._claims
+        assert claims is not None, "the call nursery starts only after _accept"
         try:
             with self._ending.scope() as create_scope:
                 call = await self._connector.create(
-                    call_sid=start.call_sid,
-                    caller=params.get(CALLER_PARAMETER, ""),
-                    called=params.get(CALLED_PARAMETER, ""),
-                    assistant=params.get(ASSISTANT_PARAMETER, ""),
+                    call_sid=claims.call_sid,
+                    caller=claims.caller,
+                    called=claims.called,
+                    assistant=claims.assistant,
                 )
             if create_scope.cancelled_caught:
                 return  # the call ended while the assistant call was being created

@@ -13,7 +13,8 @@ the assistant only with the right grant for the call's ``To`` and while the id i
 still allowed. So neither a caller nor anyone who can point a Twilio number at our
 webhook can choose an assistant: only voicebridge's own outbound path can. From
 there it goes to the ``<Stream>`` as a ``<Parameter>``, whose ``start`` is gated by
-the single-use stream token, and on to Vapi's ``POST /call`` as ``assistantId``.
+the single-use stream token (which vouches for the assistant too: ``twilio.token``),
+and on to Vapi's ``POST /call`` as ``assistantId``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,23 @@
-"""Single-use, expiring stream tokens bound to a CallSid: the gate of the media WebSocket.
+"""Single-use, expiring stream tokens bound to a call: the gate of the media WebSocket.
 
-The voice webhook issues a token and puts it in a TwiML ``<Parameter>``; Twilio
-brings it back in ``start.customParameters`` and the media socket verifies it before
-bridging anything. A token is stateless (HMAC-SHA256 over the CallSid, an expiry and
-a random nonce), so any instance holding the secret can check it.
+The voice webhook issues a token and puts it in a TwiML ``<Parameter>``, beside the
+other parameters of the ``<Stream>``; Twilio brings them all back in
+``start.customParameters`` and the media socket verifies the token against them before
+bridging anything. A token is stateless (HMAC-SHA256 over the CallSid, an expiry, a
+random nonce and a tag of the stream's other parameters), so any instance holding the
+secret can check it.
 
-Format (URL-safe, about 120 characters for a Twilio CallSid)::
+What the token vouches for is a ``StreamClaims``: the CallSid, and the assistant, caller
+and called number that go on to Vapi's ``POST /call``. A ``start`` that changes any of
+them is refused (``wrong-parameters``), however valid the token.
 
-    v1.<call_sid>.<expiry, integer ms since the epoch>.<nonce, 16 bytes b64url>.<mac, b64url>
+Format (URL-safe, 141 characters for a Twilio CallSid, at most ``MAX_TOKEN_CHARS``)::
+
+    v2.<call_sid>.<expiry, ms since the epoch>.<nonce, 16 bytes>.<claims tag, 16 bytes>.<mac>
+
+(bytes in unpadded base64url). The MAC covers everything before it; the claims tag is a
+keyed hash of the assistant, caller and called number, so that a changed parameter is
+told apart from a forged token.
 """
 
 from __future__ import annotations
@@ -23,29 +33,54 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from attrs import frozen
+
 from voicebridge.errors import VoicebridgeError
 
-__all__ = ["MAX_REMEMBERED_TOKENS", "StreamTokens", "TokenRejected"]
+__all__ = [
+    "MAX_REMEMBERED_TOKENS",
+    "MAX_TOKEN_CHARS",
+    "StreamClaims",
+    "StreamTokens",
+    "TokenRejected",
+    "is_call_sid",
+]
 
 #: How many used tokens one instance remembers (each until its expiry) to refuse a
 #: second use. At the default 60 s lifetime this is ~1,600 new calls per second,
 #: far beyond one instance; the bound only stops a flood from growing memory without end.
 MAX_REMEMBERED_TOKENS = 100_000
+#: The longest token there is (a 64-character CallSid and a 15-digit expiry): with its
+#: name it stays far inside Twilio's limit on a ``<Parameter>`` (name and value under
+#: 500 characters), and anything longer is malformed before any parsing.
+MAX_TOKEN_CHARS = 173
 
-_VERSION = "v1"
+_VERSION = "v2"
 _NONCE_BYTES = 16
-#: Tokens longer than this are malformed before any parsing (a CallSid is 34 characters).
-_MAX_TOKEN_CHARS = 200
+#: 128 bits: the tag sits under the MAC, so it needs only to be unguessable for another
+#: set of parameters, not to resist forgery on its own.
+_TAG_BYTES = 16
 #: What a CallSid may look like here: Twilio's are ``CA`` + 32 hex digits; the simulator's
 #: may differ, but never contain the token's ``.`` separator.
 _CALL_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NONCE = re.compile(r"[A-Za-z0-9_-]{22}")
+_TAG = _NONCE
 _MAC = re.compile(r"[A-Za-z0-9_-]{43}")
 _EXPIRY = re.compile(r"[0-9]{1,15}")
-#: Separates this use of the secret from any other use of the same key.
+#: Separate this use of the secret from any other use of the same key (the outbound
+#: assistant grant has a label of its own too).
 _DOMAIN = b"voicebridge stream token\x00"
+_CLAIMS_DOMAIN = b"voicebridge stream claims\x00"
 
-Reason = Literal["malformed", "bad-signature", "expired", "wrong-call", "reused", "overloaded"]
+Reason = Literal[
+    "malformed",
+    "bad-signature",
+    "expired",
+    "wrong-call",
+    "wrong-parameters",
+    "reused",
+    "overloaded",
+]
 
 
 class TokenRejected(VoicebridgeError):
@@ -53,13 +88,42 @@ class TokenRejected(VoicebridgeError):
 
     ``malformed``: not a token at all; ``bad-signature``: not issued with our secret
     (or altered); ``wrong-call``: issued for another CallSid; ``expired``: past its
-    lifetime; ``reused``: already verified once by this instance; ``overloaded``: this
-    instance cannot remember another used token (see ``StreamTokens.verify``).
+    lifetime; ``wrong-parameters``: the stream's assistant, caller or called number is
+    not the one the token was issued with; ``reused``: already verified once by this
+    instance; ``overloaded``: this instance cannot remember another used token (see
+    ``StreamTokens.verify``).
     """
 
     def __init__(self, reason: Reason) -> None:
         super().__init__(f"stream token rejected: {reason}")
         self.reason: Reason = reason
+
+
+def is_call_sid(text: str) -> bool:
+    """Whether ``text`` can be a CallSid here: 1-64 of ``[A-Za-z0-9_-]``."""
+    return _CALL_SID.fullmatch(text) is not None
+
+
+@frozen(kw_only=True)
+class StreamClaims:
+    """What a stream token vouches for: the call, and the parameters of its ``<Stream>``
+    that reach Vapi. ``assistant`` is "" for the configured assistant; ``caller`` and
+    ``called`` are "" when the webhook left them out."""
+
+    call_sid: str
+    assistant: str = ""
+    caller: str = ""
+    called: str = ""
+
+
+def _encode_claims(claims: StreamClaims) -> bytes:
+    """The claims the tag covers, length-prefixed: no two different claims encode alike
+    (a value may hold any character)."""
+    out = bytearray()
+    for part in (claims.assistant, claims.caller, claims.called):
+        data = part.encode("utf-8", "surrogatepass")
+        out += len(data).to_bytes(4, "big") + data
+    return bytes(out)
 
 
 def _b64(data: bytes) -> str:
@@ -97,63 +161,79 @@ class StreamTokens:
     def _now_ms(self) -> int:
         return math.floor(self._clock() * 1000)
 
-    def _mac(self, call_sid: str, expiry: str, nonce: str) -> str:
-        message = _DOMAIN + f"{_VERSION}.{call_sid}.{expiry}.{nonce}".encode("ascii")
+    def _mac(self, call_sid: str, expiry: str, nonce: str, tag: str) -> str:
+        message = _DOMAIN + f"{_VERSION}.{call_sid}.{expiry}.{nonce}.{tag}".encode("ascii")
         return _b64(hmac.new(self._secret, message, hashlib.sha256).digest())
 
-    def issue(self, call_sid: str) -> str:
-        """A new token for ``call_sid``, valid for ``ttl_s`` from now.
+    def _tag(self, claims: StreamClaims) -> str:
+        digest = hmac.new(self._secret, _CLAIMS_DOMAIN + _encode_claims(claims), hashlib.sha256)
+        return _b64(digest.digest()[:_TAG_BYTES])
 
-        Raises ``ValueError`` if ``call_sid`` is not 1-64 of ``[A-Za-z0-9_-]``.
+    def issue(self, claims: StreamClaims) -> str:
+        """A new token for ``claims``, valid for ``ttl_s`` from now.
+
+        Raises ``ValueError`` if ``claims.call_sid`` is not a CallSid (``is_call_sid``).
         """
-        if not _CALL_SID.fullmatch(call_sid):
+        call_sid = claims.call_sid
+        if not is_call_sid(call_sid):
             raise ValueError(f"not a CallSid: {call_sid[:70]!r}")
         expiry = str(self._now_ms() + self._ttl_ms)
         nonce = _b64(secrets.token_bytes(_NONCE_BYTES))
-        mac = self._mac(call_sid, expiry, nonce)
-        return f"{_VERSION}.{call_sid}.{expiry}.{nonce}.{mac}"
+        tag = self._tag(claims)
+        mac = self._mac(call_sid, expiry, nonce, tag)
+        return f"{_VERSION}.{call_sid}.{expiry}.{nonce}.{tag}.{mac}"
 
-    def verify(self, token: str, *, call_sid: str) -> None:
-        """Accept ``token`` for ``call_sid`` once, or raise ``TokenRejected``.
+    def verify(self, token: str, claims: StreamClaims) -> None:
+        """Accept ``token`` for a stream that carries ``claims``, once; or raise
+        ``TokenRejected``.
 
         Checks, in order: shape (``malformed``), HMAC (``bad-signature``), CallSid
-        (``wrong-call``), expiry (``expired``), earlier use (``reused``). An accepted
-        token is remembered until its expiry, after which it is refused as expired.
+        (``wrong-call``), expiry (``expired``), the other claims (``wrong-parameters``),
+        earlier use (``reused``). Only an accepted token is remembered (until its
+        expiry, after which it is refused as expired), so a stream refused for its
+        parameters does not use up the token of the genuine one.
 
         When ``MAX_REMEMBERED_TOKENS`` unexpired tokens are already remembered, a new,
         otherwise valid token is refused (``overloaded``) rather than accepted
         unremembered: forgetting a live token would let it be replayed, so the safe
         failure is to turn the call away.
         """
-        if len(token) > _MAX_TOKEN_CHARS:
-            raise TokenRejected("malformed")
-        parts = token.split(".")
-        if len(parts) != 5 or parts[0] != _VERSION:
-            raise TokenRejected("malformed")
-        _, token_call_sid, expiry, nonce, mac = parts
-        if not (
-            _CALL_SID.fullmatch(token_call_sid)
-            and _EXPIRY.fullmatch(expiry)
-            and _NONCE.fullmatch(nonce)
-            and _MAC.fullmatch(mac)
-        ):
-            raise TokenRejected("malformed")
-        expected = self._mac(token_call_sid, expiry, nonce)
-        if not hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")):
-            raise TokenRejected("bad-signature")
-        if token_call_sid != call_sid:  # a CallSid is no secret: no constant time needed
-            raise TokenRejected("wrong-call")
-        now = self._now_ms()
-        expires = int(expiry)
-        if now >= expires:
-            raise TokenRejected("expired")
-        self._forget_expired(now)
+        nonce, expires = self._check(token, claims)
+        self._forget_expired(self._now_ms())
         if nonce in self._used:
             raise TokenRejected("reused")
         if len(self._used) >= MAX_REMEMBERED_TOKENS:
             raise TokenRejected("overloaded")
         self._used[nonce] = expires
         heapq.heappush(self._expiries, (expires, nonce))
+
+    def _check(self, token: str, claims: StreamClaims) -> tuple[str, int]:
+        """Every check of ``verify`` but single use; returns the nonce and the expiry."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise TokenRejected("malformed")
+        parts = token.split(".")
+        if len(parts) != 6 or parts[0] != _VERSION:
+            raise TokenRejected("malformed")
+        _, token_call_sid, expiry, nonce, tag, mac = parts
+        if not (
+            _CALL_SID.fullmatch(token_call_sid)
+            and _EXPIRY.fullmatch(expiry)
+            and _NONCE.fullmatch(nonce)
+            and _TAG.fullmatch(tag)
+            and _MAC.fullmatch(mac)
+        ):
+            raise TokenRejected("malformed")
+        expected = self._mac(token_call_sid, expiry, nonce, tag)
+        if not hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")):
+            raise TokenRejected("bad-signature")
+        if token_call_sid != claims.call_sid:  # a CallSid is no secret: no constant time
+            raise TokenRejected("wrong-call")
+        expires = int(expiry)
+        if self._now_ms() >= expires:
+            raise TokenRejected("expired")
+        if not hmac.compare_digest(self._tag(claims).encode("ascii"), tag.encode("ascii")):
+            raise TokenRejected("wrong-parameters")
+        return nonce, expires
 
     def _forget_expired(self, now_ms: int) -> None:
         while self._expiries and self._expiries[0][0] <= now_ms:
