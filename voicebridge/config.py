@@ -938,6 +938,16 @@ def _read_secret_file(path: Path) -> str:
     return text
 
 
+def _is_utf8(text: str) -> bool:
+    """False for an environment value that was not UTF-8 (Python keeps its bytes as lone
+    surrogates, which no secret may carry into an encode)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secrets, list[_Problem]]:
     """Read each secret from its credential, else its ``*_file``, else its env variable."""
     found: dict[str, Secret] = {}
@@ -955,7 +965,11 @@ def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secre
         elif file_name:
             path, key, source = Path(file_name), f"secrets.{file_key}", f"file {file_name}"
         elif env in environ:
-            found[name] = Secret(environ[env], source=f"environment variable {env}")
+            value = environ[env]
+            if not _is_utf8(value):
+                problems.append((f"credentials.{name}", f"environment variable {env} is not UTF-8"))
+                continue
+            found[name] = Secret(value, source=f"environment variable {env}")
             continue
         else:
             continue
@@ -974,7 +988,7 @@ def webhook_key(control: ControlConfig, secret: str) -> bytes:
 
     Raises ``ConfigError("credentials.vapi_webhook_secret", reason)`` for a secret that
     could never authenticate a webhook: empty; in ``hmac`` mode with
-    ``hmac_secret_is_base64``, not base64 or no bytes once decoded; in the header modes,
+    ``hmac_secret_is_base64``, not base64; in the header modes,
     not something an HTTP header can carry unchanged (visible ASCII, inner spaces).
     """
     key = "credentials.vapi_webhook_secret"
@@ -991,10 +1005,6 @@ def webhook_key(control: ControlConfig, secret: str) -> bytes:
                 "control.hmac_secret_is_base64 is true but the secret is not base64 "
                 "(A-Z a-z 0-9 + / and = padding, length a multiple of 4)",
             ) from None
-        if not decoded:
-            raise ConfigError(
-                key, "control.hmac_secret_is_base64 is true but it decodes to no bytes"
-            )
         return decoded
     value = (control.bearer_prefix if control.auth == "bearer" else "") + secret
     if not _HEADER_VALUE.fullmatch(value):
@@ -1282,7 +1292,8 @@ def check_config_main(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """``voicebridge check-config [--config PATH]``: load as ``serve`` would and report.
+    """``voicebridge check-config [--config PATH]``: load as ``serve`` would and report
+    (the tool handlers are imported too).
 
     Prints the effective configuration (secrets masked) to ``out`` (default stdout) and
     returns 0; or prints one ``voicebridge: config error: <key>: <reason>`` line per problem
@@ -1290,8 +1301,12 @@ def check_config_main(
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    # Imported here: the tools module needs this one.
+    from voicebridge.control.tools import check_handlers
+
     try:
         config = load_config(path, environ=environ, require_complete=True)
+        check_handlers(config.tools.handlers)  # serve imports them at start
     except ConfigError as exc:
         _print_error(exc, err)
         return 2
