@@ -12,7 +12,8 @@ each post, one after the other:
 Each post sends as much of the body as the server takes and then reads the answer.
 The last line printed is a JSON summary: how many posts per route and how each ended
 (an HTTP status, ``reset`` when the server closed while the body was still being
-sent, or ``error:…``), and how many body bytes the server took.
+sent, or ``error:…``), and how many body bytes its sockets accepted (most never reach
+the server: they sit in the kernel's buffers until the server closes the connection).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def _worker(
         ended, sent = _post(port, head, chunked)
         with lock:
             outcomes[f"{route} {ended}"] += 1
-            outcomes[f"{route} bytes"] += sent
+            outcomes[f"{route} bytes-sent"] += sent
 
 
 def main(argv: list[str]) -> int:

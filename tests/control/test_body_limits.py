@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import pytest
 import trio
+from quart_trio.wrappers.request import TrioBody
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from tests.control.test_webhook_e2e import API_TOKEN, HMAC_CREDENTIAL, WEBHOOK_SECRET, sections
 from tests.harness import Bridge, running_bridge
@@ -184,6 +186,35 @@ async def test_a_declared_length_over_the_limit_is_refused_before_the_body(
             declared = {**route_headers(bridge, path), "Content-Length": str(limit + 1)}
             status, _ = await exchange(bridge.listening.port, head(path, declared))
     assert status == 413
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/nowhere"), ("POST", "/healthz")])
+async def test_a_body_no_route_takes_is_never_read(method: str, path: str) -> None:
+    with trio.fail_after(10):
+        async with running_bridge() as bridge:
+            claimed = {"Content-Length": str(CLAIMED_BYTES)}
+            status, _ = await exchange(bridge.listening.port, head(path, claimed))
+            endless = {"Transfer-Encoding": "chunked"}
+            status_chunked, _ = await exchange(bridge.listening.port, head(path, endless))
+    assert status == status_chunked == (404 if path == "/nowhere" else 405)
+
+
+async def test_quarts_own_limit_counts_only_what_is_not_yet_read() -> None:
+    """Why the routes count for themselves (read_body): quart's ``MAX_CONTENT_LENGTH``
+    stops a body that piles up unread, but not one read piece by piece, as its form
+    parser reads. If this fails, quart enforces totals and read_body could rely on it."""
+    limit = 1000
+    piecewise = TrioBody(None, limit)
+    total = 0
+    for _ in range(10):
+        piecewise.append(b"x" * 500)
+        total += len(await piecewise.__anext__())
+    assert total == 5000 > limit
+    unread = TrioBody(None, limit)
+    unread.append(b"x" * 500)
+    unread.append(b"x" * 501)
+    with pytest.raises(RequestEntityTooLarge):
+        await unread.__anext__()
 
 
 def signed_voice_webhook(bridge: Bridge, call_sid: str) -> tuple[dict[str, str], bytes]:
