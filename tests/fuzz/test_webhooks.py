@@ -11,13 +11,13 @@ against the real routes.
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import attrs
 import httpx
-import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from quart import Response
@@ -166,7 +166,7 @@ VAPI_CONFIG = CONFIG.evolve(
 )
 vapi_bodies = (
     st.binary(max_size=300)
-    | st.builds(lambda v: orjson.dumps({"message": v}), json_values())
+    | st.builds(lambda v: json.dumps({"message": v}).encode(), json_values())
     | st.binary(min_size=VAPI_LIMIT - 2, max_size=VAPI_LIMIT + 2)
 )
 
