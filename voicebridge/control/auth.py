@@ -74,13 +74,9 @@ class WebhookAuthenticator:
         header modes. ``load_config`` refuses the same secrets (``webhook_key``)."""
         key = webhook_key(config, secret)
         if config.auth == "secret":
-            return cls(mode="secret", key=secret.encode(), header=VAPI_SECRET_HEADER)
+            return cls(mode="secret", key=key, header=VAPI_SECRET_HEADER)
         if config.auth == "bearer":
-            return cls(
-                mode="bearer",
-                key=(config.bearer_prefix + secret).encode(),
-                header=config.bearer_header.lower(),
-            )
+            return cls(mode="bearer", key=key, header=config.bearer_header.lower())
         return cls(
             mode="hmac",
             key=key,

@@ -211,12 +211,15 @@ class ControlPlane:
                 tools_nursery.start_soon(run_one, index, call)
         if unknown:
             names = sorted(set(unknown))
-            shown = ", ".join(repr(name[: msg.MAX_TYPE_CHARS]) for name in names)
+            shown = ", ".join(
+                repr(name[: msg.MAX_TYPE_CHARS]) for name in names[:MAX_UNKNOWN_NAMES_LOGGED]
+            )
+            more = len(names) - MAX_UNKNOWN_NAMES_LOGGED
             _log_call(
                 logging.WARNING,
                 "tool-unknown",
                 f"call {ref.call_sid or '?'}: {len(unknown)} call(s) of unknown tool(s) "
-                f"{shown[:400]}",
+                f"{shown}" + (f" and {more} more" if more > 0 else ""),
                 ref,
                 tool=names[0][: msg.MAX_TYPE_CHARS],
                 count=len(unknown),
