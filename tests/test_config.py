@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -840,6 +843,130 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
     assert check_config_main(str(missing), environ={}, out=io.StringIO(), err=err) == 2
     assert err.getvalue().startswith(f"voicebridge: config error: cannot read {missing}")
+
+
+# --- [control]: secrets that could never work are refused at start ---------------------
+
+HMAC_BASE64 = "[control]\nenabled = true\nauth = \"hmac\"\ncredential_id = \"cred-1\"\n" + (
+    "hmac_secret_is_base64 = true\n"
+)
+BEARER = '[control]\nenabled = true\nauth = "bearer"\n'
+SECRET_MODE = '[control]\nenabled = true\nauth = "secret"\n'
+OUTBOUND = '[outbound]\nhttp_enabled = true\nfrom_number = "+15550100001"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "variable", "value", "key", "fragment"),
+    [
+        (HMAC_BASE64, "VAPI_WEBHOOK_SECRET", "not base64!", "vapi_webhook_secret", "not base64"),
+        (HMAC_BASE64, "VAPI_WEBHOOK_SECRET", "c2VjcmV0", "", ""),  # b"secret"
+        (HMAC_BASE64, "VAPI_WEBHOOK_SECRET", "c2VjcmV", "vapi_webhook_secret", "not base64"),
+        (HMAC_BASE64, "VAPI_WEBHOOK_SECRET", "====", "vapi_webhook_secret", "not base64"),
+        (BEARER, "VAPI_WEBHOOK_SECRET", "line\nbreak", "vapi_webhook_secret", "HTTP header"),
+        (BEARER, "VAPI_WEBHOOK_SECRET", "sécret-Hq2v9rT4", "vapi_webhook_secret", "ASCII"),
+        (SECRET_MODE, "VAPI_WEBHOOK_SECRET", "trailing-space ", "vapi_webhook_secret", "ASCII"),
+        (SECRET_MODE, "VAPI_WEBHOOK_SECRET", "inner space ok", "", ""),
+        (OUTBOUND, "CONTROL_API_TOKEN", "tök-0123456789", "control_api_token", "ASCII"),
+    ],
+)
+def test_check_config_refuses_a_secret_serve_could_never_use(
+    tmp_path: Path, toml: str, variable: str, value: str, key: str, fragment: str
+) -> None:
+    environ = {**COMPLETE_ENV, f"VOICEBRIDGE_{variable}": value}
+    if "[outbound]" in toml:
+        environ["VOICEBRIDGE_VAPI_WEBHOOK_SECRET"] = "unused"
+    out, err = io.StringIO(), io.StringIO()
+    code = check_config_main(str(write(tmp_path, toml)), environ=environ, out=out, err=err)
+    if not key:
+        assert (code, err.getvalue()) == (0, "")
+        return
+    assert code == 2
+    [line] = err.getvalue().splitlines()
+    assert line.startswith(f"voicebridge: config error: credentials.{key}: "), line
+    assert fragment in line and f"environment variable VOICEBRIDGE_{variable}" in line
+    assert value.strip() not in line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("bearer_prefix", "Bearer ", True),
+        ("bearer_prefix", "", True),
+        ("bearer_prefix", "Token  ", True),
+        ("bearer_prefix", " Bearer", False),
+        ("bearer_prefix", "Bearer\t", False),
+        ("hmac_signature_prefix", "sha256=", True),
+        ("hmac_signature_prefix", "v1,", True),
+        ("hmac_signature_prefix", "\u00e9=", False),
+    ],
+)
+def test_credential_prefixes_must_start_a_header_value(key: str, value: str, ok: bool) -> None:
+    data = {"control": {key: value}}
+    if ok:
+        assert getattr(load(data).control, key) == value
+        return
+    error = error_of(data)
+    assert error.key == f"control.{key}"
+    assert "HTTP header value" in error.reason
+
+
+@pytest.mark.parametrize(
+    "variable", ["VOICEBRIDGE_STREAM_TOKEN_SECRET", "VOICEBRIDGE_VAPI_API_KEY"]
+)
+def test_a_secret_variable_that_is_not_utf8_is_named(variable: str) -> None:
+    # How Python hands over an environment value whose bytes are not UTF-8.
+    environ = {**COMPLETE_ENV, variable: "0123456789abcdef\udcff"}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({}, environ=environ)
+    name = variable.removeprefix("VOICEBRIDGE_").lower()
+    assert (info.value.key, info.value.reason) == (
+        f"credentials.{name}",
+        f"environment variable {variable} is not UTF-8",
+    )
+
+
+def test_check_config_imports_the_tool_handlers_as_serve_does(tmp_path: Path) -> None:
+    path = write(tmp_path, '[tools]\nhandlers = { lookup = "no_such_package.tools:lookup" }\n')
+    err = io.StringIO()
+    assert check_config_main(str(path), environ=COMPLETE_ENV, out=io.StringIO(), err=err) == 2
+    assert err.getvalue() == (
+        "voicebridge: config error: tools.handlers.lookup: cannot import "
+        "no_such_package.tools: No module named 'no_such_package'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "environ", "expected"),
+    [
+        (
+            HMAC_BASE64,
+            {"VOICEBRIDGE_VAPI_WEBHOOK_SECRET": "not base64!"},
+            "credentials.vapi_webhook_secret: control.hmac_secret_is_base64 is true but the "
+            "secret is not base64",
+        ),
+        (
+            '[tools]\nhandlers = { lookup = "no_such_package.tools:lookup" }\n',
+            {},
+            "tools.handlers.lookup: cannot import no_such_package.tools",
+        ),
+    ],
+)
+def test_serve_refuses_them_at_start_without_a_traceback(
+    tmp_path: Path, toml: str, environ: dict[str, str], expected: str
+) -> None:
+    """``voicebridge serve`` as a user runs it: a real subprocess."""
+    config = write(tmp_path, '[server]\nlisten = "127.0.0.1:0"\n' + toml)
+    result = subprocess.run(
+        [sys.executable, "-m", "voicebridge", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, **COMPLETE_ENV, **environ},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"voicebridge: config error: {expected}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --- the example file and the docs -------------------------------------------------------

@@ -138,6 +138,9 @@ def _serve(config_path: str) -> int:
                 reload_config=partial(load_config, config_path),
             )
         )
+    except ConfigError as exc:  # what only building the services finds (a tool handler)
+        print(f"voicebridge: config error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

@@ -15,6 +15,8 @@ contains a secret's value.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import json
@@ -434,6 +436,24 @@ def _containing(placeholder: str) -> _Validator:
     return check
 
 
+#: An HTTP header value as it arrives after parsing: visible ASCII with inner spaces
+#: (the parser strips a value's leading and trailing whitespace, and anything else is
+#: not a header value a sender may put on the wire).
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+#: The start of such a value (a prefix, followed by the credential): may end in spaces.
+_HEADER_PREFIX = re.compile(r"[\x21-\x7e][\x20-\x7e]*")
+
+
+def _header_text(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Validator: empty, or text that can start an HTTP header value (a prefix)."""
+    if value and not _HEADER_PREFIX.fullmatch(value):
+        raise ConfigError(
+            attribute.name,
+            "must be visible ASCII and spaces, not starting with a space (it starts an "
+            f"HTTP header value), got {_show(value)}",
+        )
+
+
 def _hmac_needs_credential(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     # Invariant: attrs runs validators after every field is set, so auth is readable.
     if instance.auth == "hmac" and instance.set_server_url and not value:
@@ -498,12 +518,12 @@ class ControlConfig:
     auth: Literal["secret", "bearer", "hmac"] = "bearer"
     bearer_header: str = field(default="Authorization", validator=_header_name)
     #: Put before the token in ``bearer_header`` (Vapi's default ``Bearer ``; may be empty).
-    bearer_prefix: str = "Bearer "
+    bearer_prefix: str = field(default="Bearer ", validator=_header_text)
     hmac_algorithm: Literal["sha256", "sha512", "sha1"] = "sha256"
     hmac_signature_header: str = field(default="x-signature", validator=_header_name)
     hmac_timestamp_header: str = field(default="x-timestamp", validator=_header_name)
     #: Text before the signature in its header, e.g. ``sha256=``; empty = none.
-    hmac_signature_prefix: str = ""
+    hmac_signature_prefix: str = field(default="", validator=_header_text)
     #: What is signed; placeholders ``{timestamp}``, ``{body}``, ``{method}``, ``{url}``.
     hmac_payload_format: str = field(default="{timestamp}.{body}", validator=_containing("{body}"))
     hmac_signature_encoding: Literal["hex", "base64"] = "hex"
@@ -1027,6 +1047,16 @@ def _read_secret_file(path: Path) -> str:
     return text
 
 
+def _is_utf8(text: str) -> bool:
+    """False for an environment value that was not UTF-8 (Python keeps its bytes as lone
+    surrogates, which no secret may carry into an encode)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secrets, list[_Problem]]:
     """Read each secret from its credential, else its ``*_file``, else its env variable."""
     found: dict[str, Secret] = {}
@@ -1044,7 +1074,11 @@ def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secre
         elif file_name:
             path, key, source = Path(file_name), f"secrets.{file_key}", f"file {file_name}"
         elif env in environ:
-            found[name] = Secret(environ[env], source=f"environment variable {env}")
+            value = environ[env]
+            if not _is_utf8(value):
+                problems.append((f"credentials.{name}", f"environment variable {env} is not UTF-8"))
+                continue
+            found[name] = Secret(value, source=f"environment variable {env}")
             continue
         else:
             continue
@@ -1070,6 +1104,70 @@ def _silence_problems(vapi: VapiConfig) -> list[_Problem]:
                 f"{SILENCE_DEADLINE_MARGIN_S:g} s "
                 f"({vapi.silence_timeout_s + SILENCE_DEADLINE_MARGIN_S:g}), got "
                 f"{vapi.silence_deadline_s:g}: quiet calls would fail before Vapi ends them",
+            )
+        )
+    return problems
+
+
+def webhook_key(control: ControlConfig, secret: str) -> bytes:
+    """The key that authenticates Vapi's webhooks: what their credential header must hold
+    (``secret``/``bearer`` modes, prefix included) or the HMAC key.
+
+    Raises ``ConfigError("credentials.vapi_webhook_secret", reason)`` for a secret that
+    could never authenticate a webhook: empty; in ``hmac`` mode with
+    ``hmac_secret_is_base64``, not base64; in the header modes,
+    not something an HTTP header can carry unchanged (visible ASCII, inner spaces).
+    """
+    key = "credentials.vapi_webhook_secret"
+    if not secret:
+        raise ConfigError(key, "empty: webhooks cannot be checked")
+    if control.auth == "hmac":
+        if not control.hmac_secret_is_base64:
+            return secret.encode()
+        try:
+            decoded = base64.b64decode(secret.encode(), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ConfigError(
+                key,
+                "control.hmac_secret_is_base64 is true but the secret is not base64 "
+                "(A-Z a-z 0-9 + / and = padding, length a multiple of 4)",
+            ) from None
+        return decoded
+    value = (control.bearer_prefix if control.auth == "bearer" else "") + secret
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ConfigError(
+            key,
+            f"with control.auth = {control.auth} it travels in an HTTP header: it must be "
+            "visible ASCII, with spaces only inside it",
+        )
+    return value.encode()
+
+
+def _from(secret: Secret) -> str:
+    return f" (from {secret.source})" if secret.source else ""
+
+
+def _secrets_unusable(config: Config) -> list[_Problem]:
+    """Secrets that are set but could never work with the configuration that uses them
+    (``serve`` would refuse every request, or fail at start)."""
+    problems: list[_Problem] = []
+    webhook_secret = config.credentials.vapi_webhook_secret
+    if config.control.enabled and webhook_secret:
+        try:
+            webhook_key(config.control, webhook_secret.reveal())
+        except ConfigError as exc:
+            problems.append((exc.key, exc.reason + _from(webhook_secret)))
+    api_token = config.credentials.control_api_token
+    if (
+        config.outbound.http_enabled
+        and api_token
+        and not _HEADER_VALUE.fullmatch(api_token.reveal())
+    ):
+        problems.append(
+            (
+                "credentials.control_api_token",
+                "it travels in the Authorization header: it must be visible ASCII, with "
+                "spaces only inside it" + _from(api_token),
             )
         )
     return problems
@@ -1191,6 +1289,7 @@ def config_from_mapping(
         )
     config = config.evolve(credentials=credentials)
     problems += _silence_problems(config.vapi)
+    problems += _secrets_unusable(config)
     if require_complete:
         problems += _incomplete(config)
     if problems:
@@ -1321,7 +1420,8 @@ def check_config_main(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """``voicebridge check-config [--config PATH]``: load as ``serve`` would and report.
+    """``voicebridge check-config [--config PATH]``: load as ``serve`` would and report
+    (the tool handlers are imported too).
 
     Prints the effective configuration (secrets masked) to ``out`` (default stdout) and
     returns 0; or prints one ``voicebridge: config error: <key>: <reason>`` line per problem
@@ -1329,8 +1429,12 @@ def check_config_main(
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    # Imported here: the tools module needs this one.
+    from voicebridge.control.tools import check_handlers
+
     try:
         config = load_config(path, environ=environ, require_complete=True)
+        check_handlers(config.tools.handlers)  # serve imports them at start
     except ConfigError as exc:
         _print_error(exc, err)
         return 2

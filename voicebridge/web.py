@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import assert_never
 
@@ -43,7 +44,7 @@ from voicebridge.bridge.registry import Answer, CallRegistry, Full, Spent
 from voicebridge.config import Config
 from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
-from voicebridge.control.routes import add_control_routes, log_rejected
+from voicebridge.control.routes import BodyTooLarge, add_control_routes, log_rejected, read_body
 from voicebridge.errors import SocketClosed
 from voicebridge.net.transport import SocketTransport
 from voicebridge.net.ws import UpgradeRefused, accept_upgrade, read_upgrade
@@ -64,6 +65,8 @@ AFTER_STREAM_PATH = "/twilio/after-stream"
 #: and keeps a hostile client from making us buffer megabytes.
 MAX_WEBHOOK_BYTES = 64 * 1024
 TWIML = "text/xml"
+#: The form encodings of Twilio's webhooks (the second is an old alias quart accepts).
+FORM_MIMETYPES = ("application/x-www-form-urlencoded", "application/x-url-encoded")
 #: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
 MAX_MEDIA_MESSAGE_BYTES = 64 * 1024
 #: How long the ``<Connect action>`` waits for a call that is still winding down (its
@@ -113,6 +116,12 @@ def _parameter_value(name: str, value: str) -> str:
     return value
 
 
+def form_params(body: bytes) -> list[tuple[str, str]]:
+    """A form-encoded body's fields in order, repeats kept (Twilio signs them all).
+    Raises ``UnicodeDecodeError``: Twilio's forms are UTF-8."""
+    return urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+
+
 def _path_and_query() -> str:
     query = request.query_string.decode("latin-1")
     return request.path + (f"?{query}" if query else "")
@@ -121,21 +130,32 @@ def _path_and_query() -> str:
 def create_app(get_services: Callable[[], Services]) -> QuartTrio:
     """The quart-trio app. ``get_services`` returns the current services (reloadable)."""
     app = QuartTrio(__name__)
-    # Vapi's end-of-call reports can be larger than any Twilio webhook: the app-wide
-    # limit is the larger one, and the Twilio routes check their own (signed_form).
+    # Each route reads its body with its own limit (read_body). quart's limit only
+    # counts the bytes that arrived and are not yet read: a backstop on what piles up
+    # for a route that answers without reading, as large as the largest route's limit
+    # (Vapi's end-of-call reports carry transcripts).
     app.config["MAX_CONTENT_LENGTH"] = max(
         MAX_WEBHOOK_BYTES, get_services().config.control.max_body_bytes
     )
 
     async def signed_form() -> tuple[dict[str, str], Response | None]:
-        """The webhook's form, or the 403 to answer when its signature is bad."""
+        """The webhook's form, or the answer to give instead: 413 for a body over
+        ``MAX_WEBHOOK_BYTES`` (read no further, chunked or not), 400 for a form that is
+        not UTF-8, 403 when its signature is bad."""
         services = get_services()
-        if (request.content_length or 0) > MAX_WEBHOOK_BYTES:
+        try:
+            body = await read_body(MAX_WEBHOOK_BYTES)
+        except BodyTooLarge as exc:
+            services.metrics.webhook_rejected(request.path)
+            log_rejected("too-large", str(exc))
             return {}, _text_response("body too large", 413)
-        form = await request.form
-        params = list(form.items(multi=True))
+        try:
+            params = form_params(body) if request.mimetype in FORM_MIMETYPES else []
+        except UnicodeDecodeError:
+            return {}, _text_response("form is not UTF-8", 400)
+        form = dict(params)
         if services.verifier is None:
-            return dict(params), None
+            return form, None
         try:
             services.verifier.verify_form(
                 path_and_query=_path_and_query(),
@@ -155,7 +175,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 remote=request.remote_addr,
             )
             return {}, _text_response("forbidden", 403)
-        return dict(params), None
+        return form, None
 
     @app.post(VOICE_PATH)
     async def voice_webhook() -> Response:
@@ -326,9 +346,7 @@ async def media_connection(services: Services, transport: SocketTransport, head:
             except SignatureError as exc:
                 upgrade_signature = exc.reason
         try:
-            socket = await accept_upgrade(
-                transport, ws, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES
-            )
+            socket = await accept_upgrade(transport, ws, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES)
         except SocketClosed:
             return  # the client went away during the handshake
         call = Call(

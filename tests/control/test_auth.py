@@ -11,6 +11,7 @@ import pytest
 
 from voicebridge.config import ControlConfig
 from voicebridge.control.auth import WebhookAuthenticator, WebhookAuthError
+from voicebridge.errors import ConfigError
 
 BODY = b'{"message": {"type": "status-update",  "status": "ended"}}'  # odd spacing on purpose
 URL = "https://bridge.example.com/vapi/webhook"
@@ -109,8 +110,61 @@ def test_errors_never_show_the_secret_or_signature() -> None:
     assert SECRET not in repr(WebhookAuthenticator.from_config(hmac_config(), SECRET))
 
 
-def test_empty_or_bad_secret_is_refused() -> None:
-    with pytest.raises(ValueError):
-        WebhookAuthenticator.from_config(ControlConfig(), "")
-    with pytest.raises(ValueError):
-        WebhookAuthenticator.from_config(hmac_config(hmac_secret_is_base64=True), "not base64!")
+@pytest.mark.parametrize(
+    ("config", "secret", "why"),
+    [
+        (ControlConfig(), "", "empty"),
+        (hmac_config(hmac_secret_is_base64=True), "not base64!", "not base64"),
+        (hmac_config(hmac_secret_is_base64=True), "abc", "not base64"),
+        (hmac_config(hmac_secret_is_base64=True), "====", "not base64"),
+        (hmac_config(hmac_secret_is_base64=True), "", "empty"),
+        (ControlConfig(auth="bearer"), "tok\nen", "HTTP header"),
+        (ControlConfig(auth="secret"), "sécret-0123456789", "HTTP header"),
+        (ControlConfig(auth="secret"), " padded ", "HTTP header"),
+        (ControlConfig(auth="bearer", bearer_prefix=""), " leading", "HTTP header"),
+    ],
+)
+def test_a_secret_that_cannot_work_is_a_config_error(
+    config: ControlConfig, secret: str, why: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        WebhookAuthenticator.from_config(config, secret)
+    assert info.value.key == "credentials.vapi_webhook_secret"
+    assert why in info.value.reason
+    assert not secret or secret.strip() not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "good"),
+    [
+        (ControlConfig(auth="secret"), {"x-vapi-secret": SECRET}),
+        (ControlConfig(auth="bearer"), {"authorization": f"Bearer {SECRET}"}),
+    ],
+)
+def test_header_modes_decide_on_the_headers_alone(
+    config: ControlConfig, good: dict[str, str]
+) -> None:
+    auth = WebhookAuthenticator.from_config(config, SECRET)
+    assert not auth.needs_body
+    auth.verify_headers(headers=good, now=NOW)
+    with pytest.raises(WebhookAuthError, match="mismatch"):
+        auth.verify_headers(headers={k: v + "x" for k, v in good.items()}, now=NOW)
+    with pytest.raises(WebhookAuthError, match="missing"):
+        auth.verify_headers(headers={}, now=NOW)
+
+
+def test_hmac_headers_decide_presence_and_freshness_before_the_body() -> None:
+    auth = WebhookAuthenticator.from_config(hmac_config(), SECRET)
+    assert auth.needs_body
+    stamp = str(int(NOW))
+    # A wrong signature of a fresh request passes the headers: only the body can tell.
+    auth.verify_headers(headers={"x-signature": "00", "x-timestamp": stamp}, now=NOW)
+    for headers, why in [
+        ({"x-timestamp": stamp}, "missing"),
+        ({"x-signature": "00"}, "missing"),
+        ({"x-signature": "00", "x-timestamp": str(int(NOW - 301))}, "stale"),
+        ({"x-signature": "00", "x-timestamp": "soon"}, "malformed"),
+    ]:
+        with pytest.raises(WebhookAuthError) as info:
+            auth.verify_headers(headers=headers, now=NOW)
+        assert info.value.reason == why

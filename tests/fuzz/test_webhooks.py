@@ -4,21 +4,27 @@ The voice webhook and the ``<Connect action>`` face the network. Whatever arrive
 signed or not, well-formed or not, with any fields and values — the answer is one a
 caller survives: TwiML (200), or 400 / 403 / 413 for requests Twilio never sends. Never
 a 5xx, which makes Twilio play its generic error to the caller. Signed requests get
-TwiML that parses. Driven through quart's test client against the real routes.
+TwiML that parses. Vapi's webhook answers 401 to anything without its credential, 413
+to anything over its limit, and never a 5xx. Driven through quart's test client
+against the real routes.
 """
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import attrs
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from quart import Response
 from quart_trio import QuartTrio
 
+from tests.fuzz.strategies import json_values
+from voicebridge.config import Secret
 from voicebridge.loopback import loopback_config
 from voicebridge.server import build_services
 from voicebridge.twilio.signature import sign
@@ -148,3 +154,43 @@ async def test_a_malformed_call_sid_is_refused_without_taking_a_slot() -> None:
         response = await post_signed(create_app(lambda: services), VOICE_PATH, form)
     assert response.status_code == 400
     assert services.registry.load == 0
+
+
+# --- Vapi's webhook: the credential first, then the limit, then the message -------------------
+
+VAPI_SECRET = "fuzz-vapi-secret-0123456789"
+VAPI_LIMIT = 2048
+VAPI_CONFIG = CONFIG.evolve(
+    control=attrs.evolve(CONFIG.control, enabled=True, auth="bearer", max_body_bytes=VAPI_LIMIT),
+    credentials=attrs.evolve(CONFIG.credentials, vapi_webhook_secret=Secret(VAPI_SECRET)),
+)
+vapi_bodies = (
+    st.binary(max_size=300)
+    | st.builds(lambda v: json.dumps({"message": v}).encode(), json_values())
+    | st.binary(min_size=VAPI_LIMIT - 2, max_size=VAPI_LIMIT + 2)
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+@given(
+    vapi_bodies,
+    st.sampled_from(["", f"Bearer {VAPI_SECRET}", f"Bearer {VAPI_SECRET}x", VAPI_SECRET]),
+)
+async def test_any_vapi_webhook_is_judged_by_its_credential_then_its_size(
+    body: bytes, authorization: str
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    async with httpx.AsyncClient() as http:
+        services = build_services(VAPI_CONFIG, http)
+        app = create_app(lambda: services)
+        response = await app.test_client().post("/vapi/webhook", data=body, headers=headers)
+    if authorization != f"Bearer {VAPI_SECRET}":
+        assert response.status_code == 401
+    elif len(body) > VAPI_LIMIT:
+        assert response.status_code == 413
+    else:
+        assert response.status_code in (200, 400)

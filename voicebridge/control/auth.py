@@ -6,12 +6,16 @@ body, the timestamp, the method and the URL. Every comparison is constant-time.
 HMAC requests also carry a timestamp, accepted in seconds or milliseconds, that
 must lie within the replay window of our clock. Nothing here logs, and no error
 message ever holds the secret or a signature.
+
+``verify_headers`` is everything the headers alone decide: the whole check in the
+``secret`` and ``bearer`` modes, the signature's presence and the timestamp's
+freshness in ``hmac`` mode. The route runs it before reading any of the body, so a
+request without the credential costs us its head only.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import math
@@ -21,7 +25,7 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
-from voicebridge.config import ControlConfig
+from voicebridge.config import ControlConfig, webhook_key
 from voicebridge.errors import VoicebridgeError
 
 #: Header of the legacy mode (a bearer credential with this name and no prefix).
@@ -64,24 +68,15 @@ class WebhookAuthenticator:
 
     @classmethod
     def from_config(cls, config: ControlConfig, secret: str) -> WebhookAuthenticator:
-        """Raises ``ValueError`` for an empty secret or an HMAC secret that is not base64
-        when ``hmac_secret_is_base64`` says it is."""
-        if not secret:
-            raise ValueError("the Vapi webhook secret is empty: webhooks cannot be checked")
+        """Raises ``ConfigError`` (key ``credentials.vapi_webhook_secret``) for a secret
+        that cannot authenticate anything: empty, not base64 when
+        ``hmac_secret_is_base64`` says it is, or not sendable in an HTTP header in the
+        header modes. ``load_config`` refuses the same secrets (``webhook_key``)."""
+        key = webhook_key(config, secret)
         if config.auth == "secret":
-            return cls(mode="secret", key=secret.encode(), header=VAPI_SECRET_HEADER)
+            return cls(mode="secret", key=key, header=VAPI_SECRET_HEADER)
         if config.auth == "bearer":
-            return cls(
-                mode="bearer",
-                key=(config.bearer_prefix + secret).encode(),
-                header=config.bearer_header.lower(),
-            )
-        key = secret.encode()
-        if config.hmac_secret_is_base64:
-            try:
-                key = base64.b64decode(secret, validate=True)
-            except binascii.Error:
-                raise ValueError("the Vapi webhook secret is not base64") from None
+            return cls(mode="bearer", key=key, header=config.bearer_header.lower())
         return cls(
             mode="hmac",
             key=key,
@@ -93,6 +88,31 @@ class WebhookAuthenticator:
             encoding=config.hmac_signature_encoding,
             replay_window_s=config.replay_window_s,
         )
+
+    @property
+    def needs_body(self) -> bool:
+        """Whether the verdict depends on the body (``hmac``); if not, ``verify_headers``
+        is the whole check."""
+        return self.mode == "hmac"
+
+    def verify_headers(self, *, headers: Mapping[str, str], now: float) -> None:
+        """Raise ``WebhookAuthError`` for what the headers alone show to be not Vapi's.
+
+        In the ``secret`` and ``bearer`` modes a request that passes is authentic; in
+        ``hmac`` mode it still needs ``verify``. ``headers`` must have lower-case names;
+        ``now`` is Unix time in seconds.
+        """
+        given = headers.get(self.header)
+        if not given:
+            raise WebhookAuthError("missing", f"no {self.header} header")
+        if self.mode != "hmac":
+            if not hmac.compare_digest(given.encode(), self._key):
+                raise WebhookAuthError("mismatch", f"{self.header} does not match")
+            return
+        timestamp = headers.get(self.timestamp_header, "").strip()
+        if not timestamp:
+            raise WebhookAuthError("missing", f"no {self.timestamp_header} header")
+        self._check_fresh(timestamp, now)
 
     def verify(
         self,
@@ -108,19 +128,12 @@ class WebhookAuthenticator:
         ``headers`` must have lower-case names; ``body`` is the raw bytes as received;
         ``url`` is the public URL Vapi was told to call; ``now`` is Unix time in seconds.
         """
-        given = headers.get(self.header)
-        if not given:
-            raise WebhookAuthError("missing", f"no {self.header} header")
-        if self.mode != "hmac":
-            if not hmac.compare_digest(given.encode(), self._key):
-                raise WebhookAuthError("mismatch", f"{self.header} does not match")
+        self.verify_headers(headers=headers, now=now)
+        if not self.needs_body:
             return
-        timestamp = headers.get(self.timestamp_header, "").strip()
-        if not timestamp:
-            raise WebhookAuthError("missing", f"no {self.timestamp_header} header")
-        self._check_fresh(timestamp, now)
+        timestamp = headers[self.timestamp_header].strip()
         expected = self.signature(timestamp=timestamp, body=body, method=method, url=url)
-        if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        if not hmac.compare_digest(headers[self.header].strip().encode(), expected.encode()):
             raise WebhookAuthError("mismatch", f"{self.header} does not match the body")
 
     def signature(self, *, timestamp: str, body: bytes, method: str, url: str) -> str:

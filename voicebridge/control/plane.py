@@ -44,6 +44,17 @@ MAX_REMEMBERED_CALLS: Final = 10_000
 MAX_SUMMARY_CHARS: Final = 500
 #: The result the end-call tool gives the assistant.
 END_CALL_RESULT: Final = "Ending the call now. Say a short goodbye."
+#: Tool calls run from one webhook; the rest get an error result without running. A
+#: model asks for a handful in parallel per turn; 64 is far above that, and bounds the
+#: tasks, handler threads and log lines one request can cause (the body alone could
+#: carry tens of thousands).
+MAX_TOOL_CALLS_PER_REQUEST: Final = 64
+#: The error result of a tool call past that bound.
+TOO_MANY_TOOL_CALLS: Final = (
+    f"not run: more than {MAX_TOOL_CALLS_PER_REQUEST} tool calls in one request"
+)
+#: Unknown tool names shown in the one warning about a request that called them.
+MAX_UNKNOWN_NAMES_LOGGED: Final = 5
 #: Tool arguments that may name a transfer destination, in the order they are read.
 DESTINATION_ARGUMENTS: Final = ("destination", "number", "phoneNumber")
 
@@ -176,8 +187,17 @@ class ControlPlane:
     async def _run_tool_calls(
         self, request: msg.ToolCallsRequest, ref: msg.CallRef, spawn: Spawn
     ) -> list[msg.ToolResult]:
-        """Every call of the request at once, each bounded by the tool deadline; in order."""
-        results: list[msg.ToolResult | None] = [None] * len(request.tool_calls)
+        """The results of every call of the request, in order.
+
+        The first ``MAX_TOOL_CALLS_PER_REQUEST`` run at once, each bounded by the tool
+        deadline; the rest get the ``TOO_MANY_TOOL_CALLS`` error without running. Calls
+        of tools nobody handles get an error result and one warning per request.
+        Cancellation cancels the tools still running.
+        """
+        calls = request.tool_calls[:MAX_TOOL_CALLS_PER_REQUEST]
+        excess = request.tool_calls[MAX_TOOL_CALLS_PER_REQUEST:]
+        results: list[msg.ToolResult | None] = [None] * len(calls)
+        unknown = [call.name for call in calls if not self._known(call.name)]
 
         async def run_one(index: int, call: msg.ToolCall) -> None:
             compute = partial(self._run_tool, call, ref, spawn)
@@ -187,9 +207,42 @@ class ControlPlane:
                 results[index] = await self._memory.run_once(call.id, compute)
 
         async with trio.open_nursery() as tools_nursery:
-            for index, call in enumerate(request.tool_calls):
+            for index, call in enumerate(calls):
                 tools_nursery.start_soon(run_one, index, call)
-        return [result for result in results if result is not None]
+        if unknown:
+            names = sorted(set(unknown))
+            shown = ", ".join(
+                repr(name[: msg.MAX_TYPE_CHARS]) for name in names[:MAX_UNKNOWN_NAMES_LOGGED]
+            )
+            more = len(names) - MAX_UNKNOWN_NAMES_LOGGED
+            _log_call(
+                logging.WARNING,
+                "tool-unknown",
+                f"call {ref.call_sid or '?'}: {len(unknown)} call(s) of unknown tool(s) "
+                f"{shown}" + (f" and {more} more" if more > 0 else ""),
+                ref,
+                tool=names[0][: msg.MAX_TYPE_CHARS],
+                count=len(unknown),
+            )
+        if excess:
+            _log_call(
+                logging.WARNING,
+                "tool-calls-refused",
+                f"call {ref.call_sid or '?'}: {len(request.tool_calls)} tool calls in one "
+                f"request; the {len(excess)} past the first {MAX_TOOL_CALLS_PER_REQUEST} "
+                "were answered with an error without running",
+                ref,
+                count=len(request.tool_calls),
+                refused=len(excess),
+            )
+        return [result for result in results if result is not None] + [
+            msg.ToolResult(tool_call_id=call.id, name=call.name, error=TOO_MANY_TOOL_CALLS)
+            for call in excess
+        ]
+
+    def _known(self, name: str) -> bool:
+        tools = self._config.tools
+        return name in (tools.transfer_tool, tools.end_call_tool) or self._dispatcher.knows(name)
 
     async def _run_tool(self, call: msg.ToolCall, ref: msg.CallRef, spawn: Spawn) -> msg.ToolResult:
         tools = self._config.tools
@@ -202,12 +255,9 @@ class ControlPlane:
                 return msg.ToolResult(tool_call_id=call.id, name=call.name, error=error)
             return msg.ToolResult(tool_call_id=call.id, name=call.name, result=END_CALL_RESULT)
         if not self._dispatcher.knows(call.name):
-            _log_call(
-                logging.WARNING,
-                "tool-unknown",
-                f"call {ref.call_sid or '?'}: the assistant called unknown tool {call.name!r}",
-                ref,
-                tool=call.name[: msg.MAX_TYPE_CHARS],
+            # Logged once for the whole request (_run_tool_calls).
+            return msg.ToolResult(
+                tool_call_id=call.id, name=call.name, error=f"unknown tool {call.name}"
             )
         context = ToolContext(
             call_sid=ref.call_sid,

@@ -1,14 +1,20 @@
 """HTTP endpoints of call control: Vapi's webhook and the outbound-call API. Adapters only.
 
-- ``POST /vapi/webhook``: Vapi's server messages. Over ``control.max_body_bytes`` →
-  413; not authentic (``control.auth``, over the raw body bytes) → 401 and one log
-  line; not JSON or not the envelope → 400; anything else → 200 with the answer
-  (tool results, transfer destination, or ``{}``). Unknown types → 200 ``{}``.
+- ``POST /vapi/webhook``: Vapi's server messages. Not authentic (``control.auth``) →
+  401 and one log line, decided from the headers before any of the body is read in
+  the ``secret`` and ``bearer`` modes (and for a missing or stale signature in
+  ``hmac`` mode); over ``control.max_body_bytes`` → 413; a bad HMAC of the raw body
+  bytes → 401; not JSON or not the envelope → 400; anything else → 200 with the
+  answer (tool results, transfer destination, or ``{}``). Unknown types → 200 ``{}``.
 - ``POST /control/calls``: ``{"to": "+1…"}`` (and optionally ``"assistant"``, one of
   ``outbound.assistants``) with ``Authorization: Bearer <control api token>`` places
-  an outbound call → 201 ``{"callSid": …}``; 400 for a bad number or assistant.
+  an outbound call → 201 ``{"callSid": …}``; 401 (before the body is read) without
+  the token; 400 for a bad number or assistant.
 
-Both answer 404 unless enabled in the configuration.
+Both answer 404 unless enabled in the configuration. Every body is read with
+``read_body``: as it arrives, and never past its route's limit, whether it came with a
+``Content-Length`` or chunked. Every answer closes the connection, so a body left
+unread is never read.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from voicebridge.control import messages as msg
 from voicebridge.control.assistants import AssistantRefused, is_e164, outbound_assistant
 from voicebridge.control.auth import WebhookAuthError
 from voicebridge.control.plane import ControlError, ControlPlane
+from voicebridge.errors import VoicebridgeError
 from voicebridge.observability.logs import log_event
 from voicebridge.twilio.rest import TwilioRestError
 
@@ -63,6 +70,34 @@ def vapi_server_override(config: Config) -> dict[str, Any] | None:
     return server
 
 
+class BodyTooLarge(VoicebridgeError):
+    """The request's body is over its route's limit (answer 413). Safe to log."""
+
+
+async def read_body(limit: int) -> bytes:
+    """The current request's body, read as it arrives, never more than ``limit`` bytes.
+
+    Raises ``BodyTooLarge`` at once when the declared ``Content-Length`` is over
+    ``limit``, else as soon as the bytes received pass it (a chunked body declares no
+    length): the rest is never read, and the 413's ``Connection: close`` drops it.
+    quart's own ``MAX_CONTENT_LENGTH`` is no such limit here: it counts only the bytes
+    not yet consumed, so a body read piece by piece (as its form parser does) passes
+    it however long it is. Cancellation drops what was read so far.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"body of {declared} bytes is over {limit}")
+    received = bytearray()
+    try:
+        async for chunk in request.body:
+            received += chunk
+            if len(received) > limit:
+                raise BodyTooLarge(f"body over {limit} bytes (stopped reading)")
+    except RequestEntityTooLarge:  # the app-wide backstop (create_app) tripped first
+        raise BodyTooLarge(f"body over {limit} bytes (stopped reading)") from None
+    return bytes(received)
+
+
 def _json_response(body: bytes | Mapping[str, Any], status: int = 200) -> Response:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
     response = Response(data, status=status, mimetype=JSON)
@@ -85,29 +120,31 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         plane = get_control()
         if plane is None or plane.authenticator is None:
             return _error(404, "not found")
+        authenticator = plane.authenticator
         config = plane.config
-        limit = config.control.max_body_bytes
-        if (request.content_length or 0) > limit:
-            log_rejected("too-large", f"body of {request.content_length} bytes is over {limit}")
-            return _error(413, "body too large")
-        try:
-            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        except RequestEntityTooLarge:
-            log_rejected("too-large", "body over the server's limit")
-            return _error(413, "body too large")
-        if len(body) > limit:
-            log_rejected("too-large", f"body of {len(body)} bytes is over {limit}")
-            return _error(413, "body too large")
         headers = {name.lower(): value for name, value in request.headers.items()}
-        query = request.query_string.decode("latin-1")
-        url = config.server.public_url + request.path + (f"?{query}" if query else "")
+        now = time.time()
         try:
-            plane.authenticator.verify(
-                headers=headers, body=body, method=request.method, url=url, now=time.time()
-            )
+            # Before the body: a request without the credential costs its head only.
+            authenticator.verify_headers(headers=headers, now=now)
         except WebhookAuthError as exc:
             log_rejected(exc.reason, str(exc))
             return _error(401, "unauthorized")
+        try:
+            body = await read_body(config.control.max_body_bytes)
+        except BodyTooLarge as exc:
+            log_rejected("too-large", str(exc))
+            return _error(413, "body too large")
+        if authenticator.needs_body:
+            query = request.query_string.decode("latin-1")
+            url = config.server.public_url + request.path + (f"?{query}" if query else "")
+            try:
+                authenticator.verify(
+                    headers=headers, body=body, method=request.method, url=url, now=now
+                )
+            except WebhookAuthError as exc:
+                log_rejected(exc.reason, str(exc))
+                return _error(401, "unauthorized")
         try:
             message = msg.parse_webhook(body)
         except msg.MalformedWebhook as exc:
@@ -125,13 +162,12 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             log_rejected("mismatch", "outbound call request without the control API token")
             return _error(401, "unauthorized")
-        if (request.content_length or 0) > MAX_CALL_REQUEST_BYTES:
-            return _error(413, "body too large")
         try:
-            document = orjson.loads(
-                await request.get_data(cache=False, as_text=False, parse_form_data=False)
-            )
-        except (orjson.JSONDecodeError, RequestEntityTooLarge):
+            document = orjson.loads(await read_body(MAX_CALL_REQUEST_BYTES))
+        except BodyTooLarge as exc:
+            log_rejected("too-large", str(exc))
+            return _error(413, "body too large")
+        except orjson.JSONDecodeError:
             return _error(400, 'expected JSON {"to": "+15551234567"}')
         if not isinstance(document, dict):
             return _error(400, 'expected JSON {"to": "+15551234567"}')

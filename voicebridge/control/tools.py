@@ -65,17 +65,27 @@ class ToolHandler(Protocol):
 PythonFunction = Callable[[Mapping[str, Any], ToolContext], Any]
 
 
-def load_function(spec: str) -> PythonFunction:
-    """Import ``"package.module:function"``. Raises ``ConfigError`` when it cannot."""
+def load_function(spec: str, *, key: str = "tools.handlers") -> PythonFunction:
+    """Import ``"package.module:function"``. Raises ``ConfigError(key, …)`` when it cannot."""
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of the operator's module
-        raise ConfigError("tools.handlers", f"cannot import {module_name}: {exc}") from None
+        raise ConfigError(key, f"cannot import {module_name}: {exc}") from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ConfigError("tools.handlers", f"{spec}: {module_name} has no function {attribute}")
+        raise ConfigError(key, f"{spec}: {module_name} has no function {attribute}")
     return function  # type: ignore[no-any-return]
+
+
+def check_handlers(handlers: Mapping[str, str]) -> None:
+    """Import every Python handler of ``[tools] handlers``, as ``serve`` does at start.
+
+    Raises ``ConfigError`` (key ``tools.handlers.<name>``) for the first that cannot be.
+    """
+    for name, spec in handlers.items():
+        if not spec.startswith(("http://", "https://")):
+            load_function(spec, key=f"tools.handlers.{name}")
 
 
 class PythonTool:
@@ -173,7 +183,7 @@ class ToolDispatcher:
             if spec.startswith(("http://", "https://")):
                 built[name] = HttpTool(spec, http)
             else:
-                built[name] = PythonTool(load_function(spec), limiter)
+                built[name] = PythonTool(load_function(spec, key=f"tools.handlers.{name}"), limiter)
         return cls(built, deadline_s=deadline_s)
 
     def knows(self, name: str) -> bool:

@@ -230,7 +230,12 @@ class _Replayed(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        # hypercorn closes a connection (Connection: close, or a body left unread) from
+        # inside the app's last send, which quart-trio cancels as the stream closes:
+        # unshielded, the checkpoint before the shutdown raises, the socket stays open
+        # and hypercorn goes on reading whatever the client sends.
+        with trio.CancelScope(shield=True):
+            await self._stream.send_eof()
 
     async def aclose(self) -> None:
         await self._stream.aclose()
