@@ -165,6 +165,9 @@ class Box:
         }
 
     def write_config(self, name: str, *, public_port: int, **server: object) -> Path:
+        """The config file ``name``; a server handed no ops socket binds a free port for
+        it (never the default 9180, which a real service or another test may hold)."""
+        server.setdefault("ops_listen", "127.0.0.1:0")
         path = self.tmp_path / name
         lines = ["[server]", f'public_url = "http://127.0.0.1:{public_port}"']
         lines += ['log_target = "stderr"']
