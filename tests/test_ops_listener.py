@@ -435,3 +435,40 @@ def test_ops_socket_contract() -> None:
     assert service[("Unit", "Requires")] == template[("Unit", "Requires")] == [
         "voicebridge.socket"
     ]
+
+
+SYSTEMCTL = shutil.which("systemctl")
+
+
+def enabled_by(units: Path, *names: str) -> set[str]:
+    """What ``systemctl enable names`` links into the targets of a root at ``units``."""
+    if SYSTEMCTL is None:
+        pytest.skip("systemctl not installed (Debian package: systemd)")
+    root = units / "root"
+    system = root / "etc" / "systemd" / "system"
+    system.mkdir(parents=True)
+    for unit in units.glob("voicebridge*.s*"):
+        shutil.copy(unit, system / unit.name)
+    subprocess.run(
+        [SYSTEMCTL, f"--root={root}", "enable", *names],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return {f"{link.parent.name}/{link.name}" for link in system.glob("*.wants/*")}
+
+
+def test_enabling_the_service_enables_its_ops_socket(units: Path) -> None:
+    assert enabled_by(units, "voicebridge.service") == {
+        "multi-user.target.wants/voicebridge.service",
+        "sockets.target.wants/voicebridge.socket",
+        "sockets.target.wants/voicebridge-ops.socket",
+    }
+
+
+def test_enabling_workers_enables_an_ops_socket_for_each(units: Path) -> None:
+    assert enabled_by(units, "voicebridge@0.service", "voicebridge@1.service") == {
+        "multi-user.target.wants/voicebridge@0.service",
+        "multi-user.target.wants/voicebridge@1.service",
+        "sockets.target.wants/voicebridge.socket",
+        "sockets.target.wants/voicebridge-ops@0.socket",
+        "sockets.target.wants/voicebridge-ops@1.socket",
+    }
