@@ -174,7 +174,8 @@ async def test_an_empty_ops_listen_means_no_ops_listener(
             health = await http.get(bridge.url + HEALTH_PATH)
     assert bridge.listening.ops_addresses == ()
     assert health.status_code == 404
-    assert any("health and metrics on no ops listener" in r.message for r in caplog.records)
+    [listening] = [r.message for r in caplog.records if "accepting connections" in r.message]
+    assert listening.endswith("; no ops listener: health and metrics are not served")
 
 
 #: Holds connections to the public port from 127.0.0.2, each a request head that never

@@ -279,7 +279,11 @@ async def serve(
                     "accepting connections on "
                     + ", ".join(f"{host}:{port}" for host, port in addresses)
                     + (" (socket activation)" if listeners else "")
-                    + f"; health and metrics on {ops_text or 'no ops listener'}",
+                    + (
+                        f"; health and metrics on {ops_text}"
+                        if ops_text
+                        else "; no ops listener: health and metrics are not served"
+                    ),
                     ops_listen=ops_text or None,
                     public_url=config.server.public_url,
                     socket_activated=bool(listeners),

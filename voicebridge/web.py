@@ -236,7 +236,7 @@ def create_ops_app(get_services: Callable[[], Services]) -> QuartTrio:
     Served only on the ops listener (``voicebridge.net.ops``), never on the public port.
     ``get_services`` returns the current services (reloadable).
     """
-    app = QuartTrio(f"{__name__}.ops")
+    app = QuartTrio(__name__)
     # The routes take no body: quart keeps none of what a client sends past this.
     app.config["MAX_CONTENT_LENGTH"] = 0
 
