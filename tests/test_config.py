@@ -965,7 +965,7 @@ def test_serve_refuses_them_at_start_without_a_traceback(
         env={**os.environ, **COMPLETE_ENV, **environ},
     )
     assert result.returncode == 2, result.stderr
-    assert f"voicebridge: config error: {expected}" in result.stderr
+    assert f"config error: {expected}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -280,8 +280,8 @@ async def test_a_replayed_stream_token_is_rejected(caplog: pytest.LogCaptureFixt
 async def test_health_and_readiness() -> None:
     async with running_bridge(server={"max_concurrent_calls": 1}) as bridge, \
             httpx.AsyncClient() as http:
-        health = await http.get(bridge.url + "/healthz")
-        ready = await http.get(bridge.url + "/readyz")
+        health = await http.get(bridge.ops_url + "/healthz")
+        ready = await http.get(bridge.ops_url + "/readyz")
     assert (health.status_code, ready.status_code) == (200, 200)
 
 

@@ -2,8 +2,8 @@
 
 Charter: loopback only (127.0.0.1 and AF_UNIX sockets under tmp_path). The child is a
 small Python script (written to tmp_path) that calls ``listen_sockets()``, prints what
-it got as one JSON line, then serves: either accepting raw connections, or running
-hypercorn on ``hypercorn_binds()``. Every wait on the child is under a deadline.
+it got (and which role ``by_role()`` gives each socket) as one JSON line, then accepts
+one raw connection on each socket. Every wait on the child is under a deadline.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import IO, Any
 import pytest
 
 import voicebridge
-from voicebridge.listenfds import ListenFdsError, listen_sockets
+from voicebridge.listenfds import ListenFdsError, ListenSocket, by_role, listen_sockets
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 needs_activate = pytest.mark.skipif(
@@ -34,14 +34,15 @@ needs_activate = pytest.mark.skipif(
 #: milliseconds; the margin is for Python start-up on a loaded CI machine.
 STEP_TIMEOUT_S = 10.0
 
-#: The activated child. argv[1] is the mode: "accept" or "hypercorn".
+#: The activated child.
 CHILD = textwrap.dedent(
     """
     import fcntl, json, os, socket, sys
-    from voicebridge.listenfds import listen_sockets, hypercorn_binds
+    from voicebridge.listenfds import by_role, listen_sockets
 
     pid_matched = os.environ.get("LISTEN_PID") == str(os.getpid())
     sockets = listen_sockets()
+    roles = by_role(sockets)
     print(json.dumps({
         "pid_matched": pid_matched,
         "env_left": sorted(k for k in os.environ if k.startswith("LISTEN_")),
@@ -56,33 +57,14 @@ CHILD = textwrap.dedent(
             }
             for s in sockets
         ],
+        "public": [s.fileno() for s in roles.public],
+        "ops": [s.fileno() for s in roles.ops],
     }), flush=True)
 
-    if sys.argv[1] == "accept":
-        for s in sockets:
-            conn, _ = s.socket.accept()
-            with conn:
-                conn.sendall(("hello from " + s.name).encode())
-    else:
-        import trio
-        from hypercorn.config import Config
-        from hypercorn.trio import serve
-
-        async def app(scope, receive, send):
-            if scope["type"] == "lifespan":
-                while True:
-                    message = await receive()
-                    kind = message["type"].rsplit(".", 1)[1]  # startup / shutdown
-                    await send({"type": f"lifespan.{kind}.complete"})
-            body = b"served by hypercorn"
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-        config = Config()
-        config.bind = hypercorn_binds(sockets)
-        config.accesslog = None
-        trio.run(serve, app, config)
+    for s in sockets:
+        conn, _ = s.socket.accept()
+        with conn:
+            conn.sendall(("hello from " + s.name).encode())
     """
 )
 
@@ -133,7 +115,7 @@ class Activated:
         return report
 
 
-def activate(tmp_path: Path, mode: str) -> Iterator[Activated]:
+def activate(tmp_path: Path, fdnames: str | None) -> Iterator[Activated]:
     assert ACTIVATE is not None
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -145,11 +127,10 @@ def activate(tmp_path: Path, mode: str) -> Iterator[Activated]:
             ACTIVATE,
             f"--listen=127.0.0.1:{port}",
             f"--listen={unix_path}",
-            "--fdname=http:admin",
+            *([f"--fdname={fdnames}"] if fdnames is not None else []),
             f"--setenv=PYTHONPATH={package_root}",
             sys.executable,
             str(script),
-            mode,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -170,62 +151,58 @@ def activate(tmp_path: Path, mode: str) -> Iterator[Activated]:
 
 
 @pytest.fixture
-def activated_accept(tmp_path: Path) -> Iterator[Activated]:
-    yield from activate(tmp_path, "accept")
+def activated(tmp_path: Path) -> Iterator[Activated]:
+    """The public listener on TCP, the ops listener on a Unix socket, named as the units
+    name them (voicebridge.socket, voicebridge-ops.socket)."""
+    yield from activate(tmp_path, "public:ops")
 
 
 @pytest.fixture
-def activated_hypercorn(tmp_path: Path) -> Iterator[Activated]:
-    yield from activate(tmp_path, "hypercorn")
+def activated_unnamed(tmp_path: Path) -> Iterator[Activated]:
+    yield from activate(tmp_path, None)
 
 
 @needs_activate
-def test_child_gets_named_sockets_that_accept(activated_accept: Activated) -> None:
+def test_child_gets_named_sockets_that_accept(activated: Activated) -> None:
     # The connection that activates the child waits in the backlog meanwhile.
-    with activated_accept.connect_tcp() as tcp:
-        report = activated_accept.report()
+    with activated.connect_tcp() as tcp:
+        report = activated.report()
         assert report["pid_matched"]
         assert report["env_left"] == []  # unset: children would not take them again
-        http, admin = report["sockets"]
-        assert http == {
-            "name": "http",
+        public, ops = report["sockets"]
+        assert public == {
+            "name": "public",
             "fd": 3,
             "family": "AF_INET",
             "type": "SOCK_STREAM",
             "cloexec": True,
-            "address": ["127.0.0.1", activated_accept.port],
+            "address": ["127.0.0.1", activated.port],
         }
-        assert admin == {
-            "name": "admin",
+        assert ops == {
+            "name": "ops",
             "fd": 4,
             "family": "AF_UNIX",
             "type": "SOCK_STREAM",
             "cloexec": True,
-            "address": activated_accept.unix_path,
+            "address": activated.unix_path,
         }
-        assert tcp.recv(100) == b"hello from http"
-    with activated_accept.connect_unix() as unix:
-        assert unix.recv(100) == b"hello from admin"
+        assert (report["public"], report["ops"]) == ([3], [4])
+        assert tcp.recv(100) == b"hello from public"
+    with activated.connect_unix() as unix:
+        assert unix.recv(100) == b"hello from ops"
 
 
 @needs_activate
-def test_hypercorn_serves_on_the_activated_socket(activated_hypercorn: Activated) -> None:
-    with activated_hypercorn.connect_tcp() as tcp:
-        report = activated_hypercorn.report()
-        assert [s["name"] for s in report["sockets"]] == ["http", "admin"]
-        tcp.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        response = b""
-        while chunk := tcp.recv(4096):
-            response += chunk
-    assert response.startswith(b"HTTP/1.1 200 ")
-    assert response.endswith(b"served by hypercorn")
-    # The second socket (AF_UNIX) is served by the same hypercorn.
-    with activated_hypercorn.connect_unix() as unix:
-        unix.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        response = b""
-        while chunk := unix.recv(4096):
-            response += chunk
-    assert response.startswith(b"HTTP/1.1 200 ")
+def test_unnamed_sockets_are_all_public(activated_unnamed: Activated) -> None:
+    # A unit without FileDescriptorName= (or an older voicebridge.socket) keeps working:
+    # everything it passes is served as the public listener; no socket is taken for ops.
+    with activated_unnamed.connect_tcp() as tcp:
+        report = activated_unnamed.report()
+        assert [s["name"] for s in report["sockets"]] == ["unknown", "unknown"]
+        assert (report["public"], report["ops"]) == ([3, 4], [])
+        assert tcp.recv(100) == b"hello from unknown"
+    with activated_unnamed.connect_unix() as unix:
+        assert unix.recv(100) == b"hello from unknown"
 
 
 # -- the environment contract, in-process (no descriptors are touched) ---------------
@@ -287,3 +264,18 @@ def test_passed_descriptor_that_is_not_a_socket_is_an_error(tmp_path: Path) -> N
         check=True,
     )
     assert result.stdout.startswith("passed descriptor 3 ('fifo') is unusable:")
+
+
+def test_by_role_takes_the_ops_sockets_by_name_and_the_rest_as_public() -> None:
+    made = [socket.socket() for _ in range(4)]
+    try:
+        named = [
+            ListenSocket(name=name, socket=sock)
+            for name, sock in zip(["public", "ops", "http", "ops"], made, strict=True)
+        ]
+        roles = by_role(named)
+        assert roles.public == (made[0], made[2])
+        assert roles.ops == (made[1], made[3])
+    finally:
+        for sock in made:
+            sock.close()

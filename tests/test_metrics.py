@@ -1,4 +1,4 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` after real calls on loopback.
+"""``/metrics``, ``/healthz`` and ``/readyz`` (on the ops listener) after real calls on loopback.
 
 Charter: loopback only, port 0, a ``trio.fail_after`` guard on every test, real
 sockets and real time (a few seconds per call). The figures asserted are the ones
@@ -36,7 +36,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 async def scrape(bridge: Bridge) -> Samples:
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"{bridge.url}/metrics")
+        response = await http.get(f"{bridge.ops_url}/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return parse(response.text)
@@ -153,13 +153,13 @@ async def test_refusals_and_rejected_webhooks_are_counted() -> None:
                 return await http.post(url, data=form, headers={"X-Twilio-Signature": signature})
 
             async with httpx.AsyncClient() as http:
-                assert (await http.get(f"{bridge.url}/healthz")).status_code == 200
-                assert (await http.get(f"{bridge.url}/readyz")).status_code == 200
+                assert (await http.get(f"{bridge.ops_url}/healthz")).status_code == 200
+                assert (await http.get(f"{bridge.ops_url}/readyz")).status_code == 200
                 forged = await ring("CA" + "0" * 32, signature="forged")
                 # The first call rings (it holds the only slot); the second is refused.
                 admitted = await ring("CA" + "1" * 32)
                 refused = await ring("CA" + "2" * 32)
-                ready = await http.get(f"{bridge.url}/readyz")
+                ready = await http.get(f"{bridge.ops_url}/readyz")
             samples = await scrape(bridge)
     assert forged.status_code == 403
     assert "<Connect" in admitted.text

@@ -5,13 +5,14 @@ voicebridge serve --config …``, config written to tmp_path, secrets in environ
 variables), handed its listening sockets the way systemd does: by the real
 ``systemd-socket-activate``, or by a shell that puts the sockets on fds 3, 4, … and sets
 ``LISTEN_PID`` to its own pid before exec'ing the server (so a test can choose ports,
-and give two processes one socket). It tells a real datagram socket the test binds
-(``NOTIFY_SOCKET``) how it is doing; the test reads those datagrams to know when the
-server is ready and how many calls it has. Calls are placed by the simulated Twilio
-caller against the simulated Vapi, which runs in the test's own trio loop. Only the
-journald test runs the server in-process, so that logging can point at a private
-journald. Every test is under ``trio.fail_after``; every subprocess is killed on the way
-out; every call is a few seconds of real time.
+and give two processes one socket). Each server gets an ops socket of its own (named
+``ops``), where the test reads ``/readyz``, ``/healthz`` and ``/metrics``. It tells a
+real datagram socket the test binds (``NOTIFY_SOCKET``) how it is doing; the test reads
+those datagrams to know when the server is ready and how many calls it has. Calls are
+placed by the simulated Twilio caller against the simulated Vapi, which runs in the
+test's own trio loop. Only the journald test runs the server in-process, so that logging
+can point at a private journald. Every test is under ``trio.fail_after``; every
+subprocess is killed on the way out; every call is a few seconds of real time.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import journald_fixture
 from tests.journald_fixture import PrivateJournal
@@ -164,6 +166,9 @@ class Box:
         }
 
     def write_config(self, name: str, *, public_port: int, **server: object) -> Path:
+        """The config file ``name``; a server handed no ops socket binds a free port for
+        it (never the default 9180, which a real service or another test may hold)."""
+        server.setdefault("ops_listen", "127.0.0.1:0")
         path = self.tmp_path / name
         lines = ["[server]", f'public_url = "http://127.0.0.1:{public_port}"']
         lines += ['log_target = "stderr"']
@@ -286,6 +291,19 @@ def listener() -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
+async def calls_counted(ops_port: int) -> float:
+    """Every call a server's ``/metrics`` counts, whatever its outcome."""
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{ops_port}/metrics")
+    response.raise_for_status()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "voicebridge_calls_total"
+    )
+
+
 @asynccontextmanager
 async def a_box(tmp_path: Path, behaviour: SimVapiBehaviour) -> AsyncIterator[Box]:
     vapi = SimVapi(api_key=secrets.token_hex(16), behaviour=behaviour)
@@ -315,15 +333,19 @@ async def post_webhook(box: Box, port: int, call_sid: str) -> httpx.Response:
 async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as probe:  # systemd-socket-activate cannot report port 0's pick
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    ports = []
+    for _ in range(2):  # systemd-socket-activate cannot report port 0's pick
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+    port, ops_port = ports
     with trio.fail_after(30):
         async with a_box(tmp_path, SHORT_ASSISTANT) as box:
             config = box.write_config("voicebridge.toml", public_port=port)
             environment = box.environment(WATCHDOG_USEC="300000")  # ping every 150 ms
             assert ACTIVATE is not None
-            command = [ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=http"]
+            command = [ACTIVATE, "-l", f"127.0.0.1:{port}", "-l", f"127.0.0.1:{ops_port}"]
+            command += ["--fdname=public:ops"]
             command += [f"--setenv={name}={value}" for name, value in environment.items()]
             async with serving([*command, *SERVE, str(config)], {"PATH": "/usr/bin:/bin"}) as srv:
                 await srv.wait_for_log(f"Listening on 127.0.0.1:{port}")
@@ -331,6 +353,9 @@ async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
                 # webhook waits in the backlog meanwhile, it is never refused.
                 report = await place_call(box.caller(port=port), SHORT_CALL)
                 await box.notify.wait_for(status_is("Serving: 0 calls active"))
+                counted = await calls_counted(ops_port)
+                async with httpx.AsyncClient() as http:
+                    public_metrics = await http.get(f"http://127.0.0.1:{port}/metrics")
                 srv.signal(signal.SIGTERM)
                 await box.notify.wait_for(is_stopping)
                 assert await srv.process.wait() == 0
@@ -338,13 +363,20 @@ async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
     assert report.final_action == "hangup"
     assert report.first_audio_ms is not None
     assert "(socket activation)" in srv.stderr
+    assert f"health and metrics on 127.0.0.1:{ops_port}" in srv.stderr
+    assert counted == 1
+    assert public_metrics.status_code == 404
     # Besides the watchdog pings: READY comes first, with a status; then the call's comings
-    # and goings; STOPPING last.
+    # and goings; then STOPPING.
     received = [n for n in box.notify.received if "WATCHDOG" not in n.fields]
     assert received[0].fields == {"READY": "1", "STATUS": "Serving: 0 calls active, limit 50"}
     statuses = [n.fields["STATUS"] for n in received if set(n.fields) == {"STATUS"}]
     assert "Serving: 1 call active, limit 50" in statuses
-    assert received[-1].fields["STOPPING"] == "1"
+    # STOPPING after the last of those; only the drain's own status may follow it (a
+    # status update held back by the 4-a-second limit lands after it).
+    [stopping] = [i for i, n in enumerate(received) if "STOPPING" in n.fields]
+    assert received[stopping].fields["STOPPING"] == "1"
+    assert all(n.fields["STATUS"].startswith("Draining") for n in received[stopping + 1:])
     pings = [n.at for n in box.notify.with_key("WATCHDOG")]
     assert len(pings) >= 10, "a call of ~4 s at one ping per 150 ms"
     gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
@@ -359,12 +391,14 @@ async def test_socket_activated_server_notifies_systemd_and_serves_a_call(
 
 async def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path: Path) -> None:
     sock, port = listener()
+    ops_sock, ops_port = listener()
     reports: dict[str, CallReport] = {}
-    with trio.fail_after(30), sock:
+    with trio.fail_after(30), sock, ops_sock:
         async with a_box(tmp_path, PATIENT_ASSISTANT) as box:
             config = box.write_config("vb.toml", public_port=port, drain_deadline_s=2.0)
             caller = box.caller(port=port)
-            async with activated_server(box, config, [("http", sock)]) as server:
+            sockets = [("public", sock), ("ops", ops_sock)]
+            async with activated_server(box, config, sockets) as server:
                 await box.notify.wait_for(is_ready)
 
                 async def call(name: str, script: tuple[Silence | Hangup, ...]) -> None:
@@ -380,7 +414,7 @@ async def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path: Path) ->
                     # Draining: a new call hears the overflow message; not ready.
                     reports["new"] = await place_call(caller, (Silence(1),))
                     async with httpx.AsyncClient() as http:
-                        ready = await http.get(f"http://127.0.0.1:{port}/readyz")
+                        ready = await http.get(f"http://127.0.0.1:{ops_port}/readyz")
                 long_ended_at = trio.current_time()
                 assert await server.process.wait() == 0
                 exited_at = trio.current_time()
@@ -410,10 +444,12 @@ async def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path: Path) ->
 
 async def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:
     sock, port = listener()
-    with trio.fail_after(30), sock:
+    ops_sock, _ = listener()
+    with trio.fail_after(30), sock, ops_sock:
         async with a_box(tmp_path, PATIENT_ASSISTANT) as box:
             config = box.write_config("vb.toml", public_port=port, drain_deadline_s=60.0)
-            async with activated_server(box, config, [("http", sock)]) as server:
+            sockets = [("public", sock), ("ops", ops_sock)]
+            async with activated_server(box, config, sockets) as server:
                 await box.notify.wait_for(is_ready)
                 async with trio.open_nursery() as calls_nursery:
                     reports: list[CallReport] = []
@@ -442,12 +478,14 @@ async def test_a_second_sigint_stops_at_once(tmp_path: Path) -> None:
 
 async def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path: Path) -> None:
     sock, port = listener()
-    with trio.fail_after(30), sock:
+    ops_sock, ops_port = listener()
+    with trio.fail_after(30), sock, ops_sock:
         async with a_box(tmp_path, PATIENT_ASSISTANT) as box:
             config = box.write_config(
                 "vb.toml", public_port=port, max_concurrent_calls=5, drain_deadline_s=0.5
             )
-            async with activated_server(box, config, [("http", sock)]) as server:
+            sockets = [("public", sock), ("ops", ops_sock)]
+            async with activated_server(box, config, sockets) as server:
                 await box.notify.wait_for(is_ready)
 
                 async def reload() -> None:
@@ -471,7 +509,7 @@ async def test_sighup_applies_a_valid_config_and_refuses_an_invalid_one(tmp_path
                 await reload()
                 third = await post_webhook(box, port, "CA" + "3" * 32)
                 async with httpx.AsyncClient() as http:
-                    health = await http.get(f"http://127.0.0.1:{port}/healthz")
+                    health = await http.get(f"http://127.0.0.1:{ops_port}/healthz")
                 server.signal(signal.SIGTERM)
                 assert await server.process.wait() == 0
     assert "<Connect" in first.text
@@ -505,17 +543,21 @@ class ActionToOtherProcess(httpx.AsyncBaseTransport):
 
 async def test_two_processes_on_one_socket_share_outcomes_and_tokens(tmp_path: Path) -> None:
     # Both processes accept from one shared socket (as voicebridge@0 and @1 would); each
-    # also gets a socket of its own, so the test can choose which one a request reaches.
+    # also gets a socket of its own, so the test can choose which one a request reaches,
+    # and an ops socket of its own (as voicebridge-ops@0.socket and @1 give them).
     shared_sock, shared_port = listener()
     own = [listener(), listener()]
-    with trio.fail_after(40), shared_sock, own[0][0], own[1][0]:
+    ops = [listener(), listener()]
+    with trio.fail_after(40), shared_sock, own[0][0], own[1][0], ops[0][0], ops[1][0]:
         async with a_box(tmp_path, SHORT_ASSISTANT) as box:
             config = box.write_config(
                 "vb.toml", public_port=shared_port, shared_dir=str(tmp_path / "run")
             )
+            a_sockets = [("public", shared_sock), ("own", own[0][0]), ("ops", ops[0][0])]
+            b_sockets = [("public", shared_sock), ("own", own[1][0]), ("ops", ops[1][0])]
             async with (
-                activated_server(box, config, [("http", shared_sock), ("own", own[0][0])]) as a,
-                activated_server(box, config, [("http", shared_sock), ("own", own[1][0])]) as b,
+                activated_server(box, config, a_sockets) as a,
+                activated_server(box, config, b_sockets) as b,
             ):
                 await box.notify.wait_for(is_ready, count=2)
                 reports: dict[str, CallReport] = {}
@@ -536,6 +578,8 @@ async def test_two_processes_on_one_socket_share_outcomes_and_tokens(tmp_path: P
                 async with trio.open_nursery() as calls_nursery:
                     calls_nursery.start_soon(crossed_call)
                     calls_nursery.start_soon(shared_call)
+                # Each process counts the calls it ran, on its own ops listener.
+                counted = [await calls_counted(ops[i][1]) for i in (0, 1)]
                 for server in (a, b):
                     server.signal(signal.SIGTERM)
                 assert (await a.process.wait(), await b.process.wait()) == (0, 0)
@@ -549,6 +593,10 @@ async def test_two_processes_on_one_socket_share_outcomes_and_tokens(tmp_path: P
     assert shared.final_action == "hangup"
     assert shared.protocol_violations == []
     assert (tmp_path / "run" / "outcomes" / crossed.call_sid).is_file()
+    # The crossed call ran on A; the replay refused on B counts there; the shared call
+    # on either.
+    assert counted[0] >= 1 and counted[1] >= 1
+    assert sum(counted) == 3, counted
 
 
 async def replay_stream(port: int, report: CallReport) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from voicebridge import server
+from voicebridge import listenfds, server
 from voicebridge.config import ServerConfig, VapiConfig
 
 UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
@@ -52,9 +52,11 @@ DOCUMENTED_MARGIN_S = 15.0
 #: The socket drop-in docs/operations.md prescribes for the one-process-per-core setup.
 WORKERS_DROP_IN = "[Socket]\nService=voicebridge@0.service\n"
 
-#: Keys only the template has, and keys whose values differ between the two services.
-TEMPLATE_ONLY = {("Service", "Sockets"), ("Service", "CPUAffinity")}
-MAY_DIFFER = {("Unit", "Description")}
+#: Keys only the template has, and keys whose values differ between the two services
+#: (the template names its instance's own ops socket).
+TEMPLATE_ONLY = {("Service", "CPUAffinity")}
+MAY_DIFFER = {("Unit", "Description"), ("Unit", "After"), ("Service", "Sockets"),
+              ("Install", "Also")}
 
 
 def stand_in_binary() -> str:
@@ -209,7 +211,7 @@ def test_service_contract() -> None:
     credentials = {v.split(":", 1)[0] for v in service[("Service", "LoadCredential")]}
     assert credentials == {"twilio-auth-token", "vapi-api-key", "stream-token-secret"}
     socket_unit = settings(UNITS_DIR / "voicebridge.socket")
-    assert socket_unit[("Socket", "FileDescriptorName")] == ["http"]
+    assert socket_unit[("Socket", "FileDescriptorName")] == [listenfds.PUBLIC]
     assert socket_unit[("Socket", "Backlog")] == [str(server.LISTEN_BACKLOG)]
     # The shared directory: one per box, kept while any worker runs, one user for all.
     assert service[("Service", "RuntimeDirectory")] == ["voicebridge"]

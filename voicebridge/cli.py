@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(config_path: str) -> int:
     """``voicebridge serve``: 0 after a drain, 1 when it cannot serve, 2 for a bad setup."""
-    from voicebridge.listenfds import ListenFdsError, listen_sockets
+    from voicebridge.listenfds import ListenFdsError, by_role, listen_sockets
     from voicebridge.sdnotify import Notifier, watchdog_interval
     from voicebridge.server import serve
 
@@ -119,7 +119,7 @@ def _serve(config_path: str) -> int:
     notifier = Notifier.from_environ(unset_environment=True)
     watchdog_s = watchdog_interval()
     try:
-        activated = listen_sockets()
+        activated = by_role(listen_sockets())
     except ListenFdsError as exc:
         log.error("cannot serve: socket activation: %s", exc)
         return 2
@@ -131,15 +131,16 @@ def _serve(config_path: str) -> int:
             partial(
                 serve,
                 config,
-                listeners=[item.socket for item in activated],
+                listeners=activated.public,
+                ops_listeners=activated.ops,
                 handle_signals=True,
                 notifier=notifier,
                 watchdog_interval_s=watchdog_s,
                 reload_config=partial(load_config, config_path),
             )
         )
-    except ConfigError as exc:  # what only building the services finds (a tool handler)
-        print(f"voicebridge: config error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # what only serving finds (a tool handler, the ops address)
+        log.error("cannot serve: config error: %s", exc)
         return 2
     except OSError as exc:
         log.error("cannot serve: %s", exc)

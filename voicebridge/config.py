@@ -151,6 +151,54 @@ def _listen_problem(value: str) -> str:
     return ""
 
 
+#: The longest path a Unix socket address holds (``sun_path`` is 108 bytes on Linux,
+#: one of them the terminating NUL).
+MAX_UNIX_SOCKET_PATH_BYTES = 107
+#: Host parts that mean "every address": a listener there overlaps any other on its port.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def _ops_listen_address(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    """Validator of ``ops_listen``: empty, ``host:port``, or an absolute Unix socket path;
+    never the public listener's address.
+
+    Invariant: attrs runs validators after every field is set, so ``listen`` is readable.
+    """
+    if not value:
+        return
+    if value.startswith("/"):
+        size = len(value.encode("utf-8", "surrogateescape"))
+        if size > MAX_UNIX_SOCKET_PATH_BYTES or "\0" in value or value.endswith("/"):
+            raise ConfigError(
+                attribute.name,
+                f"a Unix socket path must name a file in at most {MAX_UNIX_SOCKET_PATH_BYTES} "
+                f"bytes, got {_show(value)}",
+            )
+        return
+    reason = _listen_problem(value)
+    if reason:
+        raise ConfigError(
+            attribute.name, f"{reason} (or an absolute path for a Unix socket, or empty for none)"
+        )
+    if listen_addresses_overlap(value, instance.listen):
+        raise ConfigError(
+            attribute.name,
+            f"must not be the public listen address (listen = {_show(instance.listen)}): "
+            "health and metrics would answer anyone who reaches the public port",
+        )
+
+
+def listen_addresses_overlap(first: str, second: str) -> bool:
+    """Whether two ``host:port`` addresses would take the same socket address: one port
+    (not 0, which picks a free one) and one host, or a wildcard host on either side."""
+    first_host, _, first_port = first.rpartition(":")
+    second_host, _, second_port = second.rpartition(":")
+    if first_port != second_port or int(first_port or "0") == 0:
+        return False
+    hosts = {first_host.strip("[]").lower(), second_host.strip("[]").lower()}
+    return len(hosts) == 1 or bool(hosts & _WILDCARD_HOSTS)
+
+
 def _strip_trailing_slash(value: str) -> str:
     """Converter: ``https://x.example/`` and ``https://x.example`` mean the same base URL."""
     return value.rstrip("/") if isinstance(value, str) else value
@@ -247,6 +295,10 @@ class ServerConfig:
 
     #: ``host:port`` to listen on (ignored under socket activation).
     listen: str = field(default="127.0.0.1:8080", validator=_listen_address)
+    #: The ops listener, serving only ``/healthz``, ``/readyz`` and ``/metrics`` (which the
+    #: public port never serves): ``host:port``, an absolute path for a Unix socket, or
+    #: empty for none. Not bound when systemd passes a socket named ``ops``.
+    ops_listen: str = field(default="127.0.0.1:9180", validator=_ops_listen_address)
     #: The public base URL Twilio reaches us at (``https://bridge.example.com``, maybe with a
     #: path prefix). Signatures are checked against it and stream URLs built from it.
     #: A trailing slash is removed.

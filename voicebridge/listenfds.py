@@ -4,7 +4,8 @@ systemd (or ``systemd-socket-activate``) starts the service with the sockets ope
 from file descriptor 3 on and sets ``LISTEN_PID`` (the process they are meant for),
 ``LISTEN_FDS`` (how many) and ``LISTEN_FDNAMES`` (colon-separated names from the
 socket units' ``FileDescriptorName=``). ``listen_sockets()`` turns them into
-``socket.socket`` objects; ``hypercorn_binds()`` into hypercorn ``fd://N`` binds.
+``socket.socket`` objects; ``by_role()`` tells the public listener's from the ops
+listener's by those names.
 
 Because systemd keeps the listening socket open across restarts of the service,
 connections that arrive while the service restarts wait in the backlog instead of
@@ -24,8 +25,15 @@ from voicebridge.errors import VoicebridgeError
 #: The first passed file descriptor (after stdin, stdout, stderr).
 SD_LISTEN_FDS_START = 3
 
-#: The name of a passed socket whose unit set no ``FileDescriptorName=`` (systemd's default).
+#: The name of a passed socket that came without one (``LISTEN_FDNAMES`` unset).
 UNNAMED = "unknown"
+#: ``FileDescriptorName=`` of the ops listener's sockets (voicebridge-ops.socket,
+#: voicebridge-ops@.socket): ``/healthz``, ``/readyz`` and ``/metrics`` are served there.
+OPS = "ops"
+#: ``FileDescriptorName=`` of the public listener's socket (voicebridge.socket). Every
+#: name but ``OPS`` is served as public: a unit without ``FileDescriptorName=`` (systemd
+#: then names the socket after the unit) or with an older name keeps working.
+PUBLIC = "public"
 
 _ENV_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
@@ -99,22 +107,21 @@ def _listen_sockets(env: MutableMapping[str, str]) -> list[ListenSocket]:
     return sockets
 
 
-def hypercorn_binds(sockets: Iterable[ListenSocket]) -> list[str]:
-    """hypercorn ``bind`` entries (``fd://N``) serving on ``sockets``; hands the fds over.
+@attrs.frozen(eq=False)
+class Roles:
+    """The passed sockets, by what is served on them."""
 
-    hypercorn does not read ``LISTEN_FDS`` itself, but for a ``fd://N`` bind its
-    ``Config.create_sockets`` wraps the existing descriptor N in its own
-    ``socket.socket`` (checking it is a stream socket) without binding. Two Python
-    socket objects must not own one descriptor (whichever is closed or collected first
-    would close it under the other), so this *detaches* each ``ListenSocket.socket``:
-    afterwards hypercorn's object alone owns the descriptor. Note that hypercorn calls
-    ``listen(config.backlog)`` again on it, which replaces the unit's ``Backlog=``: set
-    ``config.backlog`` to the same value.
-    """
-    binds: list[str] = []
-    for item in sockets:
-        fd = item.socket.detach()
-        if fd < 0:
-            raise ListenFdsError(f"socket {item.name!r} was already closed or handed over")
-        binds.append(f"fd://{fd}")
-    return binds
+    #: Twilio's and Vapi's routes: the front door.
+    public: tuple[socket.socket, ...]
+    #: Health and metrics: the ops listener.
+    ops: tuple[socket.socket, ...]
+
+
+def by_role(sockets: Iterable[ListenSocket]) -> Roles:
+    """``sockets`` split by name: those named ``OPS`` are the ops listener's, every other
+    one (``PUBLIC``, unnamed, any older name) the public listener's. Order is kept."""
+    items = list(sockets)
+    return Roles(
+        public=tuple(item.socket for item in items if item.name != OPS),
+        ops=tuple(item.socket for item in items if item.name == OPS),
+    )

@@ -39,6 +39,8 @@ def loopback_config(*, port: int, vapi_base_url: str, auth_token: str, api_key: 
     return Config(
         server=ServerConfig(
             listen=f"127.0.0.1:{port}",
+            # A free port: several loopback servers may run at once.
+            ops_listen="127.0.0.1:0",
             public_url=f"http://127.0.0.1:{port}",
             max_concurrent_calls=1000,
         ),
@@ -63,6 +65,14 @@ class LoopbackBridge:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listening.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """The ops listener: ``/healthz``, ``/readyz``, ``/metrics``."""
+        [address] = self.listening.ops_addresses
+        assert not isinstance(address, str), "the loopback ops listener is TCP"
+        host, port = address
+        return f"http://{host}:{port}"
 
 
 @asynccontextmanager

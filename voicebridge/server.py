@@ -6,6 +6,9 @@
   ``voicebridge.listenfds``; tests) or binds ``server.listen``. The front door
   (``voicebridge.net.front``) gives media streams to the calls and every other request
   to hypercorn and the quart app.
+- Health and metrics are served only on the ops listener (``voicebridge.net.ops``): the
+  socket systemd passes named ``ops``, else ``server.ops_listen``; none when that is
+  empty.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
   hypercorn listens, ``STATUS=`` whenever the active calls or the drain state change,
   ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
@@ -46,11 +49,12 @@ from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.call import AssistantConnector, CallSettings
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
-from voicebridge.config import Config
+from voicebridge.config import Config, listen_addresses_overlap
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
 from voicebridge.net.front import serve_front
+from voicebridge.net.ops import bind_ops_listener, ops_hypercorn_config, serve_ops
 from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event, run_suppression_reports
 from voicebridge.observability.metrics import BridgeMetrics
@@ -63,6 +67,7 @@ from voicebridge.web import (
     VOICE_PATH,
     Services,
     create_app,
+    create_ops_app,
     media_connection,
 )
 
@@ -95,6 +100,8 @@ class Listening:
     addresses: tuple[tuple[str, int], ...]
     #: The live call registry (active calls, recent outcomes), for the demo and tests.
     registry: CallRegistry
+    #: Where health and metrics are served: (host, port), or a Unix socket's path.
+    ops_addresses: tuple[tuple[str, int] | str, ...] = ()
 
     @property
     def port(self) -> int:
@@ -184,6 +191,7 @@ async def serve(
     config: Config,
     *,
     listeners: Sequence[socket.socket] = (),
+    ops_listeners: Sequence[socket.socket] = (),
     stop: trio.Event | None = None,
     handle_signals: bool = False,
     connector: AssistantConnector | None = None,
@@ -195,16 +203,26 @@ async def serve(
     """Serve until drained (``stop`` set, or SIGTERM/SIGINT with ``handle_signals``).
 
     ``listeners`` are already-listening sockets (socket activation, tests); without
-    them ``config.server.listen`` is bound. The sockets are handed to hypercorn,
-    which closes them. ``connector`` replaces the Vapi connector (tests).
+    them ``config.server.listen`` is bound. ``ops_listeners`` likewise for health and
+    metrics (the ``ops`` sockets systemd passes); without them
+    ``config.server.ops_listen`` is bound, unless it is empty. Every socket is closed
+    by the time this returns. ``connector`` replaces the Vapi connector (tests).
     ``notifier`` talks to systemd (none: nothing is sent); with ``watchdog_interval_s``
     it also pings the watchdog. ``reload_config`` is what SIGHUP calls for the new
     configuration (``load_config`` with the same path); without it SIGHUP is logged and
     ignored. Returns normally after a drain; raises ``OSError`` if it cannot listen or
-    the shared directory cannot be made.
+    the shared directory cannot be made; raises ``ConfigError`` when ``ops_listen`` is
+    the address of a public listener.
     """
     sockets = list(listeners) or [bind_listener(config.server.listen)]
     addresses = tuple(_address(sock) for sock in sockets)
+    try:
+        ops_sockets = list(ops_listeners) or _bind_ops(config.server.ops_listen, addresses)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    ops_addresses = tuple(_ops_address(sock) for sock in ops_sockets)
     shared_path = shared_dir_path(config)
     shared = SharedDir(shared_path) if shared_path else None
     async with httpx.AsyncClient() as http:
@@ -218,6 +236,7 @@ async def serve(
             shared=shared,
         )
         app = create_app(process.current_services)
+        ops_app = create_ops_app(process.current_services)
 
         async def media(transport: SocketTransport, head: bytes) -> None:
             await media_connection(process.current_services(), transport, head)
@@ -244,13 +263,30 @@ async def serve(
                         task_status=task_status,
                     )
                 )
+                if ops_sockets:
+                    await http_nursery.start(
+                        lambda task_status: serve_ops(
+                            ops_app,
+                            ops_hypercorn_config(),
+                            ops_sockets,
+                            shutdown_trigger=process.wait_http_shutdown,
+                            task_status=task_status,
+                        )
+                    )
+                ops_text = ", ".join(_show_address(address) for address in ops_addresses)
                 log_event(
                     log,
                     logging.INFO,
                     "listening",
                     "accepting connections on "
                     + ", ".join(f"{host}:{port}" for host, port in addresses)
-                    + (" (socket activation)" if listeners else ""),
+                    + (" (socket activation)" if listeners else "")
+                    + (
+                        f"; health and metrics on {ops_text}"
+                        if ops_text
+                        else "; no ops listener: health and metrics are not served"
+                    ),
+                    ops_listen=ops_text or None,
                     public_url=config.server.public_url,
                     socket_activated=bool(listeners),
                     shared_dir=shared_path or None,
@@ -259,7 +295,9 @@ async def serve(
                 process.notifier.ready(status=process.status_text())
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
-                task_status.started(Listening(addresses, process.services.registry))
+                task_status.started(
+                    Listening(addresses, process.services.registry, ops_addresses)
+                )
             # hypercorn has finished its graceful shutdown.
             process_nursery.cancel_scope.cancel(reason="server stopped")
         log_event(log, logging.INFO, "stopped", "stopped")
@@ -505,7 +543,7 @@ class _ServerProcess:
 #: ``[server]`` keys a reload cannot change: the sockets are bound and the log target and
 #: shared directory set up at start; the public URL is in the ``<Connect action>`` of calls
 #: in progress, whose signatures must keep verifying.
-RESTART_ONLY_KEYS = ("listen", "public_url", "log_target", "shared_dir")
+RESTART_ONLY_KEYS = ("listen", "ops_listen", "public_url", "log_target", "shared_dir")
 
 
 def _keep_restart_only_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -545,3 +583,31 @@ def _calls(count: int) -> str:
 def _address(sock: socket.socket) -> tuple[str, int]:
     name = sock.getsockname()
     return str(name[0]), int(name[1])
+
+
+def _ops_address(sock: socket.socket) -> tuple[str, int] | str:
+    return str(sock.getsockname()) if sock.family == socket.AF_UNIX else _address(sock)
+
+
+def _show_address(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_ops(ops_listen: str, public: Sequence[tuple[str, int]]) -> list[socket.socket]:
+    """The ops listener ``ops_listen`` names ([] for none), refused when it is the
+    address of a public listener (socket activation may have put one there)."""
+    if not ops_listen:
+        return []
+    if not ops_listen.startswith("/"):
+        for address in public:
+            if listen_addresses_overlap(ops_listen, _show_address(address)):
+                raise ConfigError(
+                    "server.ops_listen",
+                    f"{ops_listen} is where the public listener is "
+                    f"({_show_address(address)}): health and metrics would answer "
+                    "anyone who reaches the public port",
+                )
+    return [bind_ops_listener(ops_listen)]

@@ -1,4 +1,4 @@
-"""HTTP and WebSocket routes: Twilio's webhooks and media socket, health. Adapters only.
+"""HTTP and WebSocket routes: Twilio's webhooks and media socket; health. Adapters only.
 
 The routes check what arrives (signatures, tokens, sizes), ask the registry
 whether a call may be admitted, and hand a media socket to ``bridge.call.Call``.
@@ -13,8 +13,10 @@ They hold no call logic of their own.
   not through hypercorn and quart.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
 - ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
-- ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
-  ``GET /metrics`` (Prometheus text format, ``observability.metrics``).
+
+Only on the ops listener (``create_ops_app``; ``server.ops_listen``), never on the public
+port: ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
+``GET /metrics`` (Prometheus text format, ``observability.metrics``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ log = logging.getLogger(__name__)
 VOICE_PATH = "/twilio/voice"
 STREAM_PATH = "/twilio/stream"
 AFTER_STREAM_PATH = "/twilio/after-stream"
+#: The ops listener's routes (``create_ops_app``); the public port answers them 404.
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
 #: Twilio's webhook bodies are a few hundred bytes of form fields; 64 KiB is generous
 #: and keeps a hostile client from making us buffer megabytes.
 MAX_WEBHOOK_BYTES = 64 * 1024
@@ -104,6 +110,11 @@ def _text_response(body: str, status: int) -> Response:
     response = Response(body + "\n", status=status, mimetype="text/plain")
     response.headers["Connection"] = "close"
     return response
+
+
+def _ops_response(body: str, status: int) -> Response:
+    """A plain-text answer on the ops listener; the connection is kept for the next probe."""
+    return Response(body + "\n", status=status, mimetype="text/plain")
 
 
 def _parameter_value(name: str, value: str) -> str:
@@ -281,11 +292,25 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 record = await services.registry.wait_record(call_sid)
         return _twiml_response(after_stream_twiml(services.config, call_sid, record))
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return _text_response("ok", 200)
+    add_control_routes(app, lambda: get_services().control)
+    return app
 
-    @app.get("/metrics")
+
+def create_ops_app(get_services: Callable[[], Services]) -> QuartTrio:
+    """The ops listener's app: health, readiness and metrics, and nothing else.
+
+    Served only on the ops listener (``voicebridge.net.ops``), never on the public port.
+    ``get_services`` returns the current services (reloadable).
+    """
+    app = QuartTrio(__name__)
+    # The routes take no body: quart keeps none of what a client sends past this.
+    app.config["MAX_CONTENT_LENGTH"] = 0
+
+    @app.get(HEALTH_PATH)
+    async def healthz() -> Response:
+        return _ops_response("ok", 200)
+
+    @app.get(METRICS_PATH)
     async def metrics() -> Response:
         services = get_services()
         registry = services.registry
@@ -294,15 +319,14 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         )
         return Response(body, status=200, content_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/readyz")
+    @app.get(READY_PATH)
     async def readyz() -> Response:
         registry = get_services().registry
         if registry.admitting:
-            return _text_response("ready", 200)
+            return _ops_response("ready", 200)
         reason = "draining" if registry.draining else "at capacity"
-        return _text_response(f"not ready: {reason}", 503)
+        return _ops_response(f"not ready: {reason}", 503)
 
-    add_control_routes(app, lambda: get_services().control)
     return app
 
 

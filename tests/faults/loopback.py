@@ -232,7 +232,7 @@ def assert_journal_matches(
 async def calls_by_outcome(bridge: Bridge) -> dict[str, float]:
     """``voicebridge_calls_total`` by outcome, read from the server's ``/metrics``."""
     async with httpx.AsyncClient() as http:
-        response = await http.get(bridge.url + "/metrics")
+        response = await http.get(bridge.ops_url + "/metrics")
     response.raise_for_status()
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(response.text):

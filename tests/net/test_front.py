@@ -55,20 +55,23 @@ async def test_a_request_head_split_across_packets_reaches_hypercorn_whole() -> 
     with trio.fail_after(20):
         async with running_bridge() as bridge:
             answer = await _exchange(
-                bridge.listening.port, b"GET /hea", b"lthz HTTP/1.1\r\nHo", b"st: a\r\n\r\n"
+                bridge.listening.port,
+                b"POST /twilio/vo",
+                b"ice HTTP/1.1\r\nHo",
+                b"st: a\r\nContent-Length: 0\r\n\r\n",
             )
-    assert answer.startswith(b"HTTP/1.1 200")
-    assert answer.endswith(b"ok\n")
+    # The voice webhook's own answer to an unsigned request: its path arrived whole.
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert answer.endswith(b"forbidden\n")
 
 
 async def test_two_requests_on_one_connection_are_both_answered() -> None:
     with trio.fail_after(20):
         async with running_bridge() as bridge:
-            # /metrics keeps the connection open (the Twilio routes close theirs).
-            request = b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"
+            # A 404 keeps the connection open (the Twilio routes close theirs).
+            request = b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
             answer = await _exchange(bridge.listening.port, request + request)
-    assert answer.count(b"HTTP/1.1 200") == 2
-    assert answer.count(b"# TYPE voicebridge_active_calls gauge") == 2
+    assert answer.count(b"HTTP/1.1 404") == 2
 
 
 async def test_a_get_of_the_stream_path_that_is_no_upgrade_gets_400_and_the_server_goes_on() -> (
@@ -78,10 +81,12 @@ async def test_a_get_of_the_stream_path_that_is_no_upgrade_gets_400_and_the_serv
         async with running_bridge() as bridge:
             port = bridge.listening.port
             answer = await _exchange(port, b"GET /twilio/stream HTTP/1.1\r\nHost: a\r\n\r\n")
-            after = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            after = await _exchange(
+                port, b"POST /twilio/voice HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
+            )
     assert answer.startswith(b"HTTP/1.1 400")
     assert answer.endswith(b"not a WebSocket upgrade\n")
-    assert after.startswith(b"HTTP/1.1 200")
+    assert after.startswith(b"HTTP/1.1 403")
 
 
 async def test_a_client_that_never_finishes_its_head_is_dropped_at_the_deadline(
