@@ -53,6 +53,7 @@ from voicebridge.errors import ConfigError
 from voicebridge.net.front import serve_front
 from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event
+from voicebridge.observability.looplag import watch_loop_lag
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
@@ -229,6 +230,7 @@ async def serve(
                 await process_nursery.start(run_watchdog, process.notifier, watchdog_interval_s)
             if shared is not None:
                 process_nursery.start_soon(_sweep_periodically, shared)
+            process_nursery.start_soon(watch_loop_lag, process.services.metrics)
             async with trio.open_nursery() as http_nursery:
                 # The front door takes ownership of the sockets (it closes them).
                 await http_nursery.start(
