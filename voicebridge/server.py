@@ -230,7 +230,6 @@ async def serve(
                 await process_nursery.start(run_watchdog, process.notifier, watchdog_interval_s)
             if shared is not None:
                 process_nursery.start_soon(_sweep_periodically, shared)
-            process_nursery.start_soon(watch_loop_lag, process.services.metrics)
             async with trio.open_nursery() as http_nursery:
                 # The front door takes ownership of the sockets (it closes them).
                 await http_nursery.start(
@@ -259,6 +258,7 @@ async def serve(
                 process.notifier.ready(status=process.status_text())
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
+                process_nursery.start_soon(watch_loop_lag, process.services.metrics)
                 task_status.started(Listening(addresses, process.services.registry))
             # hypercorn has finished its graceful shutdown.
             process_nursery.cancel_scope.cancel(reason="server stopped")
