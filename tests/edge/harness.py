@@ -46,6 +46,7 @@ import trio
 
 from tests.faults.loopback import WITNESS_ASSISTANT, WITNESS_SCRIPT, WITNESS_WORDS, WITNESSES
 from tests.test_systemd_integration import NotifySocket
+from voicebridge.config import ServerConfig
 from voicebridge.loadtest.process import ProcessSample
 from voicebridge.loopback import LOOPBACK_ACCOUNT_SID
 from voicebridge.sim.audio import CLIP_TEXTS
@@ -96,9 +97,9 @@ WITNESS_DELAY_S = 0.5
 WITNESS_MAX_CALL_S = 20.0
 #: The warm-up call: hear the greeting start, hang up.
 WARM_UP_SCRIPT = (WaitForAssistant(heard_ms=100, timeout_s=10), Hangup())
-#: How long to wait, after a run, for the ticker's next report: past it the loop is
-#: taken to be held for good (an infinite gap).
-PULSE_WAIT_S = 20.0
+#: How long to wait, after a run, for the ticker's next report (it reports every 0.1 s):
+#: past it the loop is taken to be still held.
+PULSE_WAIT_S = 3.0
 #: The server's resident memory is sampled this often.
 RSS_SAMPLE_S = 0.1
 #: Kept of the server's stderr (a log flood must not fill this process's memory).
@@ -208,6 +209,9 @@ def write_config(
         "twilio": {"account_sid": LOOPBACK_ACCOUNT_SID},
         "vapi": {"base_url": vapi.base_url, "assistant_id": "sim-assistant"},
     }
+    if "ops_listen" in attrs.fields_dict(ServerConfig):
+        # Health and metrics on a free loopback port: never a fixed one two servers share.
+        merged["server"]["ops_listen"] = "127.0.0.1:0"
     for name, keys in sections.items():
         merged.setdefault(name, {}).update(keys)
     lines: list[str] = []
@@ -461,14 +465,18 @@ async def attack_beside_witnesses(
             for _ in range(witnesses):
                 attack_nursery.start_soon(witness)
         done.set()
-    ended = trio.current_time()
-    # A loop that is still held reports nothing: the report after the run's end is
-    # the one that covers it (and the stall it may be in).
+    run_ended = trio.current_time()
+    # A loop that is still held reports nothing: the report after the run's end is the
+    # one that covers it. If none comes, the loop has been held at least since the
+    # last report (a lower bound, counted as its own doing: a stall outlasting the run).
     with trio.move_on_after(PULSE_WAIT_S):
-        while not any(at > ended for at, _, _ in edge.pulses):
+        while not any(at > run_ended for at, _, _ in edge.pulses):
             await edge.pulse_arrived.wait()
     ended = trio.current_time()
     pulses = [(lag, busy) for at, lag, busy in edge.pulses if started <= at <= ended]
+    if not any(at > run_ended for at, _, _ in edge.pulses):
+        held = ended - max((at for at, _, _ in edge.pulses), default=started)
+        pulses.append((held, held))
     pings = [n.at for n in edge.notify.with_key("WATCHDOG") if started <= n.at <= ended]
     watchdog_gap = max(
         (b - a for a, b in zip([started, *pings], [*pings, ended], strict=True)), default=0.0
