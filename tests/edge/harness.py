@@ -556,6 +556,7 @@ def assert_witness_served(report: CallReport, run: AttackRun, edge: EdgeServer) 
 def assert_unharmed(run: AttackRun, edge: EdgeServer, *, witnesses: int = WITNESSES) -> None:
     """Everyone but the attacker was served as if there were no attack."""
     print(f"\nedge figures: {run.figures()}")
+    assert run.attacker_exit == 0, "the attacker failed (its traceback is in the output)"
     # The loop's own doing: on a shared test machine the kernel may also not run the
     # server for a while, which no defence controls (the witnesses' checks see that).
     assert run.largest_busy_gap_s <= MAX_LOOP_GAP_S, (

