@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -111,7 +112,8 @@ def unit_nofile(unit: Path = REPO / "systemd" / "voicebridge.service") -> int:
     for line in unit.read_text().splitlines():
         name, _, value = line.partition("=")
         if name.strip() == "LimitNOFILE" and value.strip():
-            return int(value.split(":")[0].strip())
+            soft = value.split(":")[0].strip()
+            return int(soft) if soft.isdigit() else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return DEFAULT_NOFILE
 
 
