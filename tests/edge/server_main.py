@@ -7,7 +7,8 @@ listening socket whose descriptor is in ``$EDGE_LISTEN_FD``, with the descriptor
 loop, runs the product's loop-lag monitor (``observability.looplag``) as the test's
 ticker: every ``PULSE_REPORT_S`` it prints ``pulse <lag> <busy lag>`` on stdout, the
 largest lags (in seconds, see ``Pulse``) since the previous line. It prints ``ready``
-once it accepts connections and exits after the drain that SIGTERM starts.
+once it accepts connections, and exits after the drain that SIGTERM starts (the tests
+kill it instead).
 """
 
 from __future__ import annotations
