@@ -7,6 +7,8 @@ an operator reads on a dashboard, checked against what the bridge recorded.
 
 from __future__ import annotations
 
+import time
+
 import attrs
 import httpx
 import trio
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
 from voicebridge.bridge.outcome import BargeIn, CallRecord, Outcome
+from voicebridge.observability.looplag import STALL_WARNING_S, TICK_S
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sim.caller import Speak, WaitForAssistant, WaitForAssistantDone, place_call
 from voicebridge.twilio.signature import sign
@@ -90,6 +93,42 @@ def test_two_servers_in_one_process_keep_separate_metrics() -> None:
     assert value(
         samples, "voicebridge_webhook_auth_failures_total", path="/twilio/voice"
     ) == 1
+
+
+def test_event_loop_lag_is_a_histogram_a_largest_per_scrape_and_a_count_of_stalls() -> None:
+    metrics = BridgeMetrics()
+    for lag in (0.0, 0.0004, 0.003, 0.3, 0.0):
+        metrics.loop_lag(lag)
+    first = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    metrics.loop_lag(0.002)
+    second = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    assert value(first, "voicebridge_event_loop_lag_seconds_count") == 5
+    assert value(first, "voicebridge_event_loop_lag_seconds_bucket", le="0.001") == 3
+    assert value(first, "voicebridge_event_loop_lag_seconds_bucket", le="0.25") == 4
+    assert value(first, "voicebridge_event_loop_lag_seconds_sum") == 0.3034
+    assert value(first, "voicebridge_event_loop_lag_max_seconds") == 0.3
+    assert value(first, "voicebridge_event_loop_stalls_total") == 1
+    # Each scrape reports the largest lag since the previous one; the rest accumulates.
+    assert value(second, "voicebridge_event_loop_lag_max_seconds") == 0.002
+    assert value(second, "voicebridge_event_loop_lag_seconds_count") == 6
+    assert value(second, "voicebridge_event_loop_stalls_total") == 1
+
+
+async def test_a_blocked_event_loop_shows_in_the_servers_metrics() -> None:
+    # The server runs in this process: holding this loop holds the server's.
+    hold_s = STALL_WARNING_S + 0.05
+    with trio.fail_after(20):
+        async with running_bridge() as bridge:
+            before = await scrape(bridge)
+            await trio.sleep(0.1)
+            time.sleep(hold_s)  # noqa: ASYNC251 -- a blocked loop is what is measured
+            after = await scrape(bridge)
+    assert value(after, "voicebridge_event_loop_lag_seconds_count") > value(
+        before, "voicebridge_event_loop_lag_seconds_count"
+    )
+    # The monitor was due at most one tick into the hold, and woke after it.
+    assert value(after, "voicebridge_event_loop_lag_max_seconds") >= hold_s - TICK_S
+    assert value(after, "voicebridge_event_loop_stalls_total") >= 1
 
 
 async def test_metrics_after_a_call_with_a_barge_in() -> None:

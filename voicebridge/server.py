@@ -57,6 +57,7 @@ from voicebridge.net.front import serve_front
 from voicebridge.net.ops import bind_ops_listener, ops_hypercorn_config, serve_ops
 from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event, run_suppression_reports
+from voicebridge.observability.looplag import watch_loop_lag
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
@@ -295,6 +296,7 @@ async def serve(
                 process.notifier.ready(status=process.status_text())
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
+                process_nursery.start_soon(watch_loop_lag, process.services.metrics)
                 task_status.started(
                     Listening(addresses, process.services.registry, ops_addresses)
                 )

@@ -174,7 +174,11 @@ async def test_bad_webhooks_are_refused(caplog: pytest.LogCaptureFixture) -> Non
                 tampered = await post(bridge, body.replace(b"lookup", b"lookum"), good)
                 old = auth_headers(server, HMAC_CREDENTIAL, body, now=now - 3600)
                 replayed = await post(bridge, body, old)
-            rejected = [record_fields(r).get("REASON") for r in caplog.records]
+            rejected = [
+                record_fields(r).get("REASON")
+                for r in caplog.records
+                if r.name == "voicebridge.control.routes"
+            ]
             big = b'{"message": {"type": "x", "pad": "' + b"x" * 5000 + b'"}}'
             too_big = await post(bridge, big, auth_headers(server, HMAC_CREDENTIAL, big, now=now))
             garbage = [

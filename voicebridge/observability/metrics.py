@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from voicebridge.bridge.call import AssistantCall, AssistantConnector
 from voicebridge.bridge.outcome import CallRecord, Outcome
+from voicebridge.observability.looplag import is_stall
 from voicebridge.sockets import PingableSocket
 
 #: The media type of the text exposition format ``/metrics`` answers with.
@@ -36,6 +37,12 @@ FAST_BUCKETS_S: Final = (
 CREATE_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 #: Stream start → first assistant audio: create + connect + the assistant's first words.
 FIRST_AUDIO_BUCKETS_S: Final = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: Event-loop lag: a healthy loop wakes its monitor well under a millisecond late; 50 ms
+#: is what a call's audio tolerates, 0.25 s a stall (``looplag.STALL_WARNING_S``), and
+#: seconds are what precedes a watchdog kill.
+LOOP_LAG_BUCKETS_S: Final = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
 
 Direction = Literal["caller_to_agent", "agent_to_caller"]
 #: Why the voice webhook refused a call (the overflow TwiML was played).
@@ -46,8 +53,9 @@ class BridgeMetrics:
     """The bridge's metrics; one per server, kept across configuration reloads.
 
     It is the calls' ``CallObserver`` (``call_ended``, ``caller_frame_latency``,
-    ``assistant_audio_latency``) and the web layer's counter of refusals and
-    rejected webhooks. Not thread-safe (trio: one thread).
+    ``assistant_audio_latency``), the web layer's counter of refusals and
+    rejected webhooks, and the event loop's ``LagObserver`` (``loop_lag``). Not
+    thread-safe (trio: one thread).
     """
 
     def __init__(self) -> None:
@@ -151,6 +159,26 @@ class BridgeMetrics:
         )
         self._rejected = rejected
         self._rejected_by_path: dict[str, Counter] = {}
+        self._loop_lag = Histogram(
+            "voicebridge_event_loop_lag_seconds",
+            "How late the event loop woke a task that asked to wake every 10 ms: the "
+            "longest any call, webhook or watchdog ping could have waited for its turn.",
+            buckets=LOOP_LAG_BUCKETS_S,
+            registry=registry,
+        )
+        self._loop_lag_largest = Gauge(
+            "voicebridge_event_loop_lag_max_seconds",
+            "The largest event-loop lag since the previous scrape of /metrics.",
+            registry=registry,
+        )
+        self._loop_stalls = Counter(
+            "voicebridge_event_loop_stalls",
+            "Wakes of the event loop's monitor at least 0.25 s late: the loop was blocked "
+            "(each one is also a WARNING in the log).",
+            registry=registry,
+        )
+        # Invariant: the largest lag observed since the last ``exposition``.
+        self._largest_lag = 0.0
 
     # -- the call's observer -------------------------------------------------------
 
@@ -185,6 +213,16 @@ class BridgeMetrics:
         """One sampled assistant audio message's time inside the bridge."""
         self._assistant_latency.observe(seconds)
 
+    # -- the event loop's monitor (``observability.looplag``) -----------------------
+
+    def loop_lag(self, seconds: float) -> None:
+        """One wake of the event loop's monitor, ``seconds`` late."""
+        self._loop_lag.observe(seconds)
+        if seconds > self._largest_lag:
+            self._largest_lag = seconds
+        if is_stall(seconds):
+            self._loop_stalls.inc()
+
     # -- the web layer -------------------------------------------------------------
 
     def call_refused(self, reason: RefusalReason) -> None:
@@ -204,9 +242,15 @@ class BridgeMetrics:
         return _TimedConnector(connector, self._create_latency)
 
     def exposition(self, *, active_calls: int, admitting: bool) -> bytes:
-        """The text exposition of every metric, with the gauges set to the given values."""
+        """The text exposition of every metric, with the gauges set to the given values.
+
+        Starts a new period for the largest event-loop lag (each scrape reports the
+        largest since the one before).
+        """
         self._active_calls.set(active_calls)
         self._admitting.set(1 if admitting else 0)
+        self._loop_lag_largest.set(self._largest_lag)
+        self._largest_lag = 0.0
         return generate_latest(self.registry)
 
 
