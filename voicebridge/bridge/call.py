@@ -78,6 +78,10 @@ CALLER_PARAMETER = "caller"
 CALLED_PARAMETER = "called"
 #: Only on an outbound call that named its own assistant (``control.assistants``).
 ASSISTANT_PARAMETER = "assistant"
+#: The close code for Twilio's socket when a call ends (RFC 6455 7.4.1), and the one
+#: for a stream refused before ``start`` for sending too much (policy violation).
+NORMAL_CLOSURE = 1000
+POLICY_VIOLATION = 1008
 #: One caller frame in this many (one a second) and one assistant audio message in
 #: ``ASSISTANT_LATENCY_SAMPLE_EVERY`` have their time inside the bridge measured for the
 #: metrics: enough for a histogram, and no clock read on the other frames.
@@ -271,8 +275,11 @@ class Call:
         upgrade_signature: str = "unchecked",
         control: CallControl | None = None,
         observer: CallObserver | None = None,
+        remote: str = "",
     ) -> None:
+        """``remote``: the media socket's peer address, for the logs ("" unknown)."""
         self._twilio = twilio
+        self._remote = remote
         self._settings = settings
         self._connector = connector
         self._verify_token = verify_token
@@ -290,6 +297,8 @@ class Call:
         # None in the default (mulaw/8000) case: caller audio passes through untouched.
         self._codec = None if codec.passthrough else codec
         self._started_at = 0.0
+        # How Twilio's socket is closed at the end: code, reason.
+        self._twilio_close = (NORMAL_CLOSURE, "call ended")
         self._ending = _EndSignal()
         # The shielded scope the call's tasks run in, once they run (see _end_if_cancelled).
         self._call_scope: trio.CancelScope | None = None
@@ -367,14 +376,19 @@ class Call:
                         self._control.detach(self._call_sid, self)
                 if self._observer is not None:
                     self._observer.call_ended(record)
-                await self._twilio.aclose(1000, "call ended")
-                _log_call_end(record)
+                await self._twilio.aclose(*self._twilio_close)
+                _log_call_end(record, remote=self._remote)
         return record
 
     # -- before the call nursery ---------------------------------------------------
 
     async def _wait_start(self) -> tw.Start | None:
-        """Read ``connected`` and ``start`` under the start deadline."""
+        """Read ``connected`` and ``start`` under the start deadline.
+
+        Within the pre-start budget too (``twilio.media.PRE_START_FRAMES`` and
+        ``PRE_START_CHARS``): a peer over it is refused at once (1008), so neither
+        time nor traffic lets a stream without a token hold on to the bridge.
+        """
         with trio.move_on_after(self._settings.start_deadline_s):
             try:
                 while True:
@@ -383,6 +397,10 @@ class Call:
                         return event
             except SocketClosed:
                 self._set_outcome(Outcome.STREAM_LOST, "media socket closed before start")
+                return None
+            except tw.PreStartLimitExceeded as exc:
+                self._set_outcome(Outcome.PROTOCOL_ERROR, f"before start: {exc}")
+                self._twilio_close = (POLICY_VIOLATION, "too much before start")
                 return None
             except RemoteProtocolError as exc:
                 self._set_outcome(Outcome.PROTOCOL_ERROR, f"before start: {exc}")
@@ -818,7 +836,7 @@ def _describe(group: BaseExceptionGroup[Exception]) -> str:
     return f"{type(first).__name__}: {first}"
 
 
-def _log_call_end(record: CallRecord) -> None:
+def _log_call_end(record: CallRecord, *, remote: str) -> None:
     outcome = record.outcome
     if outcome is Outcome.INTERNAL_ERROR:
         level = logging.ERROR
@@ -827,11 +845,13 @@ def _log_call_end(record: CallRecord) -> None:
     else:
         level = logging.INFO
     barge_in_ms = max((b.latency_ms for b in record.barge_ins), default=None)
+    # Before start there is no CallSid: the peer's address is all that names the stream.
+    which = record.call_sid or f"(no start, from {remote or '?'})"
     log_event(
         log,
         level,
         "call-end",
-        f"call {record.call_sid or '(no start)'} ended: {outcome.value} ({record.detail}) "
+        f"call {which} ended: {outcome.value} ({record.detail}) "
         f"after {record.duration_s:.1f} s; heard {record.heard_ms} ms, "
         f"{len(record.barge_ins)} barge-in(s)",
         call_sid=record.call_sid or None,
@@ -848,4 +868,5 @@ def _log_call_end(record: CallRecord) -> None:
         first_audio_ms=round(record.first_audio_ms, 1) if record.first_audio_ms else None,
         barge_ins=len(record.barge_ins),
         barge_in_max_ms=round(barge_in_ms, 2) if barge_in_ms is not None else None,
+        remote=remote or None,
     )
