@@ -30,7 +30,7 @@ ABNORMAL_CLOSURE = 1006
 #: scheduler a turn (then it checkpoints before its next read). One full read: a live
 #: call's frames (a few hundred bytes every 20 ms) never come near it, so the hot path
 #: never pays for it, while a peer whose socket is always readable holds the loop for
-#: at most two reads' worth of bytes (and the work its reader does with them).
+#: less than two reads' worth of bytes (and the work its reader does with them).
 FAIR_SLICE_BYTES = RECV_BYTES
 
 

@@ -170,7 +170,8 @@ class WsConnection:
             case TextMessage() | BytesMessage():
                 return self._on_message(event)
             case Ping():
-                await self._write_event(event.response(), quiet=True)
+                if self._close_code is None:  # a closing connection owes no pong
+                    await self._write_event(event.response(), quiet=True)
             case Pong():
                 pong = self._pings.pop(bytes(event.payload), None)
                 if pong is not None:
