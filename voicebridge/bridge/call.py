@@ -376,9 +376,23 @@ class Call:
                         self._control.detach(self._call_sid, self)
                 if self._observer is not None:
                     self._observer.call_ended(record)
-                await self._twilio.aclose(*self._twilio_close)
+                await self._close_twilio()
                 _log_call_end(record, remote=self._remote)
         return record
+
+    async def _close_twilio(self) -> None:
+        """Close Twilio's socket: politely, or at once for a peer refused for what it sent.
+
+        A peer over the pre-start budget is not read for an answer to our close frame
+        (a flooder's frames would be read for ``net.ws.CLOSE_REPLY_S``): the close
+        frame goes, then the connection, within ``sockets.CLOSE_GRACE_S``.
+        """
+        code, reason = self._twilio_close
+        if code == POLICY_VIOLATION:
+            with trio.move_on_after(0):  # close_scope still grants CLOSE_GRACE_S
+                await self._twilio.aclose(code, reason)
+            return
+        await self._twilio.aclose(code, reason)
 
     # -- before the call nursery ---------------------------------------------------
 
