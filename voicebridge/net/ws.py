@@ -94,7 +94,8 @@ class WsConnection:
         # The events of the bytes fed to wsproto so far, parsed as they are taken.
         self._events: Iterator[Event] = ws.events()
         # Frames this connection may still handle before its reader checkpoints.
-        # Invariant: 0 < _slice_left <= FAIR_SLICE_EVENTS between two reads.
+        # Invariant: 0 <= _slice_left <= FAIR_SLICE_EVENTS; at 0 no frame is taken
+        # before a checkpoint (which refills it).
         self._slice_left = FAIR_SLICE_EVENTS
         # The frames of a fragmented message so far (rare: Twilio and Vapi send whole ones).
         self._partial: list[Any] | None = None
