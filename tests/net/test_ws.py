@@ -657,6 +657,32 @@ async def test_aclose_against_a_peer_that_floods_instead_of_answering_takes_turn
     assert events == [CloseConnection(code=1000, reason="")]
 
 
+async def test_ping_and_aclose_always_checkpoint_and_a_flush_owing_nothing_does_not(
+    connect: Connect,
+) -> None:
+    connection, peer = connect()
+    with trio.fail_after(GUARD_S):
+        with trio.testing.assert_no_checkpoints():
+            assert not connection.needs_flush
+            await connection.flush()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_until_closed, connection, 1000)
+
+            async def answer_the_ping_then_close() -> None:
+                ping = await peer.next_event()
+                assert isinstance(ping, Ping)
+                await peer.send(ping.response())
+                close = await peer.next_event()
+                assert isinstance(close, CloseConnection)
+                await peer.send(close.response())
+
+            nursery.start_soon(answer_the_ping_then_close)
+            with trio.testing.assert_checkpoints():
+                await connection.ping()
+            with trio.testing.assert_checkpoints():
+                await connection.aclose()
+
+
 # --- the server's opening handshake ---------------------------------------------------------
 
 
