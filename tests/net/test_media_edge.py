@@ -191,7 +191,7 @@ async def test_frames_sent_in_the_segment_of_the_upgrade_reach_the_call(
     # At once, not at the start deadline (twilio.start_deadline_s, 5 s).
     assert refused_after_s < bridge.config.twilio.start_deadline_s
     [line] = peer_lines(caplog, local)
-    assert f"more than {PRE_START_FRAMES} frames" in record_fields(line)["DETAIL"]
+    assert f"more than {PRE_START_FRAMES} frames" in str(record_fields(line)["DETAIL"])
 
 
 async def test_a_bad_upgrade_is_answered_400_and_logged_with_the_peer(
