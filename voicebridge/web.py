@@ -48,7 +48,7 @@ from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
 from voicebridge.control.routes import BodyTooLarge, add_control_routes, log_rejected, read_body
 from voicebridge.errors import SocketClosed
-from voicebridge.net.transport import SocketTransport
+from voicebridge.net.transport import SocketTransport, peer_address
 from voicebridge.net.ws import UpgradeRefused, accept_upgrade, read_upgrade
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -335,19 +335,23 @@ async def media_connection(services: Services, transport: SocketTransport, head:
 
     The socket is served on ``voicebridge.net.ws`` (the call's own task reads it),
     not through hypercorn: see ``voicebridge.net.front``. Owns ``transport``: closed on
-    the way out whatever happens.
+    the way out whatever happens. Every refusal before ``start`` is logged with the
+    peer's address (``REMOTE``): here for the upgrade, by the ``Call`` after it.
     """
+    remote = peer_address(transport.sock)
     try:
         try:
-            ws, upgrade = read_upgrade(head)
+            upgrade = read_upgrade(head)
         except UpgradeRefused as exc:
             log_event(
                 log,
                 logging.WARNING,
                 "stream-refused",
-                f"{STREAM_PATH}: not a WebSocket upgrade ({exc.reason}); answered 400",
+                f"{STREAM_PATH}: not a WebSocket upgrade from {remote} ({exc.reason}); "
+                "answered 400",
                 path=STREAM_PATH,
                 reason=exc.reason,
+                remote=remote,
             )
             with contextlib.suppress(SocketClosed):
                 transport.try_send(memoryview(exc.answer))
@@ -358,19 +362,21 @@ async def media_connection(services: Services, transport: SocketTransport, head:
         upgrade_signature = "unchecked"
         if services.verifier is not None:
             signature = next(
-                (v for k, v in upgrade.extra_headers if k.lower() == b"x-twilio-signature"),
+                (v for k, v in upgrade.request.extra_headers if k.lower() == b"x-twilio-signature"),
                 None,
             )
             try:
                 services.verifier.verify_upgrade(
-                    path=upgrade.target.split("?", 1)[0],
+                    path=upgrade.request.target.split("?", 1)[0],
                     signature=signature.decode("latin-1") if signature is not None else None,
                 )
                 upgrade_signature = "valid"
             except SignatureError as exc:
                 upgrade_signature = exc.reason
         try:
-            socket = await accept_upgrade(transport, ws, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES)
+            socket = await accept_upgrade(
+                transport, upgrade, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES
+            )
         except SocketClosed:
             return  # the client went away during the handshake
         call = Call(
@@ -382,6 +388,7 @@ async def media_connection(services: Services, transport: SocketTransport, head:
             upgrade_signature=upgrade_signature,
             control=services.control,
             observer=services.metrics,
+            remote=remote,
         )
         await call.run()
     finally:

@@ -112,6 +112,8 @@ class FakeTwilio:
         self.pending_marks: deque[tuple[float, str]] = deque()
         self.heard_bytes = 0
         self.closed_at: float | None = None
+        #: The close code the bridge closed the stream with.
+        self.close_code: int | None = None
         self._seq = 1
         self._mark_wakeup = trio.Event()
 
@@ -143,8 +145,9 @@ class FakeTwilio:
                     now = trio.current_time()
                     self.received.append(Received(now, message))
                     self._handle(message, now)
-            except SocketClosed:
+            except SocketClosed as exc:
                 self.closed_at = trio.current_time()
+                self.close_code = exc.code
             nursery.cancel_scope.cancel()
 
     def _handle(self, message: dict[str, Any], now: float) -> None:
@@ -211,10 +214,13 @@ class MemoryConnector:
         self.buffer = buffer
         self.peer: MemorySocket | None = None
         self.opened = trio.Event()
+        #: Assistant calls asked for (each would be a Vapi ``POST /call``).
+        self.created = 0
 
     async def create(
         self, *, call_sid: str, caller: str, called: str, assistant: str = ""
     ) -> MemoryCall:
+        self.created += 1
         await trio.sleep(self.create_delay_s)
         if self.fail is not None:
             raise self.fail

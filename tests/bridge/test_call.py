@@ -6,6 +6,7 @@ Every test drives the real ``Call`` over in-memory sockets with the peers in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -27,7 +28,9 @@ from tests.bridge.peers import (
 from voicebridge.bridge.call import Call, CallSettings
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.config import Config
+from voicebridge.observability.logs import record_fields
 from voicebridge.sockets import memory_socket_pair
+from voicebridge.twilio.media import PRE_START_FRAMES
 from voicebridge.vapi.client import VapiError
 from voicebridge.web import after_stream_twiml
 
@@ -52,6 +55,7 @@ async def run_call(
     connector: MemoryConnector | None = None,
     settings: CallSettings = SETTINGS,
     send_start: bool = True,
+    remote: str = "",
 ) -> tuple[CallRecord, FakeTwilio, MemoryConnector]:
     """Run one call with ``scenario`` playing both peers; return its record."""
     connector = connector or MemoryConnector()
@@ -64,6 +68,7 @@ async def run_call(
         connector=connector,
         verify_token=verify_token,
         tracker=tracker,
+        remote=remote,
     )
     record: CallRecord | None = None
 
@@ -173,6 +178,75 @@ async def test_no_start_within_deadline_ends_with_protocol_error(
     assert "no start within 5 s" in record.detail
     assert twilio.closed_at == t0 + 5.0
     assert not connector.opened.is_set()
+
+
+async def test_too_much_before_start_is_refused_at_once_with_1008(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="voicebridge")
+
+    async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
+        await trio.sleep(1.0)
+        await twilio.socket.send(connected_frame())
+        for _ in range(PRE_START_FRAMES):  # one over: connected counts too
+            await twilio.socket.send('{"event":"x"}')
+        await twilio.socket.send(start_frame())  # too late: refused already
+
+    t0 = trio.current_time()
+    record, twilio, connector = await run_call(
+        scenario, send_start=False, remote="203.0.113.7:40112"
+    )
+    assert record.outcome is Outcome.PROTOCOL_ERROR
+    assert record.detail == f"before start: more than {PRE_START_FRAMES} frames before 'start'"
+    assert twilio.closed_at == t0 + 1.0  # at once, not at the start deadline
+    assert twilio.close_code == 1008
+    assert connector.created == 0, "no assistant call for a refused stream"
+    [line] = [r for r in caplog.records if r.name.startswith("voicebridge")]
+    assert record_fields(line)["REMOTE"] == "203.0.113.7:40112"
+    assert "from 203.0.113.7:40112" in line.getMessage()
+    assert line.levelno == logging.WARNING
+
+
+async def test_unknown_events_within_the_budget_before_start_are_tolerated(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
+        await twilio.socket.send(connected_frame())
+        for _ in range(PRE_START_FRAMES - 2):  # with connected and start: the whole budget
+            await twilio.socket.send('{"event":"x"}')
+        await twilio.socket.send(start_frame())
+        await start_vapi(connector, nursery)
+        await twilio.socket.send(stop_frame(twilio.next_seq()))
+
+    record, twilio, connector = await run_call(scenario, send_start=False)
+    assert record.outcome is Outcome.CALLER_HUNG_UP
+    assert twilio.close_code == 1000
+    assert connector.created == 1
+
+
+@pytest.mark.parametrize("why", ["no start", "bad token"])
+async def test_every_refusal_before_start_names_the_peer(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, why: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="voicebridge")
+
+    async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
+        await twilio.socket.send(connected_frame())
+        if why == "bad token":
+            await twilio.socket.send(start_frame(token="forged"))
+
+    t0 = trio.current_time()
+    record, twilio, connector = await run_call(
+        scenario, send_start=False, remote="[2001:db8::5]:443"
+    )
+    assert record.outcome is (
+        Outcome.PROTOCOL_ERROR if why == "no start" else Outcome.TOKEN_REJECTED
+    )
+    assert twilio.closed_at == t0 + (SETTINGS.start_deadline_s if why == "no start" else 0.0)
+    assert connector.created == 0
+    [line] = [r for r in caplog.records if r.name.startswith("voicebridge")]
+    assert record_fields(line)["EVENT"] == "call-end"
+    assert record_fields(line)["REMOTE"] == "[2001:db8::5]:443"
 
 
 async def test_media_inactivity_ends_the_call_and_vapi_gets_end_call(

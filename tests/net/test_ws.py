@@ -13,6 +13,7 @@ says otherwise. Anything timed runs on ``autojump_clock``; every test is guarded
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import shutil
 import socket
@@ -43,9 +44,21 @@ from wsproto.events import (
 
 from voicebridge.errors import SocketClosed
 from voicebridge.net import transport as net_transport
-from voicebridge.net.transport import SocketTransport, TlsHandshakeError, TlsSocketTransport
-from voicebridge.net.ws import CLOSE_REPLY_S, MAX_MESSAGE_BYTES, WsConnection
-from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout
+from voicebridge.net.transport import (
+    FAIR_SLICE_BYTES,
+    SocketTransport,
+    TlsHandshakeError,
+    TlsSocketTransport,
+)
+from voicebridge.net.ws import (
+    CLOSE_REPLY_S,
+    MAX_MESSAGE_BYTES,
+    UpgradeRefused,
+    WsConnection,
+    accept_upgrade,
+    read_upgrade,
+)
+from voicebridge.sockets import FAIR_SLICE_EVENTS, WRITE_DEADLINE_S, SocketWriteTimeout
 
 #: Guard on every test: a socketpair exchange takes microseconds; on the autojump
 #: clock this is virtual time, so a test that hangs fails at once.
@@ -467,6 +480,244 @@ async def test_aclose_from_a_cancelled_caller_still_sends_the_close(connect: Con
             await connection.aclose()
         assert await peer.next_event() == CloseConnection(code=1000, reason="")
         assert await peer.next_event() is None
+
+
+# --- fairness: a peer that always has data still lets other tasks run ---------------------
+
+
+class StepMeter(trio.abc.Instrument):
+    """How much ``measure()`` grew in each task step (from one checkpoint to the next).
+
+    Only the steps of ``task`` when one is given (``steps`` counts them).
+    """
+
+    def __init__(self, measure: Callable[[], int], task: trio.lowlevel.Task | None = None):
+        self.measure = measure
+        self.task = task
+        self.grew: list[int] = []
+        self._before = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.task is None or task is self.task:
+            self._before = self.measure()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.task is None or task is self.task:
+            self.grew.append(self.measure() - self._before)
+
+    def __enter__(self) -> StepMeter:
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        trio.lowlevel.remove_instrument(self)
+
+
+async def test_a_slice_of_messages_takes_no_checkpoint_and_the_next_one_does(
+    connect: Connect,
+) -> None:
+    connection, peer = connect()
+    total = 2 * FAIR_SLICE_EVENTS
+    with trio.fail_after(GUARD_S):
+        await peer.send(*(BytesMessage(data=i.to_bytes(2, "big")) for i in range(total)))
+        with trio.testing.assert_no_checkpoints():
+            first = [await connection.receive() for _ in range(FAIR_SLICE_EVENTS)]
+        with trio.testing.assert_checkpoints():
+            then = await connection.receive()
+    assert first == [i.to_bytes(2, "big") for i in range(FAIR_SLICE_EVENTS)]
+    assert then == FAIR_SLICE_EVENTS.to_bytes(2, "big")
+
+
+async def test_no_step_of_a_reader_whose_socket_always_has_data_exceeds_a_slice(
+    connect: Connect,
+) -> None:
+    connection, peer = connect(ours=ConnectionType.SERVER)
+    total = 10 * FAIR_SLICE_EVENTS
+    received: list[str | bytes] = []
+    with trio.fail_after(GUARD_S):
+        # All of it readable at once: one read takes it all.
+        await peer.send(*(TextMessage(data=f'{{"event":"x","n":{i}}}') for i in range(total)))
+        with StepMeter(lambda: len(received)) as meter:
+            async with trio.open_nursery() as nursery:
+
+                async def read() -> None:
+                    while len(received) < total:
+                        received.append(await connection.receive())
+
+                nursery.start_soon(read)
+    assert received == [f'{{"event":"x","n":{i}}}' for i in range(total)]
+    # Every other task got a turn after each slice, and each slice was whole.
+    assert max(meter.grew) == FAIR_SLICE_EVENTS
+
+
+class SendCountingTransport(SocketTransport):
+    """A ``SocketTransport`` that counts what is written through it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.writes = 0
+
+    def try_send(self, data: memoryview | bytes | bytearray) -> int:
+        self.writes += 1
+        return super().try_send(data)
+
+
+async def test_a_flood_of_pings_is_answered_a_slice_at_a_time(connect: Connect) -> None:
+    made: list[SendCountingTransport] = []
+
+    def counting(sock: socket.socket) -> SocketTransport:
+        made.append(SendCountingTransport(sock))
+        return made[-1]
+
+    connection, peer = connect(transport=counting)
+    pings = 5 * FAIR_SLICE_EVENTS
+    with trio.fail_after(GUARD_S):
+        await peer.send(
+            *(Ping(payload=i.to_bytes(4, "big")) for i in range(pings)),
+            TextMessage(data="after the pings"),
+        )
+        pongs: list[Event | None] = []
+        with StepMeter(lambda: made[0].writes) as meter:
+            async with trio.open_nursery() as nursery:
+
+                async def read_the_pongs() -> None:
+                    # As a live peer does: its socket's buffer holds a few hundred.
+                    while len(pongs) < pings:
+                        pongs.append(await peer.next_event())
+
+                nursery.start_soon(read_the_pongs)
+                message = await connection.receive()
+    assert message == "after the pings"
+    assert pongs == [Pong(payload=i.to_bytes(4, "big")) for i in range(pings)]
+    assert max(meter.grew) == FAIR_SLICE_EVENTS
+
+
+async def test_a_transport_whose_socket_always_has_bytes_checkpoints_every_slice() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        transport = SocketTransport(ours)
+        theirs.setblocking(False)
+        written = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                written += theirs.send(b"\x55" * 65536)
+        assert written > 2 * FAIR_SLICE_BYTES, "the socket buffer holds more than two slices"
+        got = 0
+        with trio.fail_after(GUARD_S):
+            with trio.testing.assert_no_checkpoints():
+                while got < FAIR_SLICE_BYTES:
+                    got += len(await transport.receive_some())
+            with trio.testing.assert_checkpoints():
+                assert await transport.receive_some()
+
+
+async def test_tls_a_slice_of_messages_takes_no_checkpoint_and_the_next_one_does(
+    tls_connect: TlsConnect,
+) -> None:
+    connection, peer, transport = await tls_connect()
+    total = 2 * FAIR_SLICE_EVENTS
+    with trio.fail_after(GUARD_S):
+        await peer.send(*(BytesMessage(data=i.to_bytes(2, "big")) for i in range(total)))
+        for _ in range(1000):  # wait for the records on loopback (see the test above)
+            if unread_bytes(transport.sock) >= total * 4 + 22:
+                break
+            await trio.sleep(0.001)
+        with trio.testing.assert_no_checkpoints():
+            first = [await connection.receive() for _ in range(FAIR_SLICE_EVENTS)]
+        with trio.testing.assert_checkpoints():
+            then = await connection.receive()
+    assert first == [i.to_bytes(2, "big") for i in range(FAIR_SLICE_EVENTS)]
+    assert then == FAIR_SLICE_EVENTS.to_bytes(2, "big")
+
+
+async def test_aclose_against_a_peer_that_floods_instead_of_answering_takes_turns(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    connection, peer = connect()
+    slices = 20
+    flood = b"".join(peer.ws.send(TextMessage(data="x")) for _ in range(slices * FAIR_SLICE_EVENTS))
+    closing_steps = 0
+
+    async def close() -> None:
+        nonlocal closing_steps
+        with StepMeter(lambda: 0, trio.lowlevel.current_task()) as meter:
+            await connection.aclose()
+        closing_steps = len(meter.grew)
+
+    with trio.fail_after(GUARD_S):
+        await peer.send_raw(flood)
+        t0 = trio.current_time()
+        await close()
+        assert trio.current_time() == t0 + CLOSE_REPLY_S  # the peer never answered
+    # It read the whole flood (and found no answer in it), a slice at a time.
+    assert closing_steps > slices
+    events = []
+    while (event := await peer.next_event()) is not None:
+        events.append(event)
+    assert events == [CloseConnection(code=1000, reason="")]
+
+
+async def test_ping_and_aclose_always_checkpoint_and_a_flush_owing_nothing_does_not(
+    connect: Connect,
+) -> None:
+    connection, peer = connect()
+    with trio.fail_after(GUARD_S):
+        with trio.testing.assert_no_checkpoints():
+            assert not connection.needs_flush
+            await connection.flush()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_until_closed, connection, 1000)
+
+            async def answer_the_ping_then_close() -> None:
+                ping = await peer.next_event()
+                assert isinstance(ping, Ping)
+                await peer.send(ping.response())
+                close = await peer.next_event()
+                assert isinstance(close, CloseConnection)
+                await peer.send(close.response())
+
+            nursery.start_soon(answer_the_ping_then_close)
+            with trio.testing.assert_checkpoints():
+                await connection.ping()
+            with trio.testing.assert_checkpoints():
+                await connection.aclose()
+
+
+# --- the server's opening handshake ---------------------------------------------------------
+
+
+def masked_text_frame(text: str, mask: bytes = b"\x37\xfa\x21\x3d") -> bytes:
+    """A client's (masked) text frame, by hand: wsproto's client sends none before the 101."""
+    data = text.encode()
+    assert len(data) < 126
+    return (
+        bytes([0x81, 0x80 | len(data)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    )
+
+
+async def test_frames_sent_with_the_upgrade_request_are_received() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        client = WSConnection(ConnectionType.CLIENT)
+        request = client.send(Request(host="bridge.test", target="/twilio/stream"))
+        early = ['{"event":"connected"}', '{"event":"start"}', "third"]
+        # One segment: the head, then the client's first frames without waiting for the 101.
+        upgrade = read_upgrade(request + b"".join(masked_text_frame(t) for t in early))
+        assert upgrade.request.target == "/twilio/stream"
+        with trio.fail_after(GUARD_S):
+            connection = await accept_upgrade(SocketTransport(ours), upgrade)
+            assert [await connection.receive() for _ in early] == early
+            client.receive_data(theirs.recv(65536))
+            assert isinstance(next(client.events()), AcceptConnection)
+
+
+def test_an_incomplete_or_broken_upgrade_is_refused_with_a_400() -> None:
+    client = WSConnection(ConnectionType.CLIENT)
+    request = client.send(Request(host="bridge.test", target="/twilio/stream"))
+    for head in (request[:-2], b"GET /twilio/stream HTTP/1.1\r\nhost: x\r\n\r\n", b"\x16\x03"):
+        with pytest.raises(UpgradeRefused) as refused:
+            read_upgrade(head)
+        assert refused.value.answer.startswith(b"HTTP/1.1 400 ")
 
 
 # --- writing -------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ from hypothesis import strategies as st
 from voicebridge.errors import LocalProtocolError, RemoteProtocolError
 from voicebridge.twilio.media import (
     MAX_FRAME_CHARS,
+    PRE_START_CHARS,
+    PRE_START_FRAMES,
     Connected,
     Dtmf,
     Mark,
     Media,
     MediaStream,
+    PreStartLimitExceeded,
     Start,
     Stop,
     Unrecognized,
@@ -198,6 +201,53 @@ def test_unknown_events_are_reported_not_fatal() -> None:
     stream.receive(start_frame())
     assert stream.receive('{"event":"novel","streamSid":"whatever"}') == Unrecognized(event="novel")
     assert isinstance(stream.receive(media_frame()), Media)
+
+
+# ------------------------------------------------------------ the pre-start budget
+
+
+def test_unknown_events_before_start_are_tolerated_within_the_budget() -> None:
+    stream = MediaStream()
+    stream.receive(CONNECTED)
+    for _ in range(PRE_START_FRAMES - 2):  # all but connected and start
+        assert stream.receive('{"event":"x"}') == Unrecognized(event="x")
+    assert isinstance(stream.receive(start_frame()), Start)
+    # After start the budget no longer applies.
+    for _ in range(2 * PRE_START_FRAMES):
+        assert stream.receive('{"event":"x"}') == Unrecognized(event="x")
+    assert isinstance(stream.receive(media_frame()), Media)
+
+
+def test_one_frame_over_the_budget_before_start_is_refused_even_a_start() -> None:
+    stream = MediaStream()
+    for _ in range(PRE_START_FRAMES):
+        stream.receive('{"event":"x"}')
+    with pytest.raises(PreStartLimitExceeded, match=f"more than {PRE_START_FRAMES} frames"):
+        stream.receive(start_frame())
+    assert not stream.started
+
+
+def test_characters_over_the_budget_before_start_are_refused_unparsed() -> None:
+    stream = MediaStream()
+    big = '{"event":"x","pad":"' + "p" * (MAX_FRAME_CHARS - 100) + '"}'
+    sent = 0
+    while sent + len(big) <= PRE_START_CHARS:
+        stream.receive(big)
+        sent += len(big)
+    # Not JSON at all: refused for the budget, before any parsing.
+    with pytest.raises(PreStartLimitExceeded, match=f"more than {PRE_START_CHARS} characters"):
+        stream.receive("{" * len(big))
+
+
+def test_the_budget_counts_frames_that_are_rejected_too() -> None:
+    # A refusal is a RemoteProtocolError like any other malformed frame.
+    assert issubclass(PreStartLimitExceeded, RemoteProtocolError)
+    stream = MediaStream()
+    for _ in range(PRE_START_FRAMES):
+        with pytest.raises(RemoteProtocolError, match="not JSON"):
+            stream.receive("not json")
+    with pytest.raises(PreStartLimitExceeded):
+        stream.receive(CONNECTED)
 
 
 # --------------------------------------------------------------- malformed frames

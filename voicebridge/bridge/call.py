@@ -86,6 +86,10 @@ CALLER_PARAMETER = "caller"
 CALLED_PARAMETER = "called"
 #: Only on an outbound call that named its own assistant (``control.assistants``).
 ASSISTANT_PARAMETER = "assistant"
+#: The close code for Twilio's socket when a call ends (RFC 6455 7.4.1), and the one
+#: for a stream refused before ``start`` for sending too much (policy violation).
+NORMAL_CLOSURE = 1000
+POLICY_VIOLATION = 1008
 #: One caller frame in this many (one a second) and one assistant audio message in
 #: ``ASSISTANT_LATENCY_SAMPLE_EVERY`` have their time inside the bridge measured for the
 #: metrics: enough for a histogram, and no clock read on the other frames.
@@ -295,8 +299,11 @@ class Call:
         upgrade_signature: str = "unchecked",
         control: CallControl | None = None,
         observer: CallObserver | None = None,
+        remote: str = "",
     ) -> None:
+        """``remote``: the media socket's peer address, for the logs ("" unknown)."""
         self._twilio = twilio
+        self._remote = remote
         self._settings = settings
         self._connector = connector
         self._verify_token = verify_token
@@ -315,6 +322,8 @@ class Call:
         # None in the default (mulaw/8000) case: caller audio passes through untouched.
         self._codec = None if codec.passthrough else codec
         self._started_at = 0.0
+        # How Twilio's socket is closed at the end: code, reason.
+        self._twilio_close = (NORMAL_CLOSURE, "call ended")
         self._ending = _EndSignal()
         # Cancelled once the assistant has ended the call: the keepalive stops judging.
         self._liveness_scope = trio.CancelScope()
@@ -401,14 +410,33 @@ class Call:
                         self._control.detach(self._call_sid, self)
                 if self._observer is not None:
                     self._observer.call_ended(record)
-                await self._twilio.aclose(1000, "call ended")
-                _log_call_end(record, began=begun)
+                await self._close_twilio()
+                _log_call_end(record, began=begun, remote=self._remote)
         return record
+
+    async def _close_twilio(self) -> None:
+        """Close Twilio's socket: politely, or at once for a peer refused for what it sent.
+
+        A peer over the pre-start budget is not read for an answer to our close frame
+        (a flooder's frames would be read for ``net.ws.CLOSE_REPLY_S``): the close
+        frame goes, then the connection, within ``sockets.CLOSE_GRACE_S``.
+        """
+        code, reason = self._twilio_close
+        if code == POLICY_VIOLATION:
+            with trio.move_on_after(0):  # close_scope still grants CLOSE_GRACE_S
+                await self._twilio.aclose(code, reason)
+            return
+        await self._twilio.aclose(code, reason)
 
     # -- before the call nursery ---------------------------------------------------
 
     async def _wait_start(self) -> tw.Start | None:
-        """Read ``connected`` and ``start`` under the start deadline."""
+        """Read ``connected`` and ``start`` under the start deadline.
+
+        Within the pre-start budget too (``twilio.media.PRE_START_FRAMES`` and
+        ``PRE_START_CHARS``): a peer over it is refused at once (1008), so neither
+        time nor traffic lets a stream without a token hold on to the bridge.
+        """
         with trio.move_on_after(self._settings.start_deadline_s):
             try:
                 while True:
@@ -417,6 +445,10 @@ class Call:
                         return event
             except SocketClosed:
                 self._set_outcome(Outcome.STREAM_LOST, "media socket closed before start")
+                return None
+            except tw.PreStartLimitExceeded as exc:
+                self._set_outcome(Outcome.PROTOCOL_ERROR, f"before start: {exc}")
+                self._twilio_close = (POLICY_VIOLATION, "too much before start")
                 return None
             except RemoteProtocolError as exc:
                 self._set_outcome(Outcome.PROTOCOL_ERROR, f"before start: {exc}")
@@ -1036,7 +1068,7 @@ def _describe(group: BaseExceptionGroup[Exception]) -> str:
     return f"{type(first).__name__}: {first}"
 
 
-def _log_call_end(record: CallRecord, *, began: bool) -> None:
+def _log_call_end(record: CallRecord, *, began: bool, remote: str) -> None:
     """The call's one ``call-end`` line. A call that began (its token passed) is never
     rate-limited, whatever its level; a stream that never began is a rejection, which a
     peer can repeat at will: rate-limited (see ``observability.logs.RateLimitFilter``)."""
@@ -1048,11 +1080,13 @@ def _log_call_end(record: CallRecord, *, began: bool) -> None:
     else:
         level = logging.INFO
     barge_in_ms = max((b.latency_ms for b in record.barge_ins), default=None)
+    # Before start there is no CallSid: the peer's address is all that names the stream.
+    which = record.call_sid or f"(no start, from {remote or '?'})"
     log_event(
         log,
         level,
         "call-end",
-        f"call {record.call_sid or '(no start)'} ended: {outcome.value} ({record.detail}) "
+        f"call {which} ended: {outcome.value} ({record.detail}) "
         f"after {record.duration_s:.1f} s; heard {record.heard_ms} ms, "
         f"{len(record.barge_ins)} barge-in(s)",
         call_sid=record.call_sid or None,
@@ -1071,4 +1105,5 @@ def _log_call_end(record: CallRecord, *, began: bool) -> None:
         barge_ins=len(record.barge_ins),
         barge_in_max_ms=round(barge_in_ms, 2) if barge_in_ms is not None else None,
         rate_limited=not began,
+        remote=remote or None,
     )

@@ -3,6 +3,9 @@
 A ``Transport`` is driven by the task that uses it (no task of its own): reads wait
 with trio's I/O waits, writes go straight into the kernel's buffer. The media
 socket, the assistant's leg, the simulators and the load generator all use these.
+
+Reads skip trio's scheduler when bytes are already there, but never for long: see
+``Transport.receive_some`` and ``FAIR_SLICE_BYTES``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,30 @@ from voicebridge.errors import SocketClosed, VoicebridgeError
 RECV_BYTES = 64 * 1024
 #: The close code of a connection that ended without a close frame (RFC 6455 7.1.5).
 ABNORMAL_CLOSURE = 1006
+#: Bytes ``receive_some`` may return without a checkpoint before it gives trio's
+#: scheduler a turn (then it checkpoints before its next read). One full read: a live
+#: call's frames (a few hundred bytes every 20 ms) never come near it, so the hot path
+#: never pays for it, while a peer whose socket is always readable holds the loop for
+#: less than two reads' worth of bytes (and the work its reader does with them).
+FAIR_SLICE_BYTES = RECV_BYTES
 
 
 class Transport(ABC):
     """A byte stream under a ``WsConnection``: a raw socket, or TLS over one.
+
+    Checkpoints (the contract every transport keeps; trio's own socket methods
+    checkpoint always, these skip the scheduler where it is safe and bounded):
+
+    - ``receive_some`` returns without a checkpoint when bytes are readable at once,
+      until ``FAIR_SLICE_BYTES`` have been returned that way since its last
+      checkpoint; the next call then checkpoints before it reads. It checkpoints
+      whenever it waits. So a peer that always has data still lets trio run other
+      tasks every ``FAIR_SLICE_BYTES``.
+    - ``try_send`` is synchronous: never a checkpoint.
+    - ``send_rest`` checkpoints when it waits for the kernel; with nothing left to
+      write it may return without one. Writes need no bound of their own: each one
+      answers something read (bounded above) or a timer.
+    - ``aclose`` always checkpoints.
 
     Writing is ``try_send`` (what can go now, without waiting), then ``send_rest``
     for the rest. A transport may take bytes in ``try_send`` that it has not yet
@@ -38,9 +61,27 @@ class Transport(ABC):
     #: Bytes ``try_send`` counted as taken are still to be written (``send_rest``).
     pending: bool = False
 
+    #: Bytes returned by ``receive_some`` since its last checkpoint.
+    #: Invariant: below ``FAIR_SLICE_BYTES`` + ``RECV_BYTES``.
+    _unyielded = 0
+
     @abstractmethod
     async def receive_some(self) -> bytes:
-        """Wait for bytes; b"" once the peer has closed (or reset) the connection."""
+        """Wait for bytes; b"" once the peer has closed (or reset) the connection.
+
+        Without a checkpoint while bytes are readable at once, within
+        ``FAIR_SLICE_BYTES`` (see the class docstring). Cancelled: nothing was read
+        (every checkpoint comes before bytes are taken from the socket).
+        """
+
+    async def _take_turn_if_due(self) -> None:
+        """Checkpoint if ``FAIR_SLICE_BYTES`` were returned since the last checkpoint.
+
+        A counter, not a clock: the hot path pays one comparison per read.
+        """
+        if self._unyielded >= FAIR_SLICE_BYTES:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
 
     @abstractmethod
     def try_send(self, data: memoryview) -> int:
@@ -57,6 +98,22 @@ class Transport(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Close the connection (best effort: nothing to report to the caller)."""
+
+
+def peer_address(sock: socket.socket) -> str:
+    """The connected peer as ``host:port`` (``[host]:port`` for IPv6) for log lines.
+
+    "?" when the kernel no longer knows it (the peer already reset the connection);
+    the socket path, or "local", for a Unix socket.
+    """
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer) if peer else "local"
 
 
 _per_thread = threading.local()
@@ -82,8 +139,10 @@ class SocketTransport(Transport):
         # Never True: the kernel takes a byte or it does not. An instance attribute
         # (not only the class's) because the hot write path reads it on every frame.
         self.pending = False
+        self._unyielded = 0
 
     async def receive_some(self) -> bytes:
+        await self._take_turn_if_due()
         while True:
             try:
                 # Into one buffer per thread, then copied out at its size: a plain
@@ -92,8 +151,10 @@ class SocketTransport(Transport):
                 # fragment the heap (RSS grew ~55 KiB/s at 100 calls; measured).
                 buffer = _receive_buffer()
                 size = self.sock.recv_into(buffer)
+                self._unyielded += size
                 return bytes(buffer[:size])
             except BlockingIOError:
+                self._unyielded = 0
                 try:
                     await trio.lowlevel.wait_readable(self.sock)
                 except trio.ClosedResourceError:  # aclose() closed it while we waited
@@ -188,6 +249,7 @@ class TlsSocketTransport(Transport):
         self._eof = False
         # The handshake completed: a close_notify is owed on closing.
         self._established = False
+        self._unyielded = 0
 
     async def handshake(self) -> None:
         """Do the TLS handshake, bounded by the caller's scope; ``TlsHandshakeError``."""
@@ -215,10 +277,12 @@ class TlsSocketTransport(Transport):
             raise TlsHandshakeError(exc.reason) from None
 
     async def receive_some(self) -> bytes:
+        await self._take_turn_if_due()
         buffer = _receive_buffer()
         while True:
             size = self._decrypt_into(buffer)
             if size:
+                self._unyielded += size
                 return bytes(buffer[:size])
             if self._eof or not await self._read_ciphertext(buffer):
                 self._eof = True
@@ -260,6 +324,7 @@ class TlsSocketTransport(Transport):
             try:
                 size = self.sock.recv_into(buffer)
             except BlockingIOError:
+                self._unyielded = 0
                 try:
                     await trio.lowlevel.wait_readable(self.sock)
                 except trio.ClosedResourceError:  # aclose() closed it while we waited

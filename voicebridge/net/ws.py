@@ -7,11 +7,15 @@ reader, trio-websocket's reader) and yield to trio's scheduler on every write;
 under load each such hop waits for the scheduler's next batch (profiles and
 figures: docs/performance.md). ``WsConnection`` has no task of its own:
 
-- ``receive()`` is called by the call's reader task. It returns a message wsproto
-  already parsed if there is one; otherwise it waits until the socket is readable
-  (the one scheduling pass), reads everything there is and parses it. Pings are
-  answered and pongs noted on the way; a close frame is answered, and the messages
-  that came before it are still returned before ``SocketClosed``.
+- ``receive()`` is called by the call's reader task. It parses the next frame of
+  what was read already and returns it if it ends a message; otherwise it reads
+  what the socket has, and waits until the socket is readable (the one scheduling
+  pass) only when it has nothing. Frames are parsed one at a time, as they are
+  asked for. Pings are answered and pongs noted on the way; a close frame is
+  answered, and the messages that came before it are still returned before
+  ``SocketClosed``. It skips the scheduler only within a slice: at least one
+  checkpoint per ``FAIR_SLICE_EVENTS`` frames, and the transport's own per
+  ``FAIR_SLICE_BYTES`` (``sockets.MessageSocket`` states the contract).
 - ``send()`` writes the frame straight into the kernel's buffer and returns
   without yielding when the buffer takes it whole (nearly always); only when the
   buffer is full does it wait, shielded (a torn frame would corrupt the connection)
@@ -31,9 +35,11 @@ raises ``SocketClosed`` with that code, so the call ends with one log line.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import re
+from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -51,7 +57,12 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from voicebridge.errors import SocketClosed
 from voicebridge.net.transport import ABNORMAL_CLOSURE, Transport
-from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
+from voicebridge.sockets import (
+    FAIR_SLICE_EVENTS,
+    WRITE_DEADLINE_S,
+    SocketWriteTimeout,
+    close_scope,
+)
 
 #: Largest message accepted. Twilio's media messages are ~350 bytes and Vapi's
 #: control messages a few KiB (an end-of-call report with a transcript can reach
@@ -80,7 +91,12 @@ class WsConnection:
         self._transport = transport
         self._ws = ws
         self._max_message_bytes = max_message_bytes
-        self._messages: deque[str | bytes] = deque()
+        # The events of the bytes fed to wsproto so far, parsed as they are taken.
+        self._events: Iterator[Event] = ws.events()
+        # Frames this connection may still handle before its reader checkpoints.
+        # Invariant: 0 <= _slice_left <= FAIR_SLICE_EVENTS; at 0 no frame is taken
+        # before a checkpoint (which refills it).
+        self._slice_left = FAIR_SLICE_EVENTS
         # The frames of a fragmented message so far (rare: Twilio and Vapi send whole ones).
         self._partial: list[Any] | None = None
         self._partial_size = 0
@@ -108,10 +124,22 @@ class WsConnection:
     # -- reading --------------------------------------------------------------------
 
     async def receive(self) -> str | bytes:
+        """The next message; ``SocketClosed`` (with the code) once the connection is closed.
+
+        Returns without a checkpoint when the message's bytes were read already or
+        are readable at once; checkpoints at least once per ``FAIR_SLICE_EVENTS``
+        frames it handles, and whenever it waits. Cancelled: no message is lost
+        (every checkpoint comes before a frame is taken from wsproto).
+        """
         while True:
-            await self._handle_events()
-            if self._messages:
-                return self._messages.popleft()
+            await self._take_turn_if_due()
+            event = next(self._events, None)
+            if event is not None:
+                self._slice_left -= 1
+                message = await self._handle(event)
+                if message is not None:
+                    return message
+                continue
             if self._close_code is not None:
                 raise SocketClosed(self._close_code, self._close_reason)
             self._reading = True
@@ -122,46 +150,63 @@ class WsConnection:
             if not data:
                 self._lost("connection lost without a close frame")
                 continue
-            self._ws.receive_data(data)
+            self._feed(data)
 
-    async def _handle_events(self) -> None:
-        for event in self._ws.events():
-            if isinstance(event, (TextMessage, BytesMessage)):
-                self._on_message(event)
-            elif isinstance(event, Ping):
-                await self._write_event(event.response(), quiet=True)
-            elif isinstance(event, Pong):
+    async def _take_turn_if_due(self) -> None:
+        """Checkpoint once ``FAIR_SLICE_EVENTS`` frames were handled since the last time.
+
+        A counter, not a clock: one decrement per frame on the hot path.
+        """
+        if self._slice_left <= 0:
+            self._slice_left = FAIR_SLICE_EVENTS
+            await trio.lowlevel.checkpoint()
+
+    def _feed(self, data: bytes) -> None:
+        self._ws.receive_data(data)
+        self._events = self._ws.events()
+
+    async def _handle(self, event: Event) -> str | bytes | None:
+        """Act on one event; the message it completes, if any."""
+        match event:
+            case TextMessage() | BytesMessage():
+                return self._on_message(event)
+            case Ping():
+                if self._close_code is None:  # a closing connection owes no pong
+                    await self._write_event(event.response(), quiet=True)
+            case Pong():
                 pong = self._pings.pop(bytes(event.payload), None)
                 if pong is not None:
                     pong.set()
-            elif isinstance(event, CloseConnection):
+            case CloseConnection():
                 await self._on_close(event)
-            # Nothing else arrives on an open connection.
+            case _:
+                pass  # nothing else arrives on an open connection
+        return None
 
-    def _on_message(self, event: TextMessage | BytesMessage) -> None:
+    def _on_message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """The message ``event`` completes, if any (none once the connection is closed)."""
         if self._close_code is not None:
-            return
+            return None
         data = event.data
         if event.message_finished and self._partial is None:
             if len(data) > self._max_message_bytes:
                 self._fail(MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes")
-                return
-            self._messages.append(data if isinstance(data, str) else bytes(data))
-            return
+                return None
+            return data if isinstance(data, str) else bytes(data)
         self._partial_size += len(data)
         if self._partial_size > self._max_message_bytes:
             self._partial = None
             self._fail(MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes")
-            return
+            return None
         if self._partial is None:
             self._partial = []
         self._partial.append(data)
-        if event.message_finished:
-            parts = self._partial
-            self._partial = None
-            self._partial_size = 0
-            joined = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
-            self._messages.append(joined)
+        if not event.message_finished:
+            return None
+        parts = self._partial
+        self._partial = None
+        self._partial_size = 0
+        return "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
 
     async def _on_close(self, event: CloseConnection) -> None:
         state = self._ws.state
@@ -361,15 +406,23 @@ class WsConnection:
                     await transport.send_rest(view[sent:])
 
     async def _read_until_closed(self) -> None:
-        """Read (and drop) until the peer's close frame, unless a reader is doing it."""
+        """Read (and drop) until the peer's close frame, unless a reader is doing it.
+
+        As fair as ``receive``: a peer that keeps sending instead of answering does
+        not hold the loop, and the caller's deadline is seen.
+        """
         while not self._peer_closed.is_set():
-            data = await self._transport.receive_some()
-            if not data:
-                return
-            self._ws.receive_data(data)
-            for event in self._ws.events():
-                if isinstance(event, CloseConnection):
-                    self._peer_closed.set()
+            await self._take_turn_if_due()
+            event = next(self._events, None)
+            if event is None:
+                data = await self._transport.receive_some()
+                if not data:
+                    return
+                self._feed(data)
+                continue
+            self._slice_left -= 1
+            if isinstance(event, CloseConnection):
+                self._peer_closed.set()
 
 
 # -- the server's side of the opening handshake -------------------------------------
@@ -384,27 +437,54 @@ class UpgradeRefused(Exception):
         self.answer = answer
 
 
-def read_upgrade(head: bytes) -> tuple[WSConnection, Request]:
+#: Where a request head ends, as h11 finds it: the first blank line (bare LFs too).
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+@attrs.frozen
+class Upgrade:
+    """An upgrade request ``read_upgrade`` parsed, to answer with ``accept_upgrade``."""
+
+    #: wsproto's server side of the connection, past the request.
+    ws: WSConnection
+    request: Request
+    #: What the client sent after the head in the same read: its first frames, when
+    #: it did not wait for our 101 (clients may pipeline them).
+    early: bytes
+
+
+def read_upgrade(data: bytes) -> Upgrade:
     """Parse an upgrade request (its head, and whatever followed it).
 
     Raises ``UpgradeRefused`` with the 400 to send for anything wsproto does not
     accept as a WebSocket upgrade (a missing key, a wrong version, not a GET …).
+    The bytes after the head are kept for ``accept_upgrade``: wsproto hands the
+    bytes h11 read past the request to a client's connection, but not to a
+    server's, so they go in only once the connection is open.
     """
+    end = _HEAD_END.search(data)
+    split = end.end() if end is not None else len(data)
     ws = WSConnection(ConnectionType.SERVER)
     try:
-        ws.receive_data(head)
+        ws.receive_data(data[:split])
         event = next(ws.events(), None)
     except RemoteProtocolError as exc:
         raise UpgradeRefused(str(exc), _BAD_UPGRADE) from None
     if not isinstance(event, Request):
         raise UpgradeRefused("not a complete upgrade request", _BAD_UPGRADE)
-    return ws, event
+    return Upgrade(ws=ws, request=event, early=data[split:])
 
 
 async def accept_upgrade(
-    transport: Transport, ws: WSConnection, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+    transport: Transport, upgrade: Upgrade, *, max_message_bytes: int = MAX_MESSAGE_BYTES
 ) -> WsConnection:
-    """Answer the upgrade ``read_upgrade`` parsed (101) and return the open connection."""
+    """Answer the upgrade ``read_upgrade`` parsed (101) and return the open connection.
+
+    Its first ``receive`` returns the messages that came with the request first.
+    Raises ``SocketClosed`` (the client left), ``SocketWriteTimeout``. The 101 is
+    written shielded (a torn answer would be garbage) within ``WRITE_DEADLINE_S``.
+    """
+    ws = upgrade.ws
     data = memoryview(ws.send(AcceptConnection()))
     sent = transport.try_send(data)
     if sent < len(data) or transport.pending:
@@ -413,6 +493,8 @@ async def accept_upgrade(
                 await transport.send_rest(data[sent:])
         if write_scope.cancelled_caught:
             raise SocketWriteTimeout(None, "write deadline passed")
+    if upgrade.early:
+        ws.receive_data(upgrade.early)
     return WsConnection(transport, ws, max_message_bytes=max_message_bytes)
 
 

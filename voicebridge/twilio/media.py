@@ -26,12 +26,15 @@ from voicebridge.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_FRAME_CHARS",
+    "PRE_START_CHARS",
+    "PRE_START_FRAMES",
     "Connected",
     "Dtmf",
     "InboundEvent",
     "Mark",
     "Media",
     "MediaStream",
+    "PreStartLimitExceeded",
     "Start",
     "Stop",
     "Unrecognized",
@@ -43,6 +46,15 @@ __all__ = [
 #: characters. 64 KiB leaves ample room for larger media chunks (their size is not
 #: documented) while bounding the parse work a broken or hostile peer can cause per frame.
 MAX_FRAME_CHARS = 64 * 1024
+
+#: Frames accepted before ``start``, ``start`` itself included. Twilio sends two
+#: (``connected``, ``start``); the rest leaves room for events it may add before
+#: ``start`` (tolerated as ``Unrecognized``), while a peer without a token cannot
+#: make the bridge parse frames without end.
+PRE_START_FRAMES = 16
+#: Characters accepted before ``start``, ``start`` included: room for a ``start`` of
+#: the largest frame size and as much again, far above Twilio's (a few hundred).
+PRE_START_CHARS = 2 * MAX_FRAME_CHARS
 
 #: Sequence numbers, chunk numbers and timestamps above this are not plausible (a 10-hour
 #: call is 3.6e7 ms) and would only cost big-integer arithmetic; reject them.
@@ -131,6 +143,11 @@ class Unrecognized:
 InboundEvent: TypeAlias = Connected | Start | Media | Dtmf | Mark | Stop | Unrecognized
 
 
+class PreStartLimitExceeded(RemoteProtocolError):
+    """More than ``PRE_START_FRAMES`` frames, or ``PRE_START_CHARS`` characters, came
+    before ``start``: a peer wasting the bridge's time, not Twilio."""
+
+
 def _show(value: object) -> str:
     """A short, single-line rendering of a bad value for an error message."""
     text = repr(value)
@@ -179,8 +196,9 @@ class MediaStream:
 
     States: *waiting* (optionally after ``connected``) → *started* (after ``start``) →
     *stopped* (after ``stop``). Only ``connected`` (at most once) and unrecognized
-    events may precede ``start``; nothing at all may follow ``stop``. Every frame after
-    ``start`` must carry the started stream's ``streamSid``.
+    events may precede ``start``, within ``PRE_START_FRAMES`` frames and
+    ``PRE_START_CHARS`` characters (``start`` included); nothing at all may follow
+    ``stop``. Every frame after ``start`` must carry the started stream's ``streamSid``.
 
     Invariant: ``stream_sid`` is set if and only if ``start`` was received.
 
@@ -188,9 +206,20 @@ class MediaStream:
     parsed but not checked for order. Not thread-safe; one instance per socket.
     """
 
-    __slots__ = ("_call_sid", "_connected", "_stopped", "_stream_sid", "_stream_sid_json")
+    __slots__ = (
+        "_call_sid",
+        "_connected",
+        "_pre_start_chars",
+        "_pre_start_frames",
+        "_stopped",
+        "_stream_sid",
+        "_stream_sid_json",
+    )
 
     def __init__(self) -> None:
+        # What came before start, counted against PRE_START_FRAMES / PRE_START_CHARS.
+        self._pre_start_frames = 0
+        self._pre_start_chars = 0
         self._connected = False
         self._stopped = False
         self._stream_sid: str | None = None
@@ -225,8 +254,13 @@ class MediaStream:
 
         Raises ``RemoteProtocolError``, with a one-line reason, when the frame is
         binary, too long, not a JSON object, a known event with missing or ill-typed
-        fields, out of order, or for another stream. The state is unchanged then.
+        fields, out of order, or for another stream. The state is unchanged then
+        (but a frame before ``start`` counts against the pre-start budget).
+        ``PreStartLimitExceeded`` (a ``RemoteProtocolError``) when the frame goes over
+        that budget; it is refused unparsed.
         """
+        if self._stream_sid is None:
+            self._count_pre_start(frame)
         if not isinstance(frame, str):
             raise RemoteProtocolError(f"binary frame of {len(frame)} bytes (Twilio sends text)")
         if len(frame) > MAX_FRAME_CHARS:
@@ -279,9 +313,17 @@ class MediaStream:
         if event == "connected":
             return self._receive_connected(message)
         # Twilio may add events at any time; they must not fail the call. They are
-        # tolerated before 'start' too: a new pre-start event would otherwise fail
-        # every call.
+        # tolerated before 'start' too (a new pre-start event would otherwise fail
+        # every call), within the pre-start budget counted above.
         return Unrecognized(event=event)
+
+    def _count_pre_start(self, frame: str | bytes) -> None:
+        self._pre_start_frames += 1
+        self._pre_start_chars += len(frame)
+        if self._pre_start_frames > PRE_START_FRAMES:
+            raise PreStartLimitExceeded(f"more than {PRE_START_FRAMES} frames before 'start'")
+        if self._pre_start_chars > PRE_START_CHARS:
+            raise PreStartLimitExceeded(f"more than {PRE_START_CHARS} characters before 'start'")
 
     def _receive_media(self, message: dict[str, Any]) -> Media:
         if self._stopped:
