@@ -4,11 +4,11 @@
 
 - It serves on the listening sockets it is handed (socket activation, see
   ``voicebridge.listenfds``; tests) or binds ``server.listen``. The front door
-  (``voicebridge.net.front``) gives media streams to the calls and every other request
-  to hypercorn and the quart app.
+  (``voicebridge.net.front``) holds every connection to the ``[edge]`` limits and gives
+  media streams to the calls and every other request to hypercorn and the quart app.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
-  hypercorn listens, ``STATUS=`` whenever the active calls or the drain state change,
-  ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
+  the front door accepts connections, ``STATUS=`` whenever the active calls or the
+  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
   ``RELOADING=1`` … ``READY=1`` around a reload.
 - **Drain** (SIGTERM or SIGINT with ``handle_signals``, or ``stop`` set): new calls are
   refused at once (the webhook answers the overflow TwiML, ``/readyz`` 503), active calls
@@ -50,7 +50,12 @@ from voicebridge.config import Config
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
-from voicebridge.net.front import serve_front
+from voicebridge.net.front import (
+    FrontCounters,
+    descriptors_needed,
+    ensure_descriptor_limit,
+    serve_front,
+)
 from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import BridgeMetrics
@@ -58,7 +63,6 @@ from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
 from voicebridge.web import (
-    MAX_MEDIA_MESSAGE_BYTES,
     STREAM_PATH,
     VOICE_PATH,
     Services,
@@ -68,11 +72,13 @@ from voicebridge.web import (
 
 log = logging.getLogger(__name__)
 
-#: The media socket's message limit (``web.MAX_MEDIA_MESSAGE_BYTES``), and hypercorn's.
-MAX_WEBSOCKET_MESSAGE_BYTES = MAX_MEDIA_MESSAGE_BYTES
-#: How long hypercorn lets open connections run after its shutdown trigger before
+#: How long the front door lets open connections run after its shutdown trigger before
 #: cancelling them. By then the drain has ended every call; this only bounds stragglers.
 GRACEFUL_TIMEOUT_S = 5.0
+#: hypercorn closes a kept-alive connection idle between requests this long. Such a
+#: connection holds a slot of ``[edge] max_connections`` that is not shed (its last
+#: request was whole), so this bounds how long one request buys.
+KEEP_ALIVE_TIMEOUT_S = 5.0
 #: Listen backlog of a socket we bind; the same as ``Backlog=`` in voicebridge.socket.
 LISTEN_BACKLOG = 1024
 #: After the drain deadline ends the remaining calls, how much longer than the Vapi end
@@ -95,6 +101,8 @@ class Listening:
     addresses: tuple[tuple[str, int], ...]
     #: The live call registry (active calls, recent outcomes), for the demo and tests.
     registry: CallRegistry
+    #: What the front door has admitted, refused and closed (``[edge]``), kept current.
+    front: FrontCounters = attrs.field(factory=FrontCounters)
 
     @property
     def port(self) -> int:
@@ -195,7 +203,7 @@ async def serve(
     """Serve until drained (``stop`` set, or SIGTERM/SIGINT with ``handle_signals``).
 
     ``listeners`` are already-listening sockets (socket activation, tests); without
-    them ``config.server.listen`` is bound. The sockets are handed to hypercorn,
+    them ``config.server.listen`` is bound. The sockets are handed to the front door,
     which closes them. ``connector`` replaces the Vapi connector (tests).
     ``notifier`` talks to systemd (none: nothing is sent); with ``watchdog_interval_s``
     it also pings the watchdog. ``reload_config`` is what SIGHUP calls for the new
@@ -204,6 +212,7 @@ async def serve(
     the shared directory cannot be made.
     """
     sockets = list(listeners) or [bind_listener(config.server.listen)]
+    ensure_descriptor_limit(descriptors_needed(config.edge, config.server.max_concurrent_calls))
     addresses = tuple(_address(sock) for sock in sockets)
     shared_path = shared_dir_path(config)
     shared = SharedDir(shared_path) if shared_path else None
@@ -222,6 +231,8 @@ async def serve(
         async def media(transport: SocketTransport, head: bytes) -> None:
             await media_connection(process.current_services(), transport, head)
 
+        counters = FrontCounters()
+
         async with trio.open_nursery() as process_nursery:
             if handle_signals:
                 await process_nursery.start(process.handle_signals)
@@ -239,6 +250,8 @@ async def serve(
                         media_path=STREAM_PATH,
                         media=media,
                         shutdown_trigger=process.wait_http_shutdown,
+                        limits=lambda: process.current_services().config.edge,
+                        counters=counters,
                         task_status=task_status,
                     )
                 )
@@ -257,7 +270,7 @@ async def serve(
                 process.notifier.ready(status=process.status_text())
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
-                task_status.started(Listening(addresses, process.services.registry))
+                task_status.started(Listening(addresses, process.services.registry, counters))
             # hypercorn has finished its graceful shutdown.
             process_nursery.cancel_scope.cancel(reason="server stopped")
         log_event(log, logging.INFO, "stopped", "stopped")
@@ -511,13 +524,20 @@ def _keep_restart_only_settings(old: Config, new: Config) -> tuple[Config, list[
 
 
 def _hypercorn_config() -> HypercornConfig:
+    """hypercorn's settings for the requests the front door hands it (HTTP/1.1 only:
+    the front door serves WebSockets itself and refuses HTTP/2)."""
     config = HypercornConfig()
-    config.websocket_max_message_size = MAX_WEBSOCKET_MESSAGE_BYTES
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
     config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger("voicebridge.http")
+    # Per read; the front door's [edge] deadlines bound a request's head and body in
+    # total. This one ends a connection whose client stays silent while its request
+    # is answered.
     config.read_timeout = 30
+    # No TLS on this port (a proxy in front terminates it); were there, no h2 either.
+    config.alpn_protocols = ["http/1.1"]
     return config
 
 
