@@ -77,6 +77,11 @@ log = logging.getLogger(__name__)
 #: incomplete request is 16 KiB (h11_max_incomplete_size); longer heads go to it
 #: unrouted, and it answers them.
 MAX_HEAD_BYTES = 16 * 1024
+#: The most of a request body the front door reads before handing the connection to
+#: hypercorn. A Twilio webhook (a few hundred bytes to a few KiB of form fields) is
+#: whole in it, so a client still sending costs no hypercorn or app work; beyond it,
+#: hypercorn reads the rest as it comes, under the same body deadline.
+PREREAD_BYTES = 16 * 1024
 #: Accepting failed for lack of descriptors or memory: pause this long first, doubling
 #: at each failure in a row up to ``ACCEPT_BACKOFF_MAX_S``, so a full table neither
 #: turns the accept loop into a busy loop nor leaves it asleep long once it clears.
@@ -576,6 +581,23 @@ class _Front:
             peer=slot.peer,
         )
 
+    def follow(self, slot: _Slot, steps: list[_Step]) -> bool:
+        """Apply what ``_Framing`` saw to ``slot``; False: HTTP/2, the connection ends."""
+        for step in steps:
+            match step:
+                case _Step.HEAD_STARTED:
+                    self.enter(slot, Phase.HEAD)
+                case _Step.HEAD_ENDED:
+                    self.enter(slot, Phase.BODY)
+                case _Step.BODY_ENDED:
+                    self.enter(slot, Phase.SERVED)
+                case _Step.HTTP2:
+                    self.refuse_http2(slot)
+                    return False
+                case _:
+                    assert_never(step)
+        return True
+
     # -- one connection ----------------------------------------------------------------
 
     async def _connection(self, conn: socket.socket, slot: _Slot) -> None:
@@ -635,12 +657,27 @@ class _Front:
             self.enter(slot, Phase.SERVED)
             await self._media(SocketTransport(conn), head)
             return
+        framing = _Framing(self._config.h11_max_incomplete_size)
+        if not self.follow(slot, framing.receive(head)):
+            return
+        # The body (of a small request, all of it) is read here, where a slow client
+        # costs a task and a buffer, not hypercorn's and the app's per-request work.
+        received = bytearray(head)
+        while slot.phase is Phase.BODY and len(received) < PREREAD_BYTES:
+            chunk = await _receive(conn, PREREAD_BYTES - len(received))
+            if chunk is None:
+                return
+            if not chunk:
+                break  # hypercorn reads the end too
+            received += chunk
+            if not self.follow(slot, framing.receive(chunk)):
+                return
         stream = _Guarded(
             trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
-            head,
+            bytes(received),
             self,
             slot,
-            _Framing(self._config.h11_max_incomplete_size),
+            framing,
         )
         server = TCPServer(self._app, self._config, self._context, self._state, stream)  # type: ignore[arg-type]
         await server.run()
@@ -670,23 +707,29 @@ async def _read_head(conn: socket.socket) -> bytes | None:
     """
     data = b""
     while b"\r\n\r\n" not in data and len(data) < MAX_HEAD_BYTES:
-        try:
-            chunk = conn.recv(MAX_HEAD_BYTES)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(conn)
-            continue
-        except OSError:
-            return None
+        chunk = await _receive(conn, MAX_HEAD_BYTES)
         if not chunk:
             return data or None
         data += chunk
     return data
 
 
+async def _receive(conn: socket.socket, max_bytes: int) -> bytes | None:
+    """The next bytes from ``conn`` (non-blocking); ``b""`` at its end, None if reset."""
+    while True:
+        try:
+            return conn.recv(max_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(conn)
+        except OSError:
+            return None
+
+
 class _Guarded(trio.abc.HalfCloseableStream):
-    """The stream hypercorn serves: the socket, with the bytes already read put back
-    in front, and every byte received followed by ``_Framing`` so that the front door
-    keeps the connection's phase (and so its deadline) current.
+    """The stream hypercorn serves: the socket, with the bytes the front door already
+    read (and followed) put back in front, and every byte received after them
+    followed by ``_Framing`` so that the connection's phase (and so its deadline)
+    stays current.
 
     hypercorn's ``TCPServer`` reads ``.socket`` for the addresses, and tells a plain
     connection from TLS by the missing ``do_handshake``: both as for a ``SocketStream``.
@@ -695,16 +738,17 @@ class _Guarded(trio.abc.HalfCloseableStream):
     def __init__(
         self,
         stream: trio.SocketStream,
-        head: bytes,
+        received: bytes,
         front: _Front,
         slot: _Slot,
         framing: _Framing,
     ) -> None:
         self._stream = stream
-        self._head = head
+        self._received = received
         self._front = front
         self._slot = slot
         self._framing = framing
+        self._send_lock = trio.Lock()
         self.socket = stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -713,34 +757,34 @@ class _Guarded(trio.abc.HalfCloseableStream):
         Raises ``trio.BrokenResourceError`` instead of returning bytes that start
         HTTP/2 (the connection is being ended). Cancelled, nothing was received.
         """
-        if self._head:
-            data, self._head = self._head, b""
+        if self._received:
+            # Already followed by the front door when it read them.
+            data, self._received = self._received, b""
             await trio.lowlevel.checkpoint()
-        else:
-            data = bytes(await self._stream.receive_some(max_bytes))
-        for step in self._framing.receive(data):
-            match step:
-                case _Step.HEAD_STARTED:
-                    self._front.enter(self._slot, Phase.HEAD)
-                case _Step.HEAD_ENDED:
-                    self._front.enter(self._slot, Phase.BODY)
-                case _Step.BODY_ENDED:
-                    self._front.enter(self._slot, Phase.SERVED)
-                case _Step.HTTP2:
-                    self._front.refuse_http2(self._slot)
-                    raise trio.BrokenResourceError("HTTP/2 is not served here")
-                case _:
-                    assert_never(step)
+            return data
+        data = bytes(await self._stream.receive_some(max_bytes))
+        if not self._front.follow(self._slot, self._framing.receive(data)):
+            raise trio.BrokenResourceError("HTTP/2 is not served here")
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        async with self._send_lock:
+            await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        """As ``SocketStream.send_eof``, but after any ``send_all`` in progress.
+
+        hypercorn serializes its ``send_all`` calls but not the ``send_eof`` of its
+        close, which a connection cancelled mid-answer (a deadline, a displacement, the
+        graceful timeout) runs while the app's shielded ``send_all`` is still going:
+        ``trio.BusyResourceError`` in the app, logged as an app error. Cancelled, the
+        end is not sent (the front door closes the socket anyway).
+        """
+        async with self._send_lock:
+            await self._stream.send_eof()
 
     async def aclose(self) -> None:
         await self._stream.aclose()
