@@ -437,7 +437,7 @@ async def test_hypercorn_alone_would_speak_http2_to_each_attempt(attempt: str) -
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                partial(serve, App(), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+                partial(serve, App(), config, shutdown_trigger=stop.wait)
             )
             port = int(binds[0].rsplit(":", 1)[1])
             stream = await trio.open_tcp_stream("127.0.0.1", port)
