@@ -16,7 +16,7 @@
   caller hears the fallback through the ``<Connect action>``, the Vapi leg gets
   ``end-call``). The ``<Connect action>`` route keeps being served until every call that
   ended during the drain has had its action answered (or ``ACTION_GRACE_S`` passed); only
-  then is hypercorn told to shut down. ``serve`` then returns normally (exit status 0).
+  then is the front door told to shut down. ``serve`` then returns normally (exit status 0).
 - A second SIGTERM or SIGINT **stops at once**: the drain deadline is cut short and every
   call is ended as ``shutdown`` now; the last, bounded steps of the drain (goodbyes, the
   ``<Connect action>`` requests) still run, so callers hear the fallback.
@@ -271,7 +271,7 @@ async def serve(
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
                 task_status.started(Listening(addresses, process.services.registry, counters))
-            # hypercorn has finished its graceful shutdown.
+            # The front door has finished its graceful shutdown.
             process_nursery.cancel_scope.cancel(reason="server stopped")
         log_event(log, logging.INFO, "stopped", "stopped")
 
@@ -300,7 +300,7 @@ class _ServerProcess:
         self._shared = shared
         #: Set to drain (first SIGTERM/SIGINT, or the caller's ``stop``).
         self._stop = stop
-        #: Set when hypercorn should shut down: the drain is over.
+        #: Set when the front door should shut down: the drain is over.
         self._http_shutdown = trio.Event()
         # Invariant: once True, the drain's wait for calls to finish is (or will be) over.
         self._stopping_now = False
@@ -311,7 +311,7 @@ class _ServerProcess:
         return self.services
 
     async def wait_http_shutdown(self) -> None:
-        """hypercorn's shutdown trigger."""
+        """The front door's shutdown trigger."""
         await self._http_shutdown.wait()
 
     # -- status ----------------------------------------------------------------------
@@ -357,7 +357,7 @@ class _ServerProcess:
     # -- drain -----------------------------------------------------------------------
 
     async def drain_when_asked(self) -> None:
-        """Wait for ``stop``, drain, then let hypercorn shut down."""
+        """Wait for ``stop``, drain, then let the front door shut down."""
         await self._stop.wait()
         await self._drain()
         self._http_shutdown.set()

@@ -12,6 +12,8 @@ guard. The attack from another OS process is in tests/net/test_front_attack.py.
 from __future__ import annotations
 
 import errno
+import logging
+import resource
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +34,7 @@ from voicebridge.net.front import (
     REFUSAL,
     FrontCounters,
     MediaHandler,
+    ensure_descriptor_limit,
     is_media_request,
     serve_front,
 )
@@ -436,9 +439,7 @@ async def test_hypercorn_alone_would_speak_http2_to_each_attempt(attempt: str) -
     stop = trio.Event()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(serve, App(), config, shutdown_trigger=stop.wait)
-            )
+            binds = await nursery.start(partial(serve, App(), config, shutdown_trigger=stop.wait))
             port = int(binds[0].rsplit(":", 1)[1])
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(H2_ATTEMPTS[attempt])
@@ -711,3 +712,46 @@ async def test_hypercorn_takes_the_addresses_from_the_stream_socket_and_serves_p
             "http_version": "1.1",
         }
     ]
+
+
+# -- the descriptor limit ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "needed", "raised_to", "warned"),
+    [
+        ((1024, 524288), 1330, 1330, False),  # a login shell's soft limit: raised
+        ((1024, 1200), 1330, 1200, True),  # the hard limit is too low: as far as it goes
+        ((4096, 4096), 1330, None, False),  # the unit's LimitNOFILE: left alone
+    ],
+)
+def test_the_descriptor_limit_is_raised_to_what_the_caps_need_or_a_warning_says_why_not(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    limits: tuple[int, int],
+    needed: int,
+    raised_to: int | None,
+    warned: bool,
+) -> None:
+    current = list(limits)
+    calls: list[tuple[int, int]] = []
+
+    def setrlimit(which: int, value: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE
+        calls.append(value)
+        current[:] = value
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: tuple(current))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    soft = ensure_descriptor_limit(needed)
+    assert calls == ([] if raised_to is None else [(raised_to, limits[1])])
+    assert soft == current[0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == (
+        [
+            f"the file descriptor limit (1200) is below what [edge] max_connections and "
+            f"server.max_concurrent_calls need ({needed}): raise LimitNOFILE or lower them"
+        ]
+        if warned
+        else []
+    )
