@@ -25,7 +25,9 @@ What no client may do here (``[edge]``, docs/operations.md "Resource caps"):
 - take longer than ``head_deadline_s`` over a request head, or ``body_deadline_s``
   over a body: totals, not per read (hypercorn's ``read_timeout`` is per read). The
   requests hypercorn reads are followed here with h11, the parser hypercorn itself
-  uses, so both agree on where every head and body ends.
+  uses, so both agree on where every head and body ends. The first
+  ``PREREAD_BYTES`` of a body are read here, before hypercorn: a client still
+  sending a webhook-sized request costs no request handling.
 - speak HTTP/2: the prior-knowledge preface (``PRI * HTTP/2.0``) and ``Upgrade: h2c``
   end the connection before hypercorn, which would honour both, sees them. Twilio
   never uses HTTP/2, and one HTTP/2 connection multiplexes work onto this event loop
