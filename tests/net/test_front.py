@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -28,6 +31,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from tests.harness import running_bridge
 from voicebridge.config import EdgeConfig
+from voicebridge.loopback import loopback_config
 from voicebridge.net.front import (
     ACCEPT_BACKOFF_MAX_S,
     ACCEPT_BACKOFF_MIN_S,
@@ -39,6 +43,7 @@ from voicebridge.net.front import (
     serve_front,
 )
 from voicebridge.net.transport import SocketTransport
+from voicebridge.server import bind_listener, serve
 from voicebridge.web import STREAM_PATH
 
 #: The one guard of every test here (virtual seconds on the autojump clock).
@@ -755,3 +760,38 @@ def test_the_descriptor_limit_is_raised_to_what_the_caps_need_or_a_warning_says_
         if warned
         else []
     )
+
+
+async def test_a_reload_applies_new_edge_limits_to_the_connections_after_it() -> None:
+    listener = bind_listener("127.0.0.1:0")
+    port = listener.getsockname()[1]
+    base = loopback_config(
+        port=port, vapi_base_url="http://127.0.0.1:9", auth_token="t" * 32, api_key="k" * 32
+    )
+    tight = base.evolve(edge=attrs.evolve(base.edge, max_connections_per_peer=2))
+    loose = base.evolve(edge=attrs.evolve(base.edge, max_connections_per_peer=4))
+    stop = trio.Event()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve,
+                    tight,
+                    listeners=[listener],
+                    stop=stop,
+                    handle_signals=True,
+                    reload_config=lambda: loose,
+                )
+            )
+            held = [await connect_tcp(port, "127.0.0.2") for _ in range(2)]
+            assert await read_all(await connect_tcp(port, "127.0.0.2")) == REFUSAL
+            os.kill(os.getpid(), signal.SIGHUP)
+            await trio.sleep(0.5)
+            held += [await connect_tcp(port, "127.0.0.2") for _ in range(2)]
+            with trio.move_on_after(0.5):
+                await held[-1].receive_some(1)
+                pytest.fail("the fourth connection is admitted after the reload")
+            assert await read_all(await connect_tcp(port, "127.0.0.2")) == REFUSAL
+            for stream in held:
+                await stream.aclose()
+            stop.set()
