@@ -8,8 +8,8 @@
   media streams to the calls and every other request to hypercorn and the quart app.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
   the front door accepts connections, ``STATUS=`` whenever the active calls or the
-  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
-  ``RELOADING=1`` … ``READY=1`` around a reload.
+  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the
+  drain begins, and ``RELOADING=1`` … ``READY=1`` around a reload.
 - **Drain** (SIGTERM or SIGINT with ``handle_signals``, or ``stop`` set): new calls are
   refused at once (the webhook answers the overflow TwiML, ``/readyz`` 503), active calls
   get ``server.drain_deadline_s`` to finish, then the rest are ended as ``shutdown`` (the
