@@ -110,8 +110,10 @@ MediaHandler = Callable[[SocketTransport, bytes], Awaitable[None]]
 
 def descriptors_needed(edge: EdgeConfig, max_concurrent_calls: int) -> int:
     """File descriptors a process needs at its limits: one per connection, one per
-    call's assistant leg, and ``DESCRIPTOR_RESERVE``."""
-    return edge.max_connections + max_concurrent_calls + DESCRIPTOR_RESERVE
+    call's assistant leg (a call also holds a connection, so there are no more calls
+    than connections), and ``DESCRIPTOR_RESERVE``."""
+    calls = min(max_concurrent_calls, edge.max_connections)
+    return edge.max_connections + calls + DESCRIPTOR_RESERVE
 
 
 def ensure_descriptor_limit(needed: int) -> int:
