@@ -75,9 +75,9 @@ log = logging.getLogger(__name__)
 #: How long the front door lets open connections run after its shutdown trigger before
 #: cancelling them. By then the drain has ended every call; this only bounds stragglers.
 GRACEFUL_TIMEOUT_S = 5.0
-#: hypercorn closes a kept-alive connection idle between requests this long. Such a
-#: connection holds a slot of ``[edge] max_connections`` that is not shed (its last
-#: request was whole), so this bounds how long one request buys.
+#: hypercorn closes a kept-alive connection idle between requests this long (the
+#: front door displaces such connections first when ``[edge] max_connections`` is
+#: reached). Twilio's requests of one call come seconds apart at most.
 KEEP_ALIVE_TIMEOUT_S = 5.0
 #: Listen backlog of a socket we bind; the same as ``Backlog=`` in voicebridge.socket.
 LISTEN_BACKLOG = 1024

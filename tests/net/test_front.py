@@ -513,17 +513,22 @@ async def test_at_the_total_cap_a_newcomer_displaces_the_oldest_connection_still
                 slow.append(await connect_unix(tmp_path))
                 await slow[-1].send_all(b"POST /x HTTP/1.1\r\n")
                 await trio.sleep(0.1)
-            # Each witness stays (kept alive), so each newcomer finds the cap reached.
-            witnesses, answers = [], []
+            # Each witness closes once answered and a new slow client takes its place,
+            # so each newcomer finds the cap reached.
+            answers = []
             for index in range(3):
-                witnesses.append(await connect_unix(tmp_path))
-                await witnesses[-1].send_all(get(f"/witness{index}"))
-                answers.append(await read_response(witnesses[-1]))
+                witness = await connect_unix(tmp_path)
+                await witness.send_all(get(f"/witness{index}", b"Connection: close\r\n"))
+                answers.append(await read_all(witness))
+                await witness.aclose()
+                await trio.sleep(0.1)  # the server is done with it
+                slow.append(await connect_unix(tmp_path))
+                await slow[-1].send_all(b"POST /x HTTP/1.1\r\n")
             displaced = [await read_all(stream) for stream in slow[:3]]
             with trio.move_on_after(1):
                 await slow[3].receive_some(1)
                 pytest.fail("only the three oldest slow clients are displaced")
-            for stream in calls + slow + witnesses:
+            for stream in calls + slow:
                 await stream.aclose()
     assert [a.rsplit(b"\r\n", 1)[-1] for a in answers] == [
         f"GET /witness{i} 0 state=- client=-".encode() for i in range(3)
@@ -535,6 +540,43 @@ async def test_at_the_total_cap_a_newcomer_displaces_the_oldest_connection_still
     assert shed_lines == [
         "closed a connection from a local socket still sending its request (head) to make "
         "room: 8 open ([edge] max_connections)"
+    ]
+
+
+async def test_at_the_total_cap_idle_kept_alive_connections_are_displaced_first(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    edge = EdgeConfig(max_connections=8, max_connections_per_peer=8)
+    config = HypercornConfig()
+    config.keep_alive_timeout = 1000  # only the front door closes them here
+    with trio.fail_after(GUARD_S):
+        async with front_door(unix_listener(tmp_path), edge=edge, config=config) as counters:
+            slow = []
+            for _ in range(4):  # older than every idle one
+                slow.append(await connect_unix(tmp_path))
+                await slow[-1].send_all(b"POST /x HTTP/1.1\r\n")
+            idle = []
+            for index in range(4):
+                idle.append(await connect_unix(tmp_path))
+                await idle[-1].send_all(get(f"/idle{index}"))
+                await read_response(idle[-1])
+                await trio.sleep(0.1)
+            newcomer = await connect_unix(tmp_path)
+            await newcomer.send_all(get("/new"))
+            answer = await read_response(newcomer)
+            assert await read_all(idle[0]) == b""
+            with trio.move_on_after(1):
+                async with trio.open_nursery() as nursery:
+                    for stream in slow + idle[1:]:
+                        nursery.start_soon(stream.receive_some, 1)
+                pytest.fail("only the connection idle the longest is displaced")
+            for stream in slow + idle + [newcomer]:
+                await stream.aclose()
+    assert answer.endswith(b"GET /new 0 state=- client=-")
+    assert counters.shed == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "voicebridge.net.front"] == [
+        "closed a connection from a local socket idle between requests to make room: 8 open "
+        "([edge] max_connections)"
     ]
 
 

@@ -18,10 +18,11 @@ What no client may do here (``[edge]``, docs/operations.md "Resource caps"):
 
 - hold more than ``max_connections`` connections in all, or
   ``max_connections_per_peer`` from one address (``exempt_peers`` aside). At the
-  total cap a newcomer displaces the connection that has been sending its request
-  longest (a genuine webhook sends its whole request in milliseconds, a slow client
-  does not); with none sending, and at the per-address cap, the newcomer gets a
-  minimal 503 and is closed. Nothing waits for a slot.
+  total cap a newcomer displaces the connection idle the longest between two
+  requests, else the one that has been sending its request longest (a genuine
+  webhook sends its whole request in milliseconds, a slow client does not); with
+  neither, and at the per-address cap, the newcomer gets a minimal 503 and is
+  closed. Nothing waits for a slot; no request the app is working on is cut.
 - take longer than ``head_deadline_s`` over a request head, or ``body_deadline_s``
   over a body: totals, not per read (hypercorn's ``read_timeout`` is per read). The
   requests hypercorn reads are followed here with h11, the parser hypercorn itself
@@ -62,6 +63,7 @@ import attrs
 import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Event, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
 from hypercorn.trio.tcp_server import TCPServer
@@ -166,7 +168,7 @@ class FrontCounters:
     open: int = 0
     #: Refused: that address already held ``max_connections_per_peer``.
     refused_peer_cap: int = 0
-    #: Refused: ``max_connections`` open and none of them still sending its request.
+    #: Refused: ``max_connections`` open and none of them idle or still sending a request.
     refused_total_cap: int = 0
     #: Closed to make room for a newcomer at ``max_connections``.
     shed: int = 0
@@ -259,9 +261,11 @@ class Phase(enum.Enum):
     HEAD = "head"
     #: Sending a request body. Sheddable, body deadline.
     BODY = "body"
-    #: Its request is whole: the app's turn, a call, or a kept-alive connection
-    #: between requests (hypercorn's keep-alive timeout bounds that). No deadline here.
+    #: Its request is whole: the app's turn, or a call. No deadline here.
     SERVED = "served"
+    #: Kept alive between requests: its last answer sent, not one byte of the next
+    #: request yet. Sheddable before any other; hypercorn's keep-alive timeout closes it.
+    IDLE = "idle"
 
 
 class _Ended(enum.Enum):
@@ -344,6 +348,11 @@ class _Framing:
         # A connection starts inside its first head (the front door read it).
         self._between = False
         self._stopped = False
+
+    @property
+    def between(self) -> bool:
+        """Between requests, with not one byte of the next one received."""
+        return self._between
 
     def receive(self, data: bytes) -> list[_Step]:
         """The steps ``data`` (``b""``: the end of the stream) took, in order."""
@@ -443,6 +452,8 @@ class _Front:
         # Invariant: exactly the open slots in Phase.HEAD or Phase.BODY that have not
         # been ended, in the order they entered that phase (oldest first).
         self._sending: dict[_Slot, None] = {}
+        # Invariant: the same for Phase.IDLE.
+        self._idle: dict[_Slot, None] = {}
         # Invariant: the slots ended by shedding whose connection has not closed yet.
         self._shedding = 0
         self._exempt_key: tuple[str, ...] = ()
@@ -501,14 +512,14 @@ class _Front:
             _refuse(conn)
             return None
         if self.counters.open - self._shedding >= limits.max_connections:
-            if not self._sending:
+            if not self._idle and not self._sending:
                 self.counters.refused_total_cap += 1
                 self._log(
                     "connection-refused-total",
                     logging.WARNING,
                     f"refused a connection from {peer or 'a local socket'}: "
-                    f"{limits.max_connections} open and none still sending its request "
-                    "([edge] max_connections)",
+                    f"{limits.max_connections} open and none idle or still sending its "
+                    "request ([edge] max_connections)",
                     "more connections refused at the total cap",
                     peer=peer,
                 )
@@ -524,16 +535,22 @@ class _Front:
         return slot
 
     def _shed_oldest(self, limits: EdgeConfig) -> None:
-        slot = next(iter(self._sending))
+        """End the connection idle the longest, else the one sending its request the
+        longest: neither has a request the app is working on."""
+        slot = next(iter(self._idle or self._sending))
+        what = (
+            "idle between requests"
+            if slot.phase is Phase.IDLE
+            else f"still sending its request ({slot.phase.value})"
+        )
         self._end(slot, _Ended.SHED)
         self._shedding += 1
         self.counters.shed += 1
         self._log(
             "connection-shed",
             logging.WARNING,
-            f"closed a connection from {slot.peer or 'a local socket'} still sending its "
-            f"request ({slot.phase.value}) to make room: {limits.max_connections} open "
-            "([edge] max_connections)",
+            f"closed a connection from {slot.peer or 'a local socket'} {what} to make "
+            f"room: {limits.max_connections} open ([edge] max_connections)",
             "more connections closed to make room at the total cap",
             peer=slot.peer,
         )
@@ -558,13 +575,20 @@ class _Front:
         match phase:
             case Phase.HEAD:
                 slot.scope.deadline = trio.current_time() + limits.head_deadline_s
+                self._idle.pop(slot, None)
                 self._sending.setdefault(slot)
             case Phase.BODY:
                 slot.scope.deadline = trio.current_time() + limits.body_deadline_s
+                self._idle.pop(slot, None)
                 self._sending.setdefault(slot)
             case Phase.SERVED:
                 slot.scope.deadline = math.inf
+                self._idle.pop(slot, None)
                 self._sending.pop(slot, None)
+            case Phase.IDLE:
+                slot.scope.deadline = math.inf
+                self._sending.pop(slot, None)
+                self._idle.setdefault(slot)
             case _:
                 assert_never(phase)
 
@@ -572,6 +596,7 @@ class _Front:
         if slot.ended is None:
             slot.ended = why
             self._sending.pop(slot, None)
+            self._idle.pop(slot, None)
             slot.scope.cancel(reason=f"the front door ended it: {why.value}")
 
     def refuse_http2(self, slot: _Slot) -> None:
@@ -627,8 +652,8 @@ class _Front:
             case Phase.BODY:
                 self.counters.body_deadline += 1
                 what, seconds = "request body", limits.body_deadline_s
-            case Phase.SERVED:
-                return  # no deadline in this phase: cancelled from outside
+            case Phase.SERVED | Phase.IDLE:
+                return  # no deadline in these phases: cancelled from outside
             case _:
                 assert_never(slot.phase)
         self._log(
@@ -643,6 +668,7 @@ class _Front:
     def _release(self, slot: _Slot) -> None:
         self.counters.open -= 1
         self._sending.pop(slot, None)
+        self._idle.pop(slot, None)
         if slot.ended is _Ended.SHED:
             self._shedding -= 1
         if slot.peer_counted:
@@ -683,7 +709,8 @@ class _Front:
             slot,
             framing,
         )
-        server = TCPServer(self._app, self._config, self._context, self._state, stream)  # type: ignore[arg-type]
+        server = _Served(self._app, self._config, self._context, self._state, stream)  # type: ignore[arg-type]
+        server.watch(self, slot, framing)
         await server.run()
 
     def _log(self, event: str, level: int, first: str, more: str, **fields: str | int) -> None:
@@ -727,6 +754,22 @@ async def _receive(conn: socket.socket, max_bytes: int) -> bytes | None:
             await trio.lowlevel.wait_readable(conn)
         except OSError:
             return None
+
+
+class _Served(TCPServer):
+    """hypercorn's per-connection server, telling the front door when the connection
+    becomes idle between requests (its keep-alive timer starts then)."""
+
+    def watch(self, front: _Front, slot: _Slot, framing: _Framing) -> None:
+        self._front = front
+        self._slot = slot
+        self._framing = framing
+
+    async def protocol_send(self, event: Event) -> None:
+        # Idle with a pipelined request already in: that request is not idle.
+        if isinstance(event, Updated) and event.idle and self._framing.between:
+            self._front.enter(self._slot, Phase.IDLE)
+        await super().protocol_send(event)
 
 
 class _Guarded(trio.abc.HalfCloseableStream):
