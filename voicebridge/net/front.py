@@ -42,8 +42,23 @@ shutdown trigger (connections still open get that long, then are cancelled), and
 idle keep-alive connections closed at shutdown. hypercorn is pinned
 (constraints.txt): its per-connection ``TCPServer``, ``Lifespan``, ``WorkerContext``
 and ``ConnectionState`` are used here, and only here, as
-``hypercorn.trio.run.worker_serve`` uses them; tests/net/test_front.py tests every
-assumption made about them.
+``hypercorn.trio.run.worker_serve`` uses them. What is assumed of them, each tested in
+tests/net/test_front.py:
+
+- the lifespan startup completes before the first connection is accepted, and the
+  connection state is copied after it (what startup stores reaches requests);
+- ``TCPServer`` takes the addresses from the stream's ``.socket`` and serves plain
+  HTTP on a stream without ``do_handshake``;
+- cancelling ``TCPServer.run`` ends the connection and its app task (the graceful
+  timeout, the deadlines and displacement all do that), and setting
+  ``WorkerContext.terminated`` closes idle kept-alive connections at once;
+- ``TCPServer.protocol_send`` is given ``Updated(idle=True)`` when a connection
+  waits for its next request;
+- hypercorn parses requests with h11 and ``h11_max_incomplete_size``, as
+  ``_Framing`` does, and serves HTTP/2 to the preface or an ``Upgrade: h2c``
+  unless stopped before it;
+- hypercorn serializes its ``send_all`` calls but not its ``send_eof`` (``_Guarded``
+  orders the two).
 """
 
 from __future__ import annotations
