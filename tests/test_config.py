@@ -352,6 +352,42 @@ def test_max_concurrent_calls_at_least_one() -> None:
     assert (exc.key, exc.reason) == ("server.max_concurrent_calls", "must be at least 1, got 0")
 
 
+def test_edge_defaults_and_values() -> None:
+    edge = load({}).edge
+    assert (edge.max_connections, edge.max_connections_per_peer) == (1024, 128)
+    assert (edge.exempt_peers, edge.head_deadline_s, edge.body_deadline_s) == ((), 10.0, 30.0)
+    edge = load(
+        {"edge": {"max_connections": 64, "exempt_peers": ["10.1.0.0/16", "::1", "127.0.0.1"]}},
+        VOICEBRIDGE_EDGE_MAX_CONNECTIONS_PER_PEER="8",
+    ).edge
+    assert (edge.max_connections, edge.max_connections_per_peer) == (64, 8)
+    assert edge.exempt_peers == ("10.1.0.0/16", "::1", "127.0.0.1")
+    from_env = load({}, VOICEBRIDGE_EDGE_EXEMPT_PEERS="192.0.2.7, 198.51.100.0/24").edge
+    assert from_env.exempt_peers == ("192.0.2.7", "198.51.100.0/24")
+
+
+@pytest.mark.parametrize(
+    ("edge", "key", "reason"),
+    [
+        ({"max_connections": 4}, "edge.max_connections", "must be between 8 and 65536, got 4"),
+        (
+            {"max_connections": 100, "max_connections_per_peer": 101},
+            "edge.max_connections_per_peer",
+            "must not exceed max_connections (100), got 101",
+        ),
+        ({"max_connections_per_peer": 0}, "edge.max_connections_per_peer", "must be between"),
+        ({"exempt_peers": ["10.0.0.1/8"]}, "edge.exempt_peers[0]", "has host bits set"),
+        ({"exempt_peers": ["::1", "proxy.local"]}, "edge.exempt_peers[1]", "proxy.local"),
+        ({"exempt_peers": "10.0.0.0/8"}, "edge.exempt_peers", "expected an array"),
+        ({"max_conections": 10}, "edge.max_conections", "did you mean edge.max_connections?"),
+    ],
+)
+def test_edge_refuses_bad_values_with_the_key(edge: dict[str, Any], key: str, reason: str) -> None:
+    exc = error_of({"edge": edge})
+    assert exc.key == key
+    assert reason in exc.reason
+
+
 #: Seconds with rules of their own (tested below): the assistant's limits sent to Vapi
 #: (whole seconds in Vapi's ranges) and the silence deadline (0: derived from them).
 ASSISTANT_LIMITS = {("vapi", "max_duration_s"), ("vapi", "silence_timeout_s"),
@@ -365,7 +401,7 @@ DEADLINES = [
 
 
 def test_deadlines_are_all_covered() -> None:
-    assert len(DEADLINES) == 15
+    assert len(DEADLINES) == 17
 
 
 def test_the_assistants_limits_are_in_vapis_ranges_and_sent() -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from voicebridge import listenfds, server
-from voicebridge.config import ServerConfig, VapiConfig
+from voicebridge.config import EdgeConfig, ServerConfig, VapiConfig
+from voicebridge.net.front import descriptors_needed
 
 UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
 INSTALLED_BINARY = "/opt/voicebridge/venv/bin/voicebridge"
@@ -43,7 +44,9 @@ DRAIN_DEADLINE_DEFAULT_S = ServerConfig().drain_deadline_s
 #: What a stop takes beyond the drain deadline, at worst: the Vapi goodbyes and socket
 #: closes, the <Connect action> requests, hypercorn's graceful shutdown.
 STOP_AFTER_DEADLINE_S = (
-    VapiConfig().end_deadline_s + server.CLOSE_SLACK_S + server.ACTION_GRACE_S
+    VapiConfig().end_deadline_s
+    + server.CLOSE_SLACK_S
+    + server.ACTION_GRACE_S
     + server.GRACEFUL_TIMEOUT_S
 )
 #: The margin docs/operations.md asks operators to keep between the two.
@@ -217,6 +220,25 @@ def test_service_contract() -> None:
     assert service[("Service", "RuntimeDirectory")] == ["voicebridge"]
     assert service[("Service", "RuntimeDirectoryPreserve")] == ["yes"]
     assert service[("Service", "User")] == ["voicebridge"]
+
+
+def _bytes(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+@pytest.mark.parametrize("unit", ["voicebridge.service", "voicebridge@.service"])
+def test_the_default_edge_limits_fit_well_under_the_units_resource_caps(unit: str) -> None:
+    service = settings(UNITS_DIR / unit)
+    [nofile] = service[("Service", "LimitNOFILE")]
+    needed = descriptors_needed(EdgeConfig(), ServerConfig().max_concurrent_calls)
+    # "Well under": the caps, not the descriptor table, are what a flood runs into.
+    assert 2 * needed <= int(nofile)
+    [high] = service[("Service", "MemoryHigh")]
+    [most] = service[("Service", "MemoryMax")]
+    assert 0 < _bytes(high) < _bytes(most)
+    [tasks] = service[("Service", "TasksMax")]
+    assert int(tasks) >= 64
 
 
 #: Run in a child: enforce write-xor-execute memory the way MemoryDenyWriteExecute=yes

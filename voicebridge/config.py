@@ -316,6 +316,53 @@ class ServerConfig:
     shared_dir: str = field(default="", validator=_absolute_path_or_empty)
 
 
+def _cidr_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, text in enumerate(value):
+        try:
+            ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{attribute.name}[{index}]",
+                f"must be an IP address or network such as 10.0.0.0/8 or ::1 ({exc})",
+            ) from None
+
+
+def _per_peer_within_total(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    # Invariant: attrs runs validators after every field is set, so the total is readable.
+    total = instance.max_connections
+    if value > total:
+        raise ConfigError(attribute.name, f"must not exceed max_connections ({total}), got {value}")
+
+
+@frozen(kw_only=True)
+class EdgeConfig:
+    """``[edge]``: what one client may hold of the public port (``voicebridge.net.front``).
+
+    Each call holds one connection here and one to the assistant, so the process needs
+    about ``max_connections`` + ``server.max_concurrent_calls`` descriptors plus a small
+    reserve: the unit's ``LimitNOFILE=`` sits well above that (docs/operations.md).
+    """
+
+    #: Open connections on the public port at once. Beyond it, a new connection first
+    #: displaces the oldest one still sending its request; with none, it is refused.
+    max_connections: int = field(default=1024, validator=_int_range(8, 65536))
+    #: Open connections from one address at once; beyond it, refused at once. Twilio may
+    #: send many calls' streams and webhooks from one address: keep it well above
+    #: ``server.max_concurrent_calls``.
+    max_connections_per_peer: int = field(
+        default=128, validator=[_int_range(1, 65536), _per_peer_within_total]
+    )
+    #: Addresses or networks (CIDR) the per-address cap does not apply to: a TLS proxy
+    #: in front, through which every client arrives from one address.
+    exempt_peers: tuple[str, ...] = field(default=(), validator=_cidr_list)
+    #: A request head (the first, or the next one on a kept-alive connection) must arrive
+    #: whole within this many seconds of its first byte (of the connection, for the first).
+    head_deadline_s: float = field(default=10.0, validator=_deadline(300))
+    #: A request body must arrive whole within this many seconds of the end of its head,
+    #: however it is framed (``Content-Length`` or chunked).
+    body_deadline_s: float = field(default=30.0, validator=_deadline(3600))
+
+
 @frozen(kw_only=True)
 class TwilioConfig:
     """``[twilio]``: the Twilio account and the deadlines of the Media Streams leg."""
@@ -698,6 +745,7 @@ class Config:
     """The whole configuration; build it with ``load_config``."""
 
     server: ServerConfig = field(factory=ServerConfig)
+    edge: EdgeConfig = field(factory=EdgeConfig)
     twilio: TwilioConfig = field(factory=TwilioConfig)
     vapi: VapiConfig = field(factory=VapiConfig)
     bridge: BridgeConfig = field(factory=BridgeConfig)

@@ -4,22 +4,22 @@
 
 - It serves on the listening sockets it is handed (socket activation, see
   ``voicebridge.listenfds``; tests) or binds ``server.listen``. The front door
-  (``voicebridge.net.front``) gives media streams to the calls and every other request
-  to hypercorn and the quart app.
+  (``voicebridge.net.front``) holds every connection to the ``[edge]`` limits and gives
+  media streams to the calls and every other request to hypercorn and the quart app.
 - Health and metrics are served only on the ops listener (``voicebridge.net.ops``): the
   socket systemd passes named ``ops``, else ``server.ops_listen``; none when that is
   empty.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
-  hypercorn listens, ``STATUS=`` whenever the active calls or the drain state change,
-  ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the drain begins, and
-  ``RELOADING=1`` … ``READY=1`` around a reload.
+  the front door accepts connections, ``STATUS=`` whenever the active calls or the
+  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the
+  drain begins, and ``RELOADING=1`` … ``READY=1`` around a reload.
 - **Drain** (SIGTERM or SIGINT with ``handle_signals``, or ``stop`` set): new calls are
   refused at once (the webhook answers the overflow TwiML, ``/readyz`` 503), active calls
   get ``server.drain_deadline_s`` to finish, then the rest are ended as ``shutdown`` (the
   caller hears the fallback through the ``<Connect action>``, the Vapi leg gets
   ``end-call``). The ``<Connect action>`` route keeps being served until every call that
   ended during the drain has had its action answered (or ``ACTION_GRACE_S`` passed); only
-  then is hypercorn told to shut down. ``serve`` then returns normally (exit status 0).
+  then is the front door told to shut down. ``serve`` then returns normally (exit status 0).
 - A second SIGTERM or SIGINT **stops at once**: the drain deadline is cut short and every
   call is ended as ``shutdown`` now; the last, bounded steps of the drain (goodbyes, the
   ``<Connect action>`` requests) still run, so callers hear the fallback.
@@ -53,7 +53,12 @@ from voicebridge.config import Config, listen_addresses_overlap
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
-from voicebridge.net.front import serve_front
+from voicebridge.net.front import (
+    FrontCounters,
+    descriptors_needed,
+    ensure_descriptor_limit,
+    serve_front,
+)
 from voicebridge.net.ops import bind_ops_listener, ops_hypercorn_config, serve_ops
 from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event, run_suppression_reports
@@ -63,7 +68,7 @@ from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
 from voicebridge.web import (
-    MAX_MEDIA_MESSAGE_BYTES,
+    AFTER_STREAM_PATH,
     STREAM_PATH,
     VOICE_PATH,
     Services,
@@ -74,11 +79,16 @@ from voicebridge.web import (
 
 log = logging.getLogger(__name__)
 
-#: The media socket's message limit (``web.MAX_MEDIA_MESSAGE_BYTES``), and hypercorn's.
-MAX_WEBSOCKET_MESSAGE_BYTES = MAX_MEDIA_MESSAGE_BYTES
-#: How long hypercorn lets open connections run after its shutdown trigger before
+#: Routes whose whole (small) body the front door reads before the app sees the request:
+#: Twilio's signed webhooks, which are judged on their whole body anyway.
+PREREAD_PATHS = frozenset({VOICE_PATH, AFTER_STREAM_PATH})
+#: How long the front door lets open connections run after its shutdown trigger before
 #: cancelling them. By then the drain has ended every call; this only bounds stragglers.
 GRACEFUL_TIMEOUT_S = 5.0
+#: hypercorn closes a kept-alive connection idle between requests this long (the
+#: front door displaces such connections first when ``[edge] max_connections`` is
+#: reached). Twilio's requests of one call come seconds apart at most.
+KEEP_ALIVE_TIMEOUT_S = 5.0
 #: Listen backlog of a socket we bind; the same as ``Backlog=`` in voicebridge.socket.
 LISTEN_BACKLOG = 1024
 #: After the drain deadline ends the remaining calls, how much longer than the Vapi end
@@ -103,6 +113,8 @@ class Listening:
     registry: CallRegistry
     #: Where health and metrics are served: (host, port), or a Unix socket's path.
     ops_addresses: tuple[tuple[str, int] | str, ...] = ()
+    #: What the front door has admitted, refused and closed (``[edge]``), kept current.
+    front: FrontCounters = attrs.field(factory=FrontCounters)
 
     @property
     def port(self) -> int:
@@ -216,6 +228,7 @@ async def serve(
     the address of a public listener.
     """
     sockets = list(listeners) or [bind_listener(config.server.listen)]
+    ensure_descriptor_limit(descriptors_needed(config.edge, config.server.max_concurrent_calls))
     addresses = tuple(_address(sock) for sock in sockets)
     try:
         ops_sockets = list(ops_listeners) or _bind_ops(config.server.ops_listen, addresses)
@@ -242,6 +255,8 @@ async def serve(
         async def media(transport: SocketTransport, head: bytes) -> None:
             await media_connection(process.current_services(), transport, head)
 
+        counters = FrontCounters()
+
         async with trio.open_nursery() as process_nursery:
             if handle_signals:
                 await process_nursery.start(process.handle_signals)
@@ -261,6 +276,9 @@ async def serve(
                         media_path=STREAM_PATH,
                         media=media,
                         shutdown_trigger=process.wait_http_shutdown,
+                        limits=lambda: process.current_services().config.edge,
+                        counters=counters,
+                        preread_paths=PREREAD_PATHS,
                         task_status=task_status,
                     )
                 )
@@ -298,9 +316,9 @@ async def serve(
                 process_nursery.start_soon(process.drain_when_asked)
                 process_nursery.start_soon(watch_loop_lag, process.services.metrics)
                 task_status.started(
-                    Listening(addresses, process.services.registry, ops_addresses)
+                    Listening(addresses, process.services.registry, ops_addresses, counters)
                 )
-            # hypercorn has finished its graceful shutdown.
+            # The front door has finished its graceful shutdown.
             process_nursery.cancel_scope.cancel(reason="server stopped")
         log_event(log, logging.INFO, "stopped", "stopped")
 
@@ -329,7 +347,7 @@ class _ServerProcess:
         self._shared = shared
         #: Set to drain (first SIGTERM/SIGINT, or the caller's ``stop``).
         self._stop = stop
-        #: Set when hypercorn should shut down: the drain is over.
+        #: Set when the front door should shut down: the drain is over.
         self._http_shutdown = trio.Event()
         # Invariant: once True, the drain's wait for calls to finish is (or will be) over.
         self._stopping_now = False
@@ -342,7 +360,7 @@ class _ServerProcess:
         return self.services
 
     async def wait_http_shutdown(self) -> None:
-        """hypercorn's shutdown trigger."""
+        """The front door's shutdown trigger."""
         await self._http_shutdown.wait()
 
     # -- status ----------------------------------------------------------------------
@@ -388,7 +406,7 @@ class _ServerProcess:
     # -- drain -----------------------------------------------------------------------
 
     async def drain_when_asked(self) -> None:
-        """Wait for ``stop``, drain, then let hypercorn shut down."""
+        """Wait for ``stop``, drain, then let the front door shut down."""
         await self._stop.wait()
         await self._drain()
         self._http_shutdown.set()
@@ -560,13 +578,20 @@ def _keep_restart_only_settings(old: Config, new: Config) -> tuple[Config, list[
 
 
 def _hypercorn_config() -> HypercornConfig:
+    """hypercorn's settings for the requests the front door hands it (HTTP/1.1 only:
+    the front door serves WebSockets itself and refuses HTTP/2)."""
     config = HypercornConfig()
-    config.websocket_max_message_size = MAX_WEBSOCKET_MESSAGE_BYTES
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
     config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger("voicebridge.http")
+    # Per read; the front door's [edge] deadlines bound a request's head and body in
+    # total. This one ends a connection whose client stays silent while its request
+    # is answered.
     config.read_timeout = 30
+    # No TLS on this port (a proxy in front terminates it); were there, no h2 either.
+    config.alpn_protocols = ["http/1.1"]
     return config
 
 

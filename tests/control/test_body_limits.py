@@ -196,7 +196,8 @@ async def test_a_body_no_route_takes_is_never_read(method: str, path: str) -> No
             status, _ = await exchange(bridge.listening.port, head(path, claimed))
             endless = {"Transfer-Encoding": "chunked"}
             status_chunked, _ = await exchange(bridge.listening.port, head(path, endless))
-    assert status == status_chunked == (404 if path == "/nowhere" else 405)
+    # /healthz lives on the ops listener only: on the public port it is no route either.
+    assert status == status_chunked == 404
 
 
 async def test_quarts_own_limit_counts_only_what_is_not_yet_read() -> None:
@@ -283,7 +284,12 @@ async def test_a_huge_tool_call_batch_runs_a_bounded_number_and_logs_once(
         r["error"] == "unknown tool no_such_tool" for r in ran if r["name"] != "lookup_order"
     )
     assert {r.get("error") for r in refused} == {TOO_MANY_TOOL_CALLS}
-    events = [str(record_fields(r).get("EVENT")) for r in caplog.records]
+    # The control plane's own lines (a loaded test machine may add a loop-stalled one).
+    events = [
+        str(record_fields(r).get("EVENT"))
+        for r in caplog.records
+        if r.name.startswith("voicebridge.control")
+    ]
     assert sorted(events) == ["tool-calls-refused", "tool-unknown"], [
         r.getMessage() for r in caplog.records
     ]

@@ -39,7 +39,6 @@ from tests.harness import Bridge, running_bridge
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.playout import BYTES_PER_MS, FRAME_MS
 from voicebridge.observability.logs import record_fields
-from voicebridge.server import MAX_WEBSOCKET_MESSAGE_BYTES
 from voicebridge.sim.caller import (
     Drop,
     Flood,
@@ -51,7 +50,7 @@ from voicebridge.sim.caller import (
     StopReading,
     WaitForAssistant,
 )
-from voicebridge.web import STREAM_PATH
+from voicebridge.web import MAX_MEDIA_MESSAGE_BYTES, STREAM_PATH
 
 #: Slack on a timing bound for a loaded CI machine.
 SLACK_S = 0.75
@@ -179,11 +178,11 @@ async def test_a_flood_of_frames_faster_than_real_time(caplog: pytest.LogCapture
 
 
 async def test_oversized_frames(caplog: pytest.LogCaptureFixture) -> None:
-    # Two misbehaving streams: one frame past the server's message limit (hypercorn
-    # closes with 1009, the call ends, the caller gets the fallback), and one large
+    # Two misbehaving streams: one frame past the server's message limit (the media
+    # socket closes with 1009, the call ends, the caller gets the fallback), and one large
     # frame under it (5 s of audio in one message: forwarded, the call goes on).
     too_big, big = fault_sid("b16"), fault_sid("1a7")
-    over_limit = b"\xff" * (MAX_WEBSOCKET_MESSAGE_BYTES * 3 // 4 + 1024)  # base64 grows 4/3
+    over_limit = b"\xff" * (MAX_MEDIA_MESSAGE_BYTES * 3 // 4 + 1024)  # base64 grows 4/3
     under_limit = b"\xff" * 40_000
     run, bridge = await run_twilio_fault(
         {Outcome.CALLER_HUNG_UP: WITNESSES + 1, Outcome.STREAM_LOST: 1},

@@ -27,6 +27,9 @@ from voicebridge.server import serve
 
 #: Far above any load test: admission must never be what limits one.
 MAX_CALLS = 100_000
+#: The same for the front door's connection caps: every simulated caller connects
+#: from 127.0.0.1, and a load test of a few thousand calls must fit.
+MAX_CONNECTIONS = 8192
 
 
 def main() -> int:
@@ -42,7 +45,10 @@ def main() -> int:
         api_key=env[f"{ENV_PREFIX}ASSISTANT_KEY"],
     )
     config = config.evolve(
-        server=attrs.evolve(config.server, max_concurrent_calls=MAX_CALLS, log_level="warning")
+        server=attrs.evolve(config.server, max_concurrent_calls=MAX_CALLS, log_level="warning"),
+        edge=attrs.evolve(
+            config.edge, max_connections=MAX_CONNECTIONS, max_connections_per_peer=MAX_CONNECTIONS
+        ),
     )
     listener = socket.socket(fileno=int(env[f"{ENV_PREFIX}FD"]))
     tune_gc_for_latency()  # as ``voicebridge serve`` does
