@@ -162,6 +162,8 @@ def build_services(
         verifier=WebhookVerifier(
             auth_token=credentials.twilio_auth_token.reveal(),
             public_url=config.server.public_url,
+            shared_key=credentials.twilio_shared_key.reveal(),
+            shared_key_id=config.twilio.shared_key_id,
         )
         if config.twilio.validate_signatures
         else None,

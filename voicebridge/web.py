@@ -10,6 +10,8 @@ They hold no call logic of their own.
   the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
+- ``POST /twilio/stream-status``: the ``<Stream statusCallback>``: logged (a failed
+  stream as a warning with Twilio's error code) and counted; answered 204.
 - ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
 - ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls),
   ``GET /metrics`` (Prometheus text format, ``observability.metrics``).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import assert_never
 
 import trio
 from attrs import define, field
@@ -48,7 +51,12 @@ from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.twilio import twiml
-from voicebridge.twilio.signature import SignatureError, WebhookVerifier
+from voicebridge.twilio.signature import SETTINGS_HEADER, SignatureError, WebhookVerifier
+from voicebridge.twilio.stream_status import (
+    StreamStatus,
+    StreamStatusUnrecognized,
+    parse_stream_status,
+)
 from voicebridge.twilio.token import StreamTokens
 from voicebridge.vapi.endings import MAX_DURATION_REASON
 
@@ -57,6 +65,7 @@ log = logging.getLogger(__name__)
 VOICE_PATH = "/twilio/voice"
 STREAM_PATH = "/twilio/stream"
 AFTER_STREAM_PATH = "/twilio/after-stream"
+STREAM_STATUS_PATH = "/twilio/stream-status"
 #: Twilio's webhook bodies are a few hundred bytes of form fields; 64 KiB is generous
 #: and keeps a hostile client from making us buffer megabytes.
 MAX_WEBHOOK_BYTES = 64 * 1024
@@ -134,6 +143,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 path_and_query=_path_and_query(),
                 params=params,
                 signature=request.headers.get("X-Twilio-Signature"),
+                settings=request.headers.get(SETTINGS_HEADER),
             )
         except SignatureError as exc:
             services.metrics.webhook_rejected(request.path)
@@ -198,6 +208,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             stream_url=stream_url,
             action_url=public_url + AFTER_STREAM_PATH,
             parameters=parameters,
+            status_callback=public_url + STREAM_STATUS_PATH,
         )
         return _twiml_response(body)
 
@@ -215,6 +226,14 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             with trio.move_on_after(AFTER_STREAM_WAIT_S):
                 record = await services.registry.wait_record(call_sid)
         return _twiml_response(after_stream_twiml(services.config, call_sid, record))
+
+    @app.post(STREAM_STATUS_PATH)
+    async def stream_status() -> Response:
+        form, refusal = await signed_form()
+        if refusal is not None:
+            return refusal
+        log_stream_status(get_services().metrics, parse_stream_status(form))
+        return _text_response("", 204)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -272,10 +291,15 @@ async def media_connection(services: Services, transport: SocketTransport, head:
                 (v for k, v in upgrade.extra_headers if k.lower() == b"x-twilio-signature"),
                 None,
             )
+            settings_name = SETTINGS_HEADER.lower().encode()
+            settings = next(
+                (v for k, v in upgrade.extra_headers if k.lower() == settings_name), None
+            )
             try:
                 services.verifier.verify_upgrade(
                     path=upgrade.target.split("?", 1)[0],
                     signature=signature.decode("latin-1") if signature is not None else None,
+                    settings=settings.decode("latin-1") if settings is not None else None,
                 )
                 upgrade_signature = "valid"
             except SignatureError as exc:
@@ -300,6 +324,60 @@ async def media_connection(services: Services, transport: SocketTransport, head:
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+
+
+def log_stream_status(
+    metrics: BridgeMetrics, status: StreamStatus | StreamStatusUnrecognized
+) -> None:
+    """One line per ``<Stream statusCallback>``: the start at debug, the stop at info, a
+    failure as a warning with Twilio's code and words (counted by code), an event this
+    version does not know at info. Twilio's text is peer text: the log output escapes it."""
+    if isinstance(status, StreamStatusUnrecognized):
+        log_event(
+            log,
+            logging.INFO,
+            "stream-status-unknown",
+            f"call {status.call_sid}: unknown stream status event {status.event!r}; ignored",
+            call_sid=status.call_sid,
+            stream_event=status.event,
+            rate_limited=True,
+        )
+        return
+    match status.event:
+        case "stream-started":
+            log_event(
+                log,
+                logging.DEBUG,
+                "stream-started",
+                f"call {status.call_sid}: Twilio started media stream {status.stream_sid}",
+                call_sid=status.call_sid,
+                stream_sid=status.stream_sid,
+            )
+        case "stream-stopped":
+            log_event(
+                log,
+                logging.INFO,
+                "stream-stopped",
+                f"call {status.call_sid}: Twilio stopped media stream {status.stream_sid}",
+                call_sid=status.call_sid,
+                stream_sid=status.stream_sid,
+                rate_limited=True,
+            )
+        case "stream-error":
+            metrics.stream_error(status.code)
+            log_event(
+                log,
+                logging.WARNING,
+                "stream-error",
+                f"call {status.call_sid}: Twilio reports media stream error {status.code}: "
+                f"{status.error or '(no description)'}",
+                call_sid=status.call_sid,
+                stream_sid=status.stream_sid or None,
+                error_code=status.code,
+                error=status.error or None,
+            )
+        case _:
+            assert_never(status.event)
 
 
 def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None) -> str:

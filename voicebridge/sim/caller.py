@@ -409,8 +409,10 @@ class LiveCall:
 
     ``redirect`` and ``complete`` end the Media Stream the way Twilio does (``stop``;
     the bridge closes the socket); the call then runs the new TwiML instead of the
-    ``<Connect action>``. The first update wins; an update before the stream opened
-    only takes effect once it has.
+    ``<Connect action>``. A redirected call is still in progress: a later redirect
+    replaces its TwiML and ``complete`` ends it; a completed call takes no update
+    (Twilio answers 21220). An update before the stream opened only takes effect once
+    it has.
     """
 
     def __init__(self, call_sid: str) -> None:
@@ -421,14 +423,18 @@ class LiveCall:
         self._writer: _StreamWriter | None = None
 
     async def redirect(self, twiml: str) -> None:
-        if not self.update:
+        if self.update != "completed":
+            first = not self.update
             self.update, self.twiml = "redirect", twiml
-            await self._end_stream()
+            if first:
+                await self._end_stream()
 
     async def complete(self) -> None:
-        if not self.update:
-            self.update = "completed"
-            await self._end_stream()
+        if self.update != "completed":
+            first = not self.update
+            self.update, self.twiml = "completed", ""
+            if first:
+                await self._end_stream()
 
     async def _attach(self, writer: _StreamWriter) -> None:
         self._writer = writer
