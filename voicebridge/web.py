@@ -329,9 +329,10 @@ async def media_connection(services: Services, transport: SocketTransport, head:
 def log_stream_status(
     metrics: BridgeMetrics, status: StreamStatus | StreamStatusUnrecognized
 ) -> None:
-    """One line per ``<Stream statusCallback>``: the start at debug, the stop at info, a
-    failure as a warning with Twilio's code and words (counted by code), an event this
-    version does not know at info. Twilio's text is peer text: the log output escapes it."""
+    """One line per ``<Stream statusCallback>``: the start and the stop at debug (the
+    call's own ``call-start``/``call-end`` lines say as much), a failure as a warning with
+    Twilio's code and words (counted by code), an event this version does not know at
+    info. Twilio's text is peer text: the log outputs escape it."""
     if isinstance(status, StreamStatusUnrecognized):
         log_event(
             log,
@@ -356,12 +357,11 @@ def log_stream_status(
         case "stream-stopped":
             log_event(
                 log,
-                logging.INFO,
+                logging.DEBUG,
                 "stream-stopped",
                 f"call {status.call_sid}: Twilio stopped media stream {status.stream_sid}",
                 call_sid=status.call_sid,
                 stream_sid=status.stream_sid,
-                rate_limited=True,
             )
         case "stream-error":
             metrics.stream_error(status.code)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import datetime
 import functools
 import math
 import secrets
@@ -521,6 +522,9 @@ class _StreamTwiml:
     action_method: str
     #: Verbs after ``</Connect>``: what runs when the stream ends and there is no action.
     after: tuple[ET.Element, ...]
+    #: ``<Stream statusCallback>``: where the stream's events are posted ("": nowhere).
+    status_callback: str = ""
+    status_callback_method: str = "POST"
 
 
 class _Violations:
@@ -577,6 +581,8 @@ class _SimCall:
         self._http = http
         self._validator = RequestValidator(settings.auth_token)
         self._violations = _Violations()
+        #: Where the stream's status events are posted, while the stream runs.
+        self._status_nursery: trio.Nursery | None = None
 
     async def run(self, started: float) -> CallReport:
         settings = self._settings
@@ -700,13 +706,51 @@ class _SimCall:
                 action=verb.get("action"),
                 action_method=verb.get("method", "POST").upper(),
                 after=tuple(verbs[index + 1 :]),
+                status_callback=stream.get("statusCallback", ""),
+                status_callback_method=stream.get("statusCallbackMethod", "POST").upper(),
             )
         return None
 
     async def _stream(self, stream_twiml: _StreamTwiml) -> _StreamResult:
-        """Open the Media Stream and run it until either side ends it."""
-        settings = self._settings
+        """Open the Media Stream and run it until either side ends it; post its status
+        events to the ``statusCallback`` as Twilio does (``stream-started`` once the
+        WebSocket is open, ``stream-stopped`` when it is over, ``stream-error`` when the
+        handshake failed). The events are posted beside the stream, never holding it up;
+        this returns once they have been answered."""
         stream_sid = "MZ" + secrets.token_hex(16)
+        async with trio.open_nursery() as status_nursery:
+            self._status_nursery = status_nursery
+            result = await self._open_stream(stream_twiml, stream_sid)
+            if result.streamed:
+                self._post_stream_status(stream_twiml, stream_sid, "stream-stopped")
+        self._status_nursery = None
+        return result
+
+    def _post_stream_status(
+        self, stream_twiml: _StreamTwiml, stream_sid: str, event: str, error: str = ""
+    ) -> None:
+        """Post one stream status event beside the call (no-op without a statusCallback)."""
+        if not stream_twiml.status_callback or self._status_nursery is None:
+            return
+        params = {
+            "AccountSid": self._settings.account_sid,
+            "CallSid": self._call_sid,
+            "StreamSid": stream_sid,
+            # No name attribute on our streams: Twilio then names a stream by its SID.
+            "StreamName": stream_sid,
+            "StreamEvent": event,
+            "Timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        }
+        if error:
+            params["StreamError"] = error
+        voice_url = _join(self._settings.public_url, self._settings.voice_path)
+        url = urljoin(voice_url, stream_twiml.status_callback)
+        self._status_nursery.start_soon(
+            self._request_twiml, url, stream_twiml.status_callback_method, params
+        )
+
+    async def _open_stream(self, stream_twiml: _StreamTwiml, stream_sid: str) -> _StreamResult:
+        settings = self._settings
         signature = self._validator.compute_signature(stream_twiml.url, {})
         target = _route(stream_twiml.url, settings.public_url, settings.bridge_url)
         rejection: BaseException | None = None
@@ -719,7 +763,8 @@ class _SimCall:
                         )
                 except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
                     connection_nursery.cancel_scope.cancel(reason="stream handshake failed")
-                    return self._stream_failed(stream_twiml, exc)
+                    return self._stream_failed(stream_twiml, stream_sid, exc)
+                self._post_stream_status(stream_twiml, stream_sid, "stream-started")
                 socket = TrioWebSocket(connection)
                 try:
                     return await self._run_stream(socket, transport, stream_sid, stream_twiml)
@@ -731,12 +776,18 @@ class _SimCall:
         except* trio_websocket.ConnectionRejected as group:
             # A refused upgrade surfaces from trio-websocket's reader task.
             rejection = group.exceptions[0]
-        return self._stream_failed(stream_twiml, rejection)
+        return self._stream_failed(stream_twiml, stream_sid, rejection)
 
     def _stream_failed(
-        self, stream_twiml: _StreamTwiml, error: BaseException | None
+        self, stream_twiml: _StreamTwiml, stream_sid: str, error: BaseException | None
     ) -> _StreamResult:
         self._violations.add(31920, f"Stream handshake failed: {stream_twiml.url}: {error!r}")
+        self._post_stream_status(
+            stream_twiml,
+            stream_sid,
+            "stream-error",
+            f"31920 Stream - WebSocket - Handshake Error: {_quote(error)}",
+        )
         return attrs.evolve(_no_stream(), ended_by="stream_failed")
 
     async def _run_stream(
