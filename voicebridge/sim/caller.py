@@ -51,7 +51,7 @@ import orjson
 import trio
 import trio_websocket
 from attrs import field, frozen
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import HMAC_SHA256, SIGNATURE_SETTINGS_HEADER, RequestValidator
 
 from voicebridge.errors import SocketClosed, VoicebridgeError
 from voicebridge.sim.audio import (
@@ -128,6 +128,8 @@ _SILENCE_FRAME_B64 = base64.b64encode(_SILENCE_FRAME).decode("ascii")
 _DTMF_DIGITS = frozenset("0123456789*#")
 _API_VERSION = "2010-04-01"
 _USER_AGENT = "TwilioProxy/1.1"
+#: What a shared-key Webhook Rule signs with (Twilio's public beta names only this one).
+_SHARED_KEY_ALGORITHM = HMAC_SHA256
 
 
 def _http_url(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -155,6 +157,11 @@ class SimTwilioSettings:
     direction: str = "inbound"
     #: The caller hangs up once the stream has run this long (``ended_by="max_duration"``).
     max_call_s: float = field(default=DEFAULT_MAX_CALL_S, validator=attrs.validators.gt(0))
+    #: Sign the webhooks as a shared-key Webhook Rule does: with this SharedKey secret,
+    #: HMAC-SHA256, and ``X-Twilio-Webhooks-Signature-Settings: key=<shared_key_id>,…``.
+    #: Empty: with the Auth Token (HMAC-SHA1), no settings header.
+    shared_key: str = field(default="", repr=False)
+    shared_key_id: str = ""
 
 
 # --- The script ----------------------------------------------------------------------
@@ -580,6 +587,7 @@ class _SimCall:
         self._call_sid = call_sid
         self._http = http
         self._validator = RequestValidator(settings.auth_token)
+        self._webhook_validator = RequestValidator(settings.shared_key or settings.auth_token)
         self._violations = _Violations()
         #: Where the stream's status events are posted, while the stream runs.
         self._status_nursery: trio.Nursery | None = None
@@ -646,8 +654,14 @@ class _SimCall:
             signed_url, body_params = public_url + separator + urlencode(params), {}
         else:
             signed_url, body_params = public_url, params
-        signature = self._validator.compute_signature(signed_url, body_params)
+        settings = self._settings
+        algorithm = _SHARED_KEY_ALGORITHM if settings.shared_key else None
+        signature = self._webhook_validator.compute_signature(signed_url, body_params, algorithm)
         headers = {"X-Twilio-Signature": signature, "User-Agent": _USER_AGENT}
+        if settings.shared_key:
+            headers[SIGNATURE_SETTINGS_HEADER] = (
+                f"key={settings.shared_key_id},algorithm={_SHARED_KEY_ALGORITHM}"
+            )
         target = _route(signed_url, self._settings.public_url, self._settings.bridge_url)
         try:
             response = await self._http.request(
