@@ -72,6 +72,10 @@ MAX_WEBHOOK_BYTES = 64 * 1024
 TWIML = "text/xml"
 #: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
 MAX_MEDIA_MESSAGE_BYTES = 64 * 1024
+#: Stream errors that follow from what the bridge does on purpose, logged at info (and
+#: still counted): 31921 is "your server closed the WebSocket", which is how the bridge
+#: ends every stream whose assistant ended, to hand the call to the ``<Connect action>``.
+EXPECTED_STREAM_ERRORS = frozenset({"31921"})
 #: How long the ``<Connect action>`` waits for a call that is still winding down (its
 #: goodbye to Vapi: one round trip, ``vapi.end_deadline_s`` at worst); well inside
 #: Twilio's 15 s webhook timeout.
@@ -331,8 +335,9 @@ def log_stream_status(
 ) -> None:
     """One line per ``<Stream statusCallback>``: the start and the stop at debug (the
     call's own ``call-start``/``call-end`` lines say as much), a failure as a warning with
-    Twilio's code and words (counted by code), an event this version does not know at
-    info. Twilio's text is peer text: the log outputs escape it."""
+    Twilio's code and words (counted by code; one the bridge causes on purpose,
+    ``EXPECTED_STREAM_ERRORS``, at info), an event this version does not know at info.
+    Twilio's text is peer text: the log outputs escape it."""
     if isinstance(status, StreamStatusUnrecognized):
         log_event(
             log,
@@ -367,7 +372,7 @@ def log_stream_status(
             metrics.stream_error(status.code)
             log_event(
                 log,
-                logging.WARNING,
+                logging.INFO if status.code in EXPECTED_STREAM_ERRORS else logging.WARNING,
                 "stream-error",
                 f"call {status.call_sid}: Twilio reports media stream error {status.code}: "
                 f"{status.error or '(no description)'}",

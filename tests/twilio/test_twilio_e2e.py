@@ -189,7 +189,12 @@ async def test_a_stream_error_is_one_warning_and_counted_by_code(
         async with running_bridge() as bridge:
             answers = [
                 (await post_signed(bridge, STREAM_STATUS_PATH, status(error))).status_code
-                for error in (hostile, "31910 Stream - WebSocket - Protocol Error", "broken")
+                for error in (
+                    hostile,
+                    "31910 Stream - WebSocket - Protocol Error",
+                    "broken",
+                    "31921 Stream - WebSocket - Close Error",
+                )
             ]
             # Unsigned: refused like every Twilio webhook, and neither logged nor counted.
             async with httpx.AsyncClient() as http:
@@ -198,16 +203,17 @@ async def test_a_stream_error_is_one_warning_and_counted_by_code(
                 )
             counts = {
                 code: await metric(bridge, "voicebridge_stream_errors_total", code=code)
-                for code in ("31920", "31910", "unknown")
+                for code in ("31920", "31910", "unknown", "31921")
             }
-    assert answers == [204, 204, 204]
+    assert answers == [204, 204, 204, 204]
     assert unsigned.status_code == 403
-    assert counts == {"31920": 1, "31910": 1, "unknown": 1}
+    assert counts == {"31920": 1, "31910": 1, "unknown": 1, "31921": 1}
     warnings = [r for r in caplog.records if record_fields(r).get("EVENT") == "stream-error"]
     assert [(r.levelno, record_fields(r)["ERROR_CODE"]) for r in warnings] == [
         (logging.WARNING, "31920"),
         (logging.WARNING, "31910"),
         (logging.WARNING, "unknown"),
+        (logging.INFO, "31921"),  # the bridge closing the stream on purpose
     ]
     assert {record_fields(r)["CALL_SID"] for r in warnings} == {call_sid}
     # Twilio's words are peer text: one line, escaped, in every output.
