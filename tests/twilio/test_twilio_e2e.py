@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,6 +28,7 @@ from voicebridge.observability.logs import record_fields, render_message
 from voicebridge.sim.caller import Speak, WaitForAssistantDone, place_call
 from voicebridge.web import STREAM_PATH, STREAM_STATUS_PATH, VOICE_PATH
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_KEY = "shared-key-secret-0123456789abcdef"
 KEY_ID = "webhooks_sharedkey_0123456789abcdef"
 SETTINGS_HEADER = "X-Twilio-Webhooks-Signature-Settings"
@@ -271,3 +274,44 @@ async def test_a_start_with_both_tracks_is_refused(caplog: pytest.LogCaptureFixt
     ]
     assert (end["CALL_SID"], end["OUTCOME"]) == (call_sid, "protocol-error")
     assert end["DETAIL"] == "unexpected tracks ['inbound', 'outbound'] (want ['inbound'])"
+
+
+async def test_forged_stream_errors_from_another_process_are_refused_beside_a_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An attacker posts stream-error callbacks from 127.0.0.2 (its own process) while
+    a real call runs: every one is answered 403, none is logged as a stream error or
+    counted, and the call beside it is served untouched."""
+    caplog.set_level(logging.INFO, logger="voicebridge")
+    forged = 60
+    with trio.fail_after(40):
+        async with running_bridge() as bridge:
+            attack: list[dict[str, int]] = []
+
+            async def forger() -> None:
+                result = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.twilio.forged_status",
+                        f"--target=127.0.0.1:{bridge.listening.port}",
+                        "--source=127.0.0.2",
+                        f"--public-url={bridge.config.server.public_url}",
+                        f"--count={forged}",
+                    ],
+                    cwd=REPO_ROOT,
+                    capture_stdout=True,
+                )
+                attack.append(json.loads(result.stdout))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forger)
+                witness = await place_call(bridge.caller, SHORT_SCRIPT)
+            errors = await metric(bridge, "voicebridge_stream_errors_total")
+            rejected = await metric(
+                bridge, "voicebridge_webhook_auth_failures_total", path=STREAM_STATUS_PATH
+            )
+    assert attack == [{"403": forged}]
+    assert (errors, rejected) == (0, forged)
+    assert witness.protocol_violations == [] and witness.final_action == "hangup"
+    assert not [r for r in caplog.records if record_fields(r).get("EVENT") == "stream-error"]
