@@ -237,7 +237,10 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         if refusal is not None:
             return refusal
         log_stream_status(get_services().metrics, parse_stream_status(form))
-        return _text_response("", 204)
+        # Twilio wants a 2xx and reads nothing: no TwiML, no body.
+        response = Response("", status=204)
+        response.headers["Connection"] = "close"
+        return response
 
     @app.get("/healthz")
     async def healthz() -> Response:
