@@ -995,3 +995,12 @@ def test_the_shared_key_is_a_secret(tmp_path: Path) -> None:
     assert "shared-key-secret" not in render_config(config)
     exc = error_of({"twilio": {"shared_key": "in the file"}})
     assert exc.key == "twilio.shared_key" and "VOICEBRIDGE_TWILIO_SHARED_KEY" in exc.reason
+
+
+def test_a_shared_key_id_needs_the_shared_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"twilio": {"shared_key_id": "k1"}}, environ=COMPLETE_ENV)
+    assert info.value.key == "credentials.twilio_shared_key"
+    assert info.value.reason.startswith(
+        "missing: supply it as systemd credential 'twilio-shared-key'"
+    )

@@ -1091,6 +1091,9 @@ def _incomplete(config: Config) -> list[_Problem]:
         required.append("vapi_webhook_secret")
     if config.outbound.http_enabled:
         required.append("control_api_token")
+    if config.twilio.shared_key_id:
+        # Shared-key signed webhooks are expected: without the key each would get a 403.
+        required.append("twilio_shared_key")
     for name in required:
         secret: Secret = getattr(config.credentials, name)
         if not secret:
