@@ -54,3 +54,28 @@ def test_serve_refuses_a_bad_config_at_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "server.listn" in result.stderr
+
+
+def test_serve_and_check_config_refuse_a_stream_url_twilio_would_refuse(tmp_path: Path) -> None:
+    # Everything else is complete: the public URL alone is what is wrong.
+    config = tmp_path / "voicebridge.toml"
+    config.write_text(
+        '[server]\npublic_url = "https://bridge.example.com:8443"\n'
+        '[twilio]\naccount_sid = "AC0123456789abcdef0123456789abcdef"\n'
+        '[vapi]\nassistant_id = "asst-1"\n'
+    )
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "VOICEBRIDGE_TWILIO_AUTH_TOKEN": "twilio-auth-token-0123",
+        "VOICEBRIDGE_VAPI_API_KEY": "vapi-api-key-0123",
+        "VOICEBRIDGE_STREAM_TOKEN_SECRET": "stream-token-secret-0123456789",
+    }
+    for command in ("check-config", "serve"):
+        result = subprocess.run(
+            [*VOICEBRIDGE, command, "--config", str(config)],
+            capture_output=True, text=True, check=False, timeout=30, env=environ,
+        )
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("voicebridge: config error: server.public_url: has port 8443")
+        assert "wss:// on port 443 (error 31910)" in line

@@ -1120,3 +1120,59 @@ def test_config_shaped_data_and_env_load_or_raise_config_error(
         assert isinstance(exc.key, str) and exc.reason
     else:
         assert tomllib.loads(render_config(config))
+
+
+# --- the media stream URL Twilio accepts -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("public_url", "problem"),
+    [
+        ("https://bridge.example.com", None),
+        ("https://bridge.example.com:443/voice", None),
+        ("http://bridge.example.com", "is http://, so the media stream URL would be ws://"),
+        ("https://bridge.example.com:8443", "has port 8443, so the media stream URL would be too"),
+        ("http://127.0.0.1:8080", "is http://, so the media stream URL would be ws://"),
+    ],
+)
+def test_check_config_refuses_a_stream_url_twilio_would_refuse(
+    tmp_path: Path, public_url: str, problem: str | None
+) -> None:
+    environ = {**COMPLETE_ENV, "VOICEBRIDGE_SERVER_PUBLIC_URL": public_url}
+    err = io.StringIO()
+    code = check_config_main(str(write(tmp_path, "")), environ=environ, out=io.StringIO(), err=err)
+    if problem is None:
+        assert (code, err.getvalue()) == (0, "")
+        return
+    assert code == 2
+    [line] = err.getvalue().splitlines()
+    assert line.startswith(f"voicebridge: config error: server.public_url: {problem}: ")
+    assert "wss:// on port 443 (error 31910)" in line
+    assert "twilio.allow_insecure_stream_url" in line
+    # The testing flag lets it through; a partial load (voicebridge call) never asks.
+    allowed = write(tmp_path, "[twilio]\nallow_insecure_stream_url = true\n", "allowed.toml")
+    assert check_config_main(str(allowed), environ=environ, out=io.StringIO(), err=err) == 0
+    assert load({"server": {"public_url": public_url}}).server.public_url == public_url
+
+
+def test_the_shared_key_is_a_secret(tmp_path: Path) -> None:
+    key = tmp_path / "shared"
+    key.write_text("shared-key-secret-0123456789\n")
+    config = config_from_mapping(
+        {"secrets": {"twilio_shared_key_file": str(key)}, "twilio": {"shared_key_id": "k1"}},
+        environ=COMPLETE_ENV,
+    )
+    assert config.credentials.twilio_shared_key.reveal() == "shared-key-secret-0123456789"
+    assert config.twilio.shared_key_id == "k1"
+    assert "shared-key-secret" not in render_config(config)
+    exc = error_of({"twilio": {"shared_key": "in the file"}})
+    assert exc.key == "twilio.shared_key" and "VOICEBRIDGE_TWILIO_SHARED_KEY" in exc.reason
+
+
+def test_a_shared_key_id_needs_the_shared_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"twilio": {"shared_key_id": "k1"}}, environ=COMPLETE_ENV)
+    assert info.value.key == "credentials.twilio_shared_key"
+    assert info.value.reason.startswith(
+        "missing: supply it as systemd credential 'twilio-shared-key'"
+    )

@@ -17,7 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
 from voicebridge.bridge.outcome import BargeIn, CallRecord, Outcome
 from voicebridge.observability.looplag import STALL_WARNING_S, TICK_S
-from voicebridge.observability.metrics import BridgeMetrics
+from voicebridge.observability.metrics import (
+    MAX_STREAM_ERROR_CODES,
+    OTHER_STREAM_ERROR,
+    BridgeMetrics,
+)
 from voicebridge.sim.caller import Speak, WaitForAssistant, WaitForAssistantDone, place_call
 from voicebridge.twilio.signature import sign
 
@@ -210,3 +214,23 @@ async def test_refusals_and_rejected_webhooks_are_counted() -> None:
     assert value(
         samples, "voicebridge_webhook_auth_failures_total", path="/twilio/voice"
     ) == 1
+
+
+def test_stream_errors_are_counted_by_code_within_a_bounded_label_set() -> None:
+    metrics = BridgeMetrics()
+    metrics.stream_error("31920")
+    metrics.stream_error("31920")
+    metrics.stream_error("unknown")
+    # A peer inventing codes cannot grow the series without bound.
+    for code in range(10000, 10000 + MAX_STREAM_ERROR_CODES + 10):
+        metrics.stream_error(str(code))
+    samples = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    counted = {
+        dict(labels)["code"]: count
+        for (name, labels), count in samples.items()
+        if name == "voicebridge_stream_errors_total"
+    }
+    assert (counted["31920"], counted["unknown"]) == (2, 1)
+    assert len(counted) == MAX_STREAM_ERROR_CODES + 1
+    assert counted[OTHER_STREAM_ERROR] == 12
+    assert sum(counted.values()) == 3 + MAX_STREAM_ERROR_CODES + 10

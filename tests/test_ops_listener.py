@@ -287,7 +287,7 @@ def write_config(directory: Path, public_port: int, **server: str) -> Path:
     lines = ["[server]", f'public_url = "http://127.0.0.1:{public_port}"',
              'log_target = "stderr"']
     lines += [f'{key} = "{value}"' for key, value in server.items()]
-    lines += ["[twilio]", 'account_sid = "AC' + "d" * 32 + '"']
+    lines += ["[twilio]", 'account_sid = "AC' + "d" * 32 + '"', "allow_insecure_stream_url = true"]
     lines += ["[vapi]", 'base_url = "http://127.0.0.1:9"', 'assistant_id = "sim"']
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -174,6 +174,7 @@ class Box:
         lines += ['log_target = "stderr"']
         lines += [f"{key} = {_toml(value)}" for key, value in server.items()]
         lines += ["[twilio]", f'account_sid = "{LOOPBACK_ACCOUNT_SID}"']
+        lines += ["allow_insecure_stream_url = true"]  # ws:// on a loopback port
         lines += ["[vapi]", f'base_url = "{self.vapi.base_url}"', 'assistant_id = "sim"']
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -382,6 +382,13 @@ class TwilioConfig:
     )
     #: Time allowed for one Twilio REST request (redirect, hang-up, create).
     rest_deadline_s: float = field(default=10.0, validator=_deadline(60))
+    #: The id of the SharedKey that signs webhooks moved to shared-key signing
+    #: (``webhooks_sharedkey_…``, named in ``X-Twilio-Webhooks-Signature-Settings``);
+    #: empty: any key id, checked with the one ``twilio_shared_key`` secret.
+    shared_key_id: str = ""
+    #: Accept a ``server.public_url`` whose stream URL is not ``wss://`` on port 443
+    #: (Twilio refuses such a stream: error 31910). Only for local tests and demos.
+    allow_insecure_stream_url: bool = False
 
 
 @frozen(kw_only=True)
@@ -710,6 +717,9 @@ class Secrets:
     vapi_webhook_secret: Secret = field(factory=lambda: Secret(""))
     #: Bearer token of ``POST /control/calls``.
     control_api_token: Secret = field(factory=lambda: Secret(""))
+    #: The SharedKey secret of Twilio's shared-key webhook signing (empty: such webhooks
+    #: are refused; the Auth Token still checks all the others).
+    twilio_shared_key: Secret = field(factory=lambda: Secret(""))
 
 
 #: secret attribute -> (systemd credential name, environment variable)
@@ -719,6 +729,7 @@ SECRET_SOURCES: dict[str, tuple[str, str]] = {
     "stream_token_secret": ("stream-token-secret", "VOICEBRIDGE_STREAM_TOKEN_SECRET"),
     "vapi_webhook_secret": ("vapi-webhook-secret", "VOICEBRIDGE_VAPI_WEBHOOK_SECRET"),
     "control_api_token": ("control-api-token", "VOICEBRIDGE_CONTROL_API_TOKEN"),
+    "twilio_shared_key": ("twilio-shared-key", "VOICEBRIDGE_TWILIO_SHARED_KEY"),
 }
 
 #: ``VOICEBRIDGE_*`` environment variables that are not ``<SECTION>_<KEY>`` overrides, so
@@ -738,6 +749,7 @@ class SecretFiles:
     stream_token_secret_file: str = ""
     vapi_webhook_secret_file: str = ""
     control_api_token_file: str = ""
+    twilio_shared_key_file: str = ""
 
 
 @frozen(kw_only=True)
@@ -1273,6 +1285,37 @@ def _secrets_unusable(config: Config) -> list[_Problem]:
     return problems
 
 
+#: The only port Twilio opens a Media Stream to (error 31910 otherwise).
+STREAM_PORT = 443
+
+
+def _stream_url_problems(config: Config) -> list[_Problem]:
+    """A public URL whose stream URL Twilio would refuse: not ``wss://`` on port 443.
+
+    The stream URL is ``server.public_url`` with https→wss, so the public URL must be
+    ``https://`` with no port or port 443, unless ``twilio.allow_insecure_stream_url``.
+    """
+    public_url = config.server.public_url
+    if not public_url or config.twilio.allow_insecure_stream_url:
+        return []
+    parts = urllib.parse.urlsplit(public_url)
+    if parts.scheme != "https":
+        reason = f"is {parts.scheme}://, so the media stream URL would be ws://"
+    elif parts.port not in (None, STREAM_PORT):
+        reason = f"has port {parts.port}, so the media stream URL would be too"
+    else:
+        return []
+    return [
+        (
+            "server.public_url",
+            f"{reason}: Twilio opens Media Streams only over wss:// on port "
+            f"{STREAM_PORT} (error 31910); use https://host[/prefix] (the proxy may "
+            f"forward to any local port), or set twilio.allow_insecure_stream_url = true "
+            f"for local tests",
+        )
+    ]
+
+
 def _incomplete(config: Config) -> list[_Problem]:
     """What a serving daemon needs that ``config`` does not have."""
     problems: list[_Problem] = []
@@ -1289,6 +1332,9 @@ def _incomplete(config: Config) -> list[_Problem]:
         required.append("vapi_webhook_secret")
     if config.outbound.http_enabled:
         required.append("control_api_token")
+    if config.twilio.shared_key_id:
+        # Shared-key signed webhooks are expected: without the key each would get a 403.
+        required.append("twilio_shared_key")
     for name in required:
         secret: Secret = getattr(config.credentials, name)
         if not secret:
@@ -1391,7 +1437,7 @@ def config_from_mapping(
     problems += _silence_problems(config.vapi)
     problems += _secrets_unusable(config)
     if require_complete:
-        problems += _incomplete(config)
+        problems += _incomplete(config) + _stream_url_problems(config)
     if problems:
         _raise(problems)
     return config
@@ -1412,7 +1458,9 @@ def load_config(
     With ``require_complete`` (what ``serve`` and ``check-config`` use), also require
     ``server.public_url``, ``twilio.account_sid``, the Twilio auth token (unless
     ``twilio.validate_signatures`` is false), the Vapi API key, a stream token secret of at
-    least 16 bytes and one of ``vapi.assistant_id`` / ``vapi.assistant``.
+    least 16 bytes and one of ``vapi.assistant_id`` / ``vapi.assistant``; and refuse a
+    ``server.public_url`` that would give a media stream URL other than ``wss://`` on port
+    443 (unless ``twilio.allow_insecure_stream_url``).
 
     Raises ``ConfigError``: for an unreadable file or bad TOML its ``key`` is empty and the
     reason names the file; otherwise ``key`` is the dotted key path of the first problem and

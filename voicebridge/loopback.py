@@ -44,7 +44,8 @@ def loopback_config(*, port: int, vapi_base_url: str, auth_token: str, api_key: 
             public_url=f"http://127.0.0.1:{port}",
             max_concurrent_calls=1000,
         ),
-        twilio=TwilioConfig(account_sid=LOOPBACK_ACCOUNT_SID),
+        # Plain ws:// on a loopback port: Twilio would refuse it, the simulation does not.
+        twilio=TwilioConfig(account_sid=LOOPBACK_ACCOUNT_SID, allow_insecure_stream_url=True),
         vapi=VapiConfig(base_url=vapi_base_url, assistant_id="sim-assistant"),
         credentials=Secrets(
             twilio_auth_token=Secret(auth_token),

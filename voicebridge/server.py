@@ -70,6 +70,7 @@ from voicebridge.twilio.token import StreamTokens
 from voicebridge.web import (
     AFTER_STREAM_PATH,
     STREAM_PATH,
+    STREAM_STATUS_PATH,
     VOICE_PATH,
     Services,
     create_app,
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 
 #: Routes whose whole (small) body the front door reads before the app sees the request:
 #: Twilio's signed webhooks, which are judged on their whole body anyway.
-PREREAD_PATHS = frozenset({VOICE_PATH, AFTER_STREAM_PATH})
+PREREAD_PATHS = frozenset({VOICE_PATH, AFTER_STREAM_PATH, STREAM_STATUS_PATH})
 #: How long the front door lets open connections run after its shutdown trigger before
 #: cancelling them. By then the drain has ended every call; this only bounds stragglers.
 GRACEFUL_TIMEOUT_S = 5.0
@@ -182,6 +183,8 @@ def build_services(
         verifier=WebhookVerifier(
             auth_token=credentials.twilio_auth_token.reveal(),
             public_url=config.server.public_url,
+            shared_key=credentials.twilio_shared_key.reveal(),
+            shared_key_id=config.twilio.shared_key_id,
         )
         if config.twilio.validate_signatures
         else None,

@@ -12,6 +12,8 @@ They hold no call logic of their own.
   the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.
 - ``POST /twilio/after-stream``: the ``<Connect action>``: the call's outcome → TwiML.
+- ``POST /twilio/stream-status``: the ``<Stream statusCallback>``: logged (a failed
+  stream as a warning with Twilio's error code) and counted; answered 204.
 - ``POST /vapi/webhook``, ``POST /control/calls``: call control (``control.routes``).
 
 Only on the ops listener (``create_ops_app``; ``server.ops_listen``), never on the public
@@ -54,7 +56,12 @@ from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.twilio import twiml
-from voicebridge.twilio.signature import SignatureError, WebhookVerifier
+from voicebridge.twilio.signature import SETTINGS_HEADER, SignatureError, WebhookVerifier
+from voicebridge.twilio.stream_status import (
+    StreamStatus,
+    StreamStatusUnrecognized,
+    parse_stream_status,
+)
 from voicebridge.twilio.token import StreamClaims, StreamTokens, is_call_sid
 from voicebridge.vapi.endings import MAX_DURATION_REASON
 
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 VOICE_PATH = "/twilio/voice"
 STREAM_PATH = "/twilio/stream"
 AFTER_STREAM_PATH = "/twilio/after-stream"
+STREAM_STATUS_PATH = "/twilio/stream-status"
 #: The ops listener's routes (``create_ops_app``); the public port answers them 404.
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
@@ -75,6 +83,10 @@ TWIML = "text/xml"
 FORM_MIMETYPES = ("application/x-www-form-urlencoded", "application/x-url-encoded")
 #: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
 MAX_MEDIA_MESSAGE_BYTES = 64 * 1024
+#: Stream errors that follow from what the bridge does on purpose, logged at info (and
+#: still counted): 31921 is "your server closed the WebSocket", which is how the bridge
+#: ends every stream whose assistant ended, to hand the call to the ``<Connect action>``.
+EXPECTED_STREAM_ERRORS = frozenset({"31921"})
 #: How long the ``<Connect action>`` waits for a call that is still winding down (its
 #: goodbye to Vapi: one round trip, ``vapi.end_deadline_s`` at worst); well inside
 #: Twilio's 15 s webhook timeout.
@@ -172,6 +184,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 path_and_query=_path_and_query(),
                 params=params,
                 signature=request.headers.get("X-Twilio-Signature"),
+                settings=request.headers.get(SETTINGS_HEADER),
             )
         except SignatureError as exc:
             services.metrics.webhook_rejected(request.path)
@@ -229,6 +242,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 stream_url="ws" + public_url.removeprefix("http") + STREAM_PATH,
                 action_url=public_url + AFTER_STREAM_PATH,
                 parameters=parameters,
+                status_callback=public_url + STREAM_STATUS_PATH,
             )
 
         registry = services.registry
@@ -291,6 +305,17 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             with trio.move_on_after(AFTER_STREAM_WAIT_S):
                 record = await services.registry.wait_record(call_sid)
         return _twiml_response(after_stream_twiml(services.config, call_sid, record))
+
+    @app.post(STREAM_STATUS_PATH)
+    async def stream_status() -> Response:
+        form, refusal = await signed_form()
+        if refusal is not None:
+            return refusal
+        log_stream_status(get_services().metrics, parse_stream_status(form))
+        # Twilio wants a 2xx and reads nothing: no TwiML, no body.
+        response = Response("", status=204)
+        response.headers["Connection"] = "close"
+        return response
 
     add_control_routes(app, lambda: get_services().control)
     return app
@@ -361,14 +386,15 @@ async def media_connection(services: Services, transport: SocketTransport, head:
         # call-start line (UPGRADE_SIGNATURE=valid|missing|mismatch|unchecked).
         upgrade_signature = "unchecked"
         if services.verifier is not None:
-            signature = next(
-                (v for k, v in upgrade.request.extra_headers if k.lower() == b"x-twilio-signature"),
-                None,
-            )
+            headers = upgrade.request.extra_headers
+            signature = next((v for k, v in headers if k.lower() == b"x-twilio-signature"), None)
+            settings_name = SETTINGS_HEADER.lower().encode()
+            settings = next((v for k, v in headers if k.lower() == settings_name), None)
             try:
                 services.verifier.verify_upgrade(
                     path=upgrade.request.target.split("?", 1)[0],
                     signature=signature.decode("latin-1") if signature is not None else None,
+                    settings=settings.decode("latin-1") if settings is not None else None,
                 )
                 upgrade_signature = "valid"
             except SignatureError as exc:
@@ -394,6 +420,61 @@ async def media_connection(services: Services, transport: SocketTransport, head:
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+
+
+def log_stream_status(
+    metrics: BridgeMetrics, status: StreamStatus | StreamStatusUnrecognized
+) -> None:
+    """One line per ``<Stream statusCallback>``: the start and the stop at debug (the
+    call's own ``call-start``/``call-end`` lines say as much), a failure as a warning with
+    Twilio's code and words (counted by code; one the bridge causes on purpose,
+    ``EXPECTED_STREAM_ERRORS``, at info), an event this version does not know at info.
+    Twilio's text is peer text: the log outputs escape it."""
+    if isinstance(status, StreamStatusUnrecognized):
+        log_event(
+            log,
+            logging.INFO,
+            "stream-status-unknown",
+            f"call {status.call_sid}: unknown stream status event {status.event!r}; ignored",
+            call_sid=status.call_sid,
+            stream_event=status.event,
+            rate_limited=True,
+        )
+        return
+    match status.event:
+        case "stream-started":
+            log_event(
+                log,
+                logging.DEBUG,
+                "stream-started",
+                f"call {status.call_sid}: Twilio started media stream {status.stream_sid}",
+                call_sid=status.call_sid,
+                stream_sid=status.stream_sid,
+            )
+        case "stream-stopped":
+            log_event(
+                log,
+                logging.DEBUG,
+                "stream-stopped",
+                f"call {status.call_sid}: Twilio stopped media stream {status.stream_sid}",
+                call_sid=status.call_sid,
+                stream_sid=status.stream_sid,
+            )
+        case "stream-error":
+            metrics.stream_error(status.code)
+            log_event(
+                log,
+                logging.INFO if status.code in EXPECTED_STREAM_ERRORS else logging.WARNING,
+                "stream-error",
+                f"call {status.call_sid}: Twilio reports media stream error {status.code}: "
+                f"{status.error or '(no description)'}",
+                call_sid=status.call_sid,
+                stream_sid=status.stream_sid or None,
+                error_code=status.code,
+                error=status.error or None,
+            )
+        case _:
+            assert_never(status.event)
 
 
 def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None) -> str:

@@ -610,3 +610,60 @@ async def test_failures_are_reported_not_raised(bridge: FakeBridge) -> None:
         "none",
     )
     assert [v.split(":")[0] for v in failed.protocol_violations] == ["11200"]
+
+
+STATUS_TWIML = CONNECT_TWIML.replace(
+    '<Stream url="wss://voice.example.test/twilio/stream">',
+    '<Stream url="wss://voice.example.test/twilio/stream" statusCallback="/twilio/status">',
+)
+
+
+def stream_events(bridge: FakeBridge) -> list[Request]:
+    return [r for r in bridge.requests if r.path == "/twilio/status"]
+
+
+async def test_the_stream_status_callback_is_posted_as_twilio_does(bridge: FakeBridge) -> None:
+    bridge.voice_twiml = STATUS_TWIML
+    report = await call(bridge, [])
+    bridge.reject_streams = True
+    failed = await call(bridge, [])
+
+    validator = RequestValidator(AUTH_TOKEN)
+    started, stopped, error = stream_events(bridge)
+    for request in (started, stopped, error):
+        assert request.method == "POST"
+        url = PUBLIC + "/twilio/status"
+        assert validator.validate(url, request.form, request.headers["x-twilio-signature"])
+        assert request.form["Timestamp"].endswith("+00:00")
+    common = {"AccountSid": ACCOUNT_SID, "CallSid": report.call_sid}
+    assert {k: started.form[k] for k in common} == common
+    assert (started.form["StreamEvent"], started.form["StreamSid"]) == (
+        "stream-started",
+        report.stream_sid,
+    )
+    assert (stopped.form["StreamEvent"], stopped.form["StreamSid"]) == (
+        "stream-stopped",
+        report.stream_sid,
+    )
+    assert "StreamError" not in started.form and "StreamError" not in stopped.form
+    # A refused upgrade: stream-error, with the handshake's error code (31920) first.
+    assert (error.form["CallSid"], error.form["StreamEvent"]) == (failed.call_sid, "stream-error")
+    assert error.form["StreamError"].startswith("31920 Stream - WebSocket - Handshake Error")
+    assert report.protocol_violations == []
+
+
+async def test_a_shared_key_rule_signs_with_the_shared_key(bridge: FakeBridge) -> None:
+    bridge.voice_twiml = STATUS_TWIML
+    await call(bridge, [], shared_key="shared-secret-0123", shared_key_id="webhooks_sharedkey_1")
+
+    webhooks = [r for r in bridge.requests if r.path != "/twilio/stream"]
+    assert {r.path for r in webhooks} == {"/twilio/voice", "/twilio/status", "/twilio/after"}
+    shared = RequestValidator("shared-secret-0123")
+    for request in webhooks:
+        url = PUBLIC + request.path
+        signature = request.headers["x-twilio-signature"]
+        assert request.headers["x-twilio-webhooks-signature-settings"] == (
+            "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"
+        )
+        assert shared.validate(url, request.form, signature, "HMAC_SHA256")
+        assert not RequestValidator(AUTH_TOKEN).validate(url, request.form, signature)

@@ -12,7 +12,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 from werkzeug.datastructures import MultiDict
 
-from voicebridge.twilio.signature import SignatureError, WebhookVerifier, sign
+from voicebridge.twilio.signature import SignatureError, WebhookVerifier, sign, signature_settings
 
 TOKEN = "12345678901234567890123456789012"
 PUBLIC = "https://bridge.example.com"
@@ -240,3 +240,129 @@ def test_sign_is_twilios_compute_signature() -> None:
     url = "https://bridge.example.com/twilio/voice"
     assert sign(url, FORM, TOKEN) == RequestValidator(TOKEN).compute_signature(url, FORM)
     assert sign(url, list(FORM.items()), TOKEN) == sign(url, FORM, TOKEN)
+
+
+# ------------------------------------------------------------ shared-key signing (beta)
+
+SHARED_KEY = "shared-key-secret-0123456789abcdef"
+KEY_ID = "webhooks_sharedkey_0123456789abcdef"
+SETTINGS = f"key={KEY_ID},algorithm=HMAC_SHA256"
+VOICE_URL = "https://bridge.example.com/twilio/voice"
+
+
+def shared_key_signs(url: str, params: object = None, *, algorithm: str = "HMAC_SHA256") -> str:
+    """What Twilio sends under a shared-key Webhook Rule: the library's signature, made
+    with the SharedKey and the algorithm its settings header names."""
+    return str(RequestValidator(SHARED_KEY).compute_signature(url, params or {}, algorithm))
+
+
+def shared_verifier(
+    *, shared_key: str = SHARED_KEY, shared_key_id: str = KEY_ID
+) -> WebhookVerifier:
+    return WebhookVerifier(
+        auth_token=TOKEN, public_url=PUBLIC, shared_key=shared_key, shared_key_id=shared_key_id
+    )
+
+
+@pytest.mark.parametrize("key_id", [KEY_ID, ""], ids=["key id configured", "any key id"])
+def test_a_shared_key_signature_is_accepted(key_id: str) -> None:
+    signature = shared_key_signs(VOICE_URL, FORM)
+    shared_verifier(shared_key_id=key_id).verify_form(
+        path_and_query="/twilio/voice", params=FORM, signature=signature, settings=SETTINGS
+    )
+    # The settings header in another spelling Twilio might use: spaces, order, case.
+    shared_verifier(shared_key_id=key_id).verify_form(
+        path_and_query="/twilio/voice",
+        params=FORM,
+        signature=signature,
+        settings=f" algorithm=hmac_sha256 , key={KEY_ID}",
+    )
+    # The Auth Token still checks the webhooks that are not moved to shared-key signing.
+    shared_verifier(shared_key_id=key_id).verify_form(
+        path_and_query="/twilio/voice", params=FORM, signature=twilio_signs(VOICE_URL, FORM)
+    )
+
+
+def test_shared_key_json_and_upgrade_signatures() -> None:
+    body = b'{"event": "x"}'
+    path = f"/twilio/status?bodySHA256={hashlib.sha256(body).hexdigest()}"
+    shared_verifier().verify_json(
+        path_and_query=path,
+        body=body,
+        signature=shared_key_signs(PUBLIC + path),
+        settings=SETTINGS,
+    )
+    shared_verifier().verify_upgrade(
+        path="/twilio/stream",
+        signature=shared_key_signs("wss://bridge.example.com/twilio/stream"),
+        settings=SETTINGS,
+    )
+
+
+@pytest.mark.parametrize(
+    ("signature", "settings", "configured", "detail"),
+    [
+        # A shared-key request, but this server has no shared key.
+        (shared_key_signs(VOICE_URL, FORM), SETTINGS, "", "not configured"),
+        # Signed with another SharedKey id than the configured one.
+        (
+            shared_key_signs(VOICE_URL, FORM),
+            "key=webhooks_sharedkey_other,algorithm=HMAC_SHA256",
+            SHARED_KEY,
+            "'webhooks_sharedkey_other'",
+        ),
+        # An algorithm the library does not compute is refused, not guessed at.
+        (
+            shared_key_signs(VOICE_URL, FORM),
+            f"key={KEY_ID},algorithm=HMAC_SHA512",
+            SHARED_KEY,
+            "unsupported signature algorithm 'HMAC_SHA512'",
+        ),
+        # No algorithm named: nothing to check with.
+        (shared_key_signs(VOICE_URL, FORM), f"key={KEY_ID}", SHARED_KEY, "algorithm ''"),
+        # The header claims shared-key signing, but the Auth Token signed: not accepted.
+        (twilio_signs(VOICE_URL, FORM), SETTINGS, SHARED_KEY, "with the shared key"),
+        # The shared key signed with SHA-1 while the header says SHA-256.
+        (
+            shared_key_signs(VOICE_URL, FORM, algorithm="HMAC_SHA1"),
+            SETTINGS,
+            SHARED_KEY,
+            "with the shared key",
+        ),
+        # A shared-key signature without the header is checked with the Auth Token.
+        (shared_key_signs(VOICE_URL, FORM), None, SHARED_KEY, "with the auth token"),
+    ],
+)
+def test_shared_key_signatures_that_are_refused(
+    signature: str, settings: str | None, configured: str, detail: str
+) -> None:
+    with pytest.raises(SignatureError) as error:
+        shared_verifier(shared_key=configured).verify_form(
+            path_and_query="/twilio/voice", params=FORM, signature=signature, settings=settings
+        )
+    assert reason(error) == "mismatch"
+    assert detail in str(error.value)
+
+
+def test_a_hostile_settings_header_is_quoted_and_cut() -> None:
+    settings = "key=" + "\x1b[31m" * 100 + ",algorithm=HMAC_SHA256"
+    with pytest.raises(SignatureError) as error:
+        shared_verifier().verify_form(
+            path_and_query="/twilio/voice",
+            params=FORM,
+            signature=shared_key_signs(VOICE_URL, FORM),
+            settings=settings,
+        )
+    assert "\x1b" not in str(error.value) and len(str(error.value)) < 300
+
+
+def test_signature_settings_parsing() -> None:
+    assert signature_settings(SETTINGS) == (KEY_ID, "HMAC_SHA256")
+    assert signature_settings("algorithm=HMAC_SHA256") == ("", "HMAC_SHA256")
+    assert signature_settings("garbage, key = k1 ,future=x") == ("k1", "")
+
+
+def test_sign_with_a_shared_key_is_the_librarys_signature() -> None:
+    assert sign(VOICE_URL, FORM, SHARED_KEY, algorithm="HMAC_SHA256") == shared_key_signs(
+        VOICE_URL, FORM
+    )

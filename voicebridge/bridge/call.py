@@ -80,6 +80,8 @@ TAIL_READ_S = 1.0
 GOODBYE_SLACK_S = 1.0
 #: The only format a bidirectional Media Stream carries; audio passes to Vapi as is.
 TWILIO_MEDIA_FORMAT = ("audio/x-mulaw", 8000, 1)
+#: The only ``start.tracks`` a bidirectional Media Stream announces (the caller's audio).
+INBOUND_ONLY = ("inbound",)
 #: Custom parameters our TwiML puts on the ``<Stream>``; ``start`` brings them back.
 TOKEN_PARAMETER = "token"
 CALLER_PARAMETER = "caller"
@@ -466,6 +468,13 @@ class Call:
                 Outcome.PROTOCOL_ERROR,
                 f"unexpected media format {start.encoding}/{start.sample_rate}"
                 f"/{start.channels} (want audio/x-mulaw/8000/1)",
+            )
+            return False
+        if start.tracks != INBOUND_ONLY:
+            # A bidirectional stream carries the caller alone; other audio is not the caller's.
+            self._set_outcome(
+                Outcome.PROTOCOL_ERROR,
+                f"unexpected tracks {list(start.tracks[:4])!r} (want {list(INBOUND_ONLY)!r})",
             )
             return False
         params = start.custom_parameters

@@ -44,6 +44,12 @@ LOOP_LAG_BUCKETS_S: Final = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
+#: Distinct Twilio error codes ``voicebridge_stream_errors`` keeps a series for: the
+#: Media Streams codes (319xx) are a few dozen; more than this is not Twilio's set.
+MAX_STREAM_ERROR_CODES: Final = 64
+#: The ``code`` label of stream errors past ``MAX_STREAM_ERROR_CODES``.
+OTHER_STREAM_ERROR: Final = "other"
+
 Direction = Literal["caller_to_agent", "agent_to_caller"]
 #: Why the voice webhook refused a call (the overflow TwiML was played).
 RefusalReason = Literal["at-capacity", "draining"]
@@ -179,6 +185,14 @@ class BridgeMetrics:
         )
         # Invariant: the largest lag observed since the last ``exposition``.
         self._largest_lag = 0.0
+        self._stream_errors = Counter(
+            "voicebridge_stream_errors",
+            "Media Streams Twilio reported failed (<Stream statusCallback> stream-error), by "
+            "Twilio's error code (31920: the WebSocket handshake failed; 'unknown': none given).",
+            ["code"],
+            registry=registry,
+        )
+        self._stream_errors_by_code: dict[str, Counter] = {}
 
     # -- the call's observer -------------------------------------------------------
 
@@ -235,6 +249,22 @@ class BridgeMetrics:
         if child is None:
             # Only our few webhook paths reach here (routes are fixed), so this stays small.
             child = self._rejected_by_path[path] = self._rejected.labels(path)
+        child.inc()
+
+    def stream_error(self, code: str) -> None:
+        """Twilio reported a failed Media Stream; ``code`` is its error code or "unknown".
+
+        The label set is bounded: past ``MAX_STREAM_ERROR_CODES`` distinct codes, new
+        ones count as "other" (the code comes from a signed request, but still from
+        outside).
+        """
+        child = self._stream_errors_by_code.get(code)
+        if child is None:
+            if len(self._stream_errors_by_code) >= MAX_STREAM_ERROR_CODES:
+                code = OTHER_STREAM_ERROR
+                child = self._stream_errors_by_code.get(code)
+            if child is None:
+                child = self._stream_errors_by_code[code] = self._stream_errors.labels(code)
         child.inc()
 
     def timed(self, connector: AssistantConnector) -> AssistantConnector:

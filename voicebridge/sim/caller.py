@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import datetime
 import functools
 import math
 import secrets
@@ -50,7 +51,7 @@ import orjson
 import trio
 import trio_websocket
 from attrs import field, frozen
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import HMAC_SHA256, SIGNATURE_SETTINGS_HEADER, RequestValidator
 
 from voicebridge.errors import SocketClosed, VoicebridgeError
 from voicebridge.sim.audio import (
@@ -127,6 +128,8 @@ _SILENCE_FRAME_B64 = base64.b64encode(_SILENCE_FRAME).decode("ascii")
 _DTMF_DIGITS = frozenset("0123456789*#")
 _API_VERSION = "2010-04-01"
 _USER_AGENT = "TwilioProxy/1.1"
+#: What a shared-key Webhook Rule signs with (Twilio's public beta names only this one).
+_SHARED_KEY_ALGORITHM = HMAC_SHA256
 
 
 def _http_url(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -154,6 +157,11 @@ class SimTwilioSettings:
     direction: str = "inbound"
     #: The caller hangs up once the stream has run this long (``ended_by="max_duration"``).
     max_call_s: float = field(default=DEFAULT_MAX_CALL_S, validator=attrs.validators.gt(0))
+    #: Sign the webhooks as a shared-key Webhook Rule does: with this SharedKey secret,
+    #: HMAC-SHA256, and ``X-Twilio-Webhooks-Signature-Settings: key=<shared_key_id>,…``.
+    #: Empty: with the Auth Token (HMAC-SHA1), no settings header.
+    shared_key: str = field(default="", repr=False)
+    shared_key_id: str = ""
 
 
 # --- The script ----------------------------------------------------------------------
@@ -409,8 +417,10 @@ class LiveCall:
 
     ``redirect`` and ``complete`` end the Media Stream the way Twilio does (``stop``;
     the bridge closes the socket); the call then runs the new TwiML instead of the
-    ``<Connect action>``. The first update wins; an update before the stream opened
-    only takes effect once it has.
+    ``<Connect action>``. A redirected call is still in progress: a later redirect
+    replaces its TwiML and ``complete`` ends it; a completed call takes no update
+    (Twilio answers 21220). An update before the stream opened only takes effect once
+    it has.
     """
 
     def __init__(self, call_sid: str) -> None:
@@ -421,14 +431,18 @@ class LiveCall:
         self._writer: _StreamWriter | None = None
 
     async def redirect(self, twiml: str) -> None:
-        if not self.update:
+        if self.update != "completed":
+            first = not self.update
             self.update, self.twiml = "redirect", twiml
-            await self._end_stream()
+            if first:
+                await self._end_stream()
 
     async def complete(self) -> None:
-        if not self.update:
-            self.update = "completed"
-            await self._end_stream()
+        if self.update != "completed":
+            first = not self.update
+            self.update, self.twiml = "completed", ""
+            if first:
+                await self._end_stream()
 
     async def _attach(self, writer: _StreamWriter) -> None:
         self._writer = writer
@@ -515,6 +529,9 @@ class _StreamTwiml:
     action_method: str
     #: Verbs after ``</Connect>``: what runs when the stream ends and there is no action.
     after: tuple[ET.Element, ...]
+    #: ``<Stream statusCallback>``: where the stream's events are posted ("": nowhere).
+    status_callback: str = ""
+    status_callback_method: str = "POST"
 
 
 class _Violations:
@@ -570,7 +587,10 @@ class _SimCall:
         self._call_sid = call_sid
         self._http = http
         self._validator = RequestValidator(settings.auth_token)
+        self._webhook_validator = RequestValidator(settings.shared_key or settings.auth_token)
         self._violations = _Violations()
+        #: Where the stream's status events are posted, while the stream runs.
+        self._status_nursery: trio.Nursery | None = None
 
     async def run(self, started: float) -> CallReport:
         settings = self._settings
@@ -634,8 +654,14 @@ class _SimCall:
             signed_url, body_params = public_url + separator + urlencode(params), {}
         else:
             signed_url, body_params = public_url, params
-        signature = self._validator.compute_signature(signed_url, body_params)
+        settings = self._settings
+        algorithm = _SHARED_KEY_ALGORITHM if settings.shared_key else None
+        signature = self._webhook_validator.compute_signature(signed_url, body_params, algorithm)
         headers = {"X-Twilio-Signature": signature, "User-Agent": _USER_AGENT}
+        if settings.shared_key:
+            headers[SIGNATURE_SETTINGS_HEADER] = (
+                f"key={settings.shared_key_id},algorithm={_SHARED_KEY_ALGORITHM}"
+            )
         target = _route(signed_url, self._settings.public_url, self._settings.bridge_url)
         try:
             response = await self._http.request(
@@ -694,13 +720,51 @@ class _SimCall:
                 action=verb.get("action"),
                 action_method=verb.get("method", "POST").upper(),
                 after=tuple(verbs[index + 1 :]),
+                status_callback=stream.get("statusCallback", ""),
+                status_callback_method=stream.get("statusCallbackMethod", "POST").upper(),
             )
         return None
 
     async def _stream(self, stream_twiml: _StreamTwiml) -> _StreamResult:
-        """Open the Media Stream and run it until either side ends it."""
-        settings = self._settings
+        """Open the Media Stream and run it until either side ends it; post its status
+        events to the ``statusCallback`` as Twilio does (``stream-started`` once the
+        WebSocket is open, ``stream-stopped`` when it is over, ``stream-error`` when the
+        handshake failed). The events are posted beside the stream, never holding it up;
+        this returns once they have been answered."""
         stream_sid = "MZ" + secrets.token_hex(16)
+        async with trio.open_nursery() as status_nursery:
+            self._status_nursery = status_nursery
+            result = await self._open_stream(stream_twiml, stream_sid)
+            if result.streamed:
+                self._post_stream_status(stream_twiml, stream_sid, "stream-stopped")
+        self._status_nursery = None
+        return result
+
+    def _post_stream_status(
+        self, stream_twiml: _StreamTwiml, stream_sid: str, event: str, error: str = ""
+    ) -> None:
+        """Post one stream status event beside the call (no-op without a statusCallback)."""
+        if not stream_twiml.status_callback or self._status_nursery is None:
+            return
+        params = {
+            "AccountSid": self._settings.account_sid,
+            "CallSid": self._call_sid,
+            "StreamSid": stream_sid,
+            # No name attribute on our streams: Twilio then names a stream by its SID.
+            "StreamName": stream_sid,
+            "StreamEvent": event,
+            "Timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        }
+        if error:
+            params["StreamError"] = error
+        voice_url = _join(self._settings.public_url, self._settings.voice_path)
+        url = urljoin(voice_url, stream_twiml.status_callback)
+        self._status_nursery.start_soon(
+            self._request_twiml, url, stream_twiml.status_callback_method, params
+        )
+
+    async def _open_stream(self, stream_twiml: _StreamTwiml, stream_sid: str) -> _StreamResult:
+        settings = self._settings
         signature = self._validator.compute_signature(stream_twiml.url, {})
         target = _route(stream_twiml.url, settings.public_url, settings.bridge_url)
         rejection: BaseException | None = None
@@ -713,7 +777,8 @@ class _SimCall:
                         )
                 except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
                     connection_nursery.cancel_scope.cancel(reason="stream handshake failed")
-                    return self._stream_failed(stream_twiml, exc)
+                    return self._stream_failed(stream_twiml, stream_sid, exc)
+                self._post_stream_status(stream_twiml, stream_sid, "stream-started")
                 socket = TrioWebSocket(connection)
                 try:
                     return await self._run_stream(socket, transport, stream_sid, stream_twiml)
@@ -725,12 +790,18 @@ class _SimCall:
         except* trio_websocket.ConnectionRejected as group:
             # A refused upgrade surfaces from trio-websocket's reader task.
             rejection = group.exceptions[0]
-        return self._stream_failed(stream_twiml, rejection)
+        return self._stream_failed(stream_twiml, stream_sid, rejection)
 
     def _stream_failed(
-        self, stream_twiml: _StreamTwiml, error: BaseException | None
+        self, stream_twiml: _StreamTwiml, stream_sid: str, error: BaseException | None
     ) -> _StreamResult:
         self._violations.add(31920, f"Stream handshake failed: {stream_twiml.url}: {error!r}")
+        self._post_stream_status(
+            stream_twiml,
+            stream_sid,
+            "stream-error",
+            f"31920 Stream - WebSocket - Handshake Error: {_quote(error)}",
+        )
         return attrs.evolve(_no_stream(), ended_by="stream_failed")
 
     async def _run_stream(

@@ -9,8 +9,11 @@ Serves, with HTTP Basic auth (account SID : auth token) like Twilio:
 - ``POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json`` with ``Twiml``, ``Url``
   or ``Status=completed``: updates a live call. A redirect ends the call's Media
   Stream (``stop``, close) and the call runs the new TwiML instead of its ``<Connect
-  action>``; a ``<Dial>`` in it is recorded as a transfer. An unknown or finished call
-  is 404 with Twilio's error 20404.
+  action>``; a ``<Dial>`` in it is recorded as a transfer. A redirected call is still
+  in progress: while its new TwiML has it dialled to someone it takes further updates
+  (another redirect, ``Status=completed``). A call that has ended (hung up, completed,
+  or TwiML run out without a ``<Dial>``) is 400 with Twilio's error 21220 ("invalid call
+  state"); a SID the account never had is 404 with error 20404.
 
 Calls placed by ``place_inbound`` (tests) are live here too, so REST updates reach them.
 Everything is recorded: ``created``, ``updates``, ``transfers``, ``reports`` (by CallSid).
@@ -40,6 +43,8 @@ API_PREFIX: Final = "/2010-04-01/Accounts/"
 #: Twilio's error codes for the cases the simulation answers.
 AUTHENTICATE: Final = 20003
 NOT_FOUND: Final = 20404
+#: "Invalid call state": a realtime operation on a call that is not in progress.
+CALL_NOT_IN_PROGRESS: Final = 21220
 INVALID_PARAMETER: Final = 21205
 #: The webhook's ``Direction`` of a call placed through ``Calls.json``.
 OUTBOUND_DIRECTION: Final = "outbound-api"
@@ -75,6 +80,10 @@ class SimTwilioRest:
         self.settings = settings
         self.callee_script: Script = callee_script
         self._live: dict[str, LiveCall] = {}
+        #: Calls whose stream is over, by CallSid: True while still in progress (the
+        #: redirect's TwiML dialled someone), False once completed.
+        # Invariant: a SID is in at most one of _live and _over.
+        self._over: dict[str, bool] = {}
         self._done: dict[str, trio.Event] = {}
         self.reports: dict[str, CallReport] = {}
         self.created: list[RestCreate] = []
@@ -115,6 +124,10 @@ class SimTwilioRest:
             report = await place_call(settings, script, live=live)
         finally:
             del self._live[sid]
+            self._over[sid] = False
+        # TwiML that ended in a <Dial> (a redirect's or the action's) leaves the caller
+        # connected to someone else: the call is still in progress.
+        self._over[sid] = report.final_action == "dial"
         self.reports[sid] = report
         self._done.setdefault(sid, trio.Event()).set()
         return report
@@ -173,8 +186,13 @@ class SimTwilioRest:
 
     async def _update(self, sid: str, params: Mapping[str, str]) -> HttpResponse:
         live = self._live.get(sid)
-        if live is None or live.update:
+        in_progress = self._over.get(sid)
+        if live is None and in_progress is None:
             return _error(404, NOT_FOUND, f"The requested resource Calls/{sid} was not found")
+        if (live is not None and live.update == "completed") or in_progress is False:
+            return _error(
+                400, CALL_NOT_IN_PROGRESS, "Call is not in-progress. Cannot redirect."
+            )
         now = trio.current_time()
         if "Twiml" in params:
             twiml = params["Twiml"]
@@ -184,13 +202,20 @@ class SimTwilioRest:
             twiml = await self._fetch(params["Url"], sid)
         elif params.get("Status") in ("completed", "canceled"):
             self.updates.append(RestUpdate(call_sid=sid, kind="status", value="completed", at=now))
-            await live.complete()
+            if live is not None:
+                await live.complete()
+            else:
+                self._over[sid] = False
             return _resource(200, sid, self._settings.account_sid, "", "", "completed")
         else:
             return _error(400, INVALID_PARAMETER, "one of Twiml, Url or Status is required")
         for number in _dialled(twiml):
             self.transfers.append((sid, number))
-        await live.redirect(twiml)
+        if live is not None:
+            await live.redirect(twiml)
+        else:
+            # Past its stream: the new TwiML replaces the dial; without one it ends.
+            self._over[sid] = bool(_dialled(twiml))
         return _resource(200, sid, self._settings.account_sid, "", "", "in-progress")
 
     async def _fetch(self, url: str, sid: str) -> str:

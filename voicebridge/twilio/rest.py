@@ -3,8 +3,10 @@
 twilio-python builds and parses the requests; its transport here is
 ``HttpxTwilioClient``, an ``AsyncHttpClient`` over a shared ``httpx.AsyncClient``
 (httpx runs under trio; the library's own async client is aiohttp, which does not).
-Every request is bounded by a trio deadline. A call that is already gone (Twilio
-error 20404, or a 404) is an expected race, reported as ``False``, never raised.
+Every request is bounded by a trio deadline. A call that is already gone is an
+expected race (a hand-over meeting the caller's hang-up), reported as ``False``, never
+raised: Twilio answers an update of a call that has ended with HTTP 400 and error 21220
+("invalid call state"), and one of a SID it does not know with 404 and error 20404.
 Errors never carry the auth token.
 """
 
@@ -26,8 +28,13 @@ from voicebridge.errors import VoicebridgeError
 
 log = logging.getLogger(__name__)
 
-#: Twilio's error code for "the requested resource was not found" (here: the call ended).
+#: Twilio's error code for "the requested resource was not found": an unknown CallSid.
 CALL_NOT_FOUND: Final = 20404
+#: Twilio's error code for "invalid call state": the call is no longer in progress
+#: (completed, so it can be neither redirected nor hung up again). Sent with HTTP 400.
+CALL_NOT_IN_PROGRESS: Final = 21220
+#: The error codes that mean "the call is already gone", not "the request failed".
+CALL_GONE_CODES: Final = frozenset({CALL_NOT_FOUND, CALL_NOT_IN_PROGRESS})
 #: Characters of Twilio's error message kept in a ``TwilioRestError``.
 MAX_ERROR_CHARS: Final = 200
 
@@ -112,11 +119,13 @@ class TwilioRest:
         )
 
     async def redirect(self, call_sid: str, twiml: str) -> bool:
-        """Give the live call new TwiML (its ``<Connect><Stream>`` ends); False: call gone."""
+        """Give the live call new TwiML (its ``<Connect><Stream>`` ends); False: call gone
+        (ended: 21220, or unknown: 20404). Raises ``TwilioRestError`` for any other failure
+        or no answer within the deadline; cancellation abandons the request."""
         return await self._update(call_sid, "redirect", twiml=twiml)
 
     async def hang_up(self, call_sid: str) -> bool:
-        """End the call (``Status=completed``); False: it was already gone."""
+        """End the call (``Status=completed``); False: it was already gone (as ``redirect``)."""
         return await self._update(call_sid, "hang-up", status="completed")
 
     async def create_call(self, *, to: str, from_: str, url: str) -> str:
@@ -142,7 +151,7 @@ class TwilioRest:
             try:
                 return await request
             except TwilioRestException as exc:
-                if exc.code == CALL_NOT_FOUND or exc.status == 404:
+                if exc.code in CALL_GONE_CODES or exc.status == 404:
                     return None
                 message = " ".join(str(exc.msg).split())[:MAX_ERROR_CHARS]
                 raise TwilioRestError(
