@@ -36,10 +36,11 @@ from voicebridge.loadtest.wire import (
     OP_PONG,
     OP_TEXT,
     LeanWebSocket,
-    TlsSession,
     WebSocketClosed,
     encode_frame,
 )
+from voicebridge.net.connect import accept_tls
+from voicebridge.net.transport import SocketTransport, TlsSocketTransport
 
 needs_openssl = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="--vapi-tls makes its certificate with openssl"
@@ -256,35 +257,34 @@ class _TlsClient:
         return bytes(received)
 
 
-async def _tls_session(certificate: tls.Certificate, first: bytes) -> tuple[
-    TlsSession, _TlsClient
+async def _tls_server(certificate: tls.Certificate, first: bytes) -> tuple[
+    TlsSocketTransport, _TlsClient
 ]:
+    """The simulated Vapi's end of TLS (as the generator accepts it) and a client."""
     ours, theirs = socket.socketpair()
-    ours.setblocking(False)
     theirs.setblocking(False)
     client = _TlsClient(theirs, certificate)
-    session = TlsSession(ours, tls.server_context(certificate))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.handshake_then_send, first)
-        await session.handshake()
-    return session, client
+        transport = await accept_tls(ours, tls.server_context(certificate))
+    return transport, client
 
 
-async def test_tls_session_serves_a_websocket_from_the_first_flight(
+async def test_a_tls_websocket_serves_the_request_of_the_first_flight(
     certificate: tls.Certificate,
 ) -> None:
     request = b"GET /x HTTP/1.1\r\n\r\n"
     with trio.fail_after(5):
         # The client's Finished and its request arrive in one read: the request must
         # not wait in the TLS buffer for bytes that never come.
-        session, client = await _tls_session(certificate, request)
-        assert await session.recv_some() == request
-        ws = LeanWebSocket(session.sock, client=False, tls=session)
+        transport, client = await _tls_server(certificate, request)
+        assert await transport.receive_some() == request
+        ws = LeanWebSocket(transport, client=False)
         client.send(encode_frame(OP_TEXT, b"caller", masked=True)
                     + encode_frame(OP_BINARY, b"\x00\x00abc", masked=True))
         assert await ws.receive_batch() == [(OP_TEXT, b"caller"), (OP_BINARY, b"\x00\x00abc")]
         ws.send_binary(b"assistant")
-        ws.close(1000)
+        await ws.aclose(1000)
     # The frames, the close frame, then TLS's close_notify.
     assert client.read_to_the_end() == (encode_frame(OP_BINARY, b"assistant", masked=False)
                                         + encode_frame(OP_CLOSE, b"\x03\xe8", masked=False))
@@ -295,17 +295,17 @@ async def test_the_peers_close_notify_ends_a_tls_websocket_after_its_last_frame(
     certificate: tls.Certificate,
 ) -> None:
     with trio.fail_after(5):
-        session, client = await _tls_session(certificate, b"")
-        ws = LeanWebSocket(session.sock, client=False, tls=session)
+        transport, client = await _tls_server(certificate, b"")
+        ws = LeanWebSocket(transport, client=False)
         client.tls.write(encode_frame(OP_TEXT, b"last", masked=True))
         with pytest.raises(ssl.SSLWantReadError):  # close_notify written, ours awaited
             client.tls.unwrap()
         client.sock.sendall(client.outgoing.read())
         assert await ws.receive_batch() == [(OP_TEXT, b"last")]
-        with pytest.raises(WebSocketClosed, match="TLS closed"):
+        with pytest.raises(WebSocketClosed, match="connection closed"):
             await ws.receive_batch()
-    assert ws.closed
-    ws.close()
+        assert ws.closed
+        await ws.aclose()
     client.sock.close()
 
 
@@ -325,8 +325,7 @@ def test_percentiles_are_nearest_rank() -> None:
 
 async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -> None:
     ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    ws = LeanWebSocket(ours, client=False)
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
     key = b"\x01\x02\x03\x04"
     payload = b"hello, bridge"
     masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
@@ -345,7 +344,7 @@ async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -
         await ws.receive_batch()
     assert closed.value.code == 1000
     assert theirs.recv(100) == bytes((0x80 | OP_CLOSE, 2)) + b"\x03\xe8"
-    ws.close()
+    await ws.aclose()
     theirs.close()
 
 
