@@ -317,6 +317,14 @@ def test_markers_survive_any_sequence_number() -> None:
         assert read_marker(data, 7) == seq
 
 
+def test_a_marker_cut_short_before_the_next_one_is_no_marker() -> None:
+    # A clear cut the audio after the first digit; the next turn starts right behind.
+    data = marker(12)[:3] + marker(13) + b"\xff" * 3
+    assert read_marker(data, 0) == -1
+    assert read_marker(data, 3) == 13
+    assert read_marker(b"\x00\x00\xff\xff\xff", 0) == -1  # silence after two zeros
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert Percentiles.of(values) == Percentiles(p50=50.0, p99=99.0, max=100.0, count=100)

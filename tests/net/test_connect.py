@@ -2,8 +2,7 @@
 
 Charter: loopback only, port 0, ``fail_after`` guards; the peers on the other end
 use trio's own streams (and trio's TLS), not this module, so each test checks
-``net.connect`` against an independent implementation. The accept back-off is
-shown in a child process whose descriptor limit is lowered, never in this one.
+``net.connect`` against an independent implementation.
 """
 
 from __future__ import annotations
@@ -11,13 +10,9 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
-import subprocess
-import sys
-import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 import pytest
 import trio
@@ -234,82 +229,3 @@ async def test_a_cancelled_tls_handshake_closes_the_socket(
         await accept_tls(ours, tls.server_context(certificate))
     assert ours.fileno() < 0
     theirs.close()
-
-
-_OUT_OF_DESCRIPTORS = textwrap.dedent(
-    """
-    import logging, resource, socket, sys
-    from functools import partial
-    import trio
-    from voicebridge.errors import SocketClosed
-    from voicebridge.net.connect import send_all, serve_tcp
-    from voicebridge.net.transport import SocketTransport
-
-    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(message)s")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-
-    async def hold(sock):
-        transport = SocketTransport(sock)
-        try:
-            await send_all(transport, b"hi")
-        except SocketClosed:  # a client that left while it waited in the queue
-            return
-        await transport.receive_some()  # until the client closes
-
-    async def main():
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(partial(serve_tcp, hold))
-            print(port, flush=True)
-            await trio.to_thread.run_sync(sys.stdin.read)  # until the parent says stop
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    """
-)
-#: The child's descriptor limit: a few dozen connections exhaust it.
-_CHILD_FD_LIMIT = 48
-#: Clients still connected once the others have left: fewer than the limit.
-_STAYING = 8
-
-
-async def test_out_of_descriptors_the_server_pauses_logs_once_and_recovers(
-    tmp_path: Path,
-) -> None:
-    script = _OUT_OF_DESCRIPTORS.replace("FD_LIMIT", str(_CHILD_FD_LIMIT))
-    child = await trio.lowlevel.open_process(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
-    clients: list[trio.SocketStream] = []
-    try:
-        with trio.fail_after(30):
-            first_line = b""
-            while not first_line.endswith(b"\n"):
-                first_line += await child.stdout.receive_some(100)
-            port = int(first_line)
-            # Twice the limit: the kernel queues them; the child accepts until it runs out.
-            for _ in range(2 * _CHILD_FD_LIMIT):
-                clients.append(await trio.open_tcp_stream("127.0.0.1", port))
-            served = [await clients[0].receive_some(2)]
-            await trio.sleep(1)  # ten back-off periods with nothing to accept
-            # Most of them leave; the rest get served as descriptors come free.
-            for stream in clients[:-_STAYING]:
-                await stream.aclose()
-            for stream in clients[-_STAYING:]:
-                served.append(await stream.receive_some(2))
-    finally:
-        for stream in clients:
-            await stream.aclose()
-        await child.stdin.aclose()  # the child's signal to stop
-        with trio.fail_after(10):
-            await child.wait()
-    assert served == [b"hi"] * (1 + _STAYING)
-    errors = b""
-    while chunk := await child.stderr.receive_some(65536):
-        errors += chunk
-    pauses = [line for line in errors.decode().splitlines() if "cannot accept" in line]
-    assert pauses[0] == "WARNING cannot accept a connection (Too many open files); pausing"
-    # Once per run of failures (the first, and the refill after the clients left),
-    # not once per attempt (ten in the second alone).
-    assert len(pauses) <= 3

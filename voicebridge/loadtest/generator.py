@@ -87,6 +87,7 @@ MARKER_LEAD = b"\x00\x00"
 MARKER_BYTES = 5
 _DIGIT_BASE = 200
 _DIGIT_ZERO = 0x20
+_DIGIT_END = _DIGIT_ZERO + _DIGIT_BASE
 #: μ-law silence, the filler around the markers.
 SILENCE = 0xFF
 #: Frames sent in the last moments before ``stop`` may be cut off by the hang-up
@@ -116,11 +117,18 @@ def marker(seq: int) -> bytes:
 
 
 def read_marker(data: bytes, position: int) -> int:
-    """The sequence number of the marker at ``position`` (which holds the two zeros)."""
+    """The sequence number of the marker at ``position`` (which holds the two zeros).
+
+    -1 where the three bytes after the zeros are not digits: a marker the bridge
+    cut short at a clear, with the next turn's marker right behind it.
+    """
+    high, middle, low = data[position + 2], data[position + 3], data[position + 4]
+    if min(high, middle, low) < _DIGIT_ZERO or max(high, middle, low) >= _DIGIT_END:
+        return -1
     return (
-        (data[position + 2] - _DIGIT_ZERO) * _DIGIT_BASE * _DIGIT_BASE
-        + (data[position + 3] - _DIGIT_ZERO) * _DIGIT_BASE
-        + (data[position + 4] - _DIGIT_ZERO)
+        (high - _DIGIT_ZERO) * _DIGIT_BASE * _DIGIT_BASE
+        + (middle - _DIGIT_ZERO) * _DIGIT_BASE
+        + (low - _DIGIT_ZERO)
     )
 
 
@@ -438,7 +446,7 @@ class LoadGenerator:
         if audio[:2] != MARKER_LEAD or len(audio) < MARKER_BYTES:
             return
         seq = read_marker(audio, 0)
-        if seq >= len(call.frame_sent_at):
+        if not 0 <= seq < len(call.frame_sent_at):
             return
         received = call.frame_received
         received[seq] = 1
@@ -679,6 +687,9 @@ class LoadGenerator:
             if position + MARKER_BYTES > len(data):
                 break
             seq = read_marker(data, position)
+            if seq < 0:  # not a whole marker: the next may start inside it
+                position = data.find(MARKER_LEAD, position + 1)
+                continue
             consumed = position + MARKER_BYTES
             if seq < len(call.chunk_sent_at) and not call.chunk_seen[seq]:
                 call.chunk_seen[seq] = 1

@@ -11,8 +11,7 @@ over the bytes is their own.
 
 from __future__ import annotations
 
-import errno
-import logging
+import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -21,20 +20,12 @@ import trio
 
 from voicebridge.net.transport import TlsSocketTransport, Transport
 
-log = logging.getLogger(__name__)
-
 #: Pending connections the kernel queues for ``serve_tcp``: a load test opens two
 #: per call at once, for hundreds of calls; the kernel caps it at ``somaxconn``.
 LISTEN_BACKLOG = 4096
-#: How long ``serve_tcp`` stops accepting after the process ran out of descriptors
-#: or memory: long enough for a connection to end, short enough not to be noticed.
-ACCEPT_BACKOFF_S = 0.1
 #: The first byte of a TLS record carrying a handshake (a ClientHello): never the
 #: first byte of an HTTP request, whose method is ASCII letters.
 TLS_HANDSHAKE_RECORD = 0x16
-#: ``accept`` errors that say the process (or the system) is out of a resource for
-#: a while, rather than that the listener is broken.
-_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: What ``serve_tcp`` runs for each accepted connection.
 ConnectionHandler = Callable[[socket.socket], Awaitable[None]]
@@ -118,58 +109,25 @@ async def serve_tcp(
 ) -> None:
     """Listen on ``host:port`` and run ``handler(sock)`` for every connection, each in its own task.
 
-    ``task_status.started(bound_port)`` once listening. The handler gets a
-    non-blocking socket with Nagle off; it is closed when the handler returns.
-    An exception escaping a handler ends the server (the handler decides what
-    ends only its connection). When the process is out of descriptors or memory,
-    accepting pauses for ``ACCEPT_BACKOFF_S`` (logged once until one succeeds).
-    Cancellation closes the listener and every connection.
+    ``task_status.started(bound_port)`` once listening. Accepting is trio's
+    (``trio.serve_listeners``: it pauses while the process is out of descriptors);
+    the handler gets the connection as a non-blocking stdlib socket with Nagle
+    off, for a transport to drive, and it is closed when the handler returns. An
+    exception escaping a handler ends the server (the handler decides what ends
+    only its connection). Cancellation closes the listener and every connection.
     """
-    family, kind, proto, _, address = (
-        await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    )[0]
-    listener = socket.socket(family, kind, proto)
-    with listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
-        listener.listen(backlog)
-        listener.setblocking(False)
-        bound_port = int(listener.getsockname()[1])
-        try:
-            async with trio.open_nursery() as connection_nursery:
-                task_status.started(bound_port)
-                await _accept_loop(listener, handler, connection_nursery)
-        finally:
-            trio.lowlevel.notify_closing(listener)
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    bound_port = int(listeners[0].socket.getsockname()[1])
+    async with trio.open_nursery() as connection_nursery:
+        task_status.started(bound_port)
+        await trio.serve_listeners(
+            functools.partial(_run_handler, handler), listeners, handler_nursery=connection_nursery
+        )
 
 
-async def _accept_loop(
-    listener: socket.socket, handler: ConnectionHandler, connection_nursery: trio.Nursery
-) -> None:
-    # Invariant: True from a resource error until the next accept succeeds, so a
-    # run of failures is logged once.
-    starved = False
-    while True:
-        try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(listener)
-            continue
-        except OSError as exc:
-            if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
-                raise
-            if not starved:
-                log.warning("cannot accept a connection (%s); pausing", exc.strerror)
-                starved = True
-            await trio.sleep(ACCEPT_BACKOFF_S)
-            continue
-        starved = False
-        connection_nursery.start_soon(_run_handler, handler, _tune(sock))
-        # A burst of connections must not hold the loop: one accept per turn.
-        await trio.lowlevel.checkpoint()
-
-
-async def _run_handler(handler: ConnectionHandler, sock: socket.socket) -> None:
+async def _run_handler(handler: ConnectionHandler, stream: trio.SocketStream) -> None:
+    # The stream's socket, handed over: trio then closes an empty shell.
+    sock = _tune(socket.socket(fileno=stream.socket.detach()))
     try:
         await handler(sock)
     finally:
