@@ -8,6 +8,7 @@ performance target: this machine is shared, and a timed assertion would be flaky
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -306,6 +307,66 @@ async def test_the_peers_close_notify_ends_a_tls_websocket_after_its_last_frame(
             await ws.receive_batch()
         assert ws.closed
         await ws.aclose()
+    client.sock.close()
+
+
+async def _read_until(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a non-blocking ``sock``, as they come."""
+    received = bytearray()
+    while len(received) < size:
+        await trio.lowlevel.wait_readable(sock)
+        received += sock.recv(1 << 20)
+    return bytes(received)
+
+
+#: Frames written without yielding: many times what a small socket buffer takes.
+_BULK = [bytes([i]) * 20_000 for i in range(40)]
+
+
+async def test_frames_the_kernel_cannot_take_at_once_follow_in_order() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    theirs.setblocking(False)
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
+    for payload in _BULK:
+        ws.send_binary(payload)
+    assert ws.unsent_bytes > 0  # the rest waits for the flusher
+    expected = b"".join(encode_frame(OP_BINARY, p, masked=False) for p in _BULK)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.run_flusher)
+            received = await _read_until(theirs, 1)
+            ws.send_text("last")  # behind everything before it, flushing or not
+            expected += encode_frame(OP_TEXT, b"last", masked=False)
+            received += await _read_until(theirs, len(expected) - len(received))
+            nursery.cancel_scope.cancel(reason="all read")
+    assert received == expected
+    assert ws.unsent_bytes == 0
+    await ws.aclose()
+    theirs.close()
+
+
+async def test_over_tls_frames_the_kernel_cannot_take_at_once_follow_in_order(
+    certificate: tls.Certificate,
+) -> None:
+    with trio.fail_after(10):
+        transport, client = await _tls_server(certificate, b"")
+        transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        ws = LeanWebSocket(transport, client=False)
+        for payload in _BULK:
+            ws.send_binary(payload)
+        expected = b"".join(encode_frame(OP_BINARY, p, masked=False) for p in _BULK)
+        plain = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.run_flusher)
+            while len(plain) < len(expected):
+                client.incoming.write(await _read_until(client.sock, 1))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    while chunk := client.tls.read(1 << 20):
+                        plain += chunk
+            nursery.cancel_scope.cancel(reason="all read")
+    assert plain == expected
+    await ws.aclose()
     client.sock.close()
 
 
