@@ -417,6 +417,19 @@ async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -
     theirs.close()
 
 
+async def test_a_write_on_a_lost_connection_is_dropped_and_the_reader_reports_the_end() -> None:
+    ours, theirs = socket.socketpair()
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
+    theirs.close()
+    # The ticker writes for every call: one lost connection must not raise there.
+    ws.send_text("to nobody")
+    ws.send_binary(b"to nobody either")
+    assert ws.closed
+    with trio.fail_after(5), pytest.raises(WebSocketClosed):
+        await ws.receive_batch()
+    await ws.aclose()
+
+
 def test_client_frames_are_masked_with_the_zero_key() -> None:
     assert encode_frame(OP_TEXT, b"hi", masked=True) == b"\x81\x82\x00\x00\x00\x00hi"
     long = encode_frame(OP_BINARY, b"y" * 70_000, masked=False)

@@ -87,6 +87,7 @@ MARKER_LEAD = b"\x00\x00"
 MARKER_BYTES = 5
 _DIGIT_BASE = 200
 _DIGIT_ZERO = 0x20
+#: One past the largest digit byte: ``read_marker`` refuses anything outside.
 _DIGIT_END = _DIGIT_ZERO + _DIGIT_BASE
 #: μ-law silence, the filler around the markers.
 SILENCE = 0xFF

@@ -11,7 +11,8 @@ oracle for the bridge, and must not share the bridge's WebSocket mistakes.
 - ``LeanWebSocket``: one WebSocket connection. ``send_text`` / ``send_binary``
   write a whole frame through the transport without yielding (a frame the kernel
   cannot take whole is finished by the connection's flusher task, before any later
-  frame); ``receive_batch`` waits for bytes and returns every complete data message
+  frame), and never raise (a lost connection is the reader's to report);
+  ``receive_batch`` waits for bytes and returns every complete data message
   that has arrived, answering pings on the way. Client frames are masked with the
   all-zero key, which RFC 6455 allows and which makes masking free.
 - the opening handshakes of both ends (``connect_websocket``, ``accept_websocket``),
@@ -24,7 +25,6 @@ Nothing here is for production traffic: it trusts its peers to speak the protoco
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import struct
@@ -310,18 +310,23 @@ class LeanWebSocket:
         self._write(encode_frame(OP_BINARY, data, masked=self._masked))
 
     def _write(self, frame: bytes) -> None:
-        """Into the kernel's buffer now, or behind what is already waiting for it."""
+        """Into the kernel's buffer now, or behind what is already waiting for it.
+
+        Never raises: a frame for a connection that is closed, or found lost here,
+        is dropped, and the reader reports the end. The ticker writes for every
+        call, and one call's lost connection must not stop the others.
+        """
         if self.closed:
-            raise WebSocketClosed(self.close_code, "sending on a closed socket")
+            return
         if self._flushing:
             self._queued += frame
             return
         transport = self._transport
         try:
             sent = transport.try_send(memoryview(frame))
-        except SocketClosed as exc:
+        except SocketClosed:
             self.closed = True
-            raise WebSocketClosed(None, exc.reason) from None
+            return
         if sent < len(frame) or transport.pending:
             self._queued += frame[sent:]
             self._flushing = True
@@ -353,10 +358,8 @@ class LeanWebSocket:
 
     def close(self, code: int = 1000) -> None:
         """Send a close frame (best effort); no more reading or writing. Idempotent."""
-        if not self.closed:
-            with contextlib.suppress(WebSocketClosed):
-                self._write(encode_frame(OP_CLOSE, struct.pack("!H", code), masked=self._masked))
-            self.closed = True
+        self._write(encode_frame(OP_CLOSE, struct.pack("!H", code), masked=self._masked))
+        self.closed = True
 
     async def aclose(self, code: int = 1000) -> None:
         """``close``, then close the transport (TLS: with a close_notify, if it goes now)."""
@@ -442,10 +445,6 @@ class LeanWebSocket:
         elif opcode == OP_CLOSE:
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
             self.close_code = code
-            if not self.closed:
-                with contextlib.suppress(WebSocketClosed):
-                    self._write(
-                        encode_frame(OP_CLOSE, payload[:2], masked=self._masked)
-                    )
-                self.closed = True
+            self._write(encode_frame(OP_CLOSE, payload[:2], masked=self._masked))
+            self.closed = True
             self._peer_closed = True
