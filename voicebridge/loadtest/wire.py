@@ -28,7 +28,7 @@ import base64
 import hashlib
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 from attrs import frozen
@@ -289,6 +289,11 @@ class LeanWebSocket:
 
     def __init__(self, transport: Transport, *, client: bool, leftover: bytes = b"") -> None:
         self._transport = transport
+        # A plain socket's transport takes a frame's bytes as they are: a memoryview
+        # around every frame would cost more than the rest of the write path.
+        self._try_send_bytes: Callable[[bytes], int] | None = (
+            transport.try_send if isinstance(transport, SocketTransport) else None
+        )
         self._masked = client
         self._buffer = bytearray(leftover)
         self._queued = bytearray()
@@ -322,8 +327,12 @@ class LeanWebSocket:
             self._queued += frame
             return
         transport = self._transport
+        try_send_bytes = self._try_send_bytes
         try:
-            sent = transport.try_send(memoryview(frame))
+            if try_send_bytes is not None:
+                sent = try_send_bytes(frame)
+            else:
+                sent = transport.try_send(memoryview(frame))
         except SocketClosed:
             self.closed = True
             return
