@@ -8,6 +8,7 @@ performance target: this machine is shared, and a timed assertion would be flaky
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,10 +37,11 @@ from voicebridge.loadtest.wire import (
     OP_PONG,
     OP_TEXT,
     LeanWebSocket,
-    TlsSession,
     WebSocketClosed,
     encode_frame,
 )
+from voicebridge.net.connect import accept_tls
+from voicebridge.net.transport import SocketTransport, TlsSocketTransport
 
 needs_openssl = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="--vapi-tls makes its certificate with openssl"
@@ -256,35 +258,34 @@ class _TlsClient:
         return bytes(received)
 
 
-async def _tls_session(certificate: tls.Certificate, first: bytes) -> tuple[
-    TlsSession, _TlsClient
+async def _tls_server(certificate: tls.Certificate, first: bytes) -> tuple[
+    TlsSocketTransport, _TlsClient
 ]:
+    """The simulated Vapi's end of TLS (as the generator accepts it) and a client."""
     ours, theirs = socket.socketpair()
-    ours.setblocking(False)
     theirs.setblocking(False)
     client = _TlsClient(theirs, certificate)
-    session = TlsSession(ours, tls.server_context(certificate))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.handshake_then_send, first)
-        await session.handshake()
-    return session, client
+        transport = await accept_tls(ours, tls.server_context(certificate))
+    return transport, client
 
 
-async def test_tls_session_serves_a_websocket_from_the_first_flight(
+async def test_a_tls_websocket_serves_the_request_of_the_first_flight(
     certificate: tls.Certificate,
 ) -> None:
     request = b"GET /x HTTP/1.1\r\n\r\n"
     with trio.fail_after(5):
         # The client's Finished and its request arrive in one read: the request must
         # not wait in the TLS buffer for bytes that never come.
-        session, client = await _tls_session(certificate, request)
-        assert await session.recv_some() == request
-        ws = LeanWebSocket(session.sock, client=False, tls=session)
+        transport, client = await _tls_server(certificate, request)
+        assert await transport.receive_some() == request
+        ws = LeanWebSocket(transport, client=False)
         client.send(encode_frame(OP_TEXT, b"caller", masked=True)
                     + encode_frame(OP_BINARY, b"\x00\x00abc", masked=True))
         assert await ws.receive_batch() == [(OP_TEXT, b"caller"), (OP_BINARY, b"\x00\x00abc")]
         ws.send_binary(b"assistant")
-        ws.close(1000)
+        await ws.aclose(1000)
     # The frames, the close frame, then TLS's close_notify.
     assert client.read_to_the_end() == (encode_frame(OP_BINARY, b"assistant", masked=False)
                                         + encode_frame(OP_CLOSE, b"\x03\xe8", masked=False))
@@ -295,17 +296,77 @@ async def test_the_peers_close_notify_ends_a_tls_websocket_after_its_last_frame(
     certificate: tls.Certificate,
 ) -> None:
     with trio.fail_after(5):
-        session, client = await _tls_session(certificate, b"")
-        ws = LeanWebSocket(session.sock, client=False, tls=session)
+        transport, client = await _tls_server(certificate, b"")
+        ws = LeanWebSocket(transport, client=False)
         client.tls.write(encode_frame(OP_TEXT, b"last", masked=True))
         with pytest.raises(ssl.SSLWantReadError):  # close_notify written, ours awaited
             client.tls.unwrap()
         client.sock.sendall(client.outgoing.read())
         assert await ws.receive_batch() == [(OP_TEXT, b"last")]
-        with pytest.raises(WebSocketClosed, match="TLS closed"):
+        with pytest.raises(WebSocketClosed, match="connection closed"):
             await ws.receive_batch()
-    assert ws.closed
-    ws.close()
+        assert ws.closed
+        await ws.aclose()
+    client.sock.close()
+
+
+async def _read_until(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a non-blocking ``sock``, as they come."""
+    received = bytearray()
+    while len(received) < size:
+        await trio.lowlevel.wait_readable(sock)
+        received += sock.recv(1 << 20)
+    return bytes(received)
+
+
+#: Frames written without yielding: many times what a small socket buffer takes.
+_BULK = [bytes([i]) * 20_000 for i in range(40)]
+
+
+async def test_frames_the_kernel_cannot_take_at_once_follow_in_order() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    theirs.setblocking(False)
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
+    for payload in _BULK:
+        ws.send_binary(payload)
+    assert ws.unsent_bytes > 0  # the rest waits for the flusher
+    expected = b"".join(encode_frame(OP_BINARY, p, masked=False) for p in _BULK)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.run_flusher)
+            received = await _read_until(theirs, 1)
+            ws.send_text("last")  # behind everything before it, flushing or not
+            expected += encode_frame(OP_TEXT, b"last", masked=False)
+            received += await _read_until(theirs, len(expected) - len(received))
+            nursery.cancel_scope.cancel(reason="all read")
+    assert received == expected
+    assert ws.unsent_bytes == 0
+    await ws.aclose()
+    theirs.close()
+
+
+async def test_over_tls_frames_the_kernel_cannot_take_at_once_follow_in_order(
+    certificate: tls.Certificate,
+) -> None:
+    with trio.fail_after(10):
+        transport, client = await _tls_server(certificate, b"")
+        transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        ws = LeanWebSocket(transport, client=False)
+        for payload in _BULK:
+            ws.send_binary(payload)
+        expected = b"".join(encode_frame(OP_BINARY, p, masked=False) for p in _BULK)
+        plain = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.run_flusher)
+            while len(plain) < len(expected):
+                client.incoming.write(await _read_until(client.sock, 1))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    while chunk := client.tls.read(1 << 20):
+                        plain += chunk
+            nursery.cancel_scope.cancel(reason="all read")
+    assert plain == expected
+    await ws.aclose()
     client.sock.close()
 
 
@@ -317,6 +378,14 @@ def test_markers_survive_any_sequence_number() -> None:
         assert read_marker(data, 7) == seq
 
 
+def test_a_marker_cut_short_before_the_next_one_is_no_marker() -> None:
+    # A clear cut the audio after the first digit; the next turn starts right behind.
+    data = marker(12)[:3] + marker(13) + b"\xff" * 3
+    assert read_marker(data, 0) == -1
+    assert read_marker(data, 3) == 13
+    assert read_marker(b"\x00\x00\xff\xff\xff", 0) == -1  # silence after two zeros
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert Percentiles.of(values) == Percentiles(p50=50.0, p99=99.0, max=100.0, count=100)
@@ -325,8 +394,7 @@ def test_percentiles_are_nearest_rank() -> None:
 
 async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -> None:
     ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    ws = LeanWebSocket(ours, client=False)
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
     key = b"\x01\x02\x03\x04"
     payload = b"hello, bridge"
     masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
@@ -345,8 +413,21 @@ async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -
         await ws.receive_batch()
     assert closed.value.code == 1000
     assert theirs.recv(100) == bytes((0x80 | OP_CLOSE, 2)) + b"\x03\xe8"
-    ws.close()
+    await ws.aclose()
     theirs.close()
+
+
+async def test_a_write_on_a_lost_connection_is_dropped_and_the_reader_reports_the_end() -> None:
+    ours, theirs = socket.socketpair()
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
+    theirs.close()
+    # The ticker writes for every call: one lost connection must not raise there.
+    ws.send_text("to nobody")
+    ws.send_binary(b"to nobody either")
+    assert ws.closed
+    with trio.fail_after(5), pytest.raises(WebSocketClosed):
+        await ws.receive_batch()
+    await ws.aclose()
 
 
 def test_client_frames_are_masked_with_the_zero_key() -> None:

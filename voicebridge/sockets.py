@@ -19,7 +19,6 @@ import math
 from typing import Protocol, runtime_checkable
 
 import trio
-import trio_websocket
 
 from voicebridge.errors import SocketClosed
 
@@ -137,48 +136,6 @@ class DirectSocket(PingableSocket, Protocol):
         Without a checkpoint when nothing is owed; checkpoints when it waits.
         """
         ...
-
-
-class TrioWebSocket:
-    """``PingableSocket`` over a ``trio_websocket.WebSocketConnection``."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self._ws = ws
-
-    async def receive(self) -> str | bytes:
-        try:
-            return await self._ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise SocketClosed(
-                reason.code if reason else None, (reason.reason or "") if reason else ""
-            ) from None
-
-    async def send(self, message: str | bytes) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
-                try:
-                    await self._ws.send_message(message)
-                except trio_websocket.ConnectionClosed as exc:
-                    reason = exc.reason
-                    raise SocketClosed(reason.code if reason else None) from None
-        if write_scope.cancelled_caught:
-            raise SocketWriteTimeout(None, "write deadline passed")
-
-    async def ping(self) -> None:
-        # trio-websocket's ping() writes the ping and then waits for the pong in
-        # one call, so the whole exchange is shielded; the caller bounds it with
-        # its own pong deadline (see bridge.liveness), which still applies inside
-        # the shield because that deadline scope is nested within it.
-        try:
-            await self._ws.ping()
-        except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise SocketClosed(reason.code if reason else None) from None
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        with close_scope():
-            await self._ws.aclose(code, reason or None)
 
 
 class MemorySocket:

@@ -16,23 +16,26 @@ and a three-byte sequence number (zero never occurs in μ-law silence or in the
 digits). The other peer finds the markers in what it receives and, both peers
 living in this process on one clock, gets each one's time through the bridge.
 
-Lean on purpose (``loadtest.wire``): writes go straight into the kernel without
-yielding; one ticker task paces every call's frames, chunks and mark echoes (no
-task per call per frame); one reader task per socket. The ticker's slip is
-measured: a generator that cannot keep its own time does not produce valid figures.
+Lean on purpose (``loadtest.wire`` over ``voicebridge.net``'s transports): writes
+go straight into the kernel without yielding; one ticker task paces every call's
+frames, chunks and mark echoes (no task per call per frame); one reader task per
+socket. The ticker's slip is measured: a generator that cannot keep its own time
+does not produce valid figures.
 
 With a TLS context (``voicebridge loadtest --vapi-tls``) the simulated Vapi's
 transport sockets are ``wss://``: on its one port, a connection whose first byte
-starts a TLS handshake is served over TLS (``wire.TlsSession``, encrypting and
-decrypting in place, still no task per message), and any other is plain HTTP;
-``POST /call`` may come either way, but a plain WebSocket upgrade is refused, so
-every Vapi leg of the run is TLS. Completed and failed handshakes are counted.
+starts a TLS handshake is served over TLS (``net.transport.TlsSocketTransport``,
+encrypting and decrypting in memory, still no task per message), and any other is
+plain HTTP; ``POST /call`` may come either way, but a plain WebSocket upgrade is
+refused, so every Vapi leg of the run is TLS. Completed and failed handshakes are
+counted.
 """
 
 from __future__ import annotations
 
 import binascii
 import contextlib
+import functools
 import hmac
 import random
 import socket
@@ -49,15 +52,13 @@ import orjson
 import trio
 from attrs import frozen
 
+from voicebridge.errors import SocketClosed
 from voicebridge.loadtest.report import LATE_AFTER_MS
 from voicebridge.loadtest.wire import (
     OP_BINARY,
     OP_TEXT,
-    TLS_HANDSHAKE_RECORD,
-    Channel,
     LeanWebSocket,
     RequestHead,
-    TlsSession,
     WebSocketClosed,
     WireError,
     accept_websocket,
@@ -66,9 +67,10 @@ from voicebridge.loadtest.wire import (
     parse_request_head,
     read_body,
     read_head,
-    recv_some,
     respond,
 )
+from voicebridge.net.connect import accept_tls, serve_tcp, starts_with_tls
+from voicebridge.net.transport import SocketTransport, TlsHandshakeError, Transport
 from voicebridge.twilio.signature import sign
 
 #: μ-law: 8 bytes a millisecond; a 20 ms frame is 160 bytes.
@@ -85,6 +87,8 @@ MARKER_LEAD = b"\x00\x00"
 MARKER_BYTES = 5
 _DIGIT_BASE = 200
 _DIGIT_ZERO = 0x20
+#: One past the largest digit byte: ``read_marker`` refuses anything outside.
+_DIGIT_END = _DIGIT_ZERO + _DIGIT_BASE
 #: μ-law silence, the filler around the markers.
 SILENCE = 0xFF
 #: Frames sent in the last moments before ``stop`` may be cut off by the hang-up
@@ -96,8 +100,6 @@ END_DEADLINE_S = 15.0
 #: The voice webhook, the media socket and the action are on these paths of the TwiML.
 VOICE_PATH = "/twilio/voice"
 ACCOUNT_SID = "AC" + "d" * 32
-#: Pending connections to the simulated assistant (every call connects twice at once).
-LISTEN_BACKLOG = 4096
 
 
 #: A message handler: (call, payload, arrival time).
@@ -116,11 +118,18 @@ def marker(seq: int) -> bytes:
 
 
 def read_marker(data: bytes, position: int) -> int:
-    """The sequence number of the marker at ``position`` (which holds the two zeros)."""
+    """The sequence number of the marker at ``position`` (which holds the two zeros).
+
+    -1 where the three bytes after the zeros are not digits: a marker the bridge
+    cut short at a clear, with the next turn's marker right behind it.
+    """
+    high, middle, low = data[position + 2], data[position + 3], data[position + 4]
+    if min(high, middle, low) < _DIGIT_ZERO or max(high, middle, low) >= _DIGIT_END:
+        return -1
     return (
-        (data[position + 2] - _DIGIT_ZERO) * _DIGIT_BASE * _DIGIT_BASE
-        + (data[position + 3] - _DIGIT_ZERO) * _DIGIT_BASE
-        + (data[position + 4] - _DIGIT_ZERO)
+        (high - _DIGIT_ZERO) * _DIGIT_BASE * _DIGIT_BASE
+        + (middle - _DIGIT_ZERO) * _DIGIT_BASE
+        + (low - _DIGIT_ZERO)
     )
 
 
@@ -327,77 +336,60 @@ class LoadGenerator:
         self, *, port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve ``POST /call`` and the transport sockets on 127.0.0.1 until cancelled."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(LISTEN_BACKLOG)
-        listener.setblocking(False)
-        self._port = int(listener.getsockname()[1])
-        with listener:
-            async with trio.open_nursery() as connections_nursery:
-                task_status.started(self._port)
-                while True:
-                    await trio.lowlevel.wait_readable(listener)
-                    try:
-                        sock, _ = listener.accept()
-                    except BlockingIOError:
-                        continue
-                    sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    connections_nursery.start_soon(self._assistant_connection, sock)
+        async with trio.open_nursery() as server_nursery:
+            self._port = await server_nursery.start(
+                functools.partial(serve_tcp, self._assistant_connection, port=port)
+            )
+            task_status.started(self._port)
 
     async def _assistant_connection(self, sock: socket.socket) -> None:
-        buffer = bytearray()
-        channel: Channel = sock
+        context = self._tls
+        transport: Transport
+        secure = context is not None and await starts_with_tls(sock)
+        if context is not None and secure:
+            try:
+                transport = await accept_tls(sock, context)
+            except TlsHandshakeError as exc:
+                self.tls_handshake_failures[str(exc)] += 1
+                return
+            self.tls_handshakes += 1
+        else:
+            transport = SocketTransport(sock)
         try:
-            if self._tls is not None:
-                first = await recv_some(sock)
-                if first[:1] == bytes((TLS_HANDSHAKE_RECORD,)):
-                    channel = await self._tls_handshake(sock, self._tls, first)
-                else:
-                    buffer += first
-            request = parse_request_head(await read_head(channel, buffer))
-            if request.method == "POST" and request.path == "/call":
-                length = int(request.headers.get("content-length", 0))
-                body = await read_body(channel, buffer, length)
-                await self._create_call(channel, request, body)
-            elif request.headers.get("upgrade", "").lower() == "websocket":
-                if self._tls is not None and channel is sock:
-                    await respond(channel, 400, b'{"message":"wss:// only: this is TLS"}')
-                    return
-                await self._assistant_socket(channel, request, buffer)
-            else:
-                await respond(channel, 404, b'{"message":"not found"}')
-        except (WireError, OSError):
+            await self._assistant_request(transport, secure=secure)
+        except (WireError, SocketClosed):
             pass
         finally:
-            sock.close()
+            await transport.aclose()
 
-    async def _tls_handshake(
-        self, sock: socket.socket, context: ssl.SSLContext, first: bytes
-    ) -> TlsSession:
-        session = TlsSession(sock, context, first)
-        try:
-            await session.handshake()
-        except WireError as exc:
-            self.tls_handshake_failures[str(exc)] += 1
-            raise
-        self.tls_handshakes += 1
-        return session
+    async def _assistant_request(self, transport: Transport, *, secure: bool) -> None:
+        buffer = bytearray()
+        request = parse_request_head(await read_head(transport, buffer))
+        if request.method == "POST" and request.path == "/call":
+            length = int(request.headers.get("content-length", 0))
+            body = await read_body(transport, buffer, length)
+            await self._create_call(transport, request, body)
+        elif request.headers.get("upgrade", "").lower() == "websocket":
+            if self._tls is not None and not secure:
+                await respond(transport, 400, b'{"message":"wss:// only: this is TLS"}')
+                return
+            await self._assistant_socket(transport, request, buffer)
+        else:
+            await respond(transport, 404, b'{"message":"not found"}')
 
     def _authorized(self, request: RequestHead) -> bool:
         given = request.headers.get("authorization", "").encode()
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
-    async def _create_call(self, sock: Channel, request: RequestHead, body: bytes) -> None:
+    async def _create_call(self, transport: Transport, request: RequestHead, body: bytes) -> None:
         if not self._authorized(request):
-            await respond(sock, 401, b'{"message":"Invalid Key."}')
+            await respond(transport, 401, b'{"message":"Invalid Key."}')
             return
         document = orjson.loads(body)
         call_sid = document.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid")
         call = self._by_sid.get(call_sid) if isinstance(call_sid, str) else None
         if call is None:
-            await respond(sock, 400, b'{"message":"unknown twilioCallSid"}')
+            await respond(transport, 400, b'{"message":"unknown twilioCallSid"}')
             return
         answer = {
             "id": call.vapi_call_id,
@@ -408,17 +400,17 @@ class LoadGenerator:
                 f"/{call.vapi_call_id}/transport",
             },
         }
-        await respond(sock, 201, orjson.dumps(answer))
+        await respond(transport, 201, orjson.dumps(answer))
 
     async def _assistant_socket(
-        self, sock: Channel, request: RequestHead, buffer: bytearray
+        self, transport: Transport, request: RequestHead, buffer: bytearray
     ) -> None:
         parts = request.path.strip("/").split("/")
         call = self._by_vapi_id.get(parts[0]) if len(parts) == 2 else None
         if call is None or call.vapi is not None or not self._authorized(request):
-            await respond(sock, 404, b'{"message":"Call not found."}')
+            await respond(transport, 404, b'{"message":"Call not found."}')
             return
-        ws = await accept_websocket(sock, request, buffer)
+        ws = await accept_websocket(transport, request, buffer)
         call.vapi = ws
         async with trio.open_nursery() as socket_nursery:
             socket_nursery.start_soon(ws.run_flusher)
@@ -435,7 +427,7 @@ class LoadGenerator:
             pass
         finally:
             call.speaking = False
-            ws.close()
+            ws.close()  # the transport is closed with the connection
 
     def _assistant_text(self, call: _Call, payload: bytes, now: float) -> None:
         if self._relay:
@@ -455,7 +447,7 @@ class LoadGenerator:
         if audio[:2] != MARKER_LEAD or len(audio) < MARKER_BYTES:
             return
         seq = read_marker(audio, 0)
-        if seq >= len(call.frame_sent_at):
+        if not 0 <= seq < len(call.frame_sent_at):
             return
         received = call.frame_received
         received[seq] = 1
@@ -586,7 +578,7 @@ class LoadGenerator:
             call.active = False
             call.ended = True
             if call.caller is not None:
-                call.caller.close()
+                await call.caller.aclose()
 
     async def _open_stream(
         self, call: _Call, target: BridgeTarget
@@ -696,6 +688,9 @@ class LoadGenerator:
             if position + MARKER_BYTES > len(data):
                 break
             seq = read_marker(data, position)
+            if seq < 0:  # not a whole marker: the next may start inside it
+                position = data.find(MARKER_LEAD, position + 1)
+                continue
             consumed = position + MARKER_BYTES
             if seq < len(call.chunk_sent_at) and not call.chunk_seen[seq]:
                 call.chunk_seen[seq] = 1

@@ -63,7 +63,7 @@ from voicebridge.sim.audio import (
     iter_frames,
     load_clip,
 )
-from voicebridge.sockets import TrioWebSocket
+from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout, close_scope
 
 __all__ = [
     "DEFAULT_MAX_CALL_S",
@@ -879,6 +879,53 @@ class _SimCall:
             duration_s=trio.current_time() - started,
             heard_audio=playout.heard_audio if playout is not None else b"",
         )
+
+
+class TrioWebSocket:
+    """The caller's Media Stream as a ``sockets.PingableSocket``, over trio-websocket.
+
+    The simulated caller speaks WebSocket with a library of its own, not the
+    bridge's ``net.ws``: an independent client is what lets it catch the bridge's
+    mistakes at the frame level.
+    """
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise SocketClosed(
+                reason.code if reason else None, (reason.reason or "") if reason else ""
+            ) from None
+
+    async def send(self, message: str | bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
+                try:
+                    await self._ws.send_message(message)
+                except trio_websocket.ConnectionClosed as exc:
+                    reason = exc.reason
+                    raise SocketClosed(reason.code if reason else None) from None
+        if write_scope.cancelled_caught:
+            raise SocketWriteTimeout(None, "write deadline passed")
+
+    async def ping(self) -> None:
+        # trio-websocket's ping() writes the ping and then waits for the pong in
+        # one call, so the whole exchange is shielded; the caller bounds it with
+        # its own pong deadline (see bridge.liveness), which still applies inside
+        # the shield because that deadline scope is nested within it.
+        try:
+            await self._ws.ping()
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise SocketClosed(reason.code if reason else None) from None
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        with close_scope():
+            await self._ws.aclose(code, reason or None)
 
 
 async def _connect_media_socket(

@@ -1,8 +1,12 @@
-"""A small HTTP/1.1 + WebSocket server on raw trio sockets (h11, wsproto) for the simulators.
+"""A small HTTP/1.1 + WebSocket server (h11, wsproto) for the simulators, over ``voicebridge.net``.
 
 The simulated peers need control that hypercorn and trio-websocket do not give:
 stop answering pings, drop the TCP connection without a close frame, refuse an
 upgrade with a chosen status. This module gives exactly that and nothing more.
+Its bytes go through the network layer (``net.connect.serve_tcp`` accepts,
+``net.transport.SocketTransport`` reads and writes); its HTTP and WebSocket logic
+is h11's and wsproto's, apart from ``net.ws`` on purpose: the simulators are
+oracles for the bridge, and must not share the bridge's WebSocket mistakes.
 
     async def on_http(request: HttpRequest) -> HttpResponse: ...
     async def on_websocket(request: HttpRequest, ws: SimWebSocket) -> None:
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import cast
 
@@ -52,6 +57,8 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from voicebridge.errors import SocketClosed
+from voicebridge.net.connect import send_all, serve_tcp
+from voicebridge.net.transport import SocketTransport
 from voicebridge.sockets import WRITE_DEADLINE_S, SocketWriteTimeout
 
 logger = logging.getLogger(__name__)
@@ -65,8 +72,6 @@ MAX_REQUEST_BODY_BYTES = 1024 * 1024
 #: Largest WebSocket message accepted (closed with 1009 beyond): audio frames are
 #: 160-1600 bytes and control messages a few KiB.
 MAX_MESSAGE_BYTES = 1024 * 1024
-#: Bytes asked of the socket per read.
-READ_CHUNK_BYTES = 64 * 1024
 #: Received messages queued for the handler before the reader stops reading
 #: (TCP backpressure then reaches the peer): 64 frames = 1.3 s of 20 ms audio.
 MESSAGE_BUFFER = 64
@@ -126,36 +131,31 @@ async def serve_http_ws(
     ``Upgrade: websocket``) go to ``handler_ws``, which must ``accept()`` or
     ``reject()`` the socket (a handler that does neither gets a 500 rejection).
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound_port: int = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as connection_nursery:
-        task_status.started(bound_port)
-        await trio.serve_listeners(
-            functools.partial(_serve_connection, handler_http=handler_http, handler_ws=handler_ws),
-            listeners,
-            handler_nursery=connection_nursery,
-        )
+    serve = functools.partial(_serve_connection, handler_http=handler_http, handler_ws=handler_ws)
+    await serve_tcp(serve, host=host, port=port, task_status=task_status)
 
 
 async def _serve_connection(
-    stream: trio.SocketStream, *, handler_http: HttpHandler, handler_ws: WebSocketHandler
+    sock: socket.socket, *, handler_http: HttpHandler, handler_ws: WebSocketHandler
 ) -> None:
     """One TCP connection: keep-alive HTTP requests, or one WebSocket after an upgrade."""
+    transport = SocketTransport(sock)
     try:
-        async with stream:
-            await _HttpConnection(stream, handler_http, handler_ws).run()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await _HttpConnection(transport, handler_http, handler_ws).run()
+    except SocketClosed:
         pass  # the peer went away mid-exchange: nothing to answer
     except Exception:
         # The connection boundary: a handler bug ends this connection, not the server.
         logger.exception("simulated server connection failed")
+    finally:
+        await transport.aclose()
 
 
 class _HttpConnection:
     def __init__(
-        self, stream: trio.SocketStream, handler_http: HttpHandler, handler_ws: WebSocketHandler
+        self, transport: SocketTransport, handler_http: HttpHandler, handler_ws: WebSocketHandler
     ) -> None:
-        self._stream = stream
+        self._transport = transport
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         self._handler_http = handler_http
         self._handler_ws = handler_ws
@@ -188,7 +188,7 @@ class _HttpConnection:
             if _is_websocket_upgrade(http_request):
                 trailing_data, _ = self._h11.trailing_data
                 await _serve_websocket(
-                    self._stream, request, http_request, trailing_data, self._handler_ws
+                    self._transport, request, http_request, trailing_data, self._handler_ws
                 )
                 return
             response = await self._handler_http(http_request)
@@ -225,13 +225,13 @@ class _HttpConnection:
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
             else:
-                raise trio.BrokenResourceError("client closed during the request body")
+                raise SocketClosed(None, "client closed during the request body")
 
     async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self._h11.next_event()
             if event is h11.NEED_DATA:
-                self._h11.receive_data(await self._stream.receive_some(READ_CHUNK_BYTES))
+                self._h11.receive_data(await self._transport.receive_some())
                 continue
             return cast("h11.Event | type[h11.PAUSED]", event)  # NEED_DATA handled above
 
@@ -249,7 +249,7 @@ class _HttpConnection:
         data += self._h11.send(h11.Data(data=response.body)) if response.body else b""
         data += self._h11.send(h11.EndOfMessage())
         with trio.CancelScope(shield=True), trio.move_on_after(WRITE_DEADLINE_S):
-            await self._stream.send_all(data)
+            await send_all(self._transport, data)
 
 
 class _BodyTooLarge(Exception):
@@ -269,7 +269,7 @@ def _is_websocket_upgrade(request: HttpRequest) -> bool:
 
 
 async def _serve_websocket(
-    stream: trio.SocketStream,
+    transport: SocketTransport,
     h11_request: h11.Request,
     request: HttpRequest,
     trailing_data: bytes,
@@ -282,10 +282,10 @@ async def _serve_websocket(
     except WsRemoteProtocolError:
         response = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         with trio.CancelScope(shield=True), trio.move_on_after(WRITE_DEADLINE_S):
-            await stream.send_all(response)
+            await send_all(transport, response)
         return
     async with trio.open_nursery() as websocket_nursery:
-        ws = SimWebSocket(stream, handshake, trailing_data, websocket_nursery)
+        ws = SimWebSocket(transport, handshake, trailing_data, websocket_nursery)
         await handler_ws(request, ws)
         await ws._finish_after_handler()
         websocket_nursery.cancel_scope.cancel(reason="websocket handler returned")
@@ -294,18 +294,18 @@ async def _serve_websocket(
 class SimWebSocket:
     """The server end of one WebSocket, with the knobs a fault-injecting peer needs.
 
-    Invariant: every byte written to the stream goes through ``_write`` under
+    Invariant: every byte written to the transport goes through ``_write`` under
     ``_write_lock``, so wsproto's state and the wire agree and frames never interleave.
     """
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        transport: SocketTransport,
         handshake: H11Handshake,
         trailing_data: bytes,
         websocket_nursery: trio.Nursery,
     ) -> None:
-        self._stream = stream
+        self._transport = transport
         self._handshake = handshake
         self._trailing_data = trailing_data
         self._nursery = websocket_nursery
@@ -410,8 +410,8 @@ class SimWebSocket:
                 with trio.move_on_after(WRITE_DEADLINE_S) as write_scope:
                     data = make_data()
                     try:
-                        await self._stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        await send_all(self._transport, data)
+                    except SocketClosed:
                         self._mark_closed(ABNORMAL_CLOSURE, "connection lost")
                         raise SocketClosed(self.close_code, self.close_reason) from None
             if write_scope.cancelled_caught:
@@ -458,11 +458,8 @@ class SimWebSocket:
                     elif isinstance(event, CloseConnection):
                         await self._on_close_frame(connection, event)
                         return
-                try:
-                    data = await self._stream.receive_some(READ_CHUNK_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                connection.receive_data(data or None)
+                data = await self._transport.receive_some()
+                connection.receive_data(data or None)  # b"": the end of the stream
         finally:
             self._send_messages.close()
 
@@ -497,7 +494,7 @@ class SimWebSocket:
         self._mark_closed(code, self.close_reason)
         self._send_messages.close()
         with trio.CancelScope(shield=True):
-            await self._stream.aclose()
+            await self._transport.aclose()
 
     async def _finish_after_handler(self) -> None:
         if self._connection is None and not self._closed.is_set():
