@@ -31,6 +31,7 @@ from vapi.core.unchecked_base_model import UnionMetadata  # noqa: E402
 from vapi.types.assistant_overrides import AssistantOverrides  # noqa: E402
 from vapi.types.call import Call  # noqa: E402
 from vapi.types.call_transport import CallTransport_VapiWebsocket  # noqa: E402
+from vapi.types.client_inbound_message_message import ClientInboundMessageMessage  # noqa: E402
 from vapi.types.client_message_message import ClientMessageMessage  # noqa: E402
 from vapi.types.server_message import ServerMessage  # noqa: E402
 from vapi.types.server_message_message import ServerMessageMessage  # noqa: E402
@@ -46,6 +47,7 @@ __all__ = [
     "AssistantOverrides",
     "Call",
     "CallTransport_VapiWebsocket",
+    "ClientInboundMessageMessage",
     "ClientMessageMessage",
     "RawCallsClient",
     "ServerMessage",
