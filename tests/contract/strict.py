@@ -32,8 +32,6 @@ from tests.contract.sdk import UnionMetadata
 #: Keys the SDK lacks, per model class: ``{Model: {"wireKey": "why the SDK is wrong"}}``.
 Holes = Mapping[type[pydantic.BaseModel], Mapping[str, str]]
 
-#: Fern's open enums are ``Union[Literal[...], Any]``; the Literal is what the schema
-#: declares, so the ``Any`` is dropped wherever it sits beside a Literal.
 _NONE: Final = type(None)
 
 
@@ -181,7 +179,8 @@ class _Checker:
         members = tuple(member for member in members if member is not _NONE)
         literals = [m for m in members if typing.get_origin(m) is typing.Literal]
         if literals:
-            # An open Fern enum: only the declared values count.
+            # Fern's open enum, ``Union[Literal[...], Any]``: the Literal is what the
+            # schema declares, so the ``Any`` beside it is dropped.
             members = tuple(m for m in members if m is not Any)
         if Any in members:
             return

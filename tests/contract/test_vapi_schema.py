@@ -225,7 +225,10 @@ async def _run_traffic() -> Traffic:
             # The simulated Vapi's answer to a create, asked for directly: the bridge
             # keeps only the id and the URLs of it.
             body = build_create_body(
-                bridge.config.vapi, call_sid="CA" + "9" * 32, caller="+15550100001", called="+1"
+                bridge.config.vapi,
+                call_sid="CA" + "9" * 32,
+                caller="+15550100001",
+                called="+15550100002",
             )
             async with httpx.AsyncClient() as http:
                 answer = await http.post(
