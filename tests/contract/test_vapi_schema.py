@@ -36,6 +36,7 @@ from tests.contract.sdk import (
     ClientMessageMessage,
     RawCallsClient,
     ServerMessage,
+    ServerMessageMessage,
     ServerMessageResponseToolCalls,
     ServerMessageResponseTransferDestinationRequest,
     ServerMessageStatusUpdate,
@@ -69,6 +70,7 @@ from voicebridge.sim.server_messages import SimToolCall, ToolCallShape, ToolExch
 from voicebridge.sim.vapi import ENDED_ASSISTANT, ENDED_CUSTOMER, SentMessage, SimVapiCallRecord
 from voicebridge.vapi import transport
 from voicebridge.vapi.client import build_create_body
+from voicebridge.vapi.endings import NORMAL_REASONS, OVER_LIMIT_REASONS
 
 #: The body of ``POST /call``: the SDK spells it only as ``calls.create``'s arguments.
 CreateCallRequest = model_from_signature("CreateCallRequest", RawCallsClient.create)
@@ -376,6 +378,14 @@ def test_client_messages_have_no_other_mismatch(traffic: Traffic) -> None:
         assert unexplained(found, *UNSTAMPED_CALL) == []
 
 
+@pytest.mark.parametrize("reason", sorted(NORMAL_REASONS | OVER_LIMIT_REASONS))
+def test_the_ended_reasons_voicebridge_names_are_vapis(reason: str) -> None:
+    """A reason misspelt in the ending policy would never match: the call would fail."""
+    ended_reason = ServerMessageStatusUpdate.model_fields["ended_reason"].annotation
+    assert problems(reason, ended_reason) == []
+    assert problems(reason + "s", ended_reason) != []
+
+
 def test_every_client_message_type_is_checked(traffic: Traffic) -> None:
     assert {event.type for event in traffic.client_messages} <= set(CLIENT_MESSAGE_TYPES)
 
@@ -477,6 +487,17 @@ def test_tool_call_variants_depart_only_as_documented(traffic: Traffic, shape: s
         found = problems(_webhook(exchange), ServerMessage)
         departures = VARIANT_DEPARTURES[shape]
         assert unexplained(found, *departures, *UNSTAMPED_CALL, "fits none of") == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [DESTINATION_REQUEST, forward(HUMAN), HANG_UP],
+    ids=["transfer-destination-request", "forward", "hang-up"],
+)
+def test_the_call_control_tests_stand_ins_for_vapis_webhooks(message: Mapping[str, Any]) -> None:
+    """The simulated Vapi does not send these yet; the tests that post them in its place
+    must post Vapi's shapes (their ``call`` object is the simulator's, checked above)."""
+    assert problems(dict(message), ServerMessageMessage) == []
 
 
 def test_tool_call_answers(traffic: Traffic) -> None:
