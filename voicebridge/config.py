@@ -352,7 +352,12 @@ class EdgeConfig:
     max_connections_per_peer: int = field(
         default=128, validator=[_int_range(1, 65536), _per_peer_within_total]
     )
-    #: Addresses or networks (CIDR) the per-address cap does not apply to: a TLS proxy
+    #: Connections from one address still sending their request (head or body) at once;
+    #: beyond it, a new one from that address is refused at once. Twilio sends a webhook
+    #: whole in a segment or two, so few are ever mid-request; a client that dribbles
+    #: requests over many connections makes each of them a task to wake per byte.
+    max_incomplete_per_peer: int = field(default=8, validator=_int_range(1, 65536))
+    #: Addresses or networks (CIDR) the per-address caps do not apply to: a TLS proxy
     #: in front, through which every client arrives from one address.
     exempt_peers: tuple[str, ...] = field(default=(), validator=_cidr_list)
     #: A request head (the first, or the next one on a kept-alive connection) must arrive

@@ -479,6 +479,30 @@ async def test_the_per_address_cap_refuses_the_excess_of_one_address_only() -> N
     assert (counters.refused_peer_cap, counters.accepted) == (1, 4)
 
 
+async def test_an_address_with_too_many_requests_still_arriving_is_refused_more() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    edge = EdgeConfig(max_connections_per_peer=10, max_incomplete_per_peer=2)
+    with trio.fail_after(20):
+        async with front_door(listener, edge=edge) as counters:
+            # Two connections that never finish their request head.
+            dribbling = [await connect_tcp(port, "127.0.0.2") for _ in range(2)]
+            for stream in dribbling:
+                await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\n")
+            refused = await read_all(await connect_tcp(port, "127.0.0.2"))
+            # Once one of them has its whole request in, the address may open another.
+            await dribbling[0].send_all(b"\r\n")
+            await read_response(dribbling[0])
+            again = await connect_tcp(port, "127.0.0.2")
+            await again.send_all(get("/again"))
+            answer = await read_response(again)
+            for stream in [*dribbling, again]:
+                await stream.aclose()
+    assert refused == REFUSAL
+    assert answer.endswith(b"GET /again 0 state=- client=127.0.0.2")
+    assert counters.refused_peer_cap == 1
+
+
 async def test_exempt_peers_are_not_held_to_the_per_address_cap() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]

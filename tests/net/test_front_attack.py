@@ -144,7 +144,7 @@ async def test_slow_clients_from_many_addresses_at_the_total_cap_leave_webhooks_
 
 
 async def test_slow_bodies_from_another_process_are_closed_at_the_body_deadline() -> None:
-    edge = {"max_connections_per_peer": 16, "body_deadline_s": 2.0}
+    edge = {"max_connections_per_peer": 16, "max_incomplete_per_peer": 16, "body_deadline_s": 2.0}
     with trio.fail_after(60):
         async with running_bridge(edge=edge) as bridge:
             times, totals, _ = await _attack_beside_witnesses(

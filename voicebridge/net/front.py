@@ -488,6 +488,8 @@ class _Front:
         self._sending: dict[_Slot, None] = {}
         # Invariant: the same for Phase.IDLE.
         self._idle: dict[_Slot, None] = {}
+        # Invariant: for each counted peer, how many of its slots are in _sending.
+        self._incomplete: dict[str, int] = {}
         # Invariant: the slots ended by shedding whose connection has not closed yet.
         self._shedding = 0
         self._exempt_key: tuple[str, ...] = ()
@@ -545,6 +547,19 @@ class _Front:
             )
             _refuse(conn)
             return None
+        if counted and self._incomplete.get(peer, 0) >= limits.max_incomplete_per_peer:
+            self.counters.refused_peer_cap += 1
+            self._log(
+                "connection-refused-incomplete",
+                logging.WARNING,
+                f"refused a connection from {peer}: it has "
+                f"{limits.max_incomplete_per_peer} requests still arriving "
+                "([edge] max_incomplete_per_peer)",
+                "more connections refused for requests still arriving from their address",
+                peer=peer,
+            )
+            _refuse(conn)
+            return None
         if self.counters.open - self._shedding >= limits.max_connections:
             if not self._idle and not self._sending:
                 self.counters.refused_total_cap += 1
@@ -565,8 +580,25 @@ class _Front:
         self.counters.open += 1
         if counted:
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
-        self._sending[slot] = None
+        self._start_sending(slot)
         return slot
+
+    def _start_sending(self, slot: _Slot) -> None:
+        if slot not in self._sending:
+            self._sending[slot] = None
+            if slot.peer_counted:
+                self._incomplete[slot.peer] = self._incomplete.get(slot.peer, 0) + 1
+
+    def _stop_sending(self, slot: _Slot) -> None:
+        if slot not in self._sending:
+            return
+        del self._sending[slot]
+        if slot.peer_counted:
+            left = self._incomplete[slot.peer] - 1
+            if left:
+                self._incomplete[slot.peer] = left
+            else:
+                del self._incomplete[slot.peer]
 
     def _shed_oldest(self, limits: EdgeConfig) -> None:
         """End the connection idle the longest, else the one sending its request the
@@ -610,18 +642,18 @@ class _Front:
             case Phase.HEAD:
                 slot.scope.deadline = trio.current_time() + limits.head_deadline_s
                 self._idle.pop(slot, None)
-                self._sending.setdefault(slot)
+                self._start_sending(slot)
             case Phase.BODY:
                 slot.scope.deadline = trio.current_time() + limits.body_deadline_s
                 self._idle.pop(slot, None)
-                self._sending.setdefault(slot)
+                self._start_sending(slot)
             case Phase.SERVED:
                 slot.scope.deadline = math.inf
                 self._idle.pop(slot, None)
-                self._sending.pop(slot, None)
+                self._stop_sending(slot)
             case Phase.IDLE:
                 slot.scope.deadline = math.inf
-                self._sending.pop(slot, None)
+                self._stop_sending(slot)
                 self._idle.setdefault(slot)
             case _:
                 assert_never(phase)
@@ -629,7 +661,7 @@ class _Front:
     def _end(self, slot: _Slot, why: _Ended) -> None:
         if slot.ended is None:
             slot.ended = why
-            self._sending.pop(slot, None)
+            self._stop_sending(slot)
             self._idle.pop(slot, None)
             slot.scope.cancel(reason=f"the front door ended it: {why.value}")
 
@@ -701,7 +733,7 @@ class _Front:
 
     def _release(self, slot: _Slot) -> None:
         self.counters.open -= 1
-        self._sending.pop(slot, None)
+        self._stop_sending(slot)
         self._idle.pop(slot, None)
         if slot.ended is _Ended.SHED:
             self._shedding -= 1
