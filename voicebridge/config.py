@@ -352,10 +352,11 @@ class EdgeConfig:
     max_connections_per_peer: int = field(
         default=128, validator=[_int_range(1, 65536), _per_peer_within_total]
     )
-    #: Connections from one address still sending their request (head or body) at once;
-    #: beyond it, a new one from that address is refused at once. Twilio sends a webhook
-    #: whole in a segment or two, so few are ever mid-request; a client that dribbles
-    #: requests over many connections makes each of them a task to wake per byte.
+    #: Requests from one address that may go on arriving (head or body) for more than
+    #: half a second (``net.front.INCOMPLETE_GRACE_S``): beyond it, the oldest are closed
+    #: and new connections from that address refused. Twilio sends a webhook whole in a
+    #: segment or two, even in a burst; a client that dribbles requests over many
+    #: connections would make each of them a task to wake per byte.
     max_incomplete_per_peer: int = field(default=8, validator=_int_range(1, 65536))
     #: Addresses or networks (CIDR) the per-address caps do not apply to: a TLS proxy
     #: in front, through which every client arrives from one address.

@@ -35,6 +35,8 @@ from voicebridge.loopback import loopback_config
 from voicebridge.net.front import (
     ACCEPT_BACKOFF_MAX_S,
     ACCEPT_BACKOFF_MIN_S,
+    INCOMPLETE_GRACE_S,
+    INCOMPLETE_SWEEP_S,
     REFUSAL,
     FrontCounters,
     MediaHandler,
@@ -489,6 +491,7 @@ async def test_an_address_with_too_many_requests_still_arriving_is_refused_more(
             dribbling = [await connect_tcp(port, "127.0.0.2") for _ in range(2)]
             for stream in dribbling:
                 await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\n")
+            await trio.sleep(INCOMPLETE_GRACE_S)  # young requests do not count
             refused = await read_all(await connect_tcp(port, "127.0.0.2"))
             # Once one of them has its whole request in, the address may open another.
             await dribbling[0].send_all(b"\r\n")
@@ -501,6 +504,28 @@ async def test_an_address_with_too_many_requests_still_arriving_is_refused_more(
     assert refused == REFUSAL
     assert answer.endswith(b"GET /again 0 state=- client=127.0.0.2")
     assert counters.refused_peer_cap == 1
+
+
+async def test_a_burst_is_let_in_and_those_of_it_that_dribble_are_shed() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    edge = EdgeConfig(max_connections_per_peer=10, max_incomplete_per_peer=2)
+    with trio.fail_after(20):
+        async with front_door(listener, edge=edge) as counters:
+            # Five at once from one address: all young, all let in.
+            burst = [await connect_tcp(port, "127.0.0.2") for _ in range(5)]
+            for stream in burst:
+                await stream.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\n")
+            await trio.sleep(INCOMPLETE_GRACE_S + 2 * INCOMPLETE_SWEEP_S)
+            # Still arriving after the grace: the three oldest are closed, two kept.
+            closed = [await read_all(stream) for stream in burst[:3]]
+            for stream in burst[3:]:
+                await stream.send_all(b"\r\n")
+                assert (await read_response(stream)).startswith(b"HTTP/1.1 200")
+            for stream in burst:
+                await stream.aclose()
+    assert closed == [b""] * 3
+    assert counters.shed == 3
 
 
 async def test_exempt_peers_are_not_held_to_the_per_address_cap() -> None:

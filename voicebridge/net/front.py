@@ -116,6 +116,12 @@ LOG_MAX_GAP_S = 60.0
 #: What a connection refused at a cap is sent (one non-blocking send, then closed):
 #: enough for a person with curl to see why, too little to be worth a second syscall.
 REFUSAL = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+#: A request still arriving after this long counts against its address's
+#: ``max_incomplete_per_peer``: Twilio's arrive whole within milliseconds, even in a
+#: burst; a dribbling client's never do.
+INCOMPLETE_GRACE_S = 0.5
+#: How often the connections of addresses over ``max_incomplete_per_peer`` are shed.
+INCOMPLETE_SWEEP_S = 0.25
 #: How long the end of a connection's answer (``send_eof``) may wait, shielded, for the
 #: write before it: a live client takes both in microseconds.
 SEND_EOF_GRACE_S = 1.0
@@ -257,6 +263,7 @@ async def serve_front(
                             accept_nursery.start_soon(
                                 front.accept_loop, listener, connection_nursery
                             )
+                        accept_nursery.start_soon(front.shed_dribblers)
                         task_status.started()
                         await shutdown_trigger()
                         accept_nursery.cancel_scope.cancel(reason="shutting down")
@@ -303,10 +310,12 @@ class _Ended(enum.Enum):
 class _Slot:
     """One admitted connection's place in the front door's books."""
 
-    __slots__ = ("ended", "peer", "peer_counted", "phase", "scope")
+    __slots__ = ("ended", "peer", "peer_counted", "phase", "scope", "sending_since")
 
     def __init__(self, peer: str, peer_counted: bool, deadline: float) -> None:
         self.peer = peer
+        #: When its current request began arriving (meaningful while it is sending).
+        self.sending_since = 0.0
         #: Counted against the per-address cap (not an exempt peer).
         self.peer_counted = peer_counted
         self.phase = Phase.HEAD
@@ -488,8 +497,8 @@ class _Front:
         self._sending: dict[_Slot, None] = {}
         # Invariant: the same for Phase.IDLE.
         self._idle: dict[_Slot, None] = {}
-        # Invariant: for each counted peer, how many of its slots are in _sending.
-        self._incomplete: dict[str, int] = {}
+        # Invariant: for each counted peer, its slots in _sending, oldest first.
+        self._incomplete: dict[str, dict[_Slot, None]] = {}
         # Invariant: the slots ended by shedding whose connection has not closed yet.
         self._shedding = 0
         self._exempt_key: tuple[str, ...] = ()
@@ -547,14 +556,14 @@ class _Front:
             )
             _refuse(conn)
             return None
-        if counted and self._incomplete.get(peer, 0) >= limits.max_incomplete_per_peer:
+        if counted and self._dribbling(peer) >= limits.max_incomplete_per_peer:
             self.counters.refused_peer_cap += 1
             self._log(
                 "connection-refused-incomplete",
                 logging.WARNING,
                 f"refused a connection from {peer}: it has "
-                f"{limits.max_incomplete_per_peer} requests still arriving "
-                "([edge] max_incomplete_per_peer)",
+                f"{limits.max_incomplete_per_peer} requests still arriving after "
+                f"{INCOMPLETE_GRACE_S:g} s ([edge] max_incomplete_per_peer)",
                 "more connections refused for requests still arriving from their address",
                 peer=peer,
             )
@@ -586,19 +595,56 @@ class _Front:
     def _start_sending(self, slot: _Slot) -> None:
         if slot not in self._sending:
             self._sending[slot] = None
+            slot.sending_since = trio.current_time()
             if slot.peer_counted:
-                self._incomplete[slot.peer] = self._incomplete.get(slot.peer, 0) + 1
+                self._incomplete.setdefault(slot.peer, {})[slot] = None
 
     def _stop_sending(self, slot: _Slot) -> None:
         if slot not in self._sending:
             return
         del self._sending[slot]
         if slot.peer_counted:
-            left = self._incomplete[slot.peer] - 1
-            if left:
-                self._incomplete[slot.peer] = left
-            else:
+            mine = self._incomplete[slot.peer]
+            del mine[slot]
+            if not mine:
                 del self._incomplete[slot.peer]
+
+    def _dribbling(self, peer: str) -> int:
+        """How many of ``peer``'s requests have been arriving for ``INCOMPLETE_GRACE_S``
+        or more (a genuine one is whole within milliseconds, a burst of them too)."""
+        since = trio.current_time() - INCOMPLETE_GRACE_S
+        count = 0
+        for slot in self._incomplete.get(peer, ()):
+            if slot.sending_since > since:
+                break  # oldest first: the rest are younger still
+            count += 1
+        return count
+
+    async def shed_dribblers(self) -> None:
+        """Every ``INCOMPLETE_SWEEP_S``, close the oldest requests of any address that
+        has more than ``max_incomplete_per_peer`` arriving for ``INCOMPLETE_GRACE_S`` or
+        more. Connections admitted in a burst are young and let in; if they dribble, they
+        are closed here before they cost a wake-up each for long."""
+        while True:
+            await trio.sleep(INCOMPLETE_SWEEP_S)
+            limits = self._limits()
+            since = trio.current_time() - INCOMPLETE_GRACE_S
+            for peer in list(self._incomplete):
+                old = [s for s in self._incomplete[peer] if s.sending_since <= since]
+                for slot in old[: max(0, len(old) - limits.max_incomplete_per_peer)]:
+                    self._end(slot, _Ended.SHED)
+                    self._shedding += 1
+                    self.counters.shed += 1
+                    self._log(
+                        "connection-shed-incomplete",
+                        logging.WARNING,
+                        f"closed a connection from {peer} still sending its request "
+                        f"({slot.phase.value}): it has more than "
+                        f"{limits.max_incomplete_per_peer} arriving for "
+                        f"{INCOMPLETE_GRACE_S:g} s ([edge] max_incomplete_per_peer)",
+                        "more connections closed for requests still arriving",
+                        peer=peer,
+                    )
 
     def _shed_oldest(self, limits: EdgeConfig) -> None:
         """End the connection idle the longest, else the one sending its request the
