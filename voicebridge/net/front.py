@@ -122,6 +122,8 @@ REFUSAL = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection:
 INCOMPLETE_GRACE_S = 0.5
 #: How often the connections of addresses over ``max_incomplete_per_peer`` are shed.
 INCOMPLETE_SWEEP_S = 0.25
+#: At most this many connections are shed per pass of the scheduler.
+SHED_PER_PASS = 32
 #: How long the end of a connection's answer (``send_eof``) may wait, shielded, for the
 #: write before it: a live client takes both in microseconds.
 SEND_EOF_GRACE_S = 1.0
@@ -629,9 +631,17 @@ class _Front:
             await trio.sleep(INCOMPLETE_SWEEP_S)
             limits = self._limits()
             since = trio.current_time() - INCOMPLETE_GRACE_S
+            shed = 0
             for peer in list(self._incomplete):
-                old = [s for s in self._incomplete[peer] if s.sending_since <= since]
+                old = [s for s in self._incomplete.get(peer, ()) if s.sending_since <= since]
                 for slot in old[: max(0, len(old) - limits.max_incomplete_per_peer)]:
+                    if slot.ended is not None:
+                        continue
+                    shed += 1
+                    if shed % SHED_PER_PASS == 0:
+                        # Each closed connection's task wakes to close: a few dozen per
+                        # scheduler pass, not a thousand in one.
+                        await trio.lowlevel.checkpoint()
                     self._end(slot, _Ended.SHED)
                     self._shedding += 1
                     self.counters.shed += 1
