@@ -120,7 +120,8 @@ def test_event_loop_lag_is_a_histogram_a_largest_per_scrape_and_a_count_of_stall
 
 async def test_a_blocked_event_loop_shows_in_the_servers_metrics() -> None:
     # The server runs in this process: holding this loop holds the server's.
-    hold_s = STALL_WARNING_S + 0.05
+    # Long enough that even a wake due at the very end of a tick is a stall.
+    hold_s = STALL_WARNING_S + TICK_S + 0.05
     with trio.fail_after(20):
         async with running_bridge() as bridge:
             before = await scrape(bridge)

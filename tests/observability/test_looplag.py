@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import attrs
 import pytest
@@ -17,7 +18,10 @@ import trio
 import trio.testing
 
 from voicebridge.observability.logs import record_fields
-from voicebridge.observability.looplag import STALL_WARNING_S, TICK_S, watch_loop_lag
+from voicebridge.observability.looplag import STALL_WARNING_S, watch_loop_lag
+
+#: The tick these tests run the monitor at: fine, so exact times show each wake.
+TICK_S = 0.010
 
 
 @attrs.define
@@ -43,7 +47,7 @@ async def test_a_free_loop_wakes_the_monitor_on_time_every_tick(
 ) -> None:
     wakes = Wakes()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_loop_lag, wakes)
+        nursery.start_soon(partial(watch_loop_lag, wakes, tick_s=TICK_S))
         await trio.sleep(0.1 + TICK_S / 2)
         nursery.cancel_scope.cancel()
     assert [at for at, _ in wakes.seen] == pytest.approx([TICK_S * n for n in range(1, 11)])
@@ -57,7 +61,7 @@ async def test_a_held_loop_is_one_late_wake_and_one_warning(
     caplog.set_level(logging.WARNING, logger="voicebridge")
     wakes = Wakes()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_loop_lag, wakes)
+        nursery.start_soon(partial(watch_loop_lag, wakes, tick_s=TICK_S))
         await trio.sleep(0.055)  # the monitor woke at 0.05 and asked for 0.06
         # Synchronous work holds the loop for 0.3 s: nothing else can run meanwhile.
         autojump_clock.jump(0.3)
@@ -80,7 +84,7 @@ async def test_a_hold_shorter_than_the_stall_threshold_is_measured_but_not_logge
 ) -> None:
     wakes = Wakes()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_loop_lag, wakes)
+        nursery.start_soon(partial(watch_loop_lag, wakes, tick_s=TICK_S))
         await trio.sleep(0.015)
         autojump_clock.jump(STALL_WARNING_S - 0.001 + 0.005)  # 5 ms until it was due
         await trio.sleep(0.02)
@@ -100,7 +104,7 @@ async def test_a_real_blocking_call_shows_as_lag_and_a_warning(
     wakes = Wakes()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_loop_lag, wakes)
+            nursery.start_soon(partial(watch_loop_lag, wakes, tick_s=TICK_S))
             await trio.sleep(2 * TICK_S)
             time.sleep(hold_s)  # noqa: ASYNC251 -- holding the loop is the point
             await trio.sleep(2 * TICK_S)

@@ -167,7 +167,7 @@ class BridgeMetrics:
         self._rejected_by_path: dict[str, Counter] = {}
         self._loop_lag = Histogram(
             "voicebridge_event_loop_lag_seconds",
-            "How late the event loop woke a task that asked to wake every 10 ms: the "
+            "How late the event loop woke a task that asked to wake every 100 ms: the "
             "longest any call, webhook or watchdog ping could have waited for its turn.",
             buckets=LOOP_LAG_BUCKETS_S,
             registry=registry,
