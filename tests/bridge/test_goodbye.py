@@ -8,6 +8,8 @@ must let it finish rather than cut it into the fallback.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 import trio.testing
@@ -15,6 +17,7 @@ from trio import Nursery
 
 from tests.bridge.peers import (
     FakeTwilio,
+    FakeVapi,
     MemoryConnector,
     connected_frame,
     start_frame,
@@ -88,9 +91,12 @@ class _Tracker:
         self.records.append(record)
 
 
-async def test_a_drain_during_the_goodbye_lets_it_finish_as_a_normal_end(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+async def drain_after(speak: Callable[[FakeVapi], Awaitable[None]]) -> tuple[
+    CallRecord, FakeTwilio, float, float
+]:
+    """Run a call whose assistant does ``speak`` (from its first instant), then, 5 s
+    later, end it as the drain deadline does: its record, Twilio's side, when
+    ``speak`` returned, and what ``end`` answered (the goodbye left, in seconds)."""
     connector = MemoryConnector()
     bridge_side, twilio_side = memory_socket_pair()
     twilio = FakeTwilio(twilio_side)
@@ -109,14 +115,23 @@ async def test_a_drain_during_the_goodbye_lets_it_finish_as_a_normal_end(
             await twilio.socket.send(connected_frame())
             await twilio.socket.send(start_frame())
             nursery.start_soon(twilio.stream_media)
-            vapi = await start_vapi(connector, nursery)
-            await vapi.speak(GOODBYE_MS, paced=False)
-            await vapi.send_json(ENDED)
-            t_ended = trio.current_time()
+            await speak(await start_vapi(connector, nursery))
+            spoken_at = trio.current_time()
             await trio.sleep(5.0)
             [end] = tracker.ends
             left_s = end(Outcome.SHUTDOWN, "drain deadline passed")
     [record] = tracker.records
+    return record, twilio, spoken_at, left_s
+
+
+async def test_a_drain_during_the_goodbye_lets_it_finish_as_a_normal_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def goodbye(vapi: FakeVapi) -> None:
+        await vapi.speak(GOODBYE_MS, paced=False)
+        await vapi.send_json(ENDED)
+
+    record, twilio, t_ended, left_s = await drain_after(goodbye)
     assert record.outcome is Outcome.ASSISTANT_ENDED
     assert twilio.heard_bytes == GOODBYE_MS * 8
     # What was left: the goodbye's 20 s from the burst, less the 5 s already played,
@@ -128,30 +143,10 @@ async def test_a_drain_during_the_goodbye_lets_it_finish_as_a_normal_end(
 async def test_a_drain_before_the_assistant_ended_still_ends_the_call_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    connector = MemoryConnector()
-    bridge_side, twilio_side = memory_socket_pair()
-    twilio = FakeTwilio(twilio_side)
-    tracker = _Tracker()
-    call = Call(
-        bridge_side,
-        settings=SETTINGS,
-        connector=connector,
-        verify_token=verify_token,
-        tracker=tracker,
-    )
-    with trio.fail_after(600):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(call.run)
-            nursery.start_soon(twilio.read)
-            await twilio.socket.send(connected_frame())
-            await twilio.socket.send(start_frame())
-            nursery.start_soon(twilio.stream_media)
-            vapi = await start_vapi(connector, nursery)
-            await vapi.speak(GOODBYE_MS, paced=False)  # a long turn, not a goodbye
-            await trio.sleep(5.0)
-            [end] = tracker.ends
-            assert end(Outcome.SHUTDOWN, "drain deadline passed") == 0.0
-            ended_at = trio.current_time()
-    [record] = tracker.records
+    async def long_turn(vapi: FakeVapi) -> None:
+        await vapi.speak(GOODBYE_MS, paced=False)  # a long turn, not a goodbye
+
+    record, twilio, spoken_at, left_s = await drain_after(long_turn)
+    assert left_s == 0.0
     assert record.outcome is Outcome.SHUTDOWN
-    assert twilio.closed_at == pytest.approx(ended_at, abs=0.1)
+    assert twilio.closed_at == pytest.approx(spoken_at + 5.0, abs=0.1)

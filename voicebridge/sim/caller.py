@@ -1,7 +1,7 @@
 """The simulated Twilio side of one phone call: webhook, Media Stream, playout buffer, action.
 
 ``place_call`` drives our server exactly as Twilio Programmable Voice would for one
-inbound call (docs/PROTOCOLS.md §1): it POSTs the signed voice webhook, follows the
+inbound call (docs/protocols.md §1): it POSTs the signed voice webhook, follows the
 ``<Connect><Stream>`` answer by opening the Media Stream WebSocket, streams the
 caller's microphone at real time (20 ms μ-law frames, silence while the caller is
 quiet) while a script makes the caller speak, wait, press digits and hang up (or
@@ -1321,7 +1321,7 @@ class _MediaStream:
         return now_ms - last_speech_end_ms >= max(quiet_s * 1000, TURN_GAP_MS)
 
 
-# --- What the bridge may send Twilio (docs/PROTOCOLS.md §1) ------------------------
+# --- What the bridge may send Twilio (docs/protocols.md §1) ------------------------
 
 
 class _TwilioError(VoicebridgeError):
