@@ -33,8 +33,10 @@ WITNESS_EVERY_S = 0.1
 #: the server took every body whole: +95 MiB for 20 chunked 4 MiB bodies.
 MAX_FIRST_WAVE_KIB = 8 * 1024
 #: And over the measured wave, once the allocator holds that working set: hundreds of
-#: 4 MiB bodies later, nothing has piled up.
-MAX_GROWTH_KIB = 4 * 1024
+#: 4 MiB bodies later, nothing has piled up. Alone, the wave grows this process by
+#: about 0.5 MiB; after the rest of the suite (this process's heap holds all of it) by
+#: up to 6 MiB of fragmentation. Unfixed, +40 MiB, and a body piling up is 4 MiB.
+MAX_GROWTH_KIB = 12 * 1024
 REPO = Path(__file__).resolve().parents[2]
 
 
