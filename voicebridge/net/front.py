@@ -235,6 +235,69 @@ async def serve_front(
     ended (or been cancelled ``config.graceful_timeout`` later), then the lifespan
     shutdown ran. Cancelled, it closes the listeners and every connection at once.
     """
+    def start_accepting(
+        host: HypercornHost, accept_nursery: trio.Nursery, connection_nursery: trio.Nursery
+    ) -> None:
+        front = _Front(
+            host.app,
+            config,
+            host.context,
+            host.state,
+            media_path,
+            media,
+            limits,
+            counters if counters is not None else FrontCounters(),
+            preread_paths,
+        )
+        for listener in listeners:
+            accept_nursery.start_soon(front.accept_loop, listener, connection_nursery)
+        accept_nursery.start_soon(front.shed_dribblers)
+
+    await serve_hypercorn(
+        app,
+        config,
+        listeners,
+        start_accepting=start_accepting,
+        shutdown_trigger=shutdown_trigger,
+        task_status=task_status,
+    )
+
+
+@attrs.frozen
+class HypercornHost:
+    """What hypercorn's per-connection server needs, once the app's lifespan started."""
+
+    #: The app as hypercorn wraps it.
+    app: object
+    context: WorkerContext
+    #: Copied from the lifespan state after startup, as ``worker_serve`` does: what the
+    #: app's startup put there reaches every request (a shallow copy each).
+    state: ConnectionState
+
+
+#: Starts a server's accept loops in the first nursery; they serve each connection as
+#: a task of the second, which shutdown cancels ``graceful_timeout`` after its trigger.
+StartAccepting = Callable[[HypercornHost, trio.Nursery, trio.Nursery], None]
+
+
+async def serve_hypercorn(
+    app: ASGIFramework,
+    config: HypercornConfig,
+    listeners: Sequence[socket.socket],
+    *,
+    start_accepting: StartAccepting,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``app``'s lifespan around accept loops that ``start_accepting`` starts, as
+    ``hypercorn.trio.worker_serve`` does around its own (the front door and the ops
+    listener accept for themselves). ``listeners`` are owned and closed here.
+
+    Started (``task_status``) once the lifespan startup is done and the accept loops
+    run. Returns once ``shutdown_trigger`` has returned and every connection has ended
+    (or been cancelled ``config.graceful_timeout`` later), then the lifespan shutdown
+    ran. Cancelled, it closes the listeners and every connection at once.
+    """
     config.set_statsd_logger_class(StatsdLogger)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, object] = {}
@@ -244,33 +307,16 @@ async def serve_front(
         async with trio.open_nursery() as lifespan_nursery:
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
-            # After startup, as worker_serve does: what the app's startup put in the
-            # lifespan state reaches every request (a shallow copy each).
-            state = ConnectionState(lifespan_state.copy())
-            front = _Front(
-                wrapped,
-                config,
-                context,
-                state,
-                media_path,
-                media,
-                limits,
-                counters if counters is not None else FrontCounters(),
-                preread_paths,
-            )
+            host = HypercornHost(wrapped, context, ConnectionState(lifespan_state.copy()))
             async with trio.open_nursery() as connection_nursery:
                 try:
                     async with trio.open_nursery() as accept_nursery:
-                        for listener in listeners:
-                            accept_nursery.start_soon(
-                                front.accept_loop, listener, connection_nursery
-                            )
-                        accept_nursery.start_soon(front.shed_dribblers)
+                        start_accepting(host, accept_nursery, connection_nursery)
                         task_status.started()
                         await shutdown_trigger()
                         accept_nursery.cancel_scope.cancel(reason="shutting down")
                 finally:
-                    _close_listeners(listeners)
+                    close_listeners(listeners)
                     await context.terminated.set()
                     connection_nursery.cancel_scope.deadline = (
                         trio.current_time() + config.graceful_timeout
@@ -278,10 +324,11 @@ async def serve_front(
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel(reason="shut down")
     finally:
-        _close_listeners(listeners)
+        close_listeners(listeners)
 
 
-def _close_listeners(listeners: Sequence[socket.socket]) -> None:
+def close_listeners(listeners: Sequence[socket.socket]) -> None:
+    """Close the listening sockets still open (waking whoever waits on them)."""
     for listener in listeners:
         if listener.fileno() >= 0:
             trio.lowlevel.notify_closing(listener)

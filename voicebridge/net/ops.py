@@ -26,12 +26,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.statsd import StatsdLogger
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIFramework, ConnectionState
-from hypercorn.utils import wrap_app
+from hypercorn.typing import ASGIFramework
+
+from voicebridge.net.front import HypercornHost, serve_hypercorn
 
 log = logging.getLogger(__name__)
 
@@ -129,53 +127,37 @@ async def serve_ops(
     has ended, or been cancelled ``config.graceful_timeout`` later. Cancelled, it closes
     the listeners and cancels its connections at once.
     """
-    config.set_statsd_logger_class(StatsdLogger)
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
-    lifespan_state: dict[str, object] = {}
-    lifespan = Lifespan(wrapped, config, lifespan_state)
-    context = WorkerContext(None)
-    try:
-        async with trio.open_nursery() as lifespan_nursery:
-            await lifespan_nursery.start(lifespan.handle_lifespan)
-            await lifespan.wait_for_startup()
-            # Copied after the startup, as hypercorn does: what the app's startup put in
-            # the lifespan state reaches every request.
-            state = ConnectionState(lifespan_state.copy())
-            slots = trio.Semaphore(MAX_OPS_CONNECTIONS)
+    slots = trio.Semaphore(MAX_OPS_CONNECTIONS)
 
-            async def serve_connection(conn: socket.socket) -> None:
-                """One ops connection, holding one of the ``slots`` until it ends."""
-                try:
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                    server = TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
-                    await server.run()
-                except Exception:
-                    log.error("an ops connection failed with a bug; closed it", exc_info=True)
-                finally:
-                    slots.release()
-                    if conn.fileno() >= 0:
-                        conn.close()
+    def start_accepting(
+        host: HypercornHost, accept_nursery: trio.Nursery, connection_nursery: trio.Nursery
+    ) -> None:
+        async def serve_connection(conn: socket.socket) -> None:
+            """One ops connection, holding one of the ``slots`` until it ends."""
+            try:
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+                server = TCPServer(host.app, config, host.context, host.state, stream)  # type: ignore[arg-type]
+                await server.run()
+            except Exception:
+                log.error("an ops connection failed with a bug; closed it", exc_info=True)
+            finally:
+                slots.release()
+                if conn.fileno() >= 0:
+                    conn.close()
 
-            async with trio.open_nursery() as connection_nursery:
-                try:
-                    async with trio.open_nursery() as accept_nursery:
-                        for listener in listeners:
-                            accept_nursery.start_soon(
-                                _accept_loop, listener, slots, connection_nursery, serve_connection
-                            )
-                        task_status.started()
-                        await shutdown_trigger()
-                        accept_nursery.cancel_scope.cancel(reason="ops listener shutting down")
-                finally:
-                    _close_listeners(listeners)
-                    await context.terminated.set()
-                    connection_nursery.cancel_scope.deadline = (
-                        trio.current_time() + config.graceful_timeout
-                    )
-            await lifespan.wait_for_shutdown()
-            lifespan_nursery.cancel_scope.cancel(reason="ops listener shut down")
-    finally:
-        _close_listeners(listeners)
+        for listener in listeners:
+            accept_nursery.start_soon(
+                _accept_loop, listener, slots, connection_nursery, serve_connection
+            )
+
+    await serve_hypercorn(
+        app,
+        config,
+        listeners,
+        start_accepting=start_accepting,
+        shutdown_trigger=shutdown_trigger,
+        task_status=task_status,
+    )
 
 
 async def _accept_loop(
@@ -223,8 +205,3 @@ async def _accept(listener: socket.socket) -> socket.socket:
         return conn
 
 
-def _close_listeners(listeners: Sequence[socket.socket]) -> None:
-    for listener in listeners:
-        if listener.fileno() >= 0:
-            trio.lowlevel.notify_closing(listener)
-            listener.close()
