@@ -3,6 +3,7 @@
 #   ./bootstrap.sh          the daemon and its demo
 #   ./bootstrap.sh --test   also the test tools, and systemd's tools the tests use
 #                           (systemd-journald, systemd-socket-activate, systemd-analyze)
+#                           and Prometheus (prometheus, promtool)
 # Versions are pinned by constraints.txt, so every install is the same.
 set -eu
 cd "$(dirname "$0")"
@@ -20,6 +21,10 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages="python3-venv"
 if [ "$want_tests" = yes ] && ! { [ -x /lib/systemd/systemd-journald ] &&
         command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null; }; then
     apt_packages="$apt_packages systemd"
+fi
+# Prometheus and promtool: the alert rules' tests and the dashboard's queries (tests/observability).
+if [ "$want_tests" = yes ] && ! { command -v prometheus >/dev/null && command -v promtool >/dev/null; }; then
+    apt_packages="$apt_packages prometheus"
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing Debian packages:$apt_packages"

@@ -15,11 +15,14 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
+from voicebridge import __version__
 from voicebridge.bridge.outcome import BargeIn, CallRecord, Outcome
+from voicebridge.config import Secret
 from voicebridge.observability.looplag import STALL_WARNING_S, TICK_S
 from voicebridge.observability.metrics import (
     MAX_STREAM_ERROR_CODES,
     OTHER_STREAM_ERROR,
+    UNKNOWN_TOOL,
     BridgeMetrics,
 )
 from voicebridge.sim.caller import Speak, WaitForAssistant, WaitForAssistantDone, place_call
@@ -37,8 +40,9 @@ def parse(text: str) -> Samples:
     }
 
 
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+def value(samples: Samples, name: str, *, worker: str = "0", **labels: str) -> float:
+    """The sample ``name`` with exactly ``labels`` and the ``worker`` label every one has."""
+    return samples[(name, tuple(sorted({**labels, "worker": worker}.items())))]
 
 
 async def scrape(bridge: Bridge) -> Samples:
@@ -235,3 +239,102 @@ def test_stream_errors_are_counted_by_code_within_a_bounded_label_set() -> None:
     assert len(counted) == MAX_STREAM_ERROR_CODES + 1
     assert counted[OTHER_STREAM_ERROR] == 12
     assert sum(counted.values()) == 3 + MAX_STREAM_ERROR_CODES + 10
+
+
+def test_every_sample_has_the_worker_label_and_no_created_series() -> None:
+    metrics = BridgeMetrics(worker="3")
+    metrics.call_ended(record())
+    text = metrics.exposition(active_calls=0, admitting=True, max_calls=7).decode()
+    families = list(text_string_to_metric_families(text))
+    samples = [sample for family in families for sample in family.samples]
+    assert samples and all(sample.labels.get("worker") == "3" for sample in samples)
+    # A counter's _created series reads like a count of calls: none is exported.
+    assert not [sample.name for sample in samples if sample.name.endswith("_created")]
+    assert value(parse(text), "voicebridge_calls_total", worker="3", outcome="caller-hung-up") == 1
+
+
+def test_the_standard_collectors_build_info_and_capacity_are_exported() -> None:
+    started = time.time()
+    samples = parse(
+        BridgeMetrics().exposition(active_calls=2, admitting=True, max_calls=40).decode()
+    )
+    names = {name for name, _ in samples}
+    # Process, platform and garbage-collector series, as the default registry has them.
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_max_fds",
+            "process_cpu_seconds_total", "python_info",
+            "python_gc_collections_total"} <= names
+    # This process started before the test did, and not long before (the boot time is
+    # taken from the clocks, not from /proc/stat, which the unit's sandbox hides).
+    start = value(samples, "process_start_time_seconds")
+    assert started - 3600 < start <= started
+    [build] = [labels for name, labels in samples if name == "voicebridge_build_info"]
+    assert dict(build)["version"] == __version__
+    assert value(samples, "voicebridge_max_concurrent_calls") == 40
+    assert value(samples, "voicebridge_active_calls") == 2
+
+
+def test_assistant_leg_failures_are_counted_by_kind() -> None:
+    metrics = BridgeMetrics()
+    failed = {"outcome": Outcome.ASSISTANT_LEG_FAILED, "detail": "x"}
+    for kind in ("auth", "auth", "unresponsive", "ended"):
+        metrics.call_ended(record(leg_failure=kind, **failed))
+    metrics.call_ended(record())
+    samples = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    counted = {
+        dict(labels)["kind"]: count
+        for (name, labels), count in samples.items()
+        if name == "voicebridge_assistant_leg_failures_total"
+    }
+    assert counted == {
+        "auth": 2, "rejected": 0, "server": 0, "timeout": 0, "refused": 0, "dropped": 0,
+        "unresponsive": 1, "protocol": 0, "ended": 1,
+    }
+
+
+def test_reloads_set_the_last_result_and_time() -> None:
+    now = [1000.0]
+    metrics = BridgeMetrics(wall_clock=lambda: now[0])
+    first = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    now[0] = 1060.0
+    metrics.config_loaded("refused")
+    refused = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    now[0] = 1120.0
+    metrics.config_loaded("applied")
+    applied = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    # The start is a successful load.
+    assert value(first, "voicebridge_config_last_reload_successful") == 1
+    assert value(first, "voicebridge_config_last_reload_timestamp_seconds") == 1000.0
+    assert value(refused, "voicebridge_config_last_reload_successful") == 0
+    assert value(refused, "voicebridge_config_last_reload_timestamp_seconds") == 1060.0
+    assert value(applied, "voicebridge_config_last_reload_successful") == 1
+    assert value(applied, "voicebridge_config_last_reload_timestamp_seconds") == 1120.0
+    assert value(applied, "voicebridge_config_reloads_total", result="refused") == 1
+    assert value(applied, "voicebridge_config_reloads_total", result="applied") == 1
+
+
+def test_tool_calls_and_dropped_log_entries_are_counted() -> None:
+    dropped = [0]
+    metrics = BridgeMetrics(dropped_log_entries=lambda: dropped[0])
+    metrics.tool_called("lookup", "ok")
+    metrics.tool_called("lookup", "ok")
+    metrics.tool_called("lookup", "error")
+    metrics.tool_called(UNKNOWN_TOOL, "error")
+    dropped[0] = 5
+    samples = parse(metrics.exposition(active_calls=0, admitting=True).decode())
+    assert value(samples, "voicebridge_tool_calls_total", tool="lookup", result="ok") == 2
+    assert value(samples, "voicebridge_tool_calls_total", tool="lookup", result="error") == 1
+    assert value(samples, "voicebridge_tool_calls_total", tool=UNKNOWN_TOOL, result="error") == 1
+    assert value(samples, "voicebridge_log_entries_dropped_total") == 5
+
+
+async def test_a_revoked_vapi_key_shows_as_auth_failures_of_the_assistant_leg() -> None:
+    script = (WaitForAssistantDone(quiet_s=0.3),)
+    # The bridge's key is not the one the simulated Vapi accepts (401).
+    wrong = {"vapi_api_key": Secret("revoked-" + "0" * 16)}
+    with trio.fail_after(30):
+        async with running_bridge(credentials=wrong) as bridge:
+            reports = [await place_call(bridge.caller, script) for _ in range(2)]
+            samples = await scrape(bridge)
+    assert all(bridge.record(r.call_sid).outcome is Outcome.ASSISTANT_LEG_FAILED for r in reports)
+    assert value(samples, "voicebridge_assistant_leg_failures_total", kind="auth") == 2
+    assert value(samples, "voicebridge_calls_total", outcome="assistant-leg-failed") == 2

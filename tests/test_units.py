@@ -59,7 +59,7 @@ WORKERS_DROP_IN = "[Socket]\nService=voicebridge@0.service\n"
 #: (the template names its instance's own ops socket).
 TEMPLATE_ONLY = {("Service", "CPUAffinity")}
 MAY_DIFFER = {("Unit", "Description"), ("Unit", "After"), ("Service", "Sockets"),
-              ("Install", "Also")}
+              ("Install", "Also"), ("Service", "Environment")}
 
 
 def stand_in_binary() -> str:

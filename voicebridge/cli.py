@@ -13,7 +13,7 @@ import trio
 from voicebridge import __version__
 from voicebridge.config import DEFAULT_CONFIG_PATH, check_config_main, load_config
 from voicebridge.errors import ConfigError
-from voicebridge.observability.logs import configure_logging
+from voicebridge.observability.logs import configure_logging, log_event
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +115,15 @@ def _serve(config_path: str) -> int:
         return 2
     configure_logging(config.server.log_level.upper(), target=config.server.log_target)
     log = logging.getLogger("voicebridge")
+    log_event(
+        log,
+        logging.INFO,
+        "starting",
+        f"voicebridge {__version__} starting with {config_path}",
+        version=__version__,
+        config_path=config_path,
+        worker=config.server.worker,
+    )
     # Taken from the environment (and removed from it) so that no child inherits them.
     notifier = Notifier.from_environ(unset_environment=True)
     watchdog_s = watchdog_interval()

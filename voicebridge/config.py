@@ -289,6 +289,21 @@ class CallerAction:
     dial: str = field(default="", validator=_e164_or_empty)
 
 
+def _worker_name(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", value):
+        raise ConfigError(
+            attribute.name,
+            "must be 1 to 32 letters, digits, '_', '.' or '-' (the systemd instance name), "
+            f"got {_show(value)}",
+        )
+
+
+def _cidr_list_field(
+    instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    _cidr_list(instance, attribute, value)
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     """``[server]``: where the HTTP/WebSocket server listens and how many calls it takes."""
@@ -314,6 +329,15 @@ class ServerConfig:
     #: Directory the processes of one box share (call outcomes, used stream tokens), on
     #: tmpfs. Empty: ``$RUNTIME_DIRECTORY`` when systemd sets it, else nothing is shared.
     shared_dir: str = field(default="", validator=_absolute_path_or_empty)
+    #: This process's name in the ``worker`` label of its metrics: ``voicebridge@N.service``
+    #: sets ``VOICEBRIDGE_SERVER_WORKER=N``; a single process is worker 0.
+    worker: str = field(default="0", validator=_worker_name)
+    #: Proxies (addresses or CIDR networks) whose ``X-Forwarded-For`` / ``Forwarded``
+    #: header names the client: ``REMOTE=`` in the log is then the client's address. A
+    #: request from any other peer is logged with the peer's own address.
+    trusted_proxies: tuple[str, ...] = field(default=(), validator=_cidr_list_field)
+    #: Log callers' numbers with all but their last 4 digits masked (``+1555•••0123``).
+    mask_caller_numbers: bool = False
 
 
 def _cidr_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:

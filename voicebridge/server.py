@@ -61,7 +61,11 @@ from voicebridge.net.front import (
 )
 from voicebridge.net.ops import bind_ops_listener, ops_hypercorn_config, serve_ops
 from voicebridge.net.transport import SocketTransport
-from voicebridge.observability.logs import log_event, run_suppression_reports
+from voicebridge.observability.logs import (
+    log_event,
+    run_suppression_reports,
+    set_number_masking,
+)
 from voicebridge.observability.looplag import watch_loop_lag
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
@@ -160,6 +164,8 @@ def build_services(
     and new tokens work across processes.
     """
     credentials = config.credentials
+    if metrics is None:
+        metrics = BridgeMetrics(worker=config.server.worker)
     if registry is None:
         registry = CallRegistry(
             max_calls=config.server.max_concurrent_calls,
@@ -197,9 +203,9 @@ def build_services(
         ),
         call_settings=CallSettings.from_config(config),
         control=ControlPlane.from_config(
-            config, http, voice_url=config.server.public_url + VOICE_PATH
+            config, http, voice_url=config.server.public_url + VOICE_PATH, observer=metrics
         ),
-        metrics=metrics if metrics is not None else BridgeMetrics(),
+        metrics=metrics,
     )
 
 
@@ -230,6 +236,7 @@ async def serve(
     the shared directory cannot be made; raises ``ConfigError`` when ``ops_listen`` is
     the address of a public listener.
     """
+    set_number_masking(config.server.mask_caller_numbers)
     sockets = list(listeners) or [bind_listener(config.server.listen)]
     ensure_descriptor_limit(descriptors_needed(config.edge, config.server.max_concurrent_calls))
     addresses = tuple(_address(sock) for sock in sockets)
@@ -537,10 +544,13 @@ class _ServerProcess:
                 key=exc.key or None,
                 reason=exc.reason,
             )
+            old.metrics.config_loaded("refused")
             self.notifier.ready(status=self.status_text())
             return
         self.services = services
+        services.metrics.config_loaded("applied")
         logging.getLogger("voicebridge").setLevel(new.server.log_level.upper())
+        set_number_masking(new.server.mask_caller_numbers)
         if restart_only:
             log_event(
                 log,

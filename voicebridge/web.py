@@ -340,7 +340,9 @@ def create_ops_app(get_services: Callable[[], Services]) -> QuartTrio:
         services = get_services()
         registry = services.registry
         body = services.metrics.exposition(
-            active_calls=registry.active_count, admitting=registry.admitting
+            active_calls=registry.active_count,
+            admitting=registry.admitting,
+            max_calls=registry.max_calls,
         )
         return Response(body, status=200, content_type=METRICS_CONTENT_TYPE)
 

@@ -34,7 +34,7 @@ from typing import Any, Protocol, assert_never
 import trio
 from attrs import Factory, frozen
 
-from voicebridge.bridge.outcome import CallRecord, Handover, Outcome
+from voicebridge.bridge.outcome import CallRecord, Handover, LegFailure, Outcome
 from voicebridge.bridge.playout import Playout
 from voicebridge.codec import LegCodec
 from voicebridge.config import Config, KeypadConfig
@@ -336,6 +336,7 @@ class Call:
         self._call_scope: trio.CancelScope | None = None
         self._outcome: Outcome | None = None
         self._detail = ""
+        self._leg_failure: LegFailure | None = None
         # Vapi's endedReason once it ended the call (log-safe form); "" before.
         self._ended_reason = ""
         self._call_sid = ""
@@ -667,7 +668,7 @@ class Call:
                     "server.max_concurrent_calls to it",
                 )
             else:
-                self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc))
+                self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc), leg_failure=exc.kind)
 
     async def _run_assistant_leg(self, socket: PingableSocket) -> None:
         playout = Playout(
@@ -749,13 +750,22 @@ class Call:
                     )
                     self._end(Outcome.ASSISTANT_ENDED, "Vapi closed the socket")
                 else:
-                    self._end(Outcome.ASSISTANT_LEG_FAILED, f"dropped: Vapi socket lost ({exc})")
+                    self._end(
+                        Outcome.ASSISTANT_LEG_FAILED,
+                        f"dropped: Vapi socket lost ({exc})",
+                        leg_failure="dropped",
+                    )
             except RemoteProtocolError as exc:
-                self._end(Outcome.ASSISTANT_LEG_FAILED, f"protocol: Vapi message: {exc}")
+                self._end(
+                    Outcome.ASSISTANT_LEG_FAILED,
+                    f"protocol: Vapi message: {exc}",
+                    leg_failure="protocol",
+                )
         if silence_scope.cancelled_caught:
             self._end(
                 Outcome.ASSISTANT_LEG_FAILED,
                 f"unresponsive: nothing from Vapi for {silence_s:g} s",
+                leg_failure="unresponsive",
             )
 
     async def _on_speech_update(self, event: vp.SpeechUpdate, playout: Playout) -> None:
@@ -902,7 +912,11 @@ class Call:
                             trio.current_time() - self._latency_probe_at
                         )
         except SocketWriteTimeout:
-            self._end(Outcome.ASSISTANT_LEG_FAILED, "unresponsive: Vapi stopped reading")
+            self._end(
+                Outcome.ASSISTANT_LEG_FAILED,
+                "unresponsive: Vapi stopped reading",
+                leg_failure="unresponsive",
+            )
         except SocketClosed:
             # The reader sees the same close and knows whether it was clean. Caller
             # audio has nowhere to go now; it is not "dropped under backpressure".
@@ -936,15 +950,21 @@ class Call:
                 self._end(
                     Outcome.ASSISTANT_LEG_FAILED,
                     f"unresponsive: no pong within {settings.pong_deadline_s:g} s",
+                    leg_failure="unresponsive",
                 )
                 return
 
     # -- ending --------------------------------------------------------------------
 
-    def _set_outcome(self, outcome: Outcome, detail: str) -> None:
+    def _set_outcome(
+        self, outcome: Outcome, detail: str, *, leg_failure: LegFailure | None = None
+    ) -> None:
         if self._outcome is None:
             self._outcome = outcome
             self._detail = detail
+            if outcome is Outcome.ASSISTANT_LEG_FAILED:
+                # Vapi's own ending for a failure has no kind of ours: "ended".
+                self._leg_failure = leg_failure or "ended"
 
     def end(self, outcome: Outcome, detail: str) -> float:
         """End the call from outside (e.g. the drain deadline passed); safe at any time.
@@ -1002,12 +1022,15 @@ class Call:
                     inbox, vp.add_message(role="system", content=answer)
                 )
 
-    def _end(self, outcome: Outcome, detail: str) -> None:
-        """Record why the call ends (the first reason wins) and cancel the call's tasks."""
+    def _end(
+        self, outcome: Outcome, detail: str, *, leg_failure: LegFailure | None = None
+    ) -> None:
+        """Record why the call ends (the first reason wins) and cancel the call's tasks;
+        ``leg_failure`` says how, for ``ASSISTANT_LEG_FAILED``."""
         if self._handover is not None and outcome is Outcome.ASSISTANT_ENDED:
             # The assistant hung up during the handover's goodbye: the handover still wins.
             outcome, detail = self._handover.outcome, self._handover.detail
-        self._set_outcome(outcome, detail)
+        self._set_outcome(outcome, detail, leg_failure=leg_failure)
         self._ending.fire(f"call ending: {outcome.value}")
         if self._call_scope is not None:
             # The (shielded) wind-down has its own bounds; this backstop keeps a bug in
@@ -1057,6 +1080,7 @@ class Call:
             frames_dropped=self._frames_dropped,
             caller_audio_bytes=self._caller_audio_bytes,
             ended_reason=self._ended_reason,
+            leg_failure=self._leg_failure,
             assistant_bytes=stats.assistant_bytes if stats else 0,
             media_messages_to_caller=stats.media_messages if stats else 0,
             heard_ms=stats.heard_ms if stats else 0,
@@ -1103,6 +1127,7 @@ def _log_call_end(record: CallRecord, *, began: bool, remote: str) -> None:
         vapi_call_id=record.vapi_call_id or None,
         outcome=outcome.value,
         ended_reason=record.ended_reason or None,
+        leg_failure=record.leg_failure,
         detail=record.detail,
         duration_s=round(record.duration_s, 3),
         frames_from_caller=record.frames_from_caller,

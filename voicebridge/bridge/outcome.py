@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from attrs import frozen
+
+#: How an assistant leg failed (``Outcome.ASSISTANT_LEG_FAILED``): one of Vapi's error
+#: kinds when creating or connecting the call (``vapi.client.VapiError``; ``limit`` is
+#: ``ASSISTANT_OVER_LIMIT`` instead), ``dropped``/``unresponsive``/``protocol`` mid-call,
+#: or ``ended`` when Vapi ended the call for a failure.
+LegFailure = Literal[
+    "auth", "rejected", "server", "timeout", "refused", "dropped", "unresponsive", "protocol",
+    "ended",
+]
 
 
 class Outcome(enum.Enum):
@@ -99,3 +109,5 @@ class CallRecord:
     caller_audio_bytes: int = 0
     #: Vapi's ``endedReason`` when Vapi ended the call (``status-update`` ended); else "".
     ended_reason: str = ""
+    #: How the assistant leg failed, for ``Outcome.ASSISTANT_LEG_FAILED``; else None.
+    leg_failure: LegFailure | None = None

@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 import orjson
@@ -33,6 +33,7 @@ from voicebridge.control.auth import WebhookAuthenticator
 from voicebridge.control.tools import ResultMemory, ToolContext, ToolDispatcher
 from voicebridge.errors import VoicebridgeError
 from voicebridge.observability.logs import FieldValue, log_event
+from voicebridge.observability.metrics import UNKNOWN_TOOL, ToolCallResult
 from voicebridge.twilio.rest import TwilioRest, TwilioRestError
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,16 @@ def _hangup_twiml() -> str:
     return str(response)
 
 
+class ControlObserver(Protocol):
+    """What call control reports to the metrics (``BridgeMetrics``)."""
+
+    def webhook_rejected(self, path: str) -> None:
+        """A webhook to ``path`` was refused for its credentials (401)."""
+
+    def tool_called(self, tool: str, result: ToolCallResult) -> None:
+        """A tool call was answered; ``tool`` is a configured name or ``UNKNOWN_TOOL``."""
+
+
 class ControlPlane:
     """Answers Vapi's webhooks and acts on calls; ``bridge.call.CallControl`` for live calls."""
 
@@ -93,8 +104,11 @@ class ControlPlane:
         dispatcher: ToolDispatcher,
         rest: TwilioRest | None,
         voice_url: str,
+        observer: ControlObserver | None = None,
     ) -> None:
         self._config = config
+        #: Counts rejected webhooks and tool calls (the metrics); None: nothing counts.
+        self.observer = observer
         self._dispatcher = dispatcher
         self._rest = rest
         self._voice_url = voice_url
@@ -113,7 +127,12 @@ class ControlPlane:
 
     @classmethod
     def from_config(
-        cls, config: Config, http: httpx.AsyncClient, *, voice_url: str
+        cls,
+        config: Config,
+        http: httpx.AsyncClient,
+        *,
+        voice_url: str,
+        observer: ControlObserver | None = None,
     ) -> ControlPlane:
         """Import the tool handlers (``ConfigError`` for a bad one) and build the REST client
         when the Twilio account and auth token are configured."""
@@ -121,7 +140,9 @@ class ControlPlane:
             config.tools.handlers, deadline_s=config.tools.deadline_s, http=http
         )
         rest = TwilioRest.from_config(http, config)
-        return cls(config, dispatcher=dispatcher, rest=rest, voice_url=voice_url)
+        return cls(
+            config, dispatcher=dispatcher, rest=rest, voice_url=voice_url, observer=observer
+        )
 
     @property
     def config(self) -> Config:
@@ -245,6 +266,17 @@ class ControlPlane:
         return name in (tools.transfer_tool, tools.end_call_tool) or self._dispatcher.knows(name)
 
     async def _run_tool(self, call: msg.ToolCall, ref: msg.CallRef, spawn: Spawn) -> msg.ToolResult:
+        """One tool call's result (run once per tool call id), counted by tool and result."""
+        result = await self._tool_result(call, ref, spawn)
+        if self.observer is not None:
+            # Vapi names the tool: only configured names become label values.
+            tool = call.name if self._known(call.name) else UNKNOWN_TOOL
+            self.observer.tool_called(tool, "error" if result.error else "ok")
+        return result
+
+    async def _tool_result(
+        self, call: msg.ToolCall, ref: msg.CallRef, spawn: Spawn
+    ) -> msg.ToolResult:
         tools = self._config.tools
         if tools.transfer_tool and call.name == tools.transfer_tool:
             return self._transfer_tool(call, ref, spawn)

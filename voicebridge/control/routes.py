@@ -129,6 +129,7 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
             authenticator.verify_headers(headers=headers, now=now)
         except WebhookAuthError as exc:
             log_rejected(exc.reason, str(exc))
+            _count_rejected(plane)
             return _error(401, "unauthorized")
         try:
             body = await read_body(config.control.max_body_bytes)
@@ -144,6 +145,7 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
                 )
             except WebhookAuthError as exc:
                 log_rejected(exc.reason, str(exc))
+                _count_rejected(plane)
                 return _error(401, "unauthorized")
         try:
             message = msg.parse_webhook(body)
@@ -161,6 +163,7 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         given = request.headers.get("Authorization", "")
         if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             log_rejected("mismatch", "outbound call request without the control API token")
+            _count_rejected(plane)
             return _error(401, "unauthorized")
         try:
             document = orjson.loads(await read_body(MAX_CALL_REQUEST_BYTES))
@@ -190,6 +193,12 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
             log.warning("outbound call to %s failed: %s", to, exc)
             return _error(502, "Twilio refused the call")
         return _json_response({"callSid": call_sid}, 201)
+
+
+def _count_rejected(plane: ControlPlane) -> None:
+    """Count the request being answered 401 (``voicebridge_webhook_auth_failures_total``)."""
+    if plane.observer is not None:
+        plane.observer.webhook_rejected(request.path)
 
 
 def log_rejected(

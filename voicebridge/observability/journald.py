@@ -10,8 +10,9 @@ oversized values are truncated and the entry carries ``VB_TRUNCATED=<field names
 Every entry has ``MESSAGE``, ``PRIORITY``, ``SYSLOG_IDENTIFIER``, ``CODE_FILE``,
 ``CODE_LINE``, ``CODE_FUNC``, ``LOGGER``, the record's structured fields
 (``record.vb_fields``, see :mod:`voicebridge.observability.logs`) and, when the record
-carries an exception, ``EXCEPTION_TYPE`` and ``EXCEPTION_TEXT``. The message and the
-field values are escaped and bounded exactly as on stderr (``render_message``,
+carries an exception, ``EXCEPTION_TYPE`` and ``EXCEPTION_TEXT``; an event the catalog
+explains also has its fixed ``MESSAGE_ID`` (``voicebridge.observability.catalog``).
+The message and the field values are escaped and bounded exactly as on stderr (``render_message``,
 ``render_value``): a peer's newline or escape sequence is stored as visible text, so
 ``journalctl`` shows one line where the peer sent two. Only a traceback keeps its newlines.
 
@@ -37,6 +38,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Literal, TextIO
 
+from voicebridge.observability.catalog import MESSAGE_IDS, message_id
 from voicebridge.observability.logs import (
     FieldValue,
     escape_lines,
@@ -64,6 +66,7 @@ TRUNCATED_VALUE_BYTES = 32 * 1024
 RESERVED_FIELDS = frozenset(
     {
         "MESSAGE",
+        "MESSAGE_ID",
         "PRIORITY",
         "SYSLOG_IDENTIFIER",
         "CODE_FILE",
@@ -210,7 +213,11 @@ class JournaldHandler(logging.Handler):
             if exc_type is not None:
                 fields.append(("EXCEPTION_TYPE", f"{exc_type.__module__}.{exc_type.__qualname__}"))
             fields.append(("EXCEPTION_TEXT", exception_text))
-        fields += _structured_fields(record_fields(record))
+        structured = record_fields(record)
+        fields += _structured_fields(structured)
+        known = message_id(structured.get("EVENT"), structured.get("OUTCOME"))
+        if known is not None:
+            fields.append(("MESSAGE_ID", known))
         return fields
 
     def _exception_text(self, record: logging.LogRecord) -> str:
@@ -288,6 +295,7 @@ class JournaldHandler(logging.Handler):
                 ("LOGGER", __name__),
                 ("EVENT", "log-entries-dropped"),
                 ("VB_DROPPED", str(count)),
+                ("MESSAGE_ID", MESSAGE_IDS["log-entries-dropped"]),
             ]
         )
         try:
@@ -347,3 +355,13 @@ def _sealed_memfd(payload: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def installed_dropped_count() -> int:
+    """Entries dropped so far by the journald handler on the ``voicebridge`` logger
+    (``configure_logging``); 0 when there is none (text lines on stderr)."""
+    return sum(
+        handler.dropped
+        for handler in logging.getLogger("voicebridge").handlers
+        if isinstance(handler, JournaldHandler)
+    )

@@ -266,6 +266,64 @@ class SecretFieldFilter(logging.Filter):
         return True
 
 
+#: Fields that carry a phone number of a caller or callee: the caller on ``call-start``,
+#: the number called on ``call-placed``.
+NUMBER_FIELDS = frozenset({"CALLER", "TO"})
+#: Digits a masked number keeps at its end.
+NUMBER_DIGITS_SHOWN = 4
+
+
+def mask_number(value: str) -> str:
+    """``value`` with every digit but the last ``NUMBER_DIGITS_SHOWN`` as ``x``:
+    ``+15551230123`` is ``+xxxxxxx0123``. Whatever is not a digit stays."""
+    digits = sum(char.isdigit() for char in value)
+    hide = max(0, digits - NUMBER_DIGITS_SHOWN)
+    out: list[str] = []
+    for char in value:
+        if char.isdigit() and hide:
+            out.append("x")
+            hide -= 1
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+class NumberMaskFilter(logging.Filter):
+    """Masks phone numbers in ``NUMBER_FIELDS`` while ``enabled``
+    (``server.mask_caller_numbers``; ``set_number_masking`` switches it on reload)."""
+
+    def __init__(self, *, enabled: bool = False) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.enabled:
+            return True
+        fields = record_fields(record)
+        numbers = [v for k, v in fields.items() if k in NUMBER_FIELDS and isinstance(v, str) and v]
+        if not numbers:
+            return True
+        setattr(
+            record,
+            FIELDS_ATTR,
+            {k: mask_number(v) if v in numbers else v for k, v in fields.items()},
+        )
+        # The message may name the number too ("outbound call … to +1555…").
+        message = record.getMessage()
+        for number in numbers:
+            message = message.replace(number, mask_number(number))
+        record.msg, record.args = message, None
+        return True
+
+
+def set_number_masking(enabled: bool) -> None:
+    """Mask callers' numbers (or stop) on the handlers ``configure_logging`` installed."""
+    for handler in logging.getLogger("voicebridge").handlers:
+        for candidate in handler.filters:
+            if isinstance(candidate, NumberMaskFilter):
+                candidate.enabled = enabled
+
+
 # -- rate limit --------------------------------------------------------------------
 
 #: Lines of one kind let through per window. Enough to see what is happening (a
@@ -633,6 +691,7 @@ def configure_logging(
     # The rate limit first: a suppressed line costs no more than its count.
     handler.addFilter(rate_limiter)
     handler.addFilter(secret_filter)
+    handler.addFilter(NumberMaskFilter())
 
     root = logging.getLogger("voicebridge")
     root.setLevel(level)

@@ -8,22 +8,49 @@ call registry when ``/metrics`` is scraped. Label children are bound once here, 
 no update looks a label up.
 
 Every metric lives in this object's own ``CollectorRegistry`` (not the process-wide
-default), so that several servers in one process (tests, the demo) never collide.
+default), so that several servers in one process (tests, the demo) never collide. That
+registry also carries the standard ``process_*`` and ``python_*`` collectors, and puts a
+``worker`` label on every sample: with one process per core, each worker is scraped on
+its own ops socket, and a query can tell them apart (or sum them) even where the
+scrape's ``instance`` label was rewritten.
+
+Counters and histograms export no ``_created`` series (``disable_created_metrics``): an
+operator reads ``voicebridge_calls_created{outcome=…}`` as a call count, and
+``process_start_time_seconds`` already says when every counter started.
 """
 
 from __future__ import annotations
 
+import platform
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from voicebridge import __version__
 from voicebridge.bridge.call import AssistantCall, AssistantConnector
-from voicebridge.bridge.outcome import CallRecord, Outcome
+from voicebridge.bridge.outcome import CallRecord, LegFailure, Outcome
+from voicebridge.observability.alarms import AuthFailureAlarm
 from voicebridge.observability.looplag import is_stall
 from voicebridge.sockets import PingableSocket
+
+# Process-wide in prometheus_client; every registry of this process is the bridge's.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The media type of the text exposition format ``/metrics`` answers with.
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -50,6 +77,19 @@ MAX_STREAM_ERROR_CODES: Final = 64
 #: The ``code`` label of stream errors past ``MAX_STREAM_ERROR_CODES``.
 OTHER_STREAM_ERROR: Final = "other"
 
+#: The label every sample carries: which process of the box it came from.
+WORKER_LABEL: Final = "worker"
+#: The ``worker`` of a process nobody named (``server.worker``): ``voicebridge.service``.
+DEFAULT_WORKER: Final = "0"
+
+#: Results of a tool call (``voicebridge_tool_calls_total``): a result, or an error one.
+ToolCallResult = Literal["ok", "error"]
+#: The ``tool`` label of a call of a tool no handler is configured for: Vapi chooses
+#: the name, so it is not a label value.
+UNKNOWN_TOOL: Final = "(unknown)"
+#: The ``result`` of the last reload (``voicebridge_config_last_reload_successful``).
+ReloadResult = Literal["applied", "refused"]
+
 Direction = Literal["caller_to_agent", "agent_to_caller"]
 #: Why the voice webhook refused a call (the overflow TwiML was played).
 RefusalReason = Literal["at-capacity", "draining"]
@@ -64,9 +104,75 @@ class BridgeMetrics:
     thread-safe (trio: one thread).
     """
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(
+        self,
+        *,
+        worker: str = DEFAULT_WORKER,
+        dropped_log_entries: Callable[[], int] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``worker`` names this process in the ``worker`` label; ``dropped_log_entries``
+        reads the log entries journald had no room for (none: the installed handler's)."""
+        self.worker = worker
+        self._wall_clock = wall_clock
+        self.registry = WorkerRegistry(worker)
         registry = self.registry
+        # /proc/stat, where prometheus_client reads the boot time, is hidden by the
+        # unit's ProcSubset=pid: without it the process collector reports nothing.
+        _SandboxedProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        Info(
+            "voicebridge_build",
+            "The running voicebridge: its version and Python's (always 1).",
+            registry=registry,
+        ).info({"version": __version__, "python": platform.python_version()})
+        self._capacity = Gauge(
+            "voicebridge_max_concurrent_calls",
+            "Calls this process admits at once (server.max_concurrent_calls, as reloaded).",
+            registry=registry,
+        )
+        self._reload_ok = Gauge(
+            "voicebridge_config_last_reload_successful",
+            "1 if the last configuration (re)load was applied, 0 if it was refused and the "
+            "process runs on the one before.",
+            registry=registry,
+        )
+        self._reload_at = Gauge(
+            "voicebridge_config_last_reload_timestamp_seconds",
+            "When the configuration was last (re)loaded, applied or refused (Unix time).",
+            registry=registry,
+        )
+        reloads = Counter(
+            "voicebridge_config_reloads",
+            "Configuration reloads (SIGHUP), by result: applied, or refused as invalid.",
+            ["result"],
+            registry=registry,
+        )
+        self._reloads = {result: reloads.labels(result) for result in get_args(ReloadResult)}
+        self._reload_ok.set(1)
+        self._reload_at.set(wall_clock())
+        leg_failures = Counter(
+            "voicebridge_assistant_leg_failures",
+            "Calls whose assistant leg failed (outcome assistant-leg-failed), by kind: auth "
+            "(Vapi refused the API key), rejected, server, timeout, refused, dropped, "
+            "unresponsive, protocol, ended (Vapi ended the call for a failure).",
+            ["kind"],
+            registry=registry,
+        )
+        self._leg_failures = {kind: leg_failures.labels(kind) for kind in get_args(LegFailure)}
+        tool_calls = Counter(
+            "voicebridge_tool_calls",
+            "Tool calls the assistant made through the Vapi webhook, by tool and result (ok, "
+            "error); tools no handler is configured for count as '(unknown)'.",
+            ["tool", "result"],
+            registry=registry,
+        )
+        self._tool_calls = tool_calls
+        self._tool_calls_by_key: dict[tuple[str, str], Counter] = {}
+        _DroppedLogEntries(dropped_log_entries or journal_entries_dropped, registry=registry)
+        #: Raises repeated Vapi auth failures to an ERROR (the calls' observer sees them).
+        self.auth_alarm = AuthFailureAlarm()
         self._active_calls = Gauge(
             "voicebridge_active_calls",
             "Calls whose media stream is up and bridged (or being bridged) now.",
@@ -159,7 +265,9 @@ class BridgeMetrics:
         )
         rejected = Counter(
             "voicebridge_webhook_auth_failures",
-            "Twilio webhooks answered 403 for a missing or wrong X-Twilio-Signature, by path.",
+            "Webhooks refused for their credentials, by path: Twilio's answered 403 for a "
+            "missing or wrong X-Twilio-Signature, Vapi's (/vapi/webhook) and the control "
+            "API's answered 401.",
             ["path"],
             registry=registry,
         )
@@ -218,6 +326,9 @@ class BridgeMetrics:
                 self._barge_in_latency.observe(barge_in.latency_ms / 1000)
         if record.first_audio_ms is not None:
             self._first_audio.observe(record.first_audio_ms / 1000)
+        if record.leg_failure is not None:
+            self._leg_failures[record.leg_failure].inc()
+            self.auth_alarm.call_ended(record)
 
     def caller_frame_latency(self, seconds: float) -> None:
         """One sampled caller frame's time inside the bridge."""
@@ -244,7 +355,7 @@ class BridgeMetrics:
         self._refused[reason].inc()
 
     def webhook_rejected(self, path: str) -> None:
-        """A webhook failed its signature check (403)."""
+        """A webhook failed its signature check (403) or its credentials (401)."""
         child = self._rejected_by_path.get(path)
         if child is None:
             # Only our few webhook paths reach here (routes are fixed), so this stays small.
@@ -267,16 +378,34 @@ class BridgeMetrics:
                 child = self._stream_errors_by_code[code] = self._stream_errors.labels(code)
         child.inc()
 
+    def tool_called(self, tool: str, result: ToolCallResult) -> None:
+        """One tool call answered; ``tool`` is a configured name or ``UNKNOWN_TOOL``."""
+        key = (tool, result)
+        child = self._tool_calls_by_key.get(key)
+        if child is None:
+            # Configured names only (the caller maps the rest to UNKNOWN_TOOL): bounded.
+            child = self._tool_calls_by_key[key] = self._tool_calls.labels(tool, result)
+        child.inc()
+
+    # -- the process -----------------------------------------------------------------
+
+    def config_loaded(self, result: ReloadResult) -> None:
+        """A configuration reload was applied or refused."""
+        self._reloads[result].inc()
+        self._reload_ok.set(1 if result == "applied" else 0)
+        self._reload_at.set(self._wall_clock())
+
     def timed(self, connector: AssistantConnector) -> AssistantConnector:
         """``connector``, with the time of each ``create`` observed as Vapi create latency."""
         return _TimedConnector(connector, self._create_latency)
 
-    def exposition(self, *, active_calls: int, admitting: bool) -> bytes:
+    def exposition(self, *, active_calls: int, admitting: bool, max_calls: int = 0) -> bytes:
         """The text exposition of every metric, with the gauges set to the given values.
 
         Starts a new period for the largest event-loop lag (each scrape reports the
         largest since the one before).
         """
+        self._capacity.set(max_calls)
         self._active_calls.set(active_calls)
         self._admitting.set(1 if admitting else 0)
         self._loop_lag_largest.set(self._largest_lag)
@@ -305,3 +434,54 @@ class _TimedConnector:
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:
         return self._inner.connect(call)
 
+
+
+class WorkerRegistry(CollectorRegistry):
+    """A registry whose every sample carries ``worker="<name>"``."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__(auto_describe=True)
+        self.worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, WORKER_LABEL: self.worker})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
+class _SandboxedProcessCollector(ProcessCollector):
+    """prometheus_client's ``process_*`` collector, with the boot time taken from the
+    clocks (``CLOCK_BOOTTIME``) rather than ``/proc/stat``, which ``ProcSubset=pid`` hides.
+    Everything else it reads is under ``/proc/self``."""
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class _DroppedLogEntries(Collector):
+    """``voicebridge_log_entries_dropped_total``, read from the log handler when scraped."""
+
+    def __init__(self, read: Callable[[], int], *, registry: CollectorRegistry) -> None:
+        self._read = read
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "voicebridge_log_entries_dropped",
+            "Log entries lost because journald's queue was full (each loss is also an "
+            "EVENT=log-entries-dropped warning once journald takes entries again).",
+        )
+        family.add_metric([], self._read())
+        return [family]
+
+
+def journal_entries_dropped() -> int:
+    """Entries the installed journald handler dropped so far (0 when logging to stderr)."""
+    # Imported here: journald imports the log helpers, which must not need prometheus.
+    from voicebridge.observability.journald import installed_dropped_count
+
+    return installed_dropped_count()
