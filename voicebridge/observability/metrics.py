@@ -169,7 +169,12 @@ class BridgeMetrics:
             registry=registry,
         )
         self._tool_calls = tool_calls
-        self._tool_calls_by_key: dict[tuple[str, str], Counter] = {}
+        # Calls of unknown tools exist from the start (at 0): a dashboard's tool panel has
+        # a series before the first tool call, and an increase from 0 is seen.
+        self._tool_calls_by_key: dict[tuple[str, str], Counter] = {
+            (UNKNOWN_TOOL, result): tool_calls.labels(UNKNOWN_TOOL, result)
+            for result in get_args(ToolCallResult)
+        }
         _DroppedLogEntries(dropped_log_entries or journal_entries_dropped, registry=registry)
         #: Raises repeated Vapi auth failures to an ERROR (the calls' observer sees them).
         self.auth_alarm = AuthFailureAlarm()
