@@ -51,7 +51,7 @@ from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import Config, listen_addresses_overlap
 from voicebridge.control.plane import ControlPlane
-from voicebridge.control.routes import vapi_server_override
+from voicebridge.control.routes import CALLS_PATH, WEBHOOK_PATH, vapi_server_override
 from voicebridge.errors import ConfigError
 from voicebridge.net.front import (
     FrontCounters,
@@ -103,6 +103,8 @@ CLOSE_SLACK_S = 2.0
 #: ended during it. Twilio asks within a second; one landing on another process is never
 #: seen here, so this also bounds that wait.
 ACTION_GRACE_S = 3.0
+#: The paths whose requests are refused for their credentials (401/403), counted by path.
+WEBHOOK_PATHS = (VOICE_PATH, AFTER_STREAM_PATH, STREAM_STATUS_PATH, WEBHOOK_PATH, CALLS_PATH)
 #: At most one ``STATUS=`` datagram per this interval (a burst of call starts is one update).
 STATUS_MIN_INTERVAL_S = 0.25
 #: The signals ``serve`` handles with ``handle_signals``.
@@ -165,7 +167,7 @@ def build_services(
     """
     credentials = config.credentials
     if metrics is None:
-        metrics = BridgeMetrics(worker=config.server.worker)
+        metrics = BridgeMetrics(worker=config.server.worker, webhook_paths=WEBHOOK_PATHS)
     if registry is None:
         registry = CallRegistry(
             max_calls=config.server.max_concurrent_calls,

@@ -110,9 +110,11 @@ class BridgeMetrics:
         worker: str = DEFAULT_WORKER,
         dropped_log_entries: Callable[[], int] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        webhook_paths: Iterable[str] = (),
     ) -> None:
         """``worker`` names this process in the ``worker`` label; ``dropped_log_entries``
-        reads the log entries journald had no room for (none: the installed handler's)."""
+        reads the log entries journald had no room for (none: the installed handler's);
+        ``webhook_paths`` have their auth-failure series from the start, at 0."""
         self.worker = worker
         self._wall_clock = wall_clock
         self.registry = WorkerRegistry(worker)
@@ -277,7 +279,10 @@ class BridgeMetrics:
             registry=registry,
         )
         self._rejected = rejected
-        self._rejected_by_path: dict[str, Counter] = {}
+        # A series from the start: an alert's increase() sees the first failure.
+        self._rejected_by_path: dict[str, Counter] = {
+            path: rejected.labels(path) for path in webhook_paths
+        }
         self._loop_lag = Histogram(
             "voicebridge_event_loop_lag_seconds",
             "How late the event loop woke a task that asked to wake every 100 ms: the "
