@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import assert_never
 
 import trio
@@ -48,13 +48,21 @@ from voicebridge.bridge.registry import Answer, CallRegistry, Full, Spent
 from voicebridge.config import Config
 from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
-from voicebridge.control.routes import BodyTooLarge, add_control_routes, log_rejected, read_body
+from voicebridge.control.routes import (
+    TRUSTED_PROXIES_KEY,
+    BodyTooLarge,
+    add_control_routes,
+    log_rejected,
+    read_body,
+    request_client,
+)
 from voicebridge.errors import SocketClosed
 from voicebridge.net.transport import SocketTransport, peer_address
 from voicebridge.net.ws import UpgradeRefused, accept_upgrade, read_upgrade
 from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
+from voicebridge.observability.remote import client_address
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SETTINGS_HEADER, SignatureError, WebhookVerifier
 from voicebridge.twilio.stream_status import (
@@ -153,6 +161,7 @@ def _path_and_query() -> str:
 def create_app(get_services: Callable[[], Services]) -> QuartTrio:
     """The quart-trio app. ``get_services`` returns the current services (reloadable)."""
     app = QuartTrio(__name__)
+    app.config[TRUSTED_PROXIES_KEY] = lambda: get_services().config.server.trusted_proxies
     # Each route reads its body with its own limit (read_body). quart's limit only
     # counts the bytes that arrived and are not yet read: a backstop on what piles up
     # for a route that answers without reading, as large as the largest route's limit
@@ -196,7 +205,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 call_sid=form.get("CallSid"),
                 path=request.path,
                 reason=exc.reason,
-                remote=request.remote_addr,
+                remote=request_client(),
             )
             return {}, _text_response("forbidden", 403)
         return form, None
@@ -256,7 +265,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                         f"call {call_sid}: voice webhook repeated before its stream began; "
                         "answered as before",
                         call_sid=call_sid,
-                        remote=request.remote_addr,
+                        remote=request_client(),
                     )
                 return _twiml_response(body)
             case Full(draining=draining):
@@ -401,6 +410,7 @@ async def media_connection(services: Services, transport: SocketTransport, head:
                 upgrade_signature = "valid"
             except SignatureError as exc:
                 upgrade_signature = exc.reason
+        remote = _stream_client(remote, upgrade.request.extra_headers, services.config)
         try:
             socket = await accept_upgrade(
                 transport, upgrade, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES
@@ -422,6 +432,24 @@ async def media_connection(services: Services, transport: SocketTransport, head:
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+
+
+def _stream_client(peer: str, headers: Sequence[tuple[bytes, bytes]], config: Config) -> str:
+    """The media stream's client for ``REMOTE=``: ``peer``, or whom a trusted proxy names."""
+    trusted = config.server.trusted_proxies
+    if not trusted:
+        return peer
+
+    def joined(name: bytes) -> str | None:
+        values = [v.decode("latin-1") for k, v in headers if k.lower() == name]
+        return ", ".join(values) or None
+
+    return client_address(
+        peer,
+        trusted=trusted,
+        forwarded_for=joined(b"x-forwarded-for"),
+        forwarded=joined(b"forwarded"),
+    )
 
 
 def log_stream_status(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import orjson
-from quart import Response, request
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -37,6 +37,7 @@ from voicebridge.control.auth import WebhookAuthError
 from voicebridge.control.plane import ControlError, ControlPlane
 from voicebridge.errors import VoicebridgeError
 from voicebridge.observability.logs import log_event
+from voicebridge.observability.remote import client_address
 from voicebridge.twilio.rest import TwilioRestError
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,23 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
         return _json_response({"callSid": call_sid}, 201)
 
 
+#: The app's ``config`` key of a function returning ``server.trusted_proxies`` as it is
+#: now (``web.create_app`` sets it; a reload changes what it returns).
+TRUSTED_PROXIES_KEY = "VOICEBRIDGE_TRUSTED_PROXIES"
+
+
+def request_client() -> str:
+    """The client of the request being answered, for ``REMOTE=``: the peer, or the client
+    a trusted proxy names (``observability.remote``)."""
+    trusted = current_app.config.get(TRUSTED_PROXIES_KEY)
+    return client_address(
+        request.remote_addr or "?",
+        trusted=trusted() if trusted is not None else (),
+        forwarded_for=", ".join(request.headers.getlist("X-Forwarded-For")) or None,
+        forwarded=", ".join(request.headers.getlist("Forwarded")) or None,
+    )
+
+
 def _count_rejected(plane: ControlPlane) -> None:
     """Count the request being answered 401 (``voicebridge_webhook_auth_failures_total``)."""
     if plane.observer is not None:
@@ -216,5 +234,5 @@ def log_rejected(
         call_sid=call_sid,
         path=request.path,
         reason=reason,
-        remote=request.remote_addr,
+        remote=request_client(),
     )
