@@ -342,7 +342,7 @@ async def test_a_scrape_on_the_activated_ops_socket_starts_the_server(
                 await process.wait()
     log = b"".join(stderr).decode()
     print(log)
-    assert metrics.status_code == 200 and "voicebridge_admitting 1.0" in metrics.text
+    assert metrics.status_code == 200 and 'voicebridge_admitting{worker="0"} 1.0' in metrics.text
     assert public.status_code == 404
     assert f"health and metrics on {ops_path}" in log
 

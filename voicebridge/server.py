@@ -577,8 +577,8 @@ class _ServerProcess:
 
 #: ``[server]`` keys a reload cannot change: the sockets are bound and the log target and
 #: shared directory set up at start; the public URL is in the ``<Connect action>`` of calls
-#: in progress, whose signatures must keep verifying.
-RESTART_ONLY_KEYS = ("listen", "ops_listen", "public_url", "log_target", "shared_dir")
+#: in progress, whose signatures must keep verifying; the worker names the metrics' series.
+RESTART_ONLY_KEYS = ("listen", "ops_listen", "public_url", "log_target", "shared_dir", "worker")
 
 
 def _keep_restart_only_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
