@@ -338,3 +338,37 @@ async def test_a_revoked_vapi_key_shows_as_auth_failures_of_the_assistant_leg() 
     assert all(bridge.record(r.call_sid).outcome is Outcome.ASSISTANT_LEG_FAILED for r in reports)
     assert value(samples, "voicebridge_assistant_leg_failures_total", kind="auth") == 2
     assert value(samples, "voicebridge_calls_total", outcome="assistant-leg-failed") == 2
+
+
+async def test_call_control_counts_refused_webhooks_and_tool_calls_by_result() -> None:
+    from tests.control.test_webhook_e2e import HMAC_CREDENTIAL, sections
+    from voicebridge.control.routes import WEBHOOK_PATH, vapi_server_override
+    from voicebridge.sim.server_messages import SimToolCall, send_tool_calls, tool_calls_body
+
+    with trio.fail_after(20):
+        async with running_bridge(**sections("hmac")) as bridge:
+            server = vapi_server_override(bridge.config)
+            assert server is not None
+            overrides = {"server": server}
+            for index, name in enumerate(("lookup_order", "lookup_order", "explode", "nope")):
+                tool = SimToolCall(name=name, arguments='{"order": 7}')
+                [exchange] = await send_tool_calls(
+                    "vapi-m", overrides, HMAC_CREDENTIAL, tool, index
+                )
+                assert exchange.status == 200
+            unsigned = tool_calls_body("vapi-m", overrides, SimToolCall(name="lookup_order"), 9)
+            async with httpx.AsyncClient() as http:
+                refused = await http.post(bridge.url + WEBHOOK_PATH, content=unsigned)
+            samples = await scrape(bridge)
+    assert refused.status_code == 401
+    assert value(samples, "voicebridge_webhook_auth_failures_total", path=WEBHOOK_PATH) == 1
+    assert value(samples, "voicebridge_webhook_auth_failures_total", path="/twilio/voice") == 0
+    tools = {
+        (dict(labels)["tool"], dict(labels)["result"]): count
+        for (name, labels), count in samples.items()
+        if name == "voicebridge_tool_calls_total"
+    }
+    assert tools == {
+        ("lookup_order", "ok"): 2, ("explode", "error"): 1,
+        (UNKNOWN_TOOL, "error"): 1, (UNKNOWN_TOOL, "ok"): 0,
+    }

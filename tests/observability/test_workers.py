@@ -10,6 +10,7 @@ the two together count every call once.
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 
@@ -62,6 +63,17 @@ async def test_each_worker_scrape_is_that_workers_own(tmp_path: Path) -> None:
                         ]
                         ready = await http.get(f"{worker.ops_url}/readyz")
                         assert ready.status_code == 200
+                    # Worker 0 alone is told to reload an invalid configuration.
+                    box.write_config(
+                        "vb.toml", public_port=public_port, max_concurrent_calls=0
+                    )
+                    first = running.workers[0]
+                    first.server.signal(signal.SIGHUP)
+                    await first.server.wait_for_log("reload refused")
+                    after_reload = {
+                        worker.name: samples((await http.get(f"{worker.ops_url}/metrics")).text)
+                        for worker in running.workers
+                    }
             starts = {w.name: w.server.log_lines("starting with") for w in running.workers}
     counted: dict[str, float] = {}
     for name, texts in scrapes.items():
@@ -77,6 +89,16 @@ async def test_each_worker_scrape_is_that_workers_own(tmp_path: Path) -> None:
         counted[name] = calls.pop()
     # The two count every call once between them, whichever took it.
     assert sum(counted.values()) == CALLS, counted
+    # The refused reload shows on worker 0's scrape only.
+    for name, reload_ok, refused in (("0", 0, 1), ("1", 1, 0)):
+        scrape = after_reload[name]
+        assert [v for n, _, v in scrape if n == "voicebridge_config_last_reload_successful"] == [
+            reload_ok
+        ]
+        assert [
+            v for n, labels, v in scrape
+            if n == "voicebridge_config_reloads_total" and labels["result"] == "refused"
+        ] == [refused]
     # Each says at start which worker it is, with its version and configuration.
     for name, lines in starts.items():
         [line] = lines
