@@ -301,6 +301,7 @@ def _worker_name(instance: Any, attribute: attrs.Attribute[Any], value: str) -> 
 def _cidr_list_field(
     instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]
 ) -> None:
+    """``_cidr_list`` (defined below, with ``EdgeConfig``'s keys) for ``ServerConfig``."""
     _cidr_list(instance, attribute, value)
 
 

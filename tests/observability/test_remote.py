@@ -15,6 +15,8 @@ import trio
 import trio_websocket
 
 from tests.harness import running_bridge
+from voicebridge.config import config_from_mapping
+from voicebridge.errors import ConfigError
 from voicebridge.observability.logs import FIELDS_ATTR
 from voicebridge.observability.remote import client_address
 
@@ -92,3 +94,32 @@ async def test_rejections_name_the_client_behind_a_trusted_proxy(
         assert str(webhook).startswith("127.0.0.1") and str(stream).startswith("127.0.0.1:")
     else:
         assert webhook == stream == expected
+
+
+@pytest.mark.parametrize(
+    ("server", "key", "reason"),
+    [
+        ({"trusted_proxies": ["10.0.0.0/8", "proxy.local"]}, "server.trusted_proxies[1]",
+         "proxy.local"),
+        ({"worker": "a b"}, "server.worker", "letters, digits"),
+        ({"worker": ""}, "server.worker", "1 to 32"),
+    ],
+)
+def test_bad_observability_keys_are_refused_with_the_key(
+    server: dict[str, object], key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"server": server}, environ={}, require_complete=False)
+    assert info.value.key == key and reason in info.value.reason
+
+
+def test_the_keys_can_come_from_the_environment() -> None:
+    config = config_from_mapping(
+        {}, require_complete=False,
+        environ={"VOICEBRIDGE_SERVER_WORKER": "3",
+                 "VOICEBRIDGE_SERVER_TRUSTED_PROXIES": '["127.0.0.1", "10.0.0.0/8"]',
+                 "VOICEBRIDGE_SERVER_MASK_CALLER_NUMBERS": "true"},
+    )
+    assert config.server.worker == "3"
+    assert config.server.trusted_proxies == ("127.0.0.1", "10.0.0.0/8")
+    assert config.server.mask_caller_numbers is True

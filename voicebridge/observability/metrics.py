@@ -46,6 +46,7 @@ from voicebridge import __version__
 from voicebridge.bridge.call import AssistantCall, AssistantConnector
 from voicebridge.bridge.outcome import CallRecord, LegFailure, Outcome
 from voicebridge.observability.alarms import AuthFailureAlarm
+from voicebridge.observability.journald import installed_dropped_count
 from voicebridge.observability.looplag import is_stall
 from voicebridge.sockets import PingableSocket
 
@@ -177,7 +178,7 @@ class BridgeMetrics:
             (UNKNOWN_TOOL, result): tool_calls.labels(UNKNOWN_TOOL, result)
             for result in get_args(ToolCallResult)
         }
-        _DroppedLogEntries(dropped_log_entries or journal_entries_dropped, registry=registry)
+        _DroppedLogEntries(dropped_log_entries or installed_dropped_count, registry=registry)
         #: Raises repeated Vapi auth failures to an ERROR (the calls' observer sees them).
         self.auth_alarm = AuthFailureAlarm()
         self._active_calls = Gauge(
@@ -488,10 +489,3 @@ class _DroppedLogEntries(Collector):
         family.add_metric([], self._read())
         return [family]
 
-
-def journal_entries_dropped() -> int:
-    """Entries the installed journald handler dropped so far (0 when logging to stderr)."""
-    # Imported here: journald imports the log helpers, which must not need prometheus.
-    from voicebridge.observability.journald import installed_dropped_count
-
-    return installed_dropped_count()
