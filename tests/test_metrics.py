@@ -7,11 +7,14 @@ an operator reads on a dashboard, checked against what the bridge recorded.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import attrs
 import httpx
 import trio
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
@@ -24,6 +27,7 @@ from voicebridge.observability.metrics import (
     OTHER_STREAM_ERROR,
     UNKNOWN_TOOL,
     BridgeMetrics,
+    SandboxedProcessCollector,
 )
 from voicebridge.sim.caller import Speak, WaitForAssistant, WaitForAssistantDone, place_call
 from voicebridge.twilio.signature import sign
@@ -372,3 +376,29 @@ async def test_call_control_counts_refused_webhooks_and_tool_calls_by_result() -
         ("lookup_order", "ok"): 2, ("explode", "error"): 1,
         (UNKNOWN_TOOL, "error"): 1, (UNKNOWN_TOOL, "ok"): 0,
     }
+
+
+def test_process_metrics_survive_a_proc_without_stat(tmp_path: Path) -> None:
+    # What the unit's ProcSubset=pid leaves: /proc/<pid>/…, no /proc/stat. A stand-in
+    # /proc with only this process in it.
+    (tmp_path / "self").symlink_to(f"/proc/{os.getpid()}")
+
+    def collected(collector_class: type[ProcessCollector]) -> set[str]:
+        registry = CollectorRegistry()
+        collector_class(proc=str(tmp_path), registry=registry)
+        return {metric.name for metric in registry.collect()}
+
+    # prometheus_client's own collector reports nothing there (the boot time is missing)…
+    assert collected(ProcessCollector) == set()
+    # …the bridge's reports everything, and the start time is this process's.
+    assert collected(SandboxedProcessCollector) >= {
+        "process_start_time_seconds", "process_resident_memory_bytes", "process_cpu_seconds",
+        "process_open_fds",
+    }
+    sandboxed, real = CollectorRegistry(), CollectorRegistry()
+    SandboxedProcessCollector(proc=str(tmp_path), registry=sandboxed)
+    ProcessCollector(registry=real)  # where /proc/stat is readable, as here
+    start = sandboxed.get_sample_value("process_start_time_seconds")
+    expected = real.get_sample_value("process_start_time_seconds")
+    assert start is not None and expected is not None
+    assert abs(start - expected) < 1

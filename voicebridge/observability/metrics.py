@@ -122,7 +122,7 @@ class BridgeMetrics:
         registry = self.registry
         # /proc/stat, where prometheus_client reads the boot time, is hidden by the
         # unit's ProcSubset=pid: without it the process collector reports nothing.
-        _SandboxedProcessCollector(registry=registry)
+        SandboxedProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         Info(
@@ -464,7 +464,7 @@ class WorkerRegistry(CollectorRegistry):
             yield labelled
 
 
-class _SandboxedProcessCollector(ProcessCollector):
+class SandboxedProcessCollector(ProcessCollector):
     """prometheus_client's ``process_*`` collector, with the boot time taken from the
     clocks (``CLOCK_BOOTTIME``) rather than ``/proc/stat``, which ``ProcSubset=pid`` hides.
     Everything else it reads is under ``/proc/self``."""
