@@ -99,3 +99,5 @@ class CallRecord:
     caller_audio_bytes: int = 0
     #: Vapi's ``endedReason`` when Vapi ended the call (``status-update`` ended); else "".
     ended_reason: str = ""
+    #: The route that took the call (``routing``); "" for a stream that never began.
+    route: str = ""
