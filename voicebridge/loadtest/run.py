@@ -20,8 +20,11 @@ served by the generator and trusted, alone, by the bridge it starts
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -54,8 +57,10 @@ from voicebridge.loadtest.tls import (
     server_context,
     trust_environment,
 )
-from voicebridge.sim.route_hook import SimRouteHook
+from voicebridge.sim.route_hook import SECRET_ENV
 
+#: How long the simulated decision hook's process may take to say where it listens.
+ROUTE_HOOK_START_S = 10.0
 #: The first seconds at full load are left out of the window (the last calls' setup).
 WINDOW_SETTLE_S = 1.0
 #: Before the first call: the bridge (or relay) settles after start-up before its idle RSS.
@@ -168,14 +173,34 @@ async def _local_bridge(
 
 
 async def _route_hook(nursery: trio.Nursery) -> dict[str, str]:
-    """A simulated decision hook in this process, answering every call at once (with
-    overrides, so the decision travels in the token too); the bridge's environment."""
+    """A simulated decision hook in a process of its own (so that its answer time is
+    not the generator's loop's), until the nursery ends; the bridge's environment."""
     secret = secrets.token_hex(16)
-    hook = SimRouteHook(
-        secret.encode(), answer=lambda m: {"assistantOverrides": {"variableValues": {"k": "v"}}}
+    url: str = await nursery.start(_run_route_hook, secret)
+    return {f"{ENV_PREFIX}ROUTE_HOOK_URL": url, f"{ENV_PREFIX}ROUTE_HOOK_SECRET": secret}
+
+
+async def _run_route_hook(secret: str, task_status: trio.TaskStatus[str]) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "voicebridge.sim.route_hook"],
+        env={**os.environ, SECRET_ENV: secret},
+        stdout=subprocess.PIPE,
     )
-    await nursery.start(hook.serve)
-    return {f"{ENV_PREFIX}ROUTE_HOOK_URL": hook.url, f"{ENV_PREFIX}ROUTE_HOOK_SECRET": secret}
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(ROUTE_HOOK_START_S):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(256)
+                if not chunk:
+                    raise LoadTestError("the simulated decision hook did not start")
+                line += chunk
+        task_status.started(line.decode().strip())
+        await trio.sleep_forever()
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 async def run_loadtest(

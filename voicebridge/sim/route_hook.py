@@ -14,6 +14,12 @@ and refuses a forged or stale request with 401. A good request gets ``answer(mes
     port = await nursery.start(hook.serve)
     hook.url          # "http://127.0.0.1:<port>/route"
     hook.requests     # every request: its JSON, whether its signature held, when
+
+As its own process (the load test's ``--route-hook``: a peer measured in its own event
+loop, not the load generator's), answering every request at once with overrides::
+
+    VOICEBRIDGE_SIM_ROUTE_HOOK_SECRET=… python -m voicebridge.sim.route_hook
+    # prints its URL on one line, then serves until killed
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import functools
 import hashlib
 import hmac
 import json
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -140,3 +148,27 @@ class SimRouteHook:
 
 async def _no_websockets(request: HttpRequest, ws: SimWebSocket) -> None:
     await ws.reject(404)
+
+
+#: The environment variable that gives ``main`` its secret.
+SECRET_ENV = "VOICEBRIDGE_SIM_ROUTE_HOOK_SECRET"
+#: What ``main``'s hook answers: the call's route, with overrides (which then travel
+#: under the stream token too).
+OVERRIDES_ANSWER = {"assistantOverrides": {"variableValues": {"tier": "gold"}}}
+
+
+def main() -> int:
+    """Serve a hook on 127.0.0.1 that answers ``OVERRIDES_ANSWER``; print its URL."""
+    hook = SimRouteHook(os.environ[SECRET_ENV].encode(), answer=lambda m: OVERRIDES_ANSWER)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hook.serve)
+            print(hook.url, flush=True)
+
+    trio.run(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
