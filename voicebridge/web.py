@@ -56,6 +56,7 @@ from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.routing import (
+    DEFAULT_ROUTE,
     OUTBOUND_ROUTE,
     ROUTE_PARAMETER,
     AssistantChoice,
@@ -246,7 +247,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             assistant=assistant or choice.assistant_id,
             caller=_parameter_value(CALLER_PARAMETER, form.get("From", "")),
             called=_parameter_value(CALLED_PARAMETER, form.get("To", "")),
-            route=decision.route if decision is not None else OUTBOUND_ROUTE,
+            route=_route_claim(decision),
             decision=encode_decision(choice),
         )
 
@@ -563,3 +564,11 @@ async def route_inbound(
         rate_limited=True,
     )
     return decision
+
+
+def _route_claim(decision: Decision | None) -> str:
+    """The route a stream carries; the default one travels as "", so that its stream is
+    what it was before routes existed."""
+    if decision is None:
+        return OUTBOUND_ROUTE
+    return "" if decision.route == DEFAULT_ROUTE else decision.route
