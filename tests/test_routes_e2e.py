@@ -34,6 +34,7 @@ SUPPORT = "+15550002222"
 NIGHT = "+15550003333"
 HUMAN = "+15550009999"
 VIP = "+15557770000"
+PREMIUM = "+19005550000"
 #: Hear the greeting, say something, hear the goodbye (the assistant ends the call).
 SCRIPT = (WaitForAssistantDone(quiet_s=0.4), Speak("caller_2"), WaitForAssistantDone(quiet_s=0.4))
 ROUTES = (
@@ -45,6 +46,7 @@ ROUTES = (
         assistant_overrides={"variableValues": {"team": "support"}, "firstMessage": "Support!"},
     ),
     RouteConfig(name="night", to=(NIGHT,), dial=HUMAN, ask_hook=False),
+    RouteConfig(name="blocked", callers=("+1900*",), refuse=True, ask_hook=False),
 )
 ASSISTANT = attrs.evolve(SHORT_ASSISTANT, end_after_replies=0)
 
@@ -81,9 +83,10 @@ async def test_two_numbers_reach_two_assistants_and_a_third_is_dialled(
     caplog.set_level(logging.INFO, logger="voicebridge")
     with trio.fail_after(40):
         async with running_bridge(behaviour=ASSISTANT, routes=ROUTES) as bridge:
-            sales, support, night, other = await calls(
+            sales, support, night, other, blocked = await calls(
                 [attrs.evolve(bridge.caller, to_number=n)
                  for n in (SALES, SUPPORT, NIGHT, "+15550000000")]
+                + [attrs.evolve(bridge.caller, to_number="+15550000000", from_number=PREMIUM)]
             )
             counts = await routed_counts(bridge.ops_url)
     by_sid = {record.call_sid: record for record in bridge.vapi.calls.values()}
@@ -103,6 +106,10 @@ async def test_two_numbers_reach_two_assistants_and_a_third_is_dialled(
     assert not night.streamed and night.call_sid not in by_sid
     assert night.final_action == "dial"
     assert f"<Dial>{HUMAN}</Dial>" in night.webhook_twiml
+    # A refused caller hears the overflow message (routes before theirs come first).
+    assert not blocked.streamed and blocked.call_sid not in by_sid
+    assert blocked.final_action == "say"
+    assert "all our lines are busy" in blocked.final_say
     # The journal names the route of each call; the metrics count them by route.
     starts = {
         f["CALL_SID"]: f["ROUTE"]
@@ -111,9 +118,13 @@ async def test_two_numbers_reach_two_assistants_and_a_third_is_dialled(
     }
     assert starts == {sales.call_sid: "sales", support.call_sid: "support",
                       other.call_sid: "default"}
-    [routed] = [r for r in caplog.records if record_fields(r).get("EVENT") == "call-routed"]
-    assert record_fields(routed)["ROUTE"] == "night"
+    routed = [record_fields(r) for r in caplog.records
+              if record_fields(r).get("EVENT") == "call-routed"]
+    assert sorted((f["ROUTE"], f["ACTION"]) for f in routed) == [
+        ("blocked", "refuse"), ("night", "dial")
+    ]
     assert counts[("night", "dial", "route")] == 1
+    assert counts[("blocked", "refuse", "route")] == 1
     assert counts[("sales", "assistant", "route")] == 1
     assert counts[("support", "assistant-ended", "ended")] == 1
     assert counts[("default", "assistant-ended", "ended")] == 1
