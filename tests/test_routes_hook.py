@@ -239,3 +239,28 @@ async def test_no_hook_is_asked_for_a_route_that_says_so() -> None:
     assert (other.route, other.by) == ("default", "hook")
     assert (full.route, full.by) == ("default", "route")
     assert len(sim.requests) == 1
+
+
+async def test_past_its_limit_of_requests_in_flight_a_call_takes_its_route_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = BridgeMetrics()
+    ended: list[tuple[float, str]] = []
+    with trio.fail_after(GUARD_S):
+        async with hook_server(SimRouteHook(SECRET, answer=dict, delay_s=5.0)) as sim:
+            cfg = config(sim.url)
+            async with httpx.AsyncClient() as http:
+                hook = RouteHook(http, url=sim.url, secret=SECRET, deadline_s=1.5,
+                                 allowed=(), max_in_flight=2)
+
+                async def one() -> None:
+                    decision = await decide(Router(cfg), hook, call_sid=CALL_SID,
+                                            caller=CALLER, called=SALES, observer=metrics)
+                    ended.append((trio.current_time(), decision.by))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(one)
+    # Two wait for the slow hook until the deadline; the third does not wait at all.
+    assert sorted(ended) == [(0.0, "route"), (1.5, "route"), (1.5, "route")]
+    assert failures(metrics) == {"error": 1, "timeout": 2}

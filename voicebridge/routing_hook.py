@@ -66,6 +66,10 @@ SIGNATURE_VERSION = "v1"
 MAX_ANSWER_BYTES = 256 * 1024
 #: The longest ``error`` the caller is read out.
 MAX_ERROR_CHARS = 500
+#: Hook requests in flight at once. The hook shares the server's HTTP client (and its
+#: pool of 100 connections) with Vapi's ``POST /call``: a hook that hangs must not take
+#: the connections calls need. A call past this takes its route's choice at once.
+MAX_IN_FLIGHT = 32
 
 FailureKind = Literal["timeout", "error", "malformed", "refused"]
 
@@ -200,6 +204,7 @@ class RouteHook:
         deadline_s: float,
         allowed: Collection[str],
         clock: Callable[[], float] = time.time,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._http = http
         self.url = url
@@ -207,6 +212,7 @@ class RouteHook:
         self.deadline_s = deadline_s
         self._allowed = allowed
         self._clock = clock
+        self._in_flight = trio.CapacityLimiter(max_in_flight)
 
     @classmethod
     def from_config(cls, config: Config, http: httpx.AsyncClient) -> RouteHook | None:
@@ -224,8 +230,21 @@ class RouteHook:
         """The hook's choice for the call (None: its route's). Raises ``HookFailed``.
 
         The whole exchange is bounded by ``deadline_s`` (a trio deadline: connect,
-        request and the complete answer). Cancellation abandons the request.
+        request and the complete answer); with ``max_in_flight`` requests already
+        waiting, it fails at once (``error``). Cancellation abandons the request.
         """
+        try:
+            self._in_flight.acquire_nowait()
+        except trio.WouldBlock:
+            raise HookFailed(
+                "error", f"{self._in_flight.total_tokens:g} requests in flight already"
+            ) from None
+        try:
+            return await self._ask(call_sid=call_sid, caller=caller, called=called, route=route)
+        finally:
+            self._in_flight.release()
+
+    async def _ask(self, *, call_sid: str, caller: str, called: str, route: str) -> Choice | None:
         now = self._clock()
         body = request_body(
             call_sid=call_sid, caller=caller, called=called, route=route, now_s=now
