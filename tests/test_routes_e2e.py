@@ -17,9 +17,16 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import SHORT_ASSISTANT, running_bridge
+from tests.test_admission_e2e import (
+    CapturedWebhook,
+    assistant_calls,
+    start_stream,
+    stream_parameters,
+)
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.config import RouteConfig, RouteHookConfig, Secret
 from voicebridge.observability.logs import record_fields
+from voicebridge.routing import AssistantChoice, decision_parameters, encode_decision
 from voicebridge.sim.caller import (
     CallReport,
     SimTwilioSettings,
@@ -170,3 +177,38 @@ async def test_the_hook_decides_a_known_callers_call() -> None:
     assert night.final_action == "dial"
     assert counts[("sales", "assistant", "hook")] == 1
     assert counts[("sales", "assistant", "route")] == 1
+
+
+async def test_a_stream_that_changes_its_route_or_decision_is_refused() -> None:
+    call_sid = "CA" + "8" * 32
+    with trio.fail_after(40):
+        async with running_bridge(behaviour=ASSISTANT, routes=ROUTES) as bridge, \
+                httpx.AsyncClient() as http:
+            support = attrs.evolve(bridge.caller, to_number=SUPPORT)
+            answer = await CapturedWebhook.sent_by(support, call_sid).post(http, bridge)
+            signed = stream_parameters(answer.text)
+            forged = encode_decision(AssistantChoice(
+                overrides={"variableValues": {"team": "support"}, "firstMessage": "Pay now!"}
+            ))
+            changes = {
+                "another route": {"route": "sales"},
+                "no route": {"route": ""},
+                "another decision": decision_parameters(forged),
+                "no decision": {"decision": ""},
+                "another assistant": {"assistant": "asst-sales"},
+            }
+            received = {
+                what: await start_stream(bridge, call_sid, {**signed, **change})
+                for what, change in changes.items()
+            }
+            created_before = assistant_calls(bridge)
+            report = await place_call(support, SCRIPT, call_sid=call_sid)
+    assert signed["route"] == "support" and signed["assistant"] == "asst-support"
+    assert "decision" in signed
+    assert received == dict.fromkeys(changes, 0)
+    assert created_before == []
+    # The genuine stream after all that: the refusals did not use its token up.
+    assert report.streamed and report.webhook_twiml == answer.text
+    assert bridge.record(call_sid).outcome is Outcome.ASSISTANT_ENDED
+    [vapi_call] = bridge.vapi.calls.values()
+    assert vapi_call.overrides["firstMessage"] == "Support!"
