@@ -24,6 +24,10 @@ async def test_demo_runs_a_call_with_a_barge_in(tmp_path: Path) -> None:
     assert "and 0 ms after the clear" in out
     assert "outcome assistant-ended" in out
     assert "every caller was served as expected" in out
+    # The routes: two numbers, two assistants, and the hook's call.
+    assert "route sales, hook asked; Vapi got assistant asst-sales" in out
+    assert "route support, hook not asked; Vapi got assistant asst-support, team=support" in out
+    assert "route sales, hook asked; Vapi got assistant asst-vip, name=Ada" in out
     assert_saved_call_audio(tmp_path)
 
 

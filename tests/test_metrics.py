@@ -72,15 +72,16 @@ def record(**changes: object) -> CallRecord:
 def test_a_call_record_is_counted_once_at_its_end() -> None:
     metrics = BridgeMetrics()
     cut = BargeIn(at_s=2.0, latency_ms=1.5, heard_of_turn_ms=800, discarded_ms=200)
-    metrics.call_ended(record(barge_ins=(cut, cut)))
+    metrics.call_ended(record(barge_ins=(cut, cut), route="sales"))
     metrics.call_ended(record(outcome=Outcome.TOKEN_REJECTED, frames_to_assistant=0,
                               first_audio_ms=None, frames_dropped=0))
     samples = parse(metrics.exposition(active_calls=3, admitting=True).decode())
     assert value(samples, "voicebridge_active_calls") == 3
     assert value(samples, "voicebridge_admitting") == 1
-    assert value(samples, "voicebridge_calls_total", outcome="caller-hung-up") == 1
-    assert value(samples, "voicebridge_calls_total", outcome="token-rejected") == 1
-    assert value(samples, "voicebridge_calls_total", outcome="shutdown") == 0
+    assert value(samples, "voicebridge_calls_total", outcome="caller-hung-up", route="sales") == 1
+    # A stream that never began was taken by no route.
+    assert value(samples, "voicebridge_calls_total", outcome="token-rejected", route="none") == 1
+    assert value(samples, "voicebridge_calls_total", outcome="shutdown", route="default") == 0
     assert value(samples, "voicebridge_media_messages_total", direction="caller_to_agent") == 140
     assert value(samples, "voicebridge_media_messages_total", direction="agent_to_caller") == 24
     assert value(samples, "voicebridge_audio_bytes_total", direction="caller_to_agent") == 44800
@@ -158,10 +159,10 @@ async def test_metrics_after_a_call_with_a_barge_in() -> None:
             before = await scrape(bridge)
             report = await place_call(bridge.caller, script)
             after = await scrape(bridge)
-    assert value(before, "voicebridge_calls_total", outcome="assistant-ended") == 0
+    assert value(before, "voicebridge_calls_total", outcome="assistant-ended", route="default") == 0
     record = bridge.record(report.call_sid)
     assert record.outcome is Outcome.ASSISTANT_ENDED
-    assert value(after, "voicebridge_calls_total", outcome="assistant-ended") == 1
+    assert value(after, "voicebridge_calls_total", outcome="assistant-ended", route="default") == 1
     assert value(after, "voicebridge_active_calls") == 0
     assert value(after, "voicebridge_barge_ins_total") == len(record.barge_ins) == 1
     assert value(after, "voicebridge_barge_in_latency_seconds_count") == 1

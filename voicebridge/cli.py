@@ -1,4 +1,5 @@
-"""The ``voicebridge`` command: ``serve``, ``check-config``, ``call``, ``demo``, ``loadtest``."""
+"""The ``voicebridge`` command: ``serve``, ``check-config``, ``route``, ``call``, ``demo``,
+``loadtest``."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="print the effective configuration (secrets masked) or the error"
     )
     check.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
+
+    route = commands.add_parser(
+        "route",
+        help="print which route a call to a number would take, and why (see [[routes]])",
+    )
+    route.add_argument("--to", required=True, metavar="NUMBER", help="the dialled number")
+    route.add_argument("--from", dest="caller", default="", metavar="NUMBER", help="the caller")
+    route.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
 
     call = commands.add_parser(
         "call",
@@ -80,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config_main(args.config)
+    if args.command == "route":
+        from voicebridge.routing import route_main
+
+        return route_main(args.config, to=args.to, caller=args.caller)
     if args.command == "serve":
         return _serve(args.config)
     if args.command == "demo":

@@ -732,6 +732,76 @@ class OutboundConfig:
     assistants: tuple[str, ...] = field(default=(), validator=_assistant_ids)
 
 
+#: A route's number pattern: an E.164 number (exact), ``+`` and digits then ``*`` (a
+#: prefix), or ``*`` alone (any number, the caller's "anonymous" too).
+ROUTE_NUMBER_PATTERN = re.compile(r"\*|\+[0-9]{1,15}\*?")
+#: A route's name: it goes in logs (``ROUTE=``), a metrics label and the stream token.
+ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def _route_name(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not ROUTE_NAME.fullmatch(value):
+        raise ConfigError(
+            attribute.name, f"must be 1-32 letters, digits, _ or -, got {_show(value)}"
+        )
+
+
+def _route_numbers(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, pattern in enumerate(value):
+        if not ROUTE_NUMBER_PATTERN.fullmatch(pattern):
+            raise ConfigError(
+                f"{attribute.name}[{index}]",
+                "must be an E.164 number, a prefix ('+' and digits then '*') or '*', "
+                f"got {_show(pattern)}",
+            )
+
+
+def _assistant_id_or_empty(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not ASSISTANT_ID.fullmatch(value):
+        raise ConfigError(
+            attribute.name,
+            f"must be a Vapi assistant id (1-64 letters, digits, _ or -), got {_show(value)}",
+        )
+
+
+@frozen(kw_only=True)
+class RouteConfig:
+    """One ``[[routes]]`` entry: which calls it takes, and what they get (``routing``).
+
+    At most one of ``assistant_id``, ``assistant``, ``dial``, ``refuse``, ``twiml``; none
+    of them is the configured assistant (``vapi``), with this route's overrides.
+    """
+
+    name: str = field(validator=_route_name)
+    #: The dialled numbers it takes (exact, ``+prefix*`` or ``*``); empty = any.
+    to: tuple[str, ...] = field(default=(), validator=_route_numbers)
+    #: The callers it takes, the same way; empty = any.
+    callers: tuple[str, ...] = field(default=(), validator=_route_numbers)
+    assistant_id: str = field(default="", validator=_assistant_id_or_empty)
+    #: An inline assistant (Vapi's ``assistant`` object).
+    assistant: dict[str, Any] = field(factory=dict)
+    #: Vapi ``assistantOverrides`` (``variableValues``, ``firstMessage``, …).
+    assistant_overrides: dict[str, Any] = field(factory=dict)
+    #: ``<Dial>`` this number at once, without an assistant.
+    dial: str = field(default="", validator=_e164_or_empty)
+    #: Refuse the call with the ``[overflow]`` message.
+    refuse: bool = False
+    #: Refuse the call with this TwiML document (``<Response>…</Response>``).
+    twiml: str = ""
+    #: Ask ``[route_hook]`` (when configured) before taking this route's own choice.
+    ask_hook: bool = True
+
+
+@frozen(kw_only=True)
+class RouteHookConfig:
+    """``[route_hook]``: the operator's server that decides each inbound call (optional)."""
+
+    #: Where the signed decision request goes (http or https); empty = no hook.
+    url: str = field(default="", validator=_base_url)
+    #: No answer by then: the route's own choice. Well inside Twilio's 15 s webhook timeout.
+    deadline_s: float = field(default=1.5, validator=_deadline(10))
+
+
 @frozen(kw_only=True)
 class Secrets:
     """Secrets never come from the config file in plain text.
@@ -751,6 +821,8 @@ class Secrets:
     #: The SharedKey secret of Twilio's shared-key webhook signing (empty: such webhooks
     #: are refused; the Auth Token still checks all the others).
     twilio_shared_key: Secret = field(factory=lambda: Secret(""))
+    #: Signs the decision requests to ``[route_hook] url``.
+    route_hook_secret: Secret = field(factory=lambda: Secret(""))
 
 
 #: secret attribute -> (systemd credential name, environment variable)
@@ -761,6 +833,7 @@ SECRET_SOURCES: dict[str, tuple[str, str]] = {
     "vapi_webhook_secret": ("vapi-webhook-secret", "VOICEBRIDGE_VAPI_WEBHOOK_SECRET"),
     "control_api_token": ("control-api-token", "VOICEBRIDGE_CONTROL_API_TOKEN"),
     "twilio_shared_key": ("twilio-shared-key", "VOICEBRIDGE_TWILIO_SHARED_KEY"),
+    "route_hook_secret": ("route-hook-secret", "VOICEBRIDGE_ROUTE_HOOK_SECRET"),
 }
 
 #: ``VOICEBRIDGE_*`` environment variables that are not ``<SECTION>_<KEY>`` overrides, so
@@ -781,6 +854,7 @@ class SecretFiles:
     vapi_webhook_secret_file: str = ""
     control_api_token_file: str = ""
     twilio_shared_key_file: str = ""
+    route_hook_secret_file: str = ""
 
 
 @frozen(kw_only=True)
@@ -816,7 +890,11 @@ class Config:
     tools: ToolsConfig = field(factory=ToolsConfig)
     transfer: TransferConfig = field(factory=TransferConfig)
     outbound: OutboundConfig = field(factory=OutboundConfig)
+    route_hook: RouteHookConfig = field(factory=RouteHookConfig)
     secrets: SecretFiles = field(factory=SecretFiles)
+    #: ``[[routes]]``, in order: the first that matches a call takes it (``routing``);
+    #: a call no route takes gets today's settings (the ``default`` route).
+    routes: tuple[RouteConfig, ...] = ()
     #: Filled by the loader from credentials, files or env; not a file section.
     credentials: Secrets = field(factory=Secrets)
 
@@ -864,7 +942,7 @@ def _secret_hint(name: str) -> str:
 
 
 def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
+    return ".".join(p for p in parts if p).replace(".[", "[")
 
 
 def _unknown_key_reason(section: str, key: Any) -> str:
@@ -1000,6 +1078,24 @@ def _structure_str_array(value: Any, _: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _structure_routes(value: Any, _: Any) -> tuple[RouteConfig, ...]:
+    """``[[routes]]``: an array of tables, each problem keyed by its entry (``[1].dial``)."""
+    if not isinstance(value, list | tuple):
+        raise _expected("an array of tables ([[routes]])", value)
+    routes: list[RouteConfig] = []
+    problems: list[_Problem] = []
+    for index, item in enumerate(value):
+        try:
+            routes.append(_converter.structure(item, RouteConfig))
+        except ConfigError as exc:
+            problems.append((_join(f"[{index}]", exc.key), exc.reason))
+        except ClassValidationError as exc:
+            problems += _problems_from(exc, f"[{index}]")
+    if problems:
+        raise ExceptionGroup("routes", [ConfigError(key, reason) for key, reason in problems])
+    return tuple(routes)
+
+
 def _structure_secrets(value: Any, _: type) -> Secrets:
     raise ConfigError("", "secrets are not read from the config file")
 
@@ -1024,6 +1120,9 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _structure_float)
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(Secrets, _structure_secrets)
+    converter.register_structure_hook_func(
+        lambda t: t == tuple[RouteConfig, ...], _structure_routes
+    )
     converter.register_structure_hook_func(_is_literal, _structure_literal)
     converter.register_structure_hook_func(lambda t: t == dict[str, Any], _structure_json_object)
     converter.register_structure_hook_func(lambda t: t == dict[str, str], _structure_str_table)
@@ -1056,6 +1155,14 @@ def _problems_from(exc: BaseException, path: str = "") -> list[_Problem]:
             problems += _problems_from(sub, _join(path, *names))
         return problems
     if isinstance(exc, ForbiddenExtraKeysError):
+        if exc.cl is RouteConfig:  # a [[routes]] entry, not a section
+            names = [a.name for a in attrs.fields(RouteConfig)]
+            problems = []
+            for k in sorted(exc.extra_fields, key=str):
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                problems.append((_join(path, str(k)), "unknown key" + hint))
+            return problems
         section = path if path in _SECTION_FIELDS else ""
         return [
             (_join(path, str(k)), _unknown_key_reason(section, k))
@@ -1063,6 +1170,8 @@ def _problems_from(exc: BaseException, path: str = "") -> list[_Problem]:
         ]
     if isinstance(exc, ConfigError):
         return [(_join(path, exc.key), exc.reason)]
+    if isinstance(exc, KeyError):  # a required key (only a route has them)
+        return [(path, "required")]
     return [(path, f"invalid value ({type(exc).__name__})")]
 
 
@@ -1363,6 +1472,8 @@ def _incomplete(config: Config) -> list[_Problem]:
         required.append("vapi_webhook_secret")
     if config.outbound.http_enabled:
         required.append("control_api_token")
+    if config.route_hook.url:
+        required.append("route_hook_secret")
     if config.twilio.shared_key_id:
         # Shared-key signed webhooks are expected: without the key each would get a 403.
         required.append("twilio_shared_key")
@@ -1467,6 +1578,9 @@ def config_from_mapping(
     config = config.evolve(credentials=credentials)
     problems += _silence_problems(config.vapi)
     problems += _secrets_unusable(config)
+    from voicebridge.routing import route_problems  # it builds on this module
+
+    problems += route_problems(config)
     if require_complete:
         problems += _incomplete(config) + _stream_url_problems(config)
     if problems:
@@ -1572,6 +1686,10 @@ def render_config(config: Config) -> str:
         section_value = getattr(config, section)
         for a in attrs.fields(type(section_value)):
             lines.append(f"{a.name} = {_toml_value(getattr(section_value, a.name))}")
+    for route in config.routes:
+        lines += ["", "[[routes]]"]
+        for a in attrs.fields(RouteConfig):
+            lines.append(f"{a.name} = {_toml_value(getattr(route, a.name))}")
     lines += [
         "",
         "# Not a file section: secrets come from systemd credentials ($CREDENTIALS_DIRECTORY),",

@@ -4,7 +4,9 @@ It starts the simulated Vapi and the real voicebridge server on loopback, places
 scripted calls with the simulated Twilio caller (signed webhook, Media Stream,
 Twilio's playout buffer), and prints what each caller experienced: how long the
 greeting took, each assistant turn, the barge-in (how fast the assistant went
-quiet and how much of the cut turn was heard), and how the call ended. No
+quiet and how much of the cut turn was heard), and how the call ended. Then three
+short calls show the routes (``[[routes]]``): two numbers answered by two assistants,
+and a known caller's call decided by a decision hook the demo runs itself. No
 account and no network: everything stays on 127.0.0.1.
 """
 
@@ -12,25 +14,30 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import TextIO
 
+import attrs
 import trio
 
 from voicebridge.bridge.outcome import CallRecord
-from voicebridge.loopback import loopback_bridge
+from voicebridge.config import Config, RouteConfig, RouteHookConfig, Secret
+from voicebridge.loopback import LoopbackBridge, loopback_bridge
 from voicebridge.observability.logs import configure_logging
 from voicebridge.sim.audio import write_wav
 from voicebridge.sim.caller import (
     CallReport,
+    Hangup,
     Script,
     Speak,
     WaitForAssistant,
     WaitForAssistantDone,
     place_call,
 )
+from voicebridge.sim.route_hook import SimRouteHook
 from voicebridge.sim.vapi import SimVapiBehaviour
 
 #: Calls start this far apart so the account reads in order; the server takes them at once.
@@ -51,6 +58,39 @@ DEMO_SCRIPT: Script = (
     WaitForAssistantDone(quiet_s=0.6),
 )
 
+#: The routes of the demo: two numbers, two assistants; a hook for known callers.
+SALES_NUMBER = "+15550100010"
+SUPPORT_NUMBER = "+15550100020"
+KNOWN_CALLER = "+15550177777"
+DEMO_ROUTES = (
+    RouteConfig(name="sales", to=(SALES_NUMBER,), assistant_id="asst-sales"),
+    RouteConfig(
+        name="support",
+        to=(SUPPORT_NUMBER,),
+        assistant_id="asst-support",
+        assistant_overrides={"variableValues": {"team": "support"}},
+        # Only sales calls are worth asking the CRM about.
+        ask_hook=False,
+    ),
+)
+#: A routed call: hear the greeting, hang up.
+ROUTED_SCRIPT: Script = (WaitForAssistantDone(quiet_s=0.4), Hangup())
+#: (dialled number, caller) of the routed calls; the last one is the hook's to decide.
+ROUTED_CALLS = (
+    (SALES_NUMBER, "+15550100001"),
+    (SUPPORT_NUMBER, "+15550100001"),
+    (SALES_NUMBER, KNOWN_CALLER),
+)
+
+
+def _hook_answer(message: object) -> dict[str, object] | None:
+    """The demo's decision hook: a known caller gets the VIP assistant, by name."""
+    customer = message.get("customer") if isinstance(message, dict) else None
+    if isinstance(customer, dict) and customer.get("number") == KNOWN_CALLER:
+        return {"assistantId": "asst-vip",
+                "assistantOverrides": {"variableValues": {"name": "Ada"}}}
+    return None  # everyone else: their route
+
 
 def run_demo(
     *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
@@ -64,24 +104,47 @@ def run_demo(
 
 async def _demo(*, calls: int, save_audio: str | None, out: TextIO) -> int:
     behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
-    async with loopback_bridge(behaviour=behaviour) as bridge:
-        print(
-            f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
-            f"on 127.0.0.1:{bridge.listening.port},\n"
-            "  simulated Twilio caller  <->  voicebridge  <->  simulated Vapi assistant\n",
-            file=out,
-        )
-        reports: list[CallReport | None] = [None] * calls
+    secret = secrets.token_hex(16)
+    hook = SimRouteHook(secret.encode(), answer=_hook_answer)
+    async with trio.open_nursery() as hook_nursery:
+        await hook_nursery.start(hook.serve)
 
-        async def one_call(index: int) -> None:
-            await trio.sleep(index * CALL_STAGGER_S)
-            reports[index] = await place_call(bridge.caller, DEMO_SCRIPT)
+        def with_routes(config: Config) -> Config:
+            return config.evolve(
+                routes=DEMO_ROUTES,
+                route_hook=RouteHookConfig(url=hook.url),
+                credentials=attrs.evolve(config.credentials, route_hook_secret=Secret(secret)),
+            )
 
-        async with trio.open_nursery() as calls_nursery:
-            for index in range(calls):
-                calls_nursery.start_soon(one_call, index)
-        registry = bridge.listening.registry
-        records = {sid: registry.record_for(sid) for sid in _sids(reports)}
+        async with loopback_bridge(behaviour=behaviour, customize=with_routes) as bridge:
+            ok = await _demo_calls(bridge, calls=calls, save_audio=save_audio, out=out)
+            ok &= await _demo_routes(bridge, hook, out)
+        hook_nursery.cancel_scope.cancel()
+    print("\nresult: " + ("every caller was served as expected" if ok else "SOMETHING WENT WRONG"),
+          file=out)
+    return 0 if ok else 1
+
+
+async def _demo_calls(
+    bridge: LoopbackBridge, *, calls: int, save_audio: str | None, out: TextIO
+) -> bool:
+    print(
+        f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
+        f"on 127.0.0.1:{bridge.listening.port},\n"
+        "  simulated Twilio caller  <->  voicebridge  <->  simulated Vapi assistant\n",
+        file=out,
+    )
+    reports: list[CallReport | None] = [None] * calls
+
+    async def one_call(index: int) -> None:
+        await trio.sleep(index * CALL_STAGGER_S)
+        reports[index] = await place_call(bridge.caller, DEMO_SCRIPT)
+
+    async with trio.open_nursery() as calls_nursery:
+        for index in range(calls):
+            calls_nursery.start_soon(one_call, index)
+    registry = bridge.listening.registry
+    records = {sid: registry.record_for(sid) for sid in _sids(reports)}
 
     done = [report for report in reports if report is not None]
     ok = True
@@ -94,9 +157,47 @@ async def _demo(*, calls: int, save_audio: str | None, out: TextIO) -> int:
             print(f"  saved what the caller heard: {path}", file=out)
     if calls > 1:
         _print_summary(done, out)
-    print("\nresult: " + ("every caller was served as expected" if ok else "SOMETHING WENT WRONG"),
-          file=out)
-    return 0 if ok else 1
+    return ok
+
+
+async def _demo_routes(bridge: LoopbackBridge, hook: SimRouteHook, out: TextIO) -> bool:
+    """Three short calls at once: two numbers, two assistants; one call the hook decides."""
+    print("\nroutes: which assistant answers (voicebridge route --to … --from …)", file=out)
+    reports: list[CallReport | None] = [None] * len(ROUTED_CALLS)
+
+    async def one_call(index: int, to: str, caller: str) -> None:
+        settings = attrs.evolve(bridge.caller, to_number=to, from_number=caller)
+        reports[index] = await place_call(settings, ROUTED_SCRIPT)
+
+    async with trio.open_nursery() as nursery:
+        for index, (to, caller) in enumerate(ROUTED_CALLS):
+            nursery.start_soon(one_call, index, to, caller)
+    created = {record.call_sid: record for record in bridge.vapi.calls.values()}
+    expected = ("asst-sales", "asst-support", "asst-vip")
+    ok = True
+    for report, (to, caller), want in zip(reports, ROUTED_CALLS, expected, strict=True):
+        assert report is not None
+        record = bridge.listening.registry.record_for(report.call_sid)
+        vapi_call = created.get(report.call_sid)
+        assistant = vapi_call.assistant_id if vapi_call is not None else None
+        asked = any(
+            r.message.get("call", {}).get("phoneCallProviderId") == report.call_sid
+            for r in hook.requests
+        )
+        extras = {
+            k: v for k, v in (vapi_call.variable_values if vapi_call is not None else {}).items()
+            if k not in ("twilioCallSid", "caller", "called")
+        }
+        route = record.route if record is not None else "?"
+        print(f"  call to {to} from {caller}: route {route}, hook "
+              f"{'asked' if asked else 'not asked'}; Vapi got assistant {assistant}"
+              + "".join(f", {k}={v}" for k, v in extras.items()), file=out)
+        if assistant != want or not report.streamed or report.protocol_violations:
+            print(f"  PROBLEM: expected assistant {want}", file=out)
+            ok = False
+    print(f"  the hook was asked {len(hook.requests)} times, every request signed: "
+          f"{all(r.signature_valid for r in hook.requests)}", file=out)
+    return ok and all(r.signature_valid for r in hook.requests)
 
 
 def _sids(reports: Sequence[CallReport | None]) -> list[str]:

@@ -68,6 +68,8 @@ from voicebridge.observability.logs import (
 )
 from voicebridge.observability.looplag import watch_loop_lag
 from voicebridge.observability.metrics import BridgeMetrics
+from voicebridge.routing import Router
+from voicebridge.routing_hook import RouteHook
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
 from voicebridge.twilio.token import StreamTokens
@@ -204,6 +206,8 @@ def build_services(
             server=vapi_server_override(config),
         ),
         call_settings=CallSettings.from_config(config),
+        router=Router(config),
+        hook=RouteHook.from_config(config, http),
         control=ControlPlane.from_config(
             config, http, voice_url=config.server.public_url + VOICE_PATH, observer=metrics
         ),

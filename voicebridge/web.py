@@ -63,6 +63,20 @@ from voicebridge.observability.logs import log_event
 from voicebridge.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.observability.remote import client_address
+from voicebridge.routing import (
+    DEFAULT_ROUTE,
+    OUTBOUND_ROUTE,
+    ROUTE_PARAMETER,
+    AssistantChoice,
+    Decision,
+    Router,
+    choice_action,
+    choice_twiml,
+    decision_parameters,
+    describe,
+    encode_decision,
+)
+from voicebridge.routing_hook import RouteHook, decide
 from voicebridge.twilio import twiml
 from voicebridge.twilio.signature import SETTINGS_HEADER, SignatureError, WebhookVerifier
 from voicebridge.twilio.stream_status import (
@@ -112,6 +126,9 @@ class Services:
     verifier: WebhookVerifier | None
     connector: AssistantConnector
     call_settings: CallSettings
+    #: Which assistant answers (``[[routes]]``), and the decision hook (None: none).
+    router: Router
+    hook: RouteHook | None
     #: Vapi webhooks, tools, transfers, outbound calls; None: call control is off.
     control: ControlPlane | None = None
     #: Kept across reloads (pass the old one on), so counters never restart.
@@ -229,12 +246,18 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             services.metrics.webhook_rejected(request.path)
             log_rejected("assistant", str(exc), status=403, call_sid=call_sid)
             return _text_response("forbidden", 403)
+        decision = await route_inbound(services, form, call_sid, outbound=bool(assistant))
+        choice = decision.choice if decision is not None else AssistantChoice()
+        if not isinstance(choice, AssistantChoice):  # dialled or refused: no admission
+            return _twiml_response(choice_twiml(choice))
         # Exactly what the <Stream> will carry, and so what its token vouches for.
         claims = StreamClaims(
             call_sid=call_sid,
-            assistant=assistant,
+            assistant=assistant or choice.assistant_id,
             caller=_parameter_value(CALLER_PARAMETER, form.get("From", "")),
             called=_parameter_value(CALLED_PARAMETER, form.get("To", "")),
+            route=_route_claim(decision),
+            decision=encode_decision(choice),
         )
 
         def answer() -> str:
@@ -247,6 +270,9 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             }
             if claims.assistant:
                 parameters[ASSISTANT_PARAMETER] = claims.assistant
+            if claims.route:
+                parameters[ROUTE_PARAMETER] = claims.route
+            parameters.update(decision_parameters(claims.decision))
             return twiml.connect_stream(
                 stream_url="ws" + public_url.removeprefix("http") + STREAM_PATH,
                 action_url=public_url + AFTER_STREAM_PATH,
@@ -531,3 +557,48 @@ def after_stream_twiml(config: Config, call_sid: str, record: CallRecord | None)
     if record.outcome.caller_gets_fallback:
         return twiml.caller_action(config.fallback)
     return twiml.hangup()
+
+
+async def route_inbound(
+    services: Services, form: dict[str, str], call_sid: str, *, outbound: bool
+) -> Decision | None:
+    """The call's route (``routing``; the hook asked when its route allows and the box
+    admits calls), logged and counted; None for an outbound call, which is not routed.
+    A call routed away from the assistants is answered here, without an admission."""
+    if outbound or form.get("Direction", "").startswith("outbound"):
+        return None
+    caller, called = form.get("From", ""), form.get("To", "")
+    decision = await decide(
+        services.router,
+        services.hook,
+        call_sid=call_sid,
+        caller=caller,
+        called=called,
+        observer=services.metrics,
+        ask=services.registry.admitting,
+    )
+    action = choice_action(decision.choice)
+    services.metrics.call_routed(decision.route, action, decision.by)
+    # A call the assistant takes has its call-start and call-end lines (with ROUTE=); for
+    # one dialled or refused here, this is its line.
+    log_event(
+        log,
+        logging.DEBUG if action == "assistant" else logging.INFO,
+        "call-routed",
+        f"call {call_sid} to {called or '?'} from {caller or '?'}: route {decision.route} "
+        f"({decision.by}): {describe(decision.choice)}",
+        call_sid=call_sid,
+        route=decision.route,
+        decided_by=decision.by,
+        action=action,
+        rate_limited=True,
+    )
+    return decision
+
+
+def _route_claim(decision: Decision | None) -> str:
+    """The route a stream carries; the default one travels as "", so that its stream is
+    what it was before routes existed."""
+    if decision is None:
+        return OUTBOUND_ROUTE
+    return "" if decision.route == DEFAULT_ROUTE else decision.route

@@ -11,7 +11,7 @@ import base64
 import json
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -218,7 +218,13 @@ class MemoryConnector:
         self.created = 0
 
     async def create(
-        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        called: str,
+        assistant: str = "",
+        decision: Mapping[str, Any] | None = None,
     ) -> MemoryCall:
         self.created += 1
         await trio.sleep(self.create_delay_s)

@@ -238,7 +238,8 @@ async def calls_by_outcome(bridge: Bridge) -> dict[str, float]:
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             if sample.name == "voicebridge_calls_total":
-                counts[sample.labels["outcome"]] = sample.value
+                outcome = sample.labels["outcome"]  # summed over the routes
+                counts[outcome] = counts.get(outcome, 0.0) + sample.value
     return {outcome: count for outcome, count in counts.items() if count}
 
 

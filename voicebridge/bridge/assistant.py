@@ -36,13 +36,20 @@ class VapiConnector:
         self._server = server
 
     async def create(
-        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        called: str,
+        assistant: str = "",
+        decision: Mapping[str, Any] | None = None,
     ) -> VapiCall:
-        """``assistant``: an outbound call's own assistant id; "" for ``vapi.assistant_id``."""
+        """``assistant``: the call's own assistant id; "" for ``vapi.assistant_id``.
+        ``decision``: its route's inline assistant and overrides (``build_create_body``)."""
         return await create_call(
             self._http, self._config, self._api_key,
             call_sid=call_sid, caller=caller, called=called, server=self._server,
-            assistant=assistant,
+            assistant=assistant, decision=decision,
         )
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:

@@ -40,6 +40,7 @@ from voicebridge.codec import LegCodec
 from voicebridge.config import Config, KeypadConfig
 from voicebridge.errors import RemoteProtocolError, SocketClosed
 from voicebridge.observability.logs import log_event
+from voicebridge.routing import DEFAULT_ROUTE, ROUTE_PARAMETER, decode_decision, joined_decision
 from voicebridge.sockets import (
     WRITE_DEADLINE_S,
     DirectSocket,
@@ -124,9 +125,17 @@ class AssistantConnector(Protocol):
     """
 
     async def create(
-        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        called: str,
+        assistant: str = "",
+        decision: Mapping[str, Any] | None = None,
     ) -> AssistantCall:
-        """``assistant``: the Vapi assistant id of this call; "" for the configured one."""
+        """``assistant``: the Vapi assistant id of this call; "" for the configured one.
+        ``decision``: the route's inline ``assistant`` and ``assistantOverrides``
+        (``routing.decode_decision``), if any."""
         ...
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]: ...
@@ -343,6 +352,9 @@ class Call:
         # What the stream's start carries, once its token vouched for it: only these
         # values reach Vapi.
         self._claims: StreamClaims | None = None
+        # The route that took the call, and its decision; known once the token passed.
+        self._route = ""
+        self._decision: dict[str, Any] = {}
         self._vapi_call_id = ""
         self._playout: Playout | None = None
         # The Vapi sender's inbox; None until the assistant leg is up (caller audio
@@ -386,6 +398,7 @@ class Call:
                     call_sid=self._call_sid,
                     stream_sid=start.stream_sid,
                     caller=start.custom_parameters.get(CALLER_PARAMETER),
+                    route=self._route,
                     upgrade_signature=self._upgrade_signature,
                 )
                 # The call runs shielded and ends only through _end(): a cancellation
@@ -484,11 +497,18 @@ class Call:
             assistant=params.get(ASSISTANT_PARAMETER, ""),
             caller=params.get(CALLER_PARAMETER, ""),
             called=params.get(CALLED_PARAMETER, ""),
+            route=params.get(ROUTE_PARAMETER, ""),
+            decision=joined_decision(params),
         )
         try:
             self._verify_token(params.get(TOKEN_PARAMETER, ""), claims)
+            # Vouched for by the token: only a bridge of another version makes it unreadable.
+            self._decision = decode_decision(claims.decision)
         except TokenRejected as exc:
             self._set_outcome(Outcome.TOKEN_REJECTED, f"stream token {exc.reason}")
+            return False
+        except ValueError as exc:
+            self._set_outcome(Outcome.PROTOCOL_ERROR, f"route decision {exc}")
             return False
         # Last, so that only a stream that passed every check claims the CallSid.
         if not self._tracker.begin(start.call_sid, self.end):
@@ -497,6 +517,7 @@ class Call:
             )
             return False
         self._claims = claims
+        self._route = claims.route or DEFAULT_ROUTE
         return True
 
     # -- caller → agent ------------------------------------------------------------
@@ -649,6 +670,7 @@ class Call:
                     caller=claims.caller,
                     called=claims.called,
                     assistant=claims.assistant,
+                    decision=self._decision,
                 )
             if create_scope.cancelled_caught:
                 return  # the call ended while the assistant call was being created
@@ -1081,6 +1103,7 @@ class Call:
             caller_audio_bytes=self._caller_audio_bytes,
             ended_reason=self._ended_reason,
             leg_failure=self._leg_failure,
+            route=self._route,
             assistant_bytes=stats.assistant_bytes if stats else 0,
             media_messages_to_caller=stats.media_messages if stats else 0,
             heard_ms=stats.heard_ms if stats else 0,
@@ -1128,6 +1151,7 @@ def _log_call_end(record: CallRecord, *, began: bool, remote: str) -> None:
         outcome=outcome.value,
         ended_reason=record.ended_reason or None,
         leg_failure=record.leg_failure,
+        route=record.route or None,
         detail=record.detail,
         duration_s=round(record.duration_s, 3),
         frames_from_caller=record.frames_from_caller,

@@ -111,3 +111,5 @@ class CallRecord:
     ended_reason: str = ""
     #: How the assistant leg failed, for ``Outcome.ASSISTANT_LEG_FAILED``; else None.
     leg_failure: LegFailure | None = None
+    #: The route that took the call (``routing``); "" for a stream that never began.
+    route: str = ""

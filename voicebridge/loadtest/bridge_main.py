@@ -19,6 +19,7 @@ from functools import partial
 import attrs
 import trio
 
+from voicebridge.config import RouteHookConfig, Secret
 from voicebridge.gctuning import tune_gc_for_latency
 from voicebridge.loadtest.process import ENV_PREFIX, pin_to
 from voicebridge.loopback import loopback_config
@@ -50,6 +51,15 @@ def main() -> int:
             config.edge, max_connections=MAX_CONNECTIONS, max_connections_per_peer=MAX_CONNECTIONS
         ),
     )
+    hook_url = env.get(f"{ENV_PREFIX}ROUTE_HOOK_URL", "")
+    if hook_url:  # --route-hook: every call asks the load generator's decision hook
+        config = config.evolve(
+            route_hook=RouteHookConfig(url=hook_url),
+            credentials=attrs.evolve(
+                config.credentials,
+                route_hook_secret=Secret(env[f"{ENV_PREFIX}ROUTE_HOOK_SECRET"]),
+            ),
+        )
     listener = socket.socket(fileno=int(env[f"{ENV_PREFIX}FD"]))
     tune_gc_for_latency()  # as ``voicebridge serve`` does
 

@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulated traffic")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
+        "--route-hook", action="store_true",
+        help="the bridge asks a simulated decision hook ([route_hook], answering at once) "
+        "for every call: the voice webhook line shows what it adds",
+    )
+    parser.add_argument(
         "--vapi-tls", action="store_true",
         help="the simulated Vapi serves its transport sockets over TLS (wss://, with a "
         "throwaway self-signed certificate for 127.0.0.1 that the bridge started here "
@@ -89,6 +94,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         bridge_cpu=args.bridge_cpu, external=external,
         barge_in_share=args.barge_in_share, seed=args.seed,
         vapi_tls=args.vapi_tls, vapi_tls_certificate=certificate,
+        route_hook=args.route_hook,
     )
     try:
         report = trio.run(run_loadtest, options)

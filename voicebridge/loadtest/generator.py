@@ -300,6 +300,8 @@ class LoadGenerator:
         #: TLS handshakes the simulated Vapi completed, and why others failed.
         self.tls_handshakes = 0
         self.tls_handshake_failures: Counter[str] = Counter()
+        #: Each call's voice webhook answer time (ms): what routing and a decision hook add.
+        self.webhook_ms: list[float] = []
         self._calls: list[_Call] = []
         self._by_sid: dict[str, _Call] = {}
         self._by_vapi_id: dict[str, _Call] = {}
@@ -590,6 +592,7 @@ class LoadGenerator:
             "From": f"+1555{call.index:07d}", "To": "+15550000000",
         }
         url = target.public_url + VOICE_PATH
+        asked_at = time.perf_counter()
         result = await http_request(
             target.host, target.port, "POST", VOICE_PATH,
             body=urllib.parse.urlencode(form).encode(),
@@ -598,6 +601,7 @@ class LoadGenerator:
                 "x-twilio-signature": sign(url, form, target.auth_token),
             },
         )
+        self.webhook_ms.append((time.perf_counter() - asked_at) * 1000)
         if result.status != 200:
             raise WireError(f"voice webhook answered {result.status}")
         document = ET.fromstring(result.body)

@@ -88,6 +88,10 @@ class LoadReport:
     vapi_tls: bool = False
     vapi_tls_handshakes: int = 0
     vapi_tls_handshake_failures: Mapping[str, int] = field(factory=dict)
+    #: The voice webhook's answer time; ``route_hook``: the bridge asked a decision hook
+    #: (``--route-hook``) for every call.
+    webhook: Percentiles = field(factory=lambda: Percentiles.of(()))
+    route_hook: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object (stable keys; see docs/performance.md)."""
@@ -111,6 +115,8 @@ class LoadReport:
             "barge_ins": self.barge_ins,
             "heard_after_clear_ms": _round(self.heard_after_clear_ms),
             "first_audio_ms": pct(self.first_audio, "p50", "p99", "max"),
+            "webhook_ms": pct(self.webhook, "p50", "p99", "max"),
+            "route_hook": self.route_hook,
             "dropped_frames": self.dropped_caller_frames + self.dropped_assistant_chunks,
             "late_frames": self.late_caller_frames + self.late_assistant_chunks,
             "frames": {
@@ -155,6 +161,8 @@ class LoadReport:
             ("added latency agent→caller (ms)", self.agent_to_caller),
             ("barge-in: interrupted→clear (ms)", self.barge_in),
             ("first assistant audio (ms)", self.first_audio),
+            ("voice webhook answer" + (", hook (ms)" if self.route_hook else " (ms)"),
+             self.webhook),
         ]
         for label, value in rows:
             lines.append(

@@ -20,8 +20,11 @@ served by the generator and trusted, alone, by the bridge it starts
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -29,11 +32,13 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 from attrs import frozen
 
 from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator, Traffic
 from voicebridge.loadtest.process import (
+    ENV_PREFIX,
     BridgeProcess,
     LoadTestError,
     ProcessSample,
@@ -52,7 +57,10 @@ from voicebridge.loadtest.tls import (
     server_context,
     trust_environment,
 )
+from voicebridge.sim.route_hook import SECRET_ENV
 
+#: How long the simulated decision hook's process may take to say where it listens.
+ROUTE_HOOK_START_S = 10.0
 #: The first seconds at full load are left out of the window (the last calls' setup).
 WINDOW_SETTLE_S = 1.0
 #: Before the first call: the bridge (or relay) settles after start-up before its idle RSS.
@@ -96,6 +104,8 @@ class LoadTestOptions:
     vapi_tls: bool = False
     #: With ``vapi_tls``: serve this certificate instead of a throwaway one.
     vapi_tls_certificate: Certificate | None = None
+    #: The bridge asks a simulated decision hook (answering at once) for every call.
+    route_hook: bool = False
 
 
 @frozen
@@ -135,7 +145,10 @@ async def _assistant_tls(options: LoadTestOptions) -> AsyncIterator[_AssistantTl
 
 @asynccontextmanager
 async def _local_bridge(
-    generator: LoadGenerator, options: LoadTestOptions, tls: _AssistantTls | None
+    generator: LoadGenerator,
+    options: LoadTestOptions,
+    tls: _AssistantTls | None,
+    hook_env: Mapping[str, str],
 ) -> AsyncIterator[Target]:
     auth_token = secrets.token_hex(16)
     bridge = await BridgeProcess.start(
@@ -143,7 +156,7 @@ async def _local_bridge(
         assistant_key=generator.api_key,
         auth_token=auth_token,
         cpu=options.bridge_cpu,
-        env=tls.trust_env if tls is not None else None,
+        env={**(tls.trust_env if tls is not None else {}), **hook_env},
     )
     try:
         yield Target(
@@ -157,6 +170,37 @@ async def _local_bridge(
     finally:
         with trio.CancelScope(shield=True):
             await bridge.stop()
+
+
+async def _route_hook(nursery: trio.Nursery) -> dict[str, str]:
+    """A simulated decision hook in a process of its own (so that its answer time is
+    not the generator's loop's), until the nursery ends; the bridge's environment."""
+    secret = secrets.token_hex(16)
+    url: str = await nursery.start(_run_route_hook, secret)
+    return {f"{ENV_PREFIX}ROUTE_HOOK_URL": url, f"{ENV_PREFIX}ROUTE_HOOK_SECRET": secret}
+
+
+async def _run_route_hook(secret: str, task_status: trio.TaskStatus[str]) -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "voicebridge.sim.route_hook"],
+        env={**os.environ, SECRET_ENV: secret},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(ROUTE_HOOK_START_S):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(256)
+                if not chunk:
+                    raise LoadTestError("the simulated decision hook did not start")
+                line += chunk
+        task_status.started(line.decode().strip())
+        await trio.sleep_forever()
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 async def run_loadtest(
@@ -219,14 +263,19 @@ async def _serve_and_measure(
             partial(generator.serve_assistant, port=external.assistant_port if external else 0)
         )
         target_cm: AbstractAsyncContextManager[Target]
+        hook_env: dict[str, str] = {}  # --route-hook: only a bridge started here
         if target_factory is not None:
             target_cm = target_factory(generator)
         elif external is not None:
             target_cm = _external(external)
         else:
-            target_cm = _local_bridge(generator, options, tls)
+            if options.route_hook:
+                hook_env = await _route_hook(assistant_nursery)
+            target_cm = _local_bridge(generator, options, tls, hook_env)
         async with target_cm as target:
             report = await _measure(generator, traffic, target)
+        if hook_env:
+            report = attrs.evolve(report, route_hook=True)
         assistant_nursery.cancel_scope.cancel(reason="load test finished")
     return report
 
@@ -337,4 +386,5 @@ def _report(
         vapi_tls=generator.tls,
         vapi_tls_handshakes=generator.tls_handshakes,
         vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
+        webhook=Percentiles.of(generator.webhook_ms),
     )

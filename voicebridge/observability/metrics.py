@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -77,6 +77,13 @@ LOOP_LAG_BUCKETS_S: Final = (
 MAX_STREAM_ERROR_CODES: Final = 64
 #: The ``code`` label of stream errors past ``MAX_STREAM_ERROR_CODES``.
 OTHER_STREAM_ERROR: Final = "other"
+#: The decision hook's answer time: its deadline is 1.5 s by default, at most 10 s.
+HOOK_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0)
+#: Distinct routes the route-labelled series keep (route names come from the config,
+#: plus ``default`` and ``outbound``); a route past it counts as ``other``.
+MAX_ROUTES: Final = 256
+#: The ``route`` label of a stream that never began (no route is known for it).
+NO_ROUTE: Final = "none"
 
 #: The label every sample carries: which process of the box it came from.
 WORKER_LABEL: Final = "worker"
@@ -193,11 +200,39 @@ class BridgeMetrics:
         )
         calls = Counter(
             "voicebridge_calls",
-            "Calls ended, by outcome (caller-hung-up and assistant-ended are the normal ones).",
-            ["outcome"],
+            "Calls ended, by outcome (caller-hung-up and assistant-ended are the normal ones) "
+            "and route (none: a stream that never began).",
+            ["outcome", "route"],
             registry=registry,
         )
-        self._calls = {outcome: calls.labels(outcome.value) for outcome in Outcome}
+        self._calls_by_route = calls
+        self._calls: dict[tuple[Outcome, str], Counter] = {
+            (outcome, "default"): calls.labels(outcome.value, "default") for outcome in Outcome
+        }
+        self._routed = Counter(
+            "voicebridge_calls_routed",
+            "Inbound calls the voice webhook routed, by route, action (assistant, dial, "
+            "refuse) and what decided (route or hook).",
+            ["route", "action", "by"],
+            registry=registry,
+        )
+        self._hook_latency = Histogram(
+            "voicebridge_route_hook_seconds",
+            "The decision hook: request sent → answer read, or the failure (deadline included).",
+            buckets=HOOK_BUCKETS_S,
+            registry=registry,
+        )
+        hook_failures = Counter(
+            "voicebridge_route_hook_failures",
+            "Decision hook requests that gave no decision (the route's choice was used), by "
+            "reason: timeout, error, malformed, refused.",
+            ["reason"],
+            registry=registry,
+        )
+        self._hook_failures = {
+            reason: hook_failures.labels(reason)
+            for reason in ("timeout", "error", "malformed", "refused")
+        }
         self._assistant_endings = Counter(
             "voicebridge_assistant_endings",
             "Calls Vapi ended (status-update ended), by Vapi's endedReason and the outcome "
@@ -317,7 +352,15 @@ class BridgeMetrics:
 
     def call_ended(self, record: CallRecord) -> None:
         """Add one ended call's figures (called once per call, before its socket closes)."""
-        self._calls[record.outcome].inc()
+        route = record.route or NO_ROUTE
+        child = self._calls.get((record.outcome, route))
+        if child is None:
+            if len(self._calls) >= MAX_ROUTES * len(Outcome):
+                route = OTHER_STREAM_ERROR
+            child = self._calls.setdefault(
+                (record.outcome, route), self._calls_by_route.labels(record.outcome.value, route)
+            )
+        child.inc()
         if record.ended_reason:
             # Log-safe already (vapi.endings.safe_reason): Vapi's enum, a bounded set.
             self._assistant_endings.labels(record.ended_reason, record.outcome.value).inc()
@@ -364,6 +407,17 @@ class BridgeMetrics:
     def call_refused(self, reason: RefusalReason) -> None:
         """The voice webhook answered the overflow TwiML."""
         self._refused[reason].inc()
+
+    def call_routed(self, route: str, action: str, by: str) -> None:
+        """The voice webhook decided an inbound call's route (``routing``)."""
+        self._routed.labels(route, action, by).inc()
+
+    def route_hook_answered(self, seconds: float, failure: str | None) -> None:
+        """The decision hook answered after ``seconds``; ``failure`` when it gave no
+        decision (the route's choice was used)."""
+        self._hook_latency.observe(seconds)
+        if failure is not None:
+            self._hook_failures[failure].inc()
 
     def webhook_rejected(self, path: str) -> None:
         """A webhook failed its signature check (403) or its credentials (401)."""
@@ -432,12 +486,22 @@ class _TimedConnector:
         self._histogram = histogram
 
     async def create(
-        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+        self,
+        *,
+        call_sid: str,
+        caller: str,
+        called: str,
+        assistant: str = "",
+        decision: Mapping[str, Any] | None = None,
     ) -> AssistantCall:
         started = time.perf_counter()
         try:
             return await self._inner.create(
-                call_sid=call_sid, caller=caller, called=called, assistant=assistant
+                call_sid=call_sid,
+                caller=caller,
+                called=called,
+                assistant=assistant,
+                decision=decision,
             )
         finally:
             self._histogram.observe(time.perf_counter() - started)

@@ -8,16 +8,19 @@ random nonce and a tag of the stream's other parameters), so any instance holdin
 secret can check it.
 
 What the token vouches for is a ``StreamClaims``: the CallSid, and the assistant, caller
-and called number that go on to Vapi's ``POST /call``. A ``start`` that changes any of
-them is refused (``wrong-parameters``), however valid the token.
+and called number that go on to Vapi's ``POST /call``, and the call's route with its
+decision (``voicebridge.routing``: the inline assistant and overrides). A ``start`` that
+changes any of them is refused (``wrong-parameters``), however valid the token.
 
 Format (URL-safe, 141 characters for a Twilio CallSid, at most ``MAX_TOKEN_CHARS``)::
 
     v2.<call_sid>.<expiry, ms since the epoch>.<nonce, 16 bytes>.<claims tag, 16 bytes>.<mac>
 
 (bytes in unpadded base64url). The MAC covers everything before it; the claims tag is a
-keyed hash of the assistant, caller and called number, so that a changed parameter is
-told apart from a forged token.
+keyed hash of the other claims, so that a changed parameter is told apart from a forged
+token. The route and decision are hashed only when either is set: a call of the default
+route hashes exactly as before they existed, and the length prefixes keep the two shapes
+from ever encoding alike.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ class TokenRejected(VoicebridgeError):
 
     ``malformed``: not a token at all; ``bad-signature``: not issued with our secret
     (or altered); ``wrong-call``: issued for another CallSid; ``expired``: past its
-    lifetime; ``wrong-parameters``: the stream's assistant, caller or called number is
-    not the one the token was issued with; ``reused``: already verified once by this
+    lifetime; ``wrong-parameters``: the stream's assistant, caller, called number, route
+    or decision is not the one the token was issued with; ``reused``: already verified once by this
     instance; ``overloaded``: this instance cannot remember another used token (see
     ``StreamTokens.verify``).
     """
@@ -108,19 +111,26 @@ def is_call_sid(text: str) -> bool:
 class StreamClaims:
     """What a stream token vouches for: the call, and the parameters of its ``<Stream>``
     that reach Vapi. ``assistant`` is "" for the configured assistant; ``caller`` and
-    ``called`` are "" when the webhook left them out."""
+    ``called`` are "" when the webhook left them out; ``route`` is the route that took
+    the call ("" for the default) and ``decision`` its inline assistant and overrides
+    (``routing.encode_decision``; "" for none)."""
 
     call_sid: str
     assistant: str = ""
     caller: str = ""
     called: str = ""
+    route: str = ""
+    decision: str = ""
 
 
 def _encode_claims(claims: StreamClaims) -> bytes:
     """The claims the tag covers, length-prefixed: no two different claims encode alike
     (a value may hold any character)."""
     out = bytearray()
-    for part in (claims.assistant, claims.caller, claims.called):
+    parts = [claims.assistant, claims.caller, claims.called]
+    if claims.route or claims.decision:
+        parts += [claims.route, claims.decision]
+    for part in parts:
         data = part.encode("utf-8", "surrogatepass")
         out += len(data).to_bytes(4, "big") + data
     return bytes(out)

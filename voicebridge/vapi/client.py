@@ -38,6 +38,7 @@ from voicebridge.net.transport import (
     Transport,
 )
 from voicebridge.net.ws import WsConnection
+from voicebridge.routing import create_overrides
 from voicebridge.sockets import MessageSocket
 from voicebridge.vapi import transport
 
@@ -129,6 +130,7 @@ def build_create_body(
     called: str,
     server: Mapping[str, Any] | None = None,
     assistant: str = "",
+    decision: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /call`` for one Twilio call (PROTOCOLS.md section 2).
 
@@ -139,19 +141,26 @@ def build_create_body(
     (for the assistant's prompt templates): the schema has no top-level metadata.
     ``server`` (our webhook URL and its credential, ``control.routes``) becomes
     ``assistantOverrides.server``, so that Vapi's webhooks for the call come to us.
+    ``decision`` is the call's route's (``routing``): its inline ``assistant`` stands in
+    for the configured one, and its ``assistantOverrides`` go first, under the bridge's
+    own (``routing.create_overrides``).
     """
+    decision = decision or {}
     body: dict[str, Any] = {"name": call_name(call_sid)}
-    if assistant or config.assistant_id:
-        body["assistantId"] = assistant or config.assistant_id
+    if assistant:
+        body["assistantId"] = assistant
+    elif decision.get("assistant"):
+        body["assistant"] = decision["assistant"]
+    elif config.assistant_id:
+        body["assistantId"] = config.assistant_id
     elif config.assistant:
         body["assistant"] = config.assistant
     else:
         raise ConfigError("vapi.assistant_id", "set assistant_id or an inline assistant")
     correlation = {"twilioCallSid": call_sid, "caller": caller, "called": called}
     body["assistantOverrides"] = {
+        **create_overrides(decision, correlation),
         "clientMessages": list(transport.REQUIRED_CLIENT_MESSAGES),
-        "metadata": dict(correlation),
-        "variableValues": dict(correlation),
         # Sent so that the bridge knows them instead of assuming (its silence deadline
         # is derived from the silence timeout; Vapi's schema has no default for it).
         "maxDurationSeconds": config.max_duration_s,
@@ -181,6 +190,7 @@ async def create_call(
     called: str,
     server: Mapping[str, Any] | None = None,
     assistant: str = "",
+    decision: Mapping[str, Any] | None = None,
 ) -> VapiCall:
     """Create the Vapi call for a Twilio call: ``POST {base_url}/call``; its ``VapiCall``.
 
@@ -200,6 +210,7 @@ async def create_call(
             called=called,
             server=server,
             assistant=assistant,
+            decision=decision,
         )
     )
     headers = {
