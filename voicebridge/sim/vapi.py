@@ -13,32 +13,48 @@ Public API::
     sim.api_key       # the bearer key POST /call and the upgrade must carry
     sim.behaviour     # settable: the SimVapiBehaviour of calls created from now on
     sim.behaviour_for # settable: (create_order, twilio_call_sid | None) -> SimVapiBehaviour
+    sim.max_concurrent_calls, sim.over_limit_answer  # the account's limit: "400" or "blocked"
     sim.calls         # Mapping[call id, SimVapiCallRecord], in creation order
     sim.create_attempts  # Sequence[CreateAttempt]: every authorised POST /call, refused ones too
+    sim.control_url(call_id)  # the call's monitor.controlUrl (Live Call Control)
     await sim.calls[call_id].wait_ended()
+    await sim.calls[call_id].wait_webhooks_delivered()
 
 A ``SimVapiCallRecord`` holds the create body (``metadata``, ``variable_values``,
 ``client_messages``, ``call_sid``), ``events`` (every JSON message sent, stamped
 with ``trio.current_time()``; ``messages("user-interrupted")``), ``turns`` (clip,
 bytes sent, ``interrupted_at``), caller audio bytes received, ``add_messages``,
 ``control_messages``, ``unknown_messages``, ``end_call_received_at``,
-``faults_injected``, ``ended_reason``, ``ended_at`` and ``close_code``.
+``faults_injected``, ``ended_reason``, ``ended_at`` and ``close_code``; what Vapi did
+on its own (``transfers``, ``said``, ``prompted_replies``, ``muted_bytes``,
+``tail_bytes_after_ended``), ``control_posts`` and the ``webhooks`` it posted;
+``call_object()`` is the call as Vapi's ``Call`` shows it on messages and webhooks.
 
 ``POST /call`` checks ``Authorization: Bearer <api_key>`` (401), validates the body
-(400 with a Vapi-style ``{"message": [...], "error", "statusCode"}``) and answers 201
-with ``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport``.
+(400 with a Vapi-style ``{"message": [...], "error", "statusCode"}``; every field of the
+SDK's ``calls.create`` is taken) and answers 201 with
+``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport`` and ``monitor``
+(``listenUrl``, not served; ``controlUrl``, where ``POST`` takes the socket's
+``say`` / ``add-message`` / ``control`` / ``transfer`` / ``end-call``). Over the
+account's concurrency limit it answers a 400, or a 201 with
+``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once.
 ``create_order`` counts authorised ``POST /call`` requests from 0; the CallSid is read
 from ``assistantOverrides.metadata.twilioCallSid`` (or ``variableValues.twilioCallSid``).
 
 On the transport socket (bearer key required on the upgrade too) one call runs under
 one nursery: a receiver task (caller audio → ``SpeechDetector``; JSON control
 messages), a conversation task (greeting, then one reply per caller turn, each turn
-interruptible) and one task per timed fault. Only message types in the call's
-``assistantOverrides.clientMessages`` (else Vapi's default set) are sent. The call
-ends with ``status-update`` ``ended`` and a normal close when the bridge sends
-``end-call`` (``customer-ended-call``), when the assistant has said goodbye after
-``end_after_replies`` replies (``assistant-ended-call``), or after
-``customer_audio_timeout_s`` without caller audio.
+interruptible; requests such as ``say`` wait until it is idle) and one task per
+timer (faults, ``end_after_s``, ``maxDurationSeconds``). Only message types in the
+call's ``assistantOverrides.clientMessages`` (else Vapi's default set) are sent; with
+an ``assistantOverrides.server.url``, ``status-update`` and ``end-of-call-report`` are
+POSTed there in order (``sim.server_messages``). The call ends with ``status-update``
+``ended`` and a normal close when the bridge sends ``end-call`` (``customer-ended-call``);
+Vapi ends it itself (``ended_reason``, any of Vapi's, after the goodbye or at
+``end_after_s``; ``exceeded-max-duration``; the no-audio timeout; after a ``say`` with
+``endCallAfterSpoken``; after a built-in transfer) with ``status-update`` ``ended``,
+the tail of the last turn (``tail_after_ended_ms``), then a close with 1000, 1005 or
+1006 (``close_code``).
 
 A conversation, with the default behaviour::
 
