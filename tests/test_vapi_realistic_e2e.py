@@ -354,7 +354,7 @@ async def test_say_on_the_control_url_is_heard_and_can_end_the_call() -> None:
     """Live Call Control ``say`` after the greeting: the caller hears the words; a
     second with ``endCallAfterSpoken`` is heard too, then the call ends normally."""
     asked = "One moment, please, while I look that up for you."  # no clip's words
-    posts = [
+    posts: list[tuple[float, dict[str, Any]]] = [
         (2.5, {"type": "say", "content": asked}),
         (5.0, {"type": "say", "content": CLIP_TEXTS["goodbye"], "endCallAfterSpoken": True}),
     ]
@@ -414,3 +414,19 @@ async def test_a_keypad_entry_is_one_add_message_and_the_assistant_answers_it() 
     [_, answer] = report.turns
     assert answer.heard_ms >= clip_ms("reply_3") - 300
     assert bridge.record(report.call_sid).outcome is Outcome.CALLER_HUNG_UP
+
+
+async def test_vapi_ends_the_call_at_the_max_duration_the_bridge_asked_for() -> None:
+    """The bridge sends ``maxDurationSeconds`` (10 s, the least it allows); Vapi ends the
+    call then with ``exceeded-max-duration``: a normal end, with its own goodbye."""
+    with trio.fail_after(30):
+        async with running_bridge(behaviour=LISTENER, vapi={"max_duration_s": 10}) as bridge:
+            report = await place_call(bridge.caller, (Silence(20),))
+            [vapi_call] = bridge.vapi.calls.values()
+    record = bridge.record(report.call_sid)
+    assert vapi_call.overrides["maxDurationSeconds"] == 10
+    assert record.outcome is Outcome.ASSISTANT_ENDED
+    assert record.ended_reason == vapi_call.ended_reason == "exceeded-max-duration"
+    assert 10 <= vapi_call.ended_at - vapi_call.connected_at < 11  # type: ignore[operator]
+    assert (report.final_action, report.ended_by) == ("say", "server")
+    assert "time limit for this call" in report.final_say.lower()
