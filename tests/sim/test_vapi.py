@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio_websocket
 
-from voicebridge.sim.audio import duration_ms, load_clip, silence, ulaw_to_pcm16
+from voicebridge.sim.audio import CLIP_TEXTS, duration_ms, load_clip, silence, ulaw_to_pcm16
 from voicebridge.sim.vapi import (
     CHUNK_MAX_BYTES,
     CHUNK_MIN_BYTES,
@@ -775,3 +775,30 @@ async def test_status_updates_and_the_report_are_posted_in_order(
 
 async def reject_websockets(request: HttpRequest, ws: SimWebSocket) -> None:
     await ws.reject(404)
+
+
+async def test_muting_the_caller_first_message_again_and_a_transfer_on_the_socket(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = attrs.evolve(QUICK, end_after_replies=None, audio_burst=True)
+    messages = ["speech-update", "transcript", "status-update", "transfer-update"]
+    body = create_body(assistantOverrides={"clientMessages": messages})
+    heard = Heard()
+    destination = {"type": "number", "number": "+15550100778"}
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http, body)) as ws:
+            await listen_until(ws, heard, "transcript", role="assistant")
+            await ws.send_message('{"type":"control","control":"mute-customer"}')
+            await send_audio(ws, silence(200) + load_clip("caller_2") + silence(700))
+            await ws.send_message('{"type":"control","control":"say-first-message"}')
+            first_again = await listen_until(ws, heard, "transcript", role="assistant")
+            await ws.send_message(
+                orjson.dumps({"type": "transfer", "destination": destination}).decode()
+            )
+            forwarding = await listen_until(ws, heard, "status-update", status="forwarding")
+            await ws.send_message('{"type":"end-call"}')
+    assert "user" not in [m.get("role") for _, m in heard.messages], "the caller was not heard"
+    assert first_again["transcript"] == CLIP_TEXTS[QUICK.greeting_clip]
+    assert forwarding["destination"] == destination
+    [record] = sim.calls.values()
+    assert [m["type"] for m in record.control_messages] == ["control", "control", "transfer"]
