@@ -578,10 +578,12 @@ class SimVapi:
         self.behaviour_for = behaviour_for
         #: Vapi refuses calls past this many unended ones (Vapi's default is 10;
         #: None = unlimited, for load tests), as ``over_limit_answer`` says: a 400
-        #: "Over Concurrency Limit.", or a 201 with ``subscriptionLimits.concurrencyBlocked``
-        #: whose call then ends (``call.start.error-subscription-concurrency-limit-reached``).
+        #: "Over Concurrency Limit.", or a 201 whose call is ended at once
+        #: (``call.start.error-subscription-concurrency-limit-reached``; its socket only
+        #: says so), with ``subscriptionLimits.concurrencyBlocked`` (``blocked``) or
+        #: without (``ended``: the schema's single-call answer has no subscriptionLimits).
         self.max_concurrent_calls = max_concurrent_calls
-        self.over_limit_answer: Literal["400", "blocked"] = "400"
+        self.over_limit_answer: Literal["400", "blocked", "ended"] = "400"
         self._sessions: dict[str, _CallSession] = {}
         self._server_nursery: trio.Nursery | None = None
         self._calls: dict[str, SimVapiCallRecord] = {}
@@ -707,10 +709,11 @@ class SimVapi:
             return _error(400, problems)
         active = sum(1 for call in self._calls.values() if call.ended_at is None)
         blocked = behaviour.concurrency_blocked
+        say_blocked = blocked
         if self.max_concurrent_calls is not None and active >= self.max_concurrent_calls:
             if self.over_limit_answer == "400":
                 return _error(400, OVER_CONCURRENCY_MESSAGE)
-            blocked = True
+            blocked, say_blocked = True, self.over_limit_answer == "blocked"
         call_id = str(uuid.uuid4())
         record = SimVapiCallRecord(
             id=call_id,
@@ -733,6 +736,12 @@ class SimVapi:
             self._server_nursery.start_soon(self._deliver_webhooks, record, queue_out)
         attempt.call_id = call_id
         resource = self._call_resource(record, authority)
+        if say_blocked:
+            resource["subscriptionLimits"] = {
+                "concurrencyBlocked": True,
+                "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
+                "remainingConcurrentCalls": 0,
+            }
         if blocked:
             # Created, and ended at once: the socket, if connected, only says so.
             record._mark_ended(ENDED_CONCURRENCY_LIMIT)
@@ -800,12 +809,6 @@ class SimVapi:
             "listenUrl": f"ws://{authority}/{record.id}/listen",
             "controlUrl": f"http://{authority}/{record.id}/control",
         }
-        if record.concurrency_blocked:
-            resource["subscriptionLimits"] = {
-                "concurrencyBlocked": True,
-                "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
-                "remainingConcurrentCalls": 0,
-            }
         return resource
 
     def _authorized(self, request: HttpRequest) -> bool:
