@@ -13,7 +13,7 @@ its reason; nothing else is let through. A mismatch of the simulated Vapi is an
 to be removed (there is none today).
 
 Charter: loopback only, port 0, a ``trio.fail_after`` guard; the simulated calls run
-once for the module, at the same time on one server (a few seconds of real time).
+once for the module, at the same time on one server (about 15 s of real time).
 """
 
 from __future__ import annotations
