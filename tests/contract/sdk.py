@@ -42,6 +42,7 @@ from vapi.types.server_message_response_transfer_destination_request import (  #
     ServerMessageResponseTransferDestinationRequest,
 )
 from vapi.types.server_message_status_update import ServerMessageStatusUpdate  # noqa: E402
+from vapi.types.subscription_limits import SubscriptionLimits  # noqa: E402
 
 __all__ = [
     "AssistantOverrides",
@@ -55,5 +56,6 @@ __all__ = [
     "ServerMessageResponseToolCalls",
     "ServerMessageResponseTransferDestinationRequest",
     "ServerMessageStatusUpdate",
+    "SubscriptionLimits",
     "UnionMetadata",
 ]

@@ -22,17 +22,21 @@ import pytest
 import trio
 import trio_websocket
 
-from voicebridge.sim.audio import duration_ms, load_clip, silence, ulaw_to_pcm16
+from voicebridge.sim.audio import CLIP_TEXTS, duration_ms, load_clip, silence, ulaw_to_pcm16
 from voicebridge.sim.vapi import (
     CHUNK_MAX_BYTES,
     CHUNK_MIN_BYTES,
     ENDED_ASSISTANT,
+    ENDED_CONCURRENCY_LIMIT,
     ENDED_CUSTOMER,
     ENDED_DROPPED,
     ENDED_NO_CUSTOMER_AUDIO,
+    CloseCode,
+    SimTransfer,
     SimVapi,
     SimVapiBehaviour,
 )
+from voicebridge.sim.wire import HttpRequest, HttpResponse, SimWebSocket, serve_http_ws
 
 GUARD_S = 5.0
 
@@ -567,3 +571,236 @@ async def test_a_broken_client_does_not_disturb_the_server(
     assert garbage.startswith(b"HTTP/1.1 400 ")
     assert too_big.startswith(b"HTTP/1.1 413 ")
     assert len(sim.calls) == 1
+
+
+# --- how Vapi ends calls -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [1000, 1005, 1006])
+async def test_vapi_ends_with_any_reason_and_close(
+    sim: SimVapi, http: httpx.AsyncClient, code: CloseCode
+) -> None:
+    reason = "pipeline-error-openai-llm-failed"
+    sim.behaviour = attrs.evolve(QUICK, end_after_s=0.3, ended_reason=reason, close_code=code)
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http)) as ws:
+            ended = await listen_until(ws, heard, "status-update", status="ended")
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await listen_until(ws, heard, "never")
+    assert ended["endedReason"] == reason
+    assert close_code(closed.value) == code
+    [record] = sim.calls.values()
+    assert (record.ended_reason, record.close_code) == (reason, code)
+
+
+async def test_vapi_may_close_without_saying_it_ended(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = attrs.evolve(QUICK, end_after_s=0.3, announce_end=False, close_code=1006)
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http)) as ws:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await listen_until(ws, heard, "never")
+    assert close_code(closed.value) == 1006
+    assert "ended" not in [m.get("status") for _, m in heard.messages]
+
+
+async def test_the_goodbyes_tail_comes_after_ended(sim: SimVapi, http: httpx.AsyncClient) -> None:
+    sim.behaviour = attrs.evolve(QUICK, end_after_replies=0, tail_after_ended_ms=400)
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http)) as ws:
+            await listen_until(ws, heard, "speech-update", role="assistant", status="stopped")
+            await send_audio(ws, silence(200) + load_clip("caller_2") + silence(700))
+            await listen_until(ws, heard, "status-update", status="ended")
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                await listen_until(ws, heard, "never")
+    ended_at = heard.first("status-update", status="ended")[0]
+    assert heard.audio_bytes(after=ended_at) == 400 * 8
+    [record] = sim.calls.values()
+    assert record.tail_bytes_after_ended == 400 * 8
+    assert record.turns[-1].total_bytes == len(load_clip("caller_3")) - 400 * 8
+
+
+# --- built-in transfers, concurrency refusals ------------------------------------------
+
+
+async def test_a_built_in_transfer_is_announced_as_vapi_does(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = attrs.evolve(QUICK, transfer=SimTransfer(number="+15550100777"))
+    heard = Heard()
+    destination = {"type": "number", "number": "+15550100777"}
+    messages = ["speech-update", "status-update", "transfer-update"]
+    body = create_body(assistantOverrides={"clientMessages": messages})
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http, body)) as ws:
+            await listen_until(ws, heard, "speech-update", role="assistant", status="stopped")
+            await send_audio(ws, silence(200) + load_clip("caller_2") + silence(700))
+            forwarding = await listen_until(ws, heard, "status-update", status="forwarding")
+            update = await listen_until(ws, heard, "transfer-update")
+            await ws.send_message('{"type":"end-call"}')
+    assert forwarding["destination"] == update["destination"] == destination
+    [record] = sim.calls.values()
+    assert record.transfers == [destination]
+
+
+@pytest.mark.parametrize("how", ["behaviour", "blocked", "ended"])
+async def test_a_call_blocked_by_the_concurrency_limit(
+    sim: SimVapi, http: httpx.AsyncClient, how: str
+) -> None:
+    if how == "behaviour":
+        sim.behaviour = attrs.evolve(QUICK, concurrency_blocked=True)
+    else:
+        sim.max_concurrent_calls = 0
+        sim.over_limit_answer = "blocked" if how == "blocked" else "ended"
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        response = await post_call(sim, http)
+        assert response.status_code == 201
+        answer = response.json()
+        async with transport(sim, answer["transport"]["websocketCallUrl"]) as ws:
+            ended = await listen_until(ws, heard, "status-update", status="ended")
+    limits = answer.get("subscriptionLimits", {})
+    assert limits.get("concurrencyBlocked", False) is (how != "ended")
+    assert ended["endedReason"] == ENDED_CONCURRENCY_LIMIT
+    assert heard.audio == []
+
+
+async def test_create_takes_every_field_the_sdk_sends(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    body = create_body(assistantVersion=3, squadVersion=1, name="vb CA1")
+    with trio.fail_after(GUARD_S):
+        response = await post_call(sim, http, body)
+    assert response.status_code == 201, response.text
+    monitor = response.json()["monitor"]
+    call_id = response.json()["id"]
+    assert monitor["controlUrl"] == sim.control_url(call_id)
+    assert monitor["listenUrl"].endswith(f"/{call_id}/listen")
+
+
+# --- say, add-message, control ------------------------------------------------------------
+
+
+async def test_the_control_url_says_mutes_and_prompts(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = attrs.evolve(QUICK, end_after_replies=None, audio_burst=True)
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        response = await post_call(sim, http)
+        call_id = response.json()["id"]
+        control = sim.control_url(call_id)
+        not_yet = await http.post(control, json={"type": "say", "content": "Hi"})
+        async with transport(sim, response.json()["transport"]["websocketCallUrl"]) as ws:
+            await listen_until(ws, heard, "transcript", role="assistant")
+            said = await http.post(control, json={"type": "say", "content": "Hold on, please."})
+            await listen_until(
+                ws, heard, "transcript", role="assistant", transcript="Hold on, please."
+            )
+            # Muted, the assistant's answer to a prompt sends no audio.
+            await http.post(control, json={"type": "control", "control": "mute-assistant"})
+            before = heard.audio_bytes()
+            await ws.send_message(
+                '{"type":"add-message","message":{"role":"user","content":"4 2"}}'
+            )
+            await listen_until(ws, heard, "transcript", role="assistant")
+            muted_audio = heard.audio_bytes() - before
+            silently = await http.post(
+                control,
+                json={
+                    "type": "add-message",
+                    "message": {"role": "system", "content": "x"},
+                    "triggerResponseEnabled": False,
+                },
+            )
+            unknown = await http.post(control, json={"type": "dance"})
+            await http.post(control, json={"type": "end-call"})
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                await listen_until(ws, heard, "never")
+        ended = await http.post(control, json={"type": "say", "content": "Hi"})
+        missing = await http.post(sim.control_url("no-such-call"), json={"type": "end-call"})
+    assert (not_yet.status_code, said.status_code, silently.status_code) == (400, 200, 200)
+    assert (unknown.status_code, ended.status_code, missing.status_code) == (400, 400, 404)
+    [record] = sim.calls.values()
+    assert record.said == ["Hold on, please."]
+    assert record.prompted_replies == 1  # not for the silent add-message
+    assert muted_audio == 0 and record.muted_bytes == len(load_clip("caller_2"))
+    assert [m["type"] for m in record.control_posts] == [
+        "say",
+        "control",
+        "add-message",
+        "end-call",
+    ]
+
+
+# --- server webhooks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server_messages", [None, ["end-of-call-report"]])
+async def test_status_updates_and_the_report_are_posted_in_order(
+    sim: SimVapi, http: httpx.AsyncClient, nursery: trio.Nursery, server_messages: Any
+) -> None:
+    """To the call's ``server.url``: every status the call went through, then the report
+    (only the types in ``serverMessages`` when it is given)."""
+    posted: list[dict[str, Any]] = []
+
+    async def receive(request: HttpRequest) -> HttpResponse:
+        posted.append(orjson.loads(request.body)["message"])
+        return HttpResponse(status=200, body=b"{}")
+
+    port = await nursery.start(serve_http_ws, receive, reject_websockets)
+    overrides: dict[str, Any] = {"server": {"url": f"http://127.0.0.1:{port}/vapi"}}
+    if server_messages is not None:
+        overrides["serverMessages"] = server_messages
+    sim.behaviour = attrs.evolve(QUICK, end_after_s=0.2, ended_reason="worker-shutdown")
+    body = create_body(assistantOverrides=overrides)
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http, body)) as ws:
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                await listen_until(ws, Heard(), "never")
+        [record] = sim.calls.values()
+        await record.wait_webhooks_delivered()
+    sent = [(m["type"], m.get("status") or m.get("endedReason")) for m in posted]
+    everything = [
+        ("status-update", "in-progress"),
+        ("status-update", "ended"),
+        ("end-of-call-report", "worker-shutdown"),
+    ]
+    assert sent == (everything if server_messages is None else everything[-1:])
+    assert all(m["call"]["id"] == record.id for m in posted)
+    assert [exchange.status for exchange in record.webhooks] == [200] * len(sent)
+
+
+async def reject_websockets(request: HttpRequest, ws: SimWebSocket) -> None:
+    await ws.reject(404)
+
+
+async def test_muting_the_caller_first_message_again_and_a_transfer_on_the_socket(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = attrs.evolve(QUICK, end_after_replies=None, audio_burst=True)
+    messages = ["speech-update", "transcript", "status-update", "transfer-update"]
+    body = create_body(assistantOverrides={"clientMessages": messages})
+    heard = Heard()
+    destination = {"type": "number", "number": "+15550100778"}
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http, body)) as ws:
+            await listen_until(ws, heard, "transcript", role="assistant")
+            await ws.send_message('{"type":"control","control":"mute-customer"}')
+            await send_audio(ws, silence(200) + load_clip("caller_2") + silence(700))
+            await ws.send_message('{"type":"control","control":"say-first-message"}')
+            first_again = await listen_until(ws, heard, "transcript", role="assistant")
+            await ws.send_message(
+                orjson.dumps({"type": "transfer", "destination": destination}).decode()
+            )
+            forwarding = await listen_until(ws, heard, "status-update", status="forwarding")
+            await ws.send_message('{"type":"end-call"}')
+    assert "user" not in [m.get("role") for _, m in heard.messages], "the caller was not heard"
+    assert first_again["transcript"] == CLIP_TEXTS[QUICK.greeting_clip]
+    assert forwarding["destination"] == destination
+    [record] = sim.calls.values()
+    assert [m["type"] for m in record.control_messages] == ["control", "control", "transfer"]

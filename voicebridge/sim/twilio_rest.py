@@ -190,9 +190,7 @@ class SimTwilioRest:
         if live is None and in_progress is None:
             return _error(404, NOT_FOUND, f"The requested resource Calls/{sid} was not found")
         if (live is not None and live.update == "completed") or in_progress is False:
-            return _error(
-                400, CALL_NOT_IN_PROGRESS, "Call is not in-progress. Cannot redirect."
-            )
+            return _error(400, CALL_NOT_IN_PROGRESS, "Call is not in-progress. Cannot redirect.")
         now = trio.current_time()
         if "Twiml" in params:
             twiml = params["Twiml"]

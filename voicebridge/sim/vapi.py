@@ -13,32 +13,48 @@ Public API::
     sim.api_key       # the bearer key POST /call and the upgrade must carry
     sim.behaviour     # settable: the SimVapiBehaviour of calls created from now on
     sim.behaviour_for # settable: (create_order, twilio_call_sid | None) -> SimVapiBehaviour
+    sim.max_concurrent_calls, sim.over_limit_answer  # the account's limit: "400" or "blocked"
     sim.calls         # Mapping[call id, SimVapiCallRecord], in creation order
     sim.create_attempts  # Sequence[CreateAttempt]: every authorised POST /call, refused ones too
+    sim.control_url(call_id)  # the call's monitor.controlUrl (Live Call Control)
     await sim.calls[call_id].wait_ended()
+    await sim.calls[call_id].wait_webhooks_delivered()
 
 A ``SimVapiCallRecord`` holds the create body (``metadata``, ``variable_values``,
 ``client_messages``, ``call_sid``), ``events`` (every JSON message sent, stamped
 with ``trio.current_time()``; ``messages("user-interrupted")``), ``turns`` (clip,
 bytes sent, ``interrupted_at``), caller audio bytes received, ``add_messages``,
 ``control_messages``, ``unknown_messages``, ``end_call_received_at``,
-``faults_injected``, ``ended_reason``, ``ended_at`` and ``close_code``.
+``faults_injected``, ``ended_reason``, ``ended_at`` and ``close_code``; what Vapi did
+on its own (``transfers``, ``said``, ``prompted_replies``, ``muted_bytes``,
+``tail_bytes_after_ended``), ``control_posts`` and the ``webhooks`` it posted;
+``call_object()`` is the call as Vapi's ``Call`` shows it on messages and webhooks.
 
 ``POST /call`` checks ``Authorization: Bearer <api_key>`` (401), validates the body
-(400 with a Vapi-style ``{"message": [...], "error", "statusCode"}``) and answers 201
-with ``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport``.
+(400 with a Vapi-style ``{"message": [...], "error", "statusCode"}``; every field of the
+SDK's ``calls.create`` is taken) and answers 201 with
+``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport`` and ``monitor``
+(``listenUrl``, not served; ``controlUrl``, where ``POST`` takes the socket's
+``say`` / ``add-message`` / ``control`` / ``transfer`` / ``end-call``). Over the
+account's concurrency limit it answers a 400, or a 201 with
+``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once.
 ``create_order`` counts authorised ``POST /call`` requests from 0; the CallSid is read
 from ``assistantOverrides.metadata.twilioCallSid`` (or ``variableValues.twilioCallSid``).
 
 On the transport socket (bearer key required on the upgrade too) one call runs under
 one nursery: a receiver task (caller audio → ``SpeechDetector``; JSON control
 messages), a conversation task (greeting, then one reply per caller turn, each turn
-interruptible) and one task per timed fault. Only message types in the call's
-``assistantOverrides.clientMessages`` (else Vapi's default set) are sent. The call
-ends with ``status-update`` ``ended`` and a normal close when the bridge sends
-``end-call`` (``customer-ended-call``), when the assistant has said goodbye after
-``end_after_replies`` replies (``assistant-ended-call``), or after
-``customer_audio_timeout_s`` without caller audio.
+interruptible; requests such as ``say`` wait until it is idle) and one task per
+timer (faults, ``end_after_s``, ``maxDurationSeconds``). Only message types in the
+call's ``assistantOverrides.clientMessages`` (else Vapi's default set) are sent; with
+an ``assistantOverrides.server.url``, ``status-update`` and ``end-of-call-report`` are
+POSTed there in order (``sim.server_messages``). The call ends with ``status-update``
+``ended`` and a normal close when the bridge sends ``end-call`` (``customer-ended-call``);
+Vapi ends it itself (``ended_reason``, any of Vapi's, after the goodbye or at
+``end_after_s``; ``exceeded-max-duration``; the no-audio timeout; after a ``say`` with
+``endCallAfterSpoken``; after a built-in transfer) with ``status-update`` ``ended``,
+the tail of the last turn (``tail_after_ended_ms``), then a close with 1000, 1005 or
+1006 (``close_code``).
 
 A conversation, with the default behaviour::
 
@@ -57,7 +73,9 @@ they read ``(caller spoke 1.8 s)``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import datetime
 import enum
 import functools
 import hmac
@@ -65,7 +83,7 @@ import math
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import orjson
@@ -89,7 +107,10 @@ from voicebridge.sim.server_messages import (
     SimServerCredential,
     SimToolCall,
     ToolExchange,
+    WebhookExchange,
+    post_message,
     send_tool_calls,
+    server_url,
 )
 from voicebridge.sim.wire import HttpRequest, HttpResponse, SimWebSocket, serve_http_ws
 
@@ -137,6 +158,8 @@ CREATE_CALL_KEYS = frozenset(
         "schedulePlan",
         "phoneNumber",
         "phoneNumberId",
+        "assistantVersion",
+        "squadVersion",
     }
 )
 #: Exactly one of these names what runs the call.
@@ -160,13 +183,66 @@ MALFORMED_MESSAGE = '{"type": "transcript", "role": "assistant", "transcript": '
 ENDED_CUSTOMER = "customer-ended-call"
 ENDED_ASSISTANT = "assistant-ended-call"
 ENDED_NO_CUSTOMER_AUDIO = "call.in-progress.error-assistant-did-not-receive-customer-audio"
+#: A ``say`` with ``endCallAfterSpoken``.
+ENDED_AFTER_SPOKEN = "assistant-ended-call-after-message-spoken"
+#: The built-in transfer tool moved the caller on.
+ENDED_FORWARDED = "assistant-forwarded-call"
+ENDED_MAX_DURATION = "exceeded-max-duration"
+#: The account's concurrency limit blocked a call created anyway (``concurrency_blocked``).
+ENDED_CONCURRENCY_LIMIT = "call.start.error-subscription-concurrency-limit-reached"
+#: Vapi's answer to a create over the concurrency limit, in its 400 form.
+OVER_CONCURRENCY_MESSAGE = "Over Concurrency Limit."
+#: Vapi's default concurrency limit, reported in ``subscriptionLimits``.
+DEFAULT_CONCURRENCY_LIMIT = 10
+#: Live Call Control requests queued for a call (``monitor.controlUrl`` and the socket's
+#: ``say`` / ``add-message`` / ``control``): a handful per call; past it, 429.
+COMMAND_BUFFER = 16
+#: Server messages (status-update, end-of-call-report) queued for one call's webhook
+#: deliverer: a call sends fewer than ten; past it they are dropped (recorded).
+WEBHOOK_BUFFER = 32
+#: A ``say`` whose text is no shipped clip's is spoken as this much audio per word.
+SAY_MS_PER_WORD = 320
+#: The organisation every simulated call belongs to.
+SIM_ORG = "sim-org"
 #: Sim-only end reasons (nothing is sent; they are for inspection).
 ENDED_TRANSPORT_CLOSED = "sim-transport-closed-by-peer"
 ENDED_DROPPED = "sim-fault-dropped"
 ENDED_UNKNOWN_MESSAGE = "sim-fault-closed-on-unknown-message"
 ENDED_SOCKET_REJECTED = "sim-fault-socket-rejected"
+#: What Vapi's webhooks say for the sim-only reasons (Vapi's enum has no such values).
+WIRE_REASONS: Mapping[str, str] = {
+    ENDED_TRANSPORT_CLOSED: ENDED_CUSTOMER,
+    ENDED_DROPPED: "call.in-progress.error-vapifault-worker-died",
+    ENDED_UNKNOWN_MESSAGE: "call.in-progress.error-vapifault-worker-died",
+    ENDED_SOCKET_REJECTED: "call.in-progress.error-vapifault-transport-never-connected",
+}
 
 JsonObject = dict[str, Any]
+
+
+CloseCode = Literal[1000, 1005, 1006]
+
+
+@attrs.frozen(kw_only=True)
+class SimTransfer:
+    """The assistant's use of Vapi's built-in ``transferCall`` tool.
+
+    Vapi speaks the tool's message, then announces the transfer on the socket:
+    ``status-update`` ``forwarding`` with the destination, and ``transfer-update``.
+    With no ``number`` the tool has no destination: Vapi first asks the call's server
+    (``transfer-destination-request`` webhook) and transfers where the answer says;
+    with no usable answer the conversation goes on.
+    """
+
+    #: The tool's destination number; "": none, ask the server.
+    number: str = ""
+    #: Made instead of reply number ``before_reply`` (0: after the caller's first turn).
+    before_reply: int = 0
+    #: The tool's message, spoken before the transfer is announced (None: nothing).
+    say_clip: str | None = None
+    #: Vapi ends the call (``assistant-forwarded-call``) this long after announcing the
+    #: transfer; None: it holds the line until the bridge ends the call.
+    end_after_s: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -174,14 +250,22 @@ class SimVapiBehaviour:
     """How one simulated call behaves: the assistant's script, its timing, and faults.
 
     Faults (all off by default) — create: ``refuse_create`` (an HTTP status: 401,
-    400 = concurrency limit, 500), ``create_delay_s`` (``math.inf``: never answers);
-    socket: ``reject_socket`` (an HTTP status for the upgrade), ``drop_after_s``
-    (TCP dropped with no close frame), ``ignore_pings_after_s``,
+    400 = concurrency limit, 500), ``concurrency_blocked`` (a 201 whose
+    ``subscriptionLimits.concurrencyBlocked`` is true; the call then ends at once with
+    ``call.start.error-subscription-concurrency-limit-reached``), ``create_delay_s``
+    (``math.inf``: never answers); socket: ``reject_socket`` (an HTTP status for the
+    upgrade), ``drop_after_s`` (TCP dropped with no close frame), ``ignore_pings_after_s``,
     ``malformed_after_s`` (one non-JSON text frame), ``close_on_unknown_message``
     (close with no status, 1005, as a low-confidence report says Vapi does),
     ``audio_burst`` (every turn's audio at once, unpaced), ``silent`` (the assistant
     sends no audio and no messages; only the final ``status-update`` if the call
     ends politely, e.g. for want of caller audio). Times count from the socket's accept.
+
+    How Vapi ends a call itself (after the goodbye, at ``end_after_s``, at the call's
+    ``maxDurationSeconds``, for want of caller audio, after a ``say`` that ends the
+    call, after a transfer): ``status-update`` ``ended`` with the reason (unless
+    ``announce_end`` is off), then ``tail_after_ended_ms`` of the last turn's audio,
+    then the close ``close_code`` says.
     """
 
     greeting_clip: str = "greeting"
@@ -215,6 +299,25 @@ class SimVapiBehaviour:
     #: Tool calls the assistant makes, POSTed as ``tool-calls`` webhooks to the call's
     #: ``assistantOverrides.server`` (``sim.server_messages``).
     tool_calls: tuple[SimToolCall, ...] = ()
+    #: A built-in transfer the assistant makes (None: never).
+    transfer: SimTransfer | None = None
+
+    #: The ``endedReason`` when the assistant ends the call after its goodbye or at
+    #: ``end_after_s``: any of Vapi's, failures included (pipeline-error-openai-llm-failed,
+    #: call.in-progress.error-vapifault-…, worker-shutdown, …).
+    ended_reason: str = ENDED_ASSISTANT
+    #: Vapi ends the call this long after the socket's accept, whatever is going on
+    #: (a provider failing mid-sentence), with ``ended_reason``; None: never.
+    end_after_s: float | None = None
+    #: Send ``status-update`` ``ended`` before closing (False: the socket just closes).
+    announce_end: bool = True
+    #: How the socket closes when Vapi ends the call: 1000; 1005, a close frame without
+    #: a status code; 1006, the TCP connection dropped without a close frame.
+    close_code: CloseCode = 1000
+    #: This much of the end of the last turn's audio is sent after ``status-update``
+    #: ``ended`` (the tail of a goodbye), paced, before the close.
+    tail_after_ended_ms: int = 0
+    concurrency_blocked: bool = False
 
 
 BehaviourChooser = Callable[[int, str | None], SimVapiBehaviour]
@@ -293,7 +396,34 @@ class SimVapiCallRecord:
     server_credential: SimServerCredential | None = None
     #: Every tool-calls webhook sent and its answer.
     tool_exchanges: list[ToolExchange] = attrs.Factory(list)
+    #: Every other webhook (status-update, end-of-call-report, transfer-destination-request)
+    #: and its answer, in the order sent.
+    webhooks: list[WebhookExchange] = attrs.Factory(list)
+    #: Server messages not delivered: the call's webhook queue was full.
+    webhooks_dropped: int = 0
+    #: Wall-clock ISO 8601 times of the call object (``createdAt``, ``startedAt``, ``endedAt``).
+    created_iso: str = attrs.Factory(lambda: _now_iso())
+    started_iso: str | None = None
+    ended_iso: str | None = None
+    #: The concurrency limit blocked the call (``subscriptionLimits.concurrencyBlocked``).
+    concurrency_blocked: bool = False
+    #: Destinations the assistant transferred to (``status-update`` forwarding sent).
+    transfers: list[JsonObject] = attrs.Factory(list)
+    #: Texts spoken on request (``say``), in order.
+    said: list[str] = attrs.Factory(list)
+    #: Replies made to an ``add-message`` (``triggerResponseEnabled``) rather than to speech.
+    prompted_replies: int = 0
+    #: Requests POSTed to ``monitor.controlUrl`` and accepted, in order.
+    control_posts: list[JsonObject] = attrs.Factory(list)
+    #: μ-law bytes of assistant audio not sent because the assistant was muted.
+    muted_bytes: int = 0
+    #: μ-law bytes sent after ``status-update`` ended (the tail of the last turn).
+    tail_bytes_after_ended: int = 0
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+    _webhooks_delivered: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+    _webhook_queue: trio.MemorySendChannel[JsonObject] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
 
     @property
     def assistant_id(self) -> str | None:
@@ -322,6 +452,37 @@ class SimVapiCallRecord:
         value = self.overrides.get("clientMessages")
         return frozenset(value) if isinstance(value, list) else DEFAULT_CLIENT_MESSAGES
 
+    def call_object(self) -> JsonObject:
+        """The call as Vapi's ``Call`` puts it on messages and webhooks."""
+        call: JsonObject = {
+            "id": self.id,
+            "orgId": SIM_ORG,
+            "createdAt": self.created_iso,
+            "updatedAt": self.ended_iso or self.started_iso or self.created_iso,
+            "type": "vapi.websocketCall",
+            "status": self.status,
+        }
+        for key in ("assistantId", "name"):
+            if isinstance(self.create_body.get(key), str):
+                call[key] = self.create_body[key]
+        call["assistantOverrides"] = self.overrides
+        if self.started_iso is not None:
+            call["startedAt"] = self.started_iso
+        if self.ended_at is not None:
+            call["endedAt"] = self.ended_iso
+            reason = self.ended_reason or ENDED_TRANSPORT_CLOSED
+            call["endedReason"] = WIRE_REASONS.get(reason, reason)
+        return call
+
+    @property
+    def status(self) -> str:
+        """Vapi's ``Call.status``: queued, in-progress, forwarding or ended."""
+        if self.ended_at is not None:
+            return "ended"
+        if self.transfers:
+            return "forwarding"
+        return "in-progress" if self.connected_at is not None else "queued"
+
     def messages(self, message_type: str) -> list[SentMessage]:
         """The sent control messages of one ``type``, in order."""
         return [event for event in self.events if event.type == message_type]
@@ -329,22 +490,73 @@ class SimVapiCallRecord:
     async def wait_ended(self) -> None:
         """Wait until the call has ended and its socket is closed.
 
-        A call whose socket never connects never ends (except by ``reject_socket``).
+        A call whose socket never connects never ends (except by ``reject_socket`` and
+        ``concurrency_blocked``).
         """
         await self._ended.wait()
 
+    async def wait_webhooks_delivered(self) -> None:
+        """Wait until the call has ended and every server message about it (its
+        ``end-of-call-report`` last) has been answered. Returns at once for a call
+        without a server URL."""
+        await self._webhooks_delivered.wait()
+
+    def notify(self, message: JsonObject) -> None:
+        """Queue a server message (delivered in order by ``SimVapi``); dropped when the
+        call has no server URL, or the queue is full (counted)."""
+        if self._webhook_queue is None:
+            return
+        try:
+            self._webhook_queue.send_nowait(message)
+        except trio.WouldBlock:
+            self.webhooks_dropped += 1
+        except trio.ClosedResourceError:
+            pass  # the end-of-call report is out: nothing follows it
+
     def _mark_ended(self, reason: str) -> None:
-        if self.ended_at is None:
+        first = self.ended_at is None
+        if first:
             self.ended_at = trio.current_time()
+            self.ended_iso = _now_iso()
         if self.ended_reason is None:
             self.ended_reason = reason
         self._ended.set()
+        if first:
+            self._report_end()
+
+    def _report_end(self) -> None:
+        """The last server messages of the call: ``status-update`` ended, the report."""
+        reason = self.ended_reason or ENDED_TRANSPORT_CLOSED
+        reason = WIRE_REASONS.get(reason, reason)
+        if self._webhook_queue is None:
+            self._webhooks_delivered.set()
+            return
+        self.notify({"type": "status-update", "status": "ended", "endedReason": reason})
+        started = self.started_iso or self.created_iso
+        transcript = "\n".join(
+            f"AI: {CLIP_TEXTS[turn.clip]}" for turn in self.turns if turn.clip in CLIP_TEXTS
+        )
+        self.notify(
+            {
+                "type": "end-of-call-report",
+                "endedReason": reason,
+                "cost": 0.0,
+                "artifact": {"transcript": transcript, "messages": []},
+                "analysis": {"summary": f"A simulated call of {len(self.turns)} assistant turns."},
+                "startedAt": started,
+                "endedAt": self.ended_iso,
+            }
+        )
+        self._webhook_queue.close()
 
 
 class _Hangup(enum.Enum):
     """How the transport goes down when a call ends."""
 
     POLITE = "status-update ended, then close 1000"
+    #: Vapi ended the call: as the behaviour's ``announce_end``, ``tail_after_ended_ms``
+    #: and ``close_code`` say.
+    ASSISTANT = "status-update ended, the tail of the last turn, then the behaviour's close"
     NO_STATUS = "close frame without a status code (the peer sees 1005)"
     ABORT = "TCP dropped without a close frame"
     GONE = "the peer already closed"
@@ -364,9 +576,16 @@ class SimVapi:
         self._api_key = api_key
         self.behaviour = behaviour if behaviour is not None else SimVapiBehaviour()
         self.behaviour_for = behaviour_for
-        #: Vapi answers 400 "Over Concurrency Limit." past this many unended calls
-        #: (Vapi's default is 10; None = unlimited, for load tests).
+        #: Vapi refuses calls past this many unended ones (Vapi's default is 10;
+        #: None = unlimited, for load tests), as ``over_limit_answer`` says: a 400
+        #: "Over Concurrency Limit.", or a 201 whose call is ended at once
+        #: (``call.start.error-subscription-concurrency-limit-reached``; its socket only
+        #: says so), with ``subscriptionLimits.concurrencyBlocked`` (``blocked``) or
+        #: without (``ended``: the schema's single-call answer has no subscriptionLimits).
         self.max_concurrent_calls = max_concurrent_calls
+        self.over_limit_answer: Literal["400", "blocked", "ended"] = "400"
+        self._sessions: dict[str, _CallSession] = {}
+        self._server_nursery: trio.Nursery | None = None
         self._calls: dict[str, SimVapiCallRecord] = {}
         self._create_attempts: list[CreateAttempt] = []
         # Attempts dropped by forget_ended(): create_order keeps counting past them.
@@ -408,6 +627,10 @@ class SimVapi:
     def calls(self) -> Mapping[str, SimVapiCallRecord]:
         return self._calls
 
+    def control_url(self, call_id: str) -> str:
+        """The call's ``monitor.controlUrl`` (as the create answer gives it)."""
+        return f"{self.base_url}/{call_id}/control"
+
     @property
     def create_attempts(self) -> Sequence[CreateAttempt]:
         return self._create_attempts
@@ -426,6 +649,7 @@ class SimVapi:
         """
         self._host = host
         async with trio.open_nursery() as server_nursery:
+            self._server_nursery = server_nursery
             self._port = await server_nursery.start(
                 functools.partial(
                     serve_http_ws, self._handle_http, self._handle_websocket, host=host, port=port
@@ -436,6 +660,9 @@ class SimVapi:
     # --- HTTP: POST /call -------------------------------------------------------
 
     async def _handle_http(self, request: HttpRequest) -> HttpResponse:
+        parts = request.path.strip("/").split("/")
+        if request.method == "POST" and len(parts) == 2 and parts[1] == "control":
+            return self._control(parts[0], request.body)
         if request.path != "/call" or request.method != "POST":
             message = f"Cannot {request.method} {request.path}"
             return _error(404, message)
@@ -481,8 +708,12 @@ class SimVapi:
         if problems:
             return _error(400, problems)
         active = sum(1 for call in self._calls.values() if call.ended_at is None)
+        blocked = behaviour.concurrency_blocked
+        say_blocked = blocked
         if self.max_concurrent_calls is not None and active >= self.max_concurrent_calls:
-            return _error(400, "Over Concurrency Limit.")
+            if self.over_limit_answer == "400":
+                return _error(400, OVER_CONCURRENCY_MESSAGE)
+            blocked, say_blocked = True, self.over_limit_answer == "blocked"
         call_id = str(uuid.uuid4())
         record = SimVapiCallRecord(
             id=call_id,
@@ -492,22 +723,73 @@ class SimVapi:
             call_sid=call_sid,
             behaviour=behaviour,
             audio_format=_audio_format(attempt.body),
+            concurrency_blocked=blocked,
         )
         self._calls[call_id] = record
         server = record.overrides.get("server")
         if isinstance(server, dict) and isinstance(server.get("credentialId"), str):
             record.server_credential = self.credentials.get(server["credentialId"])
+        if server_url(record.overrides) is not None:
+            queue_in, queue_out = trio.open_memory_channel[JsonObject](WEBHOOK_BUFFER)
+            record._webhook_queue = queue_in
+            assert self._server_nursery is not None
+            self._server_nursery.start_soon(self._deliver_webhooks, record, queue_out)
         attempt.call_id = call_id
-        return _json_response(201, self._call_resource(record, "queued", authority))
+        resource = self._call_resource(record, authority)
+        if say_blocked:
+            resource["subscriptionLimits"] = {
+                "concurrencyBlocked": True,
+                "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
+                "remainingConcurrentCalls": 0,
+            }
+        if blocked:
+            # Created, and ended at once: the socket, if connected, only says so.
+            record._mark_ended(ENDED_CONCURRENCY_LIMIT)
+        return _json_response(201, resource)
 
-    def _call_resource(self, record: SimVapiCallRecord, status: str, authority: str) -> JsonObject:
+    async def _deliver_webhooks(
+        self, record: SimVapiCallRecord, queue: trio.MemoryReceiveChannel[JsonObject]
+    ) -> None:
+        """POST the call's server messages one by one, in order, until its report is out."""
+        try:
+            async for message in queue:
+                exchange = await post_message(
+                    record.call_object(), record.overrides, record.server_credential, message
+                )
+                if exchange is not None:
+                    record.webhooks.append(exchange)
+        finally:
+            record._webhooks_delivered.set()
+
+    def _control(self, call_id: str, body: bytes) -> HttpResponse:
+        """``POST monitor.controlUrl``: Live Call Control, the socket's messages by HTTP."""
+        record = self._calls.get(call_id)
+        session = self._sessions.get(call_id)
+        if record is None:
+            return _error(404, "Call not found.")
+        if session is None:
+            return _error(400, "Call is not in progress.")
+        try:
+            message: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            return _error(400, ["body must be a JSON object with a type"])
+        if not session.control(message):
+            return _error(400, [f"unsupported control message {str(message['type'])[:40]!r}"])
+        record.control_posts.append(message)
+        return HttpResponse(status=200)
+
+    def _call_resource(self, record: SimVapiCallRecord, authority: str) -> JsonObject:
         body = record.create_body
         audio_format, sample_rate = record.audio_format
         resource: JsonObject = {
             "id": record.id,
-            "orgId": "sim-org",
+            "orgId": SIM_ORG,
+            "createdAt": record.created_iso,
+            "updatedAt": record.created_iso,
             "type": "vapi.websocketCall",
-            "status": status,
+            "status": "queued",
             "transport": {
                 "provider": "vapi.websocket",
                 "websocketCallUrl": f"ws://{authority}/{record.id}/transport",
@@ -522,6 +804,11 @@ class SimVapi:
             if key in body:
                 resource[key] = body[key]
         resource["assistantOverrides"] = record.overrides
+        # The URLs are bearer secrets, as the socket URL is: the call id is a random UUID.
+        resource["monitor"] = {
+            "listenUrl": f"ws://{authority}/{record.id}/listen",
+            "controlUrl": f"http://{authority}/{record.id}/control",
+        }
         return resource
 
     def _authorized(self, request: HttpRequest) -> bool:
@@ -549,14 +836,62 @@ class SimVapi:
             await ws.reject(record.behaviour.reject_socket)
             return
         record.connected_at = trio.current_time()  # before any await: one socket per call
+        if record.concurrency_blocked:
+            await _tell_blocked(record, ws)
+            return
+        record.started_iso = _now_iso()
+        session = _CallSession(record, ws)
+        self._sessions[record.id] = session
         try:
             await ws.accept()
-            await _CallSession(record, ws).run()
+            await session.run()
         except SocketClosed:
             pass  # the bridge gave up during the handshake
         finally:
+            del self._sessions[record.id]
             # Whatever happened (a bug in the session included), the call is over.
             record._mark_ended(ENDED_TRANSPORT_CLOSED)
+
+
+async def _tell_blocked(record: SimVapiCallRecord, ws: SimWebSocket) -> None:
+    """A socket opened for a call the concurrency limit blocked: it only hears the end."""
+    with contextlib.suppress(SocketClosed):
+        await ws.accept()
+        if "status-update" in record.client_messages:
+            ended = _status_update(record, "ended") | {"endedReason": ENDED_CONCURRENCY_LIMIT}
+            await ws.send(orjson.dumps(ended).decode())
+            record.events.append(SentMessage(at=trio.current_time(), message=ended))
+    await ws.aclose(1000)
+    record.close_code = ws.close_code
+
+
+def _status_update(record: SimVapiCallRecord, status: str) -> JsonObject:
+    return {"type": "status-update", "status": status, "call": record.call_object()}
+
+
+@attrs.frozen
+class _Prompt:
+    """An ``add-message`` asking for a response: the assistant replies as to a caller turn."""
+
+
+@attrs.frozen
+class _Transfer:
+    """A ``transfer`` request: announced as the built-in tool announces a transfer."""
+
+    destination: JsonObject
+
+
+@attrs.frozen
+class _Say:
+    """Speak ``text`` (``say``, or ``control`` say-first-message), then maybe end the call."""
+
+    text: str
+    end_call: bool = False
+
+
+#: What the conversation task waits for: the caller's speech, or a request to act on.
+_Command = _Prompt | _Say | _Transfer
+_InboxItem = SpeechEvent | _Command
 
 
 class _CallSession:
@@ -570,12 +905,21 @@ class _CallSession:
         seed = self._behaviour.seed if self._behaviour.seed is not None else record.order
         self._rng = random.Random(seed)
         self._client_messages = record.client_messages
-        self._speech_in, self._speech_out = trio.open_memory_channel[SpeechEvent](
-            SPEECH_EVENT_BUFFER
+        # Caller speech (from the receiver) and requests (socket, controlUrl), in order.
+        self._inbox_in, self._inbox_out = trio.open_memory_channel[_InboxItem](
+            SPEECH_EVENT_BUFFER + COMMAND_BUFFER
         )
+        # Requests that arrived while the assistant was busy: acted on once it is idle.
+        self._pending: collections.deque[_Command] = collections.deque()
         self._turn = -1
         self._ending: tuple[str, _Hangup] | None = None  # first reason wins
         self._call_scope = trio.CancelScope()
+        # Set by control mute-assistant / mute-customer: the assistant's audio is not
+        # sent / the caller's audio is not heard. Invariant: written only by ``control``.
+        self._assistant_muted = False
+        self._customer_muted = False
+        #: The end of the last turn's audio, held back to be sent after ``ended``.
+        self._tail = b""
 
     async def run(self) -> None:
         """Run the call until it ends, then take the transport down as the ending says."""
@@ -583,9 +927,9 @@ class _CallSession:
             async with trio.open_nursery() as call_nursery:
                 call_nursery.start_soon(self._guard, self._receive_from_caller)
                 if not self._behaviour.silent:
-                    await self._guard(self._send_message, self._status("in-progress"))
+                    await self._guard(self._send_status, "in-progress")
                     call_nursery.start_soon(self._guard, self._converse)
-                self._start_faults(call_nursery)
+                self._start_timers(call_nursery)
         await self._hang_up()
 
     def _finish(self, reason: str, hangup: _Hangup) -> None:
@@ -605,10 +949,11 @@ class _CallSession:
         reason, hangup = self._ending or (ENDED_TRANSPORT_CLOSED, _Hangup.GONE)
         record = self._record
         record.ended_reason = reason
-        if hangup is _Hangup.POLITE:
-            status = self._status("ended") | {"endedReason": reason}
+        if hangup is _Hangup.ASSISTANT:
+            await self._end_as_assistant(reason)
+        elif hangup is _Hangup.POLITE:
             with contextlib.suppress(SocketClosed):  # the peer left first: nothing to tell
-                await self._send_message(status)
+                await self._send_ended(reason)
             await self._ws.aclose(1000)
         elif hangup is _Hangup.NO_STATUS:
             await self._ws.aclose(CloseReason.NO_STATUS_RCVD)
@@ -617,6 +962,33 @@ class _CallSession:
         else:
             await self._ws.aclose(1000)
         record.close_code = record.close_code or self._ws.close_code
+
+    async def _end_as_assistant(self, reason: str) -> None:
+        """``status-update`` ended, the held-back tail (paced), then the behaviour's close."""
+        behaviour = self._behaviour
+        with contextlib.suppress(SocketClosed):  # the peer left first: nothing to tell
+            if behaviour.announce_end:
+                await self._send_ended(reason)
+            start = trio.current_time()
+            for offset in range(0, len(self._tail), CHUNK_MAX_BYTES):
+                await trio.sleep_until(start + offset / SAMPLE_RATE)
+                chunk = self._tail[offset : offset + CHUNK_MAX_BYTES]
+                await self._send_audio(chunk)
+                self._record.tail_bytes_after_ended += len(chunk)
+        if behaviour.close_code == 1006:
+            await self._ws.abort()
+        elif behaviour.close_code == 1005:
+            await self._ws.aclose(CloseReason.NO_STATUS_RCVD)
+        else:
+            await self._ws.aclose(1000)
+
+    async def _send_ended(self, reason: str) -> None:
+        await self._send_message(_status_update(self._record, "ended") | {"endedReason": reason})
+
+    async def _send_status(self, status: str) -> None:
+        await self._send_message(_status_update(self._record, status))
+        if status != "ended":  # the record's end sends its own, with the report
+            self._record.notify({"type": "status-update", "status": status})
 
     # --- the caller side ---------------------------------------------------------
 
@@ -635,11 +1007,13 @@ class _CallSession:
                 self._record.caller_audio_messages += 1
                 if timeout is not None:
                     deadline = trio.current_time() + timeout
+                if self._customer_muted:
+                    continue
                 for event in detector.feed(self._codec.to_ulaw(message)):
                     with contextlib.suppress(trio.WouldBlock):  # nobody listens (silent): drop
-                        self._speech_in.send_nowait(event)
+                        self._inbox_in.send_nowait(event)
                 continue
-            self._finish(ENDED_NO_CUSTOMER_AUDIO, _Hangup.POLITE)
+            self._finish(ENDED_NO_CUSTOMER_AUDIO, _Hangup.ASSISTANT)
             return
 
     def _on_control_message(self, text: str) -> None:
@@ -647,25 +1021,106 @@ class _CallSession:
             message: Any = orjson.loads(text)
         except orjson.JSONDecodeError:
             message = None
-        kind = message.get("type") if isinstance(message, dict) else None
+        if isinstance(message, dict) and self.control(message):
+            kind = message.get("type")
+            if kind == "add-message":
+                self._record.add_messages.append(message)
+            elif kind in ("say", "control", "transfer"):
+                self._record.control_messages.append(message)
+            return
+        self._record.unknown_messages.append(text)
+        if self._behaviour.close_on_unknown_message:
+            self._finish(ENDED_UNKNOWN_MESSAGE, _Hangup.NO_STATUS)
+
+    def control(self, message: JsonObject) -> bool:
+        """Act on one message the bridge sent on the socket or POSTed to ``controlUrl``.
+
+        ``end-call`` ends the call; ``add-message`` (``triggerResponseEnabled``, Vapi's
+        default) makes the assistant reply; ``say`` speaks its ``content`` (then ends the
+        call with ``endCallAfterSpoken``); ``control`` mutes or unmutes either side or
+        says the first message again; ``transfer`` to a number is announced as the
+        built-in tool announces it. Replies and says wait until the assistant is idle.
+        False: not a message Vapi takes (left to the caller to record).
+        """
+        kind = message.get("type")
         if kind == "end-call":
             self._record.end_call_received_at = trio.current_time()
             self._finish(ENDED_CUSTOMER, _Hangup.POLITE)
         elif kind == "add-message" and _is_add_message(message):
-            self._record.add_messages.append(message)
-        elif kind in ("say", "control", "transfer"):
-            self._record.control_messages.append(message)
+            if message.get("triggerResponseEnabled", True) is not False:
+                self._queue(_Prompt())
+        elif kind == "say" and isinstance(message.get("content"), str):
+            self._queue(_Say(message["content"], message.get("endCallAfterSpoken") is True))
+        elif kind == "control" and message.get("control") in CONTROLS:
+            self._on_control(str(message["control"]))
+        elif kind == "transfer" and isinstance(message.get("destination"), dict):
+            self._queue(_Transfer(message["destination"]))
         else:
-            self._record.unknown_messages.append(text)
-            if self._behaviour.close_on_unknown_message:
-                self._finish(ENDED_UNKNOWN_MESSAGE, _Hangup.NO_STATUS)
+            return False
+        return True
+
+    def _on_control(self, action: str) -> None:
+        if action == "mute-assistant":
+            self._assistant_muted = True
+        elif action == "unmute-assistant":
+            self._assistant_muted = False
+        elif action == "mute-customer":
+            self._customer_muted = True
+        elif action == "unmute-customer":
+            self._customer_muted = False
+        else:  # say-first-message
+            self._queue(_Say(CLIP_TEXTS[self._behaviour.greeting_clip]))
+
+    def _queue(self, command: _Command) -> None:
+        with contextlib.suppress(trio.WouldBlock):  # a flood of requests: the rest dropped
+            self._inbox_in.send_nowait(command)
 
     async def _next_speech(self, wanted: type[SpeechEvent]) -> SpeechEvent:
-        """The next caller speech event of type ``wanted`` (others are stale: skipped)."""
+        """The next caller speech event of type ``wanted`` (others are stale: skipped).
+
+        Requests arriving meanwhile are kept for the next time the assistant is idle.
+        """
         while True:
-            event = await self._speech_out.receive()
-            if isinstance(event, wanted):
-                return event
+            item = await self._inbox_out.receive()
+            if isinstance(item, wanted):
+                return item
+            if isinstance(item, _Prompt | _Say | _Transfer):
+                self._pending.append(item)
+
+    async def _wait_idle(self) -> bool:
+        """Idle: act on requests until the caller starts speaking (True) or a prompt
+        asks for a reply (False). A ``say`` that ends the call never returns."""
+        while True:
+            while self._pending:
+                command = self._pending.popleft()
+                if isinstance(command, _Prompt):
+                    return False
+                if isinstance(command, _Transfer):
+                    await self._announce_transfer(command.destination)
+                elif await self._say(command):
+                    return True
+            item = await self._inbox_out.receive()
+            if isinstance(item, SpeechStarted):
+                return True
+            if isinstance(item, _Prompt | _Say | _Transfer):
+                self._pending.append(item)
+
+    async def _say(self, command: _Say) -> bool:
+        """Speak a requested text; whether the caller started speaking meanwhile."""
+        self._record.said.append(command.text)
+        caller_speaking = await self._speak_turn(*_say_audio(command.text))
+        if command.end_call:
+            self._finish(ENDED_AFTER_SPOKEN, _Hangup.ASSISTANT)
+            await trio.sleep_forever()
+        return caller_speaking
+
+    async def _hold(self) -> None:
+        """The assistant says nothing of its own any more (no replies), but still
+        listens and speaks what it is asked to."""
+        while True:
+            if await self._wait_idle():
+                await self._announce_caller_started()
+                await self._finish_caller_turn()
 
     async def _announce_caller_started(self) -> None:
         await self._send_message(
@@ -690,27 +1145,37 @@ class _CallSession:
     # --- the assistant side --------------------------------------------------------
 
     async def _converse(self) -> None:
-        """Greeting, then one reply per caller turn; goodbye and hang up at the end."""
+        """Greeting, then one reply per caller turn (or prompt); goodbye and hang up at the end."""
         behaviour = self._behaviour
         caller_speaking = await self._speak_turn(behaviour.greeting_clip)
         replies = 0
         while True:
             if not caller_speaking:
-                await self._next_speech(SpeechStarted)
-                await self._announce_caller_started()
-            await self._finish_caller_turn()
-            caller_speaking = False
-            with trio.move_on_after(behaviour.think_delay_s):
-                await self._next_speech(SpeechStarted)
-                caller_speaking = True
-            if caller_speaking:  # the caller went on talking: keep listening
-                await self._announce_caller_started()
-                continue
+                caller_speaking = await self._wait_idle()
+                if caller_speaking:
+                    await self._announce_caller_started()
+            if caller_speaking:
+                await self._finish_caller_turn()
+                caller_speaking = False
+                with trio.move_on_after(behaviour.think_delay_s):
+                    await self._next_speech(SpeechStarted)
+                    caller_speaking = True
+                if caller_speaking:  # the caller went on talking: keep listening
+                    await self._announce_caller_started()
+                    continue
+            else:
+                self._record.prompted_replies += 1
+                await trio.sleep(behaviour.think_delay_s)
             if await self._call_tools(replies):
-                await trio.sleep_forever()  # holding: the bridge ends the call
+                await self._hold()  # the bridge ends the call
+            transfer = behaviour.transfer
+            due = transfer is not None and transfer.before_reply == replies
+            if due and transfer is not None and await self._transfer(transfer):
+                await self._hold()  # the bridge moves the caller on
             if behaviour.end_after_replies is not None and replies >= behaviour.end_after_replies:
-                await self._speak_turn(behaviour.goodbye_clip)
-                self._finish(ENDED_ASSISTANT, _Hangup.POLITE)
+                tail_bytes = behaviour.tail_after_ended_ms * SAMPLE_RATE // 1000
+                await self._speak_turn(behaviour.goodbye_clip, hold_back=tail_bytes)
+                self._finish(behaviour.ended_reason, _Hangup.ASSISTANT)
                 return
             clip = behaviour.reply_clips[replies % len(behaviour.reply_clips)]
             replies += 1
@@ -724,19 +1189,70 @@ class _CallSession:
                 continue
             record = self._record
             record.tool_exchanges += await send_tool_calls(
-                record.id, record.overrides, record.server_credential, tool, index
+                record.call_object(), record.overrides, record.server_credential, tool, index
             )
             if tool.say_after is not None:
                 await self._speak_turn(tool.say_after)
             hold = hold or tool.hold
         return hold
 
-    async def _speak_turn(self, clip: str) -> bool:
-        """Speak one clip, interruptible; returns whether the caller started speaking meanwhile."""
+    async def _transfer(self, transfer: SimTransfer) -> bool:
+        """The built-in transfer tool; True when the transfer was announced."""
+        if transfer.say_clip is not None:
+            await self._speak_turn(transfer.say_clip)
+        destination: JsonObject | None = None
+        if transfer.number:
+            destination = {"type": "number", "number": transfer.number}
+        else:
+            destination = await self._ask_destination()
+        if destination is None:
+            return False
+        await self._announce_transfer(destination)
+        if transfer.end_after_s is not None:
+            await trio.sleep(transfer.end_after_s)
+            self._finish(ENDED_FORWARDED, _Hangup.ASSISTANT)
+        return True
+
+    async def _ask_destination(self) -> JsonObject | None:
+        """``transfer-destination-request``: where the call's server says to transfer."""
+        record = self._record
+        exchange = await post_message(
+            record.call_object(),
+            record.overrides,
+            record.server_credential,
+            {"type": "transfer-destination-request"},
+        )
+        if exchange is None:
+            return None
+        record.webhooks.append(exchange)
+        answer = exchange.answer
+        destination = answer.get("destination") if isinstance(answer, dict) else None
+        return destination if isinstance(destination, dict) else None
+
+    async def _announce_transfer(self, destination: JsonObject) -> None:
+        """``status-update`` forwarding and ``transfer-update``, as Vapi announces a transfer."""
+        record = self._record
+        record.transfers.append(destination)
+        await self._send_message(
+            _status_update(record, "forwarding") | {"destination": destination}
+        )
+        record.notify({"type": "status-update", "status": "forwarding", "destination": destination})
+        await self._send_message(
+            {"type": "transfer-update", "destination": destination, "call": record.call_object()}
+        )
+
+    async def _speak_turn(
+        self, clip: str, audio: bytes | None = None, *, hold_back: int = 0
+    ) -> bool:
+        """Speak one clip (or ``audio`` standing for the text ``clip``), interruptible;
+        returns whether the caller started speaking meanwhile. The last ``hold_back``
+        bytes are kept for after the call's end (``_tail``)."""
         self._turn += 1
-        audio = load_clip(clip)
+        if audio is None:
+            audio = load_clip(clip)
+        spoken = audio[: len(audio) - min(hold_back, len(audio))]
         turn = TurnRecord(
-            turn=self._turn, clip=clip, started_at=trio.current_time(), total_bytes=len(audio)
+            turn=self._turn, clip=clip, started_at=trio.current_time(), total_bytes=len(spoken)
         )
         self._record.turns.append(turn)
         await self._send_message(
@@ -744,7 +1260,7 @@ class _CallSession:
         )
         caller_speaking = False
         async with trio.open_nursery() as turn_nursery:
-            turn_nursery.start_soon(self._play, audio, turn, turn_nursery.cancel_scope)
+            turn_nursery.start_soon(self._play, spoken, turn, turn_nursery.cancel_scope)
             await self._next_speech(SpeechStarted)
             caller_speaking = True
             with trio.CancelScope(shield=True):  # the turn may end meanwhile: still announce
@@ -757,18 +1273,21 @@ class _CallSession:
                 {"type": "user-interrupted", "turnId": f"{self._record.id}-{self._turn}"}
             )
             tail_bytes = self._behaviour.tail_after_interrupt_ms * SAMPLE_RATE // 1000
-            tail = audio[turn.sent_bytes : turn.sent_bytes + tail_bytes]
+            tail = spoken[turn.sent_bytes : turn.sent_bytes + tail_bytes]
             for start in range(0, len(tail), CHUNK_MAX_BYTES):
                 await self._send_audio(tail[start : start + CHUNK_MAX_BYTES])
+        else:
+            self._tail = audio[len(spoken) :]
         await self._send_message(
             {"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self._turn}
         )
+        text = CLIP_TEXTS.get(clip, clip)
         await self._send_message(
             {
                 "type": "transcript",
                 "role": "assistant",
                 "transcriptType": "final",
-                "transcript": _spoken_words(CLIP_TEXTS[clip], turn),
+                "transcript": _spoken_words(text, turn),
             }
         )
         turn.finished_at = trio.current_time()
@@ -793,10 +1312,15 @@ class _CallSession:
             await trio.sleep_until(start + len(audio) / SAMPLE_RATE)
         turn_scope.cancel(reason="turn finished")
 
-    # --- faults -----------------------------------------------------------------
+    # --- timers and faults ----------------------------------------------------------
 
-    def _start_faults(self, call_nursery: trio.Nursery) -> None:
+    def _start_timers(self, call_nursery: trio.Nursery) -> None:
         behaviour = self._behaviour
+        if behaviour.end_after_s is not None:
+            call_nursery.start_soon(self._end_after, behaviour.end_after_s, behaviour.ended_reason)
+        max_duration = self._record.overrides.get("maxDurationSeconds")
+        if isinstance(max_duration, int | float) and not isinstance(max_duration, bool):
+            call_nursery.start_soon(self._end_after, float(max_duration), ENDED_MAX_DURATION)
         if behaviour.drop_after_s is not None:
             call_nursery.start_soon(self._drop_after, behaviour.drop_after_s)
         if behaviour.ignore_pings_after_s is not None:
@@ -812,6 +1336,10 @@ class _CallSession:
     async def _sleep_from_start(self, delay_s: float) -> None:
         assert self._record.connected_at is not None
         await trio.sleep_until(self._record.connected_at + delay_s)
+
+    async def _end_after(self, delay_s: float, reason: str) -> None:
+        await self._sleep_from_start(delay_s)
+        self._finish(reason, _Hangup.ASSISTANT)
 
     async def _drop_after(self, delay_s: float) -> None:
         await self._sleep_from_start(delay_s)
@@ -839,17 +1367,12 @@ class _CallSession:
         self._record.events.append(SentMessage(at=at, message=message))
 
     async def _send_audio(self, ulaw: bytes) -> None:
+        if self._assistant_muted:
+            self._record.muted_bytes += len(ulaw)
+            return
         data = self._codec.from_ulaw(ulaw)
         await self._ws.send(data)
         self._record.audio_bytes_sent += len(data)
-
-    def _status(self, status: str) -> JsonObject:
-        record = self._record
-        return {
-            "type": "status-update",
-            "status": status,
-            "call": {"id": record.id, "orgId": "sim-org", "type": "vapi.websocketCall"},
-        }
 
 
 class _Codec:
@@ -956,6 +1479,23 @@ def _transport_problems(transport: Any) -> list[str]:
     return problems
 
 
+#: The ``control`` actions Vapi takes (PROTOCOLS section 2).
+CONTROLS = frozenset(
+    {"mute-assistant", "unmute-assistant", "mute-customer", "unmute-customer", "say-first-message"}
+)
+
+
+def _say_audio(text: str) -> tuple[str, bytes | None]:
+    """What to speak for ``text``: the shipped clip with those words (its name, None),
+    or (``text``, stand-in audio): the greeting's voice, ``SAY_MS_PER_WORD`` per word."""
+    for name, words in CLIP_TEXTS.items():
+        if words == text:
+            return name, None
+    voice = load_clip("greeting")
+    size = max(1, len(text.split())) * SAY_MS_PER_WORD * SAMPLE_RATE // 1000
+    return text, (voice * (size // len(voice) + 1))[:size]
+
+
 def _is_add_message(message: JsonObject) -> bool:
     body = message.get("message")
     return (
@@ -1025,3 +1565,9 @@ def _spoken_words(text: str, turn: TurnRecord) -> str:
         return text
     words = text.split()
     return " ".join(words[: round(len(words) * turn.sent_bytes / max(1, turn.total_bytes))])
+
+
+def _now_iso() -> str:
+    """The wall-clock time as Vapi writes it (ISO 8601, UTC, milliseconds)."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
