@@ -726,6 +726,12 @@ class Secrets:
     #: The SharedKey secret of Twilio's shared-key webhook signing (empty: such webhooks
     #: are refused; the Auth Token still checks all the others).
     twilio_shared_key: Secret = field(factory=lambda: Secret(""))
+    #: During a rotation: the Auth Token Twilio signed with before (see docs/operations.md,
+    #: "Rotating secrets"); webhooks signed with it are still accepted.
+    twilio_auth_token_previous: Secret = field(factory=lambda: Secret(""))
+    #: During a rotation: the stream token secret before; tokens issued with it are still
+    #: accepted (new ones are issued with ``stream_token_secret``).
+    stream_token_secret_previous: Secret = field(factory=lambda: Secret(""))
 
 
 #: secret attribute -> (systemd credential name, environment variable)
@@ -736,6 +742,14 @@ SECRET_SOURCES: dict[str, tuple[str, str]] = {
     "vapi_webhook_secret": ("vapi-webhook-secret", "VOICEBRIDGE_VAPI_WEBHOOK_SECRET"),
     "control_api_token": ("control-api-token", "VOICEBRIDGE_CONTROL_API_TOKEN"),
     "twilio_shared_key": ("twilio-shared-key", "VOICEBRIDGE_TWILIO_SHARED_KEY"),
+    "twilio_auth_token_previous": (
+        "twilio-auth-token-previous",
+        "VOICEBRIDGE_TWILIO_AUTH_TOKEN_PREVIOUS",
+    ),
+    "stream_token_secret_previous": (
+        "stream-token-secret-previous",
+        "VOICEBRIDGE_STREAM_TOKEN_SECRET_PREVIOUS",
+    ),
 }
 
 #: ``VOICEBRIDGE_*`` environment variables that are not ``<SECTION>_<KEY>`` overrides, so
@@ -756,6 +770,8 @@ class SecretFiles:
     vapi_webhook_secret_file: str = ""
     control_api_token_file: str = ""
     twilio_shared_key_file: str = ""
+    twilio_auth_token_previous_file: str = ""
+    stream_token_secret_previous_file: str = ""
 
 
 @frozen(kw_only=True)
@@ -1430,15 +1446,16 @@ def config_from_mapping(
         _raise(problems)
 
     credentials, problems = _load_secrets(config.secrets, environ)
-    token_secret = credentials.stream_token_secret
-    if token_secret and len(token_secret.reveal().encode()) < MIN_STREAM_TOKEN_SECRET_BYTES:
-        problems.append(
-            (
-                "credentials.stream_token_secret",
-                f"must be at least {MIN_STREAM_TOKEN_SECRET_BYTES} bytes"
-                f" (from {token_secret.source})",
+    for name in ("stream_token_secret", "stream_token_secret_previous"):
+        token_secret = getattr(credentials, name)
+        if token_secret and len(token_secret.reveal().encode()) < MIN_STREAM_TOKEN_SECRET_BYTES:
+            problems.append(
+                (
+                    f"credentials.{name}",
+                    f"must be at least {MIN_STREAM_TOKEN_SECRET_BYTES} bytes"
+                    f" (from {token_secret.source})",
+                )
             )
-        )
     config = config.evolve(credentials=credentials)
     problems += _silence_problems(config.vapi)
     problems += _secrets_unusable(config)

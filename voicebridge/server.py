@@ -155,8 +155,8 @@ def build_services(
     """The route services for ``config``.
 
     A given ``registry`` (reload) is kept, with ``max_calls`` updated; so are given
-    ``tokens`` (a reload that did not change the token secret keeps its memory of used
-    tokens) and ``metrics`` (counters never restart). ``shared`` makes a new registry
+    ``tokens`` (a reload keeps the memory of used tokens, see ``StreamTokens.rekeyed``)
+    and ``metrics`` (counters never restart). ``shared`` makes a new registry
     and new tokens work across processes.
     """
     credentials = config.credentials
@@ -170,11 +170,12 @@ def build_services(
         registry.max_calls = config.server.max_concurrent_calls
     if tokens is None:
         secret = credentials.stream_token_secret.reveal().encode()
+        previous = credentials.stream_token_secret_previous.reveal().encode()
         ttl_s = config.twilio.stream_token_ttl_s
         tokens = (
-            SharedStreamTokens(secret=secret, ttl_s=ttl_s, shared=shared)
+            SharedStreamTokens(secret=secret, ttl_s=ttl_s, shared=shared, previous_secret=previous)
             if shared is not None
-            else StreamTokens(secret=secret, ttl_s=ttl_s)
+            else StreamTokens(secret=secret, ttl_s=ttl_s, previous_secret=previous)
         )
     return Services(
         config=config,
@@ -182,6 +183,7 @@ def build_services(
         tokens=tokens,
         verifier=WebhookVerifier(
             auth_token=credentials.twilio_auth_token.reveal(),
+            previous_auth_token=credentials.twilio_auth_token_previous.reveal(),
             public_url=config.server.public_url,
             shared_key=credentials.twilio_shared_key.reveal(),
             shared_key_id=config.twilio.shared_key_id,
@@ -511,9 +513,11 @@ class _ServerProcess:
         old = self.services
         try:
             new, restart_only = _keep_restart_only_settings(old.config, self._reload_config())
-            same_tokens = (
-                new.credentials.stream_token_secret == old.config.credentials.stream_token_secret
-                and new.twilio.stream_token_ttl_s == old.config.twilio.stream_token_ttl_s
+            # Used tokens stay used whatever the new secrets are.
+            tokens = old.tokens.rekeyed(
+                secret=new.credentials.stream_token_secret.reveal().encode(),
+                previous_secret=new.credentials.stream_token_secret_previous.reveal().encode(),
+                ttl_s=new.twilio.stream_token_ttl_s,
             )
             # Builds everything before anything changes: a bad tool handler, say, raises
             # here and leaves the running configuration untouched.
@@ -521,7 +525,7 @@ class _ServerProcess:
                 new,
                 self._http,
                 registry=old.registry,
-                tokens=old.tokens if same_tokens else None,
+                tokens=tokens,
                 connector=self._connector,
                 shared=self._shared,
                 metrics=old.metrics,
