@@ -52,7 +52,7 @@ def test_serve_refuses_a_bad_config_at_start(tmp_path: Path) -> None:
         [*VOICEBRIDGE, "serve", "--config", str(config)],
         capture_output=True, text=True, check=False, timeout=30,
     )
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG: RestartPreventExitStatus= in the units
     assert "server.listn" in result.stderr
 
 
@@ -75,7 +75,7 @@ def test_serve_and_check_config_refuse_a_stream_url_twilio_would_refuse(tmp_path
             [*VOICEBRIDGE, command, "--config", str(config)],
             capture_output=True, text=True, check=False, timeout=30, env=environ,
         )
-        assert result.returncode == 2, result.stderr
+        assert result.returncode == {"check-config": 2, "serve": 78}[command], result.stderr
         [line] = result.stderr.splitlines()
         assert line.startswith("voicebridge: config error: server.public_url: has port 8443")
         assert "wss:// on port 443 (error 31910)" in line

@@ -1000,7 +1000,7 @@ def test_serve_refuses_them_at_start_without_a_traceback(
         timeout=60,
         env={**os.environ, **COMPLETE_ENV, **environ},
     )
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert f"config error: {expected}" in result.stderr
     assert "Traceback" not in result.stderr
 

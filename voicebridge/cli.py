@@ -100,8 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+#: ``serve``'s exit status for a configuration it refuses (sysexits.h ``EX_CONFIG``): the
+#: units' ``RestartPreventExitStatus=`` names it, since restarting cannot fix the file.
+EXIT_CONFIG = 78
+
+
 def _serve(config_path: str) -> int:
-    """``voicebridge serve``: 0 after a drain, 1 when it cannot serve, 2 for a bad setup."""
+    """``voicebridge serve``: 0 after a drain, 1 when it cannot serve (a port taken, say:
+    worth restarting), ``EXIT_CONFIG`` for a configuration or unit setup it refuses."""
     from voicebridge.listenfds import ListenFdsError, by_role, listen_sockets
     from voicebridge.sdnotify import Notifier, watchdog_interval
     from voicebridge.server import serve
@@ -112,7 +118,7 @@ def _serve(config_path: str) -> int:
         print(f"voicebridge: config error: {exc}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
             print(f"voicebridge: config error: {note}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging(config.server.log_level.upper(), target=config.server.log_target)
     log = logging.getLogger("voicebridge")
     # Taken from the environment (and removed from it) so that no child inherits them.
@@ -122,7 +128,7 @@ def _serve(config_path: str) -> int:
         activated = by_role(listen_sockets())
     except ListenFdsError as exc:
         log.error("cannot serve: socket activation: %s", exc)
-        return 2
+        return EXIT_CONFIG
     from voicebridge.gctuning import tune_gc_for_latency
 
     tune_gc_for_latency()  # everything is imported: freeze it (see gctuning)
@@ -141,7 +147,7 @@ def _serve(config_path: str) -> int:
         )
     except ConfigError as exc:  # what only serving finds (a tool handler, the ops address)
         log.error("cannot serve: config error: %s", exc)
-        return 2
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

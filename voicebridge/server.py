@@ -11,8 +11,10 @@
   empty.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
   the front door accepts connections, ``STATUS=`` whenever the active calls or the
-  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the
-  drain begins, and ``RELOADING=1`` … ``READY=1`` around a reload.
+  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` with
+  ``EXTEND_TIMEOUT_USEC`` (how long the drain may still take) when the drain begins and
+  again when its deadline ends the calls, and ``RELOADING=1`` … ``READY=1`` around a
+  reload.
 - **Drain** (SIGTERM or SIGINT with ``handle_signals``, or ``stop`` set): new calls are
   refused at once (the webhook answers the overflow TwiML, ``/readyz`` 503), active calls
   get ``server.drain_deadline_s`` to finish, then the rest are ended as ``shutdown`` (the
@@ -33,6 +35,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -101,6 +104,9 @@ CLOSE_SLACK_S = 2.0
 ACTION_GRACE_S = 3.0
 #: At most one ``STATUS=`` datagram per this interval (a burst of call starts is one update).
 STATUS_MIN_INTERVAL_S = 0.25
+#: Added to every ``EXTEND_TIMEOUT_USEC`` the drain sends: a loaded box's scheduling and
+#: the last log lines must not turn a clean stop into systemd's SIGKILL.
+EXTEND_MARGIN_S = 5.0
 #: The signals ``serve`` handles with ``handle_signals``.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -425,7 +431,12 @@ class _ServerProcess:
         started = trio.current_time()
         registry.start_draining()
         active = registry.active_count
-        self.notifier.notify(STOPPING=1, STATUS=self.status_text())
+        # systemd's TimeoutStopSec need not know the drain deadline: the drain tells it.
+        self.notifier.notify(
+            STOPPING=1,
+            STATUS=self.status_text(),
+            EXTEND_TIMEOUT_USEC=_usec(deadline_s + self._after_calls_end_s(0.0)),
+        )
         log_event(
             log,
             logging.INFO,
@@ -444,6 +455,7 @@ class _ServerProcess:
             unstarted = registry.load - registry.active_count
             ending = registry.end_all(Outcome.SHUTDOWN, "drain deadline passed")
             ended, goodbye_s = ending.count, ending.goodbye_s
+            self.notifier.extend_timeout(self._after_calls_end_s(goodbye_s))
             log_event(
                 log,
                 logging.WARNING,
@@ -474,6 +486,18 @@ class _ServerProcess:
             actions_unanswered=registry.awaiting_action,
         )
 
+    def _after_calls_end_s(self, goodbye_s: float) -> float:
+        """The longest the drain's last steps take once calls are ended (goodbyes, their
+        ``<Connect action>`` requests, the front door's shutdown), with a margin."""
+        return (
+            goodbye_s
+            + self.services.config.vapi.end_deadline_s
+            + CLOSE_SLACK_S
+            + ACTION_GRACE_S
+            + GRACEFUL_TIMEOUT_S
+            + EXTEND_MARGIN_S
+        )
+
     def stop_at_once(self, why: str) -> None:
         """End every call now and cut the drain short.
 
@@ -495,7 +519,11 @@ class _ServerProcess:
             f"stopping at once ({why}): ending {_calls(ended)}",
             ended_calls=ended,
         )
-        self.notifier.notify(STOPPING=1, STATUS=self.status_text())
+        self.notifier.notify(
+            STOPPING=1,
+            STATUS=self.status_text(),
+            EXTEND_TIMEOUT_USEC=_usec(self._after_calls_end_s(self._goodbye_s)),
+        )
         self._patience_scope.cancel(reason=f"stopping at once ({why})")
         self._stop.set()
 
@@ -608,6 +636,10 @@ async def _sweep_periodically(shared: SharedDir) -> None:
         removed = await trio.to_thread.run_sync(shared.sweep, abandon_on_cancel=True)
         log.debug("swept %d expired files from %s", removed, shared.path)
         await trio.sleep(SWEEP_INTERVAL_S)
+
+
+def _usec(seconds: float) -> int:
+    return math.ceil(seconds * 1_000_000)
 
 
 def _calls(count: int) -> str:
