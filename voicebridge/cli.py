@@ -36,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="print the effective configuration (secrets masked) or the error"
     )
     check.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
+    check.add_argument(
+        "--quiet", "-q", action="store_true", help="print nothing when the configuration is valid"
+    )
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="neither read nor require the secrets (check the rest as a user who cannot "
+        "read them)",
+    )
 
     call = commands.add_parser(
         "call",
@@ -79,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config_main(args.config)
+        return check_config_main(
+            args.config, quiet=args.quiet, read_secrets=not args.no_secrets
+        )
     if args.command == "serve":
         return _serve(args.config)
     if args.command == "demo":
