@@ -1,9 +1,12 @@
-"""The ``voicebridge`` command: ``serve``, ``check-config``, ``call``, ``demo``, ``loadtest``."""
+"""The ``voicebridge`` command: ``serve``, ``check-config``, ``call``, ``demo``, ``loadtest``,
+``install-units`` and ``completion``; its manual is man/voicebridge.8."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -82,11 +85,57 @@ def _parser() -> argparse.ArgumentParser:
         "added latency, barge-in, CPU and memory per call",
     )
     loadtest_cli.add_arguments(loadtest)
+
+    from voicebridge import cli_install
+
+    install = commands.add_parser(
+        "install-units",
+        help="install the systemd units, the example configuration, the man page and the "
+        "documentation shipped in this package",
+    )
+    cli_install.add_arguments(install)
+
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash, zsh or tcsh)"
+    )
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
     return parser
 
 
+#: What ``voicebridge completion`` can write a script for (those shtab supports).
+SHELLS = ("bash", "zsh", "tcsh")
+
+
+#: The exit status of a command whose reader went away (``voicebridge loadtest --json |
+#: head``): what a shell reports for a process killed by SIGPIPE, without a traceback.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        # Nothing more can be written; stop Python's own flush at exit from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE_CLOSED
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell), end="")
+        return 0
+    if args.command == "install-units":
+        from voicebridge import cli_install
+
+        return cli_install.main(args)
     if args.command == "check-config":
         return check_config_main(
             args.config, quiet=args.quiet, read_secrets=not args.no_secrets

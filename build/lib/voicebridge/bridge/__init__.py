@@ -1,0 +1,1 @@
+"""One call: the call nursery, playout, barge-in, outcomes, admission."""

@@ -1,0 +1,369 @@
+"""Playout: the only writer of assistant audio to Twilio, with marks, a bounded lead and barge-in.
+
+Vapi's audio arrives in chunks of any size (170–743 bytes is typical). Playout
+rechunks it into whole 20 ms frames, sends each chunk as one ``media`` message
+followed by a ``mark``, and never lets more than ``lead_ms`` of audio sit in
+Twilio's buffer ahead of what the caller has heard. The mark echoes tell it, to
+the chunk, how much the caller actually heard.
+
+Each stretch of playout between barge-ins is a *turn* running in its own cancel
+scope. ``barge_in()`` cancels that scope, drops every queued byte and sends
+``clear`` at once, from the task that read the signal (no hop to the playout task
+on the way), so Twilio drops what it buffered and echoes the pending marks, which
+are booked as discarded, not played. Audio that arrives
+from Vapi after the interruption is the in-flight tail of the cut turn, and not one
+byte of it may reach the caller: it is discarded until the assistant starts a new
+turn (``turn_started()``, from ``speech-update`` assistant/started). That is decided
+by the order of the assistant's messages alone, never by when the bridge got round
+to reading them: a bridge that falls behind reads the tail late, and the delay is
+its own, not a pause in the assistant's speech. Only an assistant that sends no
+speech updates at all (its ``clientMessages`` trimmed) is judged by a pause in its
+audio of ``resume_gap_ms`` instead.
+
+Writes are never cancelled half way: the sockets shield each write (see
+``voicebridge.sockets``), and playout's writes take turns under one lock (a chunk's
+``media`` and its ``mark`` together), so a barge-in that lands during a write takes
+effect right after it, and the ``clear`` always follows the last media of the cut
+turn. The lock's uncontended acquire does not yield, so it costs no scheduling pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+import trio
+from attrs import define, field
+
+from voicebridge.bridge.outcome import BargeIn
+from voicebridge.errors import SocketClosed
+from voicebridge.sockets import MessageSocket
+from voicebridge.twilio.media import MediaStream
+
+log = logging.getLogger(__name__)
+
+FRAME_MS = 20
+#: μ-law 8 kHz: 8 bytes per millisecond, 160 per 20 ms frame. Twilio wants whole frames.
+BYTES_PER_MS = 8
+FRAME_BYTES = FRAME_MS * BYTES_PER_MS
+#: μ-law digital silence, used to pad the last partial frame of a turn.
+MULAW_SILENCE = b"\xff"
+#: Most assistant audio held here, not yet sent to Twilio. Vapi paces its audio at
+#: about real time, so normally this holds one chunk; a burst faster than real time is
+#: absorbed up to 30 s (240 KB) and the excess dropped and counted, so a misbehaving
+#: assistant cannot grow a call's memory without bound.
+MAX_PENDING_BYTES = 30_000 * BYTES_PER_MS
+#: A partial frame left over from Vapi's chunking is padded and sent once no more audio
+#: has arrived for this long (the end of a turn), rather than held back for ever.
+STRAGGLER_S = 0.060
+
+
+@define(slots=True)
+class _SentChunk:
+    mark: str
+    ms: int
+    turn: int
+
+
+@define(slots=True)
+class PlayoutStats:
+    """Running figures; read at call end and by tests."""
+
+    assistant_bytes: int = 0
+    media_messages: int = 0
+    heard_ms: int = 0
+    discarded_ms: int = 0
+    dropped_bytes: int = 0
+    #: Assistant audio thrown away after a barge-in (the cut turn's in-flight tail).
+    tail_discarded_bytes: int = 0
+    first_audio_at: float | None = None
+    barge_ins: list[BargeIn] = field(factory=list)
+
+
+class Playout:
+    """Paces assistant audio into Twilio; ``run()`` is the call's playout task.
+
+    ``feed``, ``turn_started``, ``end_of_speech`` and ``mark_played`` are synchronous
+    and called from the call's reader tasks; they only change state and wake
+    ``run()``. ``run()`` and ``barge_in()`` are the only code that writes to the
+    Twilio socket while the call is up, one at a time (``_write_lock``).
+    """
+
+    def __init__(
+        self,
+        twilio: MessageSocket,
+        stream: MediaStream,
+        *,
+        lead_ms: int,
+        chunk_ms: int,
+        resume_gap_ms: int,
+        call_started_at: float,
+        clock: Callable[[], float] = trio.current_time,
+        on_latency: Callable[[float], None] | None = None,
+        latency_sample_every: int = 10,
+    ) -> None:
+        if lead_ms < FRAME_MS or chunk_ms < FRAME_MS:
+            raise ValueError("lead_ms and chunk_ms must be at least one frame")
+        self._twilio = twilio
+        self._stream = stream
+        self._lead_ms = lead_ms
+        self._chunk_frames = max(1, chunk_ms // FRAME_MS)
+        self._resume_gap_s = resume_gap_ms / 1000
+        self._call_started_at = call_started_at
+        self._clock = clock
+        self.stats = PlayoutStats()
+        # Invariant: len(_pending) <= MAX_PENDING_BYTES.
+        self._pending = bytearray()
+        # Chunks sent to Twilio whose mark has not come back yet, oldest first.
+        # Invariant: _buffered_ms == sum(chunk.ms for chunk in _outstanding).
+        self._outstanding: deque[_SentChunk] = deque()
+        self._buffered_ms = 0
+        # Marks that were outstanding when we sent a clear: their echoes mean "discarded".
+        self._cleared_marks: dict[str, int] = {}
+        self._turn = 0
+        self._turn_heard_ms = 0
+        self._mark_seq = 0
+        self._turn_scope: trio.CancelScope | None = None
+        # Set by barge_in(): when the signal came; consumed by whoever sends the clear.
+        # Not None means a clear is owed.
+        self._interrupted_at: float | None = None
+        self._write_lock = trio.Lock()
+        # While not None, incoming audio is the cut turn's tail: discard it. The value is
+        # when the last discarded audio (or the interruption) arrived.
+        self._discarding_since: float | None = None
+        # The assistant announces its turns (speech updates): only its "started" then
+        # ends a cut turn's tail, never a pause measured here.
+        self._assistant_announces_turns = False
+        self._wakeup = trio.Event()
+        # Sampled latency (metrics): every ``latency_sample_every``-th audio message fed
+        # is stamped; the next Twilio write reports the time since.
+        self._on_latency = on_latency
+        self._latency_sample_every = latency_sample_every
+        self._feeds = 0
+        self._latency_fed_at: float | None = None
+
+    # -- called by the reader tasks ------------------------------------------------
+
+    def feed(self, audio: bytes) -> None:
+        """Queue assistant audio for playout (drops, and counts, what would overflow)."""
+        self.stats.assistant_bytes += len(audio)
+        if self._discarding_since is not None:
+            if self._assistant_announces_turns:
+                self.stats.tail_discarded_bytes += len(audio)
+                return
+            now = self._clock()
+            if now - self._discarding_since < self._resume_gap_s:
+                self._discarding_since = now
+                self.stats.tail_discarded_bytes += len(audio)
+                return
+            # The audio paused long enough: this is a new turn, not the cut one's tail.
+            self._begin_turn()
+        if self._on_latency is not None:
+            self._feeds += 1
+            if self._feeds % self._latency_sample_every == 0 and self._latency_fed_at is None:
+                self._latency_fed_at = self._clock()
+        room = MAX_PENDING_BYTES - len(self._pending)
+        if len(audio) > room:
+            self.stats.dropped_bytes += len(audio) - room
+            audio = audio[:room]
+        self._pending += audio
+        self._wake()
+
+    def turn_started(self) -> None:
+        """The assistant began a new turn (``speech-update`` assistant/started)."""
+        self._assistant_announces_turns = True
+        self._begin_turn()
+
+    def end_of_speech(self) -> None:
+        """The assistant finished a turn: pad and send any partial last frame now."""
+        self._assistant_announces_turns = True
+        self._pad_partial_frame()
+        self._wake()
+
+    async def barge_in(self) -> None:
+        """Barge-in: cut the current turn now and send the ``clear``.
+
+        If a write of the turn is under way, the clear follows it. Should this task be
+        cancelled before the clear goes out (the call is ending), the playout task
+        still owes it and sends it.
+        """
+        self._interrupt()
+        await self._clear_if_owed()
+
+    def _interrupt(self) -> None:
+        now = self._clock()
+        self._pending.clear()
+        self._latency_fed_at = None
+        self._discarding_since = now
+        if self._interrupted_at is None:
+            self._interrupted_at = now
+        if self._turn_scope is not None:
+            self._turn_scope.cancel(reason="barge-in")
+        self._wake()
+
+    def mark_played(self, name: str) -> None:
+        """Twilio echoed ``name``: the audio before it finished playing, or was cleared."""
+        if (ms := self._cleared_marks.pop(name, None)) is not None:
+            self.stats.discarded_ms += ms
+            return
+        while self._outstanding:
+            chunk = self._outstanding.popleft()
+            self._buffered_ms -= chunk.ms
+            self.stats.heard_ms += chunk.ms
+            if chunk.turn == self._turn:
+                self._turn_heard_ms += chunk.ms
+            if chunk.mark == name:
+                break
+        self._wake()
+
+    @property
+    def buffered_ms(self) -> int:
+        """Audio sent to Twilio and not yet confirmed played."""
+        return self._buffered_ms
+
+    # -- the playout task ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send audio until cancelled (call end); each barge-in ends a turn with a clear.
+
+        On cancellation of the call it returns by raising ``Cancelled``; a socket error
+        (``SocketClosed``) propagates to the call nursery, which ends the call.
+        """
+        while True:
+            with trio.CancelScope() as turn_scope:
+                self._turn_scope = turn_scope
+                if self._interrupted_at is None:
+                    await self._play_turn()
+            self._turn_scope = None
+            # Cut by a barge-in; barge_in() has usually sent the clear already.
+            await self._clear_if_owed()
+
+    async def _clear_if_owed(self) -> None:
+        """Send the clear a barge-in owes, unless it went out already; in turn with writes."""
+        await self._acquire_writer()
+        try:
+            if self._interrupted_at is not None:
+                await self._send_clear()
+        finally:
+            self._write_lock.release()
+
+    async def _play_turn(self) -> None:
+        while True:
+            chunk = await self._wait_next_chunk()
+            await self._acquire_writer()
+            try:
+                await self._send_chunk(chunk)
+            finally:
+                self._write_lock.release()
+
+    async def _send_chunk(self, chunk: bytes) -> None:
+        """Send one chunk and its mark (the writer lock held)."""
+        self._mark_seq += 1
+        mark = f"{self._turn}.{self._mark_seq}"
+        ms = len(chunk) // BYTES_PER_MS
+        # Booked before the writes: if a write fails half way the accounting still
+        # matches what Twilio may have received.
+        self._outstanding.append(_SentChunk(mark=mark, ms=ms, turn=self._turn))
+        self._buffered_ms += ms
+        if self.stats.first_audio_at is None:
+            self.stats.first_audio_at = self._clock()
+        await self._twilio.send(self._open_stream().send_media(chunk))
+        if self._latency_fed_at is not None and self._on_latency is not None:
+            self._on_latency(self._clock() - self._latency_fed_at)
+            self._latency_fed_at = None
+        await self._twilio.send(self._open_stream().send_mark(mark))
+        self.stats.media_messages += 1
+
+    async def _wait_next_chunk(self) -> bytes:
+        """Wait until whole frames are queued and Twilio's lead has room; take a chunk."""
+        while True:
+            room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
+            whole_frames = len(self._pending) // FRAME_BYTES
+            if room_frames > 0 and whole_frames > 0:
+                take = min(room_frames, whole_frames, self._chunk_frames) * FRAME_BYTES
+                chunk = bytes(self._pending[:take])
+                del self._pending[:take]
+                return chunk
+            if self._pending and whole_frames == 0:
+                # Only a partial frame: give Vapi a moment to send the rest of it.
+                with trio.move_on_after(STRAGGLER_S):
+                    await self._wait_for_change()
+                    continue
+                self._pad_partial_frame()
+                continue
+            await self._wait_for_change()
+
+    def _open_stream(self) -> MediaStream:
+        """The stream, to encode the next frame with; a stopped one counts as closed.
+
+        Twilio's ``stop`` may be read while one of our (shielded) writes is under way:
+        the call is ending then, and no frame may be encoded for the stream any more.
+        """
+        if self._stream.stopped:
+            raise SocketClosed(None, "Twilio stopped the stream")
+        return self._stream
+
+    async def _send_clear(self) -> None:
+        interrupted_at = self._interrupted_at
+        self._interrupted_at = None
+        discarded = 0
+        for chunk in self._outstanding:
+            self._cleared_marks[chunk.mark] = chunk.ms
+            discarded += chunk.ms
+        self._outstanding.clear()
+        self._buffered_ms = 0
+        await self._twilio.send(self._open_stream().send_clear())
+        now = self._clock()
+        if interrupted_at is not None:
+            self.stats.barge_ins.append(
+                BargeIn(
+                    at_s=interrupted_at - self._call_started_at,
+                    latency_ms=(now - interrupted_at) * 1000,
+                    heard_of_turn_ms=self._turn_heard_ms,
+                    discarded_ms=discarded,
+                )
+            )
+        self._turn += 1
+        self._turn_heard_ms = 0
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _begin_turn(self) -> None:
+        """A new assistant turn: its audio plays, and its heard time counts from zero."""
+        self._discarding_since = None
+        self._turn += 1
+        self._turn_heard_ms = 0
+
+    def _pad_partial_frame(self) -> None:
+        partial = len(self._pending) % FRAME_BYTES
+        if partial:
+            self._pending += MULAW_SILENCE * (FRAME_BYTES - partial)
+
+    async def _acquire_writer(self) -> None:
+        """Take the writer lock; without a yield when nobody holds it (nearly always)."""
+        if self._write_lock.locked():
+            await self._write_lock.acquire()
+        else:
+            self._write_lock.acquire_nowait()
+
+    def _wake(self) -> None:
+        # Every waiter holds the current event; setting it wakes them all, and the
+        # fresh one is what the next wait sees.
+        self._wakeup.set()
+        self._wakeup = trio.Event()
+
+    async def _wait_for_change(self) -> None:
+        await self._wakeup.wait()
+
+    async def wait_drained(self) -> None:
+        """Wait until every queued byte was sent and Twilio confirmed it all played."""
+        self._pad_partial_frame()
+        self._wake()
+        while self._pending or self._outstanding:
+            await self._wait_for_change()
+
+    @property
+    def queued_ms(self) -> int:
+        """Audio not yet confirmed played: queued here plus buffered at Twilio."""
+        return len(self._pending) // BYTES_PER_MS + self._buffered_ms

@@ -1,0 +1,165 @@
+"""``voicebridge demo``: real calls through the real server, against the simulated peers.
+
+It starts the simulated Vapi and the real voicebridge server on loopback, places
+scripted calls with the simulated Twilio caller (signed webhook, Media Stream,
+Twilio's playout buffer), and prints what each caller experienced: how long the
+greeting took, each assistant turn, the barge-in (how fast the assistant went
+quiet and how much of the cut turn was heard), and how the call ended. No
+account and no network: everything stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import TextIO
+
+import trio
+
+from voicebridge.bridge.outcome import CallRecord
+from voicebridge.loopback import loopback_bridge
+from voicebridge.observability.logs import configure_logging
+from voicebridge.sim.audio import write_wav
+from voicebridge.sim.caller import (
+    CallReport,
+    Script,
+    Speak,
+    WaitForAssistant,
+    WaitForAssistantDone,
+    place_call,
+)
+from voicebridge.sim.vapi import SimVapiBehaviour
+
+#: Calls start this far apart so the account reads in order; the server takes them at once.
+CALL_STAGGER_S = 0.05
+#: The assistant says goodbye and hangs up at the caller turn after this many replies.
+DEMO_REPLIES = 2
+
+#: The scripted caller: listen to the greeting, ask, listen, ask again, talk over the
+#: (long) second reply 1.5 s into it, listen to the answer; the assistant then says
+#: goodbye and ends the call.
+DEMO_SCRIPT: Script = (
+    WaitForAssistantDone(quiet_s=0.6),
+    Speak("caller_1"),
+    WaitForAssistantDone(quiet_s=0.6),
+    Speak("caller_2"),
+    WaitForAssistant(heard_ms=1500),
+    Speak("caller_3"),
+    WaitForAssistantDone(quiet_s=0.6),
+)
+
+
+def run_demo(
+    *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
+    out: TextIO | None = None, progress: TextIO | None = None,
+) -> int:
+    """Run the demo; 0 when every call went as a caller expects, else 1. What each caller
+    experienced goes to ``out`` (stdout); a line as each call starts and ends to
+    ``progress`` (stderr), so that the ~20 s of a call are not silent."""
+    out = out or sys.stdout
+    progress = progress or sys.stderr
+    configure_logging(logging.INFO if verbose else logging.WARNING)
+    return trio.run(
+        partial(_demo, calls=calls, save_audio=save_audio, out=out, progress=progress)
+    )
+
+
+async def _demo(*, calls: int, save_audio: str | None, out: TextIO, progress: TextIO) -> int:
+    behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
+    async with loopback_bridge(behaviour=behaviour) as bridge:
+        print(
+            f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
+            f"on 127.0.0.1:{bridge.listening.port},\n"
+            "  simulated Twilio caller  <->  voicebridge  <->  simulated Vapi assistant\n",
+            file=out,
+        )
+        reports: list[CallReport | None] = [None] * calls
+
+        async def one_call(index: int) -> None:
+            await trio.sleep(index * CALL_STAGGER_S)
+            started = trio.current_time()
+            print(f"voicebridge demo: call {index + 1} ringing…", file=progress, flush=True)
+            reports[index] = await place_call(bridge.caller, DEMO_SCRIPT)
+            print(f"voicebridge demo: call {index + 1} ended after "
+                  f"{trio.current_time() - started:.1f} s", file=progress, flush=True)
+
+        async with trio.open_nursery() as calls_nursery:
+            for index in range(calls):
+                calls_nursery.start_soon(one_call, index)
+        registry = bridge.listening.registry
+        records = {sid: registry.record_for(sid) for sid in _sids(reports)}
+
+    done = [report for report in reports if report is not None]
+    ok = True
+    for number, report in enumerate(done, 1):
+        ok &= _print_call(number, report, records.get(report.call_sid), out)
+        if save_audio:
+            os.makedirs(save_audio, exist_ok=True)
+            path = os.path.join(save_audio, f"call-{number}-{report.call_sid}.wav")
+            write_wav(path, report.heard_audio)
+            print(f"  saved what the caller heard: {path}", file=out)
+    if calls > 1:
+        _print_summary(done, out)
+    print("\nresult: " + ("every caller was served as expected" if ok else "SOMETHING WENT WRONG"),
+          file=out)
+    return 0 if ok else 1
+
+
+def _sids(reports: Sequence[CallReport | None]) -> list[str]:
+    return [report.call_sid for report in reports if report is not None]
+
+
+def _print_call(number: int, report: CallReport, record: CallRecord | None, out: TextIO) -> bool:
+    """Print one call's account; True when it went as a caller expects."""
+    print(f"call {number} ({report.call_sid})", file=out)
+    if report.first_audio_ms is not None:
+        print(f"  greeting heard {report.first_audio_ms:.0f} ms after the stream started",
+              file=out)
+    for index, turn in enumerate(report.turns, 1):
+        how = "interrupted by the caller" if turn.interrupted else "played to the end"
+        print(f"  assistant turn {index}: at {turn.start_ms / 1000:5.1f} s, "
+              f"heard {turn.heard_ms / 1000:.1f} s, {how}", file=out)
+    for barge_in in report.barge_ins:
+        latency = f"{barge_in.latency_ms:.0f} ms" if barge_in.latency_ms is not None else "never"
+        print(f"  barge-in: caller spoke at {barge_in.speech_onset_ms / 1000:.1f} s; "
+              f"assistant silenced (clear) {latency} later; heard "
+              f"{barge_in.heard_of_turn_ms / 1000:.1f} s of that turn and "
+              f"{barge_in.heard_after_clear_ms:.0f} ms after the clear", file=out)
+    if record is not None:
+        bridge_figures = ", ".join(
+            f"{b.latency_ms:.2f} ms" for b in record.barge_ins
+        ) or "none"
+        print(f"  bridge: outcome {record.outcome.value} ({record.detail}); "
+              f"barge-in signal to clear: {bridge_figures}", file=out)
+    print(f"  after the stream: {report.final_action}"
+          + (f" ({report.final_say})" if report.final_say else ""), file=out)
+    problems = list(report.protocol_violations)
+    if not report.barge_ins or any(b.clear_ms is None for b in report.barge_ins):
+        problems.append("the barge-in did not silence the assistant")
+    if any(b.heard_after_clear_ms > 0 for b in report.barge_ins):
+        problems.append("assistant audio was heard after the clear")
+    if record is None or record.outcome.caller_gets_fallback:
+        problems.append("the call did not end normally")
+    for problem in problems:
+        print(f"  PROBLEM: {problem}", file=out)
+    print(file=out)
+    return not problems
+
+
+def _print_summary(reports: Sequence[CallReport], out: TextIO) -> None:
+    latencies = sorted(
+        b.latency_ms for r in reports for b in r.barge_ins if b.latency_ms is not None
+    )
+    first = sorted(r.first_audio_ms for r in reports if r.first_audio_ms is not None)
+    if latencies:
+        print(f"barge-in latency over {len(latencies)} barge-ins: "
+              f"median {latencies[len(latencies) // 2]:.0f} ms, worst {latencies[-1]:.0f} ms",
+              file=out)
+    if first:
+        print(f"greeting latency: median {first[len(first) // 2]:.0f} ms, worst {first[-1]:.0f} ms",
+              file=out)
+
+

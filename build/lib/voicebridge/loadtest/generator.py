@@ -1,0 +1,877 @@
+"""The load generator: many simulated calls, each a Twilio caller and a Vapi assistant.
+
+One process plays both peers of every call against one bridge. For each call the
+*caller* posts the signed voice webhook, opens the Media Stream the TwiML names,
+streams a 20 ms μ-law frame every 20 ms for the whole call, plays what the bridge
+sends through a model of Twilio's playback buffer (marks are echoed when the audio
+before them has played; ``clear`` echoes the pending ones at once), hangs up with
+``stop`` and fetches the ``<Connect action>``. The *assistant* answers ``POST /call``
+and the transport socket, speaks about half the time in 20–90 ms chunks paced at
+real time, and now and then is talked over: ``user-interrupted``, then one more
+chunk of the cut turn (the in-flight tail a real assistant sends), which the
+bridge must never let through.
+
+Every caller frame and every assistant chunk starts with a *marker*: two zero bytes
+and a three-byte sequence number (zero never occurs in μ-law silence or in the
+digits). The other peer finds the markers in what it receives and, both peers
+living in this process on one clock, gets each one's time through the bridge.
+
+Lean on purpose (``loadtest.wire`` over ``voicebridge.net``'s transports): writes
+go straight into the kernel without yielding; one ticker task paces every call's
+frames, chunks and mark echoes (no task per call per frame); one reader task per
+socket. The ticker's slip is measured: a generator that cannot keep its own time
+does not produce valid figures.
+
+With a TLS context (``voicebridge loadtest --vapi-tls``) the simulated Vapi's
+transport sockets are ``wss://``: on its one port, a connection whose first byte
+starts a TLS handshake is served over TLS (``net.transport.TlsSocketTransport``,
+encrypting and decrypting in memory, still no task per message), and any other is
+plain HTTP; ``POST /call`` may come either way, but a plain WebSocket upgrade is
+refused, so every Vapi leg of the run is TLS. Completed and failed handshakes are
+counted.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import functools
+import hmac
+import random
+import socket
+import ssl
+import time
+import urllib.parse
+import uuid
+import xml.etree.ElementTree as ET
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+
+import orjson
+import trio
+from attrs import frozen
+
+from voicebridge.errors import SocketClosed
+from voicebridge.loadtest.report import LATE_AFTER_MS
+from voicebridge.loadtest.wire import (
+    OP_BINARY,
+    OP_TEXT,
+    LeanWebSocket,
+    RequestHead,
+    WebSocketClosed,
+    WireError,
+    accept_websocket,
+    connect_websocket,
+    http_request,
+    parse_request_head,
+    read_body,
+    read_head,
+    respond,
+)
+from voicebridge.net.connect import accept_tls, serve_tcp, starts_with_tls
+from voicebridge.net.transport import SocketTransport, TlsHandshakeError, Transport
+from voicebridge.twilio.signature import sign
+
+#: μ-law: 8 bytes a millisecond; a 20 ms frame is 160 bytes.
+BYTES_PER_S = 8000
+FRAME_BYTES = 160
+FRAME_S = 0.020
+#: Assistant chunks are 20–90 ms of audio (Vapi's own are 170–743 bytes).
+CHUNK_MIN_BYTES = 160
+CHUNK_MAX_BYTES = 720
+#: The pacing tick: every due frame, chunk and mark echo goes out on the next tick.
+TICK_S = 0.002
+#: The marker at the start of each frame and chunk: two zero bytes, then three digits.
+MARKER_LEAD = b"\x00\x00"
+MARKER_BYTES = 5
+_DIGIT_BASE = 200
+_DIGIT_ZERO = 0x20
+#: One past the largest digit byte: ``read_marker`` refuses anything outside.
+_DIGIT_END = _DIGIT_ZERO + _DIGIT_BASE
+#: μ-law silence, the filler around the markers.
+SILENCE = 0xFF
+#: Frames sent in the last moments before ``stop`` may be cut off by the hang-up
+#: itself; they are not expected to arrive.
+END_GRACE_S = 0.3
+#: Bounds on one call's setup steps and on its end (webhook, socket, action).
+SETUP_DEADLINE_S = 15.0
+END_DEADLINE_S = 15.0
+#: The voice webhook, the media socket and the action are on these paths of the TwiML.
+VOICE_PATH = "/twilio/voice"
+ACCOUNT_SID = "AC" + "d" * 32
+
+
+#: A message handler: (call, payload, arrival time).
+_Handler = Callable[["_Call", bytes, float], None]
+
+
+def marker(seq: int) -> bytes:
+    """The five marker bytes of sequence number ``seq`` (< 8,000,000)."""
+    return MARKER_LEAD + bytes(
+        (
+            _DIGIT_ZERO + seq // (_DIGIT_BASE * _DIGIT_BASE),
+            _DIGIT_ZERO + seq // _DIGIT_BASE % _DIGIT_BASE,
+            _DIGIT_ZERO + seq % _DIGIT_BASE,
+        )
+    )
+
+
+def read_marker(data: bytes, position: int) -> int:
+    """The sequence number of the marker at ``position`` (which holds the two zeros).
+
+    -1 where the three bytes after the zeros are not digits: a marker the bridge
+    cut short at a clear, with the next turn's marker right behind it.
+    """
+    high, middle, low = data[position + 2], data[position + 3], data[position + 4]
+    if min(high, middle, low) < _DIGIT_ZERO or max(high, middle, low) >= _DIGIT_END:
+        return -1
+    return (
+        (high - _DIGIT_ZERO) * _DIGIT_BASE * _DIGIT_BASE
+        + (middle - _DIGIT_ZERO) * _DIGIT_BASE
+        + (low - _DIGIT_ZERO)
+    )
+
+
+_FILL = bytes([SILENCE]) * CHUNK_MAX_BYTES
+
+
+@frozen(kw_only=True)
+class Traffic:
+    """What the simulated calls do."""
+
+    calls: int
+    #: Seconds all calls are up together (the measurement window is within it).
+    duration_s: float
+    #: Calls start evenly spread over this many seconds.
+    ramp_s: float
+    #: An assistant turn lasts 1.5–4 s; the assistant is then quiet for 1.5–4 s.
+    turn_s: tuple[float, float] = (1.5, 4.0)
+    gap_s: tuple[float, float] = (1.5, 4.0)
+    #: The share of assistant turns the caller talks over.
+    barge_in_share: float = 0.3
+    seed: int = 1
+
+
+@frozen(kw_only=True)
+class BridgeTarget:
+    """Where the calls go: a voicebridge (webhook → TwiML → stream) or a bare relay."""
+
+    host: str
+    port: int
+    #: The URL Twilio believes it calls (signatures cover it); None for a relay.
+    public_url: str | None
+    auth_token: str = ""
+    #: A relay reference: the caller's socket goes to ``ws://host:port/<call id>/transport``
+    #: and is relayed as is to the assistant; no webhooks, no marks from a bridge.
+    relay: bool = False
+
+
+@frozen(kw_only=True)
+class CallFigures:
+    """What the calls measured, pooled (milliseconds)."""
+
+    caller_latency_ms: Sequence[float]
+    assistant_latency_ms: Sequence[float]
+    barge_in_ms: Sequence[float]
+    first_audio_ms: Sequence[float]
+    heard_after_clear_ms: float
+    dropped_caller_frames: int
+    dropped_assistant_chunks: int
+    late_caller_frames: int
+    late_assistant_chunks: int
+    failures: Counter[str]
+    tick_slip_ms: Sequence[float]
+
+
+class _Call:
+    """One simulated call: both peers' state. Touched only by this process's tasks."""
+
+    __slots__ = (
+        "active",
+        "assistant_bytes_sent",
+        "barge_at",
+        "call_sid",
+        "caller",
+        "carry",
+        "chunk_bytes",
+        "chunk_seen",
+        "chunk_sent_at",
+        "chunk_turn",
+        "cleared_turns",
+        "end_at",
+        "ended",
+        "failure",
+        "first_audio_at",
+        "frame_received",
+        "frame_sent_at",
+        "index",
+        "interrupted_at",
+        "interrupted_turn",
+        "interrupted_turns",
+        "marks",
+        "media_sequence",
+        "next_chunk_at",
+        "next_frame_at",
+        "next_turn_at",
+        "play_end",
+        "rng",
+        "speaking",
+        "start_at",
+        "stopped_at",
+        "stream_sid",
+        "stream_started_at",
+        "turn",
+        "turn_bytes",
+        "turn_position",
+        "turn_started_at",
+        "vapi",
+        "vapi_call_id",
+        "vapi_connected",
+    )
+
+    def __init__(self, index: int, start_at: float, end_at: float, seed: int) -> None:
+        self.index = index
+        self.call_sid = "CA" + uuid.uuid4().hex
+        self.stream_sid = "MZ" + uuid.uuid4().hex
+        self.vapi_call_id = str(uuid.uuid4())
+        self.rng = random.Random(seed)
+        self.start_at = start_at
+        self.end_at = end_at
+        self.active = False
+        self.ended = False
+        self.failure: str | None = None
+        self.caller: LeanWebSocket | None = None
+        self.vapi: LeanWebSocket | None = None
+        self.vapi_connected = trio.Event()
+        # caller → agent
+        self.media_sequence = 0
+        self.next_frame_at = 0.0
+        self.frame_sent_at = array("d")
+        self.frame_received = bytearray()
+        self.stream_started_at = 0.0
+        self.stopped_at: float | None = None
+        # agent → caller
+        self.speaking = False
+        self.turn = 0
+        self.turn_started_at = 0.0
+        self.turn_bytes = 0
+        self.turn_position = 0
+        self.next_chunk_at = 0.0
+        self.next_turn_at = 0.0
+        self.barge_at: float | None = None
+        self.chunk_sent_at = array("d")
+        self.chunk_turn = array("i")
+        self.chunk_bytes = array("i")
+        self.chunk_seen = bytearray()
+        self.assistant_bytes_sent = 0
+        self.interrupted_turn = -1
+        # Every turn the caller talked over (its queued audio may rightly never play).
+        self.interrupted_turns: set[int] = set()
+        self.interrupted_at: float | None = None
+        # Turns the caller talked over and whose clear reached the caller.
+        self.cleared_turns: set[int] = set()
+        # Twilio's playback model: when its buffer runs dry, and the marks due.
+        self.play_end = 0.0
+        self.marks: deque[tuple[float, str]] = deque()
+        self.carry = b""
+        self.first_audio_at: float | None = None
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None and not self.ended:
+            self.failure = reason
+
+
+class LoadGenerator:
+    """Runs ``traffic`` against one target; ``figures()`` pools what the calls measured.
+
+    ``serve_assistant`` (the simulated Vapi) must be started before ``run``; its
+    ``base_url`` is what the bridge under test uses for Vapi. With ``tls`` (a server
+    context) the transport sockets it hands out are ``wss://`` (see the module
+    docstring).
+    """
+
+    def __init__(
+        self, traffic: Traffic, *, api_key: str, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.traffic = traffic
+        self.api_key = api_key
+        self._tls = tls
+        #: TLS handshakes the simulated Vapi completed, and why others failed.
+        self.tls_handshakes = 0
+        self.tls_handshake_failures: Counter[str] = Counter()
+        self._calls: list[_Call] = []
+        self._by_sid: dict[str, _Call] = {}
+        self._by_vapi_id: dict[str, _Call] = {}
+        self._live: list[_Call] = []
+        self._port: int | None = None
+        self._relay = False
+        self._clock = time.perf_counter
+        self._caller_latency = array("d")
+        self._assistant_latency = array("d")
+        self._barge_in_ms = array("d")
+        self._first_audio = array("d")
+        self._heard_after_clear_ms = 0.0
+        self._late_caller = 0
+        self._late_assistant = 0
+        self._tick_slip = array("d")
+        self._failures: Counter[str] = Counter()
+        #: Samples count only when sent inside this window (perf_counter times).
+        self.window = (0.0, float("inf"))
+
+    @property
+    def base_url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("the simulated assistant is not serving yet")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the transport sockets are ``wss://``."""
+        return self._tls is not None
+
+    # -- the simulated Vapi --------------------------------------------------------
+
+    async def serve_assistant(
+        self, *, port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve ``POST /call`` and the transport sockets on 127.0.0.1 until cancelled."""
+        async with trio.open_nursery() as server_nursery:
+            self._port = await server_nursery.start(
+                functools.partial(serve_tcp, self._assistant_connection, port=port)
+            )
+            task_status.started(self._port)
+
+    async def _assistant_connection(self, sock: socket.socket) -> None:
+        context = self._tls
+        transport: Transport
+        secure = context is not None and await starts_with_tls(sock)
+        if context is not None and secure:
+            try:
+                transport = await accept_tls(sock, context)
+            except TlsHandshakeError as exc:
+                self.tls_handshake_failures[str(exc)] += 1
+                return
+            self.tls_handshakes += 1
+        else:
+            transport = SocketTransport(sock)
+        try:
+            await self._assistant_request(transport, secure=secure)
+        except (WireError, SocketClosed):
+            pass
+        finally:
+            await transport.aclose()
+
+    async def _assistant_request(self, transport: Transport, *, secure: bool) -> None:
+        buffer = bytearray()
+        request = parse_request_head(await read_head(transport, buffer))
+        if request.method == "POST" and request.path == "/call":
+            length = int(request.headers.get("content-length", 0))
+            body = await read_body(transport, buffer, length)
+            await self._create_call(transport, request, body)
+        elif request.headers.get("upgrade", "").lower() == "websocket":
+            if self._tls is not None and not secure:
+                await respond(transport, 400, b'{"message":"wss:// only: this is TLS"}')
+                return
+            await self._assistant_socket(transport, request, buffer)
+        else:
+            await respond(transport, 404, b'{"message":"not found"}')
+
+    def _authorized(self, request: RequestHead) -> bool:
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
+
+    async def _create_call(self, transport: Transport, request: RequestHead, body: bytes) -> None:
+        if not self._authorized(request):
+            await respond(transport, 401, b'{"message":"Invalid Key."}')
+            return
+        document = orjson.loads(body)
+        call_sid = document.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid")
+        call = self._by_sid.get(call_sid) if isinstance(call_sid, str) else None
+        if call is None:
+            await respond(transport, 400, b'{"message":"unknown twilioCallSid"}')
+            return
+        answer = {
+            "id": call.vapi_call_id,
+            "status": "queued",
+            "transport": {
+                "provider": "vapi.websocket",
+                "websocketCallUrl": f"{'wss' if self._tls else 'ws'}://127.0.0.1:{self._port}"
+                f"/{call.vapi_call_id}/transport",
+            },
+        }
+        await respond(transport, 201, orjson.dumps(answer))
+
+    async def _assistant_socket(
+        self, transport: Transport, request: RequestHead, buffer: bytearray
+    ) -> None:
+        parts = request.path.strip("/").split("/")
+        call = self._by_vapi_id.get(parts[0]) if len(parts) == 2 else None
+        if call is None or call.vapi is not None or not self._authorized(request):
+            await respond(transport, 404, b'{"message":"Call not found."}')
+            return
+        ws = await accept_websocket(transport, request, buffer)
+        call.vapi = ws
+        async with trio.open_nursery() as socket_nursery:
+            socket_nursery.start_soon(ws.run_flusher)
+            now = self._clock()
+            self._start_turn(call, now)  # the greeting
+            call.vapi_connected.set()
+            await self._read_assistant_socket(call, ws)
+            socket_nursery.cancel_scope.cancel(reason="assistant socket closed")
+
+    async def _read_assistant_socket(self, call: _Call, ws: LeanWebSocket) -> None:
+        try:
+            await self._dispatch(call, ws, self._assistant_text, self._caller_audio)
+        except WireError:  # WebSocketClosed included: the call is over
+            pass
+        finally:
+            call.speaking = False
+            ws.close()  # the transport is closed with the connection
+
+    def _assistant_text(self, call: _Call, payload: bytes, now: float) -> None:
+        if self._relay:
+            if payload.startswith(b'{"event":"media"'):
+                media = orjson.loads(payload)["media"]
+                self._caller_audio(call, binascii.a2b_base64(media["payload"]), now)
+            elif payload.startswith(b'{"event":"stop"') and call.vapi is not None:
+                call.vapi.close(1000)  # what a bridge does on the caller's stop
+            return  # mark echoes travel back through the relay: nothing to do
+        message = orjson.loads(payload)
+        if message.get("type") == "end-call" and call.vapi is not None:
+            call.vapi.send_text('{"type":"status-update","status":"ended",'
+                                '"endedReason":"customer-ended-call"}')
+            call.vapi.close(1000)
+
+    def _caller_audio(self, call: _Call, audio: bytes, now: float) -> None:
+        if audio[:2] != MARKER_LEAD or len(audio) < MARKER_BYTES:
+            return
+        seq = read_marker(audio, 0)
+        if not 0 <= seq < len(call.frame_sent_at):
+            return
+        received = call.frame_received
+        received[seq] = 1
+        sent_at = call.frame_sent_at[seq]
+        if self.window[0] <= sent_at <= self.window[1]:
+            latency_ms = (now - sent_at) * 1000
+            self._caller_latency.append(latency_ms)
+            if latency_ms > LATE_AFTER_MS:
+                self._late_caller += 1
+
+    # -- the assistant's voice -----------------------------------------------------
+
+    def _start_turn(self, call: _Call, now: float) -> None:
+        traffic = self.traffic
+        rng = call.rng
+        call.turn += 1
+        call.speaking = True
+        call.turn_started_at = now
+        call.turn_position = 0
+        length_s = rng.uniform(*traffic.turn_s)
+        call.turn_bytes = int(length_s * BYTES_PER_S)
+        call.next_chunk_at = now
+        call.barge_at = None
+        if not self._relay and rng.random() < traffic.barge_in_share:
+            call.barge_at = now + length_s * rng.uniform(0.3, 0.8)
+        self._assistant_message(
+            call, f'{{"type":"speech-update","status":"started","role":"assistant",'
+            f'"turn":{call.turn}}}'
+        )
+
+    def _assistant_message(self, call: _Call, text: str) -> None:
+        if call.vapi is not None and not call.vapi.closed:
+            call.vapi.send_text(text)
+
+    def _send_chunk(self, call: _Call, size: int) -> None:
+        vapi = call.vapi
+        if vapi is None or vapi.closed:
+            return
+        seq = len(call.chunk_sent_at)
+        chunk = marker(seq) + _FILL[: size - MARKER_BYTES]
+        call.chunk_turn.append(call.turn)
+        call.chunk_bytes.append(size)
+        call.chunk_seen.append(0)
+        call.chunk_sent_at.append(self._clock())
+        vapi.send_binary(chunk)
+        call.assistant_bytes_sent += size
+        if self._relay:  # a bridge marks its media itself; through a relay the assistant does
+            vapi.send_text(
+                f'{{"event":"mark","streamSid":"{call.stream_sid}","mark":{{"name":"c{seq}"}}}}'
+            )
+
+    def _speak(self, call: _Call, now: float) -> None:
+        """Send what is due of the current turn, the barge-in, or start the next turn."""
+        if not call.speaking:
+            if now >= call.next_turn_at and call.vapi is not None:
+                self._start_turn(call, now)
+            else:
+                return
+        if call.barge_at is not None and now >= call.barge_at:
+            self._barge_in(call, now)
+            return
+        rng = call.rng
+        while call.next_chunk_at <= now:
+            left = call.turn_bytes - call.turn_position
+            if left < CHUNK_MIN_BYTES:
+                self._end_turn(call, now)
+                return
+            size = min(left, rng.randint(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES))
+            self._send_chunk(call, size)
+            call.turn_position += size
+            call.next_chunk_at = call.turn_started_at + call.turn_position / BYTES_PER_S
+
+    def _end_turn(self, call: _Call, now: float) -> None:
+        call.speaking = False
+        call.next_turn_at = now + call.rng.uniform(*self.traffic.gap_s)
+        self._assistant_message(
+            call, f'{{"type":"speech-update","status":"stopped","role":"assistant",'
+            f'"turn":{call.turn}}}'
+        )
+
+    def _barge_in(self, call: _Call, now: float) -> None:
+        self._assistant_message(
+            call, f'{{"type":"speech-update","status":"started","role":"user","turn":{call.turn}}}'
+        )
+        self._assistant_message(
+            call, f'{{"type":"user-interrupted","turnId":"{call.vapi_call_id}-{call.turn}"}}'
+        )
+        call.interrupted_turn = call.turn
+        call.interrupted_turns.add(call.turn)
+        call.interrupted_at = self._clock()
+        # The in-flight tail of the cut turn: it must never reach the caller.
+        self._send_chunk(call, call.rng.randint(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES))
+        self._end_turn(call, now)
+
+    # -- the simulated Twilio caller ------------------------------------------------
+
+    async def _place_call(self, call: _Call, target: BridgeTarget) -> None:
+        await trio.sleep_until(self._to_trio(call.start_at))
+        try:
+            with trio.fail_after(SETUP_DEADLINE_S):
+                if target.relay:
+                    path = f"/{call.vapi_call_id}/transport"
+                    ws = await connect_websocket(
+                        target.host, target.port, path,
+                        {"authorization": f"Bearer {self.api_key}"},
+                    )
+                    action_url = None
+                else:
+                    ws, action_url = await self._open_stream(call, target)
+            call.caller = ws
+            self._stream(call)
+            async with trio.open_nursery() as socket_nursery:
+                socket_nursery.start_soon(ws.run_flusher)
+                await self._read_caller_socket(call, ws)
+                socket_nursery.cancel_scope.cancel(reason="media socket closed")
+            if call.stopped_at is None:
+                call.fail("media socket closed before the caller hung up")
+            elif action_url is not None and call.failure is None:
+                with trio.fail_after(END_DEADLINE_S):
+                    await self._after_stream(call, target, action_url)
+            if call.first_audio_at is None and call.failure is None:
+                call.fail("no assistant audio reached the caller")
+        except trio.TooSlowError:
+            call.fail("timed out" + (" in setup" if call.caller is None else " at the end"))
+        except (WireError, OSError) as exc:
+            call.fail(type(exc).__name__ + ": " + str(exc)[:60])
+        finally:
+            call.active = False
+            call.ended = True
+            if call.caller is not None:
+                await call.caller.aclose()
+
+    async def _open_stream(
+        self, call: _Call, target: BridgeTarget
+    ) -> tuple[LeanWebSocket, str]:
+        assert target.public_url is not None
+        form = {
+            "AccountSid": ACCOUNT_SID, "ApiVersion": "2010-04-01", "CallSid": call.call_sid,
+            "CallStatus": "ringing", "Direction": "inbound",
+            "From": f"+1555{call.index:07d}", "To": "+15550000000",
+        }
+        url = target.public_url + VOICE_PATH
+        result = await http_request(
+            target.host, target.port, "POST", VOICE_PATH,
+            body=urllib.parse.urlencode(form).encode(),
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "x-twilio-signature": sign(url, form, target.auth_token),
+            },
+        )
+        if result.status != 200:
+            raise WireError(f"voice webhook answered {result.status}")
+        document = ET.fromstring(result.body)
+        connect = document.find("Connect")
+        stream = connect.find("Stream") if connect is not None else None
+        if connect is None or stream is None:
+            raise WireError("voice webhook did not connect a stream (overflow?)")
+        stream_url = stream.get("url", "")
+        parameters = {
+            p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")
+        }
+        path = urllib.parse.urlsplit(stream_url).path
+        ws = await connect_websocket(
+            target.host, target.port, path,
+            {"x-twilio-signature": sign(stream_url, {}, target.auth_token)},
+        )
+        ws.send_text(orjson.dumps(
+            {"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode())
+        ws.send_text(orjson.dumps({
+            "event": "start", "sequenceNumber": "1", "streamSid": call.stream_sid,
+            "start": {
+                "streamSid": call.stream_sid, "accountSid": ACCOUNT_SID,
+                "callSid": call.call_sid, "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": parameters,
+            },
+        }).decode())
+        call.media_sequence = 1
+        return ws, connect.get("action", "")
+
+    def _stream(self, call: _Call) -> None:
+        now = self._clock()
+        call.stream_started_at = now
+        call.next_frame_at = now
+        call.play_end = now
+        call.active = True
+        self._live.append(call)
+
+    async def _read_caller_socket(self, call: _Call, ws: LeanWebSocket) -> None:
+        # Through a bridge the caller gets only JSON; through a relay, raw audio too.
+        with contextlib.suppress(WebSocketClosed):
+            await self._dispatch(call, ws, self._bridge_text, self._heard)
+
+    async def _dispatch(
+        self, call: _Call, ws: LeanWebSocket, on_text: _Handler, on_binary: _Handler
+    ) -> None:
+        """Hand every message read from ``ws`` to its handler, stamped with its arrival."""
+        clock = self._clock
+        while True:
+            batch = await ws.receive_batch()
+            now = clock()
+            for opcode, payload in batch:
+                if opcode == OP_TEXT:
+                    on_text(call, payload, now)
+                elif opcode == OP_BINARY:
+                    on_binary(call, payload, now)
+
+    def _bridge_text(self, call: _Call, payload: bytes, now: float) -> None:
+        message = orjson.loads(payload)
+        event = message.get("event")
+        if event == "media":
+            self._heard(call, binascii.a2b_base64(message["media"]["payload"]), now)
+        elif event == "mark":
+            name = message["mark"]["name"]
+            if call.play_end <= now:
+                self._echo_mark(call, name)
+            else:
+                call.marks.append((call.play_end, name))
+        elif event == "clear":
+            while call.marks:
+                self._echo_mark(call, call.marks.popleft()[1])
+            call.play_end = now
+            if call.interrupted_at is not None:
+                self._barge_in_ms.append((now - call.interrupted_at) * 1000)
+                call.interrupted_at = None
+                call.cleared_turns.add(call.interrupted_turn)
+
+    def _heard(self, call: _Call, audio: bytes, now: float) -> None:
+        """Assistant audio reached the caller: play it, and time every marker in it."""
+        call.play_end = max(call.play_end, now) + len(audio) / BYTES_PER_S
+        if call.first_audio_at is None:
+            call.first_audio_at = now
+            self._first_audio.append((now - call.stream_started_at) * 1000)
+        data = call.carry + audio if call.carry else audio
+        position = data.find(MARKER_LEAD)
+        consumed = 0
+        while position >= 0:
+            if position + MARKER_BYTES > len(data):
+                break
+            seq = read_marker(data, position)
+            if seq < 0:  # not a whole marker: the next may start inside it
+                position = data.find(MARKER_LEAD, position + 1)
+                continue
+            consumed = position + MARKER_BYTES
+            if seq < len(call.chunk_sent_at) and not call.chunk_seen[seq]:
+                call.chunk_seen[seq] = 1
+                if call.chunk_turn[seq] in call.cleared_turns:
+                    self._heard_after_clear_ms += call.chunk_bytes[seq] / 8
+                else:
+                    sent_at = call.chunk_sent_at[seq]
+                    if self.window[0] <= sent_at <= self.window[1]:
+                        latency_ms = (now - sent_at) * 1000
+                        self._assistant_latency.append(latency_ms)
+                        if latency_ms > LATE_AFTER_MS:
+                            self._late_assistant += 1
+            position = data.find(MARKER_LEAD, consumed)
+        if position >= 0:
+            call.carry = data[position:]
+        elif data[-1:] == b"\x00" and len(data) > consumed:
+            call.carry = b"\x00"
+        else:
+            call.carry = b""
+
+    def _echo_mark(self, call: _Call, name: str) -> None:
+        caller = call.caller
+        if caller is None or caller.closed:
+            return
+        call.media_sequence += 1
+        caller.send_text(
+            f'{{"event":"mark","sequenceNumber":"{call.media_sequence}",'
+            f'"streamSid":"{call.stream_sid}","mark":{{"name":{orjson.dumps(name).decode()}}}}}'
+        )
+
+    def _send_frame(self, call: _Call, caller: LeanWebSocket) -> None:
+        seq = len(call.frame_sent_at)
+        call.media_sequence += 1
+        payload = binascii.b2a_base64(marker(seq) + _FILL[: FRAME_BYTES - MARKER_BYTES],
+                                      newline=False).decode("ascii")
+        call.frame_received.append(0)
+        call.frame_sent_at.append(self._clock())
+        caller.send_text(
+            f'{{"event":"media","sequenceNumber":"{call.media_sequence}","media":'
+            f'{{"track":"inbound","chunk":"{seq + 1}","timestamp":"{seq * 20}",'
+            f'"payload":"{payload}"}},"streamSid":"{call.stream_sid}"}}'
+        )
+
+    def _hang_up(self, call: _Call, caller: LeanWebSocket, now: float) -> None:
+        call.stopped_at = now
+        call.media_sequence += 1
+        caller.send_text(
+            f'{{"event":"stop","sequenceNumber":"{call.media_sequence}",'
+            f'"streamSid":"{call.stream_sid}","stop":{{"accountSid":"{ACCOUNT_SID}",'
+            f'"callSid":"{call.call_sid}"}}}}'
+        )
+
+    async def _after_stream(self, call: _Call, target: BridgeTarget, action_url: str) -> None:
+        form = {"AccountSid": ACCOUNT_SID, "CallSid": call.call_sid, "CallStatus": "in-progress",
+                "StreamSid": call.stream_sid}
+        path = urllib.parse.urlsplit(action_url).path
+        result = await http_request(
+            target.host, target.port, "POST", path,
+            body=urllib.parse.urlencode(form).encode(),
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "x-twilio-signature": sign(action_url, form, target.auth_token),
+            },
+        )
+        if result.status != 200 or b"<Hangup" not in result.body:
+            call.fail(f"after the stream: fallback or error (HTTP {result.status})")
+
+    # -- pacing --------------------------------------------------------------------
+
+    def _to_trio(self, perf_time: float) -> float:
+        return perf_time + self._trio_offset
+
+    async def _tick(self, until: float) -> None:
+        """Every ``TICK_S``: send each live call's due frames, chunks, echoes and hang-ups."""
+        clock = self._clock
+        next_tick = clock()
+        while True:
+            next_tick += TICK_S
+            await trio.sleep_until(self._to_trio(next_tick))
+            now = clock()
+            self._tick_slip.append((now - next_tick) * 1000)
+            live = self._live
+            finished = False
+            for call in live:
+                if not call.active:
+                    finished = True
+                    continue
+                caller = call.caller
+                if caller is None or caller.closed:
+                    continue
+                if call.stopped_at is None:
+                    if now >= call.end_at:
+                        self._hang_up(call, caller, now)
+                    else:
+                        while call.next_frame_at <= now:
+                            self._send_frame(call, caller)
+                            call.next_frame_at += FRAME_S
+                marks = call.marks
+                while marks and marks[0][0] <= now:
+                    self._echo_mark(call, marks.popleft()[1])
+                if call.vapi is not None and call.stopped_at is None:
+                    self._speak(call, now)
+            if finished:
+                self._live = [call for call in live if call.active]
+            if now > until and not self._live:
+                return
+
+    # -- the run -------------------------------------------------------------------
+
+    async def run(self, target: BridgeTarget, *, started_at: float) -> None:
+        """Place every call (ramped from ``started_at``, a perf_counter time) and wait for all."""
+        traffic = self.traffic
+        self._relay = target.relay
+        self._trio_offset = trio.current_time() - time.perf_counter()
+        end_at = started_at + traffic.ramp_s + traffic.duration_s
+        for index in range(traffic.calls):
+            start_at = started_at + traffic.ramp_s * index / max(1, traffic.calls)
+            call = _Call(index, start_at, end_at, traffic.seed * 1_000_003 + index)
+            self._calls.append(call)
+            self._by_sid[call.call_sid] = call
+            self._by_vapi_id[call.vapi_call_id] = call
+        async with trio.open_nursery() as calls_nursery:
+            calls_nursery.start_soon(self._tick, end_at)
+            for call in self._calls:
+                calls_nursery.start_soon(self._place_call, call, target)
+
+    def figures(self) -> CallFigures:
+        """Pool what the calls measured (after ``run``)."""
+        dropped_caller = dropped_assistant = 0
+        failures: Counter[str] = Counter()
+        for call in self._calls:
+            if call.failure is not None:
+                failures[call.failure] += 1
+                continue
+            dropped_caller += _missing_frames(call)
+            dropped_assistant += _missing_chunks(call)
+        slip = list(self._tick_slip)
+        return CallFigures(
+            caller_latency_ms=list(self._caller_latency),
+            assistant_latency_ms=list(self._assistant_latency),
+            barge_in_ms=list(self._barge_in_ms),
+            first_audio_ms=list(self._first_audio),
+            heard_after_clear_ms=self._heard_after_clear_ms,
+            dropped_caller_frames=dropped_caller,
+            dropped_assistant_chunks=dropped_assistant,
+            late_caller_frames=self._late_caller,
+            late_assistant_chunks=self._late_assistant,
+            failures=failures,
+            tick_slip_ms=slip,
+        )
+
+
+def _missing_frames(call: _Call) -> int:
+    """Caller frames that should have reached the assistant and did not.
+
+    Expected: from the first frame the assistant received (earlier ones were sent
+    before its leg was up, and are discarded by design) to the last one sent well
+    before the hang-up.
+    """
+    received = call.frame_received
+    first = received.find(1)
+    if first < 0 or call.stopped_at is None:
+        return 0
+    cutoff = call.stopped_at - END_GRACE_S
+    last = first
+    sent_at = call.frame_sent_at
+    for seq in range(len(sent_at) - 1, first - 1, -1):
+        if sent_at[seq] <= cutoff:
+            last = seq
+            break
+    return received.count(0, first, last + 1)
+
+
+def _missing_chunks(call: _Call) -> int:
+    """Assistant chunks of turns nobody interrupted that never reached the caller."""
+    interrupted = call.interrupted_turns
+    cutoff = (call.stopped_at or float("inf")) - END_GRACE_S
+    missing = 0
+    for seq, seen in enumerate(call.chunk_seen):
+        if seen or call.chunk_turn[seq] in interrupted:
+            continue
+        if call.chunk_sent_at[seq] <= cutoff:
+            missing += 1
+    return missing

@@ -1,0 +1,371 @@
+"""One load test from start to report: ``voicebridge loadtest``.
+
+``run_loadtest`` starts the simulated assistant (``loadtest.generator``), then the
+bridge under test in its own process (``loadtest.process``; pinned to one core
+when asked, the generator then keeping to the others), or uses an external bridge
+at a URL; it ramps the calls up, measures over the window in which all of them are
+up, hangs them up and returns a ``LoadReport``.
+
+CPU and memory of the bridge come from ``/proc`` at the edges of that window: CPU
+microseconds per call-second is the bridge's CPU time over the window divided by
+calls × window; RSS per call is the growth of the resident set from idle (before the
+first call) to full load, divided by the calls.
+
+With ``vapi_tls`` the simulated assistant's transport sockets are ``wss://``: the
+certificate (a throwaway one made in a temporary directory, or the one given) is
+served by the generator and trusted, alone, by the bridge it starts
+(``loadtest.tls``); an external bridge must already trust it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import trio
+from attrs import field, frozen
+
+from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator, Traffic
+from voicebridge.loadtest.process import (
+    BridgeProcess,
+    LoadTestError,
+    ProcessSample,
+    available_cpus,
+    pin_to,
+)
+from voicebridge.loadtest.report import (
+    GENERATOR_SATURATED_PCT,
+    GENERATOR_TICK_SLIP_MS,
+    LoadReport,
+    Percentiles,
+)
+from voicebridge.loadtest.tls import (
+    Certificate,
+    make_certificate,
+    server_context,
+    trust_environment,
+)
+
+#: The first seconds at full load are left out of the window (the last calls' setup).
+WINDOW_SETTLE_S = 1.0
+#: Before the first call: the bridge (or relay) settles after start-up before its idle RSS.
+IDLE_SETTLE_S = 0.5
+#: The default ramp: calls start this many per second, between 1 and 10 s in all.
+RAMP_CALLS_PER_S = 25.0
+
+
+def default_ramp_s(calls: int) -> float:
+    """A few seconds for many calls, one for a handful."""
+    return min(10.0, max(1.0, calls / RAMP_CALLS_PER_S))
+
+
+@frozen(kw_only=True)
+class ExternalBridge:
+    """A bridge the load test does not start: it must use our assistant for Vapi."""
+
+    url: str
+    #: What the bridge's ``server.public_url`` is (signatures cover it); default ``url``.
+    public_url: str | None
+    auth_token: str = field(repr=False)
+    #: Where the simulated assistant listens (the bridge's ``vapi.base_url``).
+    assistant_port: int
+    #: The bridge's ``vapi_api_key``.
+    assistant_key: str = field(repr=False)
+    #: For CPU and RSS from /proc (the bridge must run on this machine).
+    pid: int | None = None
+
+
+@frozen(kw_only=True)
+class LoadTestOptions:
+    calls: int
+    duration_s: float
+    ramp_s: float | None = None
+    #: Pin the bridge to this core (and the generator to the others).
+    bridge_cpu: int | None = None
+    external: ExternalBridge | None = None
+    barge_in_share: float = 0.3
+    seed: int = 1
+    #: The simulated assistant's transport sockets are ``wss://`` (``--vapi-tls``).
+    vapi_tls: bool = False
+    #: With ``vapi_tls``: serve this certificate instead of a throwaway one.
+    vapi_tls_certificate: Certificate | None = None
+    #: Called with a line of progress now and then (the CLI prints it on stderr).
+    progress: Callable[[str], None] | None = None
+
+
+@frozen
+class _AssistantTls:
+    """The simulated assistant's TLS: its context, and the environment trusting it."""
+
+    context: ssl.SSLContext
+    trust_env: Mapping[str, str]
+
+
+@frozen
+class Target:
+    """What the calls go to, its pid for /proc (None: not measured) and its name."""
+
+    bridge: BridgeTarget
+    pid: int | None
+    name: str
+
+
+#: Starts what the calls go to (e.g. a reference relay, see bench/) for a generator
+#: whose simulated assistant is serving, and stops it on exit.
+TargetFactory = Callable[[LoadGenerator], AbstractAsyncContextManager[Target]]
+
+
+@asynccontextmanager
+async def _assistant_tls(options: LoadTestOptions) -> AsyncIterator[_AssistantTls | None]:
+    """With ``vapi_tls``: the certificate (made here unless given), until the run ends."""
+    if not options.vapi_tls:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="voicebridge-loadtest-tls-") as name:
+        directory = Path(name)
+        certificate = options.vapi_tls_certificate or await make_certificate(directory)
+        yield _AssistantTls(server_context(certificate),
+                            trust_environment(certificate, directory))
+
+
+@asynccontextmanager
+async def _local_bridge(
+    generator: LoadGenerator, options: LoadTestOptions, tls: _AssistantTls | None
+) -> AsyncIterator[Target]:
+    auth_token = secrets.token_hex(16)
+    bridge = await BridgeProcess.start(
+        assistant_url=generator.base_url,
+        assistant_key=generator.api_key,
+        auth_token=auth_token,
+        cpu=options.bridge_cpu,
+        env=tls.trust_env if tls is not None else None,
+    )
+    try:
+        yield Target(
+            BridgeTarget(host="127.0.0.1", port=bridge.port, public_url=bridge.url,
+                         auth_token=auth_token),
+            bridge.pid,
+            f"voicebridge (pid {bridge.pid}"
+            + (f", pinned to CPU {options.bridge_cpu})" if options.bridge_cpu is not None
+               else ")"),
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await bridge.stop()
+
+
+async def run_loadtest(
+    options: LoadTestOptions,
+    *,
+    target_factory: TargetFactory | None = None,
+) -> LoadReport:
+    """Run one load test and report it (see the module docstring).
+
+    With ``bridge_cpu`` this process keeps to the other CPUs while the test runs.
+    """
+    if options.calls < 1 or options.duration_s <= WINDOW_SETTLE_S:
+        raise LoadTestError(
+            f"need at least 1 call and more than {WINDOW_SETTLE_S:g} s of duration"
+        )
+    if options.vapi_tls and options.external and options.vapi_tls_certificate is None:
+        raise LoadTestError(
+            "an external bridge must trust the simulated Vapi's certificate before it "
+            "starts: give the certificate it trusts (--vapi-tls-cert, --vapi-tls-key)"
+        )
+    cpus = available_cpus()
+    if options.bridge_cpu is not None:
+        if options.bridge_cpu not in cpus or len(cpus) < 2:
+            raise LoadTestError(
+                f"cannot pin the bridge to CPU {options.bridge_cpu} and the generator to "
+                f"another one (this process may use CPUs {sorted(cpus)})"
+            )
+        pin_to(cpus - {options.bridge_cpu})
+    try:
+        return await _run(options, target_factory)
+    finally:
+        pin_to(cpus)
+
+
+async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -> LoadReport:
+    ramp_s = options.ramp_s if options.ramp_s is not None else default_ramp_s(options.calls)
+    traffic = Traffic(
+        calls=options.calls, duration_s=options.duration_s, ramp_s=ramp_s,
+        barge_in_share=options.barge_in_share, seed=options.seed,
+    )
+    external = options.external
+    async with _assistant_tls(options) as tls:
+        generator = LoadGenerator(
+            traffic, api_key=external.assistant_key if external else secrets.token_hex(16),
+            tls=tls.context if tls is not None else None,
+        )
+        return await _serve_and_measure(generator, traffic, options, tls, target_factory)
+
+
+async def _serve_and_measure(
+    generator: LoadGenerator,
+    traffic: Traffic,
+    options: LoadTestOptions,
+    tls: _AssistantTls | None,
+    target_factory: TargetFactory | None,
+) -> LoadReport:
+    external = options.external
+    async with trio.open_nursery() as assistant_nursery:
+        await assistant_nursery.start(
+            partial(generator.serve_assistant, port=external.assistant_port if external else 0)
+        )
+        target_cm: AbstractAsyncContextManager[Target]
+        if target_factory is not None:
+            target_cm = target_factory(generator)
+        elif external is not None:
+            target_cm = _external(external)
+        else:
+            target_cm = _local_bridge(generator, options, tls)
+        async with target_cm as target:
+            report = await _measure(generator, traffic, target, options.progress)
+        assistant_nursery.cancel_scope.cancel(reason="load test finished")
+    return report
+
+
+@asynccontextmanager
+async def _external(external: ExternalBridge) -> AsyncIterator[Target]:
+    host_port = external.url.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise LoadTestError(f"--url must be http://host:port, got {external.url!r}")
+    yield Target(
+        BridgeTarget(host=host, port=int(port), public_url=external.public_url or external.url,
+                     auth_token=external.auth_token),
+        external.pid,
+        external.url,
+    )
+
+
+#: Seconds between two progress lines.
+PROGRESS_INTERVAL_S = 5.0
+
+
+async def _report_progress(
+    progress: Callable[[str], None], traffic: Traffic, target: Target
+) -> None:
+    """A line at the start and every ``PROGRESS_INTERVAL_S``: how far the run is."""
+    total_s = traffic.ramp_s + traffic.duration_s
+    progress(
+        f"{traffic.calls} calls against {target.name}: ramp {traffic.ramp_s:g} s, then "
+        f"{traffic.duration_s:g} s with all calls up"
+    )
+    started = trio.current_time()
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL_S)
+        elapsed = trio.current_time() - started
+        progress(f"{min(elapsed, total_s):.0f} s of {total_s:.0f} s")
+
+
+async def _measure(
+    generator: LoadGenerator,
+    traffic: Traffic,
+    target: Target,
+    progress: Callable[[str], None] | None = None,
+) -> LoadReport:
+    await trio.sleep(IDLE_SETTLE_S)
+    pid = target.pid
+    idle = ProcessSample.of(pid) if pid is not None else None
+    started_at = time.perf_counter() + 0.1
+    window_start = started_at + traffic.ramp_s + WINDOW_SETTLE_S
+    window_end = started_at + traffic.ramp_s + traffic.duration_s
+    generator.window = (window_start, window_end)
+    edges: list[tuple[ProcessSample | None, float, float]] = []
+
+    async def sample_window() -> None:
+        offset = trio.current_time() - time.perf_counter()
+        for edge in (window_start, window_end):
+            await trio.sleep_until(edge + offset)
+            bridge = ProcessSample.of(pid) if pid is not None else None
+            edges.append((bridge, time.process_time(), time.perf_counter()))
+
+    async with trio.open_nursery() as run_nursery:
+        run_nursery.start_soon(sample_window)
+        async with trio.open_nursery() as progress_nursery:
+            if progress is not None:
+                progress_nursery.start_soon(_report_progress, progress, traffic, target)
+            await generator.run(target.bridge, started_at=started_at)
+            progress_nursery.cancel_scope.cancel(reason="every call ended")
+    return _report(generator, traffic, target, idle, edges)
+
+
+def _report(
+    generator: LoadGenerator,
+    traffic: Traffic,
+    target: Target,
+    idle: ProcessSample | None,
+    edges: list[tuple[ProcessSample | None, float, float]],
+) -> LoadReport:
+    figures = generator.figures()
+    (bridge_start, own_start, wall_start), (bridge_end, own_end, wall_end) = edges
+    window_s = wall_end - wall_start
+    generator_cpu_pct = (own_end - own_start) / window_s * 100
+    cpu_us = bridge_pct = rss_per_call = None
+    if bridge_start is not None and bridge_end is not None and idle is not None:
+        bridge_cpu_s = bridge_end.cpu_s - bridge_start.cpu_s
+        bridge_pct = bridge_cpu_s / window_s * 100
+        cpu_us = bridge_cpu_s * 1e6 / (traffic.calls * window_s)
+        rss_per_call = (bridge_end.rss_kib - idle.rss_kib) / traffic.calls
+    slip = Percentiles.of(figures.tick_slip_ms)
+    reasons = []
+    if generator_cpu_pct > GENERATOR_SATURATED_PCT:
+        reasons.append(
+            f"the generator used {generator_cpu_pct:.0f} % of its core "
+            f"(> {GENERATOR_SATURATED_PCT:g} %): its own delays would count as the bridge's"
+        )
+    if slip.p99 is not None and slip.p99 > GENERATOR_TICK_SLIP_MS:
+        reasons.append(
+            f"the generator's pacing slipped {slip.p99:.1f} ms (p99 > "
+            f"{GENERATOR_TICK_SLIP_MS:g} ms)"
+        )
+    if not figures.caller_latency_ms:
+        reasons.append("no caller frame was measured")
+    if generator.tls and not generator.tls_handshakes:
+        reasons.append("no TLS handshake with the simulated Vapi completed")
+    return LoadReport(
+        target=target.name,
+        calls=traffic.calls,
+        duration_s=traffic.duration_s,
+        ramp_s=traffic.ramp_s,
+        valid=not reasons,
+        invalid_reasons=tuple(reasons),
+        caller_to_agent=Percentiles.of(figures.caller_latency_ms),
+        agent_to_caller=Percentiles.of(figures.assistant_latency_ms),
+        barge_in=Percentiles.of(figures.barge_in_ms),
+        barge_ins=len(figures.barge_in_ms),
+        heard_after_clear_ms=figures.heard_after_clear_ms,
+        first_audio=Percentiles.of(figures.first_audio_ms),
+        dropped_caller_frames=figures.dropped_caller_frames,
+        dropped_assistant_chunks=figures.dropped_assistant_chunks,
+        late_caller_frames=figures.late_caller_frames,
+        late_assistant_chunks=figures.late_assistant_chunks,
+        caller_frames=len(figures.caller_latency_ms),
+        assistant_chunks=len(figures.assistant_latency_ms),
+        failed_calls=sum(figures.failures.values()),
+        failures=dict(figures.failures),
+        cpu_us_per_call_second=cpu_us,
+        bridge_cpu_pct=bridge_pct,
+        rss_kib_per_call=rss_per_call,
+        rss_idle_kib=idle.rss_kib if idle is not None else None,
+        rss_loaded_kib=bridge_end.rss_kib if bridge_end is not None else None,
+        rss_growth_kib=(
+            bridge_end.rss_kib - bridge_start.rss_kib
+            if bridge_start is not None and bridge_end is not None else None
+        ),
+        generator_cpu_pct=generator_cpu_pct,
+        generator_tick_slip_p99_ms=slip.p99,
+        window_s=window_s if math.isfinite(window_s) else 0.0,
+        vapi_tls=generator.tls,
+        vapi_tls_handshakes=generator.tls_handshakes,
+        vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
+    )

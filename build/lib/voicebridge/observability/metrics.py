@@ -1,0 +1,307 @@
+"""Prometheus metrics of the bridge: what an operator scrapes at ``GET /metrics``.
+
+Per-frame work stays out of the hot path. A call's figures (outcome, frames and
+bytes each way, drops, barge-ins, first audio) are added once, when it ends, from
+its ``CallRecord``; the bridge-added frame latency is *sampled* by the call (one
+frame in so many, see ``voicebridge.bridge.call``); the gauges are read from the
+call registry when ``/metrics`` is scraped. Label children are bound once here, so
+no update looks a label up.
+
+Every metric lives in this object's own ``CollectorRegistry`` (not the process-wide
+default), so that several servers in one process (tests, the demo) never collide.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractAsyncContextManager
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from voicebridge.bridge.call import AssistantCall, AssistantConnector
+from voicebridge.bridge.outcome import CallRecord, Outcome
+from voicebridge.observability.looplag import is_stall
+from voicebridge.sockets import PingableSocket
+
+#: The media type of the text exposition format ``/metrics`` answers with.
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+#: Bridge-added latency and barge-in latency, in seconds: sub-millisecond up to a second.
+#: The targets (10 ms per frame, 5 ms per barge-in) fall on bucket edges.
+FAST_BUCKETS_S: Final = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+#: Vapi's ``POST /call``: typically a few hundred ms; the create deadline is seconds.
+CREATE_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: Stream start → first assistant audio: create + connect + the assistant's first words.
+FIRST_AUDIO_BUCKETS_S: Final = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: Event-loop lag: a healthy loop wakes its monitor well under a millisecond late; 50 ms
+#: is what a call's audio tolerates, 0.25 s a stall (``looplag.STALL_WARNING_S``), and
+#: seconds are what precedes a watchdog kill.
+LOOP_LAG_BUCKETS_S: Final = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+#: Distinct Twilio error codes ``voicebridge_stream_errors`` keeps a series for: the
+#: Media Streams codes (319xx) are a few dozen; more than this is not Twilio's set.
+MAX_STREAM_ERROR_CODES: Final = 64
+#: The ``code`` label of stream errors past ``MAX_STREAM_ERROR_CODES``.
+OTHER_STREAM_ERROR: Final = "other"
+
+Direction = Literal["caller_to_agent", "agent_to_caller"]
+#: Why the voice webhook refused a call (the overflow TwiML was played).
+RefusalReason = Literal["at-capacity", "draining"]
+
+
+class BridgeMetrics:
+    """The bridge's metrics; one per server, kept across configuration reloads.
+
+    It is the calls' ``CallObserver`` (``call_ended``, ``caller_frame_latency``,
+    ``assistant_audio_latency``), the web layer's counter of refusals and
+    rejected webhooks, and the event loop's ``LagObserver`` (``loop_lag``). Not
+    thread-safe (trio: one thread).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self._active_calls = Gauge(
+            "voicebridge_active_calls",
+            "Calls whose media stream is up and bridged (or being bridged) now.",
+            registry=registry,
+        )
+        self._admitting = Gauge(
+            "voicebridge_admitting",
+            "1 while the voice webhook admits new calls (what /readyz says), else 0.",
+            registry=registry,
+        )
+        calls = Counter(
+            "voicebridge_calls",
+            "Calls ended, by outcome (caller-hung-up and assistant-ended are the normal ones).",
+            ["outcome"],
+            registry=registry,
+        )
+        self._calls = {outcome: calls.labels(outcome.value) for outcome in Outcome}
+        self._assistant_endings = Counter(
+            "voicebridge_assistant_endings",
+            "Calls Vapi ended (status-update ended), by Vapi's endedReason and the outcome "
+            "it gave (assistant-ended, assistant-leg-failed, assistant-over-limit).",
+            ["ended_reason", "outcome"],
+            registry=registry,
+        )
+        refused = Counter(
+            "voicebridge_admissions_refused",
+            "Calls the voice webhook refused with the overflow TwiML, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._refused: dict[str, Counter] = {
+            reason: refused.labels(reason) for reason in ("at-capacity", "draining")
+        }
+        self._barge_ins = Counter(
+            "voicebridge_barge_ins", "Barge-ins: assistant turns cut by the caller.",
+            registry=registry,
+        )
+        self._barge_in_latency = Histogram(
+            "voicebridge_barge_in_latency_seconds",
+            "Barge-in signal from Vapi received → clear sent to Twilio.",
+            buckets=FAST_BUCKETS_S,
+            registry=registry,
+        )
+        added = Histogram(
+            "voicebridge_added_latency_seconds",
+            "Time a frame spends inside the bridge, sampled: caller_to_agent from the "
+            "parsed Twilio frame to its write to Vapi; agent_to_caller from Vapi audio "
+            "received to the Twilio write that carries its first byte.",
+            ["direction"],
+            buckets=FAST_BUCKETS_S,
+            registry=registry,
+        )
+        self._caller_latency = added.labels("caller_to_agent")
+        self._assistant_latency = added.labels("agent_to_caller")
+        self._create_latency = Histogram(
+            "voicebridge_vapi_create_seconds",
+            "Vapi POST /call: request sent → call created (failed attempts included).",
+            buckets=CREATE_BUCKETS_S,
+            registry=registry,
+        )
+        self._first_audio = Histogram(
+            "voicebridge_first_audio_seconds",
+            "Media stream start → first assistant audio sent to Twilio, per call.",
+            buckets=FIRST_AUDIO_BUCKETS_S,
+            registry=registry,
+        )
+        frames = Counter(
+            "voicebridge_media_messages",
+            "Audio messages bridged: caller frames written to Vapi (caller_to_agent), "
+            "media messages written to Twilio (agent_to_caller). Added at call end.",
+            ["direction"],
+            registry=registry,
+        )
+        self._frames_to_agent = frames.labels("caller_to_agent")
+        self._frames_to_caller = frames.labels("agent_to_caller")
+        audio_bytes = Counter(
+            "voicebridge_audio_bytes",
+            "Audio bytes bridged: caller audio written to Vapi (caller_to_agent), "
+            "assistant audio received from Vapi (agent_to_caller). Added at call end.",
+            ["direction"],
+            registry=registry,
+        )
+        self._bytes_to_agent = audio_bytes.labels("caller_to_agent")
+        self._bytes_to_caller = audio_bytes.labels("agent_to_caller")
+        self._dropped = Counter(
+            "voicebridge_frames_dropped",
+            "Caller audio frames dropped as stale because the Vapi leg did not keep up "
+            "(backpressure). Added at call end.",
+            registry=registry,
+        )
+        rejected = Counter(
+            "voicebridge_webhook_auth_failures",
+            "Twilio webhooks answered 403 for a missing or wrong X-Twilio-Signature, by path.",
+            ["path"],
+            registry=registry,
+        )
+        self._rejected = rejected
+        self._rejected_by_path: dict[str, Counter] = {}
+        self._loop_lag = Histogram(
+            "voicebridge_event_loop_lag_seconds",
+            "How late the event loop woke a task that asked to wake every 100 ms: the "
+            "longest any call, webhook or watchdog ping could have waited for its turn.",
+            buckets=LOOP_LAG_BUCKETS_S,
+            registry=registry,
+        )
+        self._loop_lag_largest = Gauge(
+            "voicebridge_event_loop_lag_max_seconds",
+            "The largest event-loop lag since the previous scrape of /metrics.",
+            registry=registry,
+        )
+        self._loop_stalls = Counter(
+            "voicebridge_event_loop_stalls",
+            "Wakes of the event loop's monitor at least 0.25 s late: the loop was blocked "
+            "(each one is also a WARNING in the log).",
+            registry=registry,
+        )
+        # Invariant: the largest lag observed since the last ``exposition``.
+        self._largest_lag = 0.0
+        self._stream_errors = Counter(
+            "voicebridge_stream_errors",
+            "Media Streams Twilio reported failed (<Stream statusCallback> stream-error), by "
+            "Twilio's error code (31920: the WebSocket handshake failed; 'unknown': none given).",
+            ["code"],
+            registry=registry,
+        )
+        self._stream_errors_by_code: dict[str, Counter] = {}
+
+    # -- the call's observer -------------------------------------------------------
+
+    def call_ended(self, record: CallRecord) -> None:
+        """Add one ended call's figures (called once per call, before its socket closes)."""
+        self._calls[record.outcome].inc()
+        if record.ended_reason:
+            # Log-safe already (vapi.endings.safe_reason): Vapi's enum, a bounded set.
+            self._assistant_endings.labels(record.ended_reason, record.outcome.value).inc()
+        if record.frames_to_assistant:
+            self._frames_to_agent.inc(record.frames_to_assistant)
+        if record.media_messages_to_caller:
+            self._frames_to_caller.inc(record.media_messages_to_caller)
+        if record.caller_audio_bytes:
+            self._bytes_to_agent.inc(record.caller_audio_bytes)
+        if record.assistant_bytes:
+            self._bytes_to_caller.inc(record.assistant_bytes)
+        if record.frames_dropped:
+            self._dropped.inc(record.frames_dropped)
+        if record.barge_ins:
+            self._barge_ins.inc(len(record.barge_ins))
+            for barge_in in record.barge_ins:
+                self._barge_in_latency.observe(barge_in.latency_ms / 1000)
+        if record.first_audio_ms is not None:
+            self._first_audio.observe(record.first_audio_ms / 1000)
+
+    def caller_frame_latency(self, seconds: float) -> None:
+        """One sampled caller frame's time inside the bridge."""
+        self._caller_latency.observe(seconds)
+
+    def assistant_audio_latency(self, seconds: float) -> None:
+        """One sampled assistant audio message's time inside the bridge."""
+        self._assistant_latency.observe(seconds)
+
+    # -- the event loop's monitor (``observability.looplag``) -----------------------
+
+    def loop_lag(self, seconds: float) -> None:
+        """One wake of the event loop's monitor, ``seconds`` late."""
+        self._loop_lag.observe(seconds)
+        if seconds > self._largest_lag:
+            self._largest_lag = seconds
+        if is_stall(seconds):
+            self._loop_stalls.inc()
+
+    # -- the web layer -------------------------------------------------------------
+
+    def call_refused(self, reason: RefusalReason) -> None:
+        """The voice webhook answered the overflow TwiML."""
+        self._refused[reason].inc()
+
+    def webhook_rejected(self, path: str) -> None:
+        """A webhook failed its signature check (403)."""
+        child = self._rejected_by_path.get(path)
+        if child is None:
+            # Only our few webhook paths reach here (routes are fixed), so this stays small.
+            child = self._rejected_by_path[path] = self._rejected.labels(path)
+        child.inc()
+
+    def stream_error(self, code: str) -> None:
+        """Twilio reported a failed Media Stream; ``code`` is its error code or "unknown".
+
+        The label set is bounded: past ``MAX_STREAM_ERROR_CODES`` distinct codes, new
+        ones count as "other" (the code comes from a signed request, but still from
+        outside).
+        """
+        child = self._stream_errors_by_code.get(code)
+        if child is None:
+            if len(self._stream_errors_by_code) >= MAX_STREAM_ERROR_CODES:
+                code = OTHER_STREAM_ERROR
+                child = self._stream_errors_by_code.get(code)
+            if child is None:
+                child = self._stream_errors_by_code[code] = self._stream_errors.labels(code)
+        child.inc()
+
+    def timed(self, connector: AssistantConnector) -> AssistantConnector:
+        """``connector``, with the time of each ``create`` observed as Vapi create latency."""
+        return _TimedConnector(connector, self._create_latency)
+
+    def exposition(self, *, active_calls: int, admitting: bool) -> bytes:
+        """The text exposition of every metric, with the gauges set to the given values.
+
+        Starts a new period for the largest event-loop lag (each scrape reports the
+        largest since the one before).
+        """
+        self._active_calls.set(active_calls)
+        self._admitting.set(1 if admitting else 0)
+        self._loop_lag_largest.set(self._largest_lag)
+        self._largest_lag = 0.0
+        return generate_latest(self.registry)
+
+
+class _TimedConnector:
+    """An ``AssistantConnector`` that times ``create``; ``connect`` is passed through."""
+
+    def __init__(self, inner: AssistantConnector, histogram: Histogram) -> None:
+        self._inner = inner
+        self._histogram = histogram
+
+    async def create(
+        self, *, call_sid: str, caller: str, called: str, assistant: str = ""
+    ) -> AssistantCall:
+        started = time.perf_counter()
+        try:
+            return await self._inner.create(
+                call_sid=call_sid, caller=caller, called=called, assistant=assistant
+            )
+        finally:
+            self._histogram.observe(time.perf_counter() - started)
+
+    def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:
+        return self._inner.connect(call)
+

@@ -1,0 +1,1027 @@
+"""The simulated Vapi: ``POST /call`` and the WebSocket transport, exactly as PROTOCOLS.md §2.
+
+Used by tests, ``voicebridge demo`` and ``voicebridge loadtest``: it paces its
+voice in real time, hears the caller by audio energy, gets interrupted, and can
+misbehave on request.
+
+Public API::
+
+    sim = SimVapi(api_key=DEFAULT_API_KEY, *, behaviour=None, behaviour_for=None,
+                  max_concurrent_calls=None)
+    port = await nursery.start(sim.serve)        # serve(*, host="127.0.0.1", port=0)
+    sim.base_url      # "http://127.0.0.1:<port>" — what the bridge uses instead of api.vapi.ai
+    sim.api_key       # the bearer key POST /call and the upgrade must carry
+    sim.behaviour     # settable: the SimVapiBehaviour of calls created from now on
+    sim.behaviour_for # settable: (create_order, twilio_call_sid | None) -> SimVapiBehaviour
+    sim.calls         # Mapping[call id, SimVapiCallRecord], in creation order
+    sim.create_attempts  # Sequence[CreateAttempt]: every authorised POST /call, refused ones too
+    await sim.calls[call_id].wait_ended()
+
+A ``SimVapiCallRecord`` holds the create body (``metadata``, ``variable_values``,
+``client_messages``, ``call_sid``), ``events`` (every JSON message sent, stamped
+with ``trio.current_time()``; ``messages("user-interrupted")``), ``turns`` (clip,
+bytes sent, ``interrupted_at``), caller audio bytes received, ``add_messages``,
+``control_messages``, ``unknown_messages``, ``end_call_received_at``,
+``faults_injected``, ``ended_reason``, ``ended_at`` and ``close_code``.
+
+``POST /call`` checks ``Authorization: Bearer <api_key>`` (401), validates the body
+(400 with a Vapi-style ``{"message": [...], "error", "statusCode"}``) and answers 201
+with ``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport``.
+``create_order`` counts authorised ``POST /call`` requests from 0; the CallSid is read
+from ``assistantOverrides.metadata.twilioCallSid`` (or ``variableValues.twilioCallSid``).
+
+On the transport socket (bearer key required on the upgrade too) one call runs under
+one nursery: a receiver task (caller audio → ``SpeechDetector``; JSON control
+messages), a conversation task (greeting, then one reply per caller turn, each turn
+interruptible) and one task per timed fault. Only message types in the call's
+``assistantOverrides.clientMessages`` (else Vapi's default set) are sent. The call
+ends with ``status-update`` ``ended`` and a normal close when the bridge sends
+``end-call`` (``customer-ended-call``), when the assistant has said goodbye after
+``end_after_replies`` replies (``assistant-ended-call``), or after
+``customer_audio_timeout_s`` without caller audio.
+
+A conversation, with the default behaviour::
+
+    assistant: greeting  (speech-update assistant started, audio, stopped, transcript)
+    caller speaks        → speech-update user started ... transcript user, user stopped
+    assistant: reply_1   (after think_delay_s)
+    caller speaks over it → speech-update user started, after reaction_delay_s
+                            user-interrupted; the audio stops (tail_after_interrupt_ms)
+    ...after end_after_replies replies, the next caller turn gets "goodbye", then
+    status-update ended (assistant-ended-call) and close 1000.
+
+Caller transcripts are exact when the caller sent a shipped ``caller_*`` clip
+byte for byte (as the bridge must: μ-law passes through untouched); otherwise
+they read ``(caller spoke 1.8 s)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import hmac
+import math
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from wsproto.frame_protocol import CloseReason
+
+from voicebridge.errors import SocketClosed
+from voicebridge.sim.audio import (
+    CLIP_TEXTS,
+    FRAME_BYTES,
+    SAMPLE_RATE,
+    SpeechDetector,
+    SpeechEnded,
+    SpeechEvent,
+    SpeechStarted,
+    load_clip,
+    pcm16_to_ulaw,
+    ulaw_to_pcm16,
+)
+from voicebridge.sim.server_messages import (
+    SimServerCredential,
+    SimToolCall,
+    ToolExchange,
+    send_tool_calls,
+)
+from voicebridge.sim.wire import HttpRequest, HttpResponse, SimWebSocket, serve_http_ws
+
+#: The key ``SimVapi`` expects unless told otherwise.
+DEFAULT_API_KEY = "sim-vapi-private-key"
+#: Where the bridge puts the Twilio CallSid (PROTOCOLS §2: assistantOverrides.metadata).
+CALL_SID_KEY = "twilioCallSid"
+
+#: Vapi's default ``clientMessages`` (PROTOCOLS §2), used when the call asks for none.
+DEFAULT_CLIENT_MESSAGES = frozenset(
+    {
+        "conversation-update",
+        "function-call",
+        "hang",
+        "model-output",
+        "speech-update",
+        "status-update",
+        "transfer-update",
+        "transcript",
+        "tool-calls",
+        "user-interrupted",
+        "voice-input",
+        "workflow.node.started",
+        "assistant.started",
+    }
+)
+#: Top-level keys of Vapi's create-call body; anything else is refused like Vapi
+#: does ("property X should not exist") — notably a top-level ``metadata``.
+CREATE_CALL_KEYS = frozenset(
+    {
+        "assistantId",
+        "assistant",
+        "assistantOverrides",
+        "squadId",
+        "squad",
+        "squadOverrides",
+        "workflowId",
+        "workflow",
+        "workflowOverrides",
+        "name",
+        "transport",
+        "customer",
+        "customerId",
+        "customers",
+        "schedulePlan",
+        "phoneNumber",
+        "phoneNumberId",
+    }
+)
+#: Exactly one of these names what runs the call.
+ASSISTANT_SOURCE_KEYS = ("assistantId", "assistant", "squadId", "workflowId")
+#: Not allowed with the ``vapi.websocket`` transport (it has no telephony).
+TELEPHONY_KEYS = ("phoneNumber", "phoneNumberId")
+#: The audio format Vapi uses when ``transport.audioFormat`` is omitted.
+DEFAULT_AUDIO_FORMAT = ("pcm_s16le", 16000)
+
+#: Listening on these, the socket URL takes its host from the request's Host header.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+#: Vapi's outbound audio chunk sizes in μ-law bytes (≈21-93 ms), from a field capture.
+CHUNK_MIN_BYTES = 170
+CHUNK_MAX_BYTES = 743
+#: Caller speech events queued for the conversation task; they come a few per
+#: turn, so 16 only overflows when no conversation runs (silent fault): then dropped.
+SPEECH_EVENT_BUFFER = 16
+#: A text frame that is not JSON, for the ``malformed_after_s`` fault.
+MALFORMED_MESSAGE = '{"type": "transcript", "role": "assistant", "transcript": '
+
+ENDED_CUSTOMER = "customer-ended-call"
+ENDED_ASSISTANT = "assistant-ended-call"
+ENDED_NO_CUSTOMER_AUDIO = "call.in-progress.error-assistant-did-not-receive-customer-audio"
+#: Sim-only end reasons (nothing is sent; they are for inspection).
+ENDED_TRANSPORT_CLOSED = "sim-transport-closed-by-peer"
+ENDED_DROPPED = "sim-fault-dropped"
+ENDED_UNKNOWN_MESSAGE = "sim-fault-closed-on-unknown-message"
+ENDED_SOCKET_REJECTED = "sim-fault-socket-rejected"
+
+JsonObject = dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class SimVapiBehaviour:
+    """How one simulated call behaves: the assistant's script, its timing, and faults.
+
+    Faults (all off by default) — create: ``refuse_create`` (an HTTP status: 401,
+    400 = concurrency limit, 500), ``create_delay_s`` (``math.inf``: never answers);
+    socket: ``reject_socket`` (an HTTP status for the upgrade), ``drop_after_s``
+    (TCP dropped with no close frame), ``ignore_pings_after_s``,
+    ``malformed_after_s`` (one non-JSON text frame), ``close_on_unknown_message``
+    (close with no status, 1005, as a low-confidence report says Vapi does),
+    ``audio_burst`` (every turn's audio at once, unpaced), ``silent`` (the assistant
+    sends no audio and no messages; only the final ``status-update`` if the call
+    ends politely, e.g. for want of caller audio). Times count from the socket's accept.
+    """
+
+    greeting_clip: str = "greeting"
+    reply_clips: tuple[str, ...] = attrs.field(
+        default=("reply_1", "reply_2", "reply_3"), validator=attrs.validators.min_len(1)
+    )
+    goodbye_clip: str = "goodbye"
+    #: After this many replies the next caller turn gets the goodbye, then the
+    #: assistant ends the call; None: never (replies cycle).
+    end_after_replies: int | None = 2
+    #: Pause between the end of the caller's turn and the reply.
+    think_delay_s: float = 0.3
+    #: Caller speech onset → ``user-interrupted`` (Vapi's stopSpeakingPlan.voiceSeconds).
+    reaction_delay_s: float = 0.2
+    #: Audio of the cut turn still sent after ``user-interrupted`` (in-flight audio).
+    tail_after_interrupt_ms: int = 0
+    #: The call ends after this long without caller audio (PROTOCOLS: ~20 s); None: never.
+    customer_audio_timeout_s: float | None = 20.0
+    #: Seed of the call's chunk-size RNG; None: the create order (reproducible runs).
+    seed: int | None = None
+
+    refuse_create: int | None = None
+    create_delay_s: float = 0.0
+    reject_socket: int | None = None
+    drop_after_s: float | None = None
+    ignore_pings_after_s: float | None = None
+    malformed_after_s: float | None = None
+    close_on_unknown_message: bool = False
+    audio_burst: bool = False
+    silent: bool = False
+    #: Tool calls the assistant makes, POSTed as ``tool-calls`` webhooks to the call's
+    #: ``assistantOverrides.server`` (``sim.server_messages``).
+    tool_calls: tuple[SimToolCall, ...] = ()
+
+
+BehaviourChooser = Callable[[int, str | None], SimVapiBehaviour]
+
+
+@attrs.frozen(kw_only=True)
+class SentMessage:
+    """A JSON control message the sim sent, stamped with ``trio.current_time()``."""
+
+    at: float
+    message: JsonObject
+
+    @property
+    def type(self) -> str:
+        return str(self.message["type"])
+
+
+@attrs.define(kw_only=True)
+class TurnRecord:
+    """One assistant turn: what was said and how much of it was sent."""
+
+    turn: int
+    clip: str
+    started_at: float
+    total_bytes: int  # μ-law bytes of the clip
+    #: μ-law bytes sent, not counting an interrupt's tail.
+    #: Invariant: only the turn's player task writes it while the turn runs.
+    sent_bytes: int = 0
+    finished_at: float | None = None  # None: cut short by the end of the call
+    interrupted_at: float | None = None  # when user-interrupted was sent
+
+    @property
+    def completed(self) -> bool:
+        """Whether the whole clip was sent."""
+        return self.sent_bytes >= self.total_bytes
+
+
+@attrs.define(kw_only=True)
+class CreateAttempt:
+    """One authorised ``POST /call``; ``status`` is None until (unless) it is answered."""
+
+    order: int
+    at: float
+    body: JsonObject | None
+    behaviour: SimVapiBehaviour
+    status: int | None = None
+    call_id: str | None = None
+
+
+@attrs.define(kw_only=True, eq=False)
+class SimVapiCallRecord:
+    """Everything observable about one created call. Times are ``trio.current_time()``."""
+
+    id: str
+    order: int
+    created_at: float
+    create_body: JsonObject
+    call_sid: str | None
+    behaviour: SimVapiBehaviour
+    audio_format: tuple[str, int]
+    connected_at: float | None = None
+    events: list[SentMessage] = attrs.Factory(list)
+    turns: list[TurnRecord] = attrs.Factory(list)
+    audio_bytes_sent: int = 0
+    caller_audio_bytes: int = 0
+    caller_audio_messages: int = 0
+    add_messages: list[JsonObject] = attrs.Factory(list)
+    control_messages: list[JsonObject] = attrs.Factory(list)  # say, control, transfer
+    unknown_messages: list[str] = attrs.Factory(list)
+    faults_injected: list[tuple[float, str]] = attrs.Factory(list)
+    end_call_received_at: float | None = None
+    ended_reason: str | None = None
+    ended_at: float | None = None
+    close_code: int | None = None  # the WebSocket's final close code
+    #: The ``server.credentialId`` credential webhooks are signed with (None: headers only).
+    server_credential: SimServerCredential | None = None
+    #: Every tool-calls webhook sent and its answer.
+    tool_exchanges: list[ToolExchange] = attrs.Factory(list)
+    _ended: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+
+    @property
+    def assistant_id(self) -> str | None:
+        """The ``assistantId`` the call was created with (None: an inline assistant)."""
+        value = self.create_body.get("assistantId")
+        return value if isinstance(value, str) else None
+
+    @property
+    def overrides(self) -> JsonObject:
+        value = self.create_body.get("assistantOverrides")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def metadata(self) -> JsonObject:
+        value = self.overrides.get("metadata")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def variable_values(self) -> JsonObject:
+        value = self.overrides.get("variableValues")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def client_messages(self) -> frozenset[str]:
+        """The message types this call sends (its clientMessages, else Vapi's default)."""
+        value = self.overrides.get("clientMessages")
+        return frozenset(value) if isinstance(value, list) else DEFAULT_CLIENT_MESSAGES
+
+    def messages(self, message_type: str) -> list[SentMessage]:
+        """The sent control messages of one ``type``, in order."""
+        return [event for event in self.events if event.type == message_type]
+
+    async def wait_ended(self) -> None:
+        """Wait until the call has ended and its socket is closed.
+
+        A call whose socket never connects never ends (except by ``reject_socket``).
+        """
+        await self._ended.wait()
+
+    def _mark_ended(self, reason: str) -> None:
+        if self.ended_at is None:
+            self.ended_at = trio.current_time()
+        if self.ended_reason is None:
+            self.ended_reason = reason
+        self._ended.set()
+
+
+class _Hangup(enum.Enum):
+    """How the transport goes down when a call ends."""
+
+    POLITE = "status-update ended, then close 1000"
+    NO_STATUS = "close frame without a status code (the peer sees 1005)"
+    ABORT = "TCP dropped without a close frame"
+    GONE = "the peer already closed"
+
+
+class SimVapi:
+    """A fake Vapi account: creates calls over HTTP and runs them over the WebSocket transport."""
+
+    def __init__(
+        self,
+        api_key: str = DEFAULT_API_KEY,
+        *,
+        behaviour: SimVapiBehaviour | None = None,
+        behaviour_for: BehaviourChooser | None = None,
+        max_concurrent_calls: int | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self.behaviour = behaviour if behaviour is not None else SimVapiBehaviour()
+        self.behaviour_for = behaviour_for
+        #: Vapi answers 400 "Over Concurrency Limit." past this many unended calls
+        #: (Vapi's default is 10; None = unlimited, for load tests).
+        self.max_concurrent_calls = max_concurrent_calls
+        self._calls: dict[str, SimVapiCallRecord] = {}
+        self._create_attempts: list[CreateAttempt] = []
+        # Attempts dropped by forget_ended(): create_order keeps counting past them.
+        self._forgotten_attempts = 0
+        #: Close each ``POST /call`` connection after its answer (no keep-alive), so that
+        #: a soak's idle server holds no pooled connection whose count would vary.
+        self.close_connections = False
+        #: Vapi's custom credentials by id (``server.credentialId``), e.g. an HMAC key.
+        self.credentials: dict[str, SimServerCredential] = {}
+        self._host = "127.0.0.1"
+        self._port: int | None = None
+
+    @property
+    def api_key(self) -> str:
+        return self._api_key
+
+    def forget_ended(self) -> int:
+        """Drop the records of ended calls and answered create attempts; returns how many
+        calls were dropped. For long runs (a soak): memory then stays flat."""
+        ended = [call_id for call_id, call in self._calls.items() if call.ended_at is not None]
+        for call_id in ended:
+            del self._calls[call_id]
+        kept = [attempt for attempt in self._create_attempts if attempt.status is None]
+        self._forgotten_attempts += len(self._create_attempts) - len(kept)
+        self._create_attempts = kept
+        return len(ended)
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("SimVapi is not serving yet")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    @property
+    def calls(self) -> Mapping[str, SimVapiCallRecord]:
+        return self._calls
+
+    @property
+    def create_attempts(self) -> Sequence[CreateAttempt]:
+        return self._create_attempts
+
+    async def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; ``task_status.started(port)``.
+
+        Each call's nursery lives inside its socket's connection task, so cancelling
+        ``serve`` ends every call at once (without a goodbye).
+        """
+        self._host = host
+        async with trio.open_nursery() as server_nursery:
+            self._port = await server_nursery.start(
+                functools.partial(
+                    serve_http_ws, self._handle_http, self._handle_websocket, host=host, port=port
+                )
+            )
+            task_status.started(self._port)
+
+    # --- HTTP: POST /call -------------------------------------------------------
+
+    async def _handle_http(self, request: HttpRequest) -> HttpResponse:
+        if request.path != "/call" or request.method != "POST":
+            message = f"Cannot {request.method} {request.path}"
+            return _error(404, message)
+        if not self._authorized(request):
+            return _error(401)
+        try:
+            body: Any = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            body = None
+        create_body = body if isinstance(body, dict) else None
+        order = self._forgotten_attempts + len(self._create_attempts)
+        call_sid = _call_sid(create_body) if create_body is not None else None
+        behaviour = self.behaviour_for(order, call_sid) if self.behaviour_for else self.behaviour
+        attempt = CreateAttempt(
+            order=order, at=trio.current_time(), body=create_body, behaviour=behaviour
+        )
+        self._create_attempts.append(attempt)
+        response = await self._create_call(attempt, behaviour, call_sid, self._authority(request))
+        attempt.status = response.status
+        if self.close_connections:
+            response = attrs.evolve(response, headers=(*response.headers, ("connection", "close")))
+        return response
+
+    def _authority(self, request: HttpRequest) -> str:
+        """host:port for the socket URL: where we listen, or the Host asked for on a wildcard."""
+        if self._host in WILDCARD_HOSTS and request.headers.get("host"):
+            return request.headers["host"]
+        return f"{self._host}:{self.port}"
+
+    async def _create_call(
+        self,
+        attempt: CreateAttempt,
+        behaviour: SimVapiBehaviour,
+        call_sid: str | None,
+        authority: str,
+    ) -> HttpResponse:
+        await trio.sleep(behaviour.create_delay_s)  # math.inf: never answers
+        if behaviour.refuse_create is not None:
+            return _error(behaviour.refuse_create)
+        if attempt.body is None:
+            return _error(400, ["body must be a JSON object"])
+        problems = _create_problems(attempt.body)
+        if problems:
+            return _error(400, problems)
+        active = sum(1 for call in self._calls.values() if call.ended_at is None)
+        if self.max_concurrent_calls is not None and active >= self.max_concurrent_calls:
+            return _error(400, "Over Concurrency Limit.")
+        call_id = str(uuid.uuid4())
+        record = SimVapiCallRecord(
+            id=call_id,
+            order=attempt.order,
+            created_at=trio.current_time(),
+            create_body=attempt.body,
+            call_sid=call_sid,
+            behaviour=behaviour,
+            audio_format=_audio_format(attempt.body),
+        )
+        self._calls[call_id] = record
+        server = record.overrides.get("server")
+        if isinstance(server, dict) and isinstance(server.get("credentialId"), str):
+            record.server_credential = self.credentials.get(server["credentialId"])
+        attempt.call_id = call_id
+        return _json_response(201, self._call_resource(record, "queued", authority))
+
+    def _call_resource(self, record: SimVapiCallRecord, status: str, authority: str) -> JsonObject:
+        body = record.create_body
+        audio_format, sample_rate = record.audio_format
+        resource: JsonObject = {
+            "id": record.id,
+            "orgId": "sim-org",
+            "type": "vapi.websocketCall",
+            "status": status,
+            "transport": {
+                "provider": "vapi.websocket",
+                "websocketCallUrl": f"ws://{authority}/{record.id}/transport",
+                "audioFormat": {
+                    "format": audio_format,
+                    "container": "raw",
+                    "sampleRate": sample_rate,
+                },
+            },
+        }
+        for key in ("assistantId", "assistant", "squadId", "workflowId", "name"):
+            if key in body:
+                resource[key] = body[key]
+        resource["assistantOverrides"] = record.overrides
+        return resource
+
+    def _authorized(self, request: HttpRequest) -> bool:
+        expected = f"Bearer {self._api_key}".encode()
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, expected)
+
+    # --- WebSocket: /<id>/transport --------------------------------------------
+
+    async def _handle_websocket(self, request: HttpRequest, ws: SimWebSocket) -> None:
+        parts = request.path.strip("/").split("/")
+        record = self._calls.get(parts[0]) if len(parts) == 2 and parts[1] == "transport" else None
+        if record is None:
+            await ws.reject(404, _json_body(_error_body(404, "Call not found.")))
+            return
+        if not self._authorized(request):
+            await ws.reject(401, _json_body(_error_body(401)))
+            return
+        if record.connected_at is not None:
+            await ws.reject(409, _json_body(_error_body(409, "Transport already connected.")))
+            return
+        if record.behaviour.reject_socket is not None:
+            record.faults_injected.append((trio.current_time(), "reject_socket"))
+            record._mark_ended(ENDED_SOCKET_REJECTED)
+            await ws.reject(record.behaviour.reject_socket)
+            return
+        record.connected_at = trio.current_time()  # before any await: one socket per call
+        try:
+            await ws.accept()
+            await _CallSession(record, ws).run()
+        except SocketClosed:
+            pass  # the bridge gave up during the handshake
+        finally:
+            # Whatever happened (a bug in the session included), the call is over.
+            record._mark_ended(ENDED_TRANSPORT_CLOSED)
+
+
+class _CallSession:
+    """One connected call: its nursery, its tasks, and how it ends."""
+
+    def __init__(self, record: SimVapiCallRecord, ws: SimWebSocket) -> None:
+        self._record = record
+        self._behaviour = record.behaviour
+        self._ws = ws
+        self._codec = _Codec(*record.audio_format)
+        seed = self._behaviour.seed if self._behaviour.seed is not None else record.order
+        self._rng = random.Random(seed)
+        self._client_messages = record.client_messages
+        self._speech_in, self._speech_out = trio.open_memory_channel[SpeechEvent](
+            SPEECH_EVENT_BUFFER
+        )
+        self._turn = -1
+        self._ending: tuple[str, _Hangup] | None = None  # first reason wins
+        self._call_scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        """Run the call until it ends, then take the transport down as the ending says."""
+        with self._call_scope:
+            async with trio.open_nursery() as call_nursery:
+                call_nursery.start_soon(self._guard, self._receive_from_caller)
+                if not self._behaviour.silent:
+                    await self._guard(self._send_message, self._status("in-progress"))
+                    call_nursery.start_soon(self._guard, self._converse)
+                self._start_faults(call_nursery)
+        await self._hang_up()
+
+    def _finish(self, reason: str, hangup: _Hangup) -> None:
+        if self._ending is None:
+            self._ending = (reason, hangup)
+        self._call_scope.cancel(reason=f"call ended: {reason}")
+
+    async def _guard(self, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run one call task; a closed transport ends the call instead of crashing it."""
+        try:
+            await task(*args)
+        except* SocketClosed:
+            self._record.close_code = self._record.close_code or self._ws.close_code
+            self._finish(ENDED_TRANSPORT_CLOSED, _Hangup.GONE)
+
+    async def _hang_up(self) -> None:
+        reason, hangup = self._ending or (ENDED_TRANSPORT_CLOSED, _Hangup.GONE)
+        record = self._record
+        record.ended_reason = reason
+        if hangup is _Hangup.POLITE:
+            status = self._status("ended") | {"endedReason": reason}
+            with contextlib.suppress(SocketClosed):  # the peer left first: nothing to tell
+                await self._send_message(status)
+            await self._ws.aclose(1000)
+        elif hangup is _Hangup.NO_STATUS:
+            await self._ws.aclose(CloseReason.NO_STATUS_RCVD)
+        elif hangup is _Hangup.ABORT:
+            await self._ws.abort()
+        else:
+            await self._ws.aclose(1000)
+        record.close_code = record.close_code or self._ws.close_code
+
+    # --- the caller side ---------------------------------------------------------
+
+    async def _receive_from_caller(self) -> None:
+        """Caller audio feeds the speech detector; text frames are control messages."""
+        detector = SpeechDetector()
+        timeout = self._behaviour.customer_audio_timeout_s
+        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+        while True:
+            with trio.move_on_at(deadline):
+                message = await self._ws.receive()
+                if isinstance(message, str):
+                    self._on_control_message(message)
+                    continue
+                self._record.caller_audio_bytes += len(message)
+                self._record.caller_audio_messages += 1
+                if timeout is not None:
+                    deadline = trio.current_time() + timeout
+                for event in detector.feed(self._codec.to_ulaw(message)):
+                    with contextlib.suppress(trio.WouldBlock):  # nobody listens (silent): drop
+                        self._speech_in.send_nowait(event)
+                continue
+            self._finish(ENDED_NO_CUSTOMER_AUDIO, _Hangup.POLITE)
+            return
+
+    def _on_control_message(self, text: str) -> None:
+        try:
+            message: Any = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            message = None
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "end-call":
+            self._record.end_call_received_at = trio.current_time()
+            self._finish(ENDED_CUSTOMER, _Hangup.POLITE)
+        elif kind == "add-message" and _is_add_message(message):
+            self._record.add_messages.append(message)
+        elif kind in ("say", "control", "transfer"):
+            self._record.control_messages.append(message)
+        else:
+            self._record.unknown_messages.append(text)
+            if self._behaviour.close_on_unknown_message:
+                self._finish(ENDED_UNKNOWN_MESSAGE, _Hangup.NO_STATUS)
+
+    async def _next_speech(self, wanted: type[SpeechEvent]) -> SpeechEvent:
+        """The next caller speech event of type ``wanted`` (others are stale: skipped)."""
+        while True:
+            event = await self._speech_out.receive()
+            if isinstance(event, wanted):
+                return event
+
+    async def _announce_caller_started(self) -> None:
+        await self._send_message(
+            {"type": "speech-update", "status": "started", "role": "user", "turn": self._turn}
+        )
+
+    async def _finish_caller_turn(self) -> None:
+        ended = await self._next_speech(SpeechEnded)
+        assert isinstance(ended, SpeechEnded)
+        await self._send_message(
+            {
+                "type": "transcript",
+                "role": "user",
+                "transcriptType": "final",
+                "transcript": _recognise(ended),
+            }
+        )
+        await self._send_message(
+            {"type": "speech-update", "status": "stopped", "role": "user", "turn": self._turn}
+        )
+
+    # --- the assistant side --------------------------------------------------------
+
+    async def _converse(self) -> None:
+        """Greeting, then one reply per caller turn; goodbye and hang up at the end."""
+        behaviour = self._behaviour
+        caller_speaking = await self._speak_turn(behaviour.greeting_clip)
+        replies = 0
+        while True:
+            if not caller_speaking:
+                await self._next_speech(SpeechStarted)
+                await self._announce_caller_started()
+            await self._finish_caller_turn()
+            caller_speaking = False
+            with trio.move_on_after(behaviour.think_delay_s):
+                await self._next_speech(SpeechStarted)
+                caller_speaking = True
+            if caller_speaking:  # the caller went on talking: keep listening
+                await self._announce_caller_started()
+                continue
+            if await self._call_tools(replies):
+                await trio.sleep_forever()  # holding: the bridge ends the call
+            if behaviour.end_after_replies is not None and replies >= behaviour.end_after_replies:
+                await self._speak_turn(behaviour.goodbye_clip)
+                self._finish(ENDED_ASSISTANT, _Hangup.POLITE)
+                return
+            clip = behaviour.reply_clips[replies % len(behaviour.reply_clips)]
+            replies += 1
+            caller_speaking = await self._speak_turn(clip)
+
+    async def _call_tools(self, replies: int) -> bool:
+        """Make the tool calls due before reply ``replies``; True when one holds the line."""
+        hold = False
+        for index, tool in enumerate(self._behaviour.tool_calls):
+            if tool.before_reply != replies:
+                continue
+            record = self._record
+            record.tool_exchanges += await send_tool_calls(
+                record.id, record.overrides, record.server_credential, tool, index
+            )
+            if tool.say_after is not None:
+                await self._speak_turn(tool.say_after)
+            hold = hold or tool.hold
+        return hold
+
+    async def _speak_turn(self, clip: str) -> bool:
+        """Speak one clip, interruptible; returns whether the caller started speaking meanwhile."""
+        self._turn += 1
+        audio = load_clip(clip)
+        turn = TurnRecord(
+            turn=self._turn, clip=clip, started_at=trio.current_time(), total_bytes=len(audio)
+        )
+        self._record.turns.append(turn)
+        await self._send_message(
+            {"type": "speech-update", "status": "started", "role": "assistant", "turn": self._turn}
+        )
+        caller_speaking = False
+        async with trio.open_nursery() as turn_nursery:
+            turn_nursery.start_soon(self._play, audio, turn, turn_nursery.cancel_scope)
+            await self._next_speech(SpeechStarted)
+            caller_speaking = True
+            with trio.CancelScope(shield=True):  # the turn may end meanwhile: still announce
+                await self._announce_caller_started()
+            await trio.sleep(self._behaviour.reaction_delay_s)
+            turn_nursery.cancel_scope.cancel(reason="caller barged in")
+        if not turn.completed:
+            turn.interrupted_at = trio.current_time()
+            await self._send_message(
+                {"type": "user-interrupted", "turnId": f"{self._record.id}-{self._turn}"}
+            )
+            tail_bytes = self._behaviour.tail_after_interrupt_ms * SAMPLE_RATE // 1000
+            tail = audio[turn.sent_bytes : turn.sent_bytes + tail_bytes]
+            for start in range(0, len(tail), CHUNK_MAX_BYTES):
+                await self._send_audio(tail[start : start + CHUNK_MAX_BYTES])
+        await self._send_message(
+            {"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self._turn}
+        )
+        await self._send_message(
+            {
+                "type": "transcript",
+                "role": "assistant",
+                "transcriptType": "final",
+                "transcript": _spoken_words(CLIP_TEXTS[clip], turn),
+            }
+        )
+        turn.finished_at = trio.current_time()
+        return caller_speaking
+
+    async def _play(self, audio: bytes, turn: TurnRecord, turn_scope: trio.CancelScope) -> None:
+        """Send the clip paced at real time in random chunks, then end the turn.
+
+        Chunk k goes out when the audio before it has had time to play
+        (``sleep_until`` from the turn's start: no drift); the turn ends when the
+        last sample would have finished playing.
+        """
+        start = trio.current_time()
+        while not turn.completed:
+            if not self._behaviour.audio_burst:
+                await trio.sleep_until(start + turn.sent_bytes / SAMPLE_RATE)
+            size = self._rng.randint(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES)
+            chunk = audio[turn.sent_bytes : turn.sent_bytes + size]
+            await self._send_audio(chunk)
+            turn.sent_bytes += len(chunk)
+        if not self._behaviour.audio_burst:
+            await trio.sleep_until(start + len(audio) / SAMPLE_RATE)
+        turn_scope.cancel(reason="turn finished")
+
+    # --- faults -----------------------------------------------------------------
+
+    def _start_faults(self, call_nursery: trio.Nursery) -> None:
+        behaviour = self._behaviour
+        if behaviour.drop_after_s is not None:
+            call_nursery.start_soon(self._drop_after, behaviour.drop_after_s)
+        if behaviour.ignore_pings_after_s is not None:
+            call_nursery.start_soon(self._ignore_pings_after, behaviour.ignore_pings_after_s)
+        if behaviour.malformed_after_s is not None:
+            call_nursery.start_soon(
+                self._guard, self._send_malformed_after, behaviour.malformed_after_s
+            )
+
+    def _fault(self, name: str) -> None:
+        self._record.faults_injected.append((trio.current_time(), name))
+
+    async def _sleep_from_start(self, delay_s: float) -> None:
+        assert self._record.connected_at is not None
+        await trio.sleep_until(self._record.connected_at + delay_s)
+
+    async def _drop_after(self, delay_s: float) -> None:
+        await self._sleep_from_start(delay_s)
+        self._fault("drop")
+        self._finish(ENDED_DROPPED, _Hangup.ABORT)
+
+    async def _ignore_pings_after(self, delay_s: float) -> None:
+        await self._sleep_from_start(delay_s)
+        self._fault("ignore_pings")
+        self._ws.answers_pings = False
+
+    async def _send_malformed_after(self, delay_s: float) -> None:
+        await self._sleep_from_start(delay_s)
+        self._fault("malformed")
+        await self._ws.send(MALFORMED_MESSAGE)
+
+    # --- sending ----------------------------------------------------------------
+
+    async def _send_message(self, message: JsonObject) -> None:
+        """Send one bare JSON control message if the call subscribed to its type."""
+        if message["type"] not in self._client_messages:
+            return
+        at = trio.current_time()
+        await self._ws.send(orjson.dumps(message).decode())
+        self._record.events.append(SentMessage(at=at, message=message))
+
+    async def _send_audio(self, ulaw: bytes) -> None:
+        data = self._codec.from_ulaw(ulaw)
+        await self._ws.send(data)
+        self._record.audio_bytes_sent += len(data)
+
+    def _status(self, status: str) -> JsonObject:
+        record = self._record
+        return {
+            "type": "status-update",
+            "status": status,
+            "call": {"id": record.id, "orgId": "sim-org", "type": "vapi.websocketCall"},
+        }
+
+
+class _Codec:
+    """The call's wire audio format ↔ the sim's μ-law 8 kHz."""
+
+    def __init__(self, audio_format: str, sample_rate: int) -> None:
+        self._pcm = audio_format == "pcm_s16le"
+        self._upsample = self._pcm and sample_rate == 16000
+
+    def from_ulaw(self, ulaw: bytes) -> bytes:
+        if not self._pcm:
+            return ulaw  # mulaw/8000: byte for byte, as Twilio's payload
+        pcm = ulaw_to_pcm16(ulaw)
+        if not self._upsample:
+            return pcm
+        # 8 → 16 kHz by sample repetition: crude, but the sim only needs it audible.
+        return b"".join(pcm[i : i + 2] * 2 for i in range(0, len(pcm), 2))
+
+    def to_ulaw(self, data: bytes) -> bytes:
+        if not self._pcm:
+            return data
+        pcm = data[: len(data) - len(data) % 2]
+        if self._upsample:
+            pcm = b"".join(pcm[i : i + 2] for i in range(0, len(pcm) - 3, 4))  # 16 → 8 kHz
+        return pcm16_to_ulaw(pcm)
+
+
+def _call_sid(body: JsonObject) -> str | None:
+    overrides = body.get("assistantOverrides")
+    if not isinstance(overrides, dict):
+        return None
+    for section in ("metadata", "variableValues"):
+        values = overrides.get(section)
+        if isinstance(values, dict) and isinstance(values.get(CALL_SID_KEY), str):
+            return str(values[CALL_SID_KEY])
+    return None
+
+
+def _audio_format(body: JsonObject) -> tuple[str, int]:
+    """The validated body's audio format (defaults to Vapi's when omitted)."""
+    transport = body["transport"]
+    audio = transport.get("audioFormat")
+    if not isinstance(audio, dict):
+        return DEFAULT_AUDIO_FORMAT
+    return str(audio.get("format")), int(audio.get("sampleRate", 8000))
+
+
+def _create_problems(body: JsonObject) -> list[str]:
+    """Validation errors of a create-call body, Vapi style (empty when valid)."""
+    problems = [f"property {key} should not exist" for key in body if key not in CREATE_CALL_KEYS]
+    sources = [key for key in ASSISTANT_SOURCE_KEYS if body.get(key) is not None]
+    if len(sources) != 1:
+        problems.append(f"exactly one of {', '.join(ASSISTANT_SOURCE_KEYS)} must be given")
+    if "assistantId" in body and not isinstance(body["assistantId"], str):
+        problems.append("assistantId must be a string")
+    if "assistant" in body and not isinstance(body["assistant"], dict):
+        problems.append("assistant must be an object")
+    problems += [
+        f"{key} is not allowed with the vapi.websocket transport"
+        for key in TELEPHONY_KEYS
+        if key in body
+    ]
+    problems += _overrides_problems(body.get("assistantOverrides", {}))
+    problems += _transport_problems(body.get("transport"))
+    return problems
+
+
+def _overrides_problems(overrides: Any) -> list[str]:
+    if not isinstance(overrides, dict):
+        return ["assistantOverrides must be an object"]
+    problems = [
+        f"assistantOverrides.{key} must be an object"
+        for key in ("metadata", "variableValues")
+        if key in overrides and not isinstance(overrides[key], dict)
+    ]
+    client_messages = overrides.get("clientMessages", [])
+    if not isinstance(client_messages, list) or not all(
+        isinstance(item, str) for item in client_messages
+    ):
+        problems.append("assistantOverrides.clientMessages must be an array of strings")
+    return problems
+
+
+def _transport_problems(transport: Any) -> list[str]:
+    if not isinstance(transport, dict) or transport.get("provider") != "vapi.websocket":
+        return ['transport.provider must be "vapi.websocket"']
+    audio = transport.get("audioFormat")
+    if audio is None:
+        return []
+    if not isinstance(audio, dict):
+        return ["transport.audioFormat must be an object"]
+    problems = []
+    audio_format, rate = audio.get("format"), audio.get("sampleRate")
+    if audio.get("container", "raw") != "raw":
+        problems.append('transport.audioFormat.container must be "raw"')
+    if audio_format == "mulaw":
+        if rate != 8000:
+            problems.append("transport.audioFormat.sampleRate must be 8000 for mulaw")
+    elif audio_format == "pcm_s16le":
+        if rate not in (8000, 16000):
+            problems.append("transport.audioFormat.sampleRate must be 8000 or 16000")
+    else:
+        problems.append('transport.audioFormat.format must be "mulaw" or "pcm_s16le"')
+    return problems
+
+
+def _is_add_message(message: JsonObject) -> bool:
+    body = message.get("message")
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("role"), str)
+        and isinstance(body.get("content"), str)
+    )
+
+
+_ERROR_NAMES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_DEFAULT_ERROR_MESSAGES: dict[int, str | list[str]] = {
+    400: "Over Concurrency Limit.",
+    401: "Invalid Key. Hot tip, you may be using the private key instead of the public key, "
+    "or vice versa.",
+    500: "Internal server error",
+}
+
+
+def _error_body(status: int, message: str | list[str] | None = None) -> JsonObject:
+    """A NestJS-style error body, as Vapi's API answers."""
+    if message is None:
+        message = _DEFAULT_ERROR_MESSAGES.get(status, _ERROR_NAMES.get(status, "Error"))
+    return {"message": message, "error": _ERROR_NAMES.get(status, "Error"), "statusCode": status}
+
+
+def _error(status: int, message: str | list[str] | None = None) -> HttpResponse:
+    return _json_response(status, _error_body(status, message))
+
+
+def _json_body(value: JsonObject) -> bytes:
+    return orjson.dumps(value)
+
+
+def _json_response(status: int, value: JsonObject) -> HttpResponse:
+    return HttpResponse(
+        status=status,
+        headers=(("content-type", "application/json; charset=utf-8"),),
+        body=_json_body(value),
+    )
+
+
+def _recognise(ended: SpeechEnded) -> str:
+    """The words of the shipped caller clip inside the utterance, else its duration."""
+    for name, text in CLIP_TEXTS.items():
+        if not name.startswith("caller_"):
+            continue
+        clip = load_clip(name)
+        middle = len(clip) // 2
+        probe = clip[middle : middle + 2 * FRAME_BYTES]
+        if probe and probe in ended.audio:
+            return text
+    return f"(caller spoke {ended.duration_ms / 1000:.1f} s)"
+
+
+def _spoken_words(text: str, turn: TurnRecord) -> str:
+    """The part of ``text`` spoken before an interrupt, pro rata by audio sent."""
+    if turn.completed:
+        return text
+    words = text.split()
+    return " ".join(words[: round(len(words) * turn.sent_bytes / max(1, turn.total_bytes))])

@@ -1,0 +1,1 @@
+"""Vapi: the transport socket's wire format (``transport``) and call set-up (``client``)."""
