@@ -955,6 +955,7 @@ def test_key_lines_follow_tables_and_skip_multiline_strings() -> None:
         "model . provider = 'x'\n"
         "allowed = [\n"
         "  'a',\n"
+        "  ['nested', 'array']\n"
         "]\n"
         "[[tools.list]]\n"
         "name = 'x'\n"
@@ -968,8 +969,8 @@ def test_key_lines_follow_tables_and_skip_multiline_strings() -> None:
         "vapi.assistant": 8,
         "vapi.assistant.model.provider": 9,
         "vapi.assistant.allowed": 10,
-        "tools.list": 13,
-        "tools.list.name": 14,
+        "tools.list": 14,
+        "tools.list.name": 15,
     }
 
 
@@ -1281,3 +1282,13 @@ def test_a_shared_key_id_needs_the_shared_key() -> None:
     assert info.value.reason.startswith(
         "missing: supply it as systemd credential 'twilio-shared-key'"
     )
+
+
+def test_key_lines_find_every_key_of_the_example_file() -> None:
+    text = EXAMPLE.read_text()
+    lines = key_lines(text)
+    numbered = text.splitlines()
+    for section, table in tomllib.loads(text).items():
+        for key in table:
+            line = lines[f"{section}.{key}"]
+            assert numbered[line - 1].lstrip().startswith(f"{key} ="), (section, key)

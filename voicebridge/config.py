@@ -1644,16 +1644,22 @@ def key_lines(text: str) -> dict[str, int]:
     path (``server``, ``server.listen``, ``vapi.assistant.model``); the first one wins.
 
     tomllib keeps no positions, so this is a light scan of the lines: it follows
-    ``[table]`` headers and skips the insides of multi-line strings, which is all that
-    finding a key for an error message needs.
+    ``[table]`` headers and skips the insides of multi-line strings and arrays, which is
+    all that finding a key for an error message needs (brackets inside strings of an
+    array can fool it; the worst that does is a missing or wrong line in a message).
     """
     found: dict[str, int] = {}
     table = ""
     in_string = ""
+    # Invariant: > 0 while inside a multi-line array (its lines hold no keys or headers).
+    open_brackets = 0
     for number, line in enumerate(text.splitlines(), 1):
         if in_string:
             if line.count(in_string) % 2:
                 in_string = ""
+            continue
+        if open_brackets > 0:
+            open_brackets += line.count("[") - line.count("]")
             continue
         header = _TABLE_HEADER.match(line)
         if header and not _KEY_LINE.match(line):
@@ -1668,6 +1674,8 @@ def key_lines(text: str) -> dict[str, int]:
             for quotes in ('"""', "'''"):
                 if rest.count(quotes) % 2:
                     in_string = quotes
+            if not in_string:
+                open_brackets = rest.count("[") - rest.count("]")
     return found
 
 
