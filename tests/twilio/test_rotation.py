@@ -1,4 +1,5 @@
-"""Rotating the Twilio Auth Token with ``systemctl reload`` (SIGHUP), no call refused.
+"""Rotating the Twilio Auth Token and the stream token secret with ``systemctl reload``
+(SIGHUP), no call refused.
 
 Charter: the real ``voicebridge serve`` in a subprocess, handed its sockets as systemd
 does (the helpers of tests/test_systemd_integration.py), secrets in files named by
@@ -10,19 +11,24 @@ from __future__ import annotations
 
 import secrets
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.test_systemd_integration import (
     PATIENT_ASSISTANT,
+    Box,
+    Server,
     a_box,
     activated_server,
     is_ready,
     listener,
 )
 from voicebridge.loopback import LOOPBACK_ACCOUNT_SID
+from voicebridge.sim.caller import CallReport, Hangup, Silence, place_call
 from voicebridge.twilio.signature import sign
 
 
@@ -80,4 +86,78 @@ async def test_a_reload_rotates_the_auth_token_without_refusing_either(tmp_path:
     assert during == [200, 200]
     assert after == [403, 200]
     assert len(server.log_lines("configuration reloaded")) == 2
+    assert old not in server.stderr and new not in server.stderr
+
+
+class ReloadAfterTheWebhook(httpx.AsyncBaseTransport):
+    """Runs ``between`` once the voice webhook is answered and before the simulated
+    Twilio sees the answer: its stream then opens with a token issued before."""
+
+    def __init__(self, between: Callable[[], Awaitable[None]]) -> None:
+        self._between = between
+        self._transport = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._transport.handle_async_request(request)
+        if request.url.path == "/twilio/voice":
+            await response.aread()
+            await self._between()
+        return response
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+async def reload(box: Box, server: Server) -> None:
+    before = len(box.notify.received)
+    server.signal(signal.SIGHUP)
+    await box.notify.wait_for(is_ready, since=before)
+
+
+@pytest.mark.parametrize("keep_previous", [True, False])
+async def test_a_stream_token_issued_before_a_rotation_still_opens_its_stream(
+    tmp_path: Path, keep_previous: bool
+) -> None:
+    """The webhook issues a token with the old secret; a reload makes a new secret
+    current before the stream opens. With the old one kept as previous the call goes
+    through; without it (the control) the stream is refused."""
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    current = tmp_path / "stream-token-secret"
+    previous = tmp_path / "stream-token-secret-previous"
+    current.write_text(old + "\n")
+    previous.write_text("")
+    sock, port = listener()
+    ops_sock, _ = listener()
+    with trio.fail_after(30), sock, ops_sock:
+        async with a_box(tmp_path, PATIENT_ASSISTANT) as box:
+            config = box.write_config("vb.toml", public_port=port, drain_deadline_s=0.5)
+            config.write_text(
+                config.read_text()
+                + f'[secrets]\nstream_token_secret_file = "{current}"\n'
+                + f'stream_token_secret_previous_file = "{previous}"\n'
+            )
+            sockets = [("public", sock), ("ops", ops_sock)]
+            async with activated_server(box, config, sockets) as server:
+                await box.notify.wait_for(is_ready)
+
+                async def rotate() -> None:
+                    current.write_text(new + "\n")
+                    previous.write_text(old + "\n" if keep_previous else "")
+                    await reload(box, server)
+
+                transport = ReloadAfterTheWebhook(rotate)
+                async with httpx.AsyncClient(transport=transport) as http:
+                    report: CallReport = await place_call(
+                        box.caller(port=port), (Silence(1.0), Hangup()), http=http
+                    )
+                server.signal(signal.SIGTERM)
+                assert await server.process.wait() == 0
+    assert report.webhook_status == 200 and "<Connect" in report.webhook_twiml
+    assert len(server.log_lines("configuration reloaded")) == 1
+    if keep_previous:
+        assert report.streamed and report.ended_by == "caller", report
+        assert len(box.vapi.calls) == 1, "the assistant was called"
+    else:
+        assert len(box.vapi.calls) == 0, "no assistant for a stream whose token was refused"
+        assert server.log_lines("bad-signature"), server.stderr
     assert old not in server.stderr and new not in server.stderr
