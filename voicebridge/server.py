@@ -52,7 +52,7 @@ from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.call import AssistantConnector, CallSettings
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
-from voicebridge.config import Config, listen_addresses_overlap
+from voicebridge.config import SECRET_SOURCES, Config, listen_addresses_overlap
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import vapi_server_override
 from voicebridge.errors import ConfigError
@@ -572,6 +572,12 @@ class _ServerProcess:
             self.notifier.ready(status=self.status_text())
             return
         self.services = services
+        # Names only: what a rotation's operator checks in the journal.
+        rotated = [
+            name
+            for name in SECRET_SOURCES
+            if getattr(new.credentials, name) != getattr(old.config.credentials, name)
+        ]
         logging.getLogger("voicebridge").setLevel(new.server.log_level.upper())
         if restart_only:
             log_event(
@@ -588,9 +594,12 @@ class _ServerProcess:
             logging.INFO,
             "reloaded",
             f"configuration reloaded: limit {_calls(new.server.max_concurrent_calls)}, "
-            f"log level {new.server.log_level}; calls in progress keep their settings",
+            f"log level {new.server.log_level}"
+            + (f"; secrets changed: {', '.join(rotated)}" if rotated else "")
+            + "; calls in progress keep their settings",
             max_concurrent_calls=new.server.max_concurrent_calls,
             log_level=new.server.log_level,
+            secrets_changed=",".join(rotated) or None,
         )
         self.notifier.ready(status=self.status_text())
 

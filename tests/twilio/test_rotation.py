@@ -85,7 +85,9 @@ async def test_a_reload_rotates_the_auth_token_without_refusing_either(tmp_path:
     assert start == [200, 403]
     assert during == [200, 200]
     assert after == [403, 200]
-    assert len(server.log_lines("configuration reloaded")) == 2
+    first, second = server.log_lines("configuration reloaded")
+    assert "secrets changed: twilio_auth_token, twilio_auth_token_previous;" in first
+    assert "secrets changed: twilio_auth_token_previous;" in second
     assert old not in server.stderr and new not in server.stderr
 
 
