@@ -1018,7 +1018,7 @@ def _attrs_hook_factory(cl: type[Any], converter: cattrs.Converter) -> Callable[
                 continue
             try:
                 kwargs[a.name] = converter.structure(value[a.name], types[a.name])
-            except (ConfigError, ClassValidationError, ValueError, TypeError) as exc:
+            except Exception as exc:  # reported with its key, as cattrs would
                 note = AttributeValidationNote(f"Structuring {a.name}", a.name, types[a.name])
                 exc.add_note(note)
                 errors.append(exc)
