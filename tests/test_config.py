@@ -1292,3 +1292,11 @@ def test_key_lines_find_every_key_of_the_example_file() -> None:
         for key in table:
             line = lines[f"{section}.{key}"]
             assert numbered[line - 1].lstrip().startswith(f"{key} ="), (section, key)
+
+
+def test_a_secret_file_name_with_a_nul_byte_is_a_problem_not_a_crash() -> None:
+    environ = {**COMPLETE_ENV, "VOICEBRIDGE_SECRETS_VAPI_API_KEY_FILE": "/etc/\x00key"}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({}, environ=environ)
+    assert info.value.key == "secrets.vapi_api_key_file"
+    assert "cannot read '/etc/\\x00key'" in info.value.reason

@@ -1256,6 +1256,8 @@ def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secre
             problems.append((key, f"cannot read {path}: {exc.strerror or exc}"))
         except UnicodeDecodeError:
             problems.append((key, f"{path} is not UTF-8 text"))
+        except ValueError as exc:  # a NUL byte in the path
+            problems.append((key, f"cannot read {str(path)!r}: {exc}"))
     return Secrets(**found), problems
 
 
