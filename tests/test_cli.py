@@ -199,16 +199,27 @@ def test_the_wheel_builds_without_warnings_and_carries_units_docs_and_man_page(
     tmp_path: Path,
 ) -> None:
     """What ``pip install``/``pip wheel`` sees: an SPDX licence, a pinned build backend
-    without deprecation warnings, and the operator's files inside the wheel."""
+    without deprecation warnings, and the operator's files inside the wheel. Built from a
+    copy of the project: setuptools writes build/ and *.egg-info where it builds."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "setup.cfg"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, source / name)
+    for name in ("systemd", "docs", "man"):
+        shutil.copytree(REPO / name, source / name)
+    shutil.copytree(REPO / "voicebridge", source / "voicebridge", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--disable-pip-version-check",
-         "-w", str(tmp_path), str(REPO)],
+         "-w", str(wheels), str(source)],
         capture_output=True, text=True, check=False, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Deprecat" not in output and "BuildBackendWarning" not in output, output[-5000:]
-    [wheel] = tmp_path.glob("voicebridge-*.whl")
+    [wheel] = wheels.glob("voicebridge-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]

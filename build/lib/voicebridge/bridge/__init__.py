@@ -1,1 +1,0 @@
-"""One call: the call nursery, playout, barge-in, outcomes, admission."""
