@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     check = commands.add_parser(
-        "check-config", help="print the effective configuration (secrets masked) or the error"
+        "check-config",
+        help="print the effective configuration (secrets masked, where each key came from) "
+        "or every problem, each with its file:line",
     )
     check.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
     check.add_argument(
