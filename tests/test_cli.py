@@ -112,6 +112,18 @@ def test_a_closed_pipe_ends_the_command_quietly() -> None:
     assert result.stderr == ""
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's socket closing under ``call`` or ``loadtest`` is an error, not a reader
+    that went away: it is raised, not turned into a quiet 141."""
+
+    def peer_went_away(argv: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_run", peer_went_away)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["demo"])
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
 def test_bash_completion_completes_commands_and_options() -> None:
     script = subprocess.run(
