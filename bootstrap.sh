@@ -26,6 +26,11 @@ fi
 if [ "$want_tests" = yes ] && ! { command -v prometheus >/dev/null && command -v promtool >/dev/null; }; then
     apt_packages="$apt_packages prometheus"
 fi
+# The man page's tests render it (groff) and open it as `man voicebridge` would.
+if [ "$want_tests" = yes ]; then
+    command -v groff >/dev/null || apt_packages="$apt_packages groff-base"
+    command -v man >/dev/null || apt_packages="$apt_packages man-db"
+fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing Debian packages:$apt_packages"
     as_root apt-get update -qq

@@ -32,6 +32,7 @@ from voicebridge.config import (
     ServerConfig,
     check_config_main,
     config_from_mapping,
+    key_lines,
     load_config,
     render_config,
 )
@@ -854,7 +855,16 @@ def test_check_config_ok(tmp_path: Path) -> None:
     code = check_config_main(str(write(tmp_path, "")), environ=COMPLETE_ENV, out=out, err=err)
     assert code == 0
     assert err.getvalue() == ""
-    assert out.getvalue() == render_config(config_from_mapping({}, environ=COMPLETE_ENV))
+    origins = {
+        "server.public_url": "VOICEBRIDGE_SERVER_PUBLIC_URL",
+        "twilio.account_sid": "VOICEBRIDGE_TWILIO_ACCOUNT_SID",
+        "vapi.assistant_id": "VOICEBRIDGE_VAPI_ASSISTANT_ID",
+    }
+    expected = render_config(config_from_mapping({}, environ=COMPLETE_ENV), origins=origins)
+    assert out.getvalue() == expected
+    assert 'public_url = "https://bridge.example.com"  # from VOICEBRIDGE_SERVER_PUBLIC_URL' in (
+        expected.splitlines()
+    )
 
 
 def test_check_config_error_lines(tmp_path: Path) -> None:
@@ -863,9 +873,105 @@ def test_check_config_error_lines(tmp_path: Path) -> None:
     assert check_config_main(str(path), environ=COMPLETE_ENV, out=out, err=err) == 2
     assert out.getvalue() == ""
     assert err.getvalue().splitlines() == [
-        "voicebridge: config error: server.max_concurrent_calls: expected an integer, got 'ten'",
-        "voicebridge: config error: server.listn: unknown key; did you mean server.listen?",
+        "voicebridge: config error: server.max_concurrent_calls: expected an integer, got 'ten'"
+        f" (in {path}:2)",
+        "voicebridge: config error: server.listn: unknown key; did you mean server.listen?"
+        f" (in {path}:3)",
     ]
+
+
+def test_check_config_reports_every_problem_with_its_line_or_variable(tmp_path: Path) -> None:
+    """Two bad keys of one section, one of another, a missing secret: all of them, each
+    with the line it is on or the variable that set it."""
+    path = write(
+        tmp_path,
+        "# a comment\n"
+        "[server]\n"
+        'public_url = "ftp://bridge.example.com"\n'
+        "max_concurrent_calls = 0\n"
+        "\n"
+        "[vapi]\n"
+        "ping_interval_s = -1\n",
+    )
+    environ = {**COMPLETE_ENV, "VOICEBRIDGE_SERVER_LISTEN": "nowhere"}
+    del environ["VOICEBRIDGE_SERVER_PUBLIC_URL"], environ["VOICEBRIDGE_VAPI_API_KEY"]
+    err = io.StringIO()
+    assert check_config_main(str(path), environ=environ, out=io.StringIO(), err=err) == 2
+    lines = err.getvalue().splitlines()
+    assert all(line.startswith("voicebridge: config error: ") for line in lines)
+    where = {line.split(": ")[2]: line for line in lines}
+    assert where["server.public_url"].endswith(f"(in {path}:3)")
+    assert where["server.max_concurrent_calls"].endswith(f"(in {path}:4)")
+    assert where["vapi.ping_interval_s"].endswith(f"(in {path}:7)")
+    assert where["server.listen"].endswith("(from VOICEBRIDGE_SERVER_LISTEN)")
+    assert "credentials.vapi_api_key" in where
+    assert len(lines) == 5, lines
+
+
+def test_check_config_quiet_prints_only_problems(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    good = write(tmp_path, "")
+    assert check_config_main(str(good), environ=COMPLETE_ENV, out=out, err=err, quiet=True) == 0
+    assert (out.getvalue(), err.getvalue()) == ("", "")
+    bad = write(tmp_path, "[server]\nlistn = 1\n", name="bad.toml")
+    assert check_config_main(str(bad), environ=COMPLETE_ENV, out=out, err=err, quiet=True) == 2
+    assert out.getvalue() == ""
+    assert "server.listn" in err.getvalue()
+
+
+def test_check_config_without_secrets(tmp_path: Path) -> None:
+    """A user who cannot read the secrets checks everything else; a missing secret is no
+    problem, an unreadable secret file is not even opened."""
+    unreadable = tmp_path / "root-only"
+    unreadable.write_text("x")
+    unreadable.chmod(0)
+    path = write(tmp_path, f'[secrets]\nvapi_api_key_file = "{unreadable}"\n')
+    environ = {k: v for k, v in COMPLETE_ENV.items() if k in (
+        "VOICEBRIDGE_SERVER_PUBLIC_URL", "VOICEBRIDGE_TWILIO_ACCOUNT_SID",
+        "VOICEBRIDGE_VAPI_ASSISTANT_ID")}
+    out, err = io.StringIO(), io.StringIO()
+    assert check_config_main(str(path), environ=environ, out=out, err=err,
+                             read_secrets=False) == 0, err.getvalue()
+    assert 'vapi_api_key = "(unset)"  # not read (--no-secrets)' in out.getvalue()
+    assert check_config_main(str(path), environ=environ, out=io.StringIO(), err=err) == 2
+    # Everything else is still checked.
+    bad = write(tmp_path, "[server]\nmax_concurrent_calls = 0\n", name="bad.toml")
+    err = io.StringIO()
+    assert check_config_main(str(bad), environ=environ, out=out, err=err,
+                             read_secrets=False) == 2
+    assert "server.max_concurrent_calls" in err.getvalue()
+
+
+def test_key_lines_follow_tables_and_skip_multiline_strings() -> None:
+    text = (
+        "[server]\n"
+        "listen = '127.0.0.1:8080'  # comment = not a key\n"
+        "[vapi]\n"
+        'say = """\n'
+        "fake = 1\n"
+        '"""\n'
+        '"quoted.key" = 2\n'
+        "[vapi.assistant]\n"
+        "model . provider = 'x'\n"
+        "allowed = [\n"
+        "  'a',\n"
+        "  ['nested', 'array']\n"
+        "]\n"
+        "[[tools.list]]\n"
+        "name = 'x'\n"
+    )
+    assert key_lines(text) == {
+        "server": 1,
+        "server.listen": 2,
+        "vapi": 3,
+        "vapi.say": 4,
+        "vapi.quoted.key": 7,
+        "vapi.assistant": 8,
+        "vapi.assistant.model.provider": 9,
+        "vapi.assistant.allowed": 10,
+        "tools.list": 14,
+        "tools.list.name": 15,
+    }
 
 
 def test_check_config_requires_completeness(tmp_path: Path) -> None:
@@ -1000,7 +1106,7 @@ def test_serve_refuses_them_at_start_without_a_traceback(
         timeout=60,
         env={**os.environ, **COMPLETE_ENV, **environ},
     )
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert f"config error: {expected}" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -1176,3 +1282,21 @@ def test_a_shared_key_id_needs_the_shared_key() -> None:
     assert info.value.reason.startswith(
         "missing: supply it as systemd credential 'twilio-shared-key'"
     )
+
+
+def test_key_lines_find_every_key_of_the_example_file() -> None:
+    text = EXAMPLE.read_text()
+    lines = key_lines(text)
+    numbered = text.splitlines()
+    for section, table in tomllib.loads(text).items():
+        for key in table:
+            line = lines[f"{section}.{key}"]
+            assert numbered[line - 1].lstrip().startswith(f"{key} ="), (section, key)
+
+
+def test_a_secret_file_name_with_a_nul_byte_is_a_problem_not_a_crash() -> None:
+    environ = {**COMPLETE_ENV, "VOICEBRIDGE_SECRETS_VAPI_API_KEY_FILE": "/etc/\x00key"}
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({}, environ=environ)
+    assert info.value.key == "secrets.vapi_api_key_file"
+    assert "cannot read '/etc/\\x00key'" in info.value.reason

@@ -24,11 +24,24 @@ import pytest
 import trio
 
 from voicebridge.cli import main
+from voicebridge.loadtest import cli as loadtest_cli
 from voicebridge.loadtest import tls
-from voicebridge.loadtest.generator import MARKER_BYTES, marker, read_marker
+from voicebridge.loadtest.generator import (
+    MARKER_BYTES,
+    BridgeTarget,
+    Traffic,
+    marker,
+    read_marker,
+)
 from voicebridge.loadtest.process import BridgeProcess, LoadTestError
 from voicebridge.loadtest.report import Percentiles
-from voicebridge.loadtest.run import ExternalBridge, LoadTestOptions, run_loadtest
+from voicebridge.loadtest.run import (
+    ExternalBridge,
+    LoadTestOptions,
+    Target,
+    _report_progress,
+    run_loadtest,
+)
 from voicebridge.loadtest.wire import (
     OP_BINARY,
     OP_CLOSE,
@@ -60,7 +73,11 @@ def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
 ) -> None:
     code = main(["loadtest", "--calls", "5", "--duration", "3", "--ramp", "1",
                  "--barge-in-share", "1", "--json"])
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout is the report alone: progress is on stderr
+    assert captured.err.startswith(
+        "voicebridge loadtest: 5 calls against voicebridge (pid "
+    ), captured.err
     assert code == 0, report
     assert report["calls"] == 5
     assert report["duration_s"] == 3
@@ -96,9 +113,38 @@ def test_the_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
     assert "result: VALID" in table
 
 
-def test_an_external_bridge_needs_its_secrets(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["loadtest", "--url", "http://127.0.0.1:9"]) == 2
-    assert "--auth-token" in capsys.readouterr().err
+def test_an_external_bridge_needs_its_secrets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VOICEBRIDGE_TWILIO_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("VOICEBRIDGE_VAPI_API_KEY", raising=False)
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--assistant-port", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--auth-token-file or $VOICEBRIDGE_TWILIO_AUTH_TOKEN" in err
+    assert "--assistant-key-file or $VOICEBRIDGE_VAPI_API_KEY" in err
+
+
+@pytest.mark.parametrize("option", ["--auth-token", "--assistant-key"])
+def test_secrets_on_the_command_line_are_refused(
+    capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--assistant-port", "9",
+                 option, "s3cret-value"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} would show the secret to every user (ps)" in err
+    assert f"use {option}-file PATH or the VOICEBRIDGE_" in err
+    assert "s3cret-value" not in err
+
+
+def test_an_external_bridge_s_secrets_come_from_files(tmp_path: Path) -> None:
+    token, key = tmp_path / "token", tmp_path / "key"
+    token.write_text("from-the-file\n")
+    assert loadtest_cli._secret(str(token), "UNSET_VARIABLE", {}) == "from-the-file"
+    assert loadtest_cli._secret(None, "V", {"V": "from-the-environment"}) == (
+        "from-the-environment"
+    )
+    with pytest.raises(OSError):
+        loadtest_cli._secret(str(key), "V", {})
 
 
 @asynccontextmanager
@@ -191,10 +237,12 @@ async def test_an_external_bridge_trusting_the_certificate_is_loaded_over_tls(
 
 @needs_openssl
 def test_an_external_bridge_over_tls_is_first_given_a_certificate(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code = main(["loadtest", "--url", "http://127.0.0.1:9", "--auth-token", "t",
-                 "--assistant-port", "9", "--assistant-key", "k", "--vapi-tls"])
+    monkeypatch.setenv("VOICEBRIDGE_TWILIO_AUTH_TOKEN", "t")
+    monkeypatch.setenv("VOICEBRIDGE_VAPI_API_KEY", "k")
+    code = main(["loadtest", "--url", "http://127.0.0.1:9", "--assistant-port", "9",
+                 "--vapi-tls"])
     err = capsys.readouterr().err
     assert code == 2
     lines = dict(line.strip().split(": ", 1) for line in err.splitlines()
@@ -434,3 +482,21 @@ def test_client_frames_are_masked_with_the_zero_key() -> None:
     assert encode_frame(OP_TEXT, b"hi", masked=True) == b"\x81\x82\x00\x00\x00\x00hi"
     long = encode_frame(OP_BINARY, b"y" * 70_000, masked=False)
     assert long[:2] == b"\x82\x7f" and int.from_bytes(long[2:10], "big") == 70_000
+
+
+async def test_progress_is_reported_every_five_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lines: list[tuple[float, str]] = []
+    traffic = Traffic(calls=7, duration_s=12.0, ramp_s=1.0, barge_in_share=0.3, seed=1)
+    target = Target(BridgeTarget(host="127.0.0.1", port=9, public_url="http://x",
+                                 auth_token="t"), None, "a bridge")
+    with trio.move_on_after(16):
+        await _report_progress(lambda text: lines.append((trio.current_time(), text)),
+                               traffic, target)
+    assert lines == [
+        (0.0, "7 calls against a bridge: ramp 1 s, then 12 s with all calls up"),
+        (5.0, "5 s of 13 s"),
+        (10.0, "10 s of 13 s"),
+        (15.0, "13 s of 13 s"),
+    ]

@@ -375,7 +375,7 @@ async def test_serve_refuses_an_ops_listen_that_is_the_activated_public_address(
                 process.kill()
                 await process.wait()
     log = b"".join(stderr).decode()
-    assert status == 2, log
+    assert status == 78, log  # EX_CONFIG
     assert (
         f"cannot serve: config error: server.ops_listen: 127.0.0.1:{port} is where the "
         f"public listener is (127.0.0.1:{port})"

@@ -76,6 +76,7 @@ def test_each_notification_is_one_exact_datagram(
     assert notifier.status("Draining: 2 active calls\nsecond line")
     assert notifier.watchdog()
     assert notifier.stopping()
+    assert notifier.extend_timeout(19.5)
     assert notifier.notify(errno=5, buserror="x")
     assert notify_socket.received() == [
         b"READY=1",
@@ -84,6 +85,7 @@ def test_each_notification_is_one_exact_datagram(
         b"STATUS=Draining: 2 active calls second line",
         b"WATCHDOG=1",
         b"STOPPING=1",
+        b"EXTEND_TIMEOUT_USEC=19500000",
         b"ERRNO=5\nBUSERROR=x",
     ]
 

@@ -438,6 +438,13 @@ async def test_sigterm_drains_calls_in_flight_then_exits_zero(tmp_path: Path) ->
     assert len(server.log_lines("drain deadline (2 s) passed: ending 1 call with")) == 1
     [done] = server.log_lines("drained in")
     assert "ACTIONS_UNANSWERED=0" in done
+    # systemd is told how long the stop may take: at the start, the deadline and the last
+    # steps (Vapi end 2 s, close 2 s, actions 3 s, shutdown 5 s, margin 5 s); at the
+    # deadline, the last steps again.
+    extensions = [int(n.fields["EXTEND_TIMEOUT_USEC"])
+                  for n in box.notify.with_key("EXTEND_TIMEOUT_USEC")]
+    assert extensions == [19_000_000, 17_000_000]
+    assert "STOPPING" in box.notify.with_key("EXTEND_TIMEOUT_USEC")[0].fields
     assert [line for line in server.log_lines("OUTCOME=") if "OUTCOME=shutdown" in line]
     print(f"drain: long call ended {long_ended_at - sigterm_at:.2f} s after SIGTERM, "
           f"process exited after {exited_at - sigterm_at:.2f} s")

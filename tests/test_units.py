@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from voicebridge import listenfds, server
+from voicebridge import cli, listenfds, server
 from voicebridge.config import EdgeConfig, ServerConfig, VapiConfig
 from voicebridge.net.front import descriptors_needed
 
@@ -220,6 +220,13 @@ def test_service_contract() -> None:
     assert service[("Service", "RuntimeDirectory")] == ["voicebridge"]
     assert service[("Service", "RuntimeDirectoryPreserve")] == ["yes"]
     assert service[("Service", "User")] == ["voicebridge"]
+    # A refused configuration is not restarted until the start limit (docs/operations.md).
+    assert service[("Service", "RestartPreventExitStatus")] == [str(cli.EXIT_CONFIG)]
+    # The public socket is on loopback: the TLS proxy in front is on this box.
+    assert socket_unit[("Socket", "ListenStream")] == ["127.0.0.1:8080"]
+    for unit in ("voicebridge.service", "voicebridge@.service", "voicebridge.socket"):
+        [documentation] = settings(UNITS_DIR / unit)[("Unit", "Documentation")]
+        assert documentation.split()[0] == "man:voicebridge(8)"
 
 
 def _bytes(size: str) -> int:

@@ -388,8 +388,11 @@ class SharedStreamTokens(StreamTokens):
         ttl_s: float,
         shared: SharedDir,
         clock: Callable[[], float] = time.time,
+        previous_secret: bytes = b"",
     ) -> None:
-        super().__init__(secret=secret, ttl_s=ttl_s, clock=clock)
+        super().__init__(
+            secret=secret, ttl_s=ttl_s, clock=clock, previous_secret=previous_secret
+        )
         self._shared = shared
 
     def verify(self, token: str, claims: StreamClaims) -> None:

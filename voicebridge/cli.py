@@ -1,10 +1,13 @@
 """The ``voicebridge`` command: ``serve``, ``check-config``, ``route``, ``call``, ``demo``,
-``loadtest``."""
+``loadtest``, ``install-units`` and ``completion``; its manual is man/voicebridge.8."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -34,9 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     check = commands.add_parser(
-        "check-config", help="print the effective configuration (secrets masked) or the error"
+        "check-config",
+        help="print the effective configuration (secrets masked, where each key came from) "
+        "or every problem, each with its file:line",
     )
     check.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="PATH")
+    check.add_argument(
+        "--quiet", "-q", action="store_true", help="print nothing when the configuration is valid"
+    )
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="neither read nor require the secrets (check the rest as a user who cannot "
+        "read them)",
+    )
 
     route = commands.add_parser(
         "route",
@@ -82,13 +96,74 @@ def _parser() -> argparse.ArgumentParser:
         "added latency, barge-in, CPU and memory per call",
     )
     loadtest_cli.add_arguments(loadtest)
+
+    from voicebridge import cli_install
+
+    install = commands.add_parser(
+        "install-units",
+        help="install the systemd units, the example configuration, the man page and the "
+        "documentation shipped in this package",
+    )
+    cli_install.add_arguments(install)
+
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script (bash, zsh or tcsh)"
+    )
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
     return parser
 
 
+#: What ``voicebridge completion`` can write a script for (those shtab supports).
+SHELLS = ("bash", "zsh", "tcsh")
+
+
+#: The exit status of a command whose reader went away (``voicebridge loadtest --json |
+#: head``): what a shell reports for a process killed by SIGPIPE, without a traceback.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a socket's peer went away: a real error, not the reader of our output
+        # Nothing more can be written; stop Python's own flush at exit from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE_CLOSED
+    return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe nobody reads any more (Linux reports POLLERR on
+    the write end of a pipe without readers)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell), end="")
+        return 0
+    if args.command == "install-units":
+        from voicebridge import cli_install
+
+        return cli_install.main(args)
     if args.command == "check-config":
-        return check_config_main(args.config)
+        return check_config_main(
+            args.config, quiet=args.quiet, read_secrets=not args.no_secrets
+        )
     if args.command == "route":
         from voicebridge.routing import route_main
 
@@ -113,8 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+#: ``serve``'s exit status for a configuration it refuses (sysexits.h ``EX_CONFIG``): the
+#: units' ``RestartPreventExitStatus=`` names it, since restarting cannot fix the file.
+EXIT_CONFIG = 78
+
+
 def _serve(config_path: str) -> int:
-    """``voicebridge serve``: 0 after a drain, 1 when it cannot serve, 2 for a bad setup."""
+    """``voicebridge serve``: 0 after a drain, 1 when it cannot serve (a port taken, say:
+    worth restarting), ``EXIT_CONFIG`` for a configuration or unit setup it refuses."""
     from voicebridge.listenfds import ListenFdsError, by_role, listen_sockets
     from voicebridge.sdnotify import Notifier, watchdog_interval
     from voicebridge.server import serve
@@ -125,7 +206,7 @@ def _serve(config_path: str) -> int:
         print(f"voicebridge: config error: {exc}", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
             print(f"voicebridge: config error: {note}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging(config.server.log_level.upper(), target=config.server.log_target)
     log = logging.getLogger("voicebridge")
     log_event(
@@ -144,7 +225,7 @@ def _serve(config_path: str) -> int:
         activated = by_role(listen_sockets())
     except ListenFdsError as exc:
         log.error("cannot serve: socket activation: %s", exc)
-        return 2
+        return EXIT_CONFIG
     from voicebridge.gctuning import tune_gc_for_latency
 
     tune_gc_for_latency()  # everything is imported: freeze it (see gctuning)
@@ -163,7 +244,7 @@ def _serve(config_path: str) -> int:
         )
     except ConfigError as exc:  # what only serving finds (a tool handler, the ops address)
         log.error("cannot serve: config error: %s", exc)
-        return 2
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

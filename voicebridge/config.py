@@ -35,7 +35,6 @@ import attrs
 import cattrs
 from attrs import field, frozen
 from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
-from cattrs.gen import make_dict_structure_fn
 
 from voicebridge.errors import ConfigError
 from voicebridge.vapi.endings import EndingPolicy, is_valid_pattern
@@ -823,6 +822,12 @@ class Secrets:
     twilio_shared_key: Secret = field(factory=lambda: Secret(""))
     #: Signs the decision requests to ``[route_hook] url``.
     route_hook_secret: Secret = field(factory=lambda: Secret(""))
+    #: During a rotation: the Auth Token Twilio signed with before (see docs/operations.md,
+    #: "Rotating secrets"); webhooks signed with it are still accepted.
+    twilio_auth_token_previous: Secret = field(factory=lambda: Secret(""))
+    #: During a rotation: the stream token secret before; tokens issued with it are still
+    #: accepted (new ones are issued with ``stream_token_secret``).
+    stream_token_secret_previous: Secret = field(factory=lambda: Secret(""))
 
 
 #: secret attribute -> (systemd credential name, environment variable)
@@ -834,6 +839,14 @@ SECRET_SOURCES: dict[str, tuple[str, str]] = {
     "control_api_token": ("control-api-token", "VOICEBRIDGE_CONTROL_API_TOKEN"),
     "twilio_shared_key": ("twilio-shared-key", "VOICEBRIDGE_TWILIO_SHARED_KEY"),
     "route_hook_secret": ("route-hook-secret", "VOICEBRIDGE_ROUTE_HOOK_SECRET"),
+    "twilio_auth_token_previous": (
+        "twilio-auth-token-previous",
+        "VOICEBRIDGE_TWILIO_AUTH_TOKEN_PREVIOUS",
+    ),
+    "stream_token_secret_previous": (
+        "stream-token-secret-previous",
+        "VOICEBRIDGE_STREAM_TOKEN_SECRET_PREVIOUS",
+    ),
 }
 
 #: ``VOICEBRIDGE_*`` environment variables that are not ``<SECTION>_<KEY>`` overrides, so
@@ -855,6 +868,8 @@ class SecretFiles:
     control_api_token_file: str = ""
     twilio_shared_key_file: str = ""
     route_hook_secret_file: str = ""
+    twilio_auth_token_previous_file: str = ""
+    stream_token_secret_previous_file: str = ""
 
 
 @frozen(kw_only=True)
@@ -1101,13 +1116,56 @@ def _structure_secrets(value: Any, _: type) -> Secrets:
 
 
 def _attrs_hook_factory(cl: type[Any], converter: cattrs.Converter) -> Callable[[Any, Any], Any]:
-    """Structure an attrs section, first checking that the TOML value is a table at all."""
-    structure = make_dict_structure_fn(cl, converter)
+    """Structure an attrs section, reporting every problem in it.
+
+    Each key is structured on its own; the instance is built from those that worked (the
+    defaults for the others) with validators off, and then every validator of a key that
+    structured runs, so that one bad value never hides the next. The problems are raised
+    together as a ``ClassValidationError`` in the shape cattrs gives them (a note naming
+    the attribute on structuring errors; validators' own ``ConfigError`` keys; unknown keys
+    last), which ``_problems_from`` reads.
+    """
+    fields = attrs.fields(cl)
+    types = typing.get_type_hints(cl)
+    names = frozenset(a.name for a in fields)
 
     def structure_section(value: Any, _: Any) -> Any:
         if not isinstance(value, Mapping):
             raise _expected("a table", value)
-        return structure(value, cl)
+        errors: list[Exception] = []
+        kwargs: dict[str, Any] = {}
+        for a in fields:
+            if a.name not in value:
+                if a.default is attrs.NOTHING:  # required (only a route has such keys)
+                    missing = KeyError(a.name)
+                    missing.add_note(AttributeValidationNote(
+                        f"Structuring {a.name}", a.name, types[a.name]
+                    ))
+                    errors.append(missing)
+                continue
+            try:
+                kwargs[a.name] = converter.structure(value[a.name], types[a.name])
+            except Exception as exc:  # reported with its key, as cattrs would
+                note = AttributeValidationNote(f"Structuring {a.name}", a.name, types[a.name])
+                exc.add_note(note)
+                errors.append(exc)
+        if any(isinstance(e, KeyError) for e in errors):
+            raise ClassValidationError(f"While structuring {cl.__name__}", errors, cl)
+        with attrs.validators.disabled():
+            instance = cl(**kwargs)
+        for a in fields:
+            if a.validator is None or (a.name in value and a.name not in kwargs):
+                continue
+            try:
+                a.validator(instance, a, getattr(instance, a.name))
+            except ConfigError as exc:
+                errors.append(exc)
+        extra = {key for key in value if key not in names}
+        if extra:
+            errors.append(ForbiddenExtraKeysError("", cl, extra))
+        if errors:
+            raise ClassValidationError(f"While structuring {cl.__name__}", errors, cl)
+        return instance
 
     return structure_section
 
@@ -1340,6 +1398,8 @@ def _load_secrets(files: SecretFiles, environ: Mapping[str, str]) -> tuple[Secre
             problems.append((key, f"cannot read {path}: {exc.strerror or exc}"))
         except UnicodeDecodeError:
             problems.append((key, f"{path} is not UTF-8 text"))
+        except ValueError as exc:  # a NUL byte in the path
+            problems.append((key, f"cannot read {str(path)!r}: {exc}"))
     return Secrets(**found), problems
 
 
@@ -1456,8 +1516,9 @@ def _stream_url_problems(config: Config) -> list[_Problem]:
     ]
 
 
-def _incomplete(config: Config) -> list[_Problem]:
-    """What a serving daemon needs that ``config`` does not have."""
+def _incomplete(config: Config, *, secrets: bool = True) -> list[_Problem]:
+    """What a serving daemon needs that ``config`` does not have (with ``secrets``, the
+    secrets it needs too)."""
     problems: list[_Problem] = []
     if not config.server.public_url:
         problems.append(
@@ -1477,7 +1538,7 @@ def _incomplete(config: Config) -> list[_Problem]:
     if config.twilio.shared_key_id:
         # Shared-key signed webhooks are expected: without the key each would get a 403.
         required.append("twilio_shared_key")
-    for name in required:
+    for name in required if secrets else ():
         secret: Secret = getattr(config.credentials, name)
         if not secret:
             got = f"empty (from {secret.source})" if secret.source else "missing"
@@ -1542,17 +1603,36 @@ def config_from_mapping(
     *,
     environ: Mapping[str, str] | None = None,
     require_complete: bool = True,
+    read_secrets: bool = True,
 ) -> Config:
     """Build a ``Config`` from parsed TOML ``data``, env overrides and secrets.
 
     ``environ`` defaults to ``os.environ``; pass ``{}`` for a config from ``data`` alone.
     With ``require_complete``, everything ``serve`` needs must be present (see
-    ``load_config``). Raises ``ConfigError`` for every problem; ``data`` is not modified.
+    ``load_config``). With ``read_secrets=False`` no secret is read (all are empty) and
+    none is required. Raises ``ConfigError`` for every problem; ``data`` is not modified.
     """
-    if environ is None:
-        environ = os.environ
+    config, problems = _build(
+        data,
+        os.environ if environ is None else environ,
+        require_complete=require_complete,
+        read_secrets=read_secrets,
+    )
+    if problems or config is None:
+        _raise(problems)
+    return config
+
+
+def _build(
+    data: Any,
+    environ: Mapping[str, str],
+    *,
+    require_complete: bool,
+    read_secrets: bool,
+) -> tuple[Config | None, list[_Problem]]:
+    """The configuration and every problem found (``None`` when it cannot be built)."""
     if not isinstance(data, Mapping):
-        raise ConfigError("", f"the configuration must be a table, got {_show(data)}")
+        return None, [("", f"the configuration must be a table, got {_show(data)}")]
 
     raw, problems = _refuse_secrets_in_file(data)
     problems += _apply_env_overrides(raw, environ)
@@ -1563,18 +1643,60 @@ def config_from_mapping(
     except ClassValidationError as exc:
         problems += _problems_from(exc)
     if problems:
-        _raise(problems)
+        return None, problems + _problems_beside(raw, environ, problems, require_complete,
+                                                 read_secrets=read_secrets)
+    return _check_whole(config, environ, require_complete=require_complete,
+                        read_secrets=read_secrets)
 
-    credentials, problems = _load_secrets(config.secrets, environ)
-    token_secret = credentials.stream_token_secret
-    if token_secret and len(token_secret.reveal().encode()) < MIN_STREAM_TOKEN_SECRET_BYTES:
-        problems.append(
-            (
-                "credentials.stream_token_secret",
-                f"must be at least {MIN_STREAM_TOKEN_SECRET_BYTES} bytes"
-                f" (from {token_secret.source})",
+
+def _problems_beside(
+    raw: Mapping[Any, Any],
+    environ: Mapping[str, str],
+    found: list[_Problem],
+    require_complete: bool,
+    *,
+    read_secrets: bool,
+) -> list[_Problem]:
+    """The problems of the whole configuration (secrets, completeness) that sections which
+    could not be structured hide: judged with the defaults in their place, and kept only
+    where they concern no section that had problems of its own."""
+    sections: dict[str, Any] = {}
+    for name, cls in FILE_SECTIONS.items():
+        try:
+            sections[name] = _converter.structure(raw.get(name, {}), cls)
+        except (ConfigError, ClassValidationError):
+            continue
+    with attrs.validators.disabled():
+        partial = Config(**sections)
+    _, more = _check_whole(
+        partial, environ, require_complete=require_complete, read_secrets=read_secrets
+    )
+    bad = {key.split(".")[0] for key, _ in found}
+    return [(key, reason) for key, reason in more if key.split(".")[0] not in bad]
+
+
+def _check_whole(
+    config: Config,
+    environ: Mapping[str, str],
+    *,
+    require_complete: bool,
+    read_secrets: bool,
+) -> tuple[Config, list[_Problem]]:
+    """``config`` with its secrets, and the problems of the configuration as a whole."""
+    problems: list[_Problem] = []
+    credentials = Secrets()
+    if read_secrets:
+        credentials, problems = _load_secrets(config.secrets, environ)
+    for name in ("stream_token_secret", "stream_token_secret_previous"):
+        token_secret = getattr(credentials, name)
+        if token_secret and len(token_secret.reveal().encode()) < MIN_STREAM_TOKEN_SECRET_BYTES:
+            problems.append(
+                (
+                    f"credentials.{name}",
+                    f"must be at least {MIN_STREAM_TOKEN_SECRET_BYTES} bytes"
+                    f" (from {token_secret.source})",
+                )
             )
-        )
     config = config.evolve(credentials=credentials)
     problems += _silence_problems(config.vapi)
     problems += _secrets_unusable(config)
@@ -1582,10 +1704,22 @@ def config_from_mapping(
 
     problems += route_problems(config)
     if require_complete:
-        problems += _incomplete(config) + _stream_url_problems(config)
-    if problems:
-        _raise(problems)
-    return config
+        problems += _incomplete(config, secrets=read_secrets) + _stream_url_problems(config)
+    return config, problems
+
+
+def _read_toml(file_name: str) -> tuple[str, dict[str, Any]]:
+    """The file's text and its parsed TOML; ``ConfigError`` (empty key) naming the file."""
+    try:
+        with open(file_name, "rb") as file:
+            text = file.read().decode("utf-8")
+        return text, tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {file_name}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{file_name} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{file_name} is not UTF-8 text") from None
 
 
 def load_config(
@@ -1593,6 +1727,7 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     require_complete: bool = True,
+    read_secrets: bool = True,
 ) -> Config:
     """Load the configuration from the TOML file at ``path`` (default ``DEFAULT_CONFIG_PATH``).
 
@@ -1605,23 +1740,118 @@ def load_config(
     ``twilio.validate_signatures`` is false), the Vapi API key, a stream token secret of at
     least 16 bytes and one of ``vapi.assistant_id`` / ``vapi.assistant``; and refuse a
     ``server.public_url`` that would give a media stream URL other than ``wss://`` on port
-    443 (unless ``twilio.allow_insecure_stream_url``).
+    443 (unless ``twilio.allow_insecure_stream_url``). ``read_secrets=False``: see
+    ``config_from_mapping``.
 
     Raises ``ConfigError``: for an unreadable file or bad TOML its ``key`` is empty and the
     reason names the file; otherwise ``key`` is the dotted key path of the first problem and
-    the others are in ``__notes__``.
+    the others are in ``__notes__``. Each reason ends with where the value came from:
+    `` (in <file>:<line>)`` for a key in the file, `` (from VOICEBRIDGE_…)`` for an
+    environment override.
     """
+    config, _ = load_config_with_origins(
+        path, environ=environ, require_complete=require_complete, read_secrets=read_secrets
+    )
+    return config
+
+
+def load_config_with_origins(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    require_complete: bool = True,
+    read_secrets: bool = True,
+) -> tuple[Config, dict[str, str]]:
+    """``load_config``, and where each key that was set came from (``key_origins``)."""
     file_name = os.fspath(path) if path is not None else DEFAULT_CONFIG_PATH
-    try:
-        with open(file_name, "rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {file_name}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"{file_name} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError("", f"{file_name} is not UTF-8 text") from None
-    return config_from_mapping(data, environ=environ, require_complete=require_complete)
+    environ = os.environ if environ is None else environ
+    text, data = _read_toml(file_name)
+    origins = key_origins(text, file_name, environ)
+    config, problems = _build(
+        data, environ, require_complete=require_complete, read_secrets=read_secrets
+    )
+    if problems or config is None:
+        _raise([(key, reason + _origin_note(key, reason, origins)) for key, reason in problems])
+    return config, origins
+
+
+# --- where a key came from ---------------------------------------------------------------
+
+_TABLE_HEADER = re.compile(r"\s*\[\[?\s*(?P<name>[^\[\]#]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_KEY_LINE = re.compile(rf"\s*(?P<key>{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
+_KEY_SPLIT = re.compile(rf"\s*({_KEY_PART})\s*(?:\.|$)")
+
+
+def _dotted(key_text: str) -> str:
+    """``a . "b.c"`` -> ``a.b.c`` (quotes dropped; good enough to find a key by path)."""
+    return ".".join(part.strip("\"'") for part in _KEY_SPLIT.findall(key_text))
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of each table header and ``key =`` in TOML ``text``, by dotted
+    path (``server``, ``server.listen``, ``vapi.assistant.model``); the first one wins.
+
+    tomllib keeps no positions, so this is a light scan of the lines: it follows
+    ``[table]`` headers and skips the insides of multi-line strings and arrays, which is
+    all that finding a key for an error message needs (brackets inside strings of an
+    array can fool it; the worst that does is a missing or wrong line in a message).
+    """
+    found: dict[str, int] = {}
+    table = ""
+    in_string = ""
+    # Invariant: > 0 while inside a multi-line array (its lines hold no keys or headers).
+    open_brackets = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if in_string:
+            if line.count(in_string) % 2:
+                in_string = ""
+            continue
+        if open_brackets > 0:
+            open_brackets += line.count("[") - line.count("]")
+            continue
+        header = _TABLE_HEADER.match(line)
+        if header and not _KEY_LINE.match(line):
+            table = _dotted(header.group("name"))
+            found.setdefault(table, number)
+            continue
+        key = _KEY_LINE.match(line)
+        if key:
+            path = _join(table, _dotted(key.group("key")))
+            found.setdefault(path, number)
+            rest = line[key.end() :]
+            for quotes in ('"""', "'''"):
+                if rest.count(quotes) % 2:
+                    in_string = quotes
+            if not in_string:
+                open_brackets = rest.count("[") - rest.count("]")
+    return found
+
+
+def key_origins(text: str, file_name: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Where each key that was set came from: ``"<file>:<line>"``, or the environment
+    variable (``"VOICEBRIDGE_SERVER_LISTEN"``) that overrides the file."""
+    origins = {key: f"{file_name}:{line}" for key, line in key_lines(text).items()}
+    for section, keys in _SECTION_FIELDS.items():
+        for key in keys:
+            name = env_var_name(section, key)
+            if name in environ:
+                origins[_join(section, key)] = name
+    return origins
+
+
+def _origin_note(key: str, reason: str, origins: Mapping[str, str]) -> str:
+    """`` (in <file>:<line>)`` or `` (from <variable>)`` for the longest prefix of ``key``
+    that has an origin; "" for none, or when ``reason`` names it already."""
+    parts = key.split(".") if key else []
+    for end in range(len(parts), 0, -1):
+        origin = origins.get(".".join(parts[:end]))
+        if origin is None:
+            continue
+        if origin in reason:
+            return ""
+        return f" (from {origin})" if origin.startswith(ENV_PREFIX) else f" (in {origin})"
+    return ""
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -1661,8 +1891,10 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
 
 
-def _secret_line(name: str, secret: Secret) -> str:
+def _secret_line(name: str, secret: Secret, *, read: bool = True) -> str:
     credential, env = SECRET_SOURCES[name]
+    if not read:
+        return f"{name} = {_toml_string(UNSET)}  # not read (--no-secrets)"
     if secret:
         return f"{name} = {_toml_string(MASK)}  # from {secret.source}"
     if secret.source:
@@ -1673,19 +1905,32 @@ def _secret_line(name: str, secret: Secret) -> str:
     )
 
 
-def render_config(config: Config) -> str:
+def render_config(
+    config: Config,
+    *,
+    origins: Mapping[str, str] | None = None,
+    secrets_read: bool = True,
+) -> str:
     """The effective configuration as TOML text, sections in class order, secrets masked.
 
     Each secret is ``"********"`` when set and ``"(unset)"`` when not, with a comment
-    saying where it came from. The ``[credentials]`` table is informational: a config file
-    may not contain it.
+    saying where it came from (``secrets_read=False``: that none was read). The
+    ``[credentials]`` table is informational: a config file may not contain it. With
+    ``origins`` (``key_origins``), a key that was set ends with a comment saying where:
+    ``# voicebridge.toml:12`` or ``# from VOICEBRIDGE_SERVER_LISTEN``; keys without one
+    have their default.
     """
+    origins = origins or {}
     lines = ["# voicebridge effective configuration (secrets masked)"]
     for section in FILE_SECTIONS:
         lines += ["", f"[{section}]"]
         section_value = getattr(config, section)
         for a in attrs.fields(type(section_value)):
-            lines.append(f"{a.name} = {_toml_value(getattr(section_value, a.name))}")
+            line = f"{a.name} = {_toml_value(getattr(section_value, a.name))}"
+            origin = origins.get(_join(section, a.name))
+            if origin is not None:
+                line += f"  # {'from ' if origin.startswith(ENV_PREFIX) else ''}{origin}"
+            lines.append(line)
     for route in config.routes:
         lines += ["", "[[routes]]"]
         for a in attrs.fields(RouteConfig):
@@ -1697,7 +1942,7 @@ def render_config(config: Config) -> str:
         "[credentials]",
     ]
     for name in SECRET_SOURCES:
-        lines.append(_secret_line(name, getattr(config.credentials, name)))
+        lines.append(_secret_line(name, getattr(config.credentials, name), read=secrets_read))
     return "\n".join(lines) + "\n"
 
 
@@ -1716,13 +1961,19 @@ def check_config_main(
     environ: Mapping[str, str] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    quiet: bool = False,
+    read_secrets: bool = True,
 ) -> int:
-    """``voicebridge check-config [--config PATH]``: load as ``serve`` would and report
-    (the tool handlers are imported too).
+    """``voicebridge check-config [--config PATH] [--quiet] [--no-secrets]``: load as
+    ``serve`` would and report (the tool handlers are imported too).
 
-    Prints the effective configuration (secrets masked) to ``out`` (default stdout) and
-    returns 0; or prints one ``voicebridge: config error: <key>: <reason>`` line per problem
-    to ``err`` (default stderr) and returns 2.
+    Prints the effective configuration (secrets masked, each key that was set followed by
+    where: ``# <file>:<line>`` or ``# from VOICEBRIDGE_…``) to ``out`` (default stdout),
+    nothing with ``quiet``, and returns 0; or prints one
+    ``voicebridge: config error: <key>: <reason> (in <file>:<line>)`` line per problem to
+    ``err`` (default stderr) and returns 2. ``read_secrets=False`` checks everything but
+    the secrets, which are neither read nor required (for a user who cannot read them, or
+    a new release checked before it is installed).
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
@@ -1730,10 +1981,13 @@ def check_config_main(
     from voicebridge.control.tools import check_handlers
 
     try:
-        config = load_config(path, environ=environ, require_complete=True)
+        config, origins = load_config_with_origins(
+            path, environ=environ, require_complete=True, read_secrets=read_secrets
+        )
         check_handlers(config.tools.handlers)  # serve imports them at start
     except ConfigError as exc:
         _print_error(exc, err)
         return 2
-    out.write(render_config(config))
+    if not quiet:
+        out.write(render_config(config, origins=origins, secrets_read=read_secrets))
     return 0

@@ -94,15 +94,20 @@ def _hook_answer(message: object) -> dict[str, object] | None:
 
 def run_demo(
     *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
-    out: TextIO | None = None,
+    out: TextIO | None = None, progress: TextIO | None = None,
 ) -> int:
-    """Run the demo; 0 when every call went as a caller expects, else 1."""
+    """Run the demo; 0 when every call went as a caller expects, else 1. What each caller
+    experienced goes to ``out`` (stdout); a line as each call starts and ends to
+    ``progress`` (stderr), so that the ~20 s of a call are not silent."""
     out = out or sys.stdout
+    progress = progress or sys.stderr
     configure_logging(logging.INFO if verbose else logging.WARNING)
-    return trio.run(partial(_demo, calls=calls, save_audio=save_audio, out=out))
+    return trio.run(
+        partial(_demo, calls=calls, save_audio=save_audio, out=out, progress=progress)
+    )
 
 
-async def _demo(*, calls: int, save_audio: str | None, out: TextIO) -> int:
+async def _demo(*, calls: int, save_audio: str | None, out: TextIO, progress: TextIO) -> int:
     behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
     secret = secrets.token_hex(16)
     hook = SimRouteHook(secret.encode(), answer=_hook_answer)
@@ -117,7 +122,9 @@ async def _demo(*, calls: int, save_audio: str | None, out: TextIO) -> int:
             )
 
         async with loopback_bridge(behaviour=behaviour, customize=with_routes) as bridge:
-            ok = await _demo_calls(bridge, calls=calls, save_audio=save_audio, out=out)
+            ok = await _demo_calls(
+                bridge, calls=calls, save_audio=save_audio, out=out, progress=progress
+            )
             ok &= await _demo_routes(bridge, hook, out)
         hook_nursery.cancel_scope.cancel()
     print("\nresult: " + ("every caller was served as expected" if ok else "SOMETHING WENT WRONG"),
@@ -126,7 +133,8 @@ async def _demo(*, calls: int, save_audio: str | None, out: TextIO) -> int:
 
 
 async def _demo_calls(
-    bridge: LoopbackBridge, *, calls: int, save_audio: str | None, out: TextIO
+    bridge: LoopbackBridge, *, calls: int, save_audio: str | None, out: TextIO,
+    progress: TextIO,
 ) -> bool:
     print(
         f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
@@ -138,7 +146,11 @@ async def _demo_calls(
 
     async def one_call(index: int) -> None:
         await trio.sleep(index * CALL_STAGGER_S)
+        started = trio.current_time()
+        print(f"voicebridge demo: call {index + 1} ringing…", file=progress, flush=True)
         reports[index] = await place_call(bridge.caller, DEMO_SCRIPT)
+        print(f"voicebridge demo: call {index + 1} ended after "
+              f"{trio.current_time() - started:.1f} s", file=progress, flush=True)
 
     async with trio.open_nursery() as calls_nursery:
         for index in range(calls):

@@ -18,6 +18,7 @@ systemd restarts the service.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -125,6 +126,12 @@ class Notifier:
     def stopping(self) -> bool:
         """``STOPPING=1``: shutdown (the drain) has begun."""
         return self.notify(STOPPING=1)
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """``EXTEND_TIMEOUT_USEC``: the current state (here: stopping) may take ``seconds``
+        more from now; systemd waits that long past ``TimeoutStopSec`` before it kills,
+        and another call before then extends again."""
+        return self.notify(EXTEND_TIMEOUT_USEC=math.ceil(seconds * 1_000_000))
 
     def reloading(self) -> bool:
         """``RELOADING=1`` + ``MONOTONIC_USEC=now``: a reload has begun; ``ready()`` ends it."""

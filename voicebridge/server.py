@@ -11,8 +11,10 @@
   empty.
 - It tells systemd how it is doing through a ``sdnotify.Notifier``: ``READY=1`` once
   the front door accepts connections, ``STATUS=`` whenever the active calls or the
-  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` when the
-  drain begins, and ``RELOADING=1`` … ``READY=1`` around a reload.
+  drain state change, ``WATCHDOG=1`` from this event loop, ``STOPPING=1`` with
+  ``EXTEND_TIMEOUT_USEC`` (how long the drain may still take) when the drain begins and
+  again when its deadline ends the calls, and ``RELOADING=1`` … ``READY=1`` around a
+  reload.
 - **Drain** (SIGTERM or SIGINT with ``handle_signals``, or ``stop`` set): new calls are
   refused at once (the webhook answers the overflow TwiML, ``/readyz`` 503), active calls
   get ``server.drain_deadline_s`` to finish, then the rest are ended as ``shutdown`` (the
@@ -33,6 +35,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -49,7 +52,7 @@ from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.call import AssistantConnector, CallSettings
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
-from voicebridge.config import Config, listen_addresses_overlap
+from voicebridge.config import SECRET_SOURCES, Config, listen_addresses_overlap
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import CALLS_PATH, WEBHOOK_PATH, vapi_server_override
 from voicebridge.errors import ConfigError
@@ -109,6 +112,9 @@ ACTION_GRACE_S = 3.0
 WEBHOOK_PATHS = (VOICE_PATH, AFTER_STREAM_PATH, STREAM_STATUS_PATH, WEBHOOK_PATH, CALLS_PATH)
 #: At most one ``STATUS=`` datagram per this interval (a burst of call starts is one update).
 STATUS_MIN_INTERVAL_S = 0.25
+#: Added to every ``EXTEND_TIMEOUT_USEC`` the drain sends: a loaded box's scheduling and
+#: the last log lines must not turn a clean stop into systemd's SIGKILL.
+EXTEND_MARGIN_S = 5.0
 #: The signals ``serve`` handles with ``handle_signals``.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -163,8 +169,8 @@ def build_services(
     """The route services for ``config``.
 
     A given ``registry`` (reload) is kept, with ``max_calls`` updated; so are given
-    ``tokens`` (a reload that did not change the token secret keeps its memory of used
-    tokens) and ``metrics`` (counters never restart). ``shared`` makes a new registry
+    ``tokens`` (a reload keeps the memory of used tokens, see ``StreamTokens.rekeyed``)
+    and ``metrics`` (counters never restart). ``shared`` makes a new registry
     and new tokens work across processes.
     """
     credentials = config.credentials
@@ -180,11 +186,12 @@ def build_services(
         registry.max_calls = config.server.max_concurrent_calls
     if tokens is None:
         secret = credentials.stream_token_secret.reveal().encode()
+        previous = credentials.stream_token_secret_previous.reveal().encode()
         ttl_s = config.twilio.stream_token_ttl_s
         tokens = (
-            SharedStreamTokens(secret=secret, ttl_s=ttl_s, shared=shared)
+            SharedStreamTokens(secret=secret, ttl_s=ttl_s, shared=shared, previous_secret=previous)
             if shared is not None
-            else StreamTokens(secret=secret, ttl_s=ttl_s)
+            else StreamTokens(secret=secret, ttl_s=ttl_s, previous_secret=previous)
         )
     return Services(
         config=config,
@@ -192,6 +199,7 @@ def build_services(
         tokens=tokens,
         verifier=WebhookVerifier(
             auth_token=credentials.twilio_auth_token.reveal(),
+            previous_auth_token=credentials.twilio_auth_token_previous.reveal(),
             public_url=config.server.public_url,
             shared_key=credentials.twilio_shared_key.reveal(),
             shared_key_id=config.twilio.shared_key_id,
@@ -436,7 +444,12 @@ class _ServerProcess:
         started = trio.current_time()
         registry.start_draining()
         active = registry.active_count
-        self.notifier.notify(STOPPING=1, STATUS=self.status_text())
+        # systemd's TimeoutStopSec need not know the drain deadline: the drain tells it.
+        self.notifier.notify(
+            STOPPING=1,
+            STATUS=self.status_text(),
+            EXTEND_TIMEOUT_USEC=_usec(deadline_s + self._after_calls_end_s(0.0)),
+        )
         log_event(
             log,
             logging.INFO,
@@ -455,6 +468,7 @@ class _ServerProcess:
             unstarted = registry.load - registry.active_count
             ending = registry.end_all(Outcome.SHUTDOWN, "drain deadline passed")
             ended, goodbye_s = ending.count, ending.goodbye_s
+            self.notifier.extend_timeout(self._after_calls_end_s(goodbye_s))
             log_event(
                 log,
                 logging.WARNING,
@@ -485,6 +499,18 @@ class _ServerProcess:
             actions_unanswered=registry.awaiting_action,
         )
 
+    def _after_calls_end_s(self, goodbye_s: float) -> float:
+        """The longest the drain's last steps take once calls are ended (goodbyes, their
+        ``<Connect action>`` requests, the front door's shutdown), with a margin."""
+        return (
+            goodbye_s
+            + self.services.config.vapi.end_deadline_s
+            + CLOSE_SLACK_S
+            + ACTION_GRACE_S
+            + GRACEFUL_TIMEOUT_S
+            + EXTEND_MARGIN_S
+        )
+
     def stop_at_once(self, why: str) -> None:
         """End every call now and cut the drain short.
 
@@ -506,7 +532,11 @@ class _ServerProcess:
             f"stopping at once ({why}): ending {_calls(ended)}",
             ended_calls=ended,
         )
-        self.notifier.notify(STOPPING=1, STATUS=self.status_text())
+        self.notifier.notify(
+            STOPPING=1,
+            STATUS=self.status_text(),
+            EXTEND_TIMEOUT_USEC=_usec(self._after_calls_end_s(self._goodbye_s)),
+        )
         self._patience_scope.cancel(reason=f"stopping at once ({why})")
         self._stop.set()
 
@@ -524,9 +554,11 @@ class _ServerProcess:
         old = self.services
         try:
             new, restart_only = _keep_restart_only_settings(old.config, self._reload_config())
-            same_tokens = (
-                new.credentials.stream_token_secret == old.config.credentials.stream_token_secret
-                and new.twilio.stream_token_ttl_s == old.config.twilio.stream_token_ttl_s
+            # Used tokens stay used whatever the new secrets are.
+            tokens = old.tokens.rekeyed(
+                secret=new.credentials.stream_token_secret.reveal().encode(),
+                previous_secret=new.credentials.stream_token_secret_previous.reveal().encode(),
+                ttl_s=new.twilio.stream_token_ttl_s,
             )
             # Builds everything before anything changes: a bad tool handler, say, raises
             # here and leaves the running configuration untouched.
@@ -534,7 +566,7 @@ class _ServerProcess:
                 new,
                 self._http,
                 registry=old.registry,
-                tokens=old.tokens if same_tokens else None,
+                tokens=tokens,
                 connector=self._connector,
                 shared=self._shared,
                 metrics=old.metrics,
@@ -555,6 +587,12 @@ class _ServerProcess:
             return
         self.services = services
         services.metrics.config_loaded("applied")
+        # Names only: what a rotation's operator checks in the journal.
+        rotated = [
+            name
+            for name in SECRET_SOURCES
+            if getattr(new.credentials, name) != getattr(old.config.credentials, name)
+        ]
         logging.getLogger("voicebridge").setLevel(new.server.log_level.upper())
         set_number_masking(new.server.mask_caller_numbers)
         if restart_only:
@@ -572,9 +610,12 @@ class _ServerProcess:
             logging.INFO,
             "reloaded",
             f"configuration reloaded: limit {_calls(new.server.max_concurrent_calls)}, "
-            f"log level {new.server.log_level}; calls in progress keep their settings",
+            f"log level {new.server.log_level}"
+            + (f"; secrets changed: {', '.join(rotated)}" if rotated else "")
+            + "; calls in progress keep their settings",
             max_concurrent_calls=new.server.max_concurrent_calls,
             log_level=new.server.log_level,
+            secrets_changed=",".join(rotated) or None,
         )
         self.notifier.ready(status=self.status_text())
 
@@ -620,6 +661,10 @@ async def _sweep_periodically(shared: SharedDir) -> None:
         removed = await trio.to_thread.run_sync(shared.sweep, abandon_on_cancel=True)
         log.debug("swept %d expired files from %s", removed, shared.path)
         await trio.sleep(SWEEP_INTERVAL_S)
+
+
+def _usec(seconds: float) -> int:
+    return math.ceil(seconds * 1_000_000)
 
 
 def _calls(count: int) -> str:

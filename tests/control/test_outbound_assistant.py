@@ -92,6 +92,19 @@ def test_a_granted_assistant_is_honoured_for_its_number_only() -> None:
         granted_assistant(other_deployment, query, to=CALLEE)
 
 
+def test_a_grant_made_before_a_rotation_of_the_secret_still_holds() -> None:
+    query = query_of(outbound_voice_url(CONFIG, VOICE_URL, to=CALLEE, assistant="asst-sales"))
+    old = CONFIG.credentials.stream_token_secret
+    new = Secret("the-new-stream-token-secret-0123")
+    rotated = attrs.evolve(
+        CONFIG, credentials=Secrets(stream_token_secret=new, stream_token_secret_previous=old)
+    )
+    assert granted_assistant(rotated, query, to=CALLEE) == "asst-sales"
+    after = attrs.evolve(CONFIG, credentials=Secrets(stream_token_secret=new))
+    with pytest.raises(AssistantRefused, match="no valid grant"):
+        granted_assistant(after, query, to=CALLEE)
+
+
 def test_a_grant_ends_when_its_assistant_leaves_the_allow_list() -> None:
     query = query_of(outbound_voice_url(CONFIG, VOICE_URL, to=CALLEE, assistant="asst-sales"))
     narrowed = attrs.evolve(CONFIG, outbound=OutboundConfig(assistants=("asst-support",)))

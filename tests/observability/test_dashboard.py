@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import shutil
 import socket
@@ -174,11 +175,12 @@ async def test_every_dashboard_query_returns_data_from_two_workers_under_load(
                 [
                     sys.executable, "-m", "voicebridge", "loadtest",
                     "--url", f"http://127.0.0.1:{workers.public_port}",
-                    "--auth-token", auth_token, "--assistant-key", api_key,
                     "--assistant-port", str(assistant_port),
                     "--calls", str(CALLS), "--duration", "4", "--ramp", "1", "--json",
                 ],
                 capture_stdout=True, capture_stderr=True, check=False,
+                # The secrets as an operator passes them: never in argv.
+                env={**os.environ, **environment},
             )
             report = json.loads(loadtest.stdout)
             # Every call went through; whether the figures are valid as a benchmark (the

@@ -366,3 +366,41 @@ def test_sign_with_a_shared_key_is_the_librarys_signature() -> None:
     assert sign(VOICE_URL, FORM, SHARED_KEY, algorithm="HMAC_SHA256") == shared_key_signs(
         VOICE_URL, FORM
     )
+
+
+# ------------------------------------------------------ rotating the Auth Token
+
+
+NEW_TOKEN = "abcdefabcdefabcdefabcdefabcdef12"
+
+
+def test_during_a_rotation_either_token_is_accepted_and_after_it_only_the_new_one() -> None:
+    """Twilio's flow: the secondary token becomes ours (the old one stays as previous)
+    before it is promoted; after the promotion the old one is dropped."""
+    url = "https://bridge.example.com/twilio/voice"
+    by_old, by_new = sign(url, FORM, TOKEN), sign(url, FORM, NEW_TOKEN)
+    before = WebhookVerifier(auth_token=TOKEN, public_url=PUBLIC)
+    during = WebhookVerifier(auth_token=NEW_TOKEN, previous_auth_token=TOKEN, public_url=PUBLIC)
+    after = WebhookVerifier(auth_token=NEW_TOKEN, public_url=PUBLIC)
+    for v, accepted, refused in ((before, [by_old], [by_new]), (during, [by_old, by_new], []),
+                                 (after, [by_new], [by_old])):
+        for signature in accepted:
+            v.verify_form(path_and_query="/twilio/voice", params=FORM, signature=signature)
+        for signature in refused:
+            with pytest.raises(SignatureError) as error:
+                v.verify_form(path_and_query="/twilio/voice", params=FORM, signature=signature)
+            assert reason(error) == "mismatch"
+
+
+def test_the_previous_token_also_checks_json_bodies_and_the_media_upgrade() -> None:
+    during = WebhookVerifier(auth_token=NEW_TOKEN, previous_auth_token=TOKEN, public_url=PUBLIC)
+    body = b'{"CallSid": "CA1"}'
+    query = "?bodySHA256=" + hashlib.sha256(body).hexdigest()
+    json_url = "https://bridge.example.com/twilio/status" + query
+    during.verify_json(
+        path_and_query="/twilio/status" + query, body=body, signature=sign(json_url, {}, TOKEN)
+    )
+    ws_url = "wss://bridge.example.com/twilio/stream"
+    during.verify_upgrade(path="/twilio/stream", signature=sign(ws_url, {}, TOKEN))
+    with pytest.raises(SignatureError):
+        during.verify_upgrade(path="/twilio/stream", signature=sign(ws_url, {}, "a third token"))

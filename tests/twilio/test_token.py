@@ -230,3 +230,43 @@ def test_tokens_round_trip(
 def test_arbitrary_text_is_rejected_not_crashing(text: str) -> None:
     with pytest.raises(TokenRejected):
         tokens().verify(text, SIGNED)
+
+
+# -- rotating the secret ------------------------------------------------------------
+
+NEW_SECRET = b"fedcba9876543210fedcba9876543210"
+
+
+def test_tokens_issued_with_the_previous_secret_are_still_accepted() -> None:
+    clock = FakeClock()
+    old = tokens(clock)
+    before = old.issue(SIGNED)
+    rotated = StreamTokens(secret=NEW_SECRET, previous_secret=SECRET, ttl_s=60.0, clock=clock)
+    rotated.verify(before, SIGNED)
+    # New tokens are issued with the new secret: an instance that only knows the old
+    # secret refuses them, one that only knows the new one accepts them.
+    after = rotated.issue(SIGNED)
+    assert rejected(tokens(clock), after) == "bad-signature"
+    tokens(clock, secret=NEW_SECRET).verify(after, SIGNED)
+    # Once the previous secret is dropped, its tokens are refused.
+    assert rejected(tokens(clock, secret=NEW_SECRET), old.issue(SIGNED)) == "bad-signature"
+
+
+def test_a_token_signed_with_the_previous_secret_must_still_carry_its_claims() -> None:
+    clock = FakeClock()
+    before = tokens(clock).issue(SIGNED)
+    rotated = StreamTokens(secret=NEW_SECRET, previous_secret=SECRET, ttl_s=60.0, clock=clock)
+    assert rejected(rotated, before, attrs.evolve(SIGNED, caller="+15550199999")) == (
+        "wrong-parameters"
+    )
+
+
+def test_rekeyed_tokens_remember_the_tokens_used_before() -> None:
+    clock = FakeClock()
+    t = tokens(clock)
+    used, unused = t.issue(SIGNED), t.issue(SIGNED)
+    t.verify(used, SIGNED)
+    rotated = t.rekeyed(secret=NEW_SECRET, previous_secret=SECRET, ttl_s=60.0)
+    assert rejected(rotated, used) == "reused"
+    rotated.verify(unused, SIGNED)
+    assert rejected(t, unused) == "reused"  # one memory, shared

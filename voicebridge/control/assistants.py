@@ -93,9 +93,16 @@ def granted_assistant(config: Config, query: Mapping[str, str], *, to: str) -> s
     grant = query.get(GRANT_QUERY, "")
     if not assistant and not grant:
         return ""
-    secret = config.credentials.stream_token_secret.reveal()
-    expected = _grant(secret, assistant, to) if secret and assistant else ""
-    if not expected or not hmac.compare_digest(expected.encode(), grant.encode("utf-8", "replace")):
+    # A grant made before a rotation of the secret still holds (the call was placed).
+    given = grant.encode("utf-8", "replace")
+    secrets = (
+        config.credentials.stream_token_secret.reveal(),
+        config.credentials.stream_token_secret_previous.reveal(),
+    )
+    if not assistant or not any(
+        secret and hmac.compare_digest(_grant(secret, assistant, to).encode(), given)
+        for secret in secrets
+    ):
         raise AssistantRefused(
             "the assistant in the voice webhook URL has no valid grant for this call "
             "(voicebridge did not place it)"

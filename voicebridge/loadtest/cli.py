@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
+
+#: Where an external bridge's secrets come from when no ``--*-file`` names them: the
+#: variables the bridge itself reads them from.
+AUTH_TOKEN_ENV = "VOICEBRIDGE_TWILIO_AUTH_TOKEN"
+ASSISTANT_KEY_ENV = "VOICEBRIDGE_VAPI_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="load this bridge (http://host:port) instead of starting one")
     external.add_argument("--public-url", metavar="URL",
                           help="its server.public_url, if not --url (webhooks are signed for it)")
-    external.add_argument("--auth-token", metavar="TOKEN", help="its Twilio auth token")
+    external.add_argument(
+        "--auth-token-file", metavar="PATH",
+        help=f"file holding its Twilio auth token (default: ${AUTH_TOKEN_ENV})",
+    )
     external.add_argument("--assistant-port", type=int, default=0, metavar="PORT",
                           help="where the simulated Vapi listens")
-    external.add_argument("--assistant-key", metavar="KEY", help="its Vapi API key")
+    external.add_argument(
+        "--assistant-key-file", metavar="PATH",
+        help=f"file holding its Vapi API key (default: ${ASSISTANT_KEY_ENV})",
+    )
+    # Secrets on the command line are visible to every user (ps, /proc) and stay in shell
+    # histories: these are refused with where to put the secret instead.
+    for refused in ("--auth-token", "--assistant-key"):
+        external.add_argument(refused, metavar="SECRET", help=argparse.SUPPRESS)
     external.add_argument("--bridge-pid", type=int, metavar="PID",
                           help="its process, for CPU and memory from /proc")
     external.add_argument(
@@ -73,15 +90,32 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
                   "with --vapi-tls", file=sys.stderr)
             return 2
         certificate = Certificate(Path(args.vapi_tls_cert), Path(args.vapi_tls_key))
+    for option, file_option, env in (
+        ("auth_token", "--auth-token-file", AUTH_TOKEN_ENV),
+        ("assistant_key", "--assistant-key-file", ASSISTANT_KEY_ENV),
+    ):
+        if getattr(args, option) is not None:
+            print(f"voicebridge loadtest: --{option.replace('_', '-')} would show the secret "
+                  f"to every user (ps) and keep it in shell history; use {file_option} PATH "
+                  f"or the {env} environment variable", file=sys.stderr)
+            return 2
     external = None
     if args.url:
-        if not args.auth_token or not args.assistant_key or not args.assistant_port:
-            print("voicebridge loadtest: --url needs --auth-token, --assistant-port and "
-                  "--assistant-key", file=sys.stderr)
+        try:
+            auth_token = _secret(args.auth_token_file, AUTH_TOKEN_ENV)
+            assistant_key = _secret(args.assistant_key_file, ASSISTANT_KEY_ENV)
+        except OSError as exc:
+            print(f"voicebridge loadtest: cannot read {exc.filename}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
+        if not auth_token or not assistant_key or not args.assistant_port:
+            print("voicebridge loadtest: --url needs --assistant-port, the bridge's auth "
+                  f"token (--auth-token-file or ${AUTH_TOKEN_ENV}) and its Vapi key "
+                  f"(--assistant-key-file or ${ASSISTANT_KEY_ENV})", file=sys.stderr)
             return 2
         external = ExternalBridge(
-            url=args.url, public_url=args.public_url, auth_token=args.auth_token,
-            assistant_port=args.assistant_port, assistant_key=args.assistant_key,
+            url=args.url, public_url=args.public_url, auth_token=auth_token,
+            assistant_port=args.assistant_port, assistant_key=assistant_key,
             pid=args.bridge_pid,
         )
         if args.vapi_tls:
@@ -95,6 +129,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         barge_in_share=args.barge_in_share, seed=args.seed,
         vapi_tls=args.vapi_tls, vapi_tls_certificate=certificate,
         route_hook=args.route_hook,
+        progress=_progress_line,
     )
     try:
         report = trio.run(run_loadtest, options)
@@ -106,6 +141,19 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         print(report.table(), file=out)
     return 0 if report.valid and not report.failed_calls else 1
+
+
+def _secret(path: str | None, env: str, environ: Mapping[str, str] | None = None) -> str:
+    """The secret in file ``path`` (one trailing newline dropped), else in ``env``; "" for
+    none. Raises ``OSError`` for a file that cannot be read."""
+    if path:
+        return Path(path).read_text().removesuffix("\n")
+    return (os.environ if environ is None else environ).get(env, "")
+
+
+def _progress_line(text: str) -> None:
+    """Progress goes to stderr, so that stdout stays the report alone (``--json | jq``)."""
+    print(f"voicebridge loadtest: {text}", file=sys.stderr, flush=True)
 
 
 def _certificate_for_external_bridge() -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import attrs
 import trio
-from attrs import frozen
+from attrs import field, frozen
 
 from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator, Traffic
 from voicebridge.loadtest.process import (
@@ -81,11 +81,11 @@ class ExternalBridge:
     url: str
     #: What the bridge's ``server.public_url`` is (signatures cover it); default ``url``.
     public_url: str | None
-    auth_token: str
+    auth_token: str = field(repr=False)
     #: Where the simulated assistant listens (the bridge's ``vapi.base_url``).
     assistant_port: int
     #: The bridge's ``vapi_api_key``.
-    assistant_key: str
+    assistant_key: str = field(repr=False)
     #: For CPU and RSS from /proc (the bridge must run on this machine).
     pid: int | None = None
 
@@ -106,6 +106,8 @@ class LoadTestOptions:
     vapi_tls_certificate: Certificate | None = None
     #: The bridge asks a simulated decision hook (answering at once) for every call.
     route_hook: bool = False
+    #: Called with a line of progress now and then (the CLI prints it on stderr).
+    progress: Callable[[str], None] | None = None
 
 
 @frozen
@@ -273,7 +275,7 @@ async def _serve_and_measure(
                 hook_env = await _route_hook(assistant_nursery)
             target_cm = _local_bridge(generator, options, tls, hook_env)
         async with target_cm as target:
-            report = await _measure(generator, traffic, target)
+            report = await _measure(generator, traffic, target, options.progress)
         if hook_env:
             report = attrs.evolve(report, route_hook=True)
         assistant_nursery.cancel_scope.cancel(reason="load test finished")
@@ -294,7 +296,32 @@ async def _external(external: ExternalBridge) -> AsyncIterator[Target]:
     )
 
 
-async def _measure(generator: LoadGenerator, traffic: Traffic, target: Target) -> LoadReport:
+#: Seconds between two progress lines.
+PROGRESS_INTERVAL_S = 5.0
+
+
+async def _report_progress(
+    progress: Callable[[str], None], traffic: Traffic, target: Target
+) -> None:
+    """A line at the start and every ``PROGRESS_INTERVAL_S``: how far the run is."""
+    total_s = traffic.ramp_s + traffic.duration_s
+    progress(
+        f"{traffic.calls} calls against {target.name}: ramp {traffic.ramp_s:g} s, then "
+        f"{traffic.duration_s:g} s with all calls up"
+    )
+    started = trio.current_time()
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL_S)
+        elapsed = trio.current_time() - started
+        progress(f"{min(elapsed, total_s):.0f} s of {total_s:.0f} s")
+
+
+async def _measure(
+    generator: LoadGenerator,
+    traffic: Traffic,
+    target: Target,
+    progress: Callable[[str], None] | None = None,
+) -> LoadReport:
     await trio.sleep(IDLE_SETTLE_S)
     pid = target.pid
     idle = ProcessSample.of(pid) if pid is not None else None
@@ -313,7 +340,11 @@ async def _measure(generator: LoadGenerator, traffic: Traffic, target: Target) -
 
     async with trio.open_nursery() as run_nursery:
         run_nursery.start_soon(sample_window)
-        await generator.run(target.bridge, started_at=started_at)
+        async with trio.open_nursery() as progress_nursery:
+            if progress is not None:
+                progress_nursery.start_soon(_report_progress, progress, traffic, target)
+            await generator.run(target.bridge, started_at=started_at)
+            progress_nursery.cancel_scope.cancel(reason="every call ended")
     return _report(generator, traffic, target, idle, edges)
 
 

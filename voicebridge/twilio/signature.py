@@ -11,13 +11,18 @@ Webhook Rule moved to shared-key signing (public beta), a SharedKey. Twilio then
 A request with that header is checked with the configured shared key and the algorithm
 it names (the ones the library knows: HMAC_SHA256, HMAC_SHA1), never with the Auth
 Token; without a configured shared key, or naming another key id, it is refused.
+
+Rotation: Twilio signs with the account's primary Auth Token only, and promoting the
+secondary token makes it the primary at once. A verifier given ``previous_auth_token``
+accepts a signature made with either token, so that the switch in the Twilio console and
+the switch on this server need not happen at the same instant.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -157,12 +162,21 @@ class WebhookVerifier:
     ``shared_key`` (empty: none) checks the requests that carry
     ``X-Twilio-Webhooks-Signature-Settings``; ``shared_key_id``, when set, is the only
     key id such a header may name.
+
+    ``previous_auth_token`` (empty: none) is also accepted for Auth Token signatures:
+    the token Twilio signed with before a rotation (see the module docstring).
     """
 
-    __slots__ = ("_base", "_shared_key_id", "_shared_validator", "_validator", "_ws_base")
+    __slots__ = ("_base", "_shared_key_id", "_shared_validator", "_validators", "_ws_base")
 
     def __init__(
-        self, *, auth_token: str, public_url: str, shared_key: str = "", shared_key_id: str = ""
+        self,
+        *,
+        auth_token: str,
+        public_url: str,
+        shared_key: str = "",
+        shared_key_id: str = "",
+        previous_auth_token: str = "",
     ) -> None:
         """Raises ``ValueError`` for an empty token, or a public URL that is not a bare
         ``http(s)://host[:port][/prefix]`` (no query, no fragment)."""
@@ -175,7 +189,12 @@ class WebhookVerifier:
             raise ValueError(f"public URL must be http(s)://host[/prefix], not {public_url!r}")
         if url.query or url.fragment or "?" in public_url or "#" in public_url:
             raise ValueError(f"public URL must not have a query or fragment: {public_url!r}")
-        self._validator = RequestValidator(auth_token)
+        # Invariant: the current token first; at most one previous token after it.
+        self._validators: tuple[RequestValidator, ...] = tuple(
+            RequestValidator(token)
+            for token in dict.fromkeys((auth_token, previous_auth_token))
+            if token
+        )
         self._base = public_url.rstrip("/")
         ws_scheme = "wss" if url.scheme == "https" else "ws"
         self._ws_base = ws_scheme + self._base[len(url.scheme) :]
@@ -192,16 +211,19 @@ class WebhookVerifier:
             path = "/" + path
         return self._ws_base + path
 
-    def _signing(self, settings: str | None) -> tuple[RequestValidator, str, str]:
-        """``(validator, algorithm, what)`` for a request with this settings header.
+    def _signing(
+        self, settings: str | None
+    ) -> tuple[Sequence[RequestValidator], str, str]:
+        """``(validators, algorithm, what)`` for a request with this settings header; a
+        signature made with any of the validators' keys is accepted.
 
-        No header (or an empty one): the Auth Token with HMAC-SHA1. Otherwise the shared
-        key with the algorithm the header names. Raises ``SignatureError("mismatch")``
-        when no shared key is configured, the header names another key id, or an
-        algorithm the library does not compute.
+        No header (or an empty one): the Auth Token (current or previous) with HMAC-SHA1.
+        Otherwise the shared key with the algorithm the header names. Raises
+        ``SignatureError("mismatch")`` when no shared key is configured, the header names
+        another key id, or an algorithm the library does not compute.
         """
         if not settings:
-            return self._validator, HMAC_SHA1, "the auth token"
+            return self._validators, HMAC_SHA1, "the auth token"
         key_id, algorithm = signature_settings(settings)
         if self._shared_validator is None:
             raise SignatureError(
@@ -217,7 +239,7 @@ class WebhookVerifier:
             raise SignatureError(
                 "mismatch", f"unsupported signature algorithm {_quoted(algorithm)}"
             )
-        return self._shared_validator, algorithm.upper(), "the shared key"
+        return (self._shared_validator,), algorithm.upper(), "the shared key"
 
     def verify_form(
         self,
@@ -237,9 +259,10 @@ class WebhookVerifier:
         """
         if not signature:
             raise SignatureError("missing")
-        validator, algorithm, what = self._signing(settings)
+        validators, algorithm, what = self._signing(settings)
         url = self.public_url_for(path_and_query)
-        if not validator.validate(url, _multi_values(params), signature, algorithm):
+        values = _multi_values(params)
+        if not any(v.validate(url, values, signature, algorithm) for v in validators):
             raise SignatureError(
                 "mismatch", f"not signed with {what} for {url} with these parameters"
             )
@@ -262,7 +285,7 @@ class WebhookVerifier:
         """
         if not signature:
             raise SignatureError("missing")
-        validator, algorithm, what = self._signing(settings)
+        validators, algorithm, what = self._signing(settings)
         url = self.public_url_for(path_and_query)
         claimed = parse_qs(urlsplit(url).query).get("bodySHA256")
         if not claimed:
@@ -271,7 +294,7 @@ class WebhookVerifier:
         actual = hashlib.sha256(body).hexdigest()
         if not hmac.compare_digest(actual, claimed[0].strip().lower()):
             raise SignatureError("mismatch", "bodySHA256 does not match the body")
-        if not validator.validate(url, {}, signature, algorithm):
+        if not any(v.validate(url, {}, signature, algorithm) for v in validators):
             raise SignatureError("mismatch", f"not signed with {what} for {url}")
 
     def verify_upgrade(
@@ -287,12 +310,13 @@ class WebhookVerifier:
         """
         if not signature:
             raise SignatureError("missing")
-        validator, algorithm, _ = self._signing(settings)
+        validators, algorithm, _ = self._signing(settings)
         url = self.public_ws_url_for(path)
         given = signature.encode()
-        for slashed in (url, _toggle_trailing_slash(url)):
-            for candidate in _port_variants(slashed):
-                expected = validator.compute_signature(candidate, {}, algorithm)
-                if hmac.compare_digest(str(expected).encode(), given):
-                    return
+        for validator in validators:
+            for slashed in (url, _toggle_trailing_slash(url)):
+                for candidate in _port_variants(slashed):
+                    expected = validator.compute_signature(candidate, {}, algorithm)
+                    if hmac.compare_digest(str(expected).encode(), given):
+                        return
         raise SignatureError("mismatch", f"not signed for {url} (with or without a trailing /)")

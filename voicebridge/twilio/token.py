@@ -7,6 +7,10 @@ bridging anything. A token is stateless (HMAC-SHA256 over the CallSid, an expiry
 random nonce and a tag of the stream's other parameters), so any instance holding the
 secret can check it.
 
+Rotation: tokens are issued with the current secret only; a ``previous_secret`` is still
+accepted for verifying, so that tokens issued before a change of secret (by this
+instance before a reload, or by another instance not yet switched) keep working.
+
 What the token vouches for is a ``StreamClaims``: the CallSid, and the assistant, caller
 and called number that go on to Vapi's ``POST /call``, and the call's route with its
 decision (``voicebridge.routing``: the inline assistant and overrides). A ``start`` that
@@ -26,6 +30,7 @@ from ever encoding alike.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import heapq
 import hmac
@@ -149,17 +154,26 @@ class StreamTokens:
     a token verified by one instance is not known as used by another. Not thread-safe.
     """
 
-    __slots__ = ("_clock", "_expiries", "_secret", "_ttl_ms", "_used")
+    __slots__ = ("_clock", "_expiries", "_secret", "_secrets", "_ttl_ms", "_used")
 
     def __init__(
-        self, *, secret: bytes, ttl_s: float, clock: Callable[[], float] = time.time
+        self,
+        *,
+        secret: bytes,
+        ttl_s: float,
+        clock: Callable[[], float] = time.time,
+        previous_secret: bytes = b"",
     ) -> None:
-        """Raises ``ValueError`` for an empty secret or a lifetime that is not positive."""
+        """Raises ``ValueError`` for an empty secret or a lifetime that is not positive.
+
+        ``previous_secret`` (empty: none) verifies but never issues (see the module)."""
         if not secret:
             raise ValueError("the stream token secret is empty")
         if not (ttl_s > 0 and math.isfinite(ttl_s)):
             raise ValueError(f"stream token lifetime must be positive, not {ttl_s!r}")
         self._secret = secret
+        # Invariant: the issuing secret first.
+        self._secrets = tuple(s for s in dict.fromkeys((secret, previous_secret)) if s)
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._clock = clock
         # Used nonces -> expiry (ms), and the same pairs as a min-heap on expiry so that
@@ -168,15 +182,28 @@ class StreamTokens:
         self._used: dict[str, int] = {}
         self._expiries: list[tuple[int, str]] = []
 
+    def rekeyed(
+        self, *, secret: bytes, ttl_s: float, previous_secret: bytes = b""
+    ) -> StreamTokens:
+        """A copy with other secrets and lifetime that shares this one's memory of used
+        tokens: a token used before a rotation stays used after it. Raises ``ValueError``
+        as the constructor does."""
+        new = copy.copy(self)
+        StreamTokens.__init__(
+            new, secret=secret, ttl_s=ttl_s, clock=self._clock, previous_secret=previous_secret
+        )
+        new._used, new._expiries = self._used, self._expiries
+        return new
+
     def _now_ms(self) -> int:
         return math.floor(self._clock() * 1000)
 
-    def _mac(self, call_sid: str, expiry: str, nonce: str, tag: str) -> str:
+    def _mac(self, secret: bytes, call_sid: str, expiry: str, nonce: str, tag: str) -> str:
         message = _DOMAIN + f"{_VERSION}.{call_sid}.{expiry}.{nonce}.{tag}".encode("ascii")
-        return _b64(hmac.new(self._secret, message, hashlib.sha256).digest())
+        return _b64(hmac.new(secret, message, hashlib.sha256).digest())
 
-    def _tag(self, claims: StreamClaims) -> str:
-        digest = hmac.new(self._secret, _CLAIMS_DOMAIN + _encode_claims(claims), hashlib.sha256)
+    def _tag(self, secret: bytes, claims: StreamClaims) -> str:
+        digest = hmac.new(secret, _CLAIMS_DOMAIN + _encode_claims(claims), hashlib.sha256)
         return _b64(digest.digest()[:_TAG_BYTES])
 
     def issue(self, claims: StreamClaims) -> str:
@@ -189,8 +216,8 @@ class StreamTokens:
             raise ValueError(f"not a CallSid: {call_sid[:70]!r}")
         expiry = str(self._now_ms() + self._ttl_ms)
         nonce = _b64(secrets.token_bytes(_NONCE_BYTES))
-        tag = self._tag(claims)
-        mac = self._mac(call_sid, expiry, nonce, tag)
+        tag = self._tag(self._secret, claims)
+        mac = self._mac(self._secret, call_sid, expiry, nonce, tag)
         return f"{_VERSION}.{call_sid}.{expiry}.{nonce}.{tag}.{mac}"
 
     def verify(self, token: str, claims: StreamClaims) -> None:
@@ -233,15 +260,18 @@ class StreamTokens:
             and _MAC.fullmatch(mac)
         ):
             raise TokenRejected("malformed")
-        expected = self._mac(token_call_sid, expiry, nonce, tag)
-        if not hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")):
+        for secret in self._secrets:
+            expected = self._mac(secret, token_call_sid, expiry, nonce, tag)
+            if hmac.compare_digest(expected.encode("ascii"), mac.encode("ascii")):
+                break
+        else:
             raise TokenRejected("bad-signature")
         if token_call_sid != claims.call_sid:  # a CallSid is no secret: no constant time
             raise TokenRejected("wrong-call")
         expires = int(expiry)
         if self._now_ms() >= expires:
             raise TokenRejected("expired")
-        if not hmac.compare_digest(self._tag(claims).encode("ascii"), tag.encode("ascii")):
+        if not hmac.compare_digest(self._tag(secret, claims).encode("ascii"), tag.encode("ascii")):
             raise TokenRejected("wrong-parameters")
         return nonce, expires
 
