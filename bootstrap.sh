@@ -2,7 +2,10 @@
 # Sets voicebridge up in ./.venv on a fresh Debian/Ubuntu machine that has python3.
 #   ./bootstrap.sh          the daemon and its demo
 #   ./bootstrap.sh --test   also the test tools, and systemd's tools the tests use
-#                           (systemd-journald, systemd-socket-activate, systemd-analyze)
+#                           (systemd-journald, systemd-socket-activate, systemd-analyze),
+#                           the TLS proxies of tests/test_proxy.py (nginx, haproxy,
+#                           openssl) and what tests/system/realsystem.py boots a root
+#                           file system with (debootstrap, systemd-nspawn)
 # Versions are pinned by constraints.txt, so every install is the same.
 set -eu
 cd "$(dirname "$0")"
@@ -20,6 +23,13 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages="python3-venv"
 if [ "$want_tests" = yes ] && ! { [ -x /lib/systemd/systemd-journald ] &&
         command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null; }; then
     apt_packages="$apt_packages systemd"
+fi
+if [ "$want_tests" = yes ]; then
+    for tool in nginx:nginx-light haproxy:haproxy openssl:openssl \
+            debootstrap:debootstrap systemd-nspawn:systemd-container; do
+        command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] ||
+            apt_packages="$apt_packages ${tool#*:}"
+    done
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing Debian packages:$apt_packages"

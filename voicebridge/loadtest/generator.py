@@ -162,6 +162,8 @@ class BridgeTarget:
     #: The URL Twilio believes it calls (signatures cover it); None for a relay.
     public_url: str | None
     auth_token: str = ""
+    #: Reach it over TLS (``https://``, ``wss://``), e.g. through a TLS-terminating proxy.
+    tls: ssl.SSLContext | None = None
     #: A relay reference: the caller's socket goes to ``ws://host:port/<call id>/transport``
     #: and is relayed as is to the assistant; no webhooks, no marks from a bridge.
     relay: bool = False
@@ -572,7 +574,7 @@ class LoadGenerator:
                 call.fail("no assistant audio reached the caller")
         except trio.TooSlowError:
             call.fail("timed out" + (" in setup" if call.caller is None else " at the end"))
-        except (WireError, OSError) as exc:
+        except (WireError, OSError, TlsHandshakeError) as exc:
             call.fail(type(exc).__name__ + ": " + str(exc)[:60])
         finally:
             call.active = False
@@ -597,6 +599,7 @@ class LoadGenerator:
                 "content-type": "application/x-www-form-urlencoded",
                 "x-twilio-signature": sign(url, form, target.auth_token),
             },
+            tls=target.tls,
         )
         if result.status != 200:
             raise WireError(f"voice webhook answered {result.status}")
@@ -613,6 +616,7 @@ class LoadGenerator:
         ws = await connect_websocket(
             target.host, target.port, path,
             {"x-twilio-signature": sign(stream_url, {}, target.auth_token)},
+            tls=target.tls,
         )
         ws.send_text(orjson.dumps(
             {"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode())
@@ -754,6 +758,7 @@ class LoadGenerator:
                 "content-type": "application/x-www-form-urlencoded",
                 "x-twilio-signature": sign(action_url, form, target.auth_token),
             },
+            tls=target.tls,
         )
         if result.status != 200 or b"<Hangup" not in result.body:
             call.fail(f"after the stream: fallback or error (HTTP {result.status})")
