@@ -11,6 +11,7 @@ https://…`` loads the bridge through each. Real time, a few seconds a call.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import ssl
 import sys
@@ -32,7 +33,9 @@ from tests.proxy_fixture import (
     make_certificate,
     running_proxy,
 )
+from voicebridge.observability.logs import record_fields
 from voicebridge.sim.caller import Speak, WaitForAssistantDone, place_call
+from voicebridge.web import forwarded_client
 
 PROXIES = {"nginx": "127.0.0.2", "haproxy": "127.0.0.3"}
 PUBLIC_URL = f"https://{PUBLIC_HOST}"
@@ -68,11 +71,12 @@ async def bridge_behind(
 
 @pytest.mark.parametrize("name", sorted(PROXIES))
 async def test_calls_through_the_proxy_over_wss(
-    name: str, tmp_path: Path, certificate: Certificate
+    name: str, tmp_path: Path, certificate: Certificate, caplog: pytest.LogCaptureFixture
 ) -> None:
     reports = []
-    with trio.fail_after(40):
-        async with bridge_behind(name, tmp_path, certificate) as (bridge, proxy):
+    trust = {"trusted_proxies": ("127.0.0.1",)}
+    with trio.fail_after(40), caplog.at_level(logging.INFO, logger="voicebridge"):
+        async with bridge_behind(name, tmp_path, certificate, server=trust) as (bridge, proxy):
             caller = attrs.evolve(bridge.caller, bridge_url=proxy.url,
                                   ca_file=str(certificate.cert))
 
@@ -91,6 +95,10 @@ async def test_calls_through_the_proxy_over_wss(
         # The assistant ended the call; the <Connect action> came back through the proxy.
         assert report.final_action == "hangup", report.final_say
         assert record.outcome.value == "assistant-ended"
+    # The stream's client as the proxy forwarded it (the proxy's own peer address would
+    # carry its port).
+    ends = [record_fields(r) for r in caplog.records if record_fields(r).get("EVENT") == "call-end"]
+    assert sorted(str(fields.get("REMOTE")) for fields in ends) == ["127.0.0.1", "127.0.0.1"]
 
 
 @pytest.mark.parametrize("name", sorted(PROXIES))
@@ -171,3 +179,47 @@ async def test_loadtest_refuses_an_untrusted_proxy(
     report = json.loads(result.stdout)
     assert report["failed_calls"] == 1
     assert "CERTIFICATE_VERIFY_FAILED" in json.dumps(report["failures"]), report["failures"]
+
+
+@pytest.mark.parametrize("name", sorted(PROXIES))
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_the_logs_name_the_client_behind_a_trusted_proxy_alone(
+    name: str, trusted: bool, tmp_path: Path, certificate: Certificate,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The client comes from 127.0.0.5 and claims another address; the proxy reaches the
+    # bridge from 127.0.0.1.
+    transport = httpx.AsyncHTTPTransport(
+        local_address="127.0.0.5", verify=ssl.create_default_context(cafile=certificate.cert)
+    )
+    server = {"trusted_proxies": ("127.0.0.1",) if trusted else ()}
+    with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="voicebridge"):
+        async with bridge_behind(name, tmp_path, certificate, server=server) as (
+            _, proxy
+        ), httpx.AsyncClient(transport=transport) as http:
+            refused = await http.post(proxy.url + "/twilio/voice", data={"CallSid": "CA1"},
+                                      headers={"X-Forwarded-For": "203.0.113.9"})
+    assert refused.status_code == 403
+    [rejected] = [record_fields(r) for r in caplog.records
+                  if record_fields(r).get("EVENT") == "webhook-rejected"]
+    assert rejected["REMOTE"] == ("127.0.0.5" if trusted else "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("peer", "header", "client"),
+    [
+        ("127.0.0.1", "198.51.100.7", "198.51.100.7"),
+        # Appended to by several hops: the last one, which the trusted proxy added.
+        ("127.0.0.1", "203.0.113.9, 198.51.100.7", "198.51.100.7"),
+        ("10.1.2.3", "2001:db8::1", "2001:db8::1"),
+        # Not a trusted peer: whatever it claims is ignored.
+        ("192.0.2.1", "198.51.100.7", None),
+        # Trusted, but the header ends in no address.
+        ("127.0.0.1", "198.51.100.7, unknown", None),
+        ("127.0.0.1", "", None),
+        ("127.0.0.1", None, None),
+    ],
+)
+def test_forwarded_client(peer: str, header: str | None, client: str | None) -> None:
+    assert forwarded_client(peer, header, ("127.0.0.1", "10.0.0.0/8")) == client
+    assert forwarded_client(peer, header, ()) is None

@@ -289,6 +289,17 @@ class CallerAction:
     dial: str = field(default="", validator=_e164_or_empty)
 
 
+def _cidr_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, text in enumerate(value):
+        try:
+            ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{attribute.name}[{index}]",
+                f"must be an IP address or network such as 10.0.0.0/8 or ::1 ({exc})",
+            ) from None
+
+
 @frozen(kw_only=True)
 class ServerConfig:
     """``[server]``: where the HTTP/WebSocket server listens and how many calls it takes."""
@@ -314,17 +325,10 @@ class ServerConfig:
     #: Directory the processes of one box share (call outcomes, used stream tokens), on
     #: tmpfs. Empty: ``$RUNTIME_DIRECTORY`` when systemd sets it, else nothing is shared.
     shared_dir: str = field(default="", validator=_absolute_path_or_empty)
-
-
-def _cidr_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
-    for index, text in enumerate(value):
-        try:
-            ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{attribute.name}[{index}]",
-                f"must be an IP address or network such as 10.0.0.0/8 or ::1 ({exc})",
-            ) from None
+    #: Addresses or networks (CIDR) of the TLS proxies in front. From these peers alone,
+    #: the last address of ``X-Forwarded-For`` is taken as the client's (``REMOTE`` in the
+    #: logs); from any other peer the header is ignored.
+    trusted_proxies: tuple[str, ...] = field(default=(), validator=_cidr_list)
 
 
 def _per_peer_within_total(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:

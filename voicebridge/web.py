@@ -24,6 +24,7 @@ port: ``GET /healthz`` (the process is alive), ``GET /readyz`` (it admits calls)
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import urllib.parse
 from collections.abc import Callable
@@ -196,7 +197,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                 call_sid=form.get("CallSid"),
                 path=request.path,
                 reason=exc.reason,
-                remote=request.remote_addr,
+                remote=_request_client(services),
             )
             return {}, _text_response("forbidden", 403)
         return form, None
@@ -256,7 +257,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                         f"call {call_sid}: voice webhook repeated before its stream began; "
                         "answered as before",
                         call_sid=call_sid,
-                        remote=request.remote_addr,
+                        remote=_request_client(services),
                     )
                 return _twiml_response(body)
             case Full(draining=draining):
@@ -399,6 +400,12 @@ async def media_connection(services: Services, transport: SocketTransport, head:
                 upgrade_signature = "valid"
             except SignatureError as exc:
                 upgrade_signature = exc.reason
+        forwarded = next((v for k, v in upgrade.request.extra_headers
+                          if k.lower() == b"x-forwarded-for"), None)
+        with contextlib.suppress(OSError):
+            client = forwarded_client(transport.sock.getpeername()[0], forwarded,
+                                      services.config.server.trusted_proxies)
+            remote = client or remote
         try:
             socket = await accept_upgrade(
                 transport, upgrade, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES
@@ -420,6 +427,37 @@ async def media_connection(services: Services, transport: SocketTransport, head:
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+
+
+def forwarded_client(
+    peer: str | None, forwarded_for: str | bytes | None, trusted: tuple[str, ...]
+) -> str | None:
+    """The client's address a trusted proxy forwarded: the last one in ``X-Forwarded-For``
+    (the one the proxy itself added or set) when ``peer`` is in ``trusted``
+    (``server.trusted_proxies``). None when the peer is not trusted, or the header is
+    missing or does not end in an IP address: the peer's own address then stands."""
+    if not trusted or not peer or not forwarded_for:
+        return None
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+    if not any(address in ipaddress.ip_network(network) for network in trusted):
+        return None
+    if isinstance(forwarded_for, bytes):
+        forwarded_for = forwarded_for.decode("latin-1")
+    try:
+        return str(ipaddress.ip_address(forwarded_for.rsplit(",", 1)[-1].strip()))
+    except ValueError:
+        return None
+
+
+def _request_client(services: Services) -> str | None:
+    """The client of the webhook being handled (``forwarded_client``, else the peer)."""
+    peer = request.remote_addr
+    forwarded = forwarded_client(peer, request.headers.get("X-Forwarded-For"),
+                                 services.config.server.trusted_proxies)
+    return forwarded or peer
 
 
 def log_stream_status(
