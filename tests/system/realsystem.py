@@ -324,6 +324,8 @@ class Box:
         self.vapi = vapi
         self.auth_token = auth_token
         self.fallback_words = "technical difficulties"
+        #: What ``systemctl stop voicebridge.service`` said on stderr (the drain check).
+        self.stop_warning = ""
         self.overflow_words = "all our lines are busy"
 
     def caller(self, *, bridge: str = BRIDGE, token: str | None = None) -> SimTwilioSettings:
@@ -517,7 +519,8 @@ async def check_drain(r: Results, box: Box) -> None:
     async def stop_service() -> None:
         started = trio.current_time()
         done = await c.arun("systemctl stop voicebridge.service")
-        stop.update(status=done.returncode, took=trio.current_time() - started)
+        stop.update(status=done.returncode, took=trio.current_time() - started,
+                    said=done.stderr)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call, "short", long_call(2.0))
@@ -528,6 +531,7 @@ async def check_drain(r: Results, box: Box) -> None:
         readyz = await http_get(f"{OPS}/readyz")
         await call("overflow", SHORT_CALL)
     state = box.state()
+    box.stop_warning = str(stop.get("said", ""))
     r.check("drain: the call that ends on its own during the drain ends normally",
             reports["short"].ended_by == "caller" and heard_assistant(reports["short"]),
             f"ended by {reports['short'].ended_by}")
@@ -554,7 +558,10 @@ async def check_drain(r: Results, box: Box) -> None:
                       "ACTIONS_UNANSWERED")))
 
 
-async def check_stop_with_socket(r: Results, box: Box) -> None:
+async def check_stop_with_socket(r: Results, box: Box, warning: str) -> None:
+    r.check("stop of the service alone: systemctl warns that the socket can still start it",
+            "can still be activated by" in warning and "voicebridge.socket" in warning,
+            " ".join(warning.split())[:160])
     state = box.state()
     sockets = show(box.container, "voicebridge.socket", "ActiveState")["ActiveState"]
     report = await box.call(SHORT_CALL)
@@ -709,7 +716,8 @@ async def run_checks(r: Results, c: Container) -> None:
             ("security", lambda: check_security(r, c)),
             ("firewall", lambda: check_firewall(r, box)),
             ("drain", lambda: check_drain(r, box)),
-            ("stop with the socket listening", lambda: check_stop_with_socket(r, box)),
+            ("stop with the socket listening",
+             lambda: check_stop_with_socket(r, box, box.stop_warning)),
             ("second SIGTERM", lambda: check_second_sigterm(r, box)),
             ("@ template", lambda: check_template(r, box, docs)),
         ]
