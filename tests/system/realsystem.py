@@ -159,7 +159,21 @@ def base_rootfs() -> tuple[Path, str]:
     (building / ".voicebridge-ci-complete").touch()
     shutil.rmtree(path, ignore_errors=True)
     building.rename(path)
+    for older in CACHE.glob(f"rootfs-{SUITE}-*"):  # made for another package list
+        if older != path and not older.name.endswith(".building"):
+            shutil.rmtree(older, ignore_errors=True)
     return path, f"built from {mirror} in {time.monotonic() - started:.0f} s"
+
+
+def remove_stale_copies() -> None:
+    """The copies of runs that were killed (their runner's pid is gone)."""
+    for stale in CACHE.glob("vbci-*"):
+        pid = stale.name.split("-")[1].split(".")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def build_wheels(checkout: Path, directory: Path) -> None:
@@ -736,6 +750,7 @@ def main() -> int:
             skip(f"{tool} is not installed (Debian package {package}; ./bootstrap.sh --test)")
     r = Results()
     started = time.monotonic()
+    remove_stale_copies()
     base, how = base_rootfs()
     r.check("root file system (debootstrap bookworm)", True, how)
     name = f"vbci-{os.getpid()}"
