@@ -403,9 +403,11 @@ async def media_connection(services: Services, transport: SocketTransport, head:
         forwarded = next((v for k, v in upgrade.request.extra_headers
                           if k.lower() == b"x-forwarded-for"), None)
         with contextlib.suppress(OSError):
-            client = forwarded_client(transport.sock.getpeername()[0], forwarded,
-                                      services.config.server.trusted_proxies)
-            remote = client or remote
+            peer = transport.sock.getpeername()  # a path (str) for a Unix socket
+            if isinstance(peer, tuple):
+                client = forwarded_client(peer[0], forwarded,
+                                          services.config.server.trusted_proxies)
+                remote = client or remote
         try:
             socket = await accept_upgrade(
                 transport, upgrade, max_message_bytes=MAX_MEDIA_MESSAGE_BYTES
