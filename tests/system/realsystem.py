@@ -8,12 +8,13 @@ It builds a Debian 12 root file system with ``debootstrap`` (cached under
 ``/var/cache/voicebridge-ci``, or ``$VOICEBRIDGE_CI_CACHE``), copies it, copies this
 checkout to ``/usr/local/src/voicebridge`` in the copy, and boots it with systemd as
 PID 1 in ``systemd-nspawn`` on a private network namespace. Inside, it runs the shell
-blocks of docs/operations.md as an operator would (pip installs from wheels built on
-the host beforehand: ``PIP_NO_INDEX``, ``PIP_FIND_LINKS``), then checks socket
-activation, READY and STATUS, credentials and the transient user, the journal fields,
-reload (a valid file, and a refused one that makes ``systemctl reload`` fail), the
-watchdog, a drain with calls in flight, a stop with the socket still listening, a
-second SIGTERM, ``IPAddressDeny=``, ``systemd-analyze security`` and the ``@`` template.
+blocks of docs/operations.md as an operator would (pip installs from wheels the host
+downloaded beforehand for Debian 12's Python: ``PIP_NO_INDEX``, ``PIP_FIND_LINKS``), then
+checks socket activation, READY and STATUS, credentials and the transient user, the
+journal fields, reload (a valid file, and a refused one that makes ``systemctl reload``
+fail), the watchdog, a drain with calls in flight, a stop with the socket still
+listening, a second SIGTERM, ``IPAddressDeny=``, ``systemd-analyze security`` and the
+``@`` template.
 
 Calls are placed by the project's simulated Twilio caller against its simulated Vapi,
 both run by this process after it has joined the container's network namespace: they
@@ -38,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,10 @@ DRAIN_DEADLINE_S = 6.0
 LINK_LOCAL = "169.254.7.7"
 INNER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
+#: Debian 12's Python, for which the wheels are fetched, and the platforms they may be for.
+CONTAINER_PYTHON = "3.11"
+MANYLINUX = ("manylinux1_x86_64", "manylinux_2_5_x86_64", "manylinux2014_x86_64",
+             "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64")
 
 #: Greets (1.25 s), then listens for ever: calls end when the caller or the server ends them.
 PATIENT = SimVapiBehaviour(
@@ -177,19 +183,20 @@ def remove_stale_copies() -> None:
 
 
 def build_wheels(checkout: Path, directory: Path) -> None:
-    """Every wheel the install needs (and setuptools, to build the checkout), for pip
-    inside the container to install with no index. Built from the copy ``checkout``,
-    whose build directories are removed again."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """The wheels of every dependency (and setuptools, which builds the checkout inside),
+    for the container's Python whatever this one is, so that pip there installs with no
+    index."""
+    dependencies = tomllib.loads((checkout / "pyproject.toml").read_text())["project"][
+        "dependencies"]
+    platforms = [arg for tag in MANYLINUX for arg in ("--platform", tag)]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-         "-c", str(checkout / "constraints.txt"), "-w", str(directory), str(checkout),
-         "setuptools>=68", "pip"],
+        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+         "-c", str(checkout / "constraints.txt"), "--only-binary=:all:",
+         "--python-version", CONTAINER_PYTHON, "--implementation", "cp",
+         "--abi", "cp" + CONTAINER_PYTHON.replace(".", ""), *platforms,
+         "-d", str(directory), *dependencies, "setuptools>=68", "pip"],
         check=True, capture_output=True, text=True,
     )
-    shutil.rmtree(checkout / "build", ignore_errors=True)
-    for info in checkout.glob("*.egg-info"):
-        shutil.rmtree(info)
 
 
 def copy_checkout(target: Path) -> None:
