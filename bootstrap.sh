@@ -2,8 +2,11 @@
 # Sets voicebridge up in ./.venv on a fresh Debian/Ubuntu machine that has python3.
 #   ./bootstrap.sh          the daemon and its demo
 #   ./bootstrap.sh --test   also the test tools, and systemd's tools the tests use
-#                           (systemd-journald, systemd-socket-activate, systemd-analyze)
-#                           and Prometheus (prometheus, promtool)
+#                           (systemd-journald, systemd-socket-activate, systemd-analyze),
+#                           Prometheus (prometheus, promtool), groff and man for the
+#                           man page, the TLS proxies of tests/test_proxy.py (nginx,
+#                           haproxy, openssl) and what tests/system/realsystem.py
+#                           boots a root file system with (debootstrap, systemd-nspawn)
 # Versions are pinned by constraints.txt, so every install is the same.
 set -eu
 cd "$(dirname "$0")"
@@ -26,10 +29,16 @@ fi
 if [ "$want_tests" = yes ] && ! { command -v prometheus >/dev/null && command -v promtool >/dev/null; }; then
     apt_packages="$apt_packages prometheus"
 fi
-# The man page's tests render it (groff) and open it as `man voicebridge` would.
+# The man page's tests render it (groff) and open it as `man voicebridge` would; the TLS
+# proxies of tests/test_proxy.py; what tests/system/realsystem.py builds and boots with.
 if [ "$want_tests" = yes ]; then
     command -v groff >/dev/null || apt_packages="$apt_packages groff-base"
     command -v man >/dev/null || apt_packages="$apt_packages man-db"
+    for tool in nginx:nginx-light haproxy:haproxy openssl:openssl \
+            debootstrap:debootstrap systemd-nspawn:systemd-container; do
+        command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] ||
+            apt_packages="$apt_packages ${tool#*:}"
+    done
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing Debian packages:$apt_packages"

@@ -209,7 +209,10 @@ def test_service_contract() -> None:
     assert service[("Service", "Type")] == ["notify"]
     assert service[("Service", "NotifyAccess")] == ["main"]
     assert service[("Service", "WatchdogSec")] == ["10"]
-    assert service[("Service", "ExecReload")] == ["/bin/kill -HUP $MAINPID"]
+    # Reload checks the configuration first, so that a refused one fails `systemctl reload`.
+    [check, hup] = service[("Service", "ExecReload")]
+    assert "voicebridge check-config --config /etc/voicebridge/voicebridge.toml" in check
+    assert hup == "/bin/kill -HUP $MAINPID"
     assert service[("Unit", "Requires")] == ["voicebridge.socket"]
     credentials = {v.split(":", 1)[0] for v in service[("Service", "LoadCredential")]}
     assert credentials == {"twilio-auth-token", "vapi-api-key", "stream-token-secret"}

@@ -31,8 +31,9 @@ PROXY = ("127.0.0.1", "10.0.0.0/8")
         # Proxies append: the right-most untrusted address is the client; what the
         # client itself wrote further left is not believed.
         ("127.0.0.1:5000", "198.51.100.1, 203.0.113.7, 10.1.2.3", None, "203.0.113.7"),
-        # Every hop trusted: the peer stands.
-        ("127.0.0.1:5000", "10.0.0.1", None, "127.0.0.1:5000"),
+        # Every hop trusted (a client on the proxy's network): the left-most hop.
+        ("127.0.0.1:5000", "10.0.0.1", None, "10.0.0.1"),
+        ("127.0.0.1:5000", "10.0.0.2, 10.0.0.1", None, "10.0.0.2"),
         # RFC 7239, with a port and IPv6 in quotes.
         ("127.0.0.1", None, 'for=198.51.100.2:4711;proto=https, for="[2001:db8::1]:443"',
          "2001:db8::1"),

@@ -45,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "an external bridge (its vapi.base_url must be http://127.0.0.1:ASSISTANT_PORT)"
     )
     external.add_argument("--url", metavar="URL",
-                          help="load this bridge (http://host:port) instead of starting one")
+                          help="load this bridge (http://host:port, or https://host[:port] "
+                          "through a TLS proxy) instead of starting one")
+    external.add_argument("--ca-file", metavar="PEM",
+                          help="with an https:// --url: also trust this CA certificate")
     external.add_argument("--public-url", metavar="URL",
                           help="its server.public_url, if not --url (webhooks are signed for it)")
     external.add_argument(
@@ -116,7 +119,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         external = ExternalBridge(
             url=args.url, public_url=args.public_url, auth_token=auth_token,
             assistant_port=args.assistant_port, assistant_key=assistant_key,
-            pid=args.bridge_pid,
+            pid=args.bridge_pid, ca_file=args.ca_file,
         )
         if args.vapi_tls:
             if certificate is None:

@@ -162,6 +162,8 @@ class BridgeTarget:
     #: The URL Twilio believes it calls (signatures cover it); None for a relay.
     public_url: str | None
     auth_token: str = ""
+    #: Reach it over TLS (``https://``, ``wss://``), e.g. through a TLS-terminating proxy.
+    tls: ssl.SSLContext | None = None
     #: A relay reference: the caller's socket goes to ``ws://host:port/<call id>/transport``
     #: and is relayed as is to the assistant; no webhooks, no marks from a bridge.
     relay: bool = False
@@ -574,7 +576,7 @@ class LoadGenerator:
                 call.fail("no assistant audio reached the caller")
         except trio.TooSlowError:
             call.fail("timed out" + (" in setup" if call.caller is None else " at the end"))
-        except (WireError, OSError) as exc:
+        except (WireError, OSError, TlsHandshakeError) as exc:
             call.fail(type(exc).__name__ + ": " + str(exc)[:60])
         finally:
             call.active = False
@@ -600,6 +602,7 @@ class LoadGenerator:
                 "content-type": "application/x-www-form-urlencoded",
                 "x-twilio-signature": sign(url, form, target.auth_token),
             },
+            tls=target.tls,
         )
         self.webhook_ms.append((time.perf_counter() - asked_at) * 1000)
         if result.status != 200:
@@ -617,6 +620,7 @@ class LoadGenerator:
         ws = await connect_websocket(
             target.host, target.port, path,
             {"x-twilio-signature": sign(stream_url, {}, target.auth_token)},
+            tls=target.tls,
         )
         ws.send_text(orjson.dumps(
             {"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode())
@@ -758,6 +762,7 @@ class LoadGenerator:
                 "content-type": "application/x-www-form-urlencoded",
                 "x-twilio-signature": sign(action_url, form, target.auth_token),
             },
+            tls=target.tls,
         )
         if result.status != 200 or b"<Hangup" not in result.body:
             call.fail(f"after the stream: fallback or error (HTTP {result.status})")

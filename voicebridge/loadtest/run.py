@@ -88,6 +88,9 @@ class ExternalBridge:
     assistant_key: str = field(repr=False)
     #: For CPU and RSS from /proc (the bridge must run on this machine).
     pid: int | None = None
+    #: With an ``https://`` URL: a CA certificate (PEM) to trust besides the system's,
+    #: e.g. a TLS proxy's throwaway one.
+    ca_file: str | None = None
 
 
 @frozen(kw_only=True)
@@ -284,16 +287,35 @@ async def _serve_and_measure(
 
 @asynccontextmanager
 async def _external(external: ExternalBridge) -> AsyncIterator[Target]:
-    host_port = external.url.split("://", 1)[-1].rstrip("/")
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise LoadTestError(f"--url must be http://host:port, got {external.url!r}")
+    host, port, tls = _external_address(external)
     yield Target(
-        BridgeTarget(host=host, port=int(port), public_url=external.public_url or external.url,
-                     auth_token=external.auth_token),
+        BridgeTarget(host=host, port=port, public_url=external.public_url or external.url,
+                     auth_token=external.auth_token, tls=tls),
         external.pid,
         external.url,
     )
+
+
+def _external_address(external: ExternalBridge) -> tuple[str, int, ssl.SSLContext | None]:
+    """(host, port, TLS context) of ``http://host:port`` or ``https://host[:port]``."""
+    scheme, _, host_port = external.url.partition("://")
+    host, colon, port = host_port.rstrip("/").rpartition(":")
+    if not colon:
+        host, port = host_port.rstrip("/"), "443" if scheme == "https" else ""
+    if scheme not in ("http", "https") or not host or not port.isdigit():
+        raise LoadTestError(
+            f"--url must be http://host:port or https://host[:port], got {external.url!r}")
+    if scheme == "http":
+        if external.ca_file:
+            raise LoadTestError("--ca-file is for an https:// --url")
+        return host, int(port), None
+    try:
+        context = ssl.create_default_context(cafile=external.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise LoadTestError(f"--ca-file {external.ca_file}: {exc}") from exc
+    if external.ca_file:
+        context.load_default_certs()
+    return host, int(port), context
 
 
 #: Seconds between two progress lines.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import ssl
 import struct
 from collections.abc import Callable, Mapping
 
@@ -35,7 +36,7 @@ from attrs import frozen
 
 from voicebridge.errors import SocketClosed, VoicebridgeError
 from voicebridge.net.connect import open_tcp_socket, send_all
-from voicebridge.net.transport import SocketTransport, Transport
+from voicebridge.net.transport import SocketTransport, TlsSocketTransport, Transport
 
 #: The GUID RFC 6455 appends to the client's key for ``Sec-WebSocket-Accept``.
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -152,15 +153,25 @@ async def respond(
     await _write(transport, head.encode("latin-1") + body)
 
 
-async def _open(host: str, port: int, head_lines: list[str], body: bytes = b"") -> tuple[
-    Transport, bytes, bytearray
-]:
-    """Connect, send a request, read the response head: (transport, head, what followed it).
+async def _open(
+    host: str, port: int, head_lines: list[str], body: bytes = b"",
+    tls: ssl.SSLContext | None = None,
+) -> tuple[Transport, bytes, bytearray]:
+    """Connect (over TLS with ``tls``, checking the certificate names ``host``), send a
+    request, read the response head: (transport, head, what followed it).
 
     The transport is closed if anything fails; the caller closes it otherwise.
+    ``TlsHandshakeError`` when the TLS handshake fails.
     """
-    transport = SocketTransport(await open_tcp_socket(host, port))
+    sock = await open_tcp_socket(host, port)
+    transport: Transport
+    if tls is None:
+        transport = SocketTransport(sock)
+    else:
+        transport = TlsSocketTransport(sock, tls, server_hostname=host)
     try:
+        if isinstance(transport, TlsSocketTransport):
+            await transport.handshake()
         await _write(transport, ("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + body)
         buffer = bytearray()
         head = await read_head(transport, buffer)
@@ -186,11 +197,13 @@ async def http_request(
     *,
     body: bytes = b"",
     headers: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> HttpResult:
-    """One request on a fresh connection (``connection: close``); the whole response."""
+    """One request on a fresh connection (``connection: close``, over TLS with ``tls``);
+    the whole response."""
     lines = _request_lines(method, path, host, port, headers)
     lines[2:2] = ["connection: close", f"content-length: {len(body)}"]
-    transport, head, buffer = await _open(host, port, lines, body)
+    transport, head, buffer = await _open(host, port, lines, body, tls)
     try:
         first, *header_lines = head.split(b"\r\n")
         status = int(first.split(b" ")[1])
@@ -214,14 +227,15 @@ def _accept_key(key: str) -> str:
 
 
 async def connect_websocket(
-    host: str, port: int, path: str, headers: Mapping[str, str] | None = None
+    host: str, port: int, path: str, headers: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> LeanWebSocket:
-    """Open a WebSocket (client end) to ``host:port`` at ``path``."""
+    """Open a WebSocket (client end) to ``host:port`` at ``path`` (``wss://`` with ``tls``)."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = _request_lines("GET", path, host, port, headers)
     lines[2:2] = ["upgrade: websocket", "connection: Upgrade", f"sec-websocket-key: {key}",
                   "sec-websocket-version: 13"]
-    transport, head, buffer = await _open(host, port, lines)
+    transport, head, buffer = await _open(host, port, lines, tls=tls)
     first, *header_lines = head.split(b"\r\n")
     refusal = None
     if first.split(b" ")[1] != b"101":

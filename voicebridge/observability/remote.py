@@ -54,13 +54,16 @@ def client_address(
         chain = _forwarded_for(forwarded)
     else:
         return peer
+    ip = None
     for text in reversed(chain[-MAX_HOPS:]):
         ip = _ip(_host_of(text))
         if ip is None:
             return peer  # "unknown", an obfuscated name, or garbage: no client to name
         if not _is_trusted(ip, networks):
             return str(ip)
-    return peer
+    # Every hop is trusted (a client on the proxy's own host or network): the left-most
+    # one is the client, as nginx's real_ip_recursive decides.
+    return str(ip) if ip is not None else peer
 
 
 def _is_trusted(ip: IpAddress, networks: Sequence[IpNetwork]) -> bool:

@@ -162,6 +162,9 @@ class SimTwilioSettings:
     #: Empty: with the Auth Token (HMAC-SHA1), no settings header.
     shared_key: str = field(default="", repr=False)
     shared_key_id: str = ""
+    #: A CA certificate (PEM file) to trust besides the system's for ``https``/``wss``
+    #: (a TLS proxy's throwaway certificate); "" trusts the system's alone.
+    ca_file: str = ""
 
 
 # --- The script ----------------------------------------------------------------------
@@ -484,16 +487,20 @@ async def place_call(
     started = trio.current_time()
     call_sid = live.call_sid if live is not None else call_sid or "CA" + secrets.token_hex(16)
     if http is None:
-        async with httpx.AsyncClient(verify=_tls_context()) as own_http:
+        async with httpx.AsyncClient(verify=_tls_context(settings.ca_file)) as own_http:
             call = _SimCall(settings, tuple(script), utterances, call_sid, own_http, live)
             return await call.run(started)
     return await _SimCall(settings, tuple(script), utterances, call_sid, http, live).run(started)
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One default TLS client context for every call: loading the CA store takes ~20 ms."""
-    return ssl.create_default_context()
+def _tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """One default TLS client context for every call (per extra CA): loading the CA store
+    takes ~20 ms."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    return context
 
 
 # --- One call ------------------------------------------------------------------------
@@ -773,7 +780,7 @@ class _SimCall:
                 try:
                     with trio.fail_after(STREAM_CONNECT_TIMEOUT_S):
                         connection, transport = await _connect_media_socket(
-                            connection_nursery, target, signature
+                            connection_nursery, target, signature, self._settings.ca_file
                         )
                 except (trio_websocket.HandshakeError, OSError, trio.TooSlowError) as exc:
                     connection_nursery.cancel_scope.cancel(reason="stream handshake failed")
@@ -929,7 +936,7 @@ class TrioWebSocket:
 
 
 async def _connect_media_socket(
-    nursery: trio.Nursery, url: str, signature: str
+    nursery: trio.Nursery, url: str, signature: str, ca_file: str = ""
 ) -> tuple[trio_websocket.WebSocketConnection, trio.abc.AsyncResource]:
     """Open the Media Stream WebSocket; also returns its TCP (or TLS) stream, for ``Drop``."""
     parts = urlsplit(url)
@@ -939,7 +946,7 @@ async def _connect_media_socket(
     transport: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     if secure:
         transport = await trio.open_ssl_over_tcp_stream(
-            host, port, ssl_context=_tls_context(), https_compatible=True
+            host, port, ssl_context=_tls_context(ca_file), https_compatible=True
         )
     else:
         transport = await trio.open_tcp_stream(host, port)
