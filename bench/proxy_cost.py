@@ -74,15 +74,16 @@ async def load(url: str, args: argparse.Namespace, environment: dict[str, str],
         sys.executable, "-m", "voicebridge", "loadtest", "--json",
         "--calls", str(args.calls), "--duration", str(args.duration), "--seed", "7",
         "--url", url, "--public-url", f"https://{PUBLIC_HOST}",
-        "--auth-token", environment["VOICEBRIDGE_TWILIO_AUTH_TOKEN"],
         "--assistant-port", environment["ASSISTANT_PORT"],
-        "--assistant-key", environment["VOICEBRIDGE_VAPI_API_KEY"],
         "--bridge-pid", str(bridge_pid),
     ]
     if ca_file:
         command += ["--ca-file", ca_file]
+    # The secrets through the environment, never argv (loadtest refuses them there).
+    secrets = {name: environment[name]
+               for name in ("VOICEBRIDGE_TWILIO_AUTH_TOKEN", "VOICEBRIDGE_VAPI_API_KEY")}
     result = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
-                                    check=False)
+                                    check=False, env={**os.environ, **secrets})
     if not result.stdout:
         raise SystemExit(f"loadtest failed: {result.stderr.decode()[-1000:]}")
     report: dict[str, Any] = json.loads(result.stdout)
