@@ -80,10 +80,10 @@ async def load(url: str, args: argparse.Namespace, environment: dict[str, str],
     if ca_file:
         command += ["--ca-file", ca_file]
     # The secrets through the environment, never argv (loadtest refuses them there).
-    secrets = {name: environment[name]
+    secret_env = {name: environment[name]
                for name in ("VOICEBRIDGE_TWILIO_AUTH_TOKEN", "VOICEBRIDGE_VAPI_API_KEY")}
     result = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
-                                    check=False, env={**os.environ, **secrets})
+                                    check=False, env={**os.environ, **secret_env})
     if not result.stdout:
         raise SystemExit(f"loadtest failed: {result.stderr.decode()[-1000:]}")
     report: dict[str, Any] = json.loads(result.stdout)
