@@ -130,8 +130,10 @@ class AssistantConnector(Protocol):
     """Creates and connects the assistant call; raises ``VapiError`` (classified) on failure.
 
     Two steps, because they end differently: creating may be cancelled at any point
-    (the caller hung up meanwhile), while the connected socket's context must
-    outlive the call's tasks, so that its reader still runs while we say goodbye.
+    (the caller hung up meanwhile; ``Cancelled`` propagates). The connected socket is
+    said goodbye to and closed by the call's wind-down, inside the context; the
+    context's exit comes after, while the call's live scope is cancelled, and must
+    not wait (a close of a socket already closed returns at once).
     """
 
     async def create(
