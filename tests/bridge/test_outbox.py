@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from tests.bridge.test_direct_path import PartialSocket
-from voicebridge.bridge.outbox import AssistantOutbox
+from voicebridge.bridge.outbox import AssistantOutbox, Put
 from voicebridge.sockets import MemorySocket, SocketWriteTimeout, memory_socket_pair
 
 
@@ -38,7 +38,7 @@ class PlainSocket:
 
 
 class Written:
-    """``on_audio_written``: the frames the outbox reports written, in order."""
+    """``on_queued_audio_written``: the queued frames the sender reports written."""
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
@@ -60,33 +60,33 @@ async def _received_now(peer: MemorySocket) -> list[str | bytes]:
 async def test_audio_with_nothing_queued_is_written_at_once_without_a_checkpoint() -> None:
     ours, peer = memory_socket_pair(math.inf)
     written = Written()
-    outbox = AssistantOutbox(ours, buffer=4, on_audio_written=written)
+    outbox = AssistantOutbox(ours, buffer=4, on_queued_audio_written=written)
     with trio.testing.assert_no_checkpoints():
-        assert outbox.put_audio(b"a1")
-        assert outbox.put_audio(b"a2")
+        assert outbox.put_audio(b"a1") is Put.WRITTEN
+        assert outbox.put_audio(b"a2") is Put.WRITTEN
     # No sender has run: the frames went straight to the socket.
     assert await _received_now(peer) == [b"a1", b"a2"]
-    assert written.frames == [b"a1", b"a2"]
+    assert written.frames == []
 
 
 async def test_nothing_overtakes_a_queued_control_message(nursery: trio.Nursery) -> None:
     ours, peer = memory_socket_pair(math.inf)
     written = Written()
-    outbox = AssistantOutbox(ours, buffer=4, on_audio_written=written)
-    assert outbox.put_audio(b"a1")
+    outbox = AssistantOutbox(ours, buffer=4, on_queued_audio_written=written)
+    assert outbox.put_audio(b"a1") is Put.WRITTEN
     with trio.testing.assert_checkpoints():
         await outbox.send("control")
     with trio.testing.assert_no_checkpoints():
-        assert outbox.put_audio(b"a2")  # queued behind the control message, not written
+        assert outbox.put_audio(b"a2") is Put.QUEUED  # behind the control message
     assert await _received_now(peer) == [b"a1"]
-    assert written.frames == [b"a1"]
+    assert written.frames == []
     nursery.start_soon(outbox.run)
     await trio.testing.wait_all_tasks_blocked()
     assert await _received_now(peer) == ["control", b"a2"]
-    assert written.frames == [b"a1", b"a2"]
+    assert written.frames == [b"a2"]
     # The queue is empty again: audio goes straight to the socket once more.
     nursery.cancel_scope.cancel()  # no sender from here
-    assert outbox.put_audio(b"a3")
+    assert outbox.put_audio(b"a3") is Put.WRITTEN
     assert await _received_now(peer) == [b"a3"]
 
 
@@ -96,11 +96,11 @@ async def test_a_frame_taken_in_part_is_finished_before_anything_else(
     inner, peer = memory_socket_pair(math.inf)
     socket = PartialSocket(inner, partial_at=2)
     written = Written()
-    outbox = AssistantOutbox(socket, buffer=4, on_audio_written=written)
+    outbox = AssistantOutbox(socket, buffer=4, on_queued_audio_written=written)
     with trio.testing.assert_no_checkpoints():
-        assert outbox.put_audio(b"a1")
-        assert outbox.put_audio(b"a2")  # the socket takes only part of it
-        assert outbox.put_audio(b"a3")  # so this one queues behind its flush
+        assert outbox.put_audio(b"a1") is Put.WRITTEN
+        assert outbox.put_audio(b"a2") is Put.WRITTEN  # the socket took part of it …
+        assert outbox.put_audio(b"a3") is Put.QUEUED  # … so this queues behind its flush
     await outbox.send("control")
     assert await _received_now(peer) == [b"a1"]
     assert socket.nowait_calls == 2, "a3 was never offered to the socket directly"
@@ -109,17 +109,17 @@ async def test_a_frame_taken_in_part_is_finished_before_anything_else(
     socket.release_flush.set()
     await trio.testing.wait_all_tasks_blocked()
     assert await _received_now(peer) == [b"a2", b"a3", "control"]
-    assert written.frames == [b"a1", b"a2", b"a3"]
+    assert written.frames == [b"a3"]
 
 
 async def test_audio_past_a_full_queue_is_dropped_and_never_reported_written() -> None:
     ours, peer = memory_socket_pair(0)  # the peer takes nothing without waiting
     written = Written()
-    outbox = AssistantOutbox(ours, buffer=2, on_audio_written=written)
+    outbox = AssistantOutbox(ours, buffer=2, on_queued_audio_written=written)
     with trio.testing.assert_no_checkpoints():
-        assert outbox.put_audio(b"a1")
-        assert outbox.put_audio(b"a2")
-        assert not outbox.put_audio(b"a3")
+        assert outbox.put_audio(b"a1") is Put.QUEUED
+        assert outbox.put_audio(b"a2") is Put.QUEUED
+        assert outbox.put_audio(b"a3") is Put.DROPPED
     assert written.frames == []
     assert await _received_now(peer) == []
 
@@ -129,8 +129,8 @@ async def test_a_socket_without_direct_writes_gets_everything_through_the_sender
 ) -> None:
     inner, peer = memory_socket_pair(math.inf)
     written = Written()
-    outbox = AssistantOutbox(PlainSocket(inner), buffer=4, on_audio_written=written)
-    assert outbox.put_audio(b"a1")
+    outbox = AssistantOutbox(PlainSocket(inner), buffer=4, on_queued_audio_written=written)
+    assert outbox.put_audio(b"a1") is Put.QUEUED
     assert await _received_now(peer) == []
     nursery.start_soon(outbox.run)
     await trio.testing.wait_all_tasks_blocked()
@@ -142,7 +142,7 @@ async def test_a_control_message_cancelled_while_waiting_for_room_is_not_queued(
     nursery: trio.Nursery,
 ) -> None:
     ours, peer = memory_socket_pair(math.inf)
-    outbox = AssistantOutbox(ours, buffer=1, on_audio_written=Written())
+    outbox = AssistantOutbox(ours, buffer=1, on_queued_audio_written=Written())
     await outbox.send("first")  # fills the queue
     with trio.move_on_after(1) as waited:
         await outbox.send("never")
@@ -152,7 +152,7 @@ async def test_a_control_message_cancelled_while_waiting_for_room_is_not_queued(
     assert await _received_now(peer) == ["first"]
     # Nothing is left queued: audio is written at once again.
     nursery.cancel_scope.cancel()
-    assert outbox.put_audio(b"a1")
+    assert outbox.put_audio(b"a1") is Put.WRITTEN
     assert await _received_now(peer) == [b"a1"]
 
 
@@ -160,7 +160,7 @@ async def test_the_sender_fails_when_the_assistant_stops_reading(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     ours, _peer = memory_socket_pair(0)
-    outbox = AssistantOutbox(ours, buffer=4, on_audio_written=Written())
+    outbox = AssistantOutbox(ours, buffer=4, on_queued_audio_written=Written())
     await outbox.send("control")
     with pytest.raises(SocketWriteTimeout):
         await outbox.run()
@@ -169,4 +169,4 @@ async def test_the_sender_fails_when_the_assistant_stops_reading(
 def test_the_queue_holds_at_least_one_item() -> None:
     ours, _ = memory_socket_pair(math.inf)
     with pytest.raises(ValueError, match="at least 1"):
-        AssistantOutbox(ours, buffer=0, on_audio_written=Written())
+        AssistantOutbox(ours, buffer=0, on_queued_audio_written=Written())

@@ -37,7 +37,7 @@ from typing import Any, Protocol, assert_never
 import trio
 from attrs import frozen
 
-from voicebridge.bridge.outbox import AssistantOutbox
+from voicebridge.bridge.outbox import DROPPED, WRITTEN, AssistantOutbox
 from voicebridge.bridge.outcome import CallRecord, Handover, Outcome
 from voicebridge.bridge.playout import Playout
 from voicebridge.codec import LegCodec
@@ -524,17 +524,24 @@ class Call:
             self._frames_from_caller % CALLER_LATENCY_SAMPLE_EVERY == 0
             and self._observer is not None
         )
-        if sampled:
-            self._latency_probe_at = trio.current_time()
+        parsed_at = trio.current_time() if sampled else 0.0
         if self._codec is not None:
             payload = self._codec.to_assistant(payload)
-        if sampled:
-            self._latency_probe = payload  # measured when written (``_audio_written``)
-        if not outbox.put_audio(payload):
+        put = outbox.put_audio(payload)
+        if put is WRITTEN:  # nearly always, on a live leg
+            self._frames_to_assistant += 1
+            self._caller_audio_bytes += len(payload)
+            if sampled and self._observer is not None:
+                self._observer.caller_frame_latency(trio.current_time() - parsed_at)
+        elif put is DROPPED:
             self._frames_dropped += 1
+        elif sampled:
+            # Measured when the sender has written it (``_queued_audio_written``).
+            self._latency_probe = payload
+            self._latency_probe_at = parsed_at
 
-    def _audio_written(self, payload: bytes) -> None:
-        """The outbox handed a caller frame whole to the assistant's socket."""
+    def _queued_audio_written(self, payload: bytes) -> None:
+        """The outbox's sender handed a queued caller frame whole to the socket."""
         self._frames_to_assistant += 1
         self._caller_audio_bytes += len(payload)
         if payload is self._latency_probe and self._observer is not None:
@@ -635,7 +642,9 @@ class Call:
         )
         self._playout = playout
         outbox = AssistantOutbox(
-            socket, buffer=CALLER_AUDIO_BUFFER_FRAMES, on_audio_written=self._audio_written
+            socket,
+            buffer=CALLER_AUDIO_BUFFER_FRAMES,
+            on_queued_audio_written=self._queued_audio_written,
         )
         async with trio.open_nursery() as leg_nursery:
             leg_nursery.start_soon(self._agent_to_caller, socket, playout)
