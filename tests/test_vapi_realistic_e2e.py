@@ -310,7 +310,9 @@ async def test_a_call_over_vapis_concurrency_limit_hears_the_overflow_message(
     report = reports[second_sid]
     assert (report.final_action, report.ended_by) == ("say", "server")
     assert OVERFLOW_WORDS in report.final_say.lower()
-    assert value(samples, "voicebridge_calls_total", outcome="assistant-over-limit") == 1
+    assert value(
+        samples, "voicebridge_calls_total", outcome="assistant-over-limit", route="default"
+    ) == 1
     [refused] = [a for a in bridge.vapi.create_attempts if a.order == 1]
     if answer == "400":
         assert (refused.status, refused.call_id) == (400, None)

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import logging
 
-import attrs
 import pytest
 import trio
 import trio.testing
 from trio import Nursery
 
 from tests.bridge.peers import FakeTwilio, MemoryConnector, stop_frame
-from tests.bridge.test_call import SETTINGS, run_call, start_vapi
+from tests.bridge.test_call import run_call, settings_with, start_vapi
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.config import Config
 from voicebridge.observability.logs import record_fields
 from voicebridge.web import after_stream_twiml
 
 ALLOWED = "+15550100200"
-SETTINGS_WITH_TRANSFER = attrs.evolve(SETTINGS, transfer_allowed=(ALLOWED,))
+SETTINGS_WITH_TRANSFER = settings_with(transfer={"allowed": (ALLOWED,)})
 
 
 def speech(status: str) -> dict[str, object]:
@@ -87,7 +86,7 @@ async def test_a_transfer_without_a_destination_goes_to_the_default(
         vapi = await start_vapi(connector, nursery)
         await vapi.send_json({"type": "status-update", "status": "forwarding"})
 
-    settings = attrs.evolve(SETTINGS, transfer_default="+15550100300")
+    settings = settings_with(transfer={"default_destination": "+15550100300"})
     record, _, _ = await run_call(scenario, settings=settings)
     assert record.outcome is Outcome.TRANSFERRED
     assert record.transfer_to == "+15550100300"

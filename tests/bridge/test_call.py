@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -27,24 +29,31 @@ from tests.bridge.peers import (
 )
 from voicebridge.bridge.call import Call, CallSettings
 from voicebridge.bridge.outcome import CallRecord, Outcome
-from voicebridge.config import Config
+from voicebridge.config import Config, KeypadConfig
 from voicebridge.observability.logs import record_fields
 from voicebridge.sockets import memory_socket_pair
 from voicebridge.twilio.media import PRE_START_FRAMES
 from voicebridge.vapi.client import VapiError
 from voicebridge.web import after_stream_twiml
 
-SETTINGS = CallSettings(
-    start_deadline_s=5.0,
-    media_inactivity_s=3.0,
-    playout_lead_ms=300,
-    playout_chunk_ms=100,
-    barge_in_resume_gap_ms=250,
-    barge_in_on_speech_start=False,
-    ping_interval_s=5.0,
-    pong_deadline_s=2.0,
-    end_deadline_s=1.0,
+#: What the call tests run with: the defaults but for shorter deadlines, and every key
+#: press its own message (``[keypad]`` batching is tested in ``test_keypad.py``).
+CONFIG = Config().evolve(
+    twilio=attrs.evolve(Config().twilio, start_deadline_s=5.0, media_inactivity_s=3.0),
+    vapi=attrs.evolve(
+        Config().vapi, ping_interval_s=5.0, pong_deadline_s=2.0, end_deadline_s=1.0
+    ),
+    keypad=KeypadConfig(batch=False),
 )
+SETTINGS = CallSettings.from_config(CONFIG)
+
+
+def settings_with(**sections: Any) -> CallSettings:
+    """``SETTINGS`` with these sections of ``CONFIG`` changed (``name={key: value}``)."""
+    changed = {
+        name: attrs.evolve(getattr(CONFIG, name), **keys) for name, keys in sections.items()
+    }
+    return CallSettings.from_config(CONFIG.evolve(**changed))
 
 Scenario = Callable[[FakeTwilio, MemoryConnector, trio.Nursery], Awaitable[None]]
 
@@ -430,10 +439,8 @@ async def test_barge_in_on_speech_start_when_configured(
         await trio.sleep(0.5)
         await twilio.socket.send(stop_frame(twilio.next_seq()))
 
-    import attrs
-
     record, twilio, _ = await run_call(
-        scenario, settings=attrs.evolve(SETTINGS, barge_in_on_speech_start=True)
+        scenario, settings=settings_with(bridge={"barge_in_on_speech_start": True})
     )
     assert len(twilio.events("clear")) == 1
     assert len(record.barge_ins) == 1

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 
-import attrs
 import trio
 import trio.testing
 from trio import Nursery
 
 from tests.bridge.peers import STREAM_SID, FakeTwilio, FakeVapi, MemoryConnector, stop_frame
-from tests.bridge.test_call import SETTINGS, run_call, start_vapi
+from tests.bridge.test_call import SETTINGS, run_call, settings_with, start_vapi
 from voicebridge.config import KeypadConfig
 
 KEYPAD = KeypadConfig()  # the defaults: 2 s after the last key, or '#'
-WITH_KEYPAD = attrs.evolve(SETTINGS, keypad=KEYPAD)
+WITH_KEYPAD = settings_with(keypad={"batch": True})
 
 
 def dtmf_frame(seq: int, digit: str) -> str:
@@ -124,8 +123,8 @@ async def test_a_timeout_of_zero_waits_for_the_delimiter(
         await press(twilio, "*")
         await twilio.socket.send(stop_frame(twilio.next_seq()))
 
-    keypad = KeypadConfig(timeout_s=0, delimiters=("*",))
-    await run_call(scenario, settings=attrs.evolve(SETTINGS, keypad=keypad))
+    keypad = {"batch": True, "timeout_s": 0, "delimiters": ("*",)}
+    await run_call(scenario, settings=settings_with(keypad=keypad))
     assert [content for _, content in entries(vapis[0])] == [
         "(The caller entered 98 on the keypad.)"
     ]

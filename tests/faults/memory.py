@@ -24,15 +24,15 @@ from tests.bridge.peers import (
     start_frame,
     verify_token,
 )
-from tests.bridge.test_call import SETTINGS as CALL_TEST_SETTINGS
+from tests.bridge.test_call import settings_with
 from voicebridge.bridge.call import AssistantConnector, Call, CallSettings
 from voicebridge.bridge.outcome import CallRecord
 from voicebridge.sockets import memory_socket_pair
 
 #: The settings of every call here: the call-nursery tests' with the deadlines of
 #: ``config.py``'s defaults.
-SETTINGS = attrs.evolve(
-    CALL_TEST_SETTINGS, media_inactivity_s=5.0, pong_deadline_s=3.0, end_deadline_s=2.0
+SETTINGS = settings_with(
+    twilio={"media_inactivity_s": 5.0}, vapi={"pong_deadline_s": 3.0, "end_deadline_s": 2.0}
 )
 
 

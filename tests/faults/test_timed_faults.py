@@ -23,11 +23,7 @@ from tests.faults.memory import (
     MemoryCallRun,
     run_calls,
 )
-from voicebridge.bridge.call import (
-    ASSISTANT_SILENCE_S,
-    CALLER_AUDIO_BUFFER_FRAMES,
-    CallSettings,
-)
+from voicebridge.bridge.call import CALLER_AUDIO_BUFFER_FRAMES, CallSettings
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.playout import BYTES_PER_MS, MAX_PENDING_BYTES, Playout
 from voicebridge.config import Config
@@ -37,6 +33,8 @@ from voicebridge.twilio.media import MediaStream
 from voicebridge.web import after_stream_twiml
 
 FALLBACK_WORDS = "technical difficulties"
+#: The default silence deadline: Vapi's silence timeout (30 s) plus the margin.
+ASSISTANT_SILENCE_S = SETTINGS.assistant_silence_s
 #: ``FakeVapi.speak``'s chunk: paced assistant audio arrives in 40 ms pieces.
 SPEAK_CHUNK_MS = 40
 
@@ -218,9 +216,9 @@ async def test_vapi_silent_for_a_minute_gives_the_fallback(
         witness.check(run)
 
 
-def test_the_silence_deadline_is_configurable_with_the_same_default() -> None:
+def test_the_silence_deadline_is_derived_by_default_and_configurable() -> None:
     config = Config()
-    assert config.vapi.assistant_silence_s == ASSISTANT_SILENCE_S
+    assert config.vapi.assistant_silence_s == ASSISTANT_SILENCE_S == 45.0
     quick = config.evolve(vapi=attrs.evolve(config.vapi, silence_deadline_s=7.5))
     assert CallSettings.from_config(quick).assistant_silence_s == 7.5
 

@@ -38,7 +38,7 @@ from tests.net.test_ws import make_certificate, server_context
 from voicebridge.config import VapiConfig
 from voicebridge.errors import ConfigError, SocketClosed
 from voicebridge.net.ws import CLOSE_REPLY_S, WsConnection
-from voicebridge.sockets import memory_socket_pair
+from voicebridge.sockets import CLOSE_GRACE_S, memory_socket_pair
 from voicebridge.vapi import client
 from voicebridge.vapi.client import (
     VapiCall,
@@ -750,7 +750,7 @@ async def test_open_transport_exit_waits_for_vapis_close_only_as_long_as_allowed
     assert call_scope.cancelled_caught == cancelled
     assert SHORT_DEADLINE_S < CLOSE_REPLY_S  # so it is close_deadline_s that bounds the exit
     if cancelled:  # only the grace: the call is going away
-        assert client.CANCELLED_CLOSE_GRACE_S <= elapsed < SHORT_DEADLINE_S
+        assert CLOSE_GRACE_S <= elapsed < SHORT_DEADLINE_S
     else:
         assert SHORT_DEADLINE_S <= elapsed < SHORT_DEADLINE_S + 0.5
 

@@ -4,36 +4,40 @@
 deadline) and its token check, one nursery runs as siblings:
 
 - *caller → agent* (``_caller_to_agent``): reads Twilio frames; caller audio goes to
-  the Vapi sender through a bounded channel (stale audio is dropped, never queued
-  without end); mark echoes go to playout; DTMF becomes an ``add-message``; ``stop``
-  ends the call. Its cancel scope carries the media-inactivity deadline, pushed
-  forward by every frame: Twilio streams continuously, so silence on the socket
-  means the stream is dead.
+  the assistant's outbox (``bridge.outbox``: written at once or queued, bounded; stale
+  audio is dropped, never queued without end); mark echoes go to playout; DTMF
+  becomes an ``add-message``; ``stop`` ends the call. Its cancel scope carries the
+  media-inactivity deadline, pushed forward by every frame: Twilio streams
+  continuously, so silence on the socket means the stream is dead.
 - *the assistant leg* (``_assistant_leg``): creates the Vapi call, opens its socket,
   then runs *agent → caller* (Vapi frames: audio to playout, barge-in, end),
-  *the Vapi sender* (single writer of the Vapi socket), *playout* (single writer of
+  *the Vapi sender* (the outbox's queue to the Vapi socket), *playout* (single writer of
   assistant audio to Twilio) and *keepalive* (ping with a pong deadline).
 
-Whichever side ends first records the outcome and cancels the call's task
-scopes with a reason (``_EndSignal``); the first outcome wins. On the way out,
-shielded and bounded: the Vapi leg gets ``end-call`` and a close unless it
-ended itself, the outcome is handed to the
-tracker (the after-stream route reads it), and then the Twilio socket is closed,
-which makes Twilio request the ``<Connect action>``. A failure in any task ends this
-call only, with one log line; it never reaches the server.
+Whichever side ends first records the outcome (the first one wins) and cancels the
+call's *live scope*, in which every task runs (``Phase`` says where a call is). What
+is left is the *wind-down*, one bounded step after another under a single time budget
+(``_wind_down_budget_s``), each shielded from any cancellation but that budget's end:
+the assistant gets ``end-call`` and a close unless it ended itself, the outcome is
+handed to the tracker (the after-stream route reads it), and Twilio's socket is
+closed, which makes Twilio request the ``<Connect action>``. A cancellation from
+outside (the stream's handler, a stopping server) ends the call the same way. A
+failure in any task ends this call only, with one log line; it never reaches the server.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, assert_never
 
 import trio
-from attrs import Factory, frozen
+from attrs import frozen
 
+from voicebridge.bridge.outbox import DROPPED, WRITTEN, AssistantOutbox
 from voicebridge.bridge.outcome import CallRecord, Handover, LegFailure, Outcome
 from voicebridge.bridge.playout import Playout
 from voicebridge.codec import LegCodec
@@ -43,7 +47,6 @@ from voicebridge.observability.logs import log_event
 from voicebridge.routing import DEFAULT_ROUTE, ROUTE_PARAMETER, decode_decision, joined_decision
 from voicebridge.sockets import (
     WRITE_DEADLINE_S,
-    DirectSocket,
     MessageSocket,
     PingableSocket,
     SocketWriteTimeout,
@@ -56,18 +59,12 @@ from voicebridge.vapi.endings import Ending, EndingPolicy, safe_reason
 
 log = logging.getLogger(__name__)
 
-#: Caller audio frames waiting for the Vapi sender. A healthy leg drains this at once;
-#: 10 frames (200 ms) rides out a scheduling hiccup, and past that the audio is stale
-#: (the caller has moved on), so newer frames are dropped and counted instead.
+#: Caller audio frames waiting for the Vapi sender (the outbox's queue). A healthy leg
+#: drains this at once; 10 frames (200 ms) rides out a scheduling hiccup, and past that
+#: the audio is stale (the caller has moved on), so newer frames are dropped and counted.
 CALLER_AUDIO_BUFFER_FRAMES = 10
-#: Nothing at all from Vapi for this long (no audio, no message; pings may still be
-#: answered) means the assistant is wedged: the leg fails and the caller gets the
-#: fallback rather than dead air. Vapi itself ends a call after its
-#: ``silenceTimeoutSeconds`` (30 s by default) with a ``status-update``, so a working
-#: assistant never comes near 45 s of nothing. The default of ``vapi.silence_deadline_s``.
-ASSISTANT_SILENCE_S = 45.0
-#: A call's wind-down is shielded from outside cancellation; each step has its own
-#: bound, and past their sum plus this slack a backstop cancels whatever is left.
+#: Beyond the sum of the wind-down's own bounds (``Call._wind_down_budget_s``): the
+#: record, the tracker and Twilio's close frame take microseconds; this covers them.
 WIND_DOWN_SLACK_S = 1.0
 #: The longest keypad entry: longer ones go to the assistant in pieces this long (an
 #: account or card number fits; a key held down, or a tone generator, cannot grow it).
@@ -100,13 +97,27 @@ CALLER_LATENCY_SAMPLE_EVERY = 50
 ASSISTANT_LATENCY_SAMPLE_EVERY = 10
 
 
-class _FlushMark:
-    """In the Vapi sender's inbox: finish the frame the Twilio reader began writing."""
+class Phase(enum.IntEnum):
+    """Where a call is. A call only moves forward through these (it may skip some).
 
+    # Invariant: STARTING: no call task runs; the outcome is unset, or says why the
+    #   stream was refused before it began.
+    # Invariant: LIVE: the call's tasks run in the live scope; the outcome is unset.
+    # Invariant: GOODBYE: the assistant ended the call and its last audio plays, until
+    #   ``_goodbye_until`` at the latest; the outcome is decided (or a handover under
+    #   way decides it); caller audio no longer goes to the assistant and its
+    #   liveness is no longer judged; a drain lets the goodbye finish.
+    # Invariant: WINDING_DOWN: the outcome is decided (or is decided by how ``run``
+    #   ends) and the live scope is cancelled; what is left runs shielded, each step
+    #   within its own bound and all of it before ``_wind_down_until``.
+    # Invariant: ENDED: the record was handed over and Twilio's socket closed.
+    """
 
-_FLUSH = _FlushMark()
-#: What the Vapi sender's inbox carries: caller audio, control messages, ``_FLUSH``.
-_Outgoing = bytes | str | _FlushMark
+    STARTING = 1
+    LIVE = 2
+    GOODBYE = 3
+    WINDING_DOWN = 4
+    ENDED = 5
 
 
 class AssistantCall(Protocol):
@@ -120,8 +131,10 @@ class AssistantConnector(Protocol):
     """Creates and connects the assistant call; raises ``VapiError`` (classified) on failure.
 
     Two steps, because they end differently: creating may be cancelled at any point
-    (the caller hung up meanwhile), while the connected socket's context must
-    outlive the call's tasks, so that its reader still runs while we say goodbye.
+    (the caller hung up meanwhile; ``Cancelled`` propagates). The connected socket is
+    said goodbye to and closed by the call's wind-down, inside the context; the
+    context's exit comes after, while the call's live scope is cancelled, and must
+    not wait (a close of a socket already closed returns at once).
     """
 
     async def create(
@@ -139,36 +152,6 @@ class AssistantConnector(Protocol):
         ...
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]: ...
-
-
-class _EndSignal:
-    """The cancel scopes of a call's tasks, all cancelled when the call ends.
-
-    A scope opened after the end starts cancelled. The call nursery's own scope is
-    not among them: the Vapi socket's context (and its reader task) lives outside
-    these scopes, so the goodbye to Vapi can still read Vapi's answer.
-    """
-
-    def __init__(self) -> None:
-        self._scopes: set[trio.CancelScope] = set()
-        self.reason: str | None = None
-
-    @contextmanager
-    def scope(self) -> Iterator[trio.CancelScope]:
-        with trio.CancelScope() as scope:
-            if self.reason is not None:
-                scope.cancel(reason=self.reason)
-            self._scopes.add(scope)
-            try:
-                yield scope
-            finally:
-                self._scopes.discard(scope)
-
-    def fire(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            for scope in self._scopes:
-                scope.cancel(reason=reason)
 
 
 class CallObserver(Protocol):
@@ -242,6 +225,9 @@ class _AssistantSpeech:
 
 @frozen(kw_only=True)
 class CallSettings:
+    """What a call needs of the configuration; built only by ``from_config`` (one set
+    of defaults: ``config.py``'s). Tests change the ``Config`` and build from it."""
+
     start_deadline_s: float
     media_inactivity_s: float
     playout_lead_ms: int
@@ -252,24 +238,24 @@ class CallSettings:
     pong_deadline_s: float
     end_deadline_s: float
     #: The Vapi leg's audio format; anything but mulaw/8000 is converted per frame.
-    vapi_audio_format: str = "mulaw"
-    vapi_sample_rate: int = 8000
+    vapi_audio_format: str
+    vapi_sample_rate: int
     #: What the assistant is told on a key press; ``{digit}`` is the key.
-    dtmf_wording: str = "(The caller pressed {digit}.)"
+    dtmf_wording: str
     #: Key presses gathered into entries (``[keypad]``); None: one message per key.
-    keypad: KeypadConfig | None = None
+    keypad: KeypadConfig | None
     #: A handover waits this long for the assistant's goodbye to begin …
-    goodbye_wait_s: float = 2.0
+    goodbye_wait_s: float
     #: … and at most this long in all before it ends the call.
-    goodbye_deadline_s: float = 15.0
+    goodbye_deadline_s: float
     #: The Vapi leg fails when nothing at all (audio or message) came from Vapi this long.
-    assistant_silence_s: float = ASSISTANT_SILENCE_S
+    assistant_silence_s: float
     #: Which of Vapi's ``endedReason`` values are normal ends (``[endings]``).
-    endings: EndingPolicy = Factory(EndingPolicy)
+    endings: EndingPolicy
     #: Where a transfer the assistant starts may go (``[transfer]``): the default
     #: destination (also used when it names none), then the allow-list.
-    transfer_default: str = ""
-    transfer_allowed: tuple[str, ...] = ()
+    transfer_default: str
+    transfer_allowed: tuple[str, ...]
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -335,14 +321,16 @@ class Call:
         self._started_at = 0.0
         # How Twilio's socket is closed at the end: code, reason.
         self._twilio_close = (NORMAL_CLOSURE, "call ended")
-        self._ending = _EndSignal()
+        self._phase = Phase.STARTING
+        # Every task of the call runs in it; cancelled as the wind-down begins (it may
+        # be before the tasks start: a drain can end a call as it begins).
+        self._live_scope = trio.CancelScope()
         # Cancelled once the assistant has ended the call: the keepalive stops judging.
         self._liveness_scope = trio.CancelScope()
-        # When the goodbye's wait ends, once the assistant has ended the call; None before.
-        # Invariant: set at most once, and only after the outcome is decided.
-        self._goodbye_until: float | None = None
-        # The shielded scope the call's tasks run in, once they run (see _end_if_cancelled).
-        self._call_scope: trio.CancelScope | None = None
+        # When the goodbye's wait ends (set in GOODBYE), and when the wind-down's budget
+        # is spent (set as WINDING_DOWN begins).
+        self._goodbye_until = math.inf
+        self._wind_down_until = math.inf
         self._outcome: Outcome | None = None
         self._detail = ""
         self._leg_failure: LegFailure | None = None
@@ -357,14 +345,9 @@ class Call:
         self._decision: dict[str, Any] = {}
         self._vapi_call_id = ""
         self._playout: Playout | None = None
-        # The Vapi sender's inbox; None until the assistant leg is up (caller audio
-        # before that has nowhere to go and is not counted as dropped).
-        self._to_assistant: trio.MemorySendChannel[_Outgoing] | None = None
-        # The Vapi socket, when the Twilio reader may write caller audio to it directly;
-        # it does so only while nothing is queued for the sender (_queued == 0), so the
-        # order of what reaches Vapi never changes.
-        self._direct: DirectSocket | None = None
-        self._queued = 0
+        # While the assistant listens: from its leg's start until it ended the call or
+        # its socket closed. Caller audio when nobody listens is not counted as dropped.
+        self._outbox: AssistantOutbox | None = None
         self._frames_from_caller = 0
         self._frames_to_assistant = 0
         self._frames_dropped = 0
@@ -376,9 +359,10 @@ class Call:
     async def run(self) -> CallRecord:
         """Run the call to its end and return its record. Never raises but ``Cancelled``.
 
-        If the surrounding scope is cancelled (the media socket was dropped, or the
-        server stops), the call is still wound down politely, shielded and bounded,
-        and then ``Cancelled`` propagates.
+        Cancelled (the media socket's handler was, or the server stops): the call
+        ends as ``stream-lost`` unless it had ended already, it is still wound down
+        politely within its budget (``_wind_down_budget_s``), and then ``Cancelled``
+        propagates.
         """
         self._started_at = trio.current_time()
         # Only a stream that passed the token check is this CallSid's call: a rejected
@@ -388,6 +372,7 @@ class Call:
             start = await self._wait_start()
             if start is not None and self._accept(start):
                 begun = True
+                self._advance(Phase.LIVE)  # unless a drain ended the call as it began
                 if self._control is not None:
                     self._control.attach(self._call_sid, self)
                 log_event(
@@ -401,24 +386,18 @@ class Call:
                     route=self._route,
                     upgrade_signature=self._upgrade_signature,
                 )
-                # The call runs shielded and ends only through _end(): a cancellation
-                # from outside becomes an end like any other (see _end_if_cancelled).
-                async with trio.open_nursery() as watch_nursery:
-                    watch_nursery.start_soon(self._end_if_cancelled, watch_nursery.cancel_scope)
-                    with trio.CancelScope(shield=True) as call_scope:
-                        self._call_scope = call_scope
-                        async with trio.open_nursery() as call_nursery:
-                            call_nursery.start_soon(self._caller_to_agent)
-                            call_nursery.start_soon(self._assistant_leg)
-                    watch_nursery.cancel_scope.cancel(reason="call over")
+                with self._live_scope:
+                    async with trio.open_nursery() as call_nursery:
+                        call_nursery.start_soon(self._caller_to_agent)
+                        call_nursery.start_soon(self._assistant_leg)
         except* trio.Cancelled:
-            self._set_outcome(Outcome.STREAM_LOST, "media socket closed by the peer or server")
+            self._end(Outcome.STREAM_LOST, "media socket closed by the peer or server")
             raise
         except* Exception as group:
-            self._set_outcome(Outcome.INTERNAL_ERROR, _describe(group))
+            self._end(Outcome.INTERNAL_ERROR, _describe(group))
             log.error("call %s failed with a bug", self._call_sid or "?", exc_info=group)
         finally:
-            with trio.CancelScope(shield=True):
+            with self._wind_down_scope():
                 record = self._record()
                 if begun:
                     self._tracker.finish(record)
@@ -427,6 +406,7 @@ class Call:
                 if self._observer is not None:
                     self._observer.call_ended(record)
                 await self._close_twilio()
+                self._phase = Phase.ENDED
                 _log_call_end(record, began=begun, remote=self._remote)
         return record
 
@@ -523,10 +503,6 @@ class Call:
     # -- caller → agent ------------------------------------------------------------
 
     async def _caller_to_agent(self) -> None:
-        with self._ending.scope():
-            await self._read_caller()
-
-    async def _read_caller(self) -> None:
         inactivity_s = self._settings.media_inactivity_s
         with trio.CancelScope() as inactivity_scope:
             inactivity_scope.deadline = trio.current_time() + inactivity_s
@@ -535,17 +511,23 @@ class Call:
                     event = self._stream.receive(await self._twilio.receive())
                     inactivity_scope.deadline = trio.current_time() + inactivity_s
                     if isinstance(event, tw.Media):
+                        # Nearly every frame: kept off the match (a class pattern costs
+                        # more than this test), which takes the rest exhaustively.
                         self._forward_audio(event.payload)
-                    elif isinstance(event, tw.Mark):
-                        if self._playout is not None:
-                            self._playout.mark_played(event.name)
-                    elif isinstance(event, tw.Dtmf):
-                        await self._forward_digit(event.digit)
-                    elif isinstance(event, tw.Stop):
-                        self._end(Outcome.CALLER_HUNG_UP, "Twilio sent stop")
-                        return
-                    else:
-                        log.debug("call %s: ignoring Twilio event %r", self._call_sid, event)
+                        continue
+                    match event:
+                        case tw.Mark():
+                            if self._playout is not None:
+                                self._playout.mark_played(event.name)
+                        case tw.Dtmf():
+                            await self._forward_digit(event.digit)
+                        case tw.Stop():
+                            self._end(Outcome.CALLER_HUNG_UP, "Twilio sent stop")
+                            return
+                        case tw.Connected() | tw.Start() | tw.Unrecognized():
+                            log.debug("call %s: ignoring Twilio event %r", self._call_sid, event)
+                        case _:
+                            assert_never(event)
             except SocketClosed as exc:
                 self._end(Outcome.STREAM_LOST, f"media socket closed without stop ({exc})")
                 return
@@ -557,8 +539,8 @@ class Call:
 
     def _forward_audio(self, payload: bytes) -> None:
         self._frames_from_caller += 1
-        inbox = self._to_assistant
-        if inbox is None:
+        outbox = self._outbox
+        if outbox is None:
             return
         sampled = (
             self._frames_from_caller % CALLER_LATENCY_SAMPLE_EVERY == 0
@@ -567,46 +549,30 @@ class Call:
         parsed_at = trio.current_time() if sampled else 0.0
         if self._codec is not None:
             payload = self._codec.to_assistant(payload)
-        direct = self._direct
-        if direct is not None and self._queued == 0 and direct.send_nowait(payload):
-            # Written from here, no hop to the sender task (nearly always, on a live leg).
-            self._count_to_assistant(payload)
-            if direct.needs_flush:
-                # The kernel took part of the frame: the sender finishes it, and
-                # everything after queues behind that.
-                self._queued += 1
-                inbox.send_nowait(_FLUSH)
+        put = outbox.put_audio(payload)
+        if put is WRITTEN:  # nearly always, on a live leg
+            self._frames_to_assistant += 1
+            self._caller_audio_bytes += len(payload)
             if sampled and self._observer is not None:
                 self._observer.caller_frame_latency(trio.current_time() - parsed_at)
-            return
-        try:
-            inbox.send_nowait(payload)
-        except trio.WouldBlock:
+        elif put is DROPPED:
             self._frames_dropped += 1
-            return
-        self._queued += 1
-        if sampled:
+        elif sampled:
+            # Measured when the sender has written it (``_queued_audio_written``).
             self._latency_probe = payload
             self._latency_probe_at = parsed_at
 
-    def _count_to_assistant(self, payload: bytes) -> None:
+    def _queued_audio_written(self, payload: bytes) -> None:
+        """The outbox's sender handed a queued caller frame whole to the socket."""
         self._frames_to_assistant += 1
         self._caller_audio_bytes += len(payload)
-
-    async def _queue_to_assistant(
-        self, inbox: trio.MemorySendChannel[_Outgoing], message: str
-    ) -> None:
-        """Queue a control message for the sender; waits for room, never drops it."""
-        self._queued += 1
-        try:
-            await inbox.send(message)
-        except BaseException:
-            self._queued -= 1
-            raise
+        if payload is self._latency_probe and self._observer is not None:
+            self._latency_probe = None
+            self._observer.caller_frame_latency(trio.current_time() - self._latency_probe_at)
 
     async def _forward_digit(self, digit: str) -> None:
-        inbox = self._to_assistant
-        if inbox is None:
+        outbox = self._outbox
+        if outbox is None:
             log.info("call %s: DTMF %s before the assistant was connected", self._call_sid, digit)
             return
         if self._control is not None:
@@ -623,7 +589,7 @@ class Call:
         wording = self._settings.dtmf_wording.replace("{digit}", digit)
         # Control messages are never dropped: this may wait behind queued audio, at
         # most until the sender's write deadline fails the leg.
-        await self._queue_to_assistant(inbox, vp.add_message(role="user", content=wording))
+        await outbox.send(vp.add_message(role="user", content=wording))
 
     async def _keypad_task(self, keypad: KeypadConfig) -> None:
         """Gather key presses into entries, as Vapi's keypadInputPlan does.
@@ -632,7 +598,7 @@ class Call:
         delimiter (not part of the entry; a delimiter alone is sent as itself), when
         ``keypad.timeout_s`` passes after its last key (0: never; with no delimiters
         either, every key at once), or when it reaches ``MAX_KEYPAD_ENTRY``. Entries,
-        like every control message, are never dropped (see ``_queue_to_assistant``).
+        like every control message, are never dropped (``AssistantOutbox.send``).
         """
         entry = ""
         while True:
@@ -650,12 +616,10 @@ class Call:
                     continue
             elif digit is not None and not entry:
                 entry = digit  # a delimiter alone ("press # to continue")
-            inbox = self._to_assistant
-            if inbox is not None:
+            outbox = self._outbox
+            if outbox is not None:
                 wording = keypad.wording.replace("{digits}", entry)
-                await self._queue_to_assistant(
-                    inbox, vp.add_message(role="user", content=wording)
-                )
+                await outbox.send(vp.add_message(role="user", content=wording))
             entry = ""
 
     # -- the assistant leg ---------------------------------------------------------
@@ -664,23 +628,19 @@ class Call:
         claims = self._claims
         assert claims is not None, "the call nursery starts only after _accept"
         try:
-            with self._ending.scope() as create_scope:
-                call = await self._connector.create(
-                    call_sid=claims.call_sid,
-                    caller=claims.caller,
-                    called=claims.called,
-                    assistant=claims.assistant,
-                    decision=self._decision,
-                )
-            if create_scope.cancelled_caught:
-                return  # the call ended while the assistant call was being created
+            call = await self._connector.create(
+                call_sid=claims.call_sid,
+                caller=claims.caller,
+                called=claims.called,
+                assistant=claims.assistant,
+                decision=self._decision,
+            )
             self._vapi_call_id = call.id
             async with self._connector.connect(call) as socket:
                 try:
-                    with self._ending.scope():
-                        await self._run_assistant_leg(socket)
+                    await self._run_assistant_leg(socket)
                 finally:
-                    with trio.CancelScope(shield=True):
+                    with self._wind_down_scope():
                         await self._close_assistant(socket)
         except VapiError as exc:
             if exc.kind == "limit":
@@ -704,10 +664,14 @@ class Call:
             latency_sample_every=ASSISTANT_LATENCY_SAMPLE_EVERY,
         )
         self._playout = playout
-        inbox, outbox = trio.open_memory_channel[_Outgoing](CALLER_AUDIO_BUFFER_FRAMES)
+        outbox = AssistantOutbox(
+            socket,
+            buffer=CALLER_AUDIO_BUFFER_FRAMES,
+            on_queued_audio_written=self._queued_audio_written,
+        )
         async with trio.open_nursery() as leg_nursery:
             leg_nursery.start_soon(self._agent_to_caller, socket, playout)
-            leg_nursery.start_soon(self._assistant_sender, socket, outbox)
+            leg_nursery.start_soon(self._assistant_sender, outbox)
             leg_nursery.start_soon(self._playout_task, playout)
             leg_nursery.start_soon(self._keepalive, socket)
             leg_nursery.start_soon(self._handover_task, playout)
@@ -715,12 +679,11 @@ class Call:
                 leg_nursery.start_soon(self._keypad_task, self._settings.keypad)
             if self._control is not None:
                 leg_nursery.start_soon(self._digit_task, self._control)
-            self._direct = socket if isinstance(socket, DirectSocket) else None
-            self._to_assistant = inbox
+            self._outbox = outbox
 
     async def _close_assistant(self, socket: PingableSocket) -> None:
         """Say goodbye to Vapi unless it left first; bounded by the end deadline."""
-        self._to_assistant = None
+        self._outbox = None
         if self._outcome in (Outcome.ASSISTANT_ENDED, Outcome.ASSISTANT_LEG_FAILED):
             with trio.move_on_after(self._settings.end_deadline_s):
                 await socket.aclose()
@@ -743,27 +706,41 @@ class Call:
                         playout.feed(message)
                         continue
                     event = vp.parse_message(message)
-                    if isinstance(event, vp.UserInterrupted):
-                        await playout.barge_in()
-                    elif isinstance(event, vp.SpeechUpdate):
-                        await self._on_speech_update(event, playout)
-                    elif isinstance(event, vp.StatusUpdate) and event.status == "ended":
-                        outcome, detail = self._judge_ending(event.ended_reason)
-                        silence_scope.deadline = math.inf  # the goodbye wait has its own bound
-                        await self._let_goodbye_play(playout, outcome, detail, socket)
-                        self._end(outcome, detail)
-                        return
-                    elif isinstance(event, vp.StatusUpdate) and event.status == "forwarding":
-                        self._transfer_for_assistant(event.destination, "status-update forwarding")
-                    elif isinstance(event, vp.TransferUpdate):
-                        self._transfer_for_assistant(event.destination, "transfer-update")
-                    elif isinstance(event, vp.Transcript) and event.transcript_type == "final":
-                        log.debug(
-                            "call %s: %s said %r", self._call_sid, event.role, event.transcript
-                        )
-                    else:
-                        # hang (the assistant is stalling, not hanging up), model output, …
-                        log.debug("call %s: Vapi %s", self._call_sid, type(event).__name__)
+                    match event:
+                        case vp.UserInterrupted():
+                            await playout.barge_in()
+                        case vp.SpeechUpdate():
+                            await self._on_speech_update(event, playout)
+                        case vp.StatusUpdate(status="ended"):
+                            outcome, detail = self._judge_ending(event.ended_reason)
+                            silence_scope.deadline = math.inf  # the goodbye has its own bound
+                            await self._let_goodbye_play(playout, outcome, detail, socket)
+                            self._end(outcome, detail)
+                            return
+                        case vp.StatusUpdate(status="forwarding"):
+                            self._transfer_for_assistant(
+                                event.destination, "status-update forwarding"
+                            )
+                        case vp.TransferUpdate():
+                            self._transfer_for_assistant(event.destination, "transfer-update")
+                        case vp.Transcript(transcript_type="final"):
+                            log.debug(
+                                "call %s: %s said %r", self._call_sid, event.role, event.transcript
+                            )
+                        case (
+                            vp.StatusUpdate()
+                            | vp.Transcript()
+                            | vp.ModelOutput()
+                            | vp.VoiceInput()
+                            | vp.ToolCalls()
+                            | vp.ConversationUpdate()
+                            | vp.Hang()  # the assistant is stalling, not hanging up
+                            | vp.AssistantStarted()
+                            | vp.Unrecognized()
+                        ):
+                            log.debug("call %s: Vapi %s", self._call_sid, type(event).__name__)
+                        case _:
+                            assert_never(event)
             except SocketClosed as exc:
                 if exc.code == 1000:
                     silence_scope.deadline = math.inf
@@ -887,7 +864,9 @@ class Call:
         message, and a close then, with or without a status code, changes nothing.
         Bounded by that, the audio queued then, and ``GOODBYE_SLACK_S``.
         """
-        self._to_assistant = None  # nobody listens any more: caller audio stops here
+        if not self._advance(Phase.GOODBYE):
+            return  # the call is winding down already
+        self._outbox = None  # nobody listens any more: caller audio stops here
         if self._handover is None:
             self._set_outcome(outcome, detail)
         self._liveness_scope.cancel(reason="the assistant ended the call")
@@ -913,26 +892,9 @@ class Call:
         except SocketClosed:
             return
 
-    async def _assistant_sender(
-        self, socket: PingableSocket, outbox: trio.MemoryReceiveChannel[_Outgoing]
-    ) -> None:
+    async def _assistant_sender(self, outbox: AssistantOutbox) -> None:
         try:
-            async for message in outbox:
-                try:
-                    if isinstance(message, _FlushMark):
-                        assert self._direct is not None
-                        await self._direct.flush()
-                        continue
-                    await socket.send(message)
-                finally:
-                    self._queued -= 1
-                if isinstance(message, bytes):
-                    self._count_to_assistant(message)
-                    if message is self._latency_probe and self._observer is not None:
-                        self._latency_probe = None
-                        self._observer.caller_frame_latency(
-                            trio.current_time() - self._latency_probe_at
-                        )
+            await outbox.run()
         except SocketWriteTimeout:
             self._end(
                 Outcome.ASSISTANT_LEG_FAILED,
@@ -942,7 +904,7 @@ class Call:
         except SocketClosed:
             # The reader sees the same close and knows whether it was clean. Caller
             # audio has nowhere to go now; it is not "dropped under backpressure".
-            self._to_assistant = None
+            self._outbox = None
 
     async def _playout_task(self, playout: Playout) -> None:
         try:
@@ -994,7 +956,7 @@ class Call:
         A call whose assistant has already ended is left to finish its goodbye (a
         normal end, bounded); returns how many seconds of it are left, 0 otherwise.
         """
-        if self._goodbye_until is not None and outcome is Outcome.SHUTDOWN:
+        if self._phase is Phase.GOODBYE and outcome is Outcome.SHUTDOWN:
             return max(0.0, self._goodbye_until - trio.current_time())
         self._end(outcome, detail)
         return 0.0
@@ -1012,7 +974,7 @@ class Call:
         (marks), at most ``goodbye_deadline_s`` in all; then the call ends with
         ``handover.outcome``, Vapi gets ``end-call``, and the after-stream TwiML acts.
         """
-        if self._handover is not None or self._ending.reason is not None:
+        if self._handover is not None or self._phase >= Phase.WINDING_DOWN:
             return False
         self._handover = handover
         self._handover_requested.set()
@@ -1038,51 +1000,52 @@ class Call:
     async def _digit_task(self, control: CallControl) -> None:
         async for digit in self._digits_out:
             answer = await control.on_digit(self._call_sid, self._vapi_call_id, digit)
-            inbox = self._to_assistant
-            if answer and inbox is not None:
-                await self._queue_to_assistant(
-                    inbox, vp.add_message(role="system", content=answer)
-                )
+            outbox = self._outbox
+            if answer and outbox is not None:
+                await outbox.send(vp.add_message(role="system", content=answer))
 
     def _end(
         self, outcome: Outcome, detail: str, *, leg_failure: LegFailure | None = None
     ) -> None:
-        """Record why the call ends (the first reason wins) and cancel the call's tasks;
+        """Record why the call ends (the first reason wins) and begin its wind-down;
         ``leg_failure`` says how, for ``ASSISTANT_LEG_FAILED``."""
         if self._handover is not None and outcome is Outcome.ASSISTANT_ENDED:
             # The assistant hung up during the handover's goodbye: the handover still wins.
             outcome, detail = self._handover.outcome, self._handover.detail
         self._set_outcome(outcome, detail, leg_failure=leg_failure)
-        self._ending.fire(f"call ending: {outcome.value}")
-        if self._call_scope is not None:
-            # The (shielded) wind-down has its own bounds; this backstop keeps a bug in
-            # one of them from holding a stopping server for ever.
-            backstop = trio.current_time() + self._wind_down_bound_s()
-            self._call_scope.deadline = min(self._call_scope.deadline, backstop)
+        self._begin_wind_down(f"call ending: {outcome.value}")
 
-    def _wind_down_bound_s(self) -> float:
-        """Longest a call may take to wind down once it ends, plus ``WIND_DOWN_SLACK_S``.
+    def _advance(self, phase: Phase) -> bool:
+        """Move on to ``phase``; False, and no change, when the call is there or past it."""
+        if phase <= self._phase:
+            return False
+        self._phase = phase
+        return True
 
-        A write to Twilio stuck until its deadline, then the Vapi goodbye and the
-        close of its socket, each bounded by the end deadline.
+    def _begin_wind_down(self, reason: str) -> None:
+        """Cancel the live scope; the wind-down's budget starts now (once per call)."""
+        if self._advance(Phase.WINDING_DOWN):
+            self._wind_down_until = trio.current_time() + self._wind_down_budget_s()
+            self._live_scope.cancel(reason=reason)
+
+    def _wind_down_budget_s(self) -> float:
+        """Longest a call may take from its end to the close of Twilio's socket.
+
+        A write to either socket under way as the call ends (never torn: up to
+        ``WRITE_DEADLINE_S``), then the goodbye to the assistant and the close of its
+        socket (``end_deadline_s`` each), then ``WIND_DOWN_SLACK_S`` for the rest.
         """
         return WRITE_DEADLINE_S + 2 * self._settings.end_deadline_s + WIND_DOWN_SLACK_S
 
-    async def _end_if_cancelled(self, own_scope: trio.CancelScope) -> None:
-        """Turn a cancellation from outside into the end of the call.
+    def _wind_down_scope(self) -> trio.CancelScope:
+        """The scope of one step of the wind-down: shielded, ending with the budget.
 
-        A stopping server cancels its handlers (as quart-trio did on every closed
-        socket, Twilio's close right after ``stop`` included). Were the call's tasks
-        cancelled with them, the Vapi socket's reader would be too, and the goodbye to
-        Vapi would wait out its deadline for an answer that nobody reads, holding back
-        the record the ``<Connect action>`` asks for. So the call runs shielded, and
-        this task, outside the shield, ends it instead.
+        Shielded, so that no cancellation but the budget's end cuts a goodbye short.
+        The first step begins the wind-down if nothing did before: the call is then
+        ending because ``run`` was cancelled or a task failed (``run`` records which).
         """
-        try:
-            await trio.sleep_forever()
-        finally:
-            if not own_scope.cancel_called:  # not "call over": the cancellation is outside
-                self._end(Outcome.STREAM_LOST, "media socket closed by the peer or server")
+        self._begin_wind_down("call ending")
+        return trio.CancelScope(shield=True, deadline=self._wind_down_until)
 
     def _record(self) -> CallRecord:
         playout = self._playout

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 import socket
 import ssl
@@ -72,10 +71,6 @@ MAX_ERROR_DETAIL_CHARS: Final = 200
 #: ``open_transport``'s default bound on closing the socket on exit: the close frame
 #: and the peer's answer take one round trip; 2 s is ``VapiConfig.end_deadline_s``'s default.
 CLOSE_DEADLINE_S: Final = 2.0
-#: Time given to the close frame when we leave ``open_transport`` cancelled (see
-#: ``_close_on_exit``): writing one small frame into a socket with room in its send
-#: buffer takes microseconds; past this the peer is not reading and gets a TCP close.
-CANCELLED_CLOSE_GRACE_S: Final = 0.05
 
 
 class VapiError(VoicebridgeError):
@@ -356,7 +351,7 @@ async def open_transport(
     no task of its own, so nothing wraps them in an exception group). On exit the
     socket is closed (code 1000, and Vapi's answering close frame read), shielded from
     cancellation and bounded by ``close_deadline_s``; when the exit is a cancellation,
-    only ``CANCELLED_CLOSE_GRACE_S`` (see ``_close_on_exit``). Say goodbye with
+    only ``sockets.CLOSE_GRACE_S`` (see ``_close_on_exit``). Say goodbye with
     ``end_call`` *inside* the block, before any scope around it is cancelled.
     """
     authorization = f"Bearer {_checked_api_key(api_key)}".encode()
@@ -510,16 +505,15 @@ async def _drop(transport: Transport) -> None:
 
 
 async def _close_on_exit(connection: WsConnection, deadline_s: float) -> None:
-    """Close ``connection`` (code 1000), shielded, within ``deadline_s``.
+    """Close ``connection`` (code 1000) within ``deadline_s``.
 
-    When the scope around ``open_transport`` is being cancelled, the call is going
-    away and must not wait on Vapi: the close frame and Vapi's answer then get only
-    ``CANCELLED_CLOSE_GRACE_S`` (a round trip on a live connection), after which the
+    The close is shielded within its caller's deadline (``sockets.close_scope``): when
+    the scope around ``open_transport`` is being cancelled, the call is going away and
+    must not wait on Vapi, so the close frame and Vapi's answer get only
+    ``sockets.CLOSE_GRACE_S`` (a round trip on a live connection), after which the
     TCP connection is dropped.
     """
-    if trio.current_effective_deadline() == -math.inf:
-        deadline_s = min(deadline_s, CANCELLED_CLOSE_GRACE_S)
-    with trio.move_on_after(deadline_s, shield=True):
+    with trio.move_on_after(deadline_s):
         await connection.aclose()
 
 
