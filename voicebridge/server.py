@@ -62,7 +62,7 @@ from voicebridge.net.front import (
 from voicebridge.net.ops import bind_ops_listener, ops_hypercorn_config, serve_ops
 from voicebridge.net.transport import SocketTransport
 from voicebridge.observability.logs import log_event, run_suppression_reports
-from voicebridge.observability.looplag import watch_loop_lag
+from voicebridge.observability.looplag import LagObservers, LoopPressure, watch_loop_lag
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.sdnotify import Notifier, run_watchdog
 from voicebridge.twilio.signature import WebhookVerifier
@@ -165,9 +165,12 @@ def build_services(
             max_calls=config.server.max_concurrent_calls,
             reservation_ttl_s=config.twilio.stream_token_ttl_s,
             shared=shared,
+            pressure=LoopPressure(threshold_s=0.0, window_s=1.0),
         )
-    else:
-        registry.max_calls = config.server.max_concurrent_calls
+    registry.max_calls = config.server.max_concurrent_calls
+    if registry.pressure is not None:
+        registry.pressure.threshold_s = config.server.shed_loop_lag_ms / 1000
+        registry.pressure.window_s = config.server.shed_loop_lag_window_s
     if tokens is None:
         secret = credentials.stream_token_secret.reveal().encode()
         ttl_s = config.twilio.stream_token_ttl_s
@@ -317,7 +320,12 @@ async def serve(
                 process.notifier.ready(status=process.status_text())
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
-                process_nursery.start_soon(watch_loop_lag, process.services.metrics)
+                # The monitor's wakes feed the metrics and admission (shedding).
+                metrics, pressure = process.services.metrics, process.services.registry.pressure
+                process_nursery.start_soon(
+                    watch_loop_lag,
+                    LagObservers(metrics, pressure) if pressure is not None else metrics,
+                )
                 task_status.started(
                     Listening(addresses, process.services.registry, ops_addresses, counters)
                 )

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractAsyncContextManager
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from voicebridge.bridge.call import AssistantCall, AssistantConnector
 from voicebridge.bridge.outcome import CallRecord, Outcome
+from voicebridge.bridge.registry import RefusalReason
 from voicebridge.observability.looplag import is_stall
 from voicebridge.sockets import PingableSocket
 
@@ -52,7 +53,6 @@ OTHER_STREAM_ERROR: Final = "other"
 
 Direction = Literal["caller_to_agent", "agent_to_caller"]
 #: Why the voice webhook refused a call (the overflow TwiML was played).
-RefusalReason = Literal["at-capacity", "draining"]
 
 
 class BridgeMetrics:
@@ -98,7 +98,7 @@ class BridgeMetrics:
             registry=registry,
         )
         self._refused: dict[str, Counter] = {
-            reason: refused.labels(reason) for reason in ("at-capacity", "draining")
+            reason: refused.labels(reason) for reason in get_args(RefusalReason)
         }
         self._barge_ins = Counter(
             "voicebridge_barge_ins", "Barge-ins: assistant turns cut by the caller.",
