@@ -7,9 +7,15 @@ at a URL; it ramps the calls up, measures over the window in which all of them a
 up, hangs them up and returns a ``LoadReport``.
 
 CPU and memory of the bridge come from ``/proc`` at the edges of that window: CPU
-microseconds per call-second is the bridge's CPU time over the window divided by
-calls × window; RSS per call is the growth of the resident set from idle (before the
-first call) to full load, divided by the calls.
+microseconds per call-second is the bridge's CPU time over the window divided by the
+call-seconds streamed in it (calls × window without churn); RSS per call is the growth
+of the resident set from idle (before the first call) to full load, divided by the
+calls up on average over the window. The bridge's CPU is also sampled every
+``cpu.CPU_SAMPLE_S`` over the whole run, and split between calls' set-up, their end and
+their streaming (``cpu.split_cpu``).
+
+With churn (``churn_per_s``), new calls arrive at random on top of the long ones, each
+for a few tens of seconds; the voice webhook's answer time is measured for every call.
 
 With ``vapi_tls`` the simulated assistant's transport sockets are ``wss://``: the
 certificate (a throwaway one made in a temporary directory, or the one given) is
@@ -32,8 +38,10 @@ from pathlib import Path
 import trio
 from attrs import frozen
 
-from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator, Traffic
+from voicebridge.loadtest.cpu import CPU_SAMPLE_S, split_cpu
+from voicebridge.loadtest.generator import BridgeTarget, CallSpan, LoadGenerator, Traffic
 from voicebridge.loadtest.process import (
+    ENV_PREFIX,
     BridgeProcess,
     LoadTestError,
     ProcessSample,
@@ -96,6 +104,11 @@ class LoadTestOptions:
     vapi_tls: bool = False
     #: With ``vapi_tls``: serve this certificate instead of a throwaway one.
     vapi_tls_certificate: Certificate | None = None
+    #: New calls a second on top of ``calls``, each lasting within ``churn_call_s``.
+    churn_per_s: float = 0.0
+    churn_call_s: tuple[float, float] = (10.0, 40.0)
+    #: The started bridge's ``server.shed_loop_lag_ms`` (None: the default of the product).
+    shed_loop_lag_ms: int | None = None
 
 
 @frozen
@@ -138,12 +151,15 @@ async def _local_bridge(
     generator: LoadGenerator, options: LoadTestOptions, tls: _AssistantTls | None
 ) -> AsyncIterator[Target]:
     auth_token = secrets.token_hex(16)
+    env = dict(tls.trust_env) if tls is not None else {}
+    if options.shed_loop_lag_ms is not None:
+        env[f"{ENV_PREFIX}SHED_LOOP_LAG_MS"] = str(options.shed_loop_lag_ms)
     bridge = await BridgeProcess.start(
         assistant_url=generator.base_url,
         assistant_key=generator.api_key,
         auth_token=auth_token,
         cpu=options.bridge_cpu,
-        env=tls.trust_env if tls is not None else None,
+        env=env,
     )
     try:
         yield Target(
@@ -168,10 +184,13 @@ async def run_loadtest(
 
     With ``bridge_cpu`` this process keeps to the other CPUs while the test runs.
     """
-    if options.calls < 1 or options.duration_s <= WINDOW_SETTLE_S:
+    if (options.calls < 1 and options.churn_per_s <= 0) or options.duration_s <= WINDOW_SETTLE_S:
         raise LoadTestError(
-            f"need at least 1 call and more than {WINDOW_SETTLE_S:g} s of duration"
+            f"need at least 1 call (or churn) and more than {WINDOW_SETTLE_S:g} s of duration"
         )
+    low, high = options.churn_call_s
+    if options.churn_per_s < 0 or not 0 < low <= high:
+        raise LoadTestError("churn must be 0 or more new calls a second, lasting MIN,MAX s > 0")
     if options.vapi_tls and options.external and options.vapi_tls_certificate is None:
         raise LoadTestError(
             "an external bridge must trust the simulated Vapi's certificate before it "
@@ -196,6 +215,7 @@ async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -
     traffic = Traffic(
         calls=options.calls, duration_s=options.duration_s, ramp_s=ramp_s,
         barge_in_share=options.barge_in_share, seed=options.seed,
+        churn_per_s=options.churn_per_s, churn_call_s=options.churn_call_s,
     )
     external = options.external
     async with _assistant_tls(options) as tls:
@@ -254,18 +274,35 @@ async def _measure(generator: LoadGenerator, traffic: Traffic, target: Target) -
     window_end = started_at + traffic.ramp_s + traffic.duration_s
     generator.window = (window_start, window_end)
     edges: list[tuple[ProcessSample | None, float, float]] = []
+    cpu_samples: list[tuple[float, float]] = []
+    offset = trio.current_time() - time.perf_counter()
 
     async def sample_window() -> None:
-        offset = trio.current_time() - time.perf_counter()
         for edge in (window_start, window_end):
             await trio.sleep_until(edge + offset)
             bridge = ProcessSample.of(pid) if pid is not None else None
             edges.append((bridge, time.process_time(), time.perf_counter()))
 
+    async def sample_cpu(pid: int) -> None:
+        """The bridge's CPU time every ``CPU_SAMPLE_S`` from the start, for ``split_cpu``."""
+        at = started_at
+        while True:
+            await trio.sleep_until(at + offset)
+            cpu_samples.append((time.perf_counter(), ProcessSample.of(pid).cpu_s))
+            at += CPU_SAMPLE_S
+
     async with trio.open_nursery() as run_nursery:
         run_nursery.start_soon(sample_window)
-        await generator.run(target.bridge, started_at=started_at)
-    return _report(generator, traffic, target, idle, edges)
+        async with trio.open_nursery() as sampler_nursery:
+            if pid is not None:
+                sampler_nursery.start_soon(sample_cpu, pid)
+            await generator.run(target.bridge, started_at=started_at)
+            if pid is not None:
+                # The last calls' ends: their goodbyes and actions are done by now.
+                await trio.sleep(CPU_SAMPLE_S)
+                cpu_samples.append((time.perf_counter(), ProcessSample.of(pid).cpu_s))
+            sampler_nursery.cancel_scope.cancel(reason="the run is over")
+    return _report(generator, traffic, target, idle, edges, cpu_samples)
 
 
 def _report(
@@ -274,17 +311,22 @@ def _report(
     target: Target,
     idle: ProcessSample | None,
     edges: list[tuple[ProcessSample | None, float, float]],
+    cpu_samples: list[tuple[float, float]],
 ) -> LoadReport:
     figures = generator.figures()
+    spans = generator.streams()
     (bridge_start, own_start, wall_start), (bridge_end, own_end, wall_end) = edges
     window_s = wall_end - wall_start
+    call_seconds = _streamed_within(spans, wall_start, wall_end)
+    mean_calls = call_seconds / window_s if window_s > 0 else 0.0
     generator_cpu_pct = (own_end - own_start) / window_s * 100
     cpu_us = bridge_pct = rss_per_call = None
     if bridge_start is not None and bridge_end is not None and idle is not None:
         bridge_cpu_s = bridge_end.cpu_s - bridge_start.cpu_s
         bridge_pct = bridge_cpu_s / window_s * 100
-        cpu_us = bridge_cpu_s * 1e6 / (traffic.calls * window_s)
-        rss_per_call = (bridge_end.rss_kib - idle.rss_kib) / traffic.calls
+        if call_seconds > 0:
+            cpu_us = bridge_cpu_s * 1e6 / call_seconds
+            rss_per_call = (bridge_end.rss_kib - idle.rss_kib) / mean_calls
     slip = Percentiles.of(figures.tick_slip_ms)
     reasons = []
     if generator_cpu_pct > GENERATOR_SATURATED_PCT:
@@ -297,7 +339,7 @@ def _report(
             f"the generator's pacing slipped {slip.p99:.1f} ms (p99 > "
             f"{GENERATOR_TICK_SLIP_MS:g} ms)"
         )
-    if not figures.caller_latency_ms:
+    if not figures.caller_latency_ms and not figures.refused_calls:
         reasons.append("no caller frame was measured")
     if generator.tls and not generator.tls_handshakes:
         reasons.append("no TLS handshake with the simulated Vapi completed")
@@ -322,6 +364,14 @@ def _report(
         assistant_chunks=len(figures.assistant_latency_ms),
         failed_calls=sum(figures.failures.values()),
         failures=dict(figures.failures),
+        calls_placed=generator.calls_placed,
+        churn_per_s=traffic.churn_per_s,
+        churn_call_s=traffic.churn_call_s,
+        mean_calls=mean_calls,
+        refused_calls=figures.refused_calls,
+        drained_calls=figures.drained_calls,
+        webhook=Percentiles.of(figures.webhook_ms),
+        cpu_split=split_cpu(cpu_samples, spans),
         cpu_us_per_call_second=cpu_us,
         bridge_cpu_pct=bridge_pct,
         rss_kib_per_call=rss_per_call,
@@ -337,4 +387,11 @@ def _report(
         vapi_tls=generator.tls,
         vapi_tls_handshakes=generator.tls_handshakes,
         vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
+    )
+
+
+def _streamed_within(spans: list[CallSpan], start: float, end: float) -> float:
+    """Call-seconds streamed between ``start`` and ``end``."""
+    return sum(
+        max(0.0, min(end, span.ended_at) - max(start, span.streaming_from)) for span in spans
     )
