@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 0; --calls 0 --churn R: churn alone)",
     )
     parser.add_argument(
-        "--churn-call-s", type=_seconds_range, default=(10.0, 40.0), metavar="MIN,MAX",
+        "--churn-call-s", type=seconds_range, default=(10.0, 40.0), metavar="MIN,MAX",
         help="how long each churn call lasts, uniformly drawn (default 10,40)",
     )
     parser.add_argument(
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="with --vapi-tls-cert: its private key")
 
 
-def _seconds_range(text: str) -> tuple[float, float]:
+def seconds_range(text: str) -> tuple[float, float]:
     """``MIN,MAX`` seconds, 0 < MIN <= MAX."""
     low, _, high = text.partition(",")
     try:
