@@ -206,6 +206,7 @@ class _Call:
     __slots__ = (
         "active",
         "assistant_bytes_sent",
+        "awaiting_clear",
         "barge_at",
         "call_sid",
         "caller",
@@ -225,8 +226,6 @@ class _Call:
         "frame_received",
         "frame_sent_at",
         "index",
-        "interrupted_at",
-        "interrupted_turn",
         "interrupted_turns",
         "marks",
         "media_sequence",
@@ -294,10 +293,13 @@ class _Call:
         self.chunk_bytes = array("i")
         self.chunk_seen = bytearray()
         self.assistant_bytes_sent = 0
-        self.interrupted_turn = -1
         # Every turn the caller talked over (its queued audio may rightly never play).
         self.interrupted_turns: set[int] = set()
-        self.interrupted_at: float | None = None
+        # (turn, when) of each barge-in whose clear has not reached the caller yet, oldest
+        # first: the bridge handles barge-ins in order, one clear each, so a clear is the
+        # oldest one's, however late (a bridge seconds behind may get a second barge-in
+        # signal before it has sent the first clear).
+        self.awaiting_clear: deque[tuple[int, float]] = deque()
         # Turns the caller talked over and whose clear reached the caller.
         self.cleared_turns: set[int] = set()
         # Twilio's playback model: when its buffer runs dry, and the marks due.
@@ -565,9 +567,8 @@ class LoadGenerator:
         self._assistant_message(
             call, f'{{"type":"user-interrupted","turnId":"{call.vapi_call_id}-{call.turn}"}}'
         )
-        call.interrupted_turn = call.turn
         call.interrupted_turns.add(call.turn)
-        call.interrupted_at = self._clock()
+        call.awaiting_clear.append((call.turn, self._clock()))
         # The in-flight tail of the cut turn: it must never reach the caller.
         self._send_chunk(call, call.rng.randint(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES))
         self._end_turn(call, now)
@@ -712,10 +713,10 @@ class LoadGenerator:
             while call.marks:
                 self._echo_mark(call, call.marks.popleft()[1])
             call.play_end = now
-            if call.interrupted_at is not None:
-                self._barge_in_ms.append((now - call.interrupted_at) * 1000)
-                call.interrupted_at = None
-                call.cleared_turns.add(call.interrupted_turn)
+            if call.awaiting_clear:
+                turn, interrupted_at = call.awaiting_clear.popleft()
+                self._barge_in_ms.append((now - interrupted_at) * 1000)
+                call.cleared_turns.add(turn)
 
     def _heard(self, call: _Call, audio: bytes, now: float) -> None:
         """Assistant audio reached the caller: play it, and time every marker in it."""
