@@ -532,11 +532,11 @@ def test_the_cpu_split_recovers_the_costs_that_made_the_samples() -> None:
                 )
             )
         samples.append((start, cpu))
-    split = split_cpu(samples, spans)
+    split = split_cpu(samples, spans, base=base)
     assert split is not None
     assert split.setup_ms == pytest.approx(8.0)
     assert split.end_ms == pytest.approx(2.0)
     assert split.streaming_us_per_call_second == pytest.approx(5000.0)
     assert split.base_pct == pytest.approx(1.0)
     # Without any end in the samples, the costs cannot be told apart.
-    assert split_cpu(samples[:4], spans) is None
+    assert split_cpu(samples[:4], spans, base=base) is None

@@ -9,13 +9,15 @@ streams. One window's CPU per call-second mixes the three whenever calls come an
 webhook sent) and ended (hang-up, or the bridge's close) in it and the call-seconds
 streamed in it, and fits, by least squares over all intervals,
 
-    CPU of the interval = setup × set-ups + end × ends + streaming × call-seconds
-                          + base × the interval's length
+    CPU of the interval − base × its length
+        = setup × set-ups + end × ends + streaming × call-seconds
 
-The ramp of long calls (many set-ups, few call-seconds), their steady state (only
-call-seconds) and the hang-up at the end (only ends) tell the three apart; so does a
-churn of calls arriving at random. ``base`` is what the process spends with no call at
-all (its timers, the loop-lag monitor).
+``base`` is what the process spends with no call at all (its timers, the loop-lag
+monitor), measured before the first call: fitted, it could not be told from streaming
+in a steady state, where every interval streams as many call-seconds. The ramp of long
+calls (many set-ups, few call-seconds), their steady state (only call-seconds) and the
+hang-up at the end (only ends) tell the three apart; so does a churn of calls arriving
+at random.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ class CpuSplit:
     end_ms: float
     #: CPU microseconds per second of one call streaming.
     streaming_us_per_call_second: float
-    #: CPU of the process with no call, percent of a core.
+    #: CPU of the process with no call (measured, not fitted), percent of a core.
     base_pct: float
     #: Intervals fitted.
     intervals: int
 
 
-def split_cpu(samples: Sequence[tuple[float, float]], spans: Sequence[CallSpan]) -> CpuSplit | None:
+def split_cpu(
+    samples: Sequence[tuple[float, float]], spans: Sequence[CallSpan], *, base: float
+) -> CpuSplit | None:
     """Fit the costs to ``samples`` ((time, CPU seconds) ascending, perf_counter times)
-    and the calls' ``spans``; None when the samples cannot tell them apart."""
-    rows: list[tuple[tuple[float, float, float, float], float]] = []
+    and the calls' ``spans``, ``base`` CPU seconds a second being the process's own;
+    None when the samples cannot tell them apart."""
+    rows: list[tuple[tuple[float, float, float], float]] = []
     for (start, cpu_start), (end, cpu_end) in pairwise(samples):
         if end <= start:
             continue
@@ -65,7 +70,9 @@ def split_cpu(samples: Sequence[tuple[float, float]], spans: Sequence[CallSpan])
         call_s = sum(
             max(0.0, min(end, span.ended_at) - max(start, span.streaming_from)) for span in spans
         )
-        rows.append(((float(setups), float(ends), call_s, end - start), cpu_end - cpu_start))
+        rows.append(
+            ((float(setups), float(ends), call_s), cpu_end - cpu_start - base * (end - start))
+        )
     if (
         len(rows) < MIN_INTERVALS
         or not any(x[0] for x, _ in rows)
@@ -75,7 +82,7 @@ def split_cpu(samples: Sequence[tuple[float, float]], spans: Sequence[CallSpan])
     coefficients = _least_squares(rows)
     if coefficients is None:
         return None
-    setup, end_cost, streaming, base = coefficients
+    setup, end_cost, streaming = coefficients
     return CpuSplit(
         setup_ms=setup * 1e3,
         end_ms=end_cost * 1e3,

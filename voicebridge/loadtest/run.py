@@ -63,8 +63,9 @@ from voicebridge.loadtest.tls import (
 
 #: The first seconds at full load are left out of the window (the last calls' setup).
 WINDOW_SETTLE_S = 1.0
-#: Before the first call: the bridge (or relay) settles after start-up before its idle RSS.
-IDLE_SETTLE_S = 0.5
+#: Before the first call: the bridge (or relay) settles after start-up before its idle RSS;
+#: its CPU over this second is its own, without calls (``cpu.split_cpu``'s base).
+IDLE_SETTLE_S = 1.0
 #: The default ramp: calls start this many per second, between 1 and 10 s in all.
 RAMP_CALLS_PER_S = 25.0
 
@@ -266,9 +267,15 @@ async def _external(external: ExternalBridge) -> AsyncIterator[Target]:
 
 
 async def _measure(generator: LoadGenerator, traffic: Traffic, target: Target) -> LoadReport:
-    await trio.sleep(IDLE_SETTLE_S)
     pid = target.pid
+    settling = (time.perf_counter(), ProcessSample.of(pid).cpu_s) if pid is not None else None
+    await trio.sleep(IDLE_SETTLE_S)
     idle = ProcessSample.of(pid) if pid is not None else None
+    # The bridge's own CPU with no call, for the split (over the second it settles).
+    base = (
+        (idle.cpu_s - settling[1]) / (time.perf_counter() - settling[0])
+        if idle is not None and settling is not None else 0.0
+    )
     started_at = time.perf_counter() + 0.1
     window_start = started_at + traffic.ramp_s + WINDOW_SETTLE_S
     window_end = started_at + traffic.ramp_s + traffic.duration_s
@@ -302,7 +309,7 @@ async def _measure(generator: LoadGenerator, traffic: Traffic, target: Target) -
                 await trio.sleep(CPU_SAMPLE_S)
                 cpu_samples.append((time.perf_counter(), ProcessSample.of(pid).cpu_s))
             sampler_nursery.cancel_scope.cancel(reason="the run is over")
-    return _report(generator, traffic, target, idle, edges, cpu_samples)
+    return _report(generator, traffic, target, idle, edges, cpu_samples, base)
 
 
 def _report(
@@ -312,6 +319,7 @@ def _report(
     idle: ProcessSample | None,
     edges: list[tuple[ProcessSample | None, float, float]],
     cpu_samples: list[tuple[float, float]],
+    base: float,
 ) -> LoadReport:
     figures = generator.figures()
     spans = generator.streams()
@@ -371,7 +379,7 @@ def _report(
         refused_calls=figures.refused_calls,
         drained_calls=figures.drained_calls,
         webhook=Percentiles.of(figures.webhook_ms),
-        cpu_split=split_cpu(cpu_samples, spans),
+        cpu_split=split_cpu(cpu_samples, spans, base=base),
         cpu_us_per_call_second=cpu_us,
         bridge_cpu_pct=bridge_pct,
         rss_kib_per_call=rss_per_call,
