@@ -154,9 +154,9 @@ def build_services(
 ) -> Services:
     """The route services for ``config``.
 
-    A given ``registry`` (reload) is kept, with ``max_calls`` updated; so are given
-    ``tokens`` (a reload that did not change the token secret keeps its memory of used
-    tokens) and ``metrics`` (counters never restart). ``shared`` makes a new registry
+    A given ``registry`` (reload) is kept, with ``max_calls`` and its shedding on the
+    loop's lag updated; so are given ``tokens`` (a reload that did not change the token
+    secret keeps its memory of used tokens) and ``metrics`` (counters never restart). ``shared`` makes a new registry
     and new tokens work across processes.
     """
     credentials = config.credentials
@@ -165,12 +165,16 @@ def build_services(
             max_calls=config.server.max_concurrent_calls,
             reservation_ttl_s=config.twilio.stream_token_ttl_s,
             shared=shared,
-            pressure=LoopPressure(threshold_s=0.0, window_s=1.0),
+            pressure=LoopPressure(
+                threshold_s=config.server.shed_loop_lag_ms / 1000,
+                window_s=config.server.shed_loop_lag_window_s,
+            ),
         )
-    registry.max_calls = config.server.max_concurrent_calls
-    if registry.pressure is not None:
-        registry.pressure.threshold_s = config.server.shed_loop_lag_ms / 1000
-        registry.pressure.window_s = config.server.shed_loop_lag_window_s
+    else:
+        registry.max_calls = config.server.max_concurrent_calls
+        if registry.pressure is not None:  # the lag seen so far still counts
+            registry.pressure.threshold_s = config.server.shed_loop_lag_ms / 1000
+            registry.pressure.window_s = config.server.shed_loop_lag_window_s
     if tokens is None:
         secret = credentials.stream_token_secret.reveal().encode()
         ttl_s = config.twilio.stream_token_ttl_s

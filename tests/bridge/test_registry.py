@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -27,7 +29,9 @@ from voicebridge.bridge.registry import (
     Full,
     Spent,
 )
+from voicebridge.loopback import loopback_config
 from voicebridge.observability.looplag import LoopPressure
+from voicebridge.server import build_services
 
 TTL_S = 60.0
 NOW = 1_800_000_000.0
@@ -339,3 +343,25 @@ async def test_a_loop_behind_sheds_new_calls_without_making_their_answer(
     calls.start_draining()
     pressure.loop_lag(1.0)
     assert calls.admit("CA4", Answers("CA4")) == Full("draining")
+
+
+async def test_a_reload_applies_new_shedding_keys_and_keeps_the_lag_seen(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = loopback_config(
+        port=8080, vapi_base_url="http://127.0.0.1:9", auth_token="t" * 32, api_key="k" * 16
+    )
+    config = config.evolve(server=attrs.evolve(config.server, shed_loop_lag_ms=50))
+    async with httpx.AsyncClient() as http:
+        services = build_services(config, http)
+        pressure = services.registry.pressure
+        assert pressure is not None and pressure.threshold_s == 0.050
+        pressure.loop_lag(0.030)
+        assert services.registry.refusal() is None
+        stricter = attrs.evolve(config.server, shed_loop_lag_ms=20, shed_loop_lag_window_s=5.0)
+        reloaded = build_services(
+            config.evolve(server=stricter), http, registry=services.registry
+        )
+    assert reloaded.registry.pressure is pressure
+    assert (pressure.threshold_s, pressure.window_s) == (0.020, 5.0)
+    assert reloaded.registry.refusal() == Full("loop-behind", loop_lag_s=0.030)
