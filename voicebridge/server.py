@@ -156,8 +156,8 @@ def build_services(
 
     A given ``registry`` (reload) is kept, with ``max_calls`` and its shedding on the
     loop's lag updated; so are given ``tokens`` (a reload that did not change the token
-    secret keeps its memory of used tokens) and ``metrics`` (counters never restart). ``shared`` makes a new registry
-    and new tokens work across processes.
+    secret keeps its memory of used tokens) and ``metrics`` (counters never restart).
+    ``shared`` makes a new registry and new tokens work across processes.
     """
     credentials = config.credentials
     if registry is None:
