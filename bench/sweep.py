@@ -12,6 +12,14 @@ what the machine and the libraries cost per message, which no bridge can beat. I
 then writes a Markdown report (the table, the ratios to the references, the machine
 and its load) and two PNG plots (latency vs calls, CPU per call vs calls) beside it.
 
+With ``--churn R`` every run also places R new calls a second, each lasting
+``--churn-call-s`` (10–40 s by default), on top of its N long ones; with
+``--churn-sweep R1,R2,…`` the sweep holds N at ``--start`` and varies the churn instead
+(``--start 0``: churn alone). Each row reports the voice webhook's answer time and the
+bridge's CPU split between a call's set-up and its streaming (``loadtest.cpu``).
+
+    .venv/bin/python bench/sweep.py --start 50 --churn-sweep 0,2,4,6 --out /tmp/churn.md
+
 Figures come from one run each; they are printed, never asserted.
 """
 
@@ -31,6 +39,7 @@ from typing import Any
 
 import trio
 
+from voicebridge.loadtest.cli import seconds_range
 from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator
 from voicebridge.loadtest.process import BridgeProcess
 from voicebridge.loadtest.report import GENERATOR_SATURATED_PCT, LoadReport
@@ -75,14 +84,19 @@ def _worst_p99(report: LoadReport) -> float:
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the sweep; one row per N with the bridge's and the references' reports."""
     rows: list[dict[str, Any]] = []
-    calls = args.start
-    while calls <= args.max:
+    steps = (
+        [(args.start, rate) for rate in args.churn_sweep] if args.churn_sweep
+        else [(n, args.churn) for n in range(args.start, args.max + 1, args.step)]
+    )
+    for calls, churn in steps:
         options = LoadTestOptions(calls=calls, duration_s=args.duration,
-                                  bridge_cpu=args.bridge_cpu, seed=args.seed)
-        print(f"--- {calls} calls: voicebridge", flush=True)
+                                  bridge_cpu=args.bridge_cpu, seed=args.seed,
+                                  churn_per_s=churn, churn_call_s=args.churn_call_s,
+                                  shed_loop_lag_ms=args.shed_loop_lag_ms)
+        print(f"--- {calls} calls + {churn:g} new a second: voicebridge", flush=True)
         bridge = trio.run(run_loadtest, options)
         print(bridge.table(), flush=True)
-        row: dict[str, Any] = {"calls": calls, "bridge": bridge.to_json()}
+        row: dict[str, Any] = {"calls": calls, "churn": churn, "bridge": bridge.to_json()}
         for kind in REFERENCES:
             print(f"--- {calls} calls: {REFERENCES[kind]}", flush=True)
             reference = trio.run(
@@ -102,7 +116,6 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                 else f"the generator used {bridge.generator_cpu_pct:.0f} % of its core"
             )
             break
-        calls += args.step
     return rows
 
 
@@ -202,24 +215,33 @@ def write_report(rows: list[dict[str, Any]], out: Path, info: dict[str, str],
         "",
         "## Sweep",
         "",
-        "| calls | c→a p50 / p99 / max ms | a→c p50 / p99 / max ms | barge-in p50 / p99 ms "
+        "| calls (+ new/s) | c→a p50 / p99 / max ms | a→c p50 / p99 / max ms "
+        "| barge-in p50 / p99 ms "
         "| heard after clear | dropped | failed | CPU µs/call-s | core % "
         "| RSS KiB/call (growth over the window) "
+        "| webhook p50 / p99 / max ms | set-up CPU ms/call | streaming µs/call-s | refused "
         "| valid |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for row in rows:
         b = row["bridge"]
         c2a = b["added_latency_ms"]["caller_to_agent"]
         a2c = b["added_latency_ms"]["agent_to_caller"]
+        hook = b.get("webhook_answer_ms") or {"p50": None, "p99": None, "max": None}
+        split = b.get("cpu_split") or {}
+        churn = f" (+{row['churn']:g}/s)" if row.get("churn") else ""
         lines.append(
-            f"| {row['calls']} | {_f(c2a['p50'], '.2f')} / {_f(c2a['p99'], '.2f')} / "
+            f"| {row['calls']}{churn} | {_f(c2a['p50'], '.2f')} / {_f(c2a['p99'], '.2f')} / "
             f"{_f(c2a['max'], '.1f')} | {_f(a2c['p50'], '.2f')} / {_f(a2c['p99'], '.2f')} / "
             f"{_f(a2c['max'], '.1f')} | {_f(b['barge_in_ms']['p50'], '.2f')} / "
             f"{_f(b['barge_in_ms']['p99'], '.2f')} | {_f(b['heard_after_clear_ms'], '.0f')} ms "
             f"| {b['dropped_frames']} | {b['failed_calls']} | "
             f"{_f(b['cpu_us_per_call_second'], '.0f')} | {_f(b['bridge_cpu_pct'], '.0f')} | "
             f"{_f(b['rss_kib_per_call'], '.0f')} ({_f(b['rss_growth_kib'], '+d')} KiB) | "
+            f"{_f(hook['p50'], '.1f')} / {_f(hook['p99'], '.1f')} / {_f(hook['max'], '.0f')} | "
+            f"{_f(split.get('setup_ms_per_call'), '.1f')} | "
+            f"{_f(split.get('streaming_us_per_call_second'), '.0f')} | "
+            f"{b.get('refused_calls', 0)} | "
             f"{'yes' if b['valid'] else 'no'} |"
         )
     lines += [
@@ -315,6 +337,10 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
     return [("p99 added latency vs calls", latency_png), ("CPU per call vs calls", cpu_png)]
 
 
+def _rates(text: str) -> list[float]:
+    return [float(rate) for rate in text.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--start", type=int, default=25)
@@ -324,6 +350,14 @@ def main() -> int:
     parser.add_argument("--limit-ms", type=float, default=20.0)
     parser.add_argument("--bridge-cpu", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--churn", type=float, default=0.0,
+                        help="new calls a second on top of each row's N (default 0)")
+    parser.add_argument("--churn-sweep", type=_rates, default=None, metavar="R1,R2,…",
+                        help="vary the churn instead, N held at --start")
+    parser.add_argument("--churn-call-s", type=seconds_range, default=(10.0, 40.0),
+                        metavar="MIN,MAX", help="how long each churn call lasts (10,40)")
+    parser.add_argument("--shed-loop-lag-ms", type=int, default=None,
+                        help="the bridge's server.shed_loop_lag_ms (default: the product's)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "performance.md")
     parser.add_argument("--rows", type=Path, help="also write the rows (and machine) as JSON")
     parser.add_argument("--from-rows", type=Path,

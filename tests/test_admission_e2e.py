@@ -7,12 +7,18 @@ short clips (``tests.harness.SHORT_ASSISTANT``). A captured webhook is the exact
 request the simulated Twilio makes for a call (``place_call`` with the same CallSid makes
 it again). One test's replayer runs in its own OS process (``tests/replay_peer.py``)
 from 127.0.0.2; the last test runs two server processes of one box, sharing a directory.
+The shedding test's server (``tests/busy_server.py``) holds its own loop on a signal, and
+is probed from this process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,7 +30,9 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.edge.harness import write_config
 from tests.harness import SHORT_ASSISTANT, Bridge, running_bridge
 from tests.test_e2e import OVERFLOW_WORDS, SHORT_SCRIPT, assert_served
 from tests.test_systemd_integration import SHORT_CALL, a_box, activated_server, is_ready, listener
@@ -32,9 +40,11 @@ from voicebridge.control.assistants import outbound_voice_url
 from voicebridge.loopback import LOOPBACK_ACCOUNT_SID
 from voicebridge.observability.logs import FieldValue, record_fields
 from voicebridge.sim.caller import SimTwilioSettings, place_call
+from voicebridge.sim.vapi import SimVapi
 from voicebridge.twilio.signature import sign
 
 PEER = Path(__file__).with_name("replay_peer.py")
+REPO = Path(__file__).resolve().parents[1]
 ALLOWED = ("asst-sales", "asst-support")
 
 
@@ -344,3 +354,142 @@ class LineReader:
         line, _, rest = bytes(self._buffer).partition(b"\n")
         self._buffer = bytearray(rest)
         return line.decode()
+
+
+# -- shedding: a busy bridge answers new calls with the overflow message, fast ------------
+
+#: The busy spell of ``tests/busy_server.py``: the loop held this long at a time (far over
+#: the threshold below), for this long (the probes fit in it with a margin).
+BUSY_HOLD_MS = 60
+BUSY_FOR_S = 8.0
+SHED_LAG_MS = 20
+SHED_WINDOW_S = 0.5
+#: A refused webhook's answer, at most: 30 turns of the held loop. The connection's way
+#: through the front door, hypercorn and quart takes about 17 turns of the loop, each
+#: held BUSY_HOLD_MS (about 1 s here); the refusal itself adds none.
+SHED_ANSWER_S = 30 * BUSY_HOLD_MS / 1000
+
+
+@attrs.define
+class BusyServer:
+    process: trio.Process
+    port: int
+    caller: SimTwilioSettings
+    stdout: list[str] = attrs.field(factory=list)
+    stderr: list[str] = attrs.field(factory=list)
+    line_arrived: trio.Event = attrs.field(factory=trio.Event)
+
+    async def read(self, stream: trio.abc.ReceiveStream, into: list[str]) -> None:
+        reader = LineReader(stream)
+        with contextlib.suppress(EOFError):
+            while True:
+                into.append(await reader.readline())
+                self.line_arrived.set()
+                self.line_arrived = trio.Event()
+
+    async def wait_for_line(self, text: str) -> None:
+        while text not in self.stdout:
+            await self.line_arrived.wait()
+
+    def ops_port(self) -> int:
+        [line] = [line for line in self.stderr if "accepting connections on" in line]
+        return int(log_fields_of(line)["OPS_LISTEN"].rsplit(":", 1)[1])
+
+    async def post_webhook(self, http: httpx.AsyncClient, call_sid: str) -> tuple[float, str]:
+        """A new call's signed voice webhook: (seconds to the answer, the TwiML)."""
+        webhook = CapturedWebhook.sent_by(self.caller, call_sid)
+        started = trio.current_time()
+        response = await webhook.post_to(http, self.port)
+        assert response.status_code == 200, response.text
+        return trio.current_time() - started, response.text
+
+
+def log_fields_of(line: str) -> dict[str, str]:
+    return {key: value.strip('"') for key, value in re.findall(r'(\w+)=("[^"]*"|\S+)', line)}
+
+
+async def test_a_busy_bridge_sheds_new_calls_with_the_overflow_message_fast(
+    tmp_path: Path,
+) -> None:
+    vapi = SimVapi(api_key=secrets.token_hex(16), behaviour=SHORT_ASSISTANT)
+    auth_token = secrets.token_hex(16)
+    sock, port = listener()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vapi.serve)
+            config = write_config(
+                tmp_path / "busy.toml", port=port, vapi=vapi,
+                sections={"server": {
+                    "shed_loop_lag_ms": SHED_LAG_MS, "shed_loop_lag_window_s": SHED_WINDOW_S,
+                }},
+            )
+            with sock:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "tests.busy_server", str(config)],
+                    env={
+                        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                        "VOICEBRIDGE_TWILIO_AUTH_TOKEN": auth_token,
+                        "VOICEBRIDGE_VAPI_API_KEY": vapi.api_key,
+                        "VOICEBRIDGE_STREAM_TOKEN_SECRET": secrets.token_hex(32),
+                        "BUSY_LISTEN_FD": str(sock.fileno()),
+                        "BUSY_FOR_S": str(BUSY_FOR_S),
+                        "BUSY_HOLD_MS": str(BUSY_HOLD_MS),
+                    },
+                    cwd=REPO,
+                    pass_fds=(sock.fileno(),),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )
+            caller = SimTwilioSettings(
+                bridge_url=f"http://127.0.0.1:{port}", public_url=f"http://127.0.0.1:{port}",
+                account_sid=LOOPBACK_ACCOUNT_SID, auth_token=auth_token,
+            )
+            server = BusyServer(process, port, caller)
+            assert process.stdout is not None and process.stderr is not None
+            nursery.start_soon(server.read, process.stdout, server.stdout)
+            nursery.start_soon(server.read, process.stderr, server.stderr)
+            try:
+                await server.wait_for_line("ready")
+                async with httpx.AsyncClient(
+                    limits=httpx.Limits(max_keepalive_connections=0), timeout=10
+                ) as http:
+                    admitted_sid = "CA" + "1" * 32
+                    _, before = await server.post_webhook(http, admitted_sid)
+                    process.send_signal(signal.SIGUSR1)
+                    await server.wait_for_line("busy")
+                    await trio.sleep(SHED_WINDOW_S + 0.2)
+                    shed = [
+                        await server.post_webhook(http, f"CA{n:032x}") for n in range(2, 5)
+                    ]
+                    # Twilio's retry of the call admitted before is answered as before.
+                    _, repeat = await server.post_webhook(http, admitted_sid)
+                    ops = f"http://127.0.0.1:{server.ops_port()}"
+                    busy_ready = await http.get(ops + "/readyz")
+                    assert "idle" not in server.stdout, "every probe met the busy loop"
+                    await server.wait_for_line("idle")
+                    await trio.sleep(SHED_WINDOW_S + 0.2)
+                    _, after = await server.post_webhook(http, "CA" + "f" * 32)
+                    idle_ready = await http.get(ops + "/readyz")
+                    metrics = (await http.get(ops + "/metrics")).text
+            finally:
+                process.kill()
+                await process.wait()
+            nursery.cancel_scope.cancel(reason="test finished")
+    assert "<Connect" in before and "<Connect" in after
+    assert repeat == before
+    for seconds, twiml in shed:
+        assert "<Connect" not in twiml and OVERFLOW_WORDS in twiml.lower()
+        assert seconds < SHED_ANSWER_S, [round(s, 3) for s, _ in shed]
+    assert (busy_ready.status_code, busy_ready.text) == (503, "not ready: event loop behind\n")
+    assert idle_ready.status_code == 200
+    refused = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "voicebridge_admissions_refused_total"
+        and sample.labels["reason"] == "loop-behind"
+    ]
+    assert refused == [3.0]
+    lines = [log_fields_of(line) for line in server.stderr if "refused (" in line]
+    assert lines and all(fields["REASON"] == "loop-behind" for fields in lines)
+    assert all(float(fields["LOOP_LAG_MS"]) >= SHED_LAG_MS for fields in lines)
+    assert not vapi.calls, "no call was ever set up"

@@ -402,7 +402,17 @@ DEADLINES = [
 
 
 def test_deadlines_are_all_covered() -> None:
-    assert len(DEADLINES) == 18
+    assert len(DEADLINES) == 19
+
+
+def test_shedding_on_the_loops_lag_is_on_by_default_and_may_be_off() -> None:
+    server = load({}).server
+    assert (server.shed_loop_lag_ms, server.shed_loop_lag_window_s) == (50, 2.0)
+    assert load({"server": {"shed_loop_lag_ms": 0}}).server.shed_loop_lag_ms == 0
+    exc = error_of({"server": {"shed_loop_lag_ms": 10_001}})
+    assert (exc.key, exc.reason) == (
+        "server.shed_loop_lag_ms", "must be between 0 and 10000, got 10001"
+    )
 
 
 def test_the_assistants_limits_are_in_vapis_ranges_and_sent() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -26,9 +27,11 @@ import trio
 from voicebridge.cli import main
 from voicebridge.loadtest import cli as loadtest_cli
 from voicebridge.loadtest import tls
+from voicebridge.loadtest.cpu import split_cpu
 from voicebridge.loadtest.generator import (
     MARKER_BYTES,
     BridgeTarget,
+    CallSpan,
     Traffic,
     marker,
     read_marker,
@@ -500,3 +503,107 @@ async def test_progress_is_reported_every_five_seconds(
         (10.0, "10 s of 13 s"),
         (15.0, "13 s of 13 s"),
     ]
+
+
+async def test_calls_the_bridge_drains_are_drained_not_failed_and_the_drain_is_quick() -> None:
+    # As Twilio does, the load test requests the <Connect action> of a stream the bridge
+    # ended: a SIGTERM'd bridge's drain then waits for nothing once its deadline has passed.
+    drain_deadline_s = 1.0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        assistant_port = probe.getsockname()[1]
+    bridge = await BridgeProcess.start(
+        assistant_url=f"http://127.0.0.1:{assistant_port}", assistant_key="k" * 16,
+        auth_token="t" * 32, cpu=None,
+        env={"VOICEBRIDGE_LOADTEST_DRAIN_DEADLINE_S": str(drain_deadline_s)},
+    )
+    external = ExternalBridge(
+        url=bridge.url, public_url=None, auth_token="t" * 32,
+        assistant_port=assistant_port, assistant_key="k" * 16,
+    )
+    stopped: list[float] = []
+
+    async def stop_midway() -> None:
+        await trio.sleep(3.0)
+        signalled = trio.current_time()
+        bridge.process.send_signal(signal.SIGTERM)
+        stopped.append(await bridge.process.wait())
+        stopped.append(trio.current_time() - signalled)
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_midway)
+                report = await run_loadtest(
+                    LoadTestOptions(calls=4, duration_s=8, ramp_s=0.5, external=external)
+                )
+    finally:
+        await bridge.stop()
+    assert (report.drained_calls, report.failed_calls) == (4, 0), report.failures
+    code, took_s = stopped
+    assert code == 0
+    # The deadline, the calls' goodbyes to the assistant, the actions: not their grace.
+    assert took_s < drain_deadline_s + 1.5, took_s
+
+
+async def test_calls_answered_with_the_overflow_message_are_refused_not_failed() -> None:
+    async with _bridge_elsewhere({"VOICEBRIDGE_LOADTEST_MAX_CALLS": "2"}) as external:
+        with trio.fail_after(60):
+            report = await run_loadtest(
+                LoadTestOptions(calls=4, duration_s=2.5, ramp_s=0.5, external=external)
+            )
+    assert (report.refused_calls, report.failed_calls) == (2, 0), report.failures
+    assert report.webhook.count == 4
+    assert report.mean_calls == pytest.approx(2, abs=0.1)
+    assert report.caller_frames > 0
+
+
+def test_churn_places_new_calls_all_along_and_splits_the_bridges_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["loadtest", "--calls", "2", "--churn", "3", "--churn-call-s", "1,2",
+                 "--duration", "4", "--ramp", "0.5", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    # Its validity (the generator's own pacing) is the shared machine's matter here.
+    assert code == (0 if report["valid"] else 1), report
+    assert (report["churn_per_s"], report["churn_call_s"]) == (3, [1, 2])
+    assert report["calls_placed"] > 2 + 3 * 2  # Poisson: 13.5 expected, seeded
+    assert report["failed_calls"] == report["refused_calls"] == report["drained_calls"] == 0
+    webhook = report["webhook_answer_ms"]
+    assert 0 < webhook["p50"] <= webhook["p99"] <= webhook["max"]
+    split = report["cpu_split"]
+    assert set(split) == {"setup_ms_per_call", "end_ms_per_call",
+                          "streaming_us_per_call_second", "base_pct", "intervals"}
+    assert split["intervals"] >= 8
+
+
+def test_the_cpu_split_recovers_the_costs_that_made_the_samples() -> None:
+    # A bridge that spends 8 ms per set-up, 2 ms per end, 5,000 µs per call-second and
+    # 1 % of a core on its own; calls of 3-5 s arriving at two a second.
+    setup_s, end_s, streaming_s, base = 0.008, 0.002, 0.005, 0.01
+    spans = [
+        CallSpan(setup_at=at, streaming_from=at + 0.1, ended_at=at + 3 + (n % 3))
+        for n, at in enumerate(0.5 * k + 0.13 * (k % 4) for k in range(40))
+    ]
+    samples, cpu = [], 0.0
+    for step in range(60):
+        start = step * 0.5
+        if step:
+            cpu += (
+                base * 0.5
+                + setup_s * sum(start - 0.5 <= s.setup_at < start for s in spans)
+                + end_s * sum(start - 0.5 <= s.ended_at < start for s in spans)
+                + streaming_s * sum(
+                    max(0.0, min(start, s.ended_at) - max(start - 0.5, s.streaming_from))
+                    for s in spans
+                )
+            )
+        samples.append((start, cpu))
+    split = split_cpu(samples, spans, base=base)
+    assert split is not None
+    assert split.setup_ms == pytest.approx(8.0)
+    assert split.end_ms == pytest.approx(2.0)
+    assert split.streaming_us_per_call_second == pytest.approx(5000.0)
+    assert split.base_pct == pytest.approx(1.0)
+    # Without any end in the samples, the costs cannot be told apart.
+    assert split_cpu(samples[:4], spans, base=base) is None

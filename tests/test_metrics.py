@@ -255,7 +255,9 @@ def test_every_sample_has_the_worker_label_and_no_created_series() -> None:
     assert samples and all(sample.labels.get("worker") == "3" for sample in samples)
     # A counter's _created series reads like a count of calls: none is exported.
     assert not [sample.name for sample in samples if sample.name.endswith("_created")]
-    assert value(parse(text), "voicebridge_calls_total", worker="3", outcome="caller-hung-up") == 1
+    assert value(
+        parse(text), "voicebridge_calls_total", worker="3", outcome="caller-hung-up", route="none"
+    ) == 1
 
 
 def test_the_standard_collectors_build_info_and_capacity_are_exported() -> None:
@@ -342,7 +344,9 @@ async def test_a_revoked_vapi_key_shows_as_auth_failures_of_the_assistant_leg() 
             samples = await scrape(bridge)
     assert all(bridge.record(r.call_sid).outcome is Outcome.ASSISTANT_LEG_FAILED for r in reports)
     assert value(samples, "voicebridge_assistant_leg_failures_total", kind="auth") == 2
-    assert value(samples, "voicebridge_calls_total", outcome="assistant-leg-failed") == 2
+    assert value(
+        samples, "voicebridge_calls_total", outcome="assistant-leg-failed", route="default"
+    ) == 2
 
 
 async def test_call_control_counts_refused_webhooks_and_tool_calls_by_result() -> None:

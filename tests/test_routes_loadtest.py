@@ -22,7 +22,7 @@ def test_the_load_test_measures_the_webhook_with_a_hook(
     assert code in (0, 1), report
     assert report["route_hook"] is True
     assert report["failed_calls"] == 0
-    webhook = report["webhook_ms"]
+    webhook = report["webhook_answer_ms"]
     # One answer per call, each including a signed round trip to the hook.
     assert 0 < webhook["p50"] <= webhook["p99"] <= webhook["max"] < 1500
 

@@ -338,6 +338,15 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = field(default=(), validator=_cidr_list_field)
     #: Log callers' numbers with all but their last 4 digits masked (``+1555•••0123``).
     mask_caller_numbers: bool = False
+    #: Shed new calls (the overflow message) while the event loop's mean lag over
+    #: ``shed_loop_lag_window_s`` is at least this many milliseconds; 0: never. A healthy
+    #: loop runs a ready task within a millisecond; 50 ms late on every wake means the
+    #: process has more work than its core carries and every live call's audio waits too
+    #: (docs/performance.md).
+    shed_loop_lag_ms: int = field(default=50, validator=_int_range(0, 10_000))
+    #: The window of that mean: long enough that one pause (a garbage collection, one slow
+    #: request) does not shed, short enough to act within a burst of new calls.
+    shed_loop_lag_window_s: float = field(default=2.0, validator=_deadline(60))
 
 
 def _cidr_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:

@@ -69,7 +69,7 @@ from voicebridge.observability.logs import (
     run_suppression_reports,
     set_number_masking,
 )
-from voicebridge.observability.looplag import watch_loop_lag
+from voicebridge.observability.looplag import LagObservers, LoopPressure, watch_loop_lag
 from voicebridge.observability.metrics import BridgeMetrics
 from voicebridge.routing import Router
 from voicebridge.routing_hook import RouteHook
@@ -168,10 +168,10 @@ def build_services(
 ) -> Services:
     """The route services for ``config``.
 
-    A given ``registry`` (reload) is kept, with ``max_calls`` updated; so are given
-    ``tokens`` (a reload keeps the memory of used tokens, see ``StreamTokens.rekeyed``)
-    and ``metrics`` (counters never restart). ``shared`` makes a new registry
-    and new tokens work across processes.
+    A given ``registry`` (reload) is kept, with ``max_calls`` and its shedding on the
+    loop's lag updated; so are given ``tokens`` (a reload keeps the memory of used tokens,
+    see ``StreamTokens.rekeyed``) and ``metrics`` (counters never restart).
+    ``shared`` makes a new registry and new tokens work across processes.
     """
     credentials = config.credentials
     if metrics is None:
@@ -181,9 +181,16 @@ def build_services(
             max_calls=config.server.max_concurrent_calls,
             reservation_ttl_s=config.twilio.stream_token_ttl_s,
             shared=shared,
+            pressure=LoopPressure(
+                threshold_s=config.server.shed_loop_lag_ms / 1000,
+                window_s=config.server.shed_loop_lag_window_s,
+            ),
         )
     else:
         registry.max_calls = config.server.max_concurrent_calls
+        if registry.pressure is not None:  # the lag seen so far still counts
+            registry.pressure.threshold_s = config.server.shed_loop_lag_ms / 1000
+            registry.pressure.window_s = config.server.shed_loop_lag_window_s
     if tokens is None:
         secret = credentials.stream_token_secret.reveal().encode()
         previous = credentials.stream_token_secret_previous.reveal().encode()
@@ -338,7 +345,12 @@ async def serve(
                 process.notifier.ready(status=process.status_text())
                 process_nursery.start_soon(process.report_status)
                 process_nursery.start_soon(process.drain_when_asked)
-                process_nursery.start_soon(watch_loop_lag, process.services.metrics)
+                # The monitor's wakes feed the metrics and admission (shedding).
+                metrics, pressure = process.services.metrics, process.services.registry.pressure
+                process_nursery.start_soon(
+                    watch_loop_lag,
+                    LagObservers(metrics, pressure) if pressure is not None else metrics,
+                )
                 task_status.started(
                     Listening(addresses, process.services.registry, ops_addresses, counters)
                 )

@@ -44,7 +44,7 @@ from voicebridge.bridge.call import (
     CallSettings,
 )
 from voicebridge.bridge.outcome import CallRecord, Outcome
-from voicebridge.bridge.registry import Answer, CallRegistry, Full, Spent
+from voicebridge.bridge.registry import Answer, CallRegistry, Full, RefusalReason, Spent
 from voicebridge.config import Config
 from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
@@ -113,6 +113,12 @@ EXPECTED_STREAM_ERRORS = frozenset({"31921"})
 #: goodbye to Vapi: one round trip, ``vapi.end_deadline_s`` at worst); well inside
 #: Twilio's 15 s webhook timeout.
 AFTER_STREAM_WAIT_S = 5.0
+#: Why new calls are refused, in the log and on /readyz.
+_REFUSAL_TEXT: dict[RefusalReason, str] = {
+    "at-capacity": "at capacity",
+    "draining": "draining",
+    "loop-behind": "event loop behind",
+}
 
 
 @define
@@ -294,16 +300,18 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                         remote=request_client(),
                     )
                 return _twiml_response(body)
-            case Full(draining=draining):
-                reason = "draining" if draining else "at capacity"
-                services.metrics.call_refused("draining" if draining else "at-capacity")
+            case Full(reason=reason, loop_lag_s=lag_s):
+                services.metrics.call_refused(reason)
                 log_event(
                     log,
                     logging.WARNING,
                     "call-refused",
-                    f"call {call_sid} refused ({reason}); playing the overflow message",
+                    f"call {call_sid} refused ({_REFUSAL_TEXT[reason]}"
+                    + (f": {lag_s * 1000:.0f} ms mean lag" if lag_s else "")
+                    + "); playing the overflow message",
                     call_sid=call_sid,
                     reason=reason,
+                    loop_lag_ms=round(lag_s * 1000, 1) if lag_s else None,
                     active_calls=registry.active_count,
                 )
                 return _twiml_response(twiml.caller_action(services.config.overflow))
@@ -384,10 +392,10 @@ def create_ops_app(get_services: Callable[[], Services]) -> QuartTrio:
     @app.get(READY_PATH)
     async def readyz() -> Response:
         registry = get_services().registry
-        if registry.admitting:
+        refusal = registry.refusal()
+        if refusal is None:
             return _ops_response("ready", 200)
-        reason = "draining" if registry.draining else "at capacity"
-        return _ops_response(f"not ready: {reason}", 503)
+        return _ops_response(f"not ready: {_REFUSAL_TEXT[refusal.reason]}", 503)
 
     return app
 

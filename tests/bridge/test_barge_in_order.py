@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 import trio
 import trio.testing
 from trio import Nursery
@@ -52,6 +53,53 @@ async def test_a_starved_bridge_never_plays_the_cut_turns_tail(
 
     record, twilio, _ = await run_call(scenario)
     [clear] = twilio.events("clear")
+    after_clear = [r for r in twilio.events("media") if r.at >= clear.at]
+    payloads = b"".join(base64.b64decode(r.message["media"]["payload"]) for r in after_clear)
+    assert b"\x11" not in payloads, "the cut turn's tail reached the caller"
+    assert payloads.count(b"\x22") == len(NEXT), "the next turn plays whole"
+    assert all(r.at >= seen["next_turn_at"] for r in after_clear)
+    assert record.outcome is Outcome.CALLER_HUNG_UP
+
+
+async def test_a_bridge_that_blocks_its_loop_after_the_clear_never_plays_the_tail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The tail is in the socket before the bridge reads the signal (as when it falls
+    # behind); right after its clear, the bridge's own task holds the loop for STARVED_S
+    # (the clock moves, nothing else runs), and only then reads the tail.
+    starved: list[float] = []
+    seen: dict[str, float] = {}
+
+    async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
+        bridge_side = twilio.socket.peer
+        assert bridge_side is not None
+        send = bridge_side.send
+
+        async def send_then_hold_the_loop(message: str | bytes) -> None:
+            await send(message)
+            if isinstance(message, str) and '"clear"' in message and not starved:
+                starved.append(trio.current_time())
+                autojump_clock.jump(STARVED_S)  # synchronous: the loop is held
+
+        bridge_side.send = send_then_hold_the_loop  # type: ignore[method-assign]
+        nursery.start_soon(twilio.stream_media)
+        vapi = await start_vapi(connector, nursery)
+        await vapi.send_json(STARTED | {"turn": 0})
+        await vapi.speak(2000, paced=False)
+        await trio.sleep(0.5)
+        await vapi.send_json({"type": "user-interrupted"})
+        await vapi.socket.send(TAIL)
+        await trio.sleep(STARVED_S + 0.5)
+        seen["next_turn_at"] = trio.current_time()
+        await vapi.send_json(STARTED | {"turn": 1})
+        await vapi.socket.send(NEXT)
+        await trio.sleep(1.0)
+        await twilio.socket.send(stop_frame(twilio.next_seq()))
+
+    record, twilio, _ = await run_call(scenario)
+    [clear] = twilio.events("clear")
+    # Twilio's side read the clear once the loop was free again.
+    assert starved == [pytest.approx(clear.at - STARVED_S)], "the loop was held after the clear"
     after_clear = [r for r in twilio.events("media") if r.at >= clear.at]
     payloads = b"".join(base64.b64decode(r.message["media"]["payload"]) for r in after_clear)
     assert b"\x11" not in payloads, "the cut turn's tail reached the caller"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -27,6 +29,9 @@ from voicebridge.bridge.registry import (
     Full,
     Spent,
 )
+from voicebridge.loopback import loopback_config
+from voicebridge.observability.looplag import LoopPressure
+from voicebridge.server import build_services
 
 TTL_S = 60.0
 NOW = 1_800_000_000.0
@@ -85,7 +90,7 @@ async def test_draining_refuses_new_calls_and_keeps_the_admitted(
     first = Answers("CA1")
     assert calls.admit("CA1", first) == Answer("<Response>CA1 token 1</Response>", repeat=False)
     calls.start_draining()
-    assert calls.admit("CA2", Answers("CA2")) == Full(draining=True)
+    assert calls.admit("CA2", Answers("CA2")) == Full("draining")
     # A webhook retry of an admitted call keeps its slot and gets its answer.
     assert calls.admit("CA1", first) == Answer("<Response>CA1 token 1</Response>", repeat=True)
     assert first.made == 1
@@ -195,7 +200,7 @@ async def test_a_reservation_is_released_when_the_stream_starts_in_another_proce
     admitted_it = registry(max_calls=1, shared=shared_dir(tmp_path))
     streams_it = registry(max_calls=1, shared=shared_dir(tmp_path))
     assert admitted(admitted_it, "CA1")
-    assert admitted_it.admit("CA2", Answers("CA2")) == Full(draining=False), "CA1 holds it"
+    assert admitted_it.admit("CA2", Answers("CA2")) == Full("at-capacity"), "CA1 holds it"
     assert streams_it.begin("CA1", Ended())  # Twilio's media socket landed on the other process
     assert admitted_it.load == 0
     assert admitted(admitted_it, "CA2")
@@ -216,7 +221,7 @@ async def test_a_repeated_webhook_gets_the_same_answer_and_no_second_slot(
         assert calls.admit("CA1", answers) == Answer(first, repeat=True)
     assert answers.made == 1, "no second token"
     assert calls.load == 1
-    assert calls.admit("CA2", Answers("CA2")) == Full(draining=False), "no second slot"
+    assert calls.admit("CA2", Answers("CA2")) == Full("at-capacity"), "no second slot"
 
 
 async def test_a_webhook_for_a_call_that_streamed_is_refused_for_an_hour(
@@ -309,3 +314,54 @@ async def test_a_reservation_that_lapsed_in_one_process_is_refused_by_the_others
     assert one.load == 0  # its reservation lapses, and its answer is no longer given out
     third = registry(shared=shared_dir(tmp_path))
     assert third.admit("CA1", Answers("CA1")) == Spent("lapsed")
+
+
+async def test_a_loop_behind_sheds_new_calls_without_making_their_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pressure = LoopPressure(threshold_s=0.050, window_s=2.0, tick_s=0.1)
+    calls = CallRegistry(max_calls=10, reservation_ttl_s=TTL_S, pressure=pressure)
+    first = Answers("CA1")
+    pressure.loop_lag(0.001)
+    assert calls.admit("CA1", first) == Answer("<Response>CA1 token 1</Response>", repeat=False)
+    for _ in range(5):  # the loop falls behind: every wake 80 ms late
+        await trio.sleep(0.18)
+        pressure.loop_lag(0.080)
+    late = Answers("CA2")
+    assert calls.admit("CA2", late) == Full("loop-behind", loop_lag_s=pytest.approx(0.401 / 6))
+    assert late.made == 0, "a shed call costs no token"
+    assert not calls.admitting
+    # Twilio's retry of the call admitted before keeps its answer: it is not new work.
+    assert calls.admit("CA1", first) == Answer("<Response>CA1 token 1</Response>", repeat=True)
+    # The loop keeps up again: once the late wakes leave the window, calls are admitted.
+    for _ in range(20):
+        await trio.sleep(0.1)
+        pressure.loop_lag(0.0)
+    admitted = calls.admit("CA3", Answers("CA3"))
+    assert admitted == Answer("<Response>CA3 token 1</Response>", repeat=False)
+    # Capacity and draining are told first: they are what the operator acts on.
+    calls.start_draining()
+    pressure.loop_lag(1.0)
+    assert calls.admit("CA4", Answers("CA4")) == Full("draining")
+
+
+async def test_a_reload_applies_new_shedding_keys_and_keeps_the_lag_seen(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    config = loopback_config(
+        port=8080, vapi_base_url="http://127.0.0.1:9", auth_token="t" * 32, api_key="k" * 16
+    )
+    config = config.evolve(server=attrs.evolve(config.server, shed_loop_lag_ms=50))
+    async with httpx.AsyncClient() as http:
+        services = build_services(config, http)
+        pressure = services.registry.pressure
+        assert pressure is not None and pressure.threshold_s == 0.050
+        pressure.loop_lag(0.030)
+        assert services.registry.refusal() is None
+        stricter = attrs.evolve(config.server, shed_loop_lag_ms=20, shed_loop_lag_window_s=5.0)
+        reloaded = build_services(
+            config.evolve(server=stricter), http, registry=services.registry
+        )
+    assert reloaded.registry.pressure is pressure
+    assert (pressure.threshold_s, pressure.window_s) == (0.020, 5.0)
+    assert reloaded.registry.refusal() == Full("loop-behind", loop_lag_s=0.030)

@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from voicebridge.observability.logs import record_fields
-from voicebridge.observability.looplag import STALL_WARNING_S, watch_loop_lag
+from voicebridge.observability.looplag import STALL_WARNING_S, LoopPressure, watch_loop_lag
 
 #: The tick these tests run the monitor at: fine, so exact times show each wake.
 TICK_S = 0.010
@@ -111,3 +111,72 @@ async def test_a_real_blocking_call_shows_as_lag_and_a_warning(
             nursery.cancel_scope.cancel()
     assert max(wakes.lags) >= hold_s - TICK_S
     assert len(stall_lines(caplog)) >= 1
+
+
+# -- LoopPressure: when the loop counts as behind (shedding) ---------------------------
+
+SHED_S = 0.050
+WINDOW_S = 1.0
+
+
+async def hog(clock: trio.testing.MockClock, hold_s: float) -> None:
+    """A loop with more work than its core: every turn of this task holds it ``hold_s``."""
+    while True:
+        clock.jump(hold_s)
+        await trio.lowlevel.checkpoint()
+
+
+async def test_the_loop_is_behind_while_its_mean_lag_over_the_window_is_over_the_threshold(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pressure = LoopPressure(threshold_s=SHED_S, window_s=WINDOW_S, tick_s=TICK_S)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(watch_loop_lag, pressure, tick_s=TICK_S))
+        await trio.sleep(1.0)
+        assert (pressure.lag_s(), pressure.behind()) == (0.0, None)
+        # One pause of 300 ms (a garbage collection): one wake, overdue by about that, among
+        # the 70 of the second's window that the pause left.
+        autojump_clock.jump(0.3)
+        assert pressure.behind() is None
+        assert pressure.lag_s() == pytest.approx(0.3 / 71, abs=2e-4)
+        await trio.sleep(1.0)
+        # More work than the core carries: every wake is late by about a hold.
+        async with trio.open_nursery() as hog_nursery:
+            hog_nursery.start_soon(hog, autojump_clock, 0.080)
+            await trio.sleep(0.2)
+            assert pressure.behind() is None, "a fifth of the window is not enough"
+            await trio.sleep(WINDOW_S)
+            lag = pressure.behind()
+            assert lag is not None and 0.060 <= lag <= 0.160
+            hog_nursery.cancel_scope.cancel()
+        stopped = trio.current_time()
+        # The loop is free again: behind until the late wakes are the minority, and not
+        # at all once they have left the window.
+        await trio.sleep_until(stopped + 0.05)
+        assert pressure.behind() is not None
+        await trio.sleep_until(stopped + WINDOW_S + TICK_S)
+        assert (pressure.lag_s(), pressure.behind()) == (0.0, None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_loop_held_now_is_behind_before_the_monitor_wakes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pressure = LoopPressure(threshold_s=SHED_S, window_s=WINDOW_S, tick_s=TICK_S)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(watch_loop_lag, pressure, tick_s=TICK_S))
+        await trio.sleep(0.5 + TICK_S / 2)
+        autojump_clock.jump(3.0)  # held for longer than the window: no wake in it
+        assert pressure.behind() == pytest.approx(3.0 - TICK_S / 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_monitor_and_no_threshold_are_never_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    unwatched = LoopPressure(threshold_s=SHED_S, window_s=WINDOW_S, tick_s=TICK_S)
+    off = LoopPressure(threshold_s=0.0, window_s=WINDOW_S, tick_s=TICK_S)
+    off.loop_lag(1.0)
+    autojump_clock.jump(5.0)
+    assert (unwatched.behind(), off.behind()) == (None, None)
+    assert off.lag_s() > 0

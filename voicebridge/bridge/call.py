@@ -86,9 +86,11 @@ CALLER_PARAMETER = "caller"
 CALLED_PARAMETER = "called"
 #: Only on an outbound call that named its own assistant (``control.assistants``).
 ASSISTANT_PARAMETER = "assistant"
-#: The close code for Twilio's socket when a call ends (RFC 6455 7.4.1), and the one
-#: for a stream refused before ``start`` for sending too much (policy violation).
+#: The close code for Twilio's socket when a call ends (RFC 6455 7.4.1), the one when the
+#: server ends it for its shutdown (going away), and the one for a stream refused before
+#: ``start`` for sending too much (policy violation).
 NORMAL_CLOSURE = 1000
+GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 #: One caller frame in this many (one a second) and one assistant audio message in
 #: ``ASSISTANT_LATENCY_SAMPLE_EVERY`` have their time inside the bridge measured for the
@@ -418,6 +420,10 @@ class Call:
         frame goes, then the connection, within ``sockets.CLOSE_GRACE_S``.
         """
         code, reason = self._twilio_close
+        if self._outcome is Outcome.SHUTDOWN:
+            # RFC 6455's "a server going down": Twilio runs the <Connect action> all the
+            # same; a client that reads the code knows the call was drained, not failed.
+            code, reason = GOING_AWAY, "shutting down"
         if code == POLICY_VIOLATION:
             with trio.move_on_after(0):  # close_scope still grants CLOSE_GRACE_S
                 await self._twilio.aclose(code, reason)

@@ -39,6 +39,7 @@ from voicebridge.bridge.outcome import CallRecord, Outcome
 
 if TYPE_CHECKING:
     from voicebridge.boxstate import SharedDir
+    from voicebridge.observability.looplag import LoopPressure
 
 #: How long a finished call's record is kept for its ``<Connect action>`` request.
 #: Twilio makes that request within a second of the stream closing; ten minutes
@@ -65,6 +66,9 @@ MAX_REMEMBERED_CALLS = 50_000
 #: Why a CallSid's admission is over: its stream started (here, or in another process of
 #: the box), or its reservation lapsed before any stream did (or the drain let it go).
 SpentReason = Literal["streamed", "lapsed"]
+#: Why a new call is refused with the overflow message: ``max_calls`` reached, the server
+#: draining, or its event loop behind (``LoopPressure``: the calls it has use its core).
+RefusalReason = Literal["at-capacity", "draining", "loop-behind"]
 
 
 @frozen
@@ -78,9 +82,12 @@ class Answer:
 
 @frozen
 class Full:
-    """No room for a new call (or the server is draining): play the overflow message."""
+    """No room for a new call (or the server is draining, or behind): play the overflow
+    message."""
 
-    draining: bool
+    reason: RefusalReason
+    #: With ``loop-behind``: the event loop's mean lag that refused the call, in seconds.
+    loop_lag_s: float = 0.0
 
 
 @frozen
@@ -123,8 +130,11 @@ class CallRegistry:
         reservation_ttl_s: float,
         clock: Callable[[], float] = trio.current_time,
         shared: SharedDir | None = None,
+        pressure: LoopPressure | None = None,
     ) -> None:
         self.max_calls = max_calls
+        #: The event loop's lag: while it is behind, new calls are refused.
+        self.pressure = pressure
         self._reservation_ttl_s = reservation_ttl_s
         self._clock = clock
         self._shared = shared
@@ -162,7 +172,23 @@ class CallRegistry:
 
     @property
     def admitting(self) -> bool:
-        return not self._draining and self.load < self.max_calls
+        return self.refusal() is None
+
+    def refusal(self) -> Full | None:
+        """Why a new call would be refused now, or None when it would be admitted.
+
+        Cheap (a comparison, and a mean kept up to date), so that a refusal costs the
+        webhook nothing it would not spend on any request.
+        """
+        if self._draining:
+            return Full("draining")
+        if self.load >= self.max_calls:
+            return Full("at-capacity")
+        if self.pressure is not None:
+            lag = self.pressure.behind()
+            if lag is not None:
+                return Full("loop-behind", loop_lag_s=lag)
+        return None
 
     @property
     def draining(self) -> bool:
@@ -194,7 +220,8 @@ class CallRegistry:
         A new call, with room and not draining, is reserved a slot and answered with
         ``answer()`` (called only then: it issues the stream token), which is kept for a
         repeat. A reserved call gets that answer again, draining or not, and takes no
-        second slot; one that streamed or lapsed is ``Spent``; with no room, ``Full``.
+        second slot; one that streamed or lapsed is ``Spent``; with no room, while
+        draining, or with the event loop behind (``pressure``), ``Full``.
         With a shared directory, every process of the box decides alike: a call another
         process admitted gets its answer (the slot stays there).
         """
@@ -215,8 +242,9 @@ class CallRegistry:
             published = shared.load_admission(call_sid)
             if published is not None:
                 return self._published(call_sid, *published)
-        if not self.admitting:
-            return Full(self._draining)
+        refusal = self.refusal()
+        if refusal is not None:
+            return refusal
         twiml = answer()
         if shared is not None:
             earlier = shared.publish_admission(call_sid, twiml)

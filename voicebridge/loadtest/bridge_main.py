@@ -3,6 +3,8 @@
 Started by ``loadtest.process.BridgeProcess``, which passes its settings in
 ``VOICEBRIDGE_LOADTEST_*`` variables: the listening socket's fd and port, the
 simulated assistant's URL and key, the Twilio auth token, and the CPU to pin to.
+``VOICEBRIDGE_LOADTEST_SHED_LOOP_LAG_MS``, ``…_DRAIN_DEADLINE_S`` and ``…_MAX_CALLS``
+(``max_concurrent_calls``) override those keys of ``[server]``.
 It serves the real app with the loopback configuration (warning-level logs, so that
 the figures are the bridge's and not the terminal's) and the garbage-collector tuning
 of ``voicebridge serve`` until SIGTERM, after printing ``ready``.
@@ -19,14 +21,14 @@ from functools import partial
 import attrs
 import trio
 
-from voicebridge.config import RouteHookConfig, Secret
+from voicebridge.config import RouteHookConfig, Secret, ServerConfig
 from voicebridge.gctuning import tune_gc_for_latency
 from voicebridge.loadtest.process import ENV_PREFIX, pin_to
 from voicebridge.loopback import loopback_config
 from voicebridge.observability.logs import configure_logging
 from voicebridge.server import serve
 
-#: Far above any load test: admission must never be what limits one.
+#: Far above any load test: admission must never be what limits one (unless asked).
 MAX_CALLS = 100_000
 #: The same for the front door's connection caps: every simulated caller connects
 #: from 127.0.0.1, and a load test of a few thousand calls must fit.
@@ -45,8 +47,18 @@ def main() -> int:
         auth_token=env[f"{ENV_PREFIX}AUTH_TOKEN"],
         api_key=env[f"{ENV_PREFIX}ASSISTANT_KEY"],
     )
+    shed = env.get(f"{ENV_PREFIX}SHED_LOOP_LAG_MS", "")
+    drain = env.get(f"{ENV_PREFIX}DRAIN_DEADLINE_S", "")
+    max_calls = env.get(f"{ENV_PREFIX}MAX_CALLS", "")
     config = config.evolve(
-        server=attrs.evolve(config.server, max_concurrent_calls=MAX_CALLS, log_level="warning"),
+        server=attrs.evolve(
+            config.server, max_concurrent_calls=int(max_calls) if max_calls else MAX_CALLS,
+            log_level="warning",
+            # As ``voicebridge serve`` sheds unless told otherwise (loopback_config turns it
+            # off for the tests that share their loop with the simulated Vapi).
+            shed_loop_lag_ms=int(shed) if shed else ServerConfig().shed_loop_lag_ms,
+            drain_deadline_s=float(drain) if drain else config.server.drain_deadline_s,
+        ),
         edge=attrs.evolve(
             config.edge, max_connections=MAX_CONNECTIONS, max_connections_per_peer=MAX_CONNECTIONS
         ),

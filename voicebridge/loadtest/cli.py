@@ -29,6 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--barge-in-share", type=float, default=0.3, metavar="F",
                         help="share of assistant turns the caller talks over (default 0.3)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulated traffic")
+    parser.add_argument(
+        "--churn", type=float, default=0.0, metavar="R",
+        help="new calls a second (at random) on top of --calls, from the start to the end "
+        "(default 0; --calls 0 --churn R: churn alone)",
+    )
+    parser.add_argument(
+        "--churn-call-s", type=seconds_range, default=(10.0, 40.0), metavar="MIN,MAX",
+        help="how long each churn call lasts, uniformly drawn (default 10,40)",
+    )
+    parser.add_argument(
+        "--shed-loop-lag-ms", type=int, default=None, metavar="MS",
+        help="the started bridge's server.shed_loop_lag_ms (default: the product's; "
+        "0: never shed on the event loop's lag)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--route-hook", action="store_true",
@@ -75,6 +89,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     external.add_argument("--vapi-tls-key", metavar="PEM",
                           help="with --vapi-tls-cert: its private key")
+
+
+def seconds_range(text: str) -> tuple[float, float]:
+    """``MIN,MAX`` seconds, 0 < MIN <= MAX."""
+    low, _, high = text.partition(",")
+    try:
+        bounds = (float(low), float(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX seconds, got {text!r}") from None
+    if not 0 < bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
+    return bounds
 
 
 def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -133,6 +159,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         vapi_tls=args.vapi_tls, vapi_tls_certificate=certificate,
         route_hook=args.route_hook,
         progress=_progress_line,
+        churn_per_s=args.churn, churn_call_s=args.churn_call_s,
+        shed_loop_lag_ms=args.shed_loop_lag_ms,
     )
     try:
         report = trio.run(run_loadtest, options)

@@ -34,7 +34,6 @@ counted.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import functools
 import hmac
 import random
@@ -97,6 +96,12 @@ END_GRACE_S = 0.3
 #: Bounds on one call's setup steps and on its end (webhook, socket, action).
 SETUP_DEADLINE_S = 15.0
 END_DEADLINE_S = 15.0
+#: The close code of a stream the bridge ended because it is shutting down (RFC 6455
+#: "going away"): the call was drained, not failed.
+GOING_AWAY = 1001
+#: A churn call shorter than this (it would start in the last moments of the run) is
+#: not placed.
+MIN_CALL_S = 1.0
 #: The voice webhook, the media socket and the action are on these paths of the TwiML.
 VOICE_PATH = "/twilio/voice"
 ACCOUNT_SID = "AC" + "d" * 32
@@ -151,6 +156,11 @@ class Traffic:
     #: The share of assistant turns the caller talks over.
     barge_in_share: float = 0.3
     seed: int = 1
+    #: Churn: new calls a second (a Poisson arrival process) on top of ``calls``, from the
+    #: start of the run to its end, each lasting a uniform draw from ``churn_call_s``
+    #: (cut at the end of the run).
+    churn_per_s: float = 0.0
+    churn_call_s: tuple[float, float] = (10.0, 40.0)
 
 
 @frozen(kw_only=True)
@@ -184,6 +194,12 @@ class CallFigures:
     late_assistant_chunks: int
     failures: Counter[str]
     tick_slip_ms: Sequence[float]
+    #: The voice webhook's answer times, every call placed (admitted or refused).
+    webhook_ms: Sequence[float]
+    #: Calls answered with the overflow message (the bridge full, draining or shedding).
+    refused_calls: int
+    #: Calls the bridge ended because it was shutting down (drained; not failed).
+    drained_calls: int
 
 
 class _Call:
@@ -192,6 +208,7 @@ class _Call:
     __slots__ = (
         "active",
         "assistant_bytes_sent",
+        "awaiting_clear",
         "barge_at",
         "call_sid",
         "caller",
@@ -201,6 +218,9 @@ class _Call:
         "chunk_sent_at",
         "chunk_turn",
         "cleared_turns",
+        "close_code",
+        "closed_at",
+        "drained",
         "end_at",
         "ended",
         "failure",
@@ -208,8 +228,6 @@ class _Call:
         "frame_received",
         "frame_sent_at",
         "index",
-        "interrupted_at",
-        "interrupted_turn",
         "interrupted_turns",
         "marks",
         "media_sequence",
@@ -217,6 +235,7 @@ class _Call:
         "next_frame_at",
         "next_turn_at",
         "play_end",
+        "refused",
         "rng",
         "speaking",
         "start_at",
@@ -230,6 +249,7 @@ class _Call:
         "vapi",
         "vapi_call_id",
         "vapi_connected",
+        "webhook_at",
     )
 
     def __init__(self, index: int, start_at: float, end_at: float, seed: int) -> None:
@@ -243,6 +263,14 @@ class _Call:
         self.active = False
         self.ended = False
         self.failure: str | None = None
+        # The voice webhook was answered with the overflow message; no stream.
+        self.refused = False
+        # The bridge ended the stream for its shutdown, and the action said so.
+        self.drained = False
+        # When the voice webhook was sent (None: not yet), and how the stream was closed.
+        self.webhook_at: float | None = None
+        self.close_code: int | None = None
+        self.closed_at: float | None = None
         self.caller: LeanWebSocket | None = None
         self.vapi: LeanWebSocket | None = None
         self.vapi_connected = trio.Event()
@@ -267,10 +295,13 @@ class _Call:
         self.chunk_bytes = array("i")
         self.chunk_seen = bytearray()
         self.assistant_bytes_sent = 0
-        self.interrupted_turn = -1
         # Every turn the caller talked over (its queued audio may rightly never play).
         self.interrupted_turns: set[int] = set()
-        self.interrupted_at: float | None = None
+        # (turn, when) of each barge-in whose clear has not reached the caller yet, oldest
+        # first: the bridge handles barge-ins in order, one clear each, so a clear is the
+        # oldest one's, however late (a bridge seconds behind may get a second barge-in
+        # signal before it has sent the first clear).
+        self.awaiting_clear: deque[tuple[int, float]] = deque()
         # Turns the caller talked over and whose clear reached the caller.
         self.cleared_turns: set[int] = set()
         # Twilio's playback model: when its buffer runs dry, and the marks due.
@@ -302,8 +333,6 @@ class LoadGenerator:
         #: TLS handshakes the simulated Vapi completed, and why others failed.
         self.tls_handshakes = 0
         self.tls_handshake_failures: Counter[str] = Counter()
-        #: Each call's voice webhook answer time (ms): what routing and a decision hook add.
-        self.webhook_ms: list[float] = []
         self._calls: list[_Call] = []
         self._by_sid: dict[str, _Call] = {}
         self._by_vapi_id: dict[str, _Call] = {}
@@ -319,6 +348,7 @@ class LoadGenerator:
         self._late_caller = 0
         self._late_assistant = 0
         self._tick_slip = array("d")
+        self._webhook_ms = array("d")
         self._failures: Counter[str] = Counter()
         #: Samples count only when sent inside this window (perf_counter times).
         self.window = (0.0, float("inf"))
@@ -539,9 +569,8 @@ class LoadGenerator:
         self._assistant_message(
             call, f'{{"type":"user-interrupted","turnId":"{call.vapi_call_id}-{call.turn}"}}'
         )
-        call.interrupted_turn = call.turn
         call.interrupted_turns.add(call.turn)
-        call.interrupted_at = self._clock()
+        call.awaiting_clear.append((call.turn, self._clock()))
         # The in-flight tail of the cut turn: it must never reach the caller.
         self._send_chunk(call, call.rng.randint(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES))
         self._end_turn(call, now)
@@ -549,6 +578,8 @@ class LoadGenerator:
     # -- the simulated Twilio caller ------------------------------------------------
 
     async def _place_call(self, call: _Call, target: BridgeTarget) -> None:
+        """One call, as Twilio places it: the voice webhook, the stream, and once the
+        stream is over (whoever ended it) the ``<Connect action>``."""
         await trio.sleep_until(self._to_trio(call.start_at))
         try:
             with trio.fail_after(SETUP_DEADLINE_S):
@@ -560,19 +591,24 @@ class LoadGenerator:
                     )
                     action_url = None
                 else:
-                    ws, action_url = await self._open_stream(call, target)
+                    opened = await self._open_stream(call, target)
+                    if opened is None:
+                        call.refused = True
+                        return
+                    ws, action_url = opened
             call.caller = ws
             self._stream(call)
             async with trio.open_nursery() as socket_nursery:
                 socket_nursery.start_soon(ws.run_flusher)
                 await self._read_caller_socket(call, ws)
                 socket_nursery.cancel_scope.cancel(reason="media socket closed")
-            if call.stopped_at is None:
-                call.fail("media socket closed before the caller hung up")
-            elif action_url is not None and call.failure is None:
+            call.closed_at = self._clock()
+            if action_url is not None:
                 with trio.fail_after(END_DEADLINE_S):
                     await self._after_stream(call, target, action_url)
-            if call.first_audio_at is None and call.failure is None:
+            elif call.stopped_at is None:
+                call.fail("media socket closed before the caller hung up")
+            if call.first_audio_at is None and call.failure is None and not call.drained:
                 call.fail("no assistant audio reached the caller")
         except trio.TooSlowError:
             call.fail("timed out" + (" in setup" if call.caller is None else " at the end"))
@@ -586,7 +622,8 @@ class LoadGenerator:
 
     async def _open_stream(
         self, call: _Call, target: BridgeTarget
-    ) -> tuple[LeanWebSocket, str]:
+    ) -> tuple[LeanWebSocket, str] | None:
+        """The voice webhook, then the stream its TwiML names; None: the overflow message."""
         assert target.public_url is not None
         form = {
             "AccountSid": ACCOUNT_SID, "ApiVersion": "2010-04-01", "CallSid": call.call_sid,
@@ -594,7 +631,7 @@ class LoadGenerator:
             "From": f"+1555{call.index:07d}", "To": "+15550000000",
         }
         url = target.public_url + VOICE_PATH
-        asked_at = time.perf_counter()
+        call.webhook_at = self._clock()
         result = await http_request(
             target.host, target.port, "POST", VOICE_PATH,
             body=urllib.parse.urlencode(form).encode(),
@@ -604,14 +641,14 @@ class LoadGenerator:
             },
             tls=target.tls,
         )
-        self.webhook_ms.append((time.perf_counter() - asked_at) * 1000)
         if result.status != 200:
             raise WireError(f"voice webhook answered {result.status}")
+        self._webhook_ms.append((self._clock() - call.webhook_at) * 1000)
         document = ET.fromstring(result.body)
         connect = document.find("Connect")
         stream = connect.find("Stream") if connect is not None else None
         if connect is None or stream is None:
-            raise WireError("voice webhook did not connect a stream (overflow?)")
+            return None  # what Twilio does with it is the caller's matter, not the bridge's
         stream_url = stream.get("url", "")
         parameters = {
             p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")
@@ -646,8 +683,10 @@ class LoadGenerator:
 
     async def _read_caller_socket(self, call: _Call, ws: LeanWebSocket) -> None:
         # Through a bridge the caller gets only JSON; through a relay, raw audio too.
-        with contextlib.suppress(WebSocketClosed):
+        try:
             await self._dispatch(call, ws, self._bridge_text, self._heard)
+        except WebSocketClosed as exc:
+            call.close_code = exc.code
 
     async def _dispatch(
         self, call: _Call, ws: LeanWebSocket, on_text: _Handler, on_binary: _Handler
@@ -678,10 +717,10 @@ class LoadGenerator:
             while call.marks:
                 self._echo_mark(call, call.marks.popleft()[1])
             call.play_end = now
-            if call.interrupted_at is not None:
-                self._barge_in_ms.append((now - call.interrupted_at) * 1000)
-                call.interrupted_at = None
-                call.cleared_turns.add(call.interrupted_turn)
+            if call.awaiting_clear:
+                turn, interrupted_at = call.awaiting_clear.popleft()
+                self._barge_in_ms.append((now - interrupted_at) * 1000)
+                call.cleared_turns.add(turn)
 
     def _heard(self, call: _Call, audio: bytes, now: float) -> None:
         """Assistant audio reached the caller: play it, and time every marker in it."""
@@ -752,6 +791,13 @@ class LoadGenerator:
         )
 
     async def _after_stream(self, call: _Call, target: BridgeTarget, action_url: str) -> None:
+        """The ``<Connect action>``, as Twilio requests it once the stream is over, judged.
+
+        After the caller's hang-up the bridge must answer ``<Hangup/>``. A stream the
+        bridge ended itself is a drained call when it closed it as going away (its
+        shutdown: the caller hears what the action says), and a failure otherwise (this
+        generator's assistant never ends a call).
+        """
         form = {"AccountSid": ACCOUNT_SID, "CallSid": call.call_sid, "CallStatus": "in-progress",
                 "StreamSid": call.stream_sid}
         path = urllib.parse.urlsplit(action_url).path
@@ -764,8 +810,15 @@ class LoadGenerator:
             },
             tls=target.tls,
         )
-        if result.status != 200 or b"<Hangup" not in result.body:
-            call.fail(f"after the stream: fallback or error (HTTP {result.status})")
+        if result.status != 200:
+            call.fail(f"after the stream: HTTP {result.status}")
+        elif call.stopped_at is not None:
+            if b"<Hangup" not in result.body:
+                call.fail("after the stream: fallback, not a hang-up")
+        elif call.close_code == GOING_AWAY:
+            call.drained = True
+        else:
+            call.fail(f"the bridge ended the stream (close {call.close_code}) before the hang-up")
 
     # -- pacing --------------------------------------------------------------------
 
@@ -815,9 +868,13 @@ class LoadGenerator:
         self._relay = target.relay
         self._trio_offset = trio.current_time() - time.perf_counter()
         end_at = started_at + traffic.ramp_s + traffic.duration_s
-        for index in range(traffic.calls):
-            start_at = started_at + traffic.ramp_s * index / max(1, traffic.calls)
-            call = _Call(index, start_at, end_at, traffic.seed * 1_000_003 + index)
+        times = [
+            (started_at + traffic.ramp_s * index / max(1, traffic.calls), end_at)
+            for index in range(traffic.calls)
+        ]
+        times += churn_schedule(traffic, started_at, end_at)
+        for index, (start_at, call_end_at) in enumerate(times):
+            call = _Call(index, start_at, call_end_at, traffic.seed * 1_000_003 + index)
             self._calls.append(call)
             self._by_sid[call.call_sid] = call
             self._by_vapi_id[call.vapi_call_id] = call
@@ -830,10 +887,15 @@ class LoadGenerator:
         """Pool what the calls measured (after ``run``)."""
         dropped_caller = dropped_assistant = 0
         failures: Counter[str] = Counter()
+        refused = drained = 0
         for call in self._calls:
             if call.failure is not None:
                 failures[call.failure] += 1
                 continue
+            refused += call.refused
+            drained += call.drained
+            if call.refused or call.drained:
+                continue  # nothing was due to arrive after the end the bridge chose
             dropped_caller += _missing_frames(call)
             dropped_assistant += _missing_chunks(call)
         slip = list(self._tick_slip)
@@ -849,7 +911,51 @@ class LoadGenerator:
             late_assistant_chunks=self._late_assistant,
             failures=failures,
             tick_slip_ms=slip,
+            webhook_ms=list(self._webhook_ms),
+            refused_calls=refused,
+            drained_calls=drained,
         )
+
+    @property
+    def calls_placed(self) -> int:
+        return len(self._calls)
+
+    def streams(self) -> list[CallSpan]:
+        """When each call that streamed was set up, streamed and ended (after ``run``)."""
+        return [
+            CallSpan(
+                setup_at=call.webhook_at if call.webhook_at is not None
+                else call.stream_started_at,
+                streaming_from=call.stream_started_at,
+                ended_at=call.stopped_at or call.closed_at or call.end_at,
+            )
+            for call in self._calls
+            if call.stream_started_at and not call.refused
+        ]
+
+
+@frozen
+class CallSpan:
+    """One call that streamed (perf_counter times): its webhook, its stream, its end."""
+
+    setup_at: float
+    streaming_from: float
+    ended_at: float
+
+
+def churn_schedule(traffic: Traffic, started_at: float, end_at: float) -> list[tuple[float, float]]:
+    """(start, end) of the churn calls: Poisson arrivals at ``churn_per_s`` from
+    ``started_at`` to ``end_at``, each lasting a uniform draw from ``churn_call_s``, cut
+    at ``end_at``; calls left shorter than ``MIN_CALL_S`` are not placed. Seeded."""
+    if traffic.churn_per_s <= 0:
+        return []
+    rng = random.Random(traffic.seed * 7_919 + 1)
+    schedule = []
+    at = started_at + rng.expovariate(traffic.churn_per_s)
+    while at < end_at - MIN_CALL_S:
+        schedule.append((at, min(end_at, at + rng.uniform(*traffic.churn_call_s))))
+        at += rng.expovariate(traffic.churn_per_s)
+    return schedule
 
 
 def _missing_frames(call: _Call) -> int:

@@ -8,6 +8,8 @@ from typing import Any
 
 from attrs import asdict, field, frozen
 
+from voicebridge.loadtest.cpu import CpuSplit
+
 #: A caller frame or an assistant chunk that arrives more than this long after it was
 #: sent is *late*: a telephone jitter buffer hides about two frames, no more.
 LATE_AFTER_MS = 40.0
@@ -88,10 +90,23 @@ class LoadReport:
     vapi_tls: bool = False
     vapi_tls_handshakes: int = 0
     vapi_tls_handshake_failures: Mapping[str, int] = field(factory=dict)
-    #: The voice webhook's answer time; ``route_hook``: the bridge asked a decision hook
-    #: (``--route-hook``) for every call.
-    webhook: Percentiles = field(factory=lambda: Percentiles.of(()))
+    #: The bridge asked a decision hook (``--route-hook``) for every call.
     route_hook: bool = False
+    #: Every call placed: ``calls`` long ones and the churn.
+    calls_placed: int = 0
+    #: New calls a second on top of ``calls``, and how long each lasted (s).
+    churn_per_s: float = 0.0
+    churn_call_s: tuple[float, float] = (0.0, 0.0)
+    #: Calls streaming on average over the window.
+    mean_calls: float = 0.0
+    #: Calls the voice webhook answered with the overflow message (not failed).
+    refused_calls: int = 0
+    #: Calls the bridge ended for its shutdown, their action requested (not failed).
+    drained_calls: int = 0
+    #: The voice webhook's answer time, every call placed.
+    webhook: Percentiles = field(factory=lambda: Percentiles(None, None, None, 0))
+    #: The bridge's CPU split between set-up, end and streaming (None: not measured).
+    cpu_split: CpuSplit | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object (stable keys; see docs/performance.md)."""
@@ -99,9 +114,15 @@ class LoadReport:
         def pct(value: Percentiles, *keys: str) -> dict[str, float | None]:
             return {key: _round(getattr(value, key)) for key in keys}
 
+        split = self.cpu_split
+
         return {
             "target": self.target,
             "calls": self.calls,
+            "calls_placed": self.calls_placed,
+            "churn_per_s": self.churn_per_s,
+            "churn_call_s": list(self.churn_call_s),
+            "mean_calls": _round(self.mean_calls),
             "duration_s": self.duration_s,
             "ramp_s": self.ramp_s,
             "window_s": round(self.window_s, 3),
@@ -115,7 +136,6 @@ class LoadReport:
             "barge_ins": self.barge_ins,
             "heard_after_clear_ms": _round(self.heard_after_clear_ms),
             "first_audio_ms": pct(self.first_audio, "p50", "p99", "max"),
-            "webhook_ms": pct(self.webhook, "p50", "p99", "max"),
             "route_hook": self.route_hook,
             "dropped_frames": self.dropped_caller_frames + self.dropped_assistant_chunks,
             "late_frames": self.late_caller_frames + self.late_assistant_chunks,
@@ -134,7 +154,17 @@ class LoadReport:
             "late_after_ms": LATE_AFTER_MS,
             "failed_calls": self.failed_calls,
             "failures": dict(self.failures),
+            "refused_calls": self.refused_calls,
+            "drained_calls": self.drained_calls,
+            "webhook_answer_ms": pct(self.webhook, "p50", "p99", "max"),
             "cpu_us_per_call_second": _round(self.cpu_us_per_call_second),
+            "cpu_split": None if split is None else {
+                "setup_ms_per_call": _round(split.setup_ms),
+                "end_ms_per_call": _round(split.end_ms),
+                "streaming_us_per_call_second": _round(split.streaming_us_per_call_second),
+                "base_pct": _round(split.base_pct),
+                "intervals": split.intervals,
+            },
             "bridge_cpu_pct": _round(self.bridge_cpu_pct),
             "rss_kib_per_call": _round(self.rss_kib_per_call),
             "rss_idle_kib": self.rss_idle_kib,
@@ -150,9 +180,15 @@ class LoadReport:
     def table(self) -> str:
         """A readable summary for a terminal."""
         leg = "wss:// (TLS)" if self.vapi_tls else "ws:// (no TLS)"
+        churn = (
+            f" + {self.churn_per_s:g} new calls/s of {self.churn_call_s[0]:g}-"
+            f"{self.churn_call_s[1]:g} s ({self.calls_placed} placed, "
+            f"{self.mean_calls:.0f} up on average)"
+            if self.churn_per_s else ""
+        )
         lines = [
-            f"voicebridge loadtest: {self.calls} calls, {self.duration_s:g} s at full load "
-            f"(ramp {self.ramp_s:g} s) against {self.target}, Vapi leg {leg}",
+            f"voicebridge loadtest: {self.calls} calls{churn}, {self.duration_s:g} s at full "
+            f"load (ramp {self.ramp_s:g} s) against {self.target}, Vapi leg {leg}",
             "",
             f"{'':34}{'p50':>9}{'p99':>9}{'max':>9}{'n':>9}",
         ]
@@ -161,7 +197,7 @@ class LoadReport:
             ("added latency agent→caller (ms)", self.agent_to_caller),
             ("barge-in: interrupted→clear (ms)", self.barge_in),
             ("first assistant audio (ms)", self.first_audio),
-            ("voice webhook answer" + (", hook (ms)" if self.route_hook else " (ms)"),
+            ("voice webhook answered" + (", hook" if self.route_hook else "") + " (ms)",
              self.webhook),
         ]
         for label, value in rows:
@@ -179,8 +215,16 @@ class LoadReport:
             f"{self.late_assistant_chunks} assistant chunks",
             f"failed calls:               {self.failed_calls}"
             + (f"  ({_failures(self.failures)})" if self.failures else ""),
+            f"refused (overflow message): {self.refused_calls}; drained: {self.drained_calls}",
             f"bridge CPU:                 {_maybe(self.cpu_us_per_call_second, '.0f')} µs per "
             f"call-second ({_maybe(self.bridge_cpu_pct, '.0f')} % of a core)",
+            "bridge CPU split:           " + (
+                "n/a" if self.cpu_split is None else
+                f"{self.cpu_split.setup_ms:.1f} ms per call set-up, "
+                f"{self.cpu_split.end_ms:.1f} ms per end, "
+                f"{self.cpu_split.streaming_us_per_call_second:.0f} µs per call-second "
+                f"streaming ({self.cpu_split.intervals} intervals fitted)"
+            ),
             f"bridge RSS per call:        {_maybe(self.rss_kib_per_call, '.0f')} KiB "
             f"(idle {_maybe(self.rss_idle_kib, 'd')} KiB, loaded "
             f"{_maybe(self.rss_loaded_kib, 'd')} KiB, "

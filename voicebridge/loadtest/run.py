@@ -7,9 +7,15 @@ at a URL; it ramps the calls up, measures over the window in which all of them a
 up, hangs them up and returns a ``LoadReport``.
 
 CPU and memory of the bridge come from ``/proc`` at the edges of that window: CPU
-microseconds per call-second is the bridge's CPU time over the window divided by
-calls × window; RSS per call is the growth of the resident set from idle (before the
-first call) to full load, divided by the calls.
+microseconds per call-second is the bridge's CPU time over the window divided by the
+call-seconds streamed in it (calls × window without churn); RSS per call is the growth
+of the resident set from idle (before the first call) to full load, divided by the
+calls up on average over the window. The bridge's CPU is also sampled every
+``cpu.CPU_SAMPLE_S`` over the whole run, and split between calls' set-up, their end and
+their streaming (``cpu.split_cpu``).
+
+With churn (``churn_per_s``), new calls arrive at random on top of the long ones, each
+for a few tens of seconds; the voice webhook's answer time is measured for every call.
 
 With ``vapi_tls`` the simulated assistant's transport sockets are ``wss://``: the
 certificate (a throwaway one made in a temporary directory, or the one given) is
@@ -36,7 +42,8 @@ import attrs
 import trio
 from attrs import field, frozen
 
-from voicebridge.loadtest.generator import BridgeTarget, LoadGenerator, Traffic
+from voicebridge.loadtest.cpu import CPU_SAMPLE_S, split_cpu
+from voicebridge.loadtest.generator import BridgeTarget, CallSpan, LoadGenerator, Traffic
 from voicebridge.loadtest.process import (
     ENV_PREFIX,
     BridgeProcess,
@@ -63,8 +70,9 @@ from voicebridge.sim.route_hook import SECRET_ENV
 ROUTE_HOOK_START_S = 10.0
 #: The first seconds at full load are left out of the window (the last calls' setup).
 WINDOW_SETTLE_S = 1.0
-#: Before the first call: the bridge (or relay) settles after start-up before its idle RSS.
-IDLE_SETTLE_S = 0.5
+#: Before the first call: the bridge (or relay) settles after start-up before its idle RSS;
+#: its CPU over this second is its own, without calls (``cpu.split_cpu``'s base).
+IDLE_SETTLE_S = 1.0
 #: The default ramp: calls start this many per second, between 1 and 10 s in all.
 RAMP_CALLS_PER_S = 25.0
 
@@ -111,6 +119,11 @@ class LoadTestOptions:
     route_hook: bool = False
     #: Called with a line of progress now and then (the CLI prints it on stderr).
     progress: Callable[[str], None] | None = None
+    #: New calls a second on top of ``calls``, each lasting within ``churn_call_s``.
+    churn_per_s: float = 0.0
+    churn_call_s: tuple[float, float] = (10.0, 40.0)
+    #: The started bridge's ``server.shed_loop_lag_ms`` (None: the default of the product).
+    shed_loop_lag_ms: int | None = None
 
 
 @frozen
@@ -156,12 +169,15 @@ async def _local_bridge(
     hook_env: Mapping[str, str],
 ) -> AsyncIterator[Target]:
     auth_token = secrets.token_hex(16)
+    env = dict(tls.trust_env) if tls is not None else {}
+    if options.shed_loop_lag_ms is not None:
+        env[f"{ENV_PREFIX}SHED_LOOP_LAG_MS"] = str(options.shed_loop_lag_ms)
     bridge = await BridgeProcess.start(
         assistant_url=generator.base_url,
         assistant_key=generator.api_key,
         auth_token=auth_token,
         cpu=options.bridge_cpu,
-        env={**(tls.trust_env if tls is not None else {}), **hook_env},
+        env={**env, **hook_env},
     )
     try:
         yield Target(
@@ -217,10 +233,13 @@ async def run_loadtest(
 
     With ``bridge_cpu`` this process keeps to the other CPUs while the test runs.
     """
-    if options.calls < 1 or options.duration_s <= WINDOW_SETTLE_S:
+    if (options.calls < 1 and options.churn_per_s <= 0) or options.duration_s <= WINDOW_SETTLE_S:
         raise LoadTestError(
-            f"need at least 1 call and more than {WINDOW_SETTLE_S:g} s of duration"
+            f"need at least 1 call (or churn) and more than {WINDOW_SETTLE_S:g} s of duration"
         )
+    low, high = options.churn_call_s
+    if options.churn_per_s < 0 or not 0 < low <= high:
+        raise LoadTestError("churn must be 0 or more new calls a second, lasting MIN,MAX s > 0")
     if options.vapi_tls and options.external and options.vapi_tls_certificate is None:
         raise LoadTestError(
             "an external bridge must trust the simulated Vapi's certificate before it "
@@ -245,6 +264,7 @@ async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -
     traffic = Traffic(
         calls=options.calls, duration_s=options.duration_s, ramp_s=ramp_s,
         barge_in_share=options.barge_in_share, seed=options.seed,
+        churn_per_s=options.churn_per_s, churn_call_s=options.churn_call_s,
     )
     external = options.external
     async with _assistant_tls(options) as tls:
@@ -344,30 +364,51 @@ async def _measure(
     target: Target,
     progress: Callable[[str], None] | None = None,
 ) -> LoadReport:
-    await trio.sleep(IDLE_SETTLE_S)
     pid = target.pid
+    settling = (time.perf_counter(), ProcessSample.of(pid).cpu_s) if pid is not None else None
+    await trio.sleep(IDLE_SETTLE_S)
     idle = ProcessSample.of(pid) if pid is not None else None
+    # The bridge's own CPU with no call, for the split (over the second it settles).
+    base = (
+        (idle.cpu_s - settling[1]) / (time.perf_counter() - settling[0])
+        if idle is not None and settling is not None else 0.0
+    )
     started_at = time.perf_counter() + 0.1
     window_start = started_at + traffic.ramp_s + WINDOW_SETTLE_S
     window_end = started_at + traffic.ramp_s + traffic.duration_s
     generator.window = (window_start, window_end)
     edges: list[tuple[ProcessSample | None, float, float]] = []
+    cpu_samples: list[tuple[float, float]] = []
+    offset = trio.current_time() - time.perf_counter()
 
     async def sample_window() -> None:
-        offset = trio.current_time() - time.perf_counter()
         for edge in (window_start, window_end):
             await trio.sleep_until(edge + offset)
             bridge = ProcessSample.of(pid) if pid is not None else None
             edges.append((bridge, time.process_time(), time.perf_counter()))
 
+    async def sample_cpu(pid: int) -> None:
+        """The bridge's CPU time every ``CPU_SAMPLE_S`` from the start, for ``split_cpu``."""
+        at = started_at
+        while True:
+            await trio.sleep_until(at + offset)
+            cpu_samples.append((time.perf_counter(), ProcessSample.of(pid).cpu_s))
+            at += CPU_SAMPLE_S
+
     async with trio.open_nursery() as run_nursery:
         run_nursery.start_soon(sample_window)
-        async with trio.open_nursery() as progress_nursery:
+        async with trio.open_nursery() as sampler_nursery:
+            if pid is not None:
+                sampler_nursery.start_soon(sample_cpu, pid)
             if progress is not None:
-                progress_nursery.start_soon(_report_progress, progress, traffic, target)
+                sampler_nursery.start_soon(_report_progress, progress, traffic, target)
             await generator.run(target.bridge, started_at=started_at)
-            progress_nursery.cancel_scope.cancel(reason="every call ended")
-    return _report(generator, traffic, target, idle, edges)
+            if pid is not None:
+                # The last calls' ends: their goodbyes and actions are done by now.
+                await trio.sleep(CPU_SAMPLE_S)
+                cpu_samples.append((time.perf_counter(), ProcessSample.of(pid).cpu_s))
+            sampler_nursery.cancel_scope.cancel(reason="the run is over")
+    return _report(generator, traffic, target, idle, edges, cpu_samples, base)
 
 
 def _report(
@@ -376,17 +417,23 @@ def _report(
     target: Target,
     idle: ProcessSample | None,
     edges: list[tuple[ProcessSample | None, float, float]],
+    cpu_samples: list[tuple[float, float]],
+    base: float,
 ) -> LoadReport:
     figures = generator.figures()
+    spans = generator.streams()
     (bridge_start, own_start, wall_start), (bridge_end, own_end, wall_end) = edges
     window_s = wall_end - wall_start
+    call_seconds = _streamed_within(spans, wall_start, wall_end)
+    mean_calls = call_seconds / window_s if window_s > 0 else 0.0
     generator_cpu_pct = (own_end - own_start) / window_s * 100
     cpu_us = bridge_pct = rss_per_call = None
     if bridge_start is not None and bridge_end is not None and idle is not None:
         bridge_cpu_s = bridge_end.cpu_s - bridge_start.cpu_s
         bridge_pct = bridge_cpu_s / window_s * 100
-        cpu_us = bridge_cpu_s * 1e6 / (traffic.calls * window_s)
-        rss_per_call = (bridge_end.rss_kib - idle.rss_kib) / traffic.calls
+        if call_seconds > 0:
+            cpu_us = bridge_cpu_s * 1e6 / call_seconds
+            rss_per_call = (bridge_end.rss_kib - idle.rss_kib) / mean_calls
     slip = Percentiles.of(figures.tick_slip_ms)
     reasons = []
     if generator_cpu_pct > GENERATOR_SATURATED_PCT:
@@ -399,7 +446,7 @@ def _report(
             f"the generator's pacing slipped {slip.p99:.1f} ms (p99 > "
             f"{GENERATOR_TICK_SLIP_MS:g} ms)"
         )
-    if not figures.caller_latency_ms:
+    if not figures.caller_latency_ms and not figures.refused_calls:
         reasons.append("no caller frame was measured")
     if generator.tls and not generator.tls_handshakes:
         reasons.append("no TLS handshake with the simulated Vapi completed")
@@ -424,6 +471,14 @@ def _report(
         assistant_chunks=len(figures.assistant_latency_ms),
         failed_calls=sum(figures.failures.values()),
         failures=dict(figures.failures),
+        calls_placed=generator.calls_placed,
+        churn_per_s=traffic.churn_per_s,
+        churn_call_s=traffic.churn_call_s,
+        mean_calls=mean_calls,
+        refused_calls=figures.refused_calls,
+        drained_calls=figures.drained_calls,
+        webhook=Percentiles.of(figures.webhook_ms),
+        cpu_split=split_cpu(cpu_samples, spans, base=base),
         cpu_us_per_call_second=cpu_us,
         bridge_cpu_pct=bridge_pct,
         rss_kib_per_call=rss_per_call,
@@ -439,5 +494,11 @@ def _report(
         vapi_tls=generator.tls,
         vapi_tls_handshakes=generator.tls_handshakes,
         vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
-        webhook=Percentiles.of(generator.webhook_ms),
+    )
+
+
+def _streamed_within(spans: list[CallSpan], start: float, end: float) -> float:
+    """Call-seconds streamed between ``start`` and ``end``."""
+    return sum(
+        max(0.0, min(end, span.ended_at) - max(start, span.streaming_from)) for span in spans
     )

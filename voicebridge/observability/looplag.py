@@ -15,11 +15,20 @@ is a *stall*: it is logged as one WARNING, so an operator sees the loop was bloc
 before systemd's watchdog has to say so. That line is rate-limited by construction:
 one line per stall, and each stall has held the loop at least ``STALL_WARNING_S``,
 so there are never more than ``1 / STALL_WARNING_S`` of them a second.
+
+``LoopPressure`` turns the wakes into an admission signal: the loop is *behind* while
+the mean lag of the wakes of the last few seconds is at or above a threshold (the
+``[server] shed_loop_lag_ms`` key). A process whose every task waits that long for its
+turn has more work than its core carries; the voice webhook then answers new calls
+with the overflow TwiML (``bridge.registry``) rather than adding to the work of the
+calls it has.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable
 from typing import Final, NoReturn, Protocol
 
 import trio
@@ -44,6 +53,84 @@ class LagObserver(Protocol):
 
     def loop_lag(self, seconds: float) -> None:
         """One wake, ``seconds`` after the time it asked for (never negative)."""
+
+
+class LagObservers:
+    """Several observers of one monitor, told of each wake in turn."""
+
+    def __init__(self, *observers: LagObserver) -> None:
+        self._observers = observers
+
+    def loop_lag(self, seconds: float) -> None:
+        for observer in self._observers:
+            observer.loop_lag(seconds)
+
+
+class LoopPressure:
+    """Whether the event loop is behind: the mean lag of the monitor's wakes over the
+    last ``window_s``, at or above ``threshold_s`` (0: never).
+
+    A mean over a window, not the last wake: one garbage-collector pause or one slow
+    request is a single late wake among the twenty of two seconds and does not count as
+    overload, while a loop that has more work than its core carries is late on every
+    wake. A wake that is *overdue* now (the monitor asked to wake ``tick_s`` after its
+    last wake and has not yet) counts as one more wake that late, so a loop held right
+    now is behind before the monitor gets its turn to say so. Without any wake (no
+    monitor) the loop is never behind. Not thread-safe (trio: one thread).
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold_s: float,
+        window_s: float,
+        tick_s: float = TICK_S,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.threshold_s = threshold_s
+        self.window_s = window_s
+        self._tick_s = tick_s
+        self._clock = clock
+        # (when the monitor woke, how late), oldest first, none older than window_s.
+        # Invariant: _sum is the sum of the lags in _wakes.
+        self._wakes: deque[tuple[float, float]] = deque()
+        self._sum = 0.0
+        # When the monitor last woke (None: never), so when the next wake is due.
+        self._last_woke: float | None = None
+
+    def loop_lag(self, seconds: float) -> None:
+        """One wake of the monitor, ``seconds`` late (``LagObserver``)."""
+        now = self._clock()
+        self._last_woke = now
+        self._wakes.append((now, seconds))
+        self._sum += seconds
+        self._forget_before(now - self.window_s)
+
+    def lag_s(self) -> float:
+        """The mean lag of the wakes of the last ``window_s``, the overdue one included."""
+        now = self._clock()
+        self._forget_before(now - self.window_s)
+        total, count = self._sum, len(self._wakes)
+        if self._last_woke is not None:
+            overdue = now - (self._last_woke + self._tick_s)
+            if overdue > 0:
+                total += overdue
+                count += 1
+        return max(0.0, total / count) if count else 0.0
+
+    def behind(self) -> float | None:
+        """The mean lag when it is at or above the threshold (the loop is behind), else None."""
+        if self.threshold_s <= 0:
+            return None
+        lag = self.lag_s()
+        return lag if lag >= self.threshold_s else None
+
+    def _forget_before(self, oldest: float) -> None:
+        wakes = self._wakes
+        while wakes and wakes[0][0] < oldest:
+            self._sum -= wakes.popleft()[1]
+        if not wakes:
+            self._sum = 0.0  # no float residue from the subtractions
 
 
 def lag_of(due: float, woke: float) -> float:

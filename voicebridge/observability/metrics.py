@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from voicebridge import __version__
 from voicebridge.bridge.call import AssistantCall, AssistantConnector
 from voicebridge.bridge.outcome import CallRecord, LegFailure, Outcome
+from voicebridge.bridge.registry import RefusalReason
 from voicebridge.observability.alarms import AuthFailureAlarm
 from voicebridge.observability.journald import installed_dropped_count
 from voicebridge.observability.looplag import is_stall
@@ -100,7 +101,6 @@ ReloadResult = Literal["applied", "refused"]
 
 Direction = Literal["caller_to_agent", "agent_to_caller"]
 #: Why the voice webhook refused a call (the overflow TwiML was played).
-RefusalReason = Literal["at-capacity", "draining"]
 
 
 class BridgeMetrics:
@@ -247,7 +247,7 @@ class BridgeMetrics:
             registry=registry,
         )
         self._refused: dict[str, Counter] = {
-            reason: refused.labels(reason) for reason in ("at-capacity", "draining")
+            reason: refused.labels(reason) for reason in get_args(RefusalReason)
         }
         self._barge_ins = Counter(
             "voicebridge_barge_ins", "Barge-ins: assistant turns cut by the caller.",
