@@ -1060,6 +1060,8 @@ class Call:
             assistant_bytes=stats.assistant_bytes if stats else 0,
             media_messages_to_caller=stats.media_messages if stats else 0,
             heard_ms=stats.heard_ms if stats else 0,
+            presumed_heard_ms=stats.presumed_heard_ms if stats else 0,
+            unknown_marks=stats.unknown_marks if stats else 0,
             first_audio_ms=first_audio_ms,
             barge_ins=tuple(stats.barge_ins) if stats else (),
             transfer_to=(

@@ -99,3 +99,7 @@ class CallRecord:
     caller_audio_bytes: int = 0
     #: Vapi's ``endedReason`` when Vapi ended the call (``status-update`` ended); else "".
     ended_reason: str = ""
+    #: Of ``heard_ms``, what was presumed heard by the clock (mark echoes overdue).
+    presumed_heard_ms: int = 0
+    #: Mark echoes from Twilio naming no mark the bridge sent (ignored).
+    unknown_marks: int = 0

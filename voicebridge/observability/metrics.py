@@ -151,6 +151,18 @@ class BridgeMetrics:
         )
         self._bytes_to_agent = audio_bytes.labels("caller_to_agent")
         self._bytes_to_caller = audio_bytes.labels("agent_to_caller")
+        self._unknown_marks = Counter(
+            "voicebridge_unknown_marks",
+            "Mark echoes from Twilio naming no mark the bridge sent (ignored). Added at "
+            "call end.",
+            registry=registry,
+        )
+        self._presumed_heard = Counter(
+            "voicebridge_presumed_heard_seconds",
+            "Assistant audio presumed heard by the clock (Twilio's mark echo overdue) and "
+            "never confirmed by a later echo; normally 0. Added at call end.",
+            registry=registry,
+        )
         self._dropped = Counter(
             "voicebridge_frames_dropped",
             "Caller audio frames dropped as stale because the Vapi leg did not keep up "
@@ -212,6 +224,10 @@ class BridgeMetrics:
             self._bytes_to_caller.inc(record.assistant_bytes)
         if record.frames_dropped:
             self._dropped.inc(record.frames_dropped)
+        if record.unknown_marks:
+            self._unknown_marks.inc(record.unknown_marks)
+        if record.presumed_heard_ms:
+            self._presumed_heard.inc(record.presumed_heard_ms / 1000)
         if record.barge_ins:
             self._barge_ins.inc(len(record.barge_ins))
             for barge_in in record.barge_ins:
