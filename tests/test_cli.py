@@ -20,7 +20,10 @@ async def test_demo_runs_a_call_with_a_barge_in(tmp_path: Path) -> None:
         )
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
+    assert "latency model: network" in out  # on by default
+    assert "time to first word: " in out
     assert "barge-in: caller spoke at" in out
+    assert "speech to silence " in out
     assert "and 0 ms after the clear" in out
     assert "outcome assistant-ended" in out
     assert "every caller was served as expected" in out
