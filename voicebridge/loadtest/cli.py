@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of assistant turns the caller talks over (default 0.3)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulated traffic")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--latency", action="append", default=[], metavar="NAME=MS",
+                        help="change one figure of the latency model (repeatable), e.g. "
+                        "vapi_create_ms=600; see docs/performance.md")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="no latency model: the caller's figures are loopback's")
     parser.add_argument(
         "--vapi-tls", action="store_true",
         help="the simulated Vapi serves its transport sockets over TLS (wss://, with a "
@@ -84,11 +89,19 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 return _certificate_for_external_bridge()
             print(f"voicebridge loadtest: the simulated Vapi serves wss:// with "
                   f"{certificate.cert.resolve()}; the bridge must trust it", file=sys.stderr)
+    from voicebridge.sim.latency import LatencyModel, parse_overrides
+
+    try:
+        latency = LatencyModel().with_overrides(parse_overrides(args.latency))
+    except ValueError as exc:
+        print(f"voicebridge loadtest: --latency: {exc}", file=sys.stderr)
+        return 2
     options = LoadTestOptions(
         calls=args.calls, duration_s=args.duration, ramp_s=args.ramp,
         bridge_cpu=args.bridge_cpu, external=external,
         barge_in_share=args.barge_in_share, seed=args.seed,
         vapi_tls=args.vapi_tls, vapi_tls_certificate=certificate,
+        latency=None if args.no_latency else latency,
     )
     try:
         report = trio.run(run_loadtest, options)

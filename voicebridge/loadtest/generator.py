@@ -71,6 +71,7 @@ from voicebridge.loadtest.wire import (
 )
 from voicebridge.net.connect import accept_tls, serve_tcp, starts_with_tls
 from voicebridge.net.transport import SocketTransport, TlsHandshakeError, Transport
+from voicebridge.sim.latency import LatencyModel
 from voicebridge.twilio.signature import sign
 
 #: μ-law: 8 bytes a millisecond; a 20 ms frame is 160 bytes.
@@ -182,6 +183,10 @@ class CallFigures:
     late_assistant_chunks: int
     failures: Counter[str]
     tick_slip_ms: Sequence[float]
+    #: The caller's figures (see ``LoadGenerator``): webhook → first word heard, and
+    #: speech onset → playback silent.
+    time_to_first_word_ms: Sequence[float] = ()
+    speech_to_silence_ms: Sequence[float] = ()
 
 
 class _Call:
@@ -228,6 +233,7 @@ class _Call:
         "vapi",
         "vapi_call_id",
         "vapi_connected",
+        "webhook_at",
     )
 
     def __init__(self, index: int, start_at: float, end_at: float, seed: int) -> None:
@@ -276,6 +282,7 @@ class _Call:
         self.marks: deque[tuple[float, str]] = deque()
         self.carry = b""
         self.first_audio_at: float | None = None
+        self.webhook_at: float | None = None
 
     def fail(self, reason: str) -> None:
         if self.failure is None and not self.ended:
@@ -289,12 +296,27 @@ class LoadGenerator:
     ``base_url`` is what the bridge under test uses for Vapi. With ``tls`` (a server
     context) the transport sockets it hands out are ``wss://`` (see the module
     docstring).
+
+    With ``latency`` the peers take the model's own times (Vapi's create, Twilio's
+    stream set-up); the network's legs and the assistant's reaction are added to the
+    caller's two figures by arithmetic, so that the bridge-added latencies measured
+    on loopback stay the bridge's own (``sim.latency.LatencyModel``).
     """
 
     def __init__(
-        self, traffic: Traffic, *, api_key: str, tls: ssl.SSLContext | None = None
+        self,
+        traffic: Traffic,
+        *,
+        api_key: str,
+        tls: ssl.SSLContext | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         self.traffic = traffic
+        self.latency = latency
+        self._first_word = array("d")
+        self._speech_to_silence = array("d")
+        self._first_word_extra_ms = latency.first_word_network_ms() if latency else 0.0
+        self._silence_extra_ms = latency.speech_to_silence_extra_ms() if latency else 0.0
         self.api_key = api_key
         self._tls = tls
         #: TLS handshakes the simulated Vapi completed, and why others failed.
@@ -391,6 +413,8 @@ class LoadGenerator:
         if call is None:
             await respond(transport, 400, b'{"message":"unknown twilioCallSid"}')
             return
+        if self.latency is not None:
+            await trio.sleep(self.latency.vapi_create_ms / 1000)
         answer = {
             "id": call.vapi_call_id,
             "status": "queued",
@@ -590,6 +614,7 @@ class LoadGenerator:
             "From": f"+1555{call.index:07d}", "To": "+15550000000",
         }
         url = target.public_url + VOICE_PATH
+        call.webhook_at = self._clock()
         result = await http_request(
             target.host, target.port, "POST", VOICE_PATH,
             body=urllib.parse.urlencode(form).encode(),
@@ -610,6 +635,8 @@ class LoadGenerator:
             p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")
         }
         path = urllib.parse.urlsplit(stream_url).path
+        if self.latency is not None:
+            await trio.sleep(self.latency.twilio_stream_setup_ms / 1000)
         ws = await connect_websocket(
             target.host, target.port, path,
             {"x-twilio-signature": sign(stream_url, {}, target.auth_token)},
@@ -671,7 +698,9 @@ class LoadGenerator:
                 self._echo_mark(call, call.marks.popleft()[1])
             call.play_end = now
             if call.interrupted_at is not None:
-                self._barge_in_ms.append((now - call.interrupted_at) * 1000)
+                barge_in_ms = (now - call.interrupted_at) * 1000
+                self._barge_in_ms.append(barge_in_ms)
+                self._speech_to_silence.append(barge_in_ms + self._silence_extra_ms)
                 call.interrupted_at = None
                 call.cleared_turns.add(call.interrupted_turn)
 
@@ -681,6 +710,10 @@ class LoadGenerator:
         if call.first_audio_at is None:
             call.first_audio_at = now
             self._first_audio.append((now - call.stream_started_at) * 1000)
+            if call.webhook_at is not None:
+                self._first_word.append(
+                    (now - call.webhook_at) * 1000 + self._first_word_extra_ms
+                )
         data = call.carry + audio if call.carry else audio
         position = data.find(MARKER_LEAD)
         consumed = 0
@@ -840,6 +873,8 @@ class LoadGenerator:
             late_assistant_chunks=self._late_assistant,
             failures=failures,
             tick_slip_ms=slip,
+            time_to_first_word_ms=list(self._first_word),
+            speech_to_silence_ms=list(self._speech_to_silence),
         )
 
 

@@ -52,6 +52,7 @@ from voicebridge.loadtest.tls import (
     server_context,
     trust_environment,
 )
+from voicebridge.sim.latency import LatencyModel
 
 #: The first seconds at full load are left out of the window (the last calls' setup).
 WINDOW_SETTLE_S = 1.0
@@ -96,6 +97,8 @@ class LoadTestOptions:
     vapi_tls: bool = False
     #: With ``vapi_tls``: serve this certificate instead of a throwaway one.
     vapi_tls_certificate: Certificate | None = None
+    #: The delays of the simulated world (``sim.latency``); None: loopback's.
+    latency: LatencyModel | None = None
 
 
 @frozen
@@ -202,6 +205,7 @@ async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -
         generator = LoadGenerator(
             traffic, api_key=external.assistant_key if external else secrets.token_hex(16),
             tls=tls.context if tls is not None else None,
+            latency=options.latency,
         )
         return await _serve_and_measure(generator, traffic, options, tls, target_factory)
 
@@ -337,4 +341,7 @@ def _report(
         vapi_tls=generator.tls,
         vapi_tls_handshakes=generator.tls_handshakes,
         vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
+        time_to_first_word=Percentiles.of(figures.time_to_first_word_ms),
+        speech_to_silence=Percentiles.of(figures.speech_to_silence_ms),
+        latency=generator.latency.describe() if generator.latency is not None else "",
     )

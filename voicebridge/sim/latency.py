@@ -74,6 +74,26 @@ class LatencyModel:
         """Twilio sending a webhook on a new connection → the request reaching the bridge."""
         return self.twilio_network_ms * (2 * self.handshake_round_trips + 1)
 
+    def first_word_network_ms(self) -> float:
+        """The network's share of the time to first word, from the webhook at the bridge.
+
+        On that path: the TwiML back to Twilio; Twilio opening the stream (handshake,
+        the upgrade and its answer, then ``start``); the bridge creating the call
+        (handshake, request, answer) and opening the assistant's socket (handshake,
+        upgrade, answer); the greeting to the bridge, then to Twilio. The load
+        generator adds this by arithmetic (its peers are in one process, on loopback);
+        the demo puts it on the wire.
+        """
+        handshake = 2 * self.handshake_round_trips
+        twilio_legs = 1 + handshake + 3 + 1
+        vapi_legs = (handshake + 2) + (handshake + 2) + 1
+        return twilio_legs * self.twilio_network_ms + vapi_legs * self.vapi_network_ms
+
+    def speech_to_silence_extra_ms(self) -> float:
+        """Beyond the bridge's interrupted → clear: the caller's audio to the assistant,
+        its reaction, then ``user-interrupted`` back and the ``clear`` to Twilio."""
+        return self.vapi_reaction_ms + 2 * (self.twilio_network_ms + self.vapi_network_ms)
+
     def describe(self) -> str:
         """One line, for the demo's and the load test's headers."""
         return (
