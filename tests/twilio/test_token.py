@@ -230,3 +230,11 @@ def test_tokens_round_trip(
 def test_arbitrary_text_is_rejected_not_crashing(text: str) -> None:
     with pytest.raises(TokenRejected):
         tokens().verify(text, SIGNED)
+
+
+def test_a_token_tells_when_it_was_issued() -> None:
+    clock = FakeClock(1_700_000_000.25)
+    issued = tokens(clock).issue(SIGNED)
+    clock.now += 30
+    assert token_module.issued_at(issued, 60.0) == 1_700_000_000.25
+    assert token_module.issued_at("not-a-token", 60.0) is None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Protocol, assert_never
@@ -48,7 +49,7 @@ from voicebridge.sockets import (
     SocketWriteTimeout,
 )
 from voicebridge.twilio import media as tw
-from voicebridge.twilio.token import StreamClaims, TokenRejected
+from voicebridge.twilio.token import StreamClaims, TokenRejected, issued_at
 from voicebridge.vapi import transport as vp
 from voicebridge.vapi.client import VapiError, end_call
 from voicebridge.vapi.endings import Ending, EndingPolicy, safe_reason
@@ -261,6 +262,8 @@ class CallSettings:
     #: destination (also used when it names none), then the allow-list.
     transfer_default: str = ""
     transfer_allowed: tuple[str, ...] = ()
+    #: The stream token's lifetime: its expiry less this is when the webhook issued it.
+    stream_token_ttl_s: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -284,6 +287,7 @@ class CallSettings:
             keypad=config.keypad if config.keypad.batch else None,
             goodbye_wait_s=config.transfer.goodbye_wait_s,
             goodbye_deadline_s=config.transfer.goodbye_deadline_s,
+            stream_token_ttl_s=config.twilio.stream_token_ttl_s,
         )
 
 
@@ -342,6 +346,8 @@ class Call:
         # What the stream's start carries, once its token vouched for it: only these
         # values reach Vapi.
         self._claims: StreamClaims | None = None
+        # When the voice webhook issued this stream's token (trio time); None: unknown.
+        self._webhook_at: float | None = None
         self._vapi_call_id = ""
         self._playout: Playout | None = None
         # The Vapi sender's inbox; None until the assistant leg is up (caller audio
@@ -496,6 +502,9 @@ class Call:
             )
             return False
         self._claims = claims
+        self._webhook_at = _webhook_time(
+            params.get(TOKEN_PARAMETER, ""), self._settings.stream_token_ttl_s
+        )
         return True
 
     # -- caller → agent ------------------------------------------------------------
@@ -1042,9 +1051,11 @@ class Call:
     def _record(self) -> CallRecord:
         playout = self._playout
         stats = playout.stats if playout is not None else None
-        first_audio_ms = None
+        first_audio_ms = webhook_to_first_audio_ms = None
         if stats is not None and stats.first_audio_at is not None:
             first_audio_ms = (stats.first_audio_at - self._started_at) * 1000
+            if self._webhook_at is not None:
+                webhook_to_first_audio_ms = (stats.first_audio_at - self._webhook_at) * 1000
         return CallRecord(
             call_sid=self._call_sid,
             stream_sid=self._stream.stream_sid or "",
@@ -1062,6 +1073,7 @@ class Call:
             heard_ms=stats.heard_ms if stats else 0,
             presumed_heard_ms=stats.presumed_heard_ms if stats else 0,
             unknown_marks=stats.unknown_marks if stats else 0,
+            webhook_to_first_audio_ms=webhook_to_first_audio_ms,
             first_audio_ms=first_audio_ms,
             barge_ins=tuple(stats.barge_ins) if stats else (),
             transfer_to=(
@@ -1070,6 +1082,18 @@ class Call:
                 else ""
             ),
         )
+
+
+def _webhook_time(token: str, ttl_s: float) -> float | None:
+    """When the voice webhook issued ``token``, as trio time (the box's processes share
+    a wall clock); None if not a token, or not a plausible time (a clock stepped)."""
+    issued = issued_at(token, ttl_s)
+    if issued is None:
+        return None
+    age_s = time.time() - issued
+    if not 0 <= age_s <= ttl_s:
+        return None
+    return trio.current_time() - age_s
 
 
 def _describe(group: BaseExceptionGroup[Exception]) -> str:
@@ -1113,6 +1137,10 @@ def _log_call_end(record: CallRecord, *, began: bool, remote: str) -> None:
         media_to_caller=record.media_messages_to_caller,
         heard_ms=record.heard_ms,
         first_audio_ms=round(record.first_audio_ms, 1) if record.first_audio_ms else None,
+        webhook_to_first_audio_ms=(
+            round(record.webhook_to_first_audio_ms, 1)
+            if record.webhook_to_first_audio_ms is not None else None
+        ),
         barge_ins=len(record.barge_ins),
         barge_in_max_ms=round(barge_in_ms, 2) if barge_in_ms is not None else None,
         rate_limited=not began,

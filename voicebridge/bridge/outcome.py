@@ -103,3 +103,7 @@ class CallRecord:
     presumed_heard_ms: int = 0
     #: Mark echoes from Twilio naming no mark the bridge sent (ignored).
     unknown_marks: int = 0
+    #: The voice webhook answered (its stream token issued) → the first assistant audio
+    #: sent to Twilio: the bridge's view of the caller's time to first word, which is
+    #: one network trip longer. None: no audio, or no token time.
+    webhook_to_first_audio_ms: float | None = None

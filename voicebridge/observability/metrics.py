@@ -127,6 +127,14 @@ class BridgeMetrics:
             buckets=CREATE_BUCKETS_S,
             registry=registry,
         )
+        self._first_word = Histogram(
+            "voicebridge_time_to_first_word_seconds",
+            "Voice webhook answered (stream token issued) → first assistant audio sent to "
+            "Twilio, per call: the bridge's view of the caller's time to first word "
+            "(the caller hears it one network trip later).",
+            buckets=FIRST_AUDIO_BUCKETS_S,
+            registry=registry,
+        )
         self._first_audio = Histogram(
             "voicebridge_first_audio_seconds",
             "Media stream start → first assistant audio sent to Twilio, per call.",
@@ -234,6 +242,8 @@ class BridgeMetrics:
                 self._barge_in_latency.observe(barge_in.latency_ms / 1000)
         if record.first_audio_ms is not None:
             self._first_audio.observe(record.first_audio_ms / 1000)
+        if record.webhook_to_first_audio_ms is not None:
+            self._first_word.observe(record.webhook_to_first_audio_ms / 1000)
 
     def caller_frame_latency(self, seconds: float) -> None:
         """One sampled caller frame's time inside the bridge."""
