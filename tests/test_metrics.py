@@ -65,7 +65,8 @@ def test_a_call_record_is_counted_once_at_its_end() -> None:
     metrics = BridgeMetrics()
     cut = BargeIn(at_s=2.0, latency_ms=1.5, heard_of_turn_ms=800, discarded_ms=200)
     metrics.call_ended(record(barge_ins=(cut, cut), webhook_to_first_audio_ms=900.0,
-                              unknown_marks=3, presumed_heard_ms=200))
+                              unknown_marks=3, presumed_heard_ms=200, early_barge_ins=3,
+                              early_confirmed=2, early_resumed=1))
     metrics.call_ended(record(outcome=Outcome.TOKEN_REJECTED, frames_to_assistant=0,
                               first_audio_ms=None, frames_dropped=0))
     samples = parse(metrics.exposition(active_calls=3, admitting=True).decode())
@@ -88,6 +89,9 @@ def test_a_call_record_is_counted_once_at_its_end() -> None:
     assert value(samples, "voicebridge_time_to_first_word_seconds_sum") == 0.9
     assert value(samples, "voicebridge_unknown_marks_total") == 3
     assert value(samples, "voicebridge_presumed_heard_seconds_total") == 0.2
+    assert value(samples, "voicebridge_early_barge_ins_total", result="heard") == 3
+    assert value(samples, "voicebridge_early_barge_ins_total", result="confirmed") == 2
+    assert value(samples, "voicebridge_early_barge_ins_total", result="resumed") == 1
 
 
 def test_two_servers_in_one_process_keep_separate_metrics() -> None:

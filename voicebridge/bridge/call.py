@@ -35,6 +35,7 @@ from typing import Any, Protocol, assert_never
 import trio
 from attrs import Factory, frozen
 
+from voicebridge.bridge.edge import EdgeBargeIn
 from voicebridge.bridge.outcome import CallRecord, Handover, Outcome
 from voicebridge.bridge.playout import Playout
 from voicebridge.codec import LegCodec
@@ -264,6 +265,9 @@ class CallSettings:
     transfer_allowed: tuple[str, ...] = ()
     #: The stream token's lifetime: its expiry less this is when the webhook issued it.
     stream_token_ttl_s: float = 60.0
+    #: Barge-in at the edge (``[bridge] edge_barge_in``): None, off; else the detector's
+    #: mode, the speech run that is an onset, and the assistant's window to confirm.
+    edge_barge_in: EdgeBargeIn | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -288,6 +292,7 @@ class CallSettings:
             goodbye_wait_s=config.transfer.goodbye_wait_s,
             goodbye_deadline_s=config.transfer.goodbye_deadline_s,
             stream_token_ttl_s=config.twilio.stream_token_ttl_s,
+            edge_barge_in=EdgeBargeIn.from_config(config),
         )
 
 
@@ -348,6 +353,8 @@ class Call:
         self._claims: StreamClaims | None = None
         # When the voice webhook issued this stream's token (trio time); None: unknown.
         self._webhook_at: float | None = None
+        edge = settings.edge_barge_in
+        self._edge = edge.listener() if edge is not None else None
         self._vapi_call_id = ""
         self._playout: Playout | None = None
         # The Vapi sender's inbox; None until the assistant leg is up (caller audio
@@ -523,6 +530,8 @@ class Call:
                     inactivity_scope.deadline = trio.current_time() + inactivity_s
                     if isinstance(event, tw.Media):
                         self._forward_audio(event.payload)
+                        if self._edge is not None and self._playout is not None:
+                            await self._edge.hear(event.payload, self._playout)
                     elif isinstance(event, tw.Mark):
                         if self._playout is not None:
                             self._playout.mark_played(event.name)
@@ -777,7 +786,8 @@ class Call:
         elif (
             event.role == "user"
             and event.status == "started"
-            and self._settings.barge_in_on_speech_start
+            # The assistant hearing the caller confirms a turn held at the edge.
+            and (self._settings.barge_in_on_speech_start or playout.held)
         ):
             await playout.barge_in()
 
@@ -1073,6 +1083,9 @@ class Call:
             heard_ms=stats.heard_ms if stats else 0,
             presumed_heard_ms=stats.presumed_heard_ms if stats else 0,
             unknown_marks=stats.unknown_marks if stats else 0,
+            early_barge_ins=stats.early_barge_ins if stats else 0,
+            early_confirmed=stats.early_confirmed if stats else 0,
+            early_resumed=stats.early_resumed if stats else 0,
             webhook_to_first_audio_ms=webhook_to_first_audio_ms,
             first_audio_ms=first_audio_ms,
             barge_ins=tuple(stats.barge_ins) if stats else (),

@@ -107,3 +107,8 @@ class CallRecord:
     #: sent to Twilio: the bridge's view of the caller's time to first word, which is
     #: one network trip longer. None: no audio, or no token time.
     webhook_to_first_audio_ms: float | None = None
+    #: Barge-ins at the edge (``[bridge] edge_barge_in``): heard, then confirmed by the
+    #: assistant (turn dropped) or resumed unconfirmed.
+    early_barge_ins: int = 0
+    early_confirmed: int = 0
+    early_resumed: int = 0

@@ -89,6 +89,8 @@ class _SentChunk:
     ms: int
     turn: int
     sent_at: float
+    #: The audio, kept until echoed: an early barge-in that is not confirmed plays it again.
+    data: bytes
 
 
 @define(slots=True)
@@ -109,6 +111,11 @@ class PlayoutStats:
     presumed_heard_ms: int = 0
     #: Mark echoes naming no mark sent on this stream (ignored).
     unknown_marks: int = 0
+    #: Early barge-ins (``hold()``: the caller's own speech heard at the edge), those the
+    #: assistant confirmed (the turn then dropped), and those resumed unconfirmed.
+    early_barge_ins: int = 0
+    early_confirmed: int = 0
+    early_resumed: int = 0
     first_audio_at: float | None = None
     barge_ins: list[BargeIn] = field(factory=list)
 
@@ -167,6 +174,9 @@ class Playout:
         self._presumed_ms = 0
         self._mark_grace_s = min(MARK_GRACE_S, lead_ms / 2000)
         self._last_fed_at = -math.inf
+        # While not None, playout is held by an early barge-in until then: Twilio was
+        # cleared, the cut audio waits in _pending, and nothing is sent.
+        self._held_until: float | None = None
         # Set by barge_in(): when the signal came; consumed by whoever sends the clear.
         # Not None means a clear is owed.
         self._interrupted_at: float | None = None
@@ -229,8 +239,11 @@ class Playout:
 
         If a write of the turn is under way, the clear follows it. Should this task be
         cancelled before the clear goes out (the call is ending), the playout task
-        still owes it and sends it.
+        still owes it and sends it. A turn held by ``hold()`` is confirmed cut.
         """
+        if self._held_until is not None:
+            self._held_until = None
+            self.stats.early_confirmed += 1
         self._interrupt()
         await self._clear_if_owed()
 
@@ -244,6 +257,57 @@ class Playout:
         if self._turn_scope is not None:
             self._turn_scope.cancel(reason="barge-in")
         self._wake()
+
+    @property
+    def speaking(self) -> bool:
+        """Assistant audio of the current turn is queued here or playing at Twilio."""
+        return (
+            self._held_until is None
+            and self._discarding_since is None
+            and bool(self._pending or self._outstanding)
+        )
+
+    async def hold(self, confirm_s: float) -> None:
+        """An early barge-in: silence the caller's playback now, but keep the turn.
+
+        Twilio gets a ``clear`` at once; the audio it dropped (every chunk not yet
+        confirmed played) goes back to the front of the queue, and the assistant's
+        audio keeps queueing behind it. If the assistant confirms the interruption
+        (``barge_in()``) within ``confirm_s``, the turn is dropped as ever; if not,
+        playout resumes with the first chunk the caller had not finished hearing, so
+        a cough costs a pause, not words. Does nothing unless ``speaking``. The clear
+        follows any write under way; cancelled before it is sent, playout is held all
+        the same and the clear is lost with the call.
+        """
+        if not self.speaking:
+            return
+        self.stats.early_barge_ins += 1
+        self._held_until = self._clock() + confirm_s
+        self._latency_fed_at = None
+        self._wake()  # playout, waiting to send, sees the hold
+        await self._acquire_writer()
+        try:
+            if not self.held:
+                return  # confirmed meanwhile: barge_in() clears
+            kept = b"".join(chunk.data for chunk in self._outstanding)
+            for chunk in self._outstanding:
+                self._cleared_marks[chunk.mark] = 0  # to be played again, not discarded
+            self._outstanding.clear()
+            self._buffered_ms = 0
+            for mark in self._presumed:
+                self._cleared_marks[mark] = 0
+            self._presumed.clear()
+            self._presumed_ms = 0
+            self._pending[:0] = kept
+            await self._twilio.send(self._open_stream().send_clear())
+        finally:
+            self._write_lock.release()
+        self._wake()
+
+    @property
+    def held(self) -> bool:
+        """An early barge-in holds the turn (``hold()``), unconfirmed so far."""
+        return self._held_until is not None
 
     def mark_played(self, name: str) -> None:
         """Twilio echoed ``name``: the audio before it finished playing, or was cleared.
@@ -319,7 +383,9 @@ class Playout:
         now = self._clock()
         # Booked before the writes: if a write fails half way the accounting still
         # matches what Twilio may have received.
-        self._outstanding.append(_SentChunk(mark=mark, ms=ms, turn=self._turn, sent_at=now))
+        self._outstanding.append(
+            _SentChunk(mark=mark, ms=ms, turn=self._turn, sent_at=now, data=chunk)
+        )
         self._buffered_ms += ms
         if self.stats.first_audio_at is None:
             self.stats.first_audio_at = now
@@ -337,6 +403,13 @@ class Playout:
         frame is padded once the caller hears a pause anyway (module docstring).
         """
         while True:
+            if self._held_until is not None:
+                with trio.move_on_at(self._held_until):
+                    await self._wait_for_change()
+                    continue
+                # Not confirmed: the caller hears the turn on from where it was cut.
+                self._held_until = None
+                self.stats.early_resumed += 1
             room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
             whole_frames = len(self._pending) // FRAME_BYTES
             if room_frames > 0 and whole_frames > 0:

@@ -171,6 +171,17 @@ class BridgeMetrics:
             "never confirmed by a later echo; normally 0. Added at call end.",
             registry=registry,
         )
+        early = Counter(
+            "voicebridge_early_barge_ins",
+            "Barge-ins at the edge (bridge.edge_barge_in): the caller's speech over the "
+            "assistant heard by the bridge (heard), then the turn dropped on the assistant's "
+            "confirmation (confirmed) or played on unconfirmed (resumed). Added at call end.",
+            ["result"],
+            registry=registry,
+        )
+        self._early_heard = early.labels("heard")
+        self._early_confirmed = early.labels("confirmed")
+        self._early_resumed = early.labels("resumed")
         self._dropped = Counter(
             "voicebridge_frames_dropped",
             "Caller audio frames dropped as stale because the Vapi leg did not keep up "
@@ -234,6 +245,10 @@ class BridgeMetrics:
             self._dropped.inc(record.frames_dropped)
         if record.unknown_marks:
             self._unknown_marks.inc(record.unknown_marks)
+        if record.early_barge_ins:
+            self._early_heard.inc(record.early_barge_ins)
+            self._early_confirmed.inc(record.early_confirmed)
+            self._early_resumed.inc(record.early_resumed)
         if record.presumed_heard_ms:
             self._presumed_heard.inc(record.presumed_heard_ms / 1000)
         if record.barge_ins:
