@@ -36,6 +36,12 @@ its own, not a pause in the assistant's speech. Only an assistant that sends no
 speech updates at all (its ``clientMessages`` trimmed) is judged by a pause in its
 audio of ``resume_gap_ms`` instead.
 
+An early barge-in (``hold()``, barge-in at the edge: the bridge heard the caller)
+is the reversible kind: the ``clear`` goes out at once, but the audio Twilio had
+not confirmed playing goes back to the front of the queue and nothing is sent
+until the assistant confirms (``barge_in()``, the turn dropped as above) or the
+window passes (playout resumes with that audio, byte for byte).
+
 Writes are never cancelled half way: the sockets shield each write (see
 ``voicebridge.sockets``), and playout's writes take turns under one lock (a chunk's
 ``media`` and its ``mark`` together), so a barge-in that lands during a write takes
@@ -125,8 +131,8 @@ class Playout:
 
     ``feed``, ``turn_started``, ``end_of_speech`` and ``mark_played`` are synchronous
     and called from the call's reader tasks; they only change state and wake
-    ``run()``. ``run()`` and ``barge_in()`` are the only code that writes to the
-    Twilio socket while the call is up, one at a time (``_write_lock``).
+    ``run()``. ``run()``, ``barge_in()`` and ``hold()`` are the only code that writes
+    to the Twilio socket while the call is up, one at a time (``_write_lock``).
     """
 
     def __init__(
