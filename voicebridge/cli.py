@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
         "names: see docs/performance.md",
     )
     demo.add_argument(
+        "--edge-barge-in",
+        action="store_true",
+        help="the server runs with [bridge] edge_barge_in = true (barge-in at the edge)",
+    )
+    demo.add_argument(
         "--no-latency",
         action="store_true",
         help="no latency model: the simulated peers answer at loopback speed",
@@ -112,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_audio=args.save_audio,
             verbose=args.verbose,
             latency=None if args.no_latency else latency,
+            edge_barge_in=args.edge_barge_in,
         )
     if args.command == "loadtest":
         from voicebridge.loadtest import cli as loadtest_cli

@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TextIO
 
+import attrs
 import trio
 
 from voicebridge.bridge.outcome import CallRecord
+from voicebridge.config import Config
 from voicebridge.loopback import loopback_bridge
 from voicebridge.observability.logs import configure_logging
 from voicebridge.sim.audio import write_wav
@@ -59,23 +61,33 @@ DEMO_SCRIPT: Script = (
 def run_demo(
     *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
     out: TextIO | None = None, latency: LatencyModel | None = None,
+    edge_barge_in: bool = False,
 ) -> int:
     """Run the demo; 0 when every call went as a caller expects, else 1.
 
     ``latency``: the delays of the simulated world; None: loopback's own (none).
+    ``edge_barge_in``: the server runs with ``[bridge] edge_barge_in = true``.
     """
     out = out or sys.stdout
     configure_logging(logging.INFO if verbose else logging.WARNING)
     return trio.run(
-        partial(_demo, calls=calls, save_audio=save_audio, out=out, latency=latency)
+        partial(_demo, calls=calls, save_audio=save_audio, out=out, latency=latency,
+                edge_barge_in=edge_barge_in)
     )
 
 
 async def _demo(
-    *, calls: int, save_audio: str | None, out: TextIO, latency: LatencyModel | None
+    *, calls: int, save_audio: str | None, out: TextIO, latency: LatencyModel | None,
+    edge_barge_in: bool,
 ) -> int:
     behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
-    async with loopback_bridge(behaviour=behaviour, latency=latency) as bridge:
+
+    def customize(config: Config) -> Config:
+        return config.evolve(bridge=attrs.evolve(config.bridge, edge_barge_in=edge_barge_in))
+
+    async with loopback_bridge(
+        behaviour=behaviour, latency=latency, customize=customize
+    ) as bridge:
         print(
             f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
             f"on 127.0.0.1:{bridge.listening.port},\n"
@@ -159,6 +171,10 @@ def _print_call(
         ) or "none"
         print(f"  bridge: outcome {record.outcome.value} ({record.detail}); "
               f"barge-in signal to clear: {bridge_figures}", file=out)
+        if record.early_barge_ins:
+            print(f"  bridge: barge-in at the edge: {record.early_barge_ins} heard, "
+                  f"{record.early_confirmed} confirmed by the assistant, "
+                  f"{record.early_resumed} resumed", file=out)
     print(f"  after the stream: {report.final_action}"
           + (f" ({report.final_say})" if report.final_say else ""), file=out)
     problems = list(report.protocol_violations)
