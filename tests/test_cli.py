@@ -28,7 +28,10 @@ async def test_demo_runs_a_call_with_a_barge_in(tmp_path: Path) -> None:
         )
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
+    assert "latency model: network" in out  # on by default
+    assert "time to first word: " in out
     assert "barge-in: caller spoke at" in out
+    assert "speech to silence " in out
     assert "and 0 ms after the clear" in out
     assert "outcome assistant-ended" in out
     assert "every caller was served as expected" in out
@@ -42,6 +45,23 @@ async def test_demo_runs_a_call_with_a_barge_in(tmp_path: Path) -> None:
     assert progress[0] == "voicebridge demo: call 1 ringing…"
     assert progress[1].startswith("voicebridge demo: call 1 ended after ")
     assert "ringing" not in out
+
+
+async def test_demo_with_barge_in_at_the_edge_silences_the_assistant_sooner() -> None:
+    with trio.fail_after(90):
+        result = await trio.run_process(
+            [*VOICEBRIDGE, "demo", "--edge-barge-in"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "confirmed by the assistant" in out
+    [line] = [line for line in out.splitlines() if "speech to silence" in line]
+    silence_ms = int(line.split("speech to silence ")[1].split(" ms")[0])
+    # The onset (three 20 ms frames) and the network both ways (2 x 20 ms), not the
+    # assistant's 200 ms reaction.
+    assert 80 <= silence_ms < 200, line
+    assert "and 0 ms after the clear" in line
 
 
 def assert_saved_call_audio(directory: Path) -> None:

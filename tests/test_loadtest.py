@@ -58,6 +58,7 @@ from voicebridge.loadtest.wire import (
 )
 from voicebridge.net.connect import accept_tls
 from voicebridge.net.transport import SocketTransport, TlsSocketTransport
+from voicebridge.sim.latency import LatencyModel
 
 needs_openssl = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="--vapi-tls makes its certificate with openssl"
@@ -103,6 +104,33 @@ def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
     assert 0 < report["generator_cpu_pct"] < 100
     assert report["vapi_tls"] is False
     assert report["vapi_tls_handshakes"] == 0
+    # The caller's figures, on the default latency model: at least its own delays.
+    model = LatencyModel()
+    assert report["latency_model"] == model.describe()
+    first_word = report["time_to_first_word_ms"]
+    least = model.vapi_create_ms + model.twilio_stream_setup_ms + model.first_word_network_ms()
+    assert least < first_word["p50"] <= first_word["p99"] <= first_word["max"] < least + 1000
+    silence = report["speech_to_silence_ms"]
+    least = model.speech_to_silence_extra_ms()
+    assert least < silence["p50"] <= silence["p99"] <= silence["max"] < least + 1000
+
+
+def test_without_the_latency_model_the_callers_figures_are_loopbacks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["loadtest", "--calls", "3", "--duration", "2", "--ramp", "0.5",
+                 "--barge-in-share", "1", "--no-latency", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    assert report["latency_model"] is None
+    # Speech to silence is then the bridge's interrupted → clear, nothing added.
+    assert report["speech_to_silence_ms"] == report["barge_in_ms"]
+    assert 0 < report["time_to_first_word_ms"]["p50"] < LatencyModel().vapi_create_ms
+
+
+def test_a_misnamed_latency_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["loadtest", "--latency", "vapi_create=5"]) == 2
+    assert "unknown latency 'vapi_create'" in capsys.readouterr().err
 
 
 def test_the_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:

@@ -72,7 +72,9 @@ def record(**changes: object) -> CallRecord:
 def test_a_call_record_is_counted_once_at_its_end() -> None:
     metrics = BridgeMetrics()
     cut = BargeIn(at_s=2.0, latency_ms=1.5, heard_of_turn_ms=800, discarded_ms=200)
-    metrics.call_ended(record(barge_ins=(cut, cut), route="sales"))
+    metrics.call_ended(record(barge_ins=(cut, cut), webhook_to_first_audio_ms=900.0,
+                              unknown_marks=3, presumed_heard_ms=200, early_barge_ins=3,
+                              early_confirmed=2, early_resumed=1, route="sales"))
     metrics.call_ended(record(outcome=Outcome.TOKEN_REJECTED, frames_to_assistant=0,
                               first_audio_ms=None, frames_dropped=0))
     samples = parse(metrics.exposition(active_calls=3, admitting=True).decode())
@@ -92,6 +94,13 @@ def test_a_call_record_is_counted_once_at_its_end() -> None:
     assert value(samples, "voicebridge_barge_in_latency_seconds_bucket", le="0.001") == 0
     assert value(samples, "voicebridge_first_audio_seconds_count") == 1
     assert value(samples, "voicebridge_first_audio_seconds_sum") == 0.7
+    assert value(samples, "voicebridge_time_to_first_word_seconds_count") == 1
+    assert value(samples, "voicebridge_time_to_first_word_seconds_sum") == 0.9
+    assert value(samples, "voicebridge_unknown_marks_total") == 3
+    assert value(samples, "voicebridge_presumed_heard_seconds_total") == 0.2
+    assert value(samples, "voicebridge_early_barge_ins_total", result="heard") == 3
+    assert value(samples, "voicebridge_early_barge_ins_total", result="confirmed") == 2
+    assert value(samples, "voicebridge_early_barge_ins_total", result="resumed") == 1
 
 
 def test_two_servers_in_one_process_keep_separate_metrics() -> None:
@@ -184,6 +193,14 @@ async def test_metrics_after_a_call_with_a_barge_in() -> None:
     assert value(after, "voicebridge_frames_dropped_total") == 0
     assert value(after, "voicebridge_vapi_create_seconds_count") == 1
     assert value(after, "voicebridge_first_audio_seconds_count") == 1
+    # The voice webhook → first audio sent: after the stream's start, before the caller
+    # heard it (the token's time is to the millisecond).
+    first_word_ms = record.webhook_to_first_audio_ms
+    assert first_word_ms is not None and report.first_audio_after_webhook_ms is not None
+    assert record.first_audio_ms is not None
+    assert record.first_audio_ms < first_word_ms <= report.first_audio_after_webhook_ms + 1
+    assert value(after, "voicebridge_time_to_first_word_seconds_count") == 1
+    assert value(after, "voicebridge_time_to_first_word_seconds_sum") == first_word_ms / 1000
     # Sampled: one caller frame a second, one assistant audio message in ten.
     caller_samples = value(after, "voicebridge_added_latency_seconds_count", **to_agent)
     assert 1 <= caller_samples <= record.frames_to_assistant // 50

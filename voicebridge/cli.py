@@ -87,6 +87,24 @@ def _parser() -> argparse.ArgumentParser:
         "--save-audio", metavar="DIR", help="write what each caller heard as WAV files into DIR"
     )
     demo.add_argument("--verbose", action="store_true", help="show the server's log lines")
+    demo.add_argument(
+        "--latency",
+        action="append",
+        default=[],
+        metavar="NAME=MS",
+        help="change one figure of the latency model (repeatable), e.g. vapi_create_ms=600; "
+        "names: see docs/performance.md",
+    )
+    demo.add_argument(
+        "--edge-barge-in",
+        action="store_true",
+        help="the server runs with [bridge] edge_barge_in = true (barge-in at the edge)",
+    )
+    demo.add_argument(
+        "--no-latency",
+        action="store_true",
+        help="no latency model: the simulated peers answer at loopback speed",
+    )
 
     from voicebridge.loadtest import cli as loadtest_cli
 
@@ -172,11 +190,23 @@ def _run(argv: Sequence[str] | None) -> int:
         return _serve(args.config)
     if args.command == "demo":
         from voicebridge.demo import run_demo
+        from voicebridge.sim.latency import LatencyModel, parse_overrides
 
         if args.calls < 1:
             print("voicebridge: --calls must be at least 1", file=sys.stderr)
             return 2
-        return run_demo(calls=args.calls, save_audio=args.save_audio, verbose=args.verbose)
+        try:
+            latency = LatencyModel().with_overrides(parse_overrides(args.latency))
+        except ValueError as exc:
+            print(f"voicebridge: --latency: {exc}", file=sys.stderr)
+            return 2
+        return run_demo(
+            calls=args.calls,
+            save_audio=args.save_audio,
+            verbose=args.verbose,
+            latency=None if args.no_latency else latency,
+            edge_barge_in=args.edge_barge_in,
+        )
     if args.command == "loadtest":
         from voicebridge.loadtest import cli as loadtest_cli
 

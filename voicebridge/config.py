@@ -501,6 +501,15 @@ class EndingsConfig:
         return EndingPolicy(normal=self.normal, failure=self.failure)
 
 
+def _detector_installed(instance: Any, attribute: attrs.Attribute[Any], value: bool) -> None:
+    from voicebridge.bridge.voice_activity import available
+
+    if value and not available():
+        raise ConfigError(
+            attribute.name, "needs WebRTC's voice-activity detector: pip install webrtcvad-wheels"
+        )
+
+
 @frozen(kw_only=True)
 class BridgeConfig:
     """``[bridge]``: playout buffering and barge-in behaviour of every call."""
@@ -516,6 +525,17 @@ class BridgeConfig:
     #: After a barge-in, assistant audio is discarded until the next assistant turn starts
     #: or the audio pauses for this long (so an in-flight tail of the cut turn never plays).
     barge_in_resume_gap_ms: int = field(default=250, validator=_int_range(20, 5000))
+    #: Barge-in at the edge: the caller's own speech over the assistant silences it at
+    #: once (a ``clear``); the turn resumes where it was cut unless the assistant
+    #: confirms the interruption within ``edge_barge_in_confirm_ms``.
+    edge_barge_in: bool = field(default=False, validator=_detector_installed)
+    #: WebRTC's detector mode: 0 (takes most for speech) to 3 (least).
+    edge_barge_in_aggressiveness: int = field(default=3, validator=_int_range(0, 3))
+    #: Speech this long, in a row, is an onset (whole 20 ms frames).
+    edge_barge_in_onset_ms: int = field(default=60, validator=_int_range(20, 1000, step=20))
+    #: How long the assistant has to confirm (``user-interrupted``, or user
+    #: ``speech-update`` started) before the held turn resumes.
+    edge_barge_in_confirm_ms: int = field(default=800, validator=_int_range(100, 5000))
 
 
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"

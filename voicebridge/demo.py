@@ -2,12 +2,15 @@
 
 It starts the simulated Vapi and the real voicebridge server on loopback, places
 scripted calls with the simulated Twilio caller (signed webhook, Media Stream,
-Twilio's playout buffer), and prints what each caller experienced: how long the
-greeting took, each assistant turn, the barge-in (how fast the assistant went
-quiet and how much of the cut turn was heard), and how the call ended. Then three
-short calls show the routes (``[[routes]]``): two numbers answered by two assistants,
-and a known caller's call decided by a decision hook the demo runs itself. No
-account and no network: everything stays on 127.0.0.1.
+Twilio's playout buffer), and prints what each caller experienced: the time to
+the first word (from the voice webhook reaching the bridge to the greeting heard),
+each assistant turn, the barge-in (speech to silence: from the caller starting to
+speak to the assistant going quiet, and how much of the cut turn was heard), and
+how the call ended. Then three short calls show the routes (``[[routes]]``): two
+numbers answered by two assistants, and a known caller's call decided by a decision
+hook the demo runs itself. No account and no network: everything stays on 127.0.0.1, and
+a realistic latency model (``sim.latency``: the network each way, Twilio's stream
+set-up, Vapi's create and reactions) stands in for the distances, unless switched off.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from voicebridge.sim.caller import (
     WaitForAssistantDone,
     place_call,
 )
+from voicebridge.sim.latency import LatencyModel
 from voicebridge.sim.route_hook import SimRouteHook
 from voicebridge.sim.vapi import SimVapiBehaviour
 
@@ -95,19 +99,28 @@ def _hook_answer(message: object) -> dict[str, object] | None:
 def run_demo(
     *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
     out: TextIO | None = None, progress: TextIO | None = None,
+    latency: LatencyModel | None = None, edge_barge_in: bool = False,
 ) -> int:
     """Run the demo; 0 when every call went as a caller expects, else 1. What each caller
     experienced goes to ``out`` (stdout); a line as each call starts and ends to
-    ``progress`` (stderr), so that the ~20 s of a call are not silent."""
+    ``progress`` (stderr), so that the ~20 s of a call are not silent.
+
+    ``latency``: the delays of the simulated world; None: loopback's own (none).
+    ``edge_barge_in``: the server runs with ``[bridge] edge_barge_in = true``.
+    """
     out = out or sys.stdout
     progress = progress or sys.stderr
     configure_logging(logging.INFO if verbose else logging.WARNING)
     return trio.run(
-        partial(_demo, calls=calls, save_audio=save_audio, out=out, progress=progress)
+        partial(_demo, calls=calls, save_audio=save_audio, out=out, progress=progress,
+                latency=latency, edge_barge_in=edge_barge_in)
     )
 
 
-async def _demo(*, calls: int, save_audio: str | None, out: TextIO, progress: TextIO) -> int:
+async def _demo(
+    *, calls: int, save_audio: str | None, out: TextIO, progress: TextIO,
+    latency: LatencyModel | None, edge_barge_in: bool,
+) -> int:
     behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
     secret = secrets.token_hex(16)
     hook = SimRouteHook(secret.encode(), answer=_hook_answer)
@@ -119,11 +132,15 @@ async def _demo(*, calls: int, save_audio: str | None, out: TextIO, progress: Te
                 routes=DEMO_ROUTES,
                 route_hook=RouteHookConfig(url=hook.url),
                 credentials=attrs.evolve(config.credentials, route_hook_secret=Secret(secret)),
+                bridge=attrs.evolve(config.bridge, edge_barge_in=edge_barge_in),
             )
 
-        async with loopback_bridge(behaviour=behaviour, customize=with_routes) as bridge:
+        async with loopback_bridge(
+            behaviour=behaviour, latency=latency, customize=with_routes
+        ) as bridge:
             ok = await _demo_calls(
-                bridge, calls=calls, save_audio=save_audio, out=out, progress=progress
+                bridge, calls=calls, save_audio=save_audio, out=out, progress=progress,
+                latency=latency,
             )
             ok &= await _demo_routes(bridge, hook, out)
         hook_nursery.cancel_scope.cancel()
@@ -134,12 +151,14 @@ async def _demo(*, calls: int, save_audio: str | None, out: TextIO, progress: Te
 
 async def _demo_calls(
     bridge: LoopbackBridge, *, calls: int, save_audio: str | None, out: TextIO,
-    progress: TextIO,
+    progress: TextIO, latency: LatencyModel | None,
 ) -> bool:
     print(
         f"voicebridge demo: {calls} call{'s' if calls > 1 else ''} through the real server "
         f"on 127.0.0.1:{bridge.listening.port},\n"
-        "  simulated Twilio caller  <->  voicebridge  <->  simulated Vapi assistant\n",
+        "  simulated Twilio caller  <->  voicebridge  <->  simulated Vapi assistant\n"
+        + (f"  latency model: {latency.describe()}\n" if latency is not None
+           else "  no latency model: the peers answer at loopback speed\n"),
         file=out,
     )
     reports: list[CallReport | None] = [None] * calls
@@ -159,16 +178,17 @@ async def _demo_calls(
     records = {sid: registry.record_for(sid) for sid in _sids(reports)}
 
     done = [report for report in reports if report is not None]
+    webhook_trip_ms = latency.webhook_trip_ms() if latency is not None else 0.0
     ok = True
     for number, report in enumerate(done, 1):
-        ok &= _print_call(number, report, records.get(report.call_sid), out)
+        ok &= _print_call(number, report, records.get(report.call_sid), webhook_trip_ms, out)
         if save_audio:
             os.makedirs(save_audio, exist_ok=True)
             path = os.path.join(save_audio, f"call-{number}-{report.call_sid}.wav")
             write_wav(path, report.heard_audio)
             print(f"  saved what the caller heard: {path}", file=out)
     if calls > 1:
-        _print_summary(done, out)
+        _print_summary(done, webhook_trip_ms, out)
     return ok
 
 
@@ -216,11 +236,31 @@ def _sids(reports: Sequence[CallReport | None]) -> list[str]:
     return [report.call_sid for report in reports if report is not None]
 
 
-def _print_call(number: int, report: CallReport, record: CallRecord | None, out: TextIO) -> bool:
+def time_to_first_word_ms(report: CallReport, webhook_trip_ms: float) -> float | None:
+    """The voice webhook reaching the bridge → the caller hearing the first assistant audio.
+
+    The simulated caller times from sending the webhook; its trip to the bridge (a new
+    connection's handshake and the request, on the Twilio side of the latency model)
+    comes before.
+    """
+    if report.first_audio_after_webhook_ms is None:
+        return None
+    return report.first_audio_after_webhook_ms - webhook_trip_ms
+
+
+def _print_call(
+    number: int,
+    report: CallReport,
+    record: CallRecord | None,
+    webhook_trip_ms: float,
+    out: TextIO,
+) -> bool:
     """Print one call's account; True when it went as a caller expects."""
     print(f"call {number} ({report.call_sid})", file=out)
-    if report.first_audio_ms is not None:
-        print(f"  greeting heard {report.first_audio_ms:.0f} ms after the stream started",
+    first_word = time_to_first_word_ms(report, webhook_trip_ms)
+    if first_word is not None and report.first_audio_ms is not None:
+        print(f"  time to first word: {first_word:.0f} ms from the voice webhook to the "
+              f"greeting heard ({report.first_audio_ms:.0f} ms after the stream started)",
               file=out)
     for index, turn in enumerate(report.turns, 1):
         how = "interrupted by the caller" if turn.interrupted else "played to the end"
@@ -229,7 +269,7 @@ def _print_call(number: int, report: CallReport, record: CallRecord | None, out:
     for barge_in in report.barge_ins:
         latency = f"{barge_in.latency_ms:.0f} ms" if barge_in.latency_ms is not None else "never"
         print(f"  barge-in: caller spoke at {barge_in.speech_onset_ms / 1000:.1f} s; "
-              f"assistant silenced (clear) {latency} later; heard "
+              f"speech to silence {latency} (the clear); heard "
               f"{barge_in.heard_of_turn_ms / 1000:.1f} s of that turn and "
               f"{barge_in.heard_after_clear_ms:.0f} ms after the clear", file=out)
     if record is not None:
@@ -238,6 +278,10 @@ def _print_call(number: int, report: CallReport, record: CallRecord | None, out:
         ) or "none"
         print(f"  bridge: outcome {record.outcome.value} ({record.detail}); "
               f"barge-in signal to clear: {bridge_figures}", file=out)
+        if record.early_barge_ins:
+            print(f"  bridge: barge-in at the edge: {record.early_barge_ins} heard, "
+                  f"{record.early_confirmed} confirmed by the assistant, "
+                  f"{record.early_resumed} resumed", file=out)
     print(f"  after the stream: {report.final_action}"
           + (f" ({report.final_say})" if report.final_say else ""), file=out)
     problems = list(report.protocol_violations)
@@ -253,17 +297,25 @@ def _print_call(number: int, report: CallReport, record: CallRecord | None, out:
     return not problems
 
 
-def _print_summary(reports: Sequence[CallReport], out: TextIO) -> None:
-    latencies = sorted(
+def _print_summary(reports: Sequence[CallReport], webhook_trip_ms: float, out: TextIO) -> None:
+    silences = sorted(
         b.latency_ms for r in reports for b in r.barge_ins if b.latency_ms is not None
     )
-    first = sorted(r.first_audio_ms for r in reports if r.first_audio_ms is not None)
-    if latencies:
-        print(f"barge-in latency over {len(latencies)} barge-ins: "
-              f"median {latencies[len(latencies) // 2]:.0f} ms, worst {latencies[-1]:.0f} ms",
-              file=out)
+    first = sorted(
+        ms for r in reports if (ms := time_to_first_word_ms(r, webhook_trip_ms)) is not None
+    )
     if first:
-        print(f"greeting latency: median {first[len(first) // 2]:.0f} ms, worst {first[-1]:.0f} ms",
+        print(f"time to first word over {len(first)} calls: p50 {percentile(first, 50):.0f} ms, "
+              f"p99 {percentile(first, 99):.0f} ms", file=out)
+    if silences:
+        print(f"speech to silence over {len(silences)} barge-ins: "
+              f"p50 {percentile(silences, 50):.0f} ms, p99 {percentile(silences, 99):.0f} ms",
               file=out)
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """The ``pct``-th percentile of ``ordered`` (sorted, not empty): nearest rank."""
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
 
 

@@ -114,6 +114,8 @@ class FakeTwilio:
         self.closed_at: float | None = None
         #: The close code the bridge closed the stream with.
         self.close_code: int | None = None
+        #: False: marks are played past but never echoed (a Twilio whose echoes stop).
+        self.echoes = True
         self._seq = 1
         self._mark_wakeup = trio.Event()
 
@@ -177,6 +179,8 @@ class FakeTwilio:
             await trio.sleep_until(due)
             if self.pending_marks and self.pending_marks[0][1] == name:
                 self.pending_marks.popleft()
+                if not self.echoes:
+                    continue
                 mark = {
                     "event": "mark",
                     "sequenceNumber": str(self.next_seq()),

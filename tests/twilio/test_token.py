@@ -270,3 +270,11 @@ def test_rekeyed_tokens_remember_the_tokens_used_before() -> None:
     assert rejected(rotated, used) == "reused"
     rotated.verify(unused, SIGNED)
     assert rejected(t, unused) == "reused"  # one memory, shared
+
+
+def test_a_token_tells_when_it_was_issued() -> None:
+    clock = FakeClock(1_700_000_000.25)
+    issued = tokens(clock).issue(SIGNED)
+    clock.now += 30
+    assert token_module.issued_at(issued, 60.0) == 1_700_000_000.25
+    assert token_module.issued_at("not-a-token", 60.0) is None

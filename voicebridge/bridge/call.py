@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, assert_never
@@ -37,6 +38,7 @@ from typing import Any, Protocol, assert_never
 import trio
 from attrs import frozen
 
+from voicebridge.bridge.edge import EdgeBargeIn
 from voicebridge.bridge.outbox import DROPPED, WRITTEN, AssistantOutbox
 from voicebridge.bridge.outcome import CallRecord, Handover, LegFailure, Outcome
 from voicebridge.bridge.playout import Playout
@@ -52,7 +54,7 @@ from voicebridge.sockets import (
     SocketWriteTimeout,
 )
 from voicebridge.twilio import media as tw
-from voicebridge.twilio.token import StreamClaims, TokenRejected
+from voicebridge.twilio.token import StreamClaims, TokenRejected, issued_at
 from voicebridge.vapi import transport as vp
 from voicebridge.vapi.client import VapiError, end_call
 from voicebridge.vapi.endings import Ending, EndingPolicy, safe_reason
@@ -258,6 +260,11 @@ class CallSettings:
     #: destination (also used when it names none), then the allow-list.
     transfer_default: str
     transfer_allowed: tuple[str, ...]
+    #: The stream token's lifetime: its expiry less this is when the webhook issued it.
+    stream_token_ttl_s: float
+    #: Barge-in at the edge (``[bridge] edge_barge_in``): None, off; else the detector's
+    #: mode, the speech run that is an onset, and the assistant's window to confirm.
+    edge_barge_in: EdgeBargeIn | None
 
     @classmethod
     def from_config(cls, config: Config) -> CallSettings:
@@ -281,6 +288,8 @@ class CallSettings:
             keypad=config.keypad if config.keypad.batch else None,
             goodbye_wait_s=config.transfer.goodbye_wait_s,
             goodbye_deadline_s=config.transfer.goodbye_deadline_s,
+            stream_token_ttl_s=config.twilio.stream_token_ttl_s,
+            edge_barge_in=EdgeBargeIn.from_config(config),
         )
 
 
@@ -345,6 +354,10 @@ class Call:
         # The route that took the call, and its decision; known once the token passed.
         self._route = ""
         self._decision: dict[str, Any] = {}
+        # When the voice webhook issued this stream's token (trio time); None: unknown.
+        self._webhook_at: float | None = None
+        edge = settings.edge_barge_in
+        self._edge = edge.listener() if edge is not None else None
         self._vapi_call_id = ""
         self._playout: Playout | None = None
         # While the assistant listens: from its leg's start until it ended the call or
@@ -504,6 +517,9 @@ class Call:
             return False
         self._claims = claims
         self._route = claims.route or DEFAULT_ROUTE
+        self._webhook_at = _webhook_time(
+            params.get(TOKEN_PARAMETER, ""), self._settings.stream_token_ttl_s
+        )
         return True
 
     # -- caller → agent ------------------------------------------------------------
@@ -520,6 +536,8 @@ class Call:
                         # Nearly every frame: kept off the match (a class pattern costs
                         # more than this test), which takes the rest exhaustively.
                         self._forward_audio(event.payload)
+                        if self._edge is not None and self._playout is not None:
+                            await self._edge.hear(event.payload, self._playout)
                         continue
                     match event:
                         case tw.Mark():
@@ -783,7 +801,8 @@ class Call:
         elif (
             event.role == "user"
             and event.status == "started"
-            and self._settings.barge_in_on_speech_start
+            # The assistant hearing the caller confirms a turn held at the edge.
+            and (self._settings.barge_in_on_speech_start or playout.held)
         ):
             await playout.barge_in()
 
@@ -1056,9 +1075,11 @@ class Call:
     def _record(self) -> CallRecord:
         playout = self._playout
         stats = playout.stats if playout is not None else None
-        first_audio_ms = None
+        first_audio_ms = webhook_to_first_audio_ms = None
         if stats is not None and stats.first_audio_at is not None:
             first_audio_ms = (stats.first_audio_at - self._started_at) * 1000
+            if self._webhook_at is not None:
+                webhook_to_first_audio_ms = (stats.first_audio_at - self._webhook_at) * 1000
         return CallRecord(
             call_sid=self._call_sid,
             stream_sid=self._stream.stream_sid or "",
@@ -1076,6 +1097,12 @@ class Call:
             assistant_bytes=stats.assistant_bytes if stats else 0,
             media_messages_to_caller=stats.media_messages if stats else 0,
             heard_ms=stats.heard_ms if stats else 0,
+            presumed_heard_ms=stats.presumed_heard_ms if stats else 0,
+            unknown_marks=stats.unknown_marks if stats else 0,
+            early_barge_ins=stats.early_barge_ins if stats else 0,
+            early_confirmed=stats.early_confirmed if stats else 0,
+            early_resumed=stats.early_resumed if stats else 0,
+            webhook_to_first_audio_ms=webhook_to_first_audio_ms,
             first_audio_ms=first_audio_ms,
             barge_ins=tuple(stats.barge_ins) if stats else (),
             transfer_to=(
@@ -1084,6 +1111,18 @@ class Call:
                 else ""
             ),
         )
+
+
+def _webhook_time(token: str, ttl_s: float) -> float | None:
+    """When the voice webhook issued ``token``, as trio time (the box's processes share
+    a wall clock); None if not a token, or not a plausible time (a clock stepped)."""
+    issued = issued_at(token, ttl_s)
+    if issued is None:
+        return None
+    age_s = time.time() - issued
+    if not 0 <= age_s <= ttl_s:
+        return None
+    return trio.current_time() - age_s
 
 
 def _describe(group: BaseExceptionGroup[Exception]) -> str:
@@ -1129,6 +1168,10 @@ def _log_call_end(record: CallRecord, *, began: bool, remote: str) -> None:
         media_to_caller=record.media_messages_to_caller,
         heard_ms=record.heard_ms,
         first_audio_ms=round(record.first_audio_ms, 1) if record.first_audio_ms else None,
+        webhook_to_first_audio_ms=(
+            round(record.webhook_to_first_audio_ms, 1)
+            if record.webhook_to_first_audio_ms is not None else None
+        ),
         barge_ins=len(record.barge_ins),
         barge_in_max_ms=round(barge_in_ms, 2) if barge_in_ms is not None else None,
         rate_limited=not began,

@@ -113,3 +113,16 @@ class CallRecord:
     leg_failure: LegFailure | None = None
     #: The route that took the call (``routing``); "" for a stream that never began.
     route: str = ""
+    #: Of ``heard_ms``, what was presumed heard by the clock (mark echoes overdue).
+    presumed_heard_ms: int = 0
+    #: Mark echoes from Twilio naming no mark the bridge sent (ignored).
+    unknown_marks: int = 0
+    #: The voice webhook answered (its stream token issued) → the first assistant audio
+    #: sent to Twilio: the bridge's view of the caller's time to first word, which is
+    #: one network trip longer. None: no audio, or no token time.
+    webhook_to_first_audio_ms: float | None = None
+    #: Barge-ins at the edge (``[bridge] edge_barge_in``): heard, then confirmed by the
+    #: assistant (turn dropped) or resumed unconfirmed.
+    early_barge_ins: int = 0
+    early_confirmed: int = 0
+    early_resumed: int = 0

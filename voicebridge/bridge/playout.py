@@ -6,6 +6,22 @@ followed by a ``mark``, and never lets more than ``lead_ms`` of audio sit in
 Twilio's buffer ahead of what the caller has heard. The mark echoes tell it, to
 the chunk, how much the caller actually heard.
 
+Nothing is inserted into speech. The few bytes of a frame that Vapi's chunking left
+over wait for the rest of that frame as long as Twilio still has audio to play (the
+marks, and the clock from the send times, say until when). Only three things pad a
+partial frame with silence: the assistant's end of speech (``end_of_speech()``),
+the end of the call's audio (``wait_drained()``), and a pause in which the caller
+hears silence anyway: Twilio ran dry and no audio came for ``STRAGGLER_S``.
+
+Marks are confirmations, not the only clock. When an echo is overdue (a chunk should
+have finished playing ``MARK_GRACE_S`` ago by the clock), the chunk is presumed heard
+and playout goes on at real time, so a pause in the echoes is no pause for the caller.
+The estimate is bounded: at most ``lead_ms`` of audio is ever presumed heard beyond
+what the echoes confirmed, so a Twilio that stopped reading (or echoing) holds at most
+twice the lead, never a turn's worth. A later echo confirms the presumed chunks before
+it. An echo naming no mark sent is ignored and counted (``PlayoutStats.unknown_marks``),
+never taken as "everything played".
+
 Each stretch of playout between barge-ins is a *turn* running in its own cancel
 scope. ``barge_in()`` cancels that scope, drops every queued byte and sends
 ``clear`` at once, from the task that read the signal (no hop to the playout task
@@ -20,6 +36,12 @@ its own, not a pause in the assistant's speech. Only an assistant that sends no
 speech updates at all (its ``clientMessages`` trimmed) is judged by a pause in its
 audio of ``resume_gap_ms`` instead.
 
+An early barge-in (``hold()``, barge-in at the edge: the bridge heard the caller)
+is the reversible kind: the ``clear`` goes out at once, but the audio Twilio had
+not confirmed playing goes back to the front of the queue and nothing is sent
+until the assistant confirms (``barge_in()``, the turn dropped as above) or the
+window passes (playout resumes with that audio, byte for byte).
+
 Writes are never cancelled half way: the sockets shield each write (see
 ``voicebridge.sockets``), and playout's writes take turns under one lock (a chunk's
 ``media`` and its ``mark`` together), so a barge-in that lands during a write takes
@@ -30,6 +52,7 @@ turn. The lock's uncontended acquire does not yield, so it costs no scheduling p
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 
@@ -54,9 +77,16 @@ MULAW_SILENCE = b"\xff"
 #: absorbed up to 30 s (240 KB) and the excess dropped and counted, so a misbehaving
 #: assistant cannot grow a call's memory without bound.
 MAX_PENDING_BYTES = 30_000 * BYTES_PER_MS
-#: A partial frame left over from Vapi's chunking is padded and sent once no more audio
-#: has arrived for this long (the end of a turn), rather than held back for ever.
+#: A partial frame left over from Vapi's chunking is padded and sent once Twilio has run
+#: dry *and* no audio has arrived for this long: the caller already hears a pause, so
+#: the turn ended (an assistant that sends no speech updates) or the assistant stalled.
+#: Live Vapi audio comes at real-time pace with tens of ms of jitter; 60 ms is past it.
 STRAGGLER_S = 0.060
+#: A mark echo this late after the clock says its chunk finished playing is presumed
+#: lost: the chunk counts as heard. Twilio echoes within its network round trip (tens
+#: to a hundred-odd ms); capped at half the lead so that, while echoes are missing,
+#: Twilio still holds half a lead of audio and the caller hears no underrun.
+MARK_GRACE_S = 0.150
 
 
 @define(slots=True)
@@ -64,6 +94,9 @@ class _SentChunk:
     mark: str
     ms: int
     turn: int
+    sent_at: float
+    #: The audio, kept until echoed: an early barge-in that is not confirmed plays it again.
+    data: bytes
 
 
 @define(slots=True)
@@ -77,6 +110,18 @@ class PlayoutStats:
     dropped_bytes: int = 0
     #: Assistant audio thrown away after a barge-in (the cut turn's in-flight tail).
     tail_discarded_bytes: int = 0
+    #: Silence bytes added to complete a partial frame (turn ends, pauses).
+    padding_bytes: int = 0
+    #: Audio presumed heard by the clock (its echo overdue) and never confirmed since;
+    #: not part of ``heard_ms``, which the echoes confirmed.
+    presumed_heard_ms: int = 0
+    #: Mark echoes naming no mark sent on this stream (ignored).
+    unknown_marks: int = 0
+    #: Early barge-ins (``hold()``: the caller's own speech heard at the edge), those the
+    #: assistant confirmed (the turn then dropped), and those resumed unconfirmed.
+    early_barge_ins: int = 0
+    early_confirmed: int = 0
+    early_resumed: int = 0
     first_audio_at: float | None = None
     barge_ins: list[BargeIn] = field(factory=list)
 
@@ -86,8 +131,8 @@ class Playout:
 
     ``feed``, ``turn_started``, ``end_of_speech`` and ``mark_played`` are synchronous
     and called from the call's reader tasks; they only change state and wake
-    ``run()``. ``run()`` and ``barge_in()`` are the only code that writes to the
-    Twilio socket while the call is up, one at a time (``_write_lock``).
+    ``run()``. ``run()``, ``barge_in()`` and ``hold()`` are the only code that writes
+    to the Twilio socket while the call is up, one at a time (``_write_lock``).
     """
 
     def __init__(
@@ -125,6 +170,19 @@ class Playout:
         self._turn_heard_ms = 0
         self._mark_seq = 0
         self._turn_scope: trio.CancelScope | None = None
+        # When Twilio's playback was last known to reach the oldest outstanding chunk:
+        # the last echo, or the presumed end of the last chunk presumed heard.
+        self._confirmed_at = -math.inf
+        # Chunks sent before those in _outstanding, presumed heard by the clock, whose
+        # echoes may still come; oldest first.
+        # Invariant: _presumed_ms == sum(chunk.ms for chunk in _presumed.values()) <= lead_ms.
+        self._presumed: dict[str, _SentChunk] = {}
+        self._presumed_ms = 0
+        self._mark_grace_s = min(MARK_GRACE_S, lead_ms / 2000)
+        self._last_fed_at = -math.inf
+        # While not None, playout is held by an early barge-in until then: Twilio was
+        # cleared, the cut audio waits in _pending, and nothing is sent.
+        self._held_until: float | None = None
         # Set by barge_in(): when the signal came; consumed by whoever sends the clear.
         # Not None means a clear is owed.
         self._interrupted_at: float | None = None
@@ -168,6 +226,7 @@ class Playout:
             self.stats.dropped_bytes += len(audio) - room
             audio = audio[:room]
         self._pending += audio
+        self._last_fed_at = self._clock()
         self._wake()
 
     def turn_started(self) -> None:
@@ -186,8 +245,11 @@ class Playout:
 
         If a write of the turn is under way, the clear follows it. Should this task be
         cancelled before the clear goes out (the call is ending), the playout task
-        still owes it and sends it.
+        still owes it and sends it. A turn held by ``hold()`` is confirmed cut.
         """
+        if self._held_until is not None:
+            self._held_until = None
+            self.stats.early_confirmed += 1
         self._interrupt()
         await self._clear_if_owed()
 
@@ -202,19 +264,81 @@ class Playout:
             self._turn_scope.cancel(reason="barge-in")
         self._wake()
 
+    @property
+    def speaking(self) -> bool:
+        """Assistant audio of the current turn is queued here or playing at Twilio."""
+        return (
+            self._held_until is None
+            and self._discarding_since is None
+            and bool(self._pending or self._outstanding)
+        )
+
+    async def hold(self, confirm_s: float) -> None:
+        """An early barge-in: silence the caller's playback now, but keep the turn.
+
+        Twilio gets a ``clear`` at once; the audio it dropped (every chunk not yet
+        confirmed played) goes back to the front of the queue, and the assistant's
+        audio keeps queueing behind it. If the assistant confirms the interruption
+        (``barge_in()``) within ``confirm_s``, the turn is dropped as ever; if not,
+        playout resumes with the first chunk the caller had not finished hearing, so
+        a cough costs a pause, not words. Does nothing unless ``speaking``. The clear
+        follows any write under way; cancelled before it is sent, playout is held all
+        the same and the clear is lost with the call.
+        """
+        if not self.speaking:
+            return
+        self.stats.early_barge_ins += 1
+        self._held_until = self._clock() + confirm_s
+        self._latency_fed_at = None
+        self._wake()  # playout, waiting to send, sees the hold
+        await self._acquire_writer()
+        try:
+            if not self.held:
+                return  # confirmed meanwhile: barge_in() clears
+            kept = b"".join(chunk.data for chunk in self._outstanding)
+            for chunk in self._outstanding:
+                self._cleared_marks[chunk.mark] = 0  # to be played again, not discarded
+            self._outstanding.clear()
+            self._buffered_ms = 0
+            for mark in self._presumed:
+                self._cleared_marks[mark] = 0
+            self._presumed.clear()
+            self._presumed_ms = 0
+            self._pending[:0] = kept
+            await self._twilio.send(self._open_stream().send_clear())
+        finally:
+            self._write_lock.release()
+        self._wake()
+
+    @property
+    def held(self) -> bool:
+        """An early barge-in holds the turn (``hold()``), unconfirmed so far."""
+        return self._held_until is not None
+
     def mark_played(self, name: str) -> None:
-        """Twilio echoed ``name``: the audio before it finished playing, or was cleared."""
+        """Twilio echoed ``name``: the audio before it finished playing, or was cleared.
+
+        Every chunk sent before it is confirmed too, those presumed heard included. An
+        echo naming no mark sent is counted in ``stats.unknown_marks`` and ignored.
+        """
         if (ms := self._cleared_marks.pop(name, None)) is not None:
             self.stats.discarded_ms += ms
             return
-        while self._outstanding:
-            chunk = self._outstanding.popleft()
-            self._buffered_ms -= chunk.ms
-            self.stats.heard_ms += chunk.ms
-            if chunk.turn == self._turn:
-                self._turn_heard_ms += chunk.ms
-            if chunk.mark == name:
-                break
+        if name in self._presumed:
+            self._confirm_presumed(until=name)
+        elif any(chunk.mark == name for chunk in self._outstanding):
+            self._confirm_presumed(until=None)
+            while self._outstanding:
+                chunk = self._outstanding.popleft()
+                self._buffered_ms -= chunk.ms
+                self._count_heard(chunk)
+                if chunk.mark == name:
+                    break
+        else:
+            self.stats.unknown_marks += 1
+            return
+        # Twilio finished the named chunk by now: what follows plays from here.
+        self._confirmed_at = max(self._confirmed_at, self._clock())
         self._wake()
 
     @property
@@ -262,12 +386,15 @@ class Playout:
         self._mark_seq += 1
         mark = f"{self._turn}.{self._mark_seq}"
         ms = len(chunk) // BYTES_PER_MS
+        now = self._clock()
         # Booked before the writes: if a write fails half way the accounting still
         # matches what Twilio may have received.
-        self._outstanding.append(_SentChunk(mark=mark, ms=ms, turn=self._turn))
+        self._outstanding.append(
+            _SentChunk(mark=mark, ms=ms, turn=self._turn, sent_at=now, data=chunk)
+        )
         self._buffered_ms += ms
         if self.stats.first_audio_at is None:
-            self.stats.first_audio_at = self._clock()
+            self.stats.first_audio_at = now
         await self._twilio.send(self._open_stream().send_media(chunk))
         if self._latency_fed_at is not None and self._on_latency is not None:
             self._on_latency(self._clock() - self._latency_fed_at)
@@ -276,8 +403,19 @@ class Playout:
         self.stats.media_messages += 1
 
     async def _wait_next_chunk(self) -> bytes:
-        """Wait until whole frames are queued and Twilio's lead has room; take a chunk."""
+        """Wait until whole frames are queued and Twilio's lead has room; take a chunk.
+
+        Meanwhile, chunks whose echoes are overdue are presumed heard, and a partial
+        frame is padded once the caller hears a pause anyway (module docstring).
+        """
         while True:
+            if self._held_until is not None:
+                with trio.move_on_at(self._held_until):
+                    await self._wait_for_change()
+                    continue
+                # Not confirmed: the caller hears the turn on from where it was cut.
+                self._held_until = None
+                self.stats.early_resumed += 1
             room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
             whole_frames = len(self._pending) // FRAME_BYTES
             if room_frames > 0 and whole_frames > 0:
@@ -285,14 +423,70 @@ class Playout:
                 chunk = bytes(self._pending[:take])
                 del self._pending[:take]
                 return chunk
+            presume_at = self._echo_overdue_at()
+            pad_at = math.inf
             if self._pending and whole_frames == 0:
-                # Only a partial frame: give Vapi a moment to send the rest of it.
-                with trio.move_on_after(STRAGGLER_S):
-                    await self._wait_for_change()
-                    continue
-                self._pad_partial_frame()
+                pad_at = max(self._drained_at(), self._last_fed_at) + STRAGGLER_S
+            with trio.move_on_at(min(presume_at, pad_at)):
+                await self._wait_for_change()
                 continue
-            await self._wait_for_change()
+            now = self._clock()
+            if now >= presume_at:
+                self._presume_overdue(now)
+            if now >= pad_at:
+                self._pad_partial_frame()
+
+    def _echo_overdue_at(self) -> float:
+        """When the oldest outstanding chunk may be presumed heard (inf: never, for now).
+
+        Never while presuming it would take the estimate more than the lead past what
+        the echoes confirmed.
+        """
+        if not self._outstanding:
+            return math.inf
+        oldest = self._outstanding[0]
+        if self._presumed_ms + oldest.ms > self._lead_ms:
+            return math.inf
+        return max(self._confirmed_at, oldest.sent_at) + oldest.ms / 1000 + self._mark_grace_s
+
+    def _drained_at(self) -> float:
+        """When Twilio runs out of the audio sent so far, by the send times and echoes.
+
+        Each chunk plays from when it was sent or the one before it ends, whichever is
+        later; the network delay makes the real moment a little later, never earlier.
+        """
+        ends = self._confirmed_at
+        for chunk in self._outstanding:
+            ends = max(ends, chunk.sent_at) + chunk.ms / 1000
+        return ends
+
+    def _presume_overdue(self, now: float) -> None:
+        """Count as heard the outstanding chunks whose echoes are overdue at ``now``."""
+        if self._outstanding:
+            self._wake()  # wait_drained() may be waiting for them
+        while self._outstanding and self._echo_overdue_at() <= now:
+            chunk = self._outstanding.popleft()
+            self._buffered_ms -= chunk.ms
+            self._confirmed_at = max(self._confirmed_at, chunk.sent_at) + chunk.ms / 1000
+            self._presumed[chunk.mark] = chunk
+            self._presumed_ms += chunk.ms
+            self.stats.presumed_heard_ms += chunk.ms
+
+    def _confirm_presumed(self, *, until: str | None) -> None:
+        """An echo confirmed the presumed chunks up to ``until`` (None: all of them)."""
+        while self._presumed:
+            mark = next(iter(self._presumed))
+            chunk = self._presumed.pop(mark)
+            self._presumed_ms -= chunk.ms
+            self.stats.presumed_heard_ms -= chunk.ms
+            self._count_heard(chunk)
+            if mark == until:
+                break
+
+    def _count_heard(self, chunk: _SentChunk) -> None:
+        self.stats.heard_ms += chunk.ms
+        if chunk.turn == self._turn:
+            self._turn_heard_ms += chunk.ms
 
     def _open_stream(self) -> MediaStream:
         """The stream, to encode the next frame with; a stopped one counts as closed.
@@ -313,6 +507,12 @@ class Playout:
             discarded += chunk.ms
         self._outstanding.clear()
         self._buffered_ms = 0
+        # Presumed heard, probably played: their echoes, if any, are neither heard
+        # nor discarded.
+        for mark in self._presumed:
+            self._cleared_marks[mark] = 0
+        self._presumed.clear()
+        self._presumed_ms = 0
         await self._twilio.send(self._open_stream().send_clear())
         now = self._clock()
         if interrupted_at is not None:
@@ -339,6 +539,7 @@ class Playout:
         partial = len(self._pending) % FRAME_BYTES
         if partial:
             self._pending += MULAW_SILENCE * (FRAME_BYTES - partial)
+            self.stats.padding_bytes += FRAME_BYTES - partial
 
     async def _acquire_writer(self) -> None:
         """Take the writer lock; without a yield when nobody holds it (nearly always)."""

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "0: never shed on the event loop's lag)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--latency", action="append", default=[], metavar="NAME=MS",
+                        help="change one figure of the latency model (repeatable), e.g. "
+                        "vapi_create_ms=600; see docs/performance.md")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="no latency model: the caller's figures are loopback's")
     parser.add_argument(
         "--route-hook", action="store_true",
         help="the bridge asks a simulated decision hook ([route_hook], answering at once) "
@@ -152,6 +157,13 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 return _certificate_for_external_bridge()
             print(f"voicebridge loadtest: the simulated Vapi serves wss:// with "
                   f"{certificate.cert.resolve()}; the bridge must trust it", file=sys.stderr)
+    from voicebridge.sim.latency import LatencyModel, parse_overrides
+
+    try:
+        latency = LatencyModel().with_overrides(parse_overrides(args.latency))
+    except ValueError as exc:
+        print(f"voicebridge loadtest: --latency: {exc}", file=sys.stderr)
+        return 2
     options = LoadTestOptions(
         calls=args.calls, duration_s=args.duration, ramp_s=args.ramp,
         bridge_cpu=args.bridge_cpu, external=external,
@@ -161,6 +173,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         progress=_progress_line,
         churn_per_s=args.churn, churn_call_s=args.churn_call_s,
         shed_loop_lag_ms=args.shed_loop_lag_ms,
+        latency=None if args.no_latency else latency,
     )
     try:
         report = trio.run(run_loadtest, options)

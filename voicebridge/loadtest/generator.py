@@ -70,6 +70,7 @@ from voicebridge.loadtest.wire import (
 )
 from voicebridge.net.connect import accept_tls, serve_tcp, starts_with_tls
 from voicebridge.net.transport import SocketTransport, TlsHandshakeError, Transport
+from voicebridge.sim.latency import LatencyModel
 from voicebridge.twilio.signature import sign
 
 #: μ-law: 8 bytes a millisecond; a 20 ms frame is 160 bytes.
@@ -200,6 +201,10 @@ class CallFigures:
     refused_calls: int
     #: Calls the bridge ended because it was shutting down (drained; not failed).
     drained_calls: int
+    #: The caller's figures (see ``LoadGenerator``): webhook → first word heard, and
+    #: speech onset → playback silent.
+    time_to_first_word_ms: Sequence[float] = ()
+    speech_to_silence_ms: Sequence[float] = ()
 
 
 class _Call:
@@ -322,12 +327,27 @@ class LoadGenerator:
     ``base_url`` is what the bridge under test uses for Vapi. With ``tls`` (a server
     context) the transport sockets it hands out are ``wss://`` (see the module
     docstring).
+
+    With ``latency`` the peers take the model's own times (Vapi's create, Twilio's
+    stream set-up); the network's legs and the assistant's reaction are added to the
+    caller's two figures by arithmetic, so that the bridge-added latencies measured
+    on loopback stay the bridge's own (``sim.latency.LatencyModel``).
     """
 
     def __init__(
-        self, traffic: Traffic, *, api_key: str, tls: ssl.SSLContext | None = None
+        self,
+        traffic: Traffic,
+        *,
+        api_key: str,
+        tls: ssl.SSLContext | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         self.traffic = traffic
+        self.latency = latency
+        self._first_word = array("d")
+        self._speech_to_silence = array("d")
+        self._first_word_extra_ms = latency.first_word_network_ms() if latency else 0.0
+        self._silence_extra_ms = latency.speech_to_silence_extra_ms() if latency else 0.0
         self.api_key = api_key
         self._tls = tls
         #: TLS handshakes the simulated Vapi completed, and why others failed.
@@ -425,6 +445,8 @@ class LoadGenerator:
         if call is None:
             await respond(transport, 400, b'{"message":"unknown twilioCallSid"}')
             return
+        if self.latency is not None:
+            await trio.sleep(self.latency.vapi_create_ms / 1000)
         answer = {
             "id": call.vapi_call_id,
             "status": "queued",
@@ -654,6 +676,8 @@ class LoadGenerator:
             p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")
         }
         path = urllib.parse.urlsplit(stream_url).path
+        if self.latency is not None:
+            await trio.sleep(self.latency.twilio_stream_setup_ms / 1000)
         ws = await connect_websocket(
             target.host, target.port, path,
             {"x-twilio-signature": sign(stream_url, {}, target.auth_token)},
@@ -719,7 +743,9 @@ class LoadGenerator:
             call.play_end = now
             if call.awaiting_clear:
                 turn, interrupted_at = call.awaiting_clear.popleft()
-                self._barge_in_ms.append((now - interrupted_at) * 1000)
+                barge_in_ms = (now - interrupted_at) * 1000
+                self._barge_in_ms.append(barge_in_ms)
+                self._speech_to_silence.append(barge_in_ms + self._silence_extra_ms)
                 call.cleared_turns.add(turn)
 
     def _heard(self, call: _Call, audio: bytes, now: float) -> None:
@@ -728,6 +754,10 @@ class LoadGenerator:
         if call.first_audio_at is None:
             call.first_audio_at = now
             self._first_audio.append((now - call.stream_started_at) * 1000)
+            if call.webhook_at is not None:
+                self._first_word.append(
+                    (now - call.webhook_at) * 1000 + self._first_word_extra_ms
+                )
         data = call.carry + audio if call.carry else audio
         position = data.find(MARKER_LEAD)
         consumed = 0
@@ -914,6 +944,8 @@ class LoadGenerator:
             webhook_ms=list(self._webhook_ms),
             refused_calls=refused,
             drained_calls=drained,
+            time_to_first_word_ms=list(self._first_word),
+            speech_to_silence_ms=list(self._speech_to_silence),
         )
 
     @property

@@ -107,6 +107,12 @@ class LoadReport:
     webhook: Percentiles = field(factory=lambda: Percentiles(None, None, None, 0))
     #: The bridge's CPU split between set-up, end and streaming (None: not measured).
     cpu_split: CpuSplit | None = None
+    #: What the caller lives: voice webhook at the bridge → first word heard; speech
+    #: onset → playback silent (a barge-in). On the latency model (``latency``), if any.
+    time_to_first_word: Percentiles = Percentiles(None, None, None, 0)
+    speech_to_silence: Percentiles = Percentiles(None, None, None, 0)
+    #: The latency model's description; "" when the run had none.
+    latency: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object (stable keys; see docs/performance.md)."""
@@ -137,6 +143,9 @@ class LoadReport:
             "heard_after_clear_ms": _round(self.heard_after_clear_ms),
             "first_audio_ms": pct(self.first_audio, "p50", "p99", "max"),
             "route_hook": self.route_hook,
+            "time_to_first_word_ms": pct(self.time_to_first_word, "p50", "p99", "max"),
+            "speech_to_silence_ms": pct(self.speech_to_silence, "p50", "p99", "max"),
+            "latency_model": self.latency or None,
             "dropped_frames": self.dropped_caller_frames + self.dropped_assistant_chunks,
             "late_frames": self.late_caller_frames + self.late_assistant_chunks,
             "frames": {
@@ -199,6 +208,8 @@ class LoadReport:
             ("first assistant audio (ms)", self.first_audio),
             ("voice webhook answered" + (", hook" if self.route_hook else "") + " (ms)",
              self.webhook),
+            ("caller: time to first word (ms)", self.time_to_first_word),
+            ("caller: speech to silence (ms)", self.speech_to_silence),
         ]
         for label, value in rows:
             lines.append(
@@ -207,6 +218,8 @@ class LoadReport:
             )
         lines += [
             "",
+            "caller figures on " + (f"the latency model: {self.latency}" if self.latency
+                                    else "loopback (no latency model)"),
             f"heard after a clear:        {self.heard_after_clear_ms:.0f} ms "
             f"(over {self.barge_ins} barge-ins)",
             f"dropped frames:             {self.dropped_caller_frames} caller, "

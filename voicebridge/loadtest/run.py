@@ -64,6 +64,7 @@ from voicebridge.loadtest.tls import (
     server_context,
     trust_environment,
 )
+from voicebridge.sim.latency import LatencyModel
 from voicebridge.sim.route_hook import SECRET_ENV
 
 #: How long the simulated decision hook's process may take to say where it listens.
@@ -124,6 +125,8 @@ class LoadTestOptions:
     churn_call_s: tuple[float, float] = (10.0, 40.0)
     #: The started bridge's ``server.shed_loop_lag_ms`` (None: the default of the product).
     shed_loop_lag_ms: int | None = None
+    #: The delays of the simulated world (``sim.latency``); None: loopback's.
+    latency: LatencyModel | None = None
 
 
 @frozen
@@ -271,6 +274,7 @@ async def _run(options: LoadTestOptions, target_factory: TargetFactory | None) -
         generator = LoadGenerator(
             traffic, api_key=external.assistant_key if external else secrets.token_hex(16),
             tls=tls.context if tls is not None else None,
+            latency=options.latency,
         )
         return await _serve_and_measure(generator, traffic, options, tls, target_factory)
 
@@ -494,6 +498,9 @@ def _report(
         vapi_tls=generator.tls,
         vapi_tls_handshakes=generator.tls_handshakes,
         vapi_tls_handshake_failures=dict(generator.tls_handshake_failures),
+        time_to_first_word=Percentiles.of(figures.time_to_first_word_ms),
+        speech_to_silence=Percentiles.of(figures.speech_to_silence_ms),
+        latency=generator.latency.describe() if generator.latency is not None else "",
     )
 
 

@@ -276,6 +276,14 @@ class BridgeMetrics:
             buckets=CREATE_BUCKETS_S,
             registry=registry,
         )
+        self._first_word = Histogram(
+            "voicebridge_time_to_first_word_seconds",
+            "Voice webhook answered (stream token issued) → first assistant audio sent to "
+            "Twilio, per call: the bridge's view of the caller's time to first word "
+            "(the caller hears it one network trip later).",
+            buckets=FIRST_AUDIO_BUCKETS_S,
+            registry=registry,
+        )
         self._first_audio = Histogram(
             "voicebridge_first_audio_seconds",
             "Media stream start → first assistant audio sent to Twilio, per call.",
@@ -300,6 +308,29 @@ class BridgeMetrics:
         )
         self._bytes_to_agent = audio_bytes.labels("caller_to_agent")
         self._bytes_to_caller = audio_bytes.labels("agent_to_caller")
+        self._unknown_marks = Counter(
+            "voicebridge_unknown_marks",
+            "Mark echoes from Twilio naming no mark the bridge sent (ignored). Added at "
+            "call end.",
+            registry=registry,
+        )
+        self._presumed_heard = Counter(
+            "voicebridge_presumed_heard_seconds",
+            "Assistant audio presumed heard by the clock (Twilio's mark echo overdue) and "
+            "never confirmed by a later echo; normally 0. Added at call end.",
+            registry=registry,
+        )
+        early = Counter(
+            "voicebridge_early_barge_ins",
+            "Barge-ins at the edge (bridge.edge_barge_in): the caller's speech over the "
+            "assistant heard by the bridge (heard), then the turn dropped on the assistant's "
+            "confirmation (confirmed) or played on unconfirmed (resumed). Added at call end.",
+            ["result"],
+            registry=registry,
+        )
+        self._early_heard = early.labels("heard")
+        self._early_confirmed = early.labels("confirmed")
+        self._early_resumed = early.labels("resumed")
         self._dropped = Counter(
             "voicebridge_frames_dropped",
             "Caller audio frames dropped as stale because the Vapi leg did not keep up "
@@ -374,6 +405,14 @@ class BridgeMetrics:
             self._bytes_to_caller.inc(record.assistant_bytes)
         if record.frames_dropped:
             self._dropped.inc(record.frames_dropped)
+        if record.unknown_marks:
+            self._unknown_marks.inc(record.unknown_marks)
+        if record.early_barge_ins:
+            self._early_heard.inc(record.early_barge_ins)
+            self._early_confirmed.inc(record.early_confirmed)
+            self._early_resumed.inc(record.early_resumed)
+        if record.presumed_heard_ms:
+            self._presumed_heard.inc(record.presumed_heard_ms / 1000)
         if record.barge_ins:
             self._barge_ins.inc(len(record.barge_ins))
             for barge_in in record.barge_ins:
@@ -383,6 +422,8 @@ class BridgeMetrics:
         if record.leg_failure is not None:
             self._leg_failures[record.leg_failure].inc()
             self.auth_alarm.call_ended(record)
+        if record.webhook_to_first_audio_ms is not None:
+            self._first_word.observe(record.webhook_to_first_audio_ms / 1000)
 
     def caller_frame_latency(self, seconds: float) -> None:
         """One sampled caller frame's time inside the bridge."""

@@ -165,6 +165,8 @@ class SimTwilioSettings:
     #: A CA certificate (PEM file) to trust besides the system's for ``https``/``wss``
     #: (a TLS proxy's throwaway certificate); "" trusts the system's alone.
     ca_file: str = ""
+    #: Twilio's own time from the TwiML to opening the Media Stream (``sim.latency``).
+    stream_setup_s: float = field(default=0.0, validator=attrs.validators.ge(0))
 
 
 # --- The script ----------------------------------------------------------------------
@@ -409,6 +411,9 @@ class CallReport:
     #: μ-law bytes of assistant audio the bridge sent, heard or not (a clear or the end
     #: of the call may have cut it), up to Twilio's 10-minute buffer.
     audio_received_bytes: int = 0
+    #: From sending the voice webhook to the start of the first assistant speech heard,
+    #: ms (the webhook's own trip to the bridge included); None: none heard.
+    first_audio_after_webhook_ms: float | None = None
 
 
 #: How long a REST update may take to tell the Media Stream it ends (``stop``).
@@ -573,6 +578,8 @@ class _StreamResult:
     marks_echoed: int
     marks_cleared: int
     clears: int
+    #: When the stream's ``start`` was sent (trio time); None without a stream.
+    started_at: float | None = None
 
 
 class _SimCall:
@@ -609,6 +616,7 @@ class _SimCall:
             final = _summarize(list(document) if document is not None else None)
             return self._report(started, status, twiml, _no_stream(), action_twiml="", final=final)
 
+        await trio.sleep(settings.stream_setup_s)
         result = await self._stream(stream_twiml)
         action_twiml = ""
         if self._live is not None and self._live.update:
@@ -859,6 +867,9 @@ class _SimCall:
     ) -> CallReport:
         playout = result.playout
         turns = playout.turns if playout is not None else ()
+        first_after_webhook = None
+        if turns and result.started_at is not None:
+            first_after_webhook = (result.started_at - started) * 1000 + turns[0].start_ms
         return CallReport(
             call_sid=self._call_sid,
             stream_sid=result.stream_sid,
@@ -885,6 +896,7 @@ class _SimCall:
             final_dial=final[2],
             duration_s=trio.current_time() - started,
             heard_audio=playout.heard_audio if playout is not None else b"",
+            first_audio_after_webhook_ms=first_after_webhook,
         )
 
 
@@ -1170,6 +1182,7 @@ class _MediaStream:
             marks_echoed=self._writer.marks_echoed,
             marks_cleared=self._marks_cleared,
             clears=self._clears,
+            started_at=self._start,
         )
 
     def _end(self, ended_by: EndedBy) -> None:

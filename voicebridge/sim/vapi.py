@@ -597,6 +597,9 @@ class SimVapi:
         self.credentials: dict[str, SimServerCredential] = {}
         self._host = "127.0.0.1"
         self._port: int | None = None
+        #: The host:port transport socket URLs name when a relay stands in front
+        #: (``sim.latency``); None: where this listens.
+        self.advertised_authority: str | None = None
 
     @property
     def api_key(self) -> str:
@@ -688,6 +691,8 @@ class SimVapi:
 
     def _authority(self, request: HttpRequest) -> str:
         """host:port for the socket URL: where we listen, or the Host asked for on a wildcard."""
+        if self.advertised_authority is not None:
+            return self.advertised_authority
         if self._host in WILDCARD_HOSTS and request.headers.get("host"):
             return request.headers["host"]
         return f"{self._host}:{self.port}"

@@ -145,6 +145,18 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def issued_at(token: str, ttl_s: float) -> float | None:
+    """When ``token`` was issued, in seconds since the epoch (its expiry less ``ttl_s``).
+
+    For a token ``StreamTokens.verify`` accepted (nothing is checked here); None when
+    ``token`` does not have a token's shape.
+    """
+    parts = token.split(".")
+    if len(parts) != 6 or not _EXPIRY.fullmatch(parts[2]):
+        return None
+    return int(parts[2]) / 1000 - ttl_s
+
+
 class StreamTokens:
     """Issues and verifies stream tokens for calls.
 
