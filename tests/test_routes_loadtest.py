@@ -32,5 +32,5 @@ def test_the_table_names_the_hook(capsys: pytest.CaptureFixture[str]) -> None:
                  "--route-hook"])
     table = capsys.readouterr().out
     assert code in (0, 1), table
-    assert "voice webhook answer, hook (ms)" in table
+    assert "voice webhook answered, hook (ms)" in table
     assert "failed calls:               0" in table
