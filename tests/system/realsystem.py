@@ -186,15 +186,17 @@ def build_wheels(checkout: Path, directory: Path) -> None:
     """The wheels of every dependency (and setuptools, which builds the checkout inside),
     for the container's Python whatever this one is, so that pip there installs with no
     index."""
-    dependencies = tomllib.loads((checkout / "pyproject.toml").read_text())["project"][
-        "dependencies"]
+    project = tomllib.loads((checkout / "pyproject.toml").read_text())
+    dependencies = project["project"]["dependencies"]
+    # What pip builds the checkout with inside: the build system's own pins.
+    build_requires = project["build-system"]["requires"]
     platforms = [arg for tag in MANYLINUX for arg in ("--platform", tag)]
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
          "-c", str(checkout / "constraints.txt"), "--only-binary=:all:",
          "--python-version", CONTAINER_PYTHON, "--implementation", "cp",
          "--abi", "cp" + CONTAINER_PYTHON.replace(".", ""), *platforms,
-         "-d", str(directory), *dependencies, "setuptools>=68", "pip"],
+         "-d", str(directory), *dependencies, *build_requires, "pip"],
         check=True, capture_output=True, text=True,
     )
 
