@@ -8,6 +8,10 @@ as late for every task as a process whose calls take more than its core, while t
 test's probes come from another process over real sockets. The hold sleeps rather
 than spins, so that the test does not take a core from a shared machine. It prints
 ``ready`` once it accepts connections, ``busy`` and ``idle`` around each busy spell.
+
+With ``$BUSY_EARLY_ANSWER=off`` the front door answers nothing itself (its early answer
+declines every request), so that ``bench/shed_answer.py`` can measure the same refusal
+the long way, through hypercorn and the app, beside it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from functools import partial
 
 import trio
 
+import voicebridge.server
 from voicebridge.config import load_config
+from voicebridge.net.front import EarlyRequest, EarlyResponse
 from voicebridge.observability.logs import configure_logging
 from voicebridge.server import serve
+from voicebridge.web import Services
 
 
 def hold_the_loop(seconds: float) -> None:
@@ -42,7 +49,14 @@ async def busy_on_signal(for_s: float, hold_s: float) -> None:
             print("idle", flush=True)
 
 
+def no_early_answer(services: Services, request: EarlyRequest) -> EarlyResponse | None:
+    """The front door's early answer, declining every request."""
+    return None
+
+
 def main() -> int:
+    if os.environ.get("BUSY_EARLY_ANSWER", "on") == "off":
+        vars(voicebridge.server)["early_overflow"] = no_early_answer  # what serve() calls
     config = load_config(sys.argv[1])
     configure_logging(config.server.log_level.upper(), target="stderr")
     listener = socket.socket(fileno=int(os.environ["BUSY_LISTEN_FD"]))
