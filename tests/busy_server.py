@@ -7,7 +7,9 @@ SIGUSR1, for ``$BUSY_FOR_S`` seconds, a task of its event loop holds the loop
 as late for every task as a process whose calls take more than its core, while the
 test's probes come from another process over real sockets. The hold sleeps rather
 than spins, so that the test does not take a core from a shared machine. It prints
-``ready`` once it accepts connections, ``busy`` and ``idle`` around each busy spell.
+``ready`` once it accepts connections, ``busy`` and ``idle`` around each busy spell, and
+``turn N`` before each hold of it: how many turns the loop took while a probe waited, as
+the probe sees them come.
 
 With ``$BUSY_EARLY_ANSWER=off`` the front door answers nothing itself (its early answer
 declines every request), so that ``bench/shed_answer.py`` can measure the same refusal
@@ -43,7 +45,10 @@ async def busy_on_signal(for_s: float, hold_s: float) -> None:
         async for _ in signals:
             print("busy", flush=True)
             until = trio.current_time() + for_s
+            turn = 0
             while trio.current_time() < until:
+                turn += 1
+                print(f"turn {turn}", flush=True)
                 hold_the_loop(hold_s)
                 await trio.lowlevel.checkpoint()
             print("idle", flush=True)

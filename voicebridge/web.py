@@ -7,7 +7,8 @@ They hold no call logic of their own.
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
   One admission per CallSid (``CallRegistry.admit``): a repeat before the stream begins
-  gets the same answer, a replay after it a 403.
+  gets the same answer, a replay after it a 403. Refused for load, a new call's overflow
+  is answered by the front door itself (``early_overflow``), before hypercorn.
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served by
   the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.

@@ -11,6 +11,11 @@ first request head, and
 
 - a ``GET`` of the media stream path goes to ``media`` with the raw socket
   (``voicebridge.net.ws``: the call's own task reads it);
+- a whole pre-read request (below) that ``early`` (the app's own decision, for what
+  it can settle without hypercorn) answers is answered and closed here: two or three
+  turns of the event loop instead of the seventeen or so of hypercorn and the app,
+  each as long as the loop is behind (the voice webhook's overflow under load,
+  ``voicebridge.web.early_overflow``);
 - anything else goes to hypercorn's per-connection server with the bytes already
   read put back in front of the stream, so hypercorn sees the connection whole.
 
@@ -29,11 +34,6 @@ What no client may do here (``[edge]``, docs/operations.md "Resource caps"):
   uses, so both agree on where every head and body ends. The first
   ``PREREAD_BYTES`` of a body are read here, before hypercorn: a client still
   sending a webhook-sized request costs no request handling.
-- answer a whole pre-read request itself when ``early`` (the app's own decision, for
-  routes it can settle without hypercorn) gives the answer: the connection costs two
-  or three turns of the event loop instead of the dozen and more of hypercorn and the
-  app, which a loop that is behind makes long (the voice webhook's overflow answer
-  under load, ``voicebridge.web.early_overflow``).
 - speak HTTP/2: the prior-knowledge preface (``PRI * HTTP/2.0``) and ``Upgrade: h2c``
   end the connection before hypercorn, which would honour both, sees them. Twilio
   never uses HTTP/2, and one HTTP/2 connection multiplexes work onto this event loop
@@ -965,7 +965,11 @@ class _Front:
         nothing pipelined after it) is offered, so that closing after the answer drops
         nothing the client sent. Sent without waiting for a turn when the socket takes
         it at once (a short answer always does), so the connection costs no turn of the
-        loop after its request arrived; cancelled (the connection's scope), it ends.
+        loop after its request arrived. Skipping the scheduler here is per connection
+        but bounded: one request of at most ``PREREAD_BYTES``, one synchronous decision,
+        and each connection is a task of its own that the accept loop (which
+        checkpoints at every accept) started. Cancelled (the connection's scope), the
+        connection ends unanswered.
         """
         assert self._early is not None
         request = framing.request
