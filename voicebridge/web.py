@@ -651,8 +651,8 @@ def early_overflow(services: Services, request: EarlyRequest) -> EarlyResponse |
     if request.method != b"POST":
         return None
     path, _, query_bytes = request.target.partition(b"?")
-    if path != VOICE_PATH.encode("ascii"):
-        return None
+    if path != VOICE_PATH.encode("ascii") or not query_bytes.isascii():
+        return None  # raw non-ASCII in a query: whatever it means, the app says
     mimetype = (request.header(b"content-type") or "").partition(";")[0].strip().lower()
     if mimetype not in FORM_MIMETYPES:
         return None

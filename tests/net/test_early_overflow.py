@@ -131,7 +131,7 @@ def events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 def test_while_calls_are_admitted_it_leaves_every_webhook_to_the_app(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="voicebridge.web")
     box = services()
     assert early_overflow(box, webhook()) is None
     assert box.registry.load == 0, "nothing admitted here"
@@ -142,7 +142,7 @@ def test_while_calls_are_admitted_it_leaves_every_webhook_to_the_app(
 def test_a_new_call_refused_for_load_gets_the_overflow_counted_and_logged(
     caplog: pytest.LogCaptureFixture, reason: str
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="voicebridge.web")
     box = services()
     if reason == "loop-behind":
         behind(box)
@@ -182,6 +182,7 @@ def test_a_new_call_refused_for_load_gets_the_overflow_counted_and_logged(
         pytest.param(
             webhook(query="assistant=asst-other&assistantGrant=forged"), id="refused grant"
         ),
+        pytest.param(attrs.evolve(webhook(), target=b"/twilio/voice?a=\xff"), id="raw query"),
         pytest.param(attrs.evolve(webhook(), method=b"PUT"), id="not a POST"),
         pytest.param(attrs.evolve(webhook(), target=b"/twilio/after-stream"), id="other path"),
     ],
@@ -189,7 +190,7 @@ def test_a_new_call_refused_for_load_gets_the_overflow_counted_and_logged(
 def test_anything_the_app_would_not_answer_with_the_overflow_is_left_to_it(
     caplog: pytest.LogCaptureFixture, request_: EarlyRequest
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="voicebridge.web")
     box = services()
     behind(box)
     assert early_overflow(box, request_) is None
@@ -202,7 +203,7 @@ def test_a_repeat_or_a_replay_of_an_answered_webhook_is_left_to_the_app(
     box = services()
     assert isinstance(box.registry.admit(CALL_SID, lambda: "<Response>first</Response>"), Answer)
     assert box.registry.begin(OTHER_SID, lambda outcome, detail: 0.0)
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="voicebridge.web")
     behind(box)
     assert early_overflow(box, webhook(CALL_SID)) is None  # the app gives the first answer
     assert early_overflow(box, webhook(OTHER_SID)) is None  # the app refuses the replay
@@ -217,7 +218,7 @@ def test_a_repeat_or_a_replay_of_an_answered_webhook_is_left_to_the_app(
 def test_a_draining_server_leaves_its_refusals_to_the_app(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="voicebridge.web")
     box = services()
     box.registry.start_draining()
     assert early_overflow(box, webhook()) is None
@@ -227,7 +228,7 @@ def test_a_draining_server_leaves_its_refusals_to_the_app(
 def test_a_call_routed_away_from_the_assistants_is_left_to_the_app(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="voicebridge.web")
     box = services(routes=[{"name": "night", "to": [CALLED], "dial": "+15550009999"}])
     behind(box)
     assert early_overflow(box, webhook()) is None
