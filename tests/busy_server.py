@@ -7,7 +7,13 @@ SIGUSR1, for ``$BUSY_FOR_S`` seconds, a task of its event loop holds the loop
 as late for every task as a process whose calls take more than its core, while the
 test's probes come from another process over real sockets. The hold sleeps rather
 than spins, so that the test does not take a core from a shared machine. It prints
-``ready`` once it accepts connections, ``busy`` and ``idle`` around each busy spell.
+``ready`` once it accepts connections, ``busy`` and ``idle`` around each busy spell, and
+``turn N`` before each hold of it: how many turns the loop took while a probe waited, as
+the probe sees them come.
+
+With ``$BUSY_EARLY_ANSWER=off`` the front door answers nothing itself (its early answer
+declines every request), so that ``bench/shed_answer.py`` can measure the same refusal
+the long way, through hypercorn and the app, beside it.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from functools import partial
 
 import trio
 
+import voicebridge.server
 from voicebridge.config import load_config
+from voicebridge.net.front import EarlyRequest, EarlyResponse
 from voicebridge.observability.logs import configure_logging
 from voicebridge.server import serve
+from voicebridge.web import Services
 
 
 def hold_the_loop(seconds: float) -> None:
@@ -36,13 +45,23 @@ async def busy_on_signal(for_s: float, hold_s: float) -> None:
         async for _ in signals:
             print("busy", flush=True)
             until = trio.current_time() + for_s
+            turn = 0
             while trio.current_time() < until:
+                turn += 1
+                print(f"turn {turn}", flush=True)
                 hold_the_loop(hold_s)
                 await trio.lowlevel.checkpoint()
             print("idle", flush=True)
 
 
+def no_early_answer(services: Services, request: EarlyRequest) -> EarlyResponse | None:
+    """The front door's early answer, declining every request."""
+    return None
+
+
 def main() -> int:
+    if os.environ.get("BUSY_EARLY_ANSWER", "on") == "off":
+        vars(voicebridge.server)["early_overflow"] = no_early_answer  # what serve() calls
     config = load_config(sys.argv[1])
     configure_logging(config.server.log_level.upper(), target="stderr")
     listener = socket.socket(fileno=int(os.environ["BUSY_LISTEN_FD"]))

@@ -84,6 +84,7 @@ from voicebridge.web import (
     Services,
     create_app,
     create_ops_app,
+    early_overflow,
     media_connection,
 )
 
@@ -310,6 +311,9 @@ async def serve(
                         limits=lambda: process.current_services().config.edge,
                         counters=counters,
                         preread_paths=PREREAD_PATHS,
+                        early=lambda request: early_overflow(
+                            process.current_services(), request
+                        ),
                         task_status=task_status,
                     )
                 )

@@ -7,7 +7,8 @@ They hold no call logic of their own.
 - ``POST /twilio/voice``: the voice webhook. Signed → admitted → ``<Connect><Stream>``
   with a single-use stream token; full or draining → the overflow TwiML (never a 5xx).
   One admission per CallSid (``CallRegistry.admit``): a repeat before the stream begins
-  gets the same answer, a replay after it a 403.
+  gets the same answer, a replay after it a 403. Refused for load, a new call's overflow
+  is answered by the front door itself (``early_overflow``), before hypercorn.
 - ``WS /twilio/stream``: the media stream; one ``Call`` per socket. It is served by
   the front door on a lean WebSocket (``media_connection``; ``voicebridge.net.front``),
   not through hypercorn and quart.
@@ -57,6 +58,7 @@ from voicebridge.control.routes import (
     request_client,
 )
 from voicebridge.errors import SocketClosed
+from voicebridge.net.front import EarlyRequest, EarlyResponse
 from voicebridge.net.transport import SocketTransport, peer_address
 from voicebridge.net.ws import UpgradeRefused, accept_upgrade, read_upgrade
 from voicebridge.observability.logs import log_event
@@ -101,6 +103,8 @@ METRICS_PATH = "/metrics"
 #: and keeps a hostile client from making us buffer megabytes.
 MAX_WEBHOOK_BYTES = 64 * 1024
 TWIML = "text/xml"
+#: As quart sends it for ``TWIML``.
+TWIML_CONTENT_TYPE = TWIML + "; charset=utf-8"
 #: The form encodings of Twilio's webhooks (the second is an old alias quart accepts).
 FORM_MIMETYPES = ("application/x-www-form-urlencoded", "application/x-url-encoded")
 #: Twilio media frames are ~350 bytes of JSON; nothing legitimate comes near 64 KiB.
@@ -300,21 +304,8 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
                         remote=request_client(),
                     )
                 return _twiml_response(body)
-            case Full(reason=reason, loop_lag_s=lag_s):
-                services.metrics.call_refused(reason)
-                log_event(
-                    log,
-                    logging.WARNING,
-                    "call-refused",
-                    f"call {call_sid} refused ({_REFUSAL_TEXT[reason]}"
-                    + (f": {lag_s * 1000:.0f} ms mean lag" if lag_s else "")
-                    + "); playing the overflow message",
-                    call_sid=call_sid,
-                    reason=reason,
-                    loop_lag_ms=round(lag_s * 1000, 1) if lag_s else None,
-                    active_calls=registry.active_count,
-                )
-                return _twiml_response(twiml.caller_action(services.config.overflow))
+            case Full() as full:
+                return _twiml_response(refuse_call(services, call_sid, full))
             case Spent(reason=spent):
                 # Twilio asks again only for an answer it never got, and without that
                 # answer it cannot have opened the stream: this is a replay.
@@ -585,6 +576,14 @@ async def route_inbound(
         observer=services.metrics,
         ask=services.registry.admitting,
     )
+    note_route(services, decision, call_sid, caller, called)
+    return decision
+
+
+def note_route(
+    services: Services, decision: Decision, call_sid: str, caller: str, called: str
+) -> None:
+    """Count and log an inbound call's route (``route_inbound``)."""
     action = choice_action(decision.choice)
     services.metrics.call_routed(decision.route, action, decision.by)
     # A call the assistant takes has its call-start and call-end lines (with ROUTE=); for
@@ -601,7 +600,105 @@ async def route_inbound(
         action=action,
         rate_limited=True,
     )
-    return decision
+
+
+def refuse_call(services: Services, call_sid: str, full: Full) -> str:
+    """Count and log the refusal of a new call; the overflow TwiML to answer it with.
+
+    The one place a refused call is answered, whether the app or the front door
+    (``early_overflow``) answers it.
+    """
+    reason, lag_s = full.reason, full.loop_lag_s
+    services.metrics.call_refused(reason)
+    log_event(
+        log,
+        logging.WARNING,
+        "call-refused",
+        f"call {call_sid} refused ({_REFUSAL_TEXT[reason]}"
+        + (f": {lag_s * 1000:.0f} ms mean lag" if lag_s else "")
+        + "); playing the overflow message",
+        call_sid=call_sid,
+        reason=reason,
+        loop_lag_ms=round(lag_s * 1000, 1) if lag_s else None,
+        active_calls=services.registry.active_count,
+    )
+    return twiml.caller_action(services.config.overflow)
+
+
+class _NotRefused(Exception):
+    """``early_overflow``'s admission would admit the call: the app takes it."""
+
+
+def _not_refused() -> str:
+    raise _NotRefused
+
+
+def early_overflow(services: Services, request: EarlyRequest) -> EarlyResponse | None:
+    """The front door's answer to a voice webhook that admission refuses for load, or
+    None: the app serves the request (``net.front.EarlyAnswer``).
+
+    While the box admits calls this costs one comparison. Otherwise the request is
+    checked as the app checks it, in the same order and with the same functions, and
+    answered here only when the app's answer would be the overflow TwiML for
+    ``at-capacity`` or ``loop-behind``; anything else (a bad signature, a malformed
+    form or CallSid, a refused grant, a route that dials or refuses, a repeat of an
+    answered webhook, a replay, a draining server) is left to the app, which answers,
+    counts and logs it. Nothing is counted or logged here unless this answers.
+    """
+    refusal = services.registry.refusal()
+    if refusal is None or refusal.reason == "draining":
+        return None
+    if request.method != b"POST":
+        return None
+    path, _, query_bytes = request.target.partition(b"?")
+    if path != VOICE_PATH.encode("ascii") or not query_bytes.isascii():
+        return None  # raw non-ASCII in a query: whatever it means, the app says
+    mimetype = (request.header(b"content-type") or "").partition(";")[0].strip().lower()
+    if mimetype not in FORM_MIMETYPES:
+        return None
+    try:
+        params = form_params(request.body)
+    except UnicodeDecodeError:
+        return None
+    query = query_bytes.decode("latin-1")  # as ``_path_and_query`` has it
+    form = dict(params)
+    if services.verifier is not None:
+        try:
+            services.verifier.verify_form(
+                path_and_query=VOICE_PATH + (f"?{query}" if query else ""),
+                params=params,
+                signature=request.header(b"x-twilio-signature"),
+                settings=request.header(SETTINGS_HEADER.lower().encode("ascii")),
+            )
+        except SignatureError:
+            return None
+    call_sid = form.get("CallSid", "")
+    if not is_call_sid(call_sid):
+        return None
+    args: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        args.setdefault(name, value)
+    try:
+        outbound = bool(granted_assistant(services.config, args, to=form.get("To", "")))
+    except AssistantRefused:
+        return None
+    decision: Decision | None = None
+    if not outbound and not form.get("Direction", "").startswith("outbound"):
+        # What ``decide`` returns when the box does not admit calls: the route's own
+        # choice, the hook not asked.
+        decision = services.router.match(to=form.get("To", ""), caller=form.get("From", ""))
+        if not isinstance(decision.choice, AssistantChoice):
+            return None
+    try:
+        admission = services.registry.admit(call_sid, _not_refused)
+    except _NotRefused:
+        return None
+    if not isinstance(admission, Full) or admission.reason == "draining":
+        return None
+    if decision is not None:
+        note_route(services, decision, call_sid, form.get("From", ""), form.get("To", ""))
+    body = refuse_call(services, call_sid, admission)
+    return EarlyResponse(200, body.encode("utf-8"), TWIML_CONTENT_TYPE)
 
 
 def _route_claim(decision: Decision | None) -> str:

@@ -37,7 +37,11 @@ from voicebridge.net.front import (
     ACCEPT_BACKOFF_MIN_S,
     INCOMPLETE_GRACE_S,
     INCOMPLETE_SWEEP_S,
+    PREREAD_BYTES,
     REFUSAL,
+    EarlyAnswer,
+    EarlyRequest,
+    EarlyResponse,
     FrontCounters,
     MediaHandler,
     ensure_descriptor_limit,
@@ -144,6 +148,8 @@ async def front_door(
     config: HypercornConfig | None = None,
     media: MediaHandler = _hold_media,
     stop: trio.Event | None = None,
+    preread_paths: frozenset[str] = frozenset(),
+    early: EarlyAnswer | None = None,
 ) -> AsyncIterator[FrontCounters]:
     """``serve_front`` on ``listener`` until the block ends (then shut down gracefully)."""
     counters = FrontCounters()
@@ -161,6 +167,8 @@ async def front_door(
                 shutdown_trigger=stop.wait,
                 limits=lambda: limits,
                 counters=counters,
+                preread_paths=preread_paths,
+                early=early,
             )
         )
         yield counters
@@ -224,6 +232,78 @@ def get(path: str, extra: bytes = b"") -> bytes:
 
 
 # -- routing -------------------------------------------------------------------------------
+
+
+def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST " + path.encode() + b" HTTP/1.1\r\nHost: a\r\n"
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body
+    )
+
+
+@attrs.define
+class Early:
+    """An early answer that answers requests whose body is ``b"early"`` and declines the
+    rest; it keeps what it was offered."""
+
+    offered: list[EarlyRequest] = attrs.field(factory=list)
+
+    def __call__(self, request: EarlyRequest) -> EarlyResponse | None:
+        self.offered.append(request)
+        if request.body != b"early":
+            return None
+        return EarlyResponse(200, b"<Response/>", "text/xml; charset=utf-8")
+
+
+async def test_a_whole_preread_request_the_early_answer_takes_is_answered_without_the_app(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    app, early = App(), Early()
+    with trio.fail_after(GUARD_S):
+        async with front_door(
+            unix_listener(tmp_path), app=app, preread_paths=frozenset({"/hook"}), early=early
+        ):
+            client = await connect_unix(tmp_path)
+            await client.send_all(post("/hook?a=1", b"early", b"X-Sig: s1\r\nX-Sig: s2\r\n"))
+            answered = await read_all(client)
+            declined = await connect_unix(tmp_path)
+            await declined.send_all(post("/hook", b"later"))
+            app_answer = await read_response(declined)
+            await declined.aclose()
+    assert answered == (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/xml; charset=utf-8\r\n"
+        b"content-length: 11\r\nconnection: close\r\n\r\n<Response/>"
+    )
+    first = early.offered[0]
+    assert (first.method, first.target, first.body) == (b"POST", b"/hook?a=1", b"early")
+    assert first.header(b"x-sig") == "s1" and first.header(b"x-other") is None
+    assert [what for _, what in app.events if what.startswith("request")] == ["request /hook"]
+    assert app_answer.endswith(b"POST /hook 5 state=- client=-")
+
+
+async def test_only_a_whole_request_alone_on_its_connection_of_a_preread_path_is_offered(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    app, early = App(), Early()
+    with trio.fail_after(GUARD_S):
+        async with front_door(
+            unix_listener(tmp_path), app=app, preread_paths=frozenset({"/hook"}), early=early
+        ):
+            # Another path; a request with another after it (closing after an early
+            # answer would drop it); a body larger than the pre-read.
+            for request, answers in [
+                (post("/other", b"early"), 1),
+                (post("/hook", b"early") + get("/next"), 2),
+                (post("/hook", b"e" * (PREREAD_BYTES + 1)), 1),
+            ]:
+                client = await connect_unix(tmp_path)
+                await client.send_all(request)
+                for _ in range(answers):
+                    assert b" 200 " in await read_response(client)
+                await client.aclose()
+    assert early.offered == []
+    assert len([what for _, what in app.events if what.startswith("request")]) == 4
+
 
 
 async def test_a_request_head_split_across_packets_reaches_hypercorn_whole(

@@ -11,6 +11,11 @@ first request head, and
 
 - a ``GET`` of the media stream path goes to ``media`` with the raw socket
   (``voicebridge.net.ws``: the call's own task reads it);
+- a whole pre-read request (below) that ``early`` (the app's own decision, for what
+  it can settle without hypercorn) answers is answered and closed here: two or three
+  turns of the event loop instead of the seventeen or so of hypercorn and the app,
+  each as long as the loop is behind (the voice webhook's overflow under load,
+  ``voicebridge.web.early_overflow``);
 - anything else goes to hypercorn's per-connection server with the bytes already
   read put back in front of the stream, so hypercorn sees the connection whole.
 
@@ -132,6 +137,53 @@ SEND_EOF_GRACE_S = 1.0
 #: assistant API connection pools, files of the shared directory being written.
 DESCRIPTOR_RESERVE = 256
 
+#: The ``content-type`` of an early answer when none is given.
+EARLY_CONTENT_TYPE = "text/plain; charset=utf-8"
+
+
+@attrs.frozen
+class EarlyRequest:
+    """A whole request the front door read itself, offered to ``EarlyAnswer``."""
+
+    method: bytes
+    #: As sent: the path and any query (``?…``), not decoded.
+    target: bytes
+    #: As h11 gives them: names lower-cased, in order, repeats kept.
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of the header ``name`` (lower-case), as latin-1 text."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+
+@attrs.frozen
+class EarlyResponse:
+    """A complete answer to an ``EarlyRequest``; the connection closes after it."""
+
+    status: int
+    body: bytes
+    content_type: str = EARLY_CONTENT_TYPE
+
+    def http(self) -> bytes:
+        reason = _REASONS.get(self.status, b"")
+        return (
+            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n"
+            % (self.status, reason, self.content_type.encode("latin-1"), len(self.body))
+        ) + self.body
+
+
+_REASONS = {200: b"OK", 204: b"No Content", 403: b"Forbidden", 503: b"Service Unavailable"}
+
+#: Answers a whole pre-read request ahead of hypercorn, or None: hypercorn and the app
+#: serve it as any other. Synchronous (no turn of the event loop) and cheap: it runs for
+#: every pre-read request. Whatever it answers, the app must answer the same.
+EarlyAnswer = Callable[[EarlyRequest], EarlyResponse | None]
+
 #: Serves one media connection: the socket and the request head (with anything the
 #: client sent after it). It owns the socket and closes it.
 MediaHandler = Callable[[SocketTransport, bytes], Awaitable[None]]
@@ -220,6 +272,7 @@ async def serve_front(
     limits: Callable[[], EdgeConfig] = EdgeConfig,
     counters: FrontCounters | None = None,
     preread_paths: frozenset[str] = frozenset(),
+    early: EarlyAnswer | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``listeners`` (listening sockets, owned and closed here) until shut down.
@@ -227,6 +280,8 @@ async def serve_front(
     A request to one of ``preread_paths`` (routes whose bodies are small and judged
     whole, as Twilio's signed webhooks) that declares a body of at most
     ``PREREAD_BYTES`` has it read by the front door before the app sees the request.
+    Once it is whole (and nothing more came after it on the connection), ``early`` is
+    asked: its answer is sent and the connection closed, without hypercorn.
 
     ``limits`` is called at each new connection and request for the ``[edge]``
     limits in force (a reload changes them for what comes next); ``counters``, if
@@ -248,6 +303,7 @@ async def serve_front(
             limits,
             counters if counters is not None else FrontCounters(),
             preread_paths,
+            early,
         )
         for listener in listeners:
             accept_nursery.start_soon(front.accept_loop, listener, connection_nursery)
@@ -434,6 +490,8 @@ class _Framing:
         # The Content-Length of the request whose head ended last; None when it has
         # none (chunked, or no body).
         self.declared_length: int | None = None
+        # That request's head (None before the first ends).
+        self.request: h11.Request | None = None
         # The path (query cut off) of that request.
         self.target = b""
 
@@ -465,6 +523,7 @@ class _Framing:
                     steps.append(_Step.HTTP2)
                     break
                 self.declared_length = _content_length(event)
+                self.request = event
                 self.target = event.target.split(b"?", 1)[0]
                 steps.append(_Step.HEAD_ENDED)
             elif isinstance(event, h11.EndOfMessage):
@@ -530,8 +589,10 @@ class _Front:
         limits: Callable[[], EdgeConfig],
         counters: FrontCounters,
         preread_paths: frozenset[str] = frozenset(),
+        early: EarlyAnswer | None = None,
     ) -> None:
         self._app = app
+        self._early = early
         self._preread_paths = frozenset(path.encode("ascii") for path in preread_paths)
         self._config = config
         self._context = context
@@ -880,6 +941,10 @@ class _Front:
             received += chunk
             if not self.follow(slot, framing.receive(chunk)):
                 return
+        if preread and self._early is not None and await self._answer_early(
+            conn, slot, framing, head, bytes(received)
+        ):
+            return
         stream = _Guarded(
             trio.SocketStream(trio.socket.from_stdlib_socket(conn)),
             bytes(received),
@@ -890,6 +955,45 @@ class _Front:
         server = _Served(self._app, self._config, self._context, self._state, stream)  # type: ignore[arg-type]
         server.watch(self, slot, framing)
         await server.run()
+
+    async def _answer_early(
+        self, conn: socket.socket, slot: _Slot, framing: _Framing, head: bytes, received: bytes
+    ) -> bool:
+        """Offer the whole request ``received`` to ``early``; True: answered, closed.
+
+        Only a request that is exactly what the connection carried (its body whole,
+        nothing pipelined after it) is offered, so that closing after the answer drops
+        nothing the client sent. Sent without waiting for a turn when the socket takes
+        it at once (a short answer always does), so the connection costs no turn of the
+        loop after its request arrived. Skipping the scheduler here is per connection
+        but bounded: one request of at most ``PREREAD_BYTES``, one synchronous decision,
+        and each connection is a task of its own that the accept loop (which
+        checkpoints at every accept) started. Cancelled (the connection's scope), the
+        connection ends unanswered.
+        """
+        assert self._early is not None
+        request = framing.request
+        head_end = head.find(b"\r\n\r\n") + 4
+        if (
+            request is None
+            or slot.phase is not Phase.SERVED
+            or head_end < 4
+            or framing.declared_length is None
+            or len(received) != head_end + framing.declared_length
+        ):
+            return False
+        response = self._early(
+            EarlyRequest(
+                method=request.method,
+                target=request.target,
+                headers=list(request.headers),
+                body=received[head_end:],
+            )
+        )
+        if response is None:
+            return False
+        await _send_then_close(conn, response.http())
+        return True
 
     def _log(self, event: str, level: int, first: str, more: str, **fields: str | int) -> None:
         throttle = self._throttles.setdefault(event, _Throttle())
@@ -913,6 +1017,23 @@ def _refuse(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):  # full or reset: closing says enough
         conn.send(REFUSAL)
     conn.close()
+
+
+async def _send_then_close(conn: socket.socket, data: bytes) -> None:
+    """Send all of ``data`` (waiting for room only when the socket has none), then end
+    the stream (FIN, not a reset) and close. A reset or closed peer ends it quietly."""
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[conn.send(view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(conn)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 async def _read_head(conn: socket.socket) -> bytes | None:
