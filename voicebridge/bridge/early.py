@@ -194,6 +194,7 @@ class EarlyCalls:
     ) -> None:
         call_sid = claims.call_sid
         deadline = trio.current_time() + wait_s
+        why = "before this process stopped"
         try:
             # Shielded: a create abandoned half way may leave a call at Vapi nobody knows
             # of. The create has its own deadline.
@@ -225,17 +226,18 @@ class EarlyCalls:
             early.settled.set()
             with trio.move_on_at(deadline):
                 await early.taken.wait()
+            why = f"within {wait_s:g} s of the webhook's answer"
         finally:
             early.settled.set()
             del self._calls[call_sid]
-            await self._end_untaken(connector, call_sid, early, wait_s, end_deadline_s)
+            await self._end_untaken(connector, call_sid, early, why, end_deadline_s)
 
     async def _end_untaken(
         self,
         connector: AssistantConnector,
         call_sid: str,
         early: _Early,
-        wait_s: float,
+        why: str,
         end_deadline_s: float,
     ) -> None:
         """End ``early``'s call unless its stream (here or in another process) took it."""
@@ -260,7 +262,7 @@ class EarlyCalls:
             logging.WARNING,
             "early-call-unused",
             f"call {call_sid}: no media stream took the assistant call created early "
-            f"within {wait_s:g} s; ending it",
+            f"{why}; ending it",
             call_sid=call_sid,
             vapi_call_id=early.call.id,
         )

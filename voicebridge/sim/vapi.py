@@ -853,7 +853,10 @@ class SimVapi:
         if record.connected_at is not None:
             await ws.reject(409, _json_body(_error_body(409, "Transport already connected.")))
             return
-        if record.ended_at is not None and record.connected_at is None:
+        if record.ended_at is not None and record.connected_at is None and (
+            record.ended_reason == record.behaviour.unconnected_ended_reason
+            and record.behaviour.unconnected_timeout_s is not None
+        ):
             await ws.reject(400, _json_body(_error_body(400, "Call has ended.")))
             return
         if record.behaviour.reject_socket is not None:
