@@ -205,17 +205,16 @@ def build_services(
     connector = connector or VapiConnector(
         http, config.vapi, credentials.vapi_api_key.reveal(), server=vapi_server_override(config)
     )
-    early_connector = (
-        EarlyConnector(
+    if early is not None:
+        # Even with create_early off: a reload that turned it off leaves early calls
+        # that their streams must still take, or they would get a second call.
+        connector = EarlyConnector(
             early,
             connector,
             wait_s=config.twilio.start_deadline_s,
             create_deadline_s=config.vapi.create_deadline_s,
             end_deadline_s=config.vapi.end_deadline_s,
         )
-        if early is not None and config.vapi.create_early
-        else None
-    )
     return Services(
         config=config,
         registry=registry,
@@ -229,7 +228,7 @@ def build_services(
         )
         if config.twilio.validate_signatures
         else None,
-        connector=early_connector or connector,
+        connector=connector,
         call_settings=CallSettings.from_config(config),
         router=Router(config),
         hook=RouteHook.from_config(config, http),
@@ -237,7 +236,9 @@ def build_services(
             config, http, voice_url=config.server.public_url + VOICE_PATH, observer=metrics
         ),
         metrics=metrics,
-        early=early_connector,
+        early=connector
+        if isinstance(connector, EarlyConnector) and config.vapi.create_early
+        else None,
     )
 
 
