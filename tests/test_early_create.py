@@ -240,3 +240,21 @@ async def test_the_simulated_vapi_ends_an_unconnected_call_when_told_to(world: W
         with pytest.raises(VapiError):
             async with process.connector.connect(call):
                 pass  # pragma: no cover - the connect is refused
+
+
+def test_the_shared_directory_hands_an_early_call_to_one_process(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    first, second = (SharedDir(tmp_path, clock=lambda: now[0]) for _ in "ab")
+    assert first.publish_early_call(CALL_SID, b"creating", first=True)
+    assert not second.publish_early_call(CALL_SID, b"mine", first=True)
+    assert first.publish_early_call(CALL_SID, b"ready", first=False)
+    assert second.load_early_call(CALL_SID) == b"ready"
+    assert second.take_early_call(CALL_SID) == b"ready"
+    assert first.take_early_call(CALL_SID) is None
+    assert first.failures == second.failures == 0
+    # One a dead process left behind is swept, in time.
+    assert first.publish_early_call(CALL_SID, b"ready", first=True)
+    assert first.sweep() == 0
+    now[0] += 601
+    assert first.sweep() == 1
+    assert second.load_early_call(CALL_SID) is None

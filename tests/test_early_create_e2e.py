@@ -30,6 +30,7 @@ from voicebridge.sim.caller import SimTwilioSettings, place_call
 from voicebridge.sim.vapi import SimVapi
 
 EARLY = {"create_early": True}
+CREATED_EARLY = "voicebridge_assistant_calls_created_early_total"
 
 
 async def test_a_webhook_repeated_by_twilio_creates_one_call_the_stream_takes() -> None:
@@ -45,6 +46,8 @@ async def test_a_webhook_repeated_by_twilio_creates_one_call_the_stream_takes() 
             assert_served(report, bridge)
             assert list(bridge.vapi.calls) == [early.id]
             assert early.connected_at is not None
+            metrics = (await http.get(bridge.ops_url + "/metrics")).text
+    assert f'{CREATED_EARLY}{{fate="taken",worker="0"}} 1.0' in metrics
     assert len({answer.text for answer in answers}) == 1
 
 
@@ -65,6 +68,9 @@ async def test_a_stream_that_never_comes_ends_the_call_created_early(
             await early.wait_ended()
             assert trio.current_time() - answered >= 1.0
             assert early.end_call_received_at is not None
+            metrics = (await http.get(bridge.ops_url + "/metrics")).text
+    assert f'{CREATED_EARLY}{{fate="unused",worker="0"}} 1.0' in metrics
+    assert f'{CREATED_EARLY}{{fate="taken",worker="0"}} 0.0' in metrics
     assert [f["EVENT"] for f in events(caplog, call_sid)] == ["early-call-unused"]
 
 

@@ -54,7 +54,7 @@ SHARED_POLL_S = 0.01
 #: create before creating its own (that process died, or its directory failed).
 SHARED_WAIT_MARGIN_S = 1.0
 
-#: What became of an early call, as counted (``voicebridge_early_calls_total``).
+#: What became of an early call (``voicebridge_assistant_calls_created_early_total``).
 EarlyFate = Literal["taken", "unused", "failed"]
 
 

@@ -164,7 +164,7 @@ class BridgeMetrics:
         self._reload_ok.set(1)
         self._reload_at.set(wall_clock())
         early_calls = Counter(
-            "voicebridge_early_calls",
+            "voicebridge_assistant_calls_created_early",
             "Vapi calls created as the voice webhook was answered ([vapi] create_early), by "
             "fate: taken (by the call's stream), unused (no stream came in time, or the "
             "process stopped first: ended), failed (the create failed).",
