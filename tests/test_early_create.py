@@ -23,6 +23,8 @@ from voicebridge.boxstate import SharedDir
 from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.early import EarlyCalls, EarlyConnector, EarlyFate
 from voicebridge.config import VapiConfig
+from voicebridge.loopback import loopback_config
+from voicebridge.server import build_services
 from voicebridge.sim.vapi import SimVapi, SimVapiBehaviour, SimVapiCallRecord
 from voicebridge.twilio.token import StreamClaims
 from voicebridge.vapi.client import VapiCall, VapiError, end_call
@@ -258,3 +260,25 @@ def test_the_shared_directory_hands_an_early_call_to_one_process(tmp_path: Path)
     now[0] += 601
     assert first.sweep() == 1
     assert second.load_early_call(CALL_SID) is None
+
+
+async def test_after_a_reload_turns_it_off_the_stream_still_takes_its_early_call(
+    world: World,
+) -> None:
+    config = loopback_config(
+        port=1, vapi_base_url=world.sim.base_url, auth_token="t", api_key=API_KEY
+    )
+    with trio.fail_after(GUARD_S):
+        process = await world.process()
+        on = config.evolve(vapi=attrs.evolve(config.vapi, create_early=True))
+        async with httpx.AsyncClient() as http:
+            before = build_services(on, http, connector=world.inner, early=process.early)
+            assert before.early is not None and before.early.start_early(CLAIMS)
+            after = build_services(config, http, connector=world.inner, early=process.early)
+            assert after.early is None  # no new call is created early
+            call = await after.connector.create(
+                call_sid=CALL_SID, caller=CLAIMS.caller, called=CLAIMS.called
+            )
+        assert isinstance(call, VapiCall)
+        assert [c.id for c in world.calls_for()] == [call.id]
+        await talk_and_end(process, call)

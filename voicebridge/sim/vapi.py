@@ -412,6 +412,8 @@ class SimVapiCallRecord:
     created_iso: str = attrs.Factory(lambda: _now_iso())
     started_iso: str | None = None
     ended_iso: str | None = None
+    #: Ended by ``unconnected_timeout_s`` before any socket connected.
+    ended_unconnected: bool = False
     #: The concurrency limit blocked the call (``subscriptionLimits.concurrencyBlocked``).
     concurrency_blocked: bool = False
     #: Destinations the assistant transferred to (``status-update`` forwarding sent).
@@ -768,6 +770,7 @@ class SimVapi:
         """End ``record`` if its socket has not connected ``timeout_s`` after its create."""
         await trio.sleep(timeout_s)
         if record.connected_at is None:
+            record.ended_unconnected = True
             record._mark_ended(record.behaviour.unconnected_ended_reason)
 
     async def _deliver_webhooks(
@@ -853,10 +856,7 @@ class SimVapi:
         if record.connected_at is not None:
             await ws.reject(409, _json_body(_error_body(409, "Transport already connected.")))
             return
-        if record.ended_at is not None and record.connected_at is None and (
-            record.ended_reason == record.behaviour.unconnected_ended_reason
-            and record.behaviour.unconnected_timeout_s is not None
-        ):
+        if record.ended_unconnected:
             await ws.reject(400, _json_body(_error_body(400, "Call has ended.")))
             return
         if record.behaviour.reject_socket is not None:
