@@ -19,7 +19,8 @@ Invariants:
 - every early call is taken by the call's stream, or ended by the process that
   created it: when no stream took it within ``wait_s`` of the webhook's answer, or when
   that process stops (a drain) before one did. Ending it connects its socket and says
-  ``end-call`` (Vapi's one documented way to end a websocket call), counted and logged.
+  ``end-call``, as the bridge ends every call it leaves (``monitor.controlUrl`` is not
+  in every create answer), counted and logged.
 """
 
 from __future__ import annotations
