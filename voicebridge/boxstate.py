@@ -5,7 +5,7 @@ With one process per core on one listening socket (``voicebridge@.service``), a 
 webhook, media stream and ``<Connect action>`` may each land on a different process.
 Whatever a later request needs must therefore be readable by all of them. The shared
 directory (``server.shared_dir``, by default systemd's ``RuntimeDirectory=``
-``/run/voicebridge``) holds four kinds of small files:
+``/run/voicebridge``) holds five kinds of small files:
 
 - ``outcomes/<CallSid>``: the call's ``CallRecord`` as JSON, written by the process that
   ran the call when it ends (before it closes Twilio's socket), read by whichever
@@ -21,6 +21,12 @@ directory (``server.shared_dir``, by default systemd's ``RuntimeDirectory=``
   call release its reservation although the stream landed elsewhere. Kept
   ``CALL_MEMORY_S`` after the call ends (the process running a call refreshes its
   marker at every sweep, so a long call's marker is never swept).
+- ``early/<CallSid>``: the assistant call created early for the call (``[vapi]
+  create_early``, ``voicebridge.bridge.early``): "creating", then its id and socket URL
+  (a bearer secret, as the directory's tokens are), created exclusively by the process
+  that admitted the call and taken (renamed away) by exactly one process: the stream's,
+  or the creator's to end it. Swept after ``OUTCOME_RETENTION_S`` if a process died
+  holding one.
 - ``tokens/<expiry ms>-<nonce>``: created with ``O_EXCL`` when a stream token is first
   accepted, so that a token is single-use per box, not only per process. Kept until the
   token's expiry (after which every process refuses it as expired anyway).
@@ -79,7 +85,7 @@ RECORD_FORMAT = 1
 #: What a CallSid or token nonce must look like to become a file name (no ``/``, no ``..``).
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN_FILE = re.compile(r"([0-9]{1,15})-[A-Za-z0-9_-]{1,64}")
-_SUBDIRS = ("outcomes", "admissions", "streams", "tokens")
+_SUBDIRS = ("outcomes", "admissions", "streams", "tokens", "early")
 _T = TypeVar("_T")
 _converter = cattrs.Converter()
 
@@ -141,6 +147,63 @@ class SharedDir:
         except (orjson.JSONDecodeError, AttributeError, KeyError, cattrs.BaseValidationError):
             log.warning("ignoring the unreadable shared outcome %s", path)
             return None
+
+    # -- assistant calls created early (voicebridge.bridge.early) ------------------------
+
+    def publish_early_call(self, call_sid: str, body: bytes, *, first: bool) -> bool:
+        """Publish ``body`` as what is known of ``call_sid``'s early assistant call: with
+        ``first``, only if nothing is published for it (an exclusive create), else in
+        place of what is. False when not published (``first`` and one was; the
+        directory failed)."""
+        if not _SAFE_NAME.fullmatch(call_sid):
+            return False
+        final = self.path / "early" / call_sid
+        temporary = final.with_name(f".{call_sid}.{os.getpid()}.tmp")
+
+        def publish() -> bool:
+            with open(temporary, "wb") as file:
+                file.write(body)
+            self._stamp(temporary)
+            try:
+                if not first:
+                    os.replace(temporary, final)
+                    return True
+                try:
+                    os.link(temporary, final)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+
+        return self._attempt("publish the early call of " + call_sid, publish, False)
+
+    def load_early_call(self, call_sid: str) -> bytes | None:
+        """What is published of ``call_sid``'s early call, or None (nothing, or failed)."""
+        if not _SAFE_NAME.fullmatch(call_sid):
+            return None
+        path = self.path / "early" / call_sid
+        return self._attempt(
+            "read the early call of " + call_sid, path.read_bytes, None, missing_ok=True
+        )
+
+    def take_early_call(self, call_sid: str) -> bytes | None:
+        """Take ``call_sid``'s early call: what was published, removed for good. Atomic
+        across processes (a rename): of several takers one gets it, the others None."""
+        if not _SAFE_NAME.fullmatch(call_sid):
+            return None
+        path = self.path / "early" / call_sid
+        taken = path.with_name(f".{call_sid}.{os.getpid()}.taken")
+
+        def take() -> bytes:
+            os.rename(path, taken)
+            try:
+                return taken.read_bytes()
+            finally:
+                os.unlink(taken)
+
+        return self._attempt("take the early call of " + call_sid, take, None, missing_ok=True)
 
     # -- admissions --------------------------------------------------------------------
 
@@ -274,6 +337,8 @@ class SharedDir:
             ("outcomes", MAX_SHARED_RECORDS, OUTCOME_RETENTION_S),
             ("admissions", MAX_SHARED_CALLS, CALL_MEMORY_S),
             ("streams", MAX_SHARED_CALLS, CALL_MEMORY_S),
+            # Left only by a process that died holding one (the others take or end them).
+            ("early", MAX_SHARED_CALLS, OUTCOME_RETENTION_S),
         )
         for kind, cap, retention_s in kept:
             directory = self.path / kind

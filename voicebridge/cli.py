@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the server runs with [bridge] edge_barge_in = true (barge-in at the edge)",
     )
     demo.add_argument(
+        "--create-early",
+        action="store_true",
+        help="the server runs with [vapi] create_early = true (the Vapi call is created "
+        "while Twilio sets up the stream)",
+    )
+    demo.add_argument(
         "--no-latency",
         action="store_true",
         help="no latency model: the simulated peers answer at loopback speed",
@@ -206,6 +212,7 @@ def _run(argv: Sequence[str] | None) -> int:
             verbose=args.verbose,
             latency=None if args.no_latency else latency,
             edge_barge_in=args.edge_barge_in,
+            create_early=args.create_early,
         )
     if args.command == "loadtest":
         from voicebridge.loadtest import cli as loadtest_cli

@@ -459,6 +459,10 @@ class VapiConfig:
     #: ``SILENCE_DEADLINE_MARGIN_S``; set, it must exceed ``silence_timeout_s`` by that
     #: margin, or healthy quiet calls would be failed before Vapi ends them.
     silence_deadline_s: float = field(default=0.0, validator=_zero_or_deadline(7200))
+    #: Create the Vapi call as the voice webhook is answered, while Twilio sets up the
+    #: stream, instead of after the stream's ``start`` (docs/call-flow.md). A call whose
+    #: stream does not start within ``twilio.start_deadline_s`` of the answer is ended.
+    create_early: bool = False
 
     @property
     def assistant_silence_s(self) -> float:

@@ -100,26 +100,28 @@ def run_demo(
     *, calls: int = 1, save_audio: str | None = None, verbose: bool = False,
     out: TextIO | None = None, progress: TextIO | None = None,
     latency: LatencyModel | None = None, edge_barge_in: bool = False,
+    create_early: bool = False,
 ) -> int:
     """Run the demo; 0 when every call went as a caller expects, else 1. What each caller
     experienced goes to ``out`` (stdout); a line as each call starts and ends to
     ``progress`` (stderr), so that the ~20 s of a call are not silent.
 
     ``latency``: the delays of the simulated world; None: loopback's own (none).
-    ``edge_barge_in``: the server runs with ``[bridge] edge_barge_in = true``.
+    ``edge_barge_in``: the server runs with ``[bridge] edge_barge_in = true``;
+    ``create_early`` with ``[vapi] create_early = true``.
     """
     out = out or sys.stdout
     progress = progress or sys.stderr
     configure_logging(logging.INFO if verbose else logging.WARNING)
     return trio.run(
         partial(_demo, calls=calls, save_audio=save_audio, out=out, progress=progress,
-                latency=latency, edge_barge_in=edge_barge_in)
+                latency=latency, edge_barge_in=edge_barge_in, create_early=create_early)
     )
 
 
 async def _demo(
     *, calls: int, save_audio: str | None, out: TextIO, progress: TextIO,
-    latency: LatencyModel | None, edge_barge_in: bool,
+    latency: LatencyModel | None, edge_barge_in: bool, create_early: bool,
 ) -> int:
     behaviour = SimVapiBehaviour(end_after_replies=DEMO_REPLIES)
     secret = secrets.token_hex(16)
@@ -133,6 +135,7 @@ async def _demo(
                 route_hook=RouteHookConfig(url=hook.url),
                 credentials=attrs.evolve(config.credentials, route_hook_secret=Secret(secret)),
                 bridge=attrs.evolve(config.bridge, edge_barge_in=edge_barge_in),
+                vapi=attrs.evolve(config.vapi, create_early=create_early),
             )
 
         async with loopback_bridge(

@@ -50,6 +50,7 @@ from hypercorn.config import Config as HypercornConfig
 from voicebridge.boxstate import SWEEP_INTERVAL_S, SharedDir, SharedStreamTokens
 from voicebridge.bridge.assistant import VapiConnector
 from voicebridge.bridge.call import AssistantConnector, CallSettings
+from voicebridge.bridge.early import EarlyCalls, EarlyConnector
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
 from voicebridge.config import SECRET_SOURCES, Config, listen_addresses_overlap
@@ -166,6 +167,7 @@ def build_services(
     connector: AssistantConnector | None = None,
     shared: SharedDir | None = None,
     metrics: BridgeMetrics | None = None,
+    early: EarlyCalls | None = None,
 ) -> Services:
     """The route services for ``config``.
 
@@ -201,6 +203,19 @@ def build_services(
             if shared is not None
             else StreamTokens(secret=secret, ttl_s=ttl_s, previous_secret=previous)
         )
+    connector = connector or VapiConnector(
+        http, config.vapi, credentials.vapi_api_key.reveal(), server=vapi_server_override(config)
+    )
+    if early is not None:
+        # Even with create_early off: a reload that turned it off leaves early calls
+        # that their streams must still take, or they would get a second call.
+        connector = EarlyConnector(
+            early,
+            connector,
+            wait_s=config.twilio.start_deadline_s,
+            create_deadline_s=config.vapi.create_deadline_s,
+            end_deadline_s=config.vapi.end_deadline_s,
+        )
     return Services(
         config=config,
         registry=registry,
@@ -214,13 +229,7 @@ def build_services(
         )
         if config.twilio.validate_signatures
         else None,
-        connector=connector
-        or VapiConnector(
-            http,
-            config.vapi,
-            credentials.vapi_api_key.reveal(),
-            server=vapi_server_override(config),
-        ),
+        connector=connector,
         call_settings=CallSettings.from_config(config),
         router=Router(config),
         hook=RouteHook.from_config(config, http),
@@ -228,6 +237,9 @@ def build_services(
             config, http, voice_url=config.server.public_url + VOICE_PATH, observer=metrics
         ),
         metrics=metrics,
+        early=connector
+        if isinstance(connector, EarlyConnector) and config.vapi.create_early
+        else None,
     )
 
 
@@ -290,6 +302,8 @@ async def serve(
         counters = FrontCounters()
 
         async with trio.open_nursery() as process_nursery:
+            # Cancelled last (after the drain and the front door): ends unused early calls.
+            await process_nursery.start(process.early.run)
             if handle_signals:
                 await process_nursery.start(process.handle_signals)
             if watchdog_interval_s is not None and process.notifier.enabled:
@@ -378,8 +392,13 @@ class _ServerProcess:
         shared: SharedDir | None,
     ) -> None:
         self.notifier = notifier
+        #: The Vapi calls created early (``[vapi] create_early``); kept across reloads.
+        self.early = EarlyCalls(shared=shared)
         #: Swapped whole by a reload; the routes read it per request.
-        self.services = build_services(config, http, connector=connector, shared=shared)
+        self.services = build_services(
+            config, http, connector=connector, shared=shared, early=self.early
+        )
+        self.early.on_fate = self.services.metrics.early_call
         self.hypercorn_config = _hypercorn_config()
         self._http = http
         self._connector = connector
@@ -586,6 +605,7 @@ class _ServerProcess:
                 connector=self._connector,
                 shared=self._shared,
                 metrics=old.metrics,
+                early=self.early,
             )
         except ConfigError as exc:
             others = len(getattr(exc, "__notes__", ()))

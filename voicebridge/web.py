@@ -44,6 +44,7 @@ from voicebridge.bridge.call import (
     Call,
     CallSettings,
 )
+from voicebridge.bridge.early import EarlyConnector
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.registry import Answer, CallRegistry, Full, RefusalReason, Spent
 from voicebridge.config import Config
@@ -143,6 +144,8 @@ class Services:
     control: ControlPlane | None = None
     #: Kept across reloads (pass the old one on), so counters never restart.
     metrics: BridgeMetrics = field(factory=BridgeMetrics)
+    #: Creates the Vapi call as the webhook is answered (``[vapi] create_early``); None: off.
+    early: EarlyConnector | None = None
 
 
 def _twiml_response(body: str) -> Response:
@@ -293,6 +296,8 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         registry = services.registry
         match registry.admit(call_sid, answer):
             case Answer(twiml=body, repeat=repeat):
+                if not repeat and services.early is not None:
+                    services.early.start_early(claims)
                 if repeat:
                     log_event(
                         log,

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from voicebridge import __version__
 from voicebridge.bridge.call import AssistantCall, AssistantConnector
+from voicebridge.bridge.early import EarlyFate
 from voicebridge.bridge.outcome import CallRecord, LegFailure, Outcome
 from voicebridge.bridge.registry import RefusalReason
 from voicebridge.observability.alarms import AuthFailureAlarm
@@ -162,6 +163,15 @@ class BridgeMetrics:
         self._reloads = {result: reloads.labels(result) for result in get_args(ReloadResult)}
         self._reload_ok.set(1)
         self._reload_at.set(wall_clock())
+        early_calls = Counter(
+            "voicebridge_assistant_calls_created_early",
+            "Vapi calls created as the voice webhook was answered ([vapi] create_early), by "
+            "fate: taken (by the call's stream), unused (no stream came in time, or the "
+            "process stopped first: ended), failed (the create failed).",
+            ["fate"],
+            registry=registry,
+        )
+        self._early_calls = {fate: early_calls.labels(fate) for fate in get_args(EarlyFate)}
         leg_failures = Counter(
             "voicebridge_assistant_leg_failures",
             "Calls whose assistant leg failed (outcome assistant-leg-failed), by kind: auth "
@@ -444,6 +454,10 @@ class BridgeMetrics:
             self._loop_stalls.inc()
 
     # -- the web layer -------------------------------------------------------------
+
+    def early_call(self, fate: EarlyFate) -> None:
+        """What became of a Vapi call created early (``bridge.early``)."""
+        self._early_calls[fate].inc()
 
     def call_refused(self, reason: RefusalReason) -> None:
         """The voice webhook answered the overflow TwiML."""

@@ -284,6 +284,13 @@ class SimVapiBehaviour:
     tail_after_interrupt_ms: int = 0
     #: The call ends after this long without caller audio (PROTOCOLS: ~20 s); None: never.
     customer_audio_timeout_s: float | None = 20.0
+    #: A created call whose socket is not connected within this long ends by itself
+    #: (``unconnected_ended_reason``; a later connect is refused 400); None: it stays
+    #: queued, holding a concurrency slot, until the simulator stops. Vapi does not
+    #: document what it does (docs/protocols.md), so both are modelled; the default is
+    #: the worse for a bridge that leaves such calls behind.
+    unconnected_timeout_s: float | None = None
+    unconnected_ended_reason: str = "silence-timed-out"
     #: Seed of the call's chunk-size RNG; None: the create order (reproducible runs).
     seed: int | None = None
 
@@ -405,6 +412,8 @@ class SimVapiCallRecord:
     created_iso: str = attrs.Factory(lambda: _now_iso())
     started_iso: str | None = None
     ended_iso: str | None = None
+    #: Ended by ``unconnected_timeout_s`` before any socket connected.
+    ended_unconnected: bool = False
     #: The concurrency limit blocked the call (``subscriptionLimits.concurrencyBlocked``).
     concurrency_blocked: bool = False
     #: Destinations the assistant transferred to (``status-update`` forwarding sent).
@@ -490,8 +499,8 @@ class SimVapiCallRecord:
     async def wait_ended(self) -> None:
         """Wait until the call has ended and its socket is closed.
 
-        A call whose socket never connects never ends (except by ``reject_socket`` and
-        ``concurrency_blocked``).
+        A call whose socket never connects never ends (except by ``reject_socket``,
+        ``concurrency_blocked`` and ``unconnected_timeout_s``).
         """
         await self._ended.wait()
 
@@ -739,6 +748,11 @@ class SimVapi:
             record._webhook_queue = queue_in
             assert self._server_nursery is not None
             self._server_nursery.start_soon(self._deliver_webhooks, record, queue_out)
+        if behaviour.unconnected_timeout_s is not None:
+            assert self._server_nursery is not None
+            self._server_nursery.start_soon(
+                self._end_unconnected, record, behaviour.unconnected_timeout_s
+            )
         attempt.call_id = call_id
         resource = self._call_resource(record, authority)
         if say_blocked:
@@ -751,6 +765,13 @@ class SimVapi:
             # Created, and ended at once: the socket, if connected, only says so.
             record._mark_ended(ENDED_CONCURRENCY_LIMIT)
         return _json_response(201, resource)
+
+    async def _end_unconnected(self, record: SimVapiCallRecord, timeout_s: float) -> None:
+        """End ``record`` if its socket has not connected ``timeout_s`` after its create."""
+        await trio.sleep(timeout_s)
+        if record.connected_at is None:
+            record.ended_unconnected = True
+            record._mark_ended(record.behaviour.unconnected_ended_reason)
 
     async def _deliver_webhooks(
         self, record: SimVapiCallRecord, queue: trio.MemoryReceiveChannel[JsonObject]
@@ -834,6 +855,9 @@ class SimVapi:
             return
         if record.connected_at is not None:
             await ws.reject(409, _json_body(_error_body(409, "Transport already connected.")))
+            return
+        if record.ended_unconnected:
+            await ws.reject(400, _json_body(_error_body(400, "Call has ended.")))
             return
         if record.behaviour.reject_socket is not None:
             record.faults_injected.append((trio.current_time(), "reject_socket"))
