@@ -434,3 +434,24 @@ async def test_vapi_ends_the_call_at_the_max_duration_the_bridge_asked_for() -> 
     assert 10 <= vapi_call.ended_at - vapi_call.connected_at < 11  # type: ignore[operator]
     assert (report.final_action, report.ended_by) == ("say", "server")
     assert "time limit for this call" in report.final_say.lower()
+
+
+async def test_vapi_ends_a_quiet_call_at_the_silence_timeout_the_bridge_asked_for() -> None:
+    """The bridge sends ``silenceTimeoutSeconds`` (10 s, the least it allows); after the
+    greeting nobody speaks, and Vapi ends the call 10 s after it with
+    ``silence-timed-out``: a normal end, so the caller is hung up, not given the fallback
+    (and the bridge's own silence deadline, 25 s, does not fire first)."""
+    with trio.fail_after(30):
+        async with running_bridge(behaviour=LISTENER, vapi={"silence_timeout_s": 10}) as bridge:
+            report = await place_call(bridge.caller, (Silence(20),))
+            [vapi_call] = bridge.vapi.calls.values()
+    record = bridge.record(report.call_sid)
+    assert vapi_call.overrides["silenceTimeoutSeconds"] == 10
+    assert record.outcome is Outcome.ASSISTANT_ENDED, record.detail
+    assert record.ended_reason == vapi_call.ended_reason == "silence-timed-out"
+    [greeting] = vapi_call.turns
+    assert greeting.completed and greeting.finished_at is not None
+    assert 10 <= vapi_call.ended_at - greeting.finished_at < 11  # type: ignore[operator]
+    assert (report.final_action, report.ended_by) == ("hangup", "server")
+    [heard] = report.turns
+    assert heard.heard_ms >= clip_ms(LISTENER.greeting_clip) - 300

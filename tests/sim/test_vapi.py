@@ -594,6 +594,27 @@ async def test_vapi_ends_with_any_reason_and_close(
     assert (record.ended_reason, record.close_code) == (reason, code)
 
 
+async def test_vapi_ends_a_call_nobody_speaks_in_at_its_silence_timeout(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    """``silenceTimeoutSeconds`` counts from the end of the last speech: a greeting longer
+    than the timeout plays whole, then the quiet call ends with ``silence-timed-out``."""
+    sim.behaviour = QUICK
+    body = create_body()
+    body["assistantOverrides"]["silenceTimeoutSeconds"] = 0.6
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http, body)) as ws:
+            ended = await listen_until(ws, heard, "status-update", status="ended")
+            ended_at = trio.current_time()
+    started_at, _ = heard.first("speech-update", role="assistant", status="started")
+    stopped_at, _ = heard.first("speech-update", role="assistant", status="stopped")
+    assert stopped_at - started_at > 0.6 * 2, "the greeting outlasts the timeout"
+    assert b"".join(chunk for _, chunk in heard.audio) == load_clip("caller_1")
+    assert ended["endedReason"] == "silence-timed-out"
+    assert 0.55 <= ended_at - stopped_at < 0.9
+
+
 async def test_vapi_may_close_without_saying_it_ended(
     sim: SimVapi, http: httpx.AsyncClient
 ) -> None:
@@ -679,7 +700,7 @@ async def test_create_takes_every_field_the_sdk_sends(
     monitor = response.json()["monitor"]
     call_id = response.json()["id"]
     assert monitor["controlUrl"] == sim.control_url(call_id)
-    assert monitor["listenUrl"].endswith(f"/{call_id}/listen")
+    assert "listenUrl" not in monitor, "Vapi gives it only with monitorPlan.listenEnabled"
 
 
 # --- say, add-message, control ------------------------------------------------------------
