@@ -278,14 +278,15 @@ def test_status_and_report_webhooks_reach_the_bridge(ran: dict[str, Ran], name: 
 # --- Vapi's concurrency limit -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("answer", ["400", "blocked", "ended"])
+@pytest.mark.parametrize("answer", ["400", "blocked", "ended", "batch"])
 async def test_a_call_over_vapis_concurrency_limit_hears_the_overflow_message(
     answer: str,
 ) -> None:
     """One call in progress, the account's limit 1: Vapi refuses the second call, with a
     400, or with a 201 whose call is ended at once, saying so in ``subscriptionLimits``
-    or only on its socket (``status-update`` ended). That caller can call back: the
-    overflow message, counted as its own outcome. The first call goes on."""
+    or only on its socket (``status-update`` ended), or with a 201 in the batch answer's
+    form (no call, ``subscriptionLimits`` only). That caller can call back: the overflow
+    message, counted as its own outcome. The first call goes on."""
     first_sid, second_sid = "CA" + "1" * 32, "CA" + "2" * 32
     with trio.fail_after(30):
         async with running_bridge(behaviour=GREETER) as bridge:
@@ -314,8 +315,8 @@ async def test_a_call_over_vapis_concurrency_limit_hears_the_overflow_message(
         samples, "voicebridge_calls_total", outcome="assistant-over-limit", route="default"
     ) == 1
     [refused] = [a for a in bridge.vapi.create_attempts if a.order == 1]
-    if answer == "400":
-        assert (refused.status, refused.call_id) == (400, None)
+    if answer in ("400", "batch"):
+        assert (refused.status, refused.call_id) == (400 if answer == "400" else 201, None)
     else:
         assert refused.status == 201 and refused.call_id is not None
         blocked = bridge.vapi.calls[refused.call_id]

@@ -690,6 +690,29 @@ async def test_a_call_blocked_by_the_concurrency_limit(
     assert heard.audio == []
 
 
+async def test_the_batch_form_of_a_refusal_over_the_concurrency_limit(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    """``over_limit_answer = "batch"``: a 201 exactly as the SDK's ``CallBatchResponse``
+    (the only answer it declares ``subscriptionLimits`` on), with no call created."""
+    from tests.contract.sdk import CallBatchResponse
+    from tests.contract.strict import mismatches
+
+    sim.max_concurrent_calls = 0
+    sim.over_limit_answer = "batch"
+    with trio.fail_after(GUARD_S):
+        response = await post_call(sim, http)
+    assert response.status_code == 201
+    answer = response.json()
+    assert mismatches(answer, CallBatchResponse) == []
+    assert "id" not in answer and answer["results"] == []
+    assert answer["subscriptionLimits"]["concurrencyBlocked"] is True
+    assert [error["error"] for error in answer["errors"]] == ["Over Concurrency Limit."]
+    assert sim.calls == {}
+    [attempt] = sim.create_attempts
+    assert (attempt.status, attempt.call_id) == (201, None)
+
+
 async def test_create_takes_every_field_the_sdk_sends(
     sim: SimVapi, http: httpx.AsyncClient
 ) -> None:

@@ -13,7 +13,7 @@ Public API::
     sim.api_key       # the bearer key POST /call and the upgrade must carry
     sim.behaviour     # settable: the SimVapiBehaviour of calls created from now on
     sim.behaviour_for # settable: (create_order, twilio_call_sid | None) -> SimVapiBehaviour
-    sim.max_concurrent_calls, sim.over_limit_answer  # the account's limit: "400" or "blocked"
+    sim.max_concurrent_calls, sim.over_limit_answer  # the limit: "400", "blocked", "ended", "batch"
     sim.calls         # Mapping[call id, SimVapiCallRecord], in creation order
     sim.create_attempts  # Sequence[CreateAttempt]: every authorised POST /call, refused ones too
     sim.control_url(call_id)  # the call's monitor.controlUrl (Live Call Control)
@@ -37,7 +37,8 @@ SDK's ``calls.create`` is taken) and answers 201 with
 ``monitor.controlUrl`` (where ``POST`` takes the socket's
 ``say`` / ``add-message`` / ``control`` / ``transfer`` / ``end-call``). Over the
 account's concurrency limit it answers a 400, or a 201 with
-``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once.
+``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once (or, in the
+batch answer's form, for no call at all).
 ``create_order`` counts authorised ``POST /call`` requests from 0; the CallSid is read
 from ``assistantOverrides.metadata.twilioCallSid`` (or ``variableValues.twilioCallSid``).
 
@@ -587,9 +588,11 @@ class SimVapi:
         #: "Over Concurrency Limit.", or a 201 whose call is ended at once
         #: (``call.start.error-subscription-concurrency-limit-reached``; its socket only
         #: says so), with ``subscriptionLimits.concurrencyBlocked`` (``blocked``) or
-        #: without (``ended``: the schema's single-call answer has no subscriptionLimits).
+        #: without (``ended``: the schema's single-call answer has no subscriptionLimits);
+        #: or ``batch``: a 201 in the batch answer's form, the only one the SDK declares
+        #: ``subscriptionLimits`` on (no call: ``results`` empty, the refusal in ``errors``).
         self.max_concurrent_calls = max_concurrent_calls
-        self.over_limit_answer: Literal["400", "blocked", "ended"] = "400"
+        self.over_limit_answer: Literal["400", "blocked", "ended", "batch"] = "400"
         self._sessions: dict[str, _CallSession] = {}
         self._server_nursery: trio.Nursery | None = None
         self._calls: dict[str, SimVapiCallRecord] = {}
@@ -724,6 +727,8 @@ class SimVapi:
         if self.max_concurrent_calls is not None and active >= self.max_concurrent_calls:
             if self.over_limit_answer == "400":
                 return _error(400, OVER_CONCURRENCY_MESSAGE)
+            if self.over_limit_answer == "batch":
+                return _json_response(201, self._batch_refusal(attempt.body))
             blocked, say_blocked = True, self.over_limit_answer == "blocked"
         call_id = str(uuid.uuid4())
         record = SimVapiCallRecord(
@@ -748,15 +753,32 @@ class SimVapi:
         attempt.call_id = call_id
         resource = self._call_resource(record, authority)
         if say_blocked:
-            resource["subscriptionLimits"] = {
-                "concurrencyBlocked": True,
-                "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
-                "remainingConcurrentCalls": 0,
-            }
+            resource["subscriptionLimits"] = self._blocked_limits()
         if blocked:
             # Created, and ended at once: the socket, if connected, only says so.
             record._mark_ended(ENDED_CONCURRENCY_LIMIT)
         return _json_response(201, resource)
+
+    def _blocked_limits(self) -> JsonObject:
+        return {
+            "concurrencyBlocked": True,
+            "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
+            "remainingConcurrentCalls": 0,
+        }
+
+    def _batch_refusal(self, body: JsonObject) -> JsonObject:
+        """``CallBatchResponse`` refusing the one call asked for: no call is created."""
+        customer = body.get("customer")
+        return {
+            "results": [],
+            "errors": [
+                {
+                    "customer": customer if isinstance(customer, dict) else {},
+                    "error": OVER_CONCURRENCY_MESSAGE,
+                }
+            ],
+            "subscriptionLimits": self._blocked_limits(),
+        }
 
     async def _deliver_webhooks(
         self, record: SimVapiCallRecord, queue: trio.MemoryReceiveChannel[JsonObject]
