@@ -350,10 +350,11 @@ class Playout:
         Every chunk sent before it is confirmed too, those presumed heard included. An
         echo naming no mark sent is counted in ``stats.unknown_marks`` and ignored.
         """
+        now = self._clock()
         if (ms := self._cleared_marks.pop(name, None)) is not None:
             self.stats.discarded_ms += ms
+            self._echo_came(now)  # Twilio echoes again: the clock is not alone any more
             return
-        now = self._clock()
         if name in self._presumed:
             self._confirm_presumed(until=name)
         elif any(chunk.mark == name for chunk in self._outstanding):
