@@ -92,7 +92,8 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         options = LoadTestOptions(calls=calls, duration_s=args.duration,
                                   bridge_cpu=args.bridge_cpu, seed=args.seed,
                                   churn_per_s=churn, churn_call_s=args.churn_call_s,
-                                  shed_loop_lag_ms=args.shed_loop_lag_ms)
+                                  shed_loop_lag_ms=args.shed_loop_lag_ms,
+                                  edge_barge_in=args.edge_barge_in)
         print(f"--- {calls} calls + {churn:g} new a second: voicebridge", flush=True)
         bridge = trio.run(run_loadtest, options)
         print(bridge.table(), flush=True)
@@ -358,6 +359,8 @@ def main() -> int:
                         metavar="MIN,MAX", help="how long each churn call lasts (10,40)")
     parser.add_argument("--shed-loop-lag-ms", type=int, default=None,
                         help="the bridge's server.shed_loop_lag_ms (default: the product's)")
+    parser.add_argument("--edge-barge-in", action="store_true",
+                        help="the bridge runs [bridge] edge_barge_in (the detector's CPU)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "performance.md")
     parser.add_argument("--rows", type=Path, help="also write the rows (and machine) as JSON")
     parser.add_argument("--from-rows", type=Path,

@@ -9,6 +9,7 @@ performance target: this machine is shared, and a timed assertion would be flaky
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ from voicebridge.loadtest import tls
 from voicebridge.loadtest.cpu import split_cpu
 from voicebridge.loadtest.generator import (
     MARKER_BYTES,
+    MARKER_LEAD,
+    MARKER_LIMIT,
     BridgeTarget,
     CallSpan,
     Traffic,
@@ -126,6 +129,22 @@ def test_without_the_latency_model_the_callers_figures_are_loopbacks(
     # Speech to silence is then the bridge's interrupted → clear, nothing added.
     assert report["speech_to_silence_ms"] == report["barge_in_ms"]
     assert 0 < report["time_to_first_word_ms"]["p50"] < LatencyModel().vapi_create_ms
+
+
+def test_with_barge_in_at_the_edge_the_generators_calls_are_never_held(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The bridge's detector hears every caller frame while the assistant speaks; the
+    # generator's frames are silence to it, so no turn is held (a held turn would wait
+    # for the 800 ms confirm window, and its audio reach the caller that much later).
+    code = main(["loadtest", "--calls", "3", "--duration", "3", "--ramp", "0.5",
+                 "--barge-in-share", "0", "--no-latency", "--edge-barge-in", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    assert report["failed_calls"] == 0 and report["dropped_frames"] == 0
+    assert report["frames"]["agent_to_caller"]["measured"] > 0
+    assert report["added_latency_ms"]["agent_to_caller"]["max"] < 400
+    assert report["barge_ins"] == 0
 
 
 def test_a_misnamed_latency_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -450,19 +469,39 @@ async def test_over_tls_frames_the_kernel_cannot_take_at_once_follow_in_order(
 
 
 def test_markers_survive_any_sequence_number() -> None:
-    for seq in (0, 1, 199, 200, 39_999, 40_000, 7_999_999):
+    for seq in (0, 1, 255, 256, 65_535, 65_536, 7_999_999, MARKER_LIMIT - 1):
         data = b"\xff" * 7 + marker(seq) + b"\xff" * 3
         assert len(marker(seq)) == MARKER_BYTES
-        assert data.find(b"\x00\x00") == 7
+        assert data.find(MARKER_LEAD) == 7
         assert read_marker(data, 7) == seq
 
 
 def test_a_marker_cut_short_before_the_next_one_is_no_marker() -> None:
-    # A clear cut the audio after the first digit; the next turn starts right behind.
-    data = marker(12)[:3] + marker(13) + b"\xff" * 3
-    assert read_marker(data, 0) == -1
-    assert read_marker(data, 3) == 13
-    assert read_marker(b"\x00\x00\xff\xff\xff", 0) == -1  # silence after two zeros
+    # A clear cut the audio anywhere in a marker; the next turn starts right behind,
+    # or silence follows: never a wrong number, and the next marker is found.
+    seqs = (0, 1, 0x5A5A5A, 0xA5A5A5, MARKER_LIMIT - 1)
+    for first, second in itertools.product(seqs, seqs):
+        for cut in range(1, MARKER_BYTES):
+            data = b"\xff" * 3 + marker(first)[:cut] + marker(second) + b"\xff" * 3
+            found = []
+            position = data.find(MARKER_LEAD)
+            while position >= 0:
+                found.append(read_marker(data, position))
+                position = data.find(MARKER_LEAD, position + 1)
+            assert [seq for seq in found if seq >= 0] == [second], (first, second, cut)
+            silence_after = marker(first)[:cut] + b"\xff" * MARKER_BYTES
+            assert read_marker(silence_after, 0) in (-1, first), (first, cut)
+
+
+def test_the_generators_frames_are_silence_to_the_edge_detector() -> None:
+    """Caller frames (a marker, then silence) must not hold the bridge's playout when
+    it runs barge-in at the edge: its detector hears no speech in them at all."""
+    from voicebridge.bridge.voice_activity import SpeechOnset
+
+    for aggressiveness in range(4):
+        onset = SpeechOnset(aggressiveness=aggressiveness, onset_frames=1)
+        frames = [marker(seq) + b"\xff" * (160 - MARKER_BYTES) for seq in range(3000)]
+        assert not any(onset.feed(frame) for frame in frames), aggressiveness
 
 
 def test_percentiles_are_nearest_rank() -> None:

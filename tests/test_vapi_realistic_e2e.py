@@ -278,14 +278,15 @@ def test_status_and_report_webhooks_reach_the_bridge(ran: dict[str, Ran], name: 
 # --- Vapi's concurrency limit -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("answer", ["400", "blocked", "ended"])
+@pytest.mark.parametrize("answer", ["400", "blocked", "ended", "batch"])
 async def test_a_call_over_vapis_concurrency_limit_hears_the_overflow_message(
     answer: str,
 ) -> None:
     """One call in progress, the account's limit 1: Vapi refuses the second call, with a
     400, or with a 201 whose call is ended at once, saying so in ``subscriptionLimits``
-    or only on its socket (``status-update`` ended). That caller can call back: the
-    overflow message, counted as its own outcome. The first call goes on."""
+    or only on its socket (``status-update`` ended), or with a 201 in the batch answer's
+    form (no call, ``subscriptionLimits`` only). That caller can call back: the overflow
+    message, counted as its own outcome. The first call goes on."""
     first_sid, second_sid = "CA" + "1" * 32, "CA" + "2" * 32
     with trio.fail_after(30):
         async with running_bridge(behaviour=GREETER) as bridge:
@@ -314,8 +315,8 @@ async def test_a_call_over_vapis_concurrency_limit_hears_the_overflow_message(
         samples, "voicebridge_calls_total", outcome="assistant-over-limit", route="default"
     ) == 1
     [refused] = [a for a in bridge.vapi.create_attempts if a.order == 1]
-    if answer == "400":
-        assert (refused.status, refused.call_id) == (400, None)
+    if answer in ("400", "batch"):
+        assert (refused.status, refused.call_id) == (400 if answer == "400" else 201, None)
     else:
         assert refused.status == 201 and refused.call_id is not None
         blocked = bridge.vapi.calls[refused.call_id]
@@ -434,3 +435,24 @@ async def test_vapi_ends_the_call_at_the_max_duration_the_bridge_asked_for() -> 
     assert 10 <= vapi_call.ended_at - vapi_call.connected_at < 11  # type: ignore[operator]
     assert (report.final_action, report.ended_by) == ("say", "server")
     assert "time limit for this call" in report.final_say.lower()
+
+
+async def test_vapi_ends_a_quiet_call_at_the_silence_timeout_the_bridge_asked_for() -> None:
+    """The bridge sends ``silenceTimeoutSeconds`` (10 s, the least it allows); after the
+    greeting nobody speaks, and Vapi ends the call 10 s after it with
+    ``silence-timed-out``: a normal end, so the caller is hung up, not given the fallback
+    (and the bridge's own silence deadline, 25 s, does not fire first)."""
+    with trio.fail_after(30):
+        async with running_bridge(behaviour=LISTENER, vapi={"silence_timeout_s": 10}) as bridge:
+            report = await place_call(bridge.caller, (Silence(20),))
+            [vapi_call] = bridge.vapi.calls.values()
+    record = bridge.record(report.call_sid)
+    assert vapi_call.overrides["silenceTimeoutSeconds"] == 10
+    assert record.outcome is Outcome.ASSISTANT_ENDED, record.detail
+    assert record.ended_reason == vapi_call.ended_reason == "silence-timed-out"
+    [greeting] = vapi_call.turns
+    assert greeting.completed and greeting.finished_at is not None
+    assert 10 <= vapi_call.ended_at - greeting.finished_at < 11  # type: ignore[operator]
+    assert (report.final_action, report.ended_by) == ("hangup", "server")
+    [heard] = report.turns
+    assert heard.heard_ms >= clip_ms(LISTENER.greeting_clip) - 300

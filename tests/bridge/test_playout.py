@@ -6,7 +6,8 @@ jittered, some chunks in bursts) and Twilio modelled by ``FakeTwilio`` (playback
 real time, mark echoes when played). The caller's stream must carry each turn's
 audio byte for byte; silence may follow a turn's last partial frame and nowhere
 else. Marks: echoes that stop, and echoes naming no mark sent, must not stall or
-overfill Twilio's buffer.
+overfill Twilio's buffer; echoes that stop for good must not leave the caller in
+dead air.
 """
 
 from __future__ import annotations
@@ -180,13 +181,17 @@ async def test_while_echoes_are_missing_the_clock_keeps_the_turn_playing(
     assert record.presumed_heard_ms == 0  # every presumption was confirmed later
 
 
-async def test_when_echoes_stop_for_good_at_most_a_lead_more_is_presumed(
+async def test_when_echoes_stop_for_good_the_turn_plays_on_by_the_clock(
     autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # A Twilio that never echoes (or stopped reading) is sent the lead, then one more
-    # lead by the clock as each chunk's echo becomes overdue, and nothing after that.
+    # A Twilio that never echoes, though its media keeps coming: the lead, then one more
+    # lead by the clock as each chunk's echo becomes overdue; then, once no echo came
+    # for MARKS_MISSING_S (1 s), the turn plays on to its end at real time, never more
+    # than the lead (300 ms) ahead of the clock's estimate of the caller's ear.
     audio = turn_audio(0, 5000, 0)
     seen: dict[str, float] = {}
+    ahead: list[tuple[float, float]] = []
 
     async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
         twilio.echoes = False
@@ -194,19 +199,73 @@ async def test_when_echoes_stop_for_good_at_most_a_lead_more_is_presumed(
         vapi = await start_vapi(connector, nursery)
         await vapi.send_json(STARTED | {"turn": 0})
         await vapi.socket.send(audio)
-        seen["t0"] = trio.current_time()
-        await trio.sleep(3.0)
+        t0 = seen["t0"] = trio.current_time()
+        while trio.current_time() < t0 + 6.0:
+            await trio.sleep(0.01)
+            ahead.append((trio.current_time() - t0, twilio.play_until - trio.current_time()))
         await twilio.socket.send(stop_frame(twilio.next_seq()))
 
     record, twilio, _ = await run_call(scenario)
-    assert media_bytes(twilio) == audio[: 600 * 8]
-    # The first lead at once; then one 100 ms chunk each time one is presumed heard,
-    # 150 ms (MARK_GRACE_S) after the clock says it ended.
-    assert [r.at - seen["t0"] for r in twilio.events("media")] == pytest.approx(
-        [0.0, 0.0, 0.0, 0.25, 0.35, 0.45]
+    assert media_bytes(twilio) == audio, "the whole turn reached the caller"
+    # The first lead at once; one 100 ms chunk each time one is presumed heard, 150 ms
+    # (MARK_GRACE_S) after the clock says it ended, up to a lead past the last echo
+    # (none: the first send). At 1 s the echoes count as missing: the clock, which says
+    # Twilio ran dry at 0.6 s, lets a lead out at once, then one chunk per 100 ms.
+    sent_at = [r.at - seen["t0"] for r in twilio.events("media")]
+    assert sent_at == pytest.approx(
+        [0.0, 0.0, 0.0, 0.25, 0.35, 0.45, 1.0, 1.0, 1.0]
+        + [1.25 + 0.1 * n for n in range(41)]
     )
+    # Never faster than real time plus the lead, and from 1 s to the turn's end no gap.
+    assert max(late for _, late in ahead) <= 0.3 + 1e-9
+    assert all(late > 0 for at, late in ahead if 1.0 < at < 5.3)
     assert record.heard_ms == 0
-    assert record.presumed_heard_ms == 300
+    assert record.presumed_heard_ms == 5000
+    [warning] = [r for r in caplog.records if "no mark echo" in r.getMessage()]
+    assert warning.levelname == "WARNING"
+
+
+async def test_one_echo_ends_the_clock_alone_and_a_late_one_is_no_stranger(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Echoes stop for 2 s, then come back: playout went on by the clock, and the echoes
+    # that come back pace it again (never more than the lead ahead). Late echoes of
+    # chunks the clock forgot are ours, not counted as unknown.
+    audio = turn_audio(0, 5000, 0)
+    echoed_late: list[dict[str, object]] = []
+
+    async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
+        nursery.start_soon(twilio.stream_media)
+        vapi = await start_vapi(connector, nursery)
+        await vapi.send_json(STARTED | {"turn": 0})
+        await vapi.socket.send(audio)
+        t0 = trio.current_time()
+        while trio.current_time() < t0 + 4.8:
+            twilio.echoes = not t0 + 1.0 <= trio.current_time() < t0 + 3.0
+            await trio.sleep(0.01)
+            assert twilio.play_until - trio.current_time() <= 0.3 + 1e-9
+            if t0 + 3.2 <= trio.current_time() < t0 + 3.21:
+                # Late echoes of marks sent at the start of the hole.
+                for sent in twilio.events("mark"):
+                    if t0 + 1.0 <= sent.at < t0 + 1.3:
+                        late = {
+                            "event": "mark",
+                            "sequenceNumber": str(twilio.next_seq()),
+                            "streamSid": STREAM_SID,
+                            "mark": {"name": sent.message["mark"]["name"]},
+                        }
+                        await twilio.socket.send(json.dumps(late))
+                        echoed_late.append(late)
+        await trio.sleep(1.0)
+        await twilio.socket.send(stop_frame(twilio.next_seq()))
+
+    record, twilio, _ = await run_call(scenario)
+    assert media_bytes(twilio) == audio
+    assert echoed_late and record.unknown_marks == 0
+    assert record.heard_ms + record.presumed_heard_ms == 5000
+    assert 0 < record.presumed_heard_ms < 5000
+    assert len([r for r in caplog.records if "no mark echo" in r.getMessage()]) == 1
 
 
 async def test_with_echoes_nothing_is_presumed_and_the_marks_pace_playout(

@@ -30,6 +30,7 @@ from vapi.calls.raw_client import RawCallsClient  # noqa: E402
 from vapi.core.unchecked_base_model import UnionMetadata  # noqa: E402
 from vapi.types.assistant_overrides import AssistantOverrides  # noqa: E402
 from vapi.types.call import Call  # noqa: E402
+from vapi.types.call_batch_response import CallBatchResponse  # noqa: E402
 from vapi.types.call_transport import CallTransport_VapiWebsocket  # noqa: E402
 from vapi.types.client_inbound_message_message import ClientInboundMessageMessage  # noqa: E402
 from vapi.types.client_message_message import ClientMessageMessage  # noqa: E402
@@ -47,6 +48,7 @@ from vapi.types.subscription_limits import SubscriptionLimits  # noqa: E402
 __all__ = [
     "AssistantOverrides",
     "Call",
+    "CallBatchResponse",
     "CallTransport_VapiWebsocket",
     "ClientInboundMessageMessage",
     "ClientMessageMessage",

@@ -284,9 +284,9 @@ async def test_a_stream_token_replayed_on_a_second_socket(
 
 async def test_a_client_that_stops_reading(caplog: pytest.LogCaptureFixture) -> None:
     # Twilio's side stops reading the socket (its buffers fill; TCP pushes back): one
-    # for 2 s, one for good. The bridge never has more than twice its playout lead in
-    # flight to a peer that does not confirm playing it (mark echoes), so nothing piles up
-    # and no write blocks; each call ends when its caller hangs up, 2.3 s in.
+    # for 2 s, one for good. The bridge never sends faster than real time plus its
+    # playout lead to a peer that does not confirm playing it (mark echoes), so nothing
+    # piles up and no write blocks; each call ends when its caller hangs up, 2.3 s in.
     paused, deaf = fault_sid("5ea"), fault_sid("dea")
     run, bridge = await run_twilio_fault(
         {Outcome.CALLER_HUNG_UP: WITNESSES + 2},
@@ -304,10 +304,11 @@ async def test_a_client_that_stops_reading(caplog: pytest.LogCaptureFixture) -> 
         assert record.frames_dropped == 0
         assert_journal_matches(caplog, record, level=logging.INFO)
     assert bridge.record(deaf).heard_ms == 0, "no mark ever came back"
-    # What the paused caller got: the lead, and one more presumed heard by the clock
-    # (echoes overdue), while it did not read, then real time (300 ms) once it read
-    # again and confirmed playing; never the whole greeting.
+    # What the paused caller got: the lead, one more presumed heard by the clock (echoes
+    # overdue), then, its echoes missing for good (it still sends media), audio at real
+    # time by the clock alone; never faster than real time plus the lead over the call's
+    # 2.3 s, and never the whole greeting.
     received = run.faults[paused].audio_received_bytes
-    assert 0 < received <= (2 * lead_ms + 300 + 100) * BYTES_PER_MS  # + one chunk in flight
+    assert 0 < received <= (2300 + lead_ms + 100) * BYTES_PER_MS  # + one chunk in flight
     assert bridge.listening.registry.active_count == 0
     assert_witnesses_untouched(run, bridge)

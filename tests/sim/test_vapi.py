@@ -594,6 +594,27 @@ async def test_vapi_ends_with_any_reason_and_close(
     assert (record.ended_reason, record.close_code) == (reason, code)
 
 
+async def test_vapi_ends_a_call_nobody_speaks_in_at_its_silence_timeout(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    """``silenceTimeoutSeconds`` counts from the end of the last speech: a greeting longer
+    than the timeout plays whole, then the quiet call ends with ``silence-timed-out``."""
+    sim.behaviour = QUICK
+    body = create_body()
+    body["assistantOverrides"]["silenceTimeoutSeconds"] = 0.6
+    heard = Heard()
+    with trio.fail_after(GUARD_S):
+        async with transport(sim, await create(sim, http, body)) as ws:
+            ended = await listen_until(ws, heard, "status-update", status="ended")
+            ended_at = trio.current_time()
+    started_at, _ = heard.first("speech-update", role="assistant", status="started")
+    stopped_at, _ = heard.first("speech-update", role="assistant", status="stopped")
+    assert stopped_at - started_at > 0.6 * 2, "the greeting outlasts the timeout"
+    assert b"".join(chunk for _, chunk in heard.audio) == load_clip("caller_1")
+    assert ended["endedReason"] == "silence-timed-out"
+    assert 0.55 <= ended_at - stopped_at < 0.9
+
+
 async def test_vapi_may_close_without_saying_it_ended(
     sim: SimVapi, http: httpx.AsyncClient
 ) -> None:
@@ -669,6 +690,29 @@ async def test_a_call_blocked_by_the_concurrency_limit(
     assert heard.audio == []
 
 
+async def test_the_batch_form_of_a_refusal_over_the_concurrency_limit(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    """``over_limit_answer = "batch"``: a 201 exactly as the SDK's ``CallBatchResponse``
+    (the only answer it declares ``subscriptionLimits`` on), with no call created."""
+    from tests.contract.sdk import CallBatchResponse
+    from tests.contract.strict import mismatches
+
+    sim.max_concurrent_calls = 0
+    sim.over_limit_answer = "batch"
+    with trio.fail_after(GUARD_S):
+        response = await post_call(sim, http)
+    assert response.status_code == 201
+    answer = response.json()
+    assert mismatches(answer, CallBatchResponse) == []
+    assert "id" not in answer and answer["results"] == []
+    assert answer["subscriptionLimits"]["concurrencyBlocked"] is True
+    assert [error["error"] for error in answer["errors"]] == ["Over Concurrency Limit."]
+    assert sim.calls == {}
+    [attempt] = sim.create_attempts
+    assert (attempt.status, attempt.call_id) == (201, None)
+
+
 async def test_create_takes_every_field_the_sdk_sends(
     sim: SimVapi, http: httpx.AsyncClient
 ) -> None:
@@ -679,7 +723,7 @@ async def test_create_takes_every_field_the_sdk_sends(
     monitor = response.json()["monitor"]
     call_id = response.json()["id"]
     assert monitor["controlUrl"] == sim.control_url(call_id)
-    assert monitor["listenUrl"].endswith(f"/{call_id}/listen")
+    assert "listenUrl" not in monitor, "Vapi gives it only with monitorPlan.listenEnabled"
 
 
 # --- say, add-message, control ------------------------------------------------------------

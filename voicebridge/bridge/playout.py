@@ -16,11 +16,21 @@ hears silence anyway: Twilio ran dry and no audio came for ``STRAGGLER_S``.
 Marks are confirmations, not the only clock. When an echo is overdue (a chunk should
 have finished playing ``MARK_GRACE_S`` ago by the clock), the chunk is presumed heard
 and playout goes on at real time, so a pause in the echoes is no pause for the caller.
-The estimate is bounded: at most ``lead_ms`` of audio is ever presumed heard beyond
-what the echoes confirmed, so a Twilio that stopped reading (or echoing) holds at most
-twice the lead, never a turn's worth. A later echo confirms the presumed chunks before
-it. An echo naming no mark sent is ignored and counted (``PlayoutStats.unknown_marks``),
-never taken as "everything played".
+Through a pause the estimate is bounded: at most ``lead_ms`` of audio is presumed heard
+beyond what the echoes confirmed, so Twilio holds at most twice the lead. A later echo
+confirms the presumed chunks before it. An echo naming no mark sent is ignored and
+counted (``PlayoutStats.unknown_marks``), never taken as "everything played".
+
+Echoes that stop for good (none for ``MARKS_MISSING_S`` while audio was owed one) are
+not a dead Twilio: the call is still up, and a Twilio that stopped sending the caller's
+media (it sends it continuously, silence included) would have ended the call by the
+media inactivity rule. So the caller is not left in dead air: playout goes on by the
+clock alone, each chunk presumed heard as the clock says it played, still never more
+than ``lead_ms`` ahead of that estimate, i.e. never faster than real time plus the
+lead. The oldest presumed chunks are then forgotten (still counted in
+``presumed_heard_ms``, the metric of audio no echo confirmed); a late echo of one is
+ignored, not counted as unknown. Each such stretch counts in ``stats.marks_missing``
+and logs one warning (``EVENT=marks-missing``, rate-limited); any echo ends it.
 
 Each stretch of playout between barge-ins is a *turn* running in its own cancel
 scope. ``barge_in()`` cancels that scope, drops every queued byte and sends
@@ -61,6 +71,7 @@ from attrs import define, field
 
 from voicebridge.bridge.outcome import BargeIn
 from voicebridge.errors import SocketClosed
+from voicebridge.observability.logs import log_event
 from voicebridge.sockets import MessageSocket
 from voicebridge.twilio.media import MediaStream
 
@@ -87,6 +98,12 @@ STRAGGLER_S = 0.060
 #: to a hundred-odd ms); capped at half the lead so that, while echoes are missing,
 #: Twilio still holds half a lead of audio and the caller hears no underrun.
 MARK_GRACE_S = 0.150
+#: No echo for this long while one was owed (since the last echo, or the first chunk
+#: sent after everything was confirmed): the echoes stopped for good, and playout goes
+#: on by the clock alone. Past any pause of a live Twilio's echoes (its round trip is
+#: tens to a hundred-odd ms), and well inside the 5 s media inactivity rule; the caller
+#: hears at most this minus twice the lead of silence before the turn plays on.
+MARKS_MISSING_S = 1.0
 
 
 @define(slots=True)
@@ -117,6 +134,8 @@ class PlayoutStats:
     presumed_heard_ms: int = 0
     #: Mark echoes naming no mark sent on this stream (ignored).
     unknown_marks: int = 0
+    #: Stretches of playout on the clock alone: no echo for ``MARKS_MISSING_S``.
+    marks_missing: int = 0
     #: Early barge-ins (``hold()``: the caller's own speech heard at the edge), those the
     #: assistant confirmed (the turn then dropped), and those resumed unconfirmed.
     early_barge_ins: int = 0
@@ -178,6 +197,16 @@ class Playout:
         # Invariant: _presumed_ms == sum(chunk.ms for chunk in _presumed.values()) <= lead_ms.
         self._presumed: dict[str, _SentChunk] = {}
         self._presumed_ms = 0
+        # Since when an echo is owed and none came: the last echo, or the first chunk
+        # sent when nothing was outstanding or presumed.
+        self._owed_since = -math.inf
+        # Playout runs on the clock alone (marks missing): the estimate may run past
+        # the echoes without bound. Invariant: set only by _presume_overdue, cleared by
+        # any echo of ours.
+        self._clock_alone = False
+        # Marks up to this sequence number were forgotten on the clock alone: a late
+        # echo of one is ours, not unknown.
+        self._forgotten_seq = 0
         self._mark_grace_s = min(MARK_GRACE_S, lead_ms / 2000)
         self._last_fed_at = -math.inf
         # While not None, playout is held by an early barge-in until then: Twilio was
@@ -321,8 +350,10 @@ class Playout:
         Every chunk sent before it is confirmed too, those presumed heard included. An
         echo naming no mark sent is counted in ``stats.unknown_marks`` and ignored.
         """
+        now = self._clock()
         if (ms := self._cleared_marks.pop(name, None)) is not None:
             self.stats.discarded_ms += ms
+            self._echo_came(now)  # Twilio echoes again: the clock is not alone any more
             return
         if name in self._presumed:
             self._confirm_presumed(until=name)
@@ -334,12 +365,25 @@ class Playout:
                 self._count_heard(chunk)
                 if chunk.mark == name:
                     break
+        elif self._is_forgotten(name):
+            self._echo_came(now)
+            return  # heard long ago by the clock: the estimate is ahead of it
         else:
             self.stats.unknown_marks += 1
             return
+        self._echo_came(now)
         # Twilio finished the named chunk by now: what follows plays from here.
-        self._confirmed_at = max(self._confirmed_at, self._clock())
+        self._confirmed_at = max(self._confirmed_at, now)
         self._wake()
+
+    def _echo_came(self, now: float) -> None:
+        self._owed_since = now
+        self._clock_alone = False
+
+    def _is_forgotten(self, name: str) -> bool:
+        """``name`` is a mark of ours forgotten on the clock alone (``turn.seq``)."""
+        _, dot, seq = name.partition(".")
+        return bool(dot) and seq.isdecimal() and len(seq) < 12 and int(seq) <= self._forgotten_seq
 
     @property
     def buffered_ms(self) -> int:
@@ -387,6 +431,8 @@ class Playout:
         mark = f"{self._turn}.{self._mark_seq}"
         ms = len(chunk) // BYTES_PER_MS
         now = self._clock()
+        if not self._outstanding and not self._presumed:
+            self._owed_since = now  # the first echo owed since all was confirmed
         # Booked before the writes: if a write fails half way the accounting still
         # matches what Twilio may have received.
         self._outstanding.append(
@@ -439,15 +485,16 @@ class Playout:
     def _echo_overdue_at(self) -> float:
         """When the oldest outstanding chunk may be presumed heard (inf: never, for now).
 
-        Never while presuming it would take the estimate more than the lead past what
-        the echoes confirmed.
+        While presuming it would take the estimate more than the lead past what the
+        echoes confirmed, not before the echoes count as missing for good.
         """
         if not self._outstanding:
             return math.inf
         oldest = self._outstanding[0]
-        if self._presumed_ms + oldest.ms > self._lead_ms:
-            return math.inf
-        return max(self._confirmed_at, oldest.sent_at) + oldest.ms / 1000 + self._mark_grace_s
+        due = max(self._confirmed_at, oldest.sent_at) + oldest.ms / 1000 + self._mark_grace_s
+        if not self._clock_alone and self._presumed_ms + oldest.ms > self._lead_ms:
+            return max(due, self._owed_since + MARKS_MISSING_S)
+        return due
 
     def _drained_at(self) -> float:
         """When Twilio runs out of the audio sent so far, by the send times and echoes.
@@ -468,9 +515,31 @@ class Playout:
             chunk = self._outstanding.popleft()
             self._buffered_ms -= chunk.ms
             self._confirmed_at = max(self._confirmed_at, chunk.sent_at) + chunk.ms / 1000
+            if self._presumed_ms + chunk.ms > self._lead_ms:
+                self._go_on_alone(room_ms=chunk.ms)
             self._presumed[chunk.mark] = chunk
             self._presumed_ms += chunk.ms
             self.stats.presumed_heard_ms += chunk.ms
+
+    def _go_on_alone(self, *, room_ms: int) -> None:
+        """The echoes stopped for good: forget the oldest presumed chunks, so that the
+        estimate runs on at real time with bounded memory (module docstring)."""
+        if not self._clock_alone:
+            self._clock_alone = True
+            self.stats.marks_missing += 1
+            log_event(
+                log,
+                logging.WARNING,
+                "marks-missing",
+                f"call {self._stream.call_sid}: no mark echo from Twilio for "
+                f"{MARKS_MISSING_S:g} s while its media keeps coming; playing on by the clock",
+                call_sid=self._stream.call_sid,
+            )
+        while self._presumed and self._presumed_ms + room_ms > self._lead_ms:
+            mark = next(iter(self._presumed))
+            forgotten = self._presumed.pop(mark)
+            self._presumed_ms -= forgotten.ms
+            self._forgotten_seq = max(self._forgotten_seq, int(mark.partition(".")[2]))
 
     def _confirm_presumed(self, *, until: str | None) -> None:
         """An echo confirmed the presumed chunks up to ``until`` (None: all of them)."""

@@ -4,7 +4,8 @@ Started by ``loadtest.process.BridgeProcess``, which passes its settings in
 ``VOICEBRIDGE_LOADTEST_*`` variables: the listening socket's fd and port, the
 simulated assistant's URL and key, the Twilio auth token, and the CPU to pin to.
 ``VOICEBRIDGE_LOADTEST_SHED_LOOP_LAG_MS``, ``…_DRAIN_DEADLINE_S`` and ``…_MAX_CALLS``
-(``max_concurrent_calls``) override those keys of ``[server]``.
+(``max_concurrent_calls``) override those keys of ``[server]``;
+``…_EDGE_BARGE_IN=1`` turns on ``[bridge] edge_barge_in``.
 It serves the real app with the loopback configuration (warning-level logs, so that
 the figures are the bridge's and not the terminal's) and the garbage-collector tuning
 of ``voicebridge serve`` until SIGTERM, after printing ``ready``.
@@ -63,6 +64,8 @@ def main() -> int:
             config.edge, max_connections=MAX_CONNECTIONS, max_connections_per_peer=MAX_CONNECTIONS
         ),
     )
+    if env.get(f"{ENV_PREFIX}EDGE_BARGE_IN", "") == "1":  # --edge-barge-in
+        config = config.evolve(bridge=attrs.evolve(config.bridge, edge_barge_in=True))
     hook_url = env.get(f"{ENV_PREFIX}ROUTE_HOOK_URL", "")
     if hook_url:  # --route-hook: every call asks the load generator's decision hook
         config = config.evolve(

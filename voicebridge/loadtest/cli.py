@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the started bridge's server.shed_loop_lag_ms (default: the product's; "
         "0: never shed on the event loop's lag)",
     )
+    parser.add_argument(
+        "--edge-barge-in", action="store_true",
+        help="the started bridge runs [bridge] edge_barge_in (its voice-activity detector "
+        "hears every caller frame while the assistant speaks): its CPU per call",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--latency", action="append", default=[], metavar="NAME=MS",
                         help="change one figure of the latency model (repeatable), e.g. "
@@ -174,6 +179,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         churn_per_s=args.churn, churn_call_s=args.churn_call_s,
         shed_loop_lag_ms=args.shed_loop_lag_ms,
         latency=None if args.no_latency else latency,
+        edge_barge_in=args.edge_barge_in,
     )
     try:
         report = trio.run(run_loadtest, options)

@@ -82,13 +82,26 @@ CHUNK_MIN_BYTES = 160
 CHUNK_MAX_BYTES = 720
 #: The pacing tick: every due frame, chunk and mark echo goes out on the next tick.
 TICK_S = 0.002
-#: The marker at the start of each frame and chunk: two zero bytes, then three digits.
-MARKER_LEAD = b"\x00\x00"
-MARKER_BYTES = 5
-_DIGIT_BASE = 200
-_DIGIT_ZERO = 0x20
-#: One past the largest digit byte: ``read_marker`` refuses anything outside.
-_DIGIT_END = _DIGIT_ZERO + _DIGIT_BASE
+#: The marker at the start of each frame and chunk, silent: it is made of μ-law's two
+#: codes of silence alone (0xFF, 0x7F; both decode to 0), so WebRTC's detector never
+#: hears speech in the load generator's frames and the bridge's barge-in at the edge
+#: can be measured. The lead, three 0x7F, cannot occur elsewhere: the filler is 0xFF,
+#: and the sequence number follows in 24 bits, each as a pair that holds one 0x7F
+#: (1: 0x7F 0xFF; 0: 0xFF 0x7F), so no three 0x7F in a row; then a trailer of two
+#: 0xFF. A marker cut short at a clear, followed by silence or by the next marker,
+#: has a pair that is neither or no trailer where one is due, and reads as no marker.
+MARKER_LEAD = b"\x7f\x7f\x7f"
+_MARKER_TRAILER = b"\xff\xff"
+_MARKER_BIT_PAIRS = {"1": b"\x7f\xff", "0": b"\xff\x7f"}
+#: Each byte of the sequence number as its 16 marker bytes, and back.
+_MARKER_BYTE_CODES = [
+    b"".join(_MARKER_BIT_PAIRS[bit] for bit in format(value, "08b")) for value in range(256)
+]
+_MARKER_BYTE_VALUES = {code: value for value, code in enumerate(_MARKER_BYTE_CODES)}
+_MARKER_BYTE_LEN = 16
+MARKER_BYTES = len(MARKER_LEAD) + 3 * _MARKER_BYTE_LEN + len(_MARKER_TRAILER)
+#: Largest sequence number plus one.
+MARKER_LIMIT = 1 << 24
 #: μ-law silence, the filler around the markers.
 SILENCE = 0xFF
 #: Frames sent in the last moments before ``stop`` may be cut off by the hang-up
@@ -113,30 +126,37 @@ _Handler = Callable[["_Call", bytes, float], None]
 
 
 def marker(seq: int) -> bytes:
-    """The five marker bytes of sequence number ``seq`` (< 8,000,000)."""
-    return MARKER_LEAD + bytes(
-        (
-            _DIGIT_ZERO + seq // (_DIGIT_BASE * _DIGIT_BASE),
-            _DIGIT_ZERO + seq // _DIGIT_BASE % _DIGIT_BASE,
-            _DIGIT_ZERO + seq % _DIGIT_BASE,
-        )
-    )
+    """The ``MARKER_BYTES`` marker bytes of sequence number ``seq`` (< ``MARKER_LIMIT``)."""
+    codes = _MARKER_BYTE_CODES
+    number = codes[seq >> 16 & 0xFF] + codes[seq >> 8 & 0xFF] + codes[seq & 0xFF]
+    return MARKER_LEAD + number + _MARKER_TRAILER
 
 
 def read_marker(data: bytes, position: int) -> int:
-    """The sequence number of the marker at ``position`` (which holds the two zeros).
+    """The sequence number of the marker at ``position`` (which holds the lead).
 
-    -1 where the three bytes after the zeros are not digits: a marker the bridge
-    cut short at a clear, with the next turn's marker right behind it.
+    -1 where what follows the lead is not a whole sequence number: a marker the bridge
+    cut short at a clear, with silence or the next turn's marker right behind it.
     """
-    high, middle, low = data[position + 2], data[position + 3], data[position + 4]
-    if min(high, middle, low) < _DIGIT_ZERO or max(high, middle, low) >= _DIGIT_END:
+    seq = 0
+    start = position + len(MARKER_LEAD)
+    end = start + 3 * _MARKER_BYTE_LEN
+    if data[end : end + len(_MARKER_TRAILER)] != _MARKER_TRAILER:
         return -1
-    return (
-        (high - _DIGIT_ZERO) * _DIGIT_BASE * _DIGIT_BASE
-        + (middle - _DIGIT_ZERO) * _DIGIT_BASE
-        + (low - _DIGIT_ZERO)
-    )
+    for offset in range(start, end, _MARKER_BYTE_LEN):
+        value = _MARKER_BYTE_VALUES.get(data[offset : offset + _MARKER_BYTE_LEN])
+        if value is None:
+            return -1
+        seq = seq << 8 | value
+    return seq
+
+
+def _lead_begun(data: bytes) -> int:
+    """How many bytes at the end of ``data`` may begin a marker's lead."""
+    for length in range(len(MARKER_LEAD) - 1, 0, -1):
+        if data.endswith(MARKER_LEAD[:length]):
+            return length
+    return 0
 
 
 _FILL = bytes([SILENCE]) * CHUNK_MAX_BYTES
@@ -500,7 +520,7 @@ class LoadGenerator:
             call.vapi.close(1000)
 
     def _caller_audio(self, call: _Call, audio: bytes, now: float) -> None:
-        if audio[:2] != MARKER_LEAD or len(audio) < MARKER_BYTES:
+        if not audio.startswith(MARKER_LEAD) or len(audio) < MARKER_BYTES:
             return
         seq = read_marker(audio, 0)
         if not 0 <= seq < len(call.frame_sent_at):
@@ -783,8 +803,8 @@ class LoadGenerator:
             position = data.find(MARKER_LEAD, consumed)
         if position >= 0:
             call.carry = data[position:]
-        elif data[-1:] == b"\x00" and len(data) > consumed:
-            call.carry = b"\x00"
+        elif (begun := _lead_begun(data)) and len(data) - begun >= consumed:
+            call.carry = data[-begun:]
         else:
             call.carry = b""
 

@@ -127,6 +127,9 @@ class LoadTestOptions:
     shed_loop_lag_ms: int | None = None
     #: The delays of the simulated world (``sim.latency``); None: loopback's.
     latency: LatencyModel | None = None
+    #: The started bridge runs ``[bridge] edge_barge_in`` (its detector on every caller
+    #: frame while the assistant speaks; the generator's frames are silence to it).
+    edge_barge_in: bool = False
 
 
 @frozen
@@ -175,6 +178,8 @@ async def _local_bridge(
     env = dict(tls.trust_env) if tls is not None else {}
     if options.shed_loop_lag_ms is not None:
         env[f"{ENV_PREFIX}SHED_LOOP_LAG_MS"] = str(options.shed_loop_lag_ms)
+    if options.edge_barge_in:
+        env[f"{ENV_PREFIX}EDGE_BARGE_IN"] = "1"
     bridge = await BridgeProcess.start(
         assistant_url=generator.base_url,
         assistant_key=generator.api_key,

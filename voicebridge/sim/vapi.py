@@ -13,7 +13,7 @@ Public API::
     sim.api_key       # the bearer key POST /call and the upgrade must carry
     sim.behaviour     # settable: the SimVapiBehaviour of calls created from now on
     sim.behaviour_for # settable: (create_order, twilio_call_sid | None) -> SimVapiBehaviour
-    sim.max_concurrent_calls, sim.over_limit_answer  # the account's limit: "400" or "blocked"
+    sim.max_concurrent_calls, sim.over_limit_answer  # the limit: "400", "blocked", "ended", "batch"
     sim.calls         # Mapping[call id, SimVapiCallRecord], in creation order
     sim.create_attempts  # Sequence[CreateAttempt]: every authorised POST /call, refused ones too
     sim.control_url(call_id)  # the call's monitor.controlUrl (Live Call Control)
@@ -33,11 +33,12 @@ on its own (``transfers``, ``said``, ``prompted_replies``, ``muted_bytes``,
 ``POST /call`` checks ``Authorization: Bearer <api_key>`` (401), validates the body
 (400 with a Vapi-style ``{"message": [...], "error", "statusCode"}``; every field of the
 SDK's ``calls.create`` is taken) and answers 201 with
-``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport`` and ``monitor``
-(``listenUrl``, not served; ``controlUrl``, where ``POST`` takes the socket's
+``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport`` and
+``monitor.controlUrl`` (where ``POST`` takes the socket's
 ``say`` / ``add-message`` / ``control`` / ``transfer`` / ``end-call``). Over the
 account's concurrency limit it answers a 400, or a 201 with
-``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once.
+``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once (or, in the
+batch answer's form, for no call at all).
 ``create_order`` counts authorised ``POST /call`` requests from 0; the CallSid is read
 from ``assistantOverrides.metadata.twilioCallSid`` (or ``variableValues.twilioCallSid``).
 
@@ -45,13 +46,16 @@ On the transport socket (bearer key required on the upgrade too) one call runs u
 one nursery: a receiver task (caller audio → ``SpeechDetector``; JSON control
 messages), a conversation task (greeting, then one reply per caller turn, each turn
 interruptible; requests such as ``say`` wait until it is idle) and one task per
-timer (faults, ``end_after_s``, ``maxDurationSeconds``). Only message types in the
+timer (faults, ``end_after_s``, ``maxDurationSeconds``, ``silenceTimeoutSeconds``:
+nobody spoke for that long, counted from the end of the last speech of either side,
+never while one speaks). Only message types in the
 call's ``assistantOverrides.clientMessages`` (else Vapi's default set) are sent; with
 an ``assistantOverrides.server.url``, ``status-update`` and ``end-of-call-report`` are
 POSTed there in order (``sim.server_messages``). The call ends with ``status-update``
 ``ended`` and a normal close when the bridge sends ``end-call`` (``customer-ended-call``);
 Vapi ends it itself (``ended_reason``, any of Vapi's, after the goodbye or at
-``end_after_s``; ``exceeded-max-duration``; the no-audio timeout; after a ``say`` with
+``end_after_s``; ``exceeded-max-duration``; ``silence-timed-out``; the no-audio
+timeout; after a ``say`` with
 ``endCallAfterSpoken``; after a built-in transfer) with ``status-update`` ``ended``,
 the tail of the last turn (``tail_after_ended_ms``), then a close with 1000, 1005 or
 1006 (``close_code``).
@@ -188,6 +192,8 @@ ENDED_AFTER_SPOKEN = "assistant-ended-call-after-message-spoken"
 #: The built-in transfer tool moved the caller on.
 ENDED_FORWARDED = "assistant-forwarded-call"
 ENDED_MAX_DURATION = "exceeded-max-duration"
+#: Nobody spoke for the call's ``silenceTimeoutSeconds``.
+ENDED_SILENCE = "silence-timed-out"
 #: The account's concurrency limit blocked a call created anyway (``concurrency_blocked``).
 ENDED_CONCURRENCY_LIMIT = "call.start.error-subscription-concurrency-limit-reached"
 #: Vapi's answer to a create over the concurrency limit, in its 400 form.
@@ -259,13 +265,14 @@ class SimVapiBehaviour:
     (close with no status, 1005, as a low-confidence report says Vapi does),
     ``audio_burst`` (every turn's audio at once, unpaced), ``silent`` (the assistant
     sends no audio and no messages; only the final ``status-update`` if the call
-    ends politely, e.g. for want of caller audio). Times count from the socket's accept.
+    ends politely, e.g. for want of caller audio; a stuck assistant, its silence
+    timeout does not run either). Times count from the socket's accept.
 
     How Vapi ends a call itself (after the goodbye, at ``end_after_s``, at the call's
-    ``maxDurationSeconds``, for want of caller audio, after a ``say`` that ends the
-    call, after a transfer): ``status-update`` ``ended`` with the reason (unless
-    ``announce_end`` is off), then ``tail_after_ended_ms`` of the last turn's audio,
-    then the close ``close_code`` says.
+    ``maxDurationSeconds`` or ``silenceTimeoutSeconds``, for want of caller audio, after
+    a ``say`` that ends the call, after a transfer): ``status-update`` ``ended`` with the
+    reason (unless ``announce_end`` is off), then ``tail_after_ended_ms`` of the last
+    turn's audio, then the close ``close_code`` says.
     """
 
     greeting_clip: str = "greeting"
@@ -590,9 +597,11 @@ class SimVapi:
         #: "Over Concurrency Limit.", or a 201 whose call is ended at once
         #: (``call.start.error-subscription-concurrency-limit-reached``; its socket only
         #: says so), with ``subscriptionLimits.concurrencyBlocked`` (``blocked``) or
-        #: without (``ended``: the schema's single-call answer has no subscriptionLimits).
+        #: without (``ended``: the schema's single-call answer has no subscriptionLimits);
+        #: or ``batch``: a 201 in the batch answer's form, the only one the SDK declares
+        #: ``subscriptionLimits`` on (no call: ``results`` empty, the refusal in ``errors``).
         self.max_concurrent_calls = max_concurrent_calls
-        self.over_limit_answer: Literal["400", "blocked", "ended"] = "400"
+        self.over_limit_answer: Literal["400", "blocked", "ended", "batch"] = "400"
         self._sessions: dict[str, _CallSession] = {}
         self._server_nursery: trio.Nursery | None = None
         self._calls: dict[str, SimVapiCallRecord] = {}
@@ -727,6 +736,8 @@ class SimVapi:
         if self.max_concurrent_calls is not None and active >= self.max_concurrent_calls:
             if self.over_limit_answer == "400":
                 return _error(400, OVER_CONCURRENCY_MESSAGE)
+            if self.over_limit_answer == "batch":
+                return _json_response(201, self._batch_refusal(attempt.body))
             blocked, say_blocked = True, self.over_limit_answer == "blocked"
         call_id = str(uuid.uuid4())
         record = SimVapiCallRecord(
@@ -756,11 +767,7 @@ class SimVapi:
         attempt.call_id = call_id
         resource = self._call_resource(record, authority)
         if say_blocked:
-            resource["subscriptionLimits"] = {
-                "concurrencyBlocked": True,
-                "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
-                "remainingConcurrentCalls": 0,
-            }
+            resource["subscriptionLimits"] = self._blocked_limits()
         if blocked:
             # Created, and ended at once: the socket, if connected, only says so.
             record._mark_ended(ENDED_CONCURRENCY_LIMIT)
@@ -772,6 +779,27 @@ class SimVapi:
         if record.connected_at is None:
             record.ended_unconnected = True
             record._mark_ended(record.behaviour.unconnected_ended_reason)
+
+    def _blocked_limits(self) -> JsonObject:
+        return {
+            "concurrencyBlocked": True,
+            "concurrencyLimit": self.max_concurrent_calls or DEFAULT_CONCURRENCY_LIMIT,
+            "remainingConcurrentCalls": 0,
+        }
+
+    def _batch_refusal(self, body: JsonObject) -> JsonObject:
+        """``CallBatchResponse`` refusing the one call asked for: no call is created."""
+        customer = body.get("customer")
+        return {
+            "results": [],
+            "errors": [
+                {
+                    "customer": customer if isinstance(customer, dict) else {},
+                    "error": OVER_CONCURRENCY_MESSAGE,
+                }
+            ],
+            "subscriptionLimits": self._blocked_limits(),
+        }
 
     async def _deliver_webhooks(
         self, record: SimVapiCallRecord, queue: trio.MemoryReceiveChannel[JsonObject]
@@ -830,11 +858,10 @@ class SimVapi:
             if key in body:
                 resource[key] = body[key]
         resource["assistantOverrides"] = record.overrides
-        # The URLs are bearer secrets, as the socket URL is: the call id is a random UUID.
-        resource["monitor"] = {
-            "listenUrl": f"ws://{authority}/{record.id}/listen",
-            "controlUrl": f"http://{authority}/{record.id}/control",
-        }
+        # The URL is a bearer secret, as the socket URL is: the call id is a random UUID.
+        # No listenUrl: Vapi gives one only with monitorPlan.listenEnabled, which the
+        # bridge never asks for, and its stream's audio layout is not documented.
+        resource["monitor"] = {"controlUrl": f"http://{authority}/{record.id}/control"}
         return resource
 
     def _authorized(self, request: HttpRequest) -> bool:
@@ -949,6 +976,7 @@ class _CallSession:
         self._customer_muted = False
         #: The end of the last turn's audio, held back to be sent after ``ended``.
         self._tail = b""
+        self._silence = _SilenceClock(_seconds(record.overrides.get("silenceTimeoutSeconds")))
 
     async def run(self) -> None:
         """Run the call until it ends, then take the transport down as the ending says."""
@@ -1039,6 +1067,10 @@ class _CallSession:
                 if self._customer_muted:
                     continue
                 for event in detector.feed(self._codec.to_ulaw(message)):
+                    if isinstance(event, SpeechStarted):
+                        self._silence.started(_Speaker.CALLER)
+                    else:
+                        self._silence.stopped(_Speaker.CALLER)
                     with contextlib.suppress(trio.WouldBlock):  # nobody listens (silent): drop
                         self._inbox_in.send_nowait(event)
                 continue
@@ -1288,6 +1320,7 @@ class _CallSession:
             {"type": "speech-update", "status": "started", "role": "assistant", "turn": self._turn}
         )
         caller_speaking = False
+        self._silence.started(_Speaker.ASSISTANT)
         async with trio.open_nursery() as turn_nursery:
             turn_nursery.start_soon(self._play, spoken, turn, turn_nursery.cancel_scope)
             await self._next_speech(SpeechStarted)
@@ -1296,6 +1329,7 @@ class _CallSession:
                 await self._announce_caller_started()
             await trio.sleep(self._behaviour.reaction_delay_s)
             turn_nursery.cancel_scope.cancel(reason="caller barged in")
+        self._silence.stopped(_Speaker.ASSISTANT)
         if not turn.completed:
             turn.interrupted_at = trio.current_time()
             await self._send_message(
@@ -1347,9 +1381,11 @@ class _CallSession:
         behaviour = self._behaviour
         if behaviour.end_after_s is not None:
             call_nursery.start_soon(self._end_after, behaviour.end_after_s, behaviour.ended_reason)
-        max_duration = self._record.overrides.get("maxDurationSeconds")
-        if isinstance(max_duration, int | float) and not isinstance(max_duration, bool):
-            call_nursery.start_soon(self._end_after, float(max_duration), ENDED_MAX_DURATION)
+        max_duration = _seconds(self._record.overrides.get("maxDurationSeconds"))
+        if max_duration is not None:
+            call_nursery.start_soon(self._end_after, max_duration, ENDED_MAX_DURATION)
+        if self._silence.timeout_s is not None and not behaviour.silent:
+            call_nursery.start_soon(self._end_on_silence)
         if behaviour.drop_after_s is not None:
             call_nursery.start_soon(self._drop_after, behaviour.drop_after_s)
         if behaviour.ignore_pings_after_s is not None:
@@ -1369,6 +1405,11 @@ class _CallSession:
     async def _end_after(self, delay_s: float, reason: str) -> None:
         await self._sleep_from_start(delay_s)
         self._finish(reason, _Hangup.ASSISTANT)
+
+    async def _end_on_silence(self) -> None:
+        with self._silence.scope:
+            await trio.sleep_forever()
+        self._finish(ENDED_SILENCE, _Hangup.ASSISTANT)
 
     async def _drop_after(self, delay_s: float) -> None:
         await self._sleep_from_start(delay_s)
@@ -1402,6 +1443,43 @@ class _CallSession:
         data = self._codec.from_ulaw(ulaw)
         await self._ws.send(data)
         self._record.audio_bytes_sent += len(data)
+
+
+class _Speaker(enum.Enum):
+    CALLER = "caller"
+    ASSISTANT = "assistant"
+
+
+class _SilenceClock:
+    """Vapi's ``silenceTimeoutSeconds``: the call ends once nobody has spoken for so long.
+
+    Invariant: ``scope.deadline`` is infinite while ``_speaking`` is not empty, else the
+    end of the last speech (or the clock's creation) plus ``timeout_s``.
+    """
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self._speaking: set[_Speaker] = set()
+        self.scope = trio.CancelScope(deadline=self._quiet_deadline())
+
+    def _quiet_deadline(self) -> float:
+        return math.inf if self.timeout_s is None else trio.current_time() + self.timeout_s
+
+    def started(self, speaker: _Speaker) -> None:
+        self._speaking.add(speaker)
+        self.scope.deadline = math.inf
+
+    def stopped(self, speaker: _Speaker) -> None:
+        self._speaking.discard(speaker)
+        if not self._speaking:
+            self.scope.deadline = self._quiet_deadline()
+
+
+def _seconds(value: Any) -> float | None:
+    """A number of seconds from the create body (None: absent or not a number)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 class _Codec:

@@ -260,14 +260,16 @@ def _call_from_response(response: httpx.Response, api_key: str) -> VapiCall:
     if not isinstance(document, dict):
         raise _create_error("protocol", f"HTTP {status} body is not a JSON object", status)
     call_id = document.get("id")
-    if not isinstance(call_id, str) or not call_id:
-        raise _create_error("protocol", f"HTTP {status} body has no 'id'", status)
     limits = document.get("subscriptionLimits")
     if isinstance(limits, dict) and limits.get("concurrencyBlocked") is True:
-        # Created, but blocked: Vapi ends it at once (concurrency-limit-reached).
+        # A call created but blocked (Vapi ends it at once), or the batch answer's form
+        # (results, errors, subscriptionLimits; no top-level id): blocked either way.
+        which = f"call {call_id}" if isinstance(call_id, str) and call_id else "the call"
         raise _create_error(
-            "limit", f"HTTP {status}: call {call_id} blocked by the concurrency limit", status
+            "limit", f"HTTP {status}: {which} blocked by the concurrency limit", status
         )
+    if not isinstance(call_id, str) or not call_id:
+        raise _create_error("protocol", f"HTTP {status} body has no 'id'", status)
     call_transport = document.get("transport")
     websocket_url = (
         call_transport.get("websocketCallUrl") if isinstance(call_transport, dict) else None
