@@ -19,7 +19,7 @@ Redis (or Valkey), through ``coredis`` (built on anyio, so it runs under trio):
   another box is answered right; that box waits for a call still winding down.
 - **Single-use stream tokens across boxes**: by construction rather than by a lookup. A
   box with its own ``server.box_url`` signs its tokens with a key derived from the shared
-  secret and that URL (``box_token_secret``): every other box refuses them (``forged``),
+  secret and that URL (``box_token_secret``): every other box refuses them (``bad-signature``),
   whether or not the store answers, and the box's directory keeps them single-use there.
 
 When the store fails (down, slow, unreachable), calls already up never notice: leases are
