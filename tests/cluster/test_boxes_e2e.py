@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +28,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster.redis_fixture import RedisServer, needs_redis, running_redis
+from tests.cluster.redis_fixture import RedisServer, free_port, needs_redis, running_redis
 from tests.test_admission_e2e import CapturedWebhook, stream_parameters
 from tests.test_systemd_integration import (
     FALLBACK_WORDS,
@@ -44,8 +46,15 @@ from voicebridge.sim.caller import CallReport, SimTwilioSettings, place_call
 from voicebridge.twilio.signature import sign
 
 pytestmark = needs_redis
+HAPROXY = shutil.which("haproxy") or (
+    "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+)
 
 LEASE_S = 1.5
+BOX_HOSTS = ("127.0.0.2", "127.0.0.3")
+#: Each box's ops port, on its own address (known before it starts: the balancer's
+#: configuration names it).
+OPS_PORTS = {host: free_port(host) for host in BOX_HOSTS}
 
 
 @attrs.frozen
@@ -60,9 +69,8 @@ class EdgeBox:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def ops_port(self) -> int:
-        [line] = self.server.log_lines("accepting connections on")
-        return int(line.split("OPS_LISTEN=")[1].split()[0].strip('"').rsplit(":", 1)[1])
+    def ops_url(self) -> str:
+        return f"http://{self.host}:{OPS_PORTS[self.host]}"
 
 
 @attrs.frozen
@@ -92,6 +100,15 @@ class Service:
         assert response.status_code == 200, response.text
         return response.text
 
+    async def webhook_at(self, http: httpx.AsyncClient, url: str, call_sid: str) -> str:
+        """``call_sid``'s voice webhook, sent to ``url`` (the balancer)."""
+        webhook = CapturedWebhook.sent_by(self.caller_via(self.a), call_sid)
+        response = await http.post(
+            url + webhook.path, data=webhook.form, headers={"X-Twilio-Signature": webhook.signature}
+        )
+        assert response.status_code == 200, response.text
+        return response.text
+
     async def action(self, http: httpx.AsyncClient, edge: EdgeBox, call_sid: str) -> str:
         """The ``<Connect action>`` of ``call_sid``, as if it came through the balancer."""
         form = {
@@ -110,7 +127,14 @@ def sid(n: int) -> str:
 
 
 def write_config(
-    box: Box, name: str, *, public_url: str, box_url: str, redis: str, **cluster: object
+    box: Box,
+    name: str,
+    *,
+    public_url: str,
+    box_url: str,
+    redis: str,
+    ops_listen: str = "127.0.0.1:0",
+    **cluster: object,
 ) -> Path:
     path = box.tmp_path / name
     lines = [
@@ -118,7 +142,7 @@ def write_config(
         f'public_url = "{public_url}"',
         f'box_url = "{box_url}"',
         'log_target = "stderr"',
-        'ops_listen = "127.0.0.1:0"',
+        f'ops_listen = "{ops_listen}"',
         "max_concurrent_calls = 5",
         "[twilio]",
         f'account_sid = "{LOOPBACK_ACCOUNT_SID}"',
@@ -136,21 +160,26 @@ def write_config(
 
 
 @asynccontextmanager
-async def a_service(tmp_path: Path, **cluster: object) -> AsyncIterator[Service]:
-    sockets = [socket.create_server((host, 0), backlog=64) for host in ("127.0.0.2", "127.0.0.3")]
+async def a_service(
+    tmp_path: Path, *, public_url: str = "http://127.0.0.1:9", **cluster: object
+) -> AsyncIterator[Service]:
+    """Two boxes sharing a Redis; ``public_url`` is the balancer's name (by default one
+    nothing listens at: the test is the balancer). Each box's ops listener is on the
+    box's own address, port ``ops_ports[i]`` (a balancer's health check asks it)."""
+    sockets = [socket.create_server((host, 0), backlog=64) for host in BOX_HOSTS]
     with sockets[0], sockets[1]:
         ports = [int(s.getsockname()[1]) for s in sockets]
         async with (
             running_redis(tmp_path / "redis") as redis,
             a_box(tmp_path, SHORT_ASSISTANT) as box,
         ):
-            public_url = "http://127.0.0.1:9"  # the balancer's name: nothing reaches it
             configs = [
                 write_config(
                     box, f"{name}.toml", public_url=public_url,
-                    box_url=f"http://{host}:{port}", redis=redis.url, **cluster,
+                    box_url=f"http://{host}:{port}", redis=redis.url,
+                    ops_listen=f"{host}:{OPS_PORTS[host]}", **cluster,
                 )
-                for name, host, port in (("a", "127.0.0.2", ports[0]), ("b", "127.0.0.3", ports[1]))
+                for name, host, port in zip("ab", BOX_HOSTS, ports, strict=True)
             ]  # fmt: skip
             async with (
                 activated_server(box, configs[0], [("http", sockets[0])]) as a,
@@ -194,7 +223,7 @@ async def start_stream(edge: EdgeBox, call_sid: str, parameters: dict[str, str])
 
 async def counter(edge: EdgeBox, name: str) -> float:
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"http://127.0.0.1:{edge.ops_port()}/metrics")
+        response = await http.get(edge.ops_url() + "/metrics")
     return sum(
         sample.value
         for family in text_string_to_metric_families(response.text)
@@ -302,3 +331,113 @@ async def test_the_store_going_away_mid_run(tmp_path: Path) -> None:
     assert len(b.server.log_lines("cluster store: acquire failed")) == 1
     assert len(b.server.log_lines("cluster store answers again")) == 1
     assert failures >= 1
+
+
+# -- behind a real balancer ----------------------------------------------------------
+
+BALANCER_HOST = "127.0.0.5"
+#: Checks every 100 ms; one failed check takes a box out of the pool, one good one back.
+HAPROXY_CFG = """\
+global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend voice
+    bind {host}:{port}
+    default_backend boxes
+backend boxes
+    balance roundrobin
+    option httpchk GET /readyz
+    default-server inter 100ms fall 1 rise 1
+    server a {a_host}:{a_port} check port {a_ops}
+    server b {b_host}:{b_port} check port {b_ops}
+"""
+
+
+@asynccontextmanager
+async def running_haproxy(directory: Path, port: int, service: Service) -> AsyncIterator[str]:
+    """Debian's HAProxy balancing the voice webhook over the two boxes; its URL."""
+    assert HAPROXY is not None
+    config = directory / "haproxy.cfg"
+    await trio.Path(config).write_text(
+        HAPROXY_CFG.format(
+            host=BALANCER_HOST, port=port,
+            a_host=service.a.host, a_port=service.a.port, a_ops=OPS_PORTS[service.a.host],
+            b_host=service.b.host, b_port=service.b.port, b_ops=OPS_PORTS[service.b.host],
+        )
+    )  # fmt: skip
+    log = directory / "haproxy.log"
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            [HAPROXY, "-db", "-f", str(config)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield f"http://{BALANCER_HOST}:{port}"
+    finally:
+        process.terminate()
+        with trio.move_on_after(5):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def wait_listening(host: str, port: int) -> None:
+    with trio.fail_after(10):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError:
+                await trio.sleep(0.05)  # not listening yet: nothing to wait on but time
+                continue
+            await stream.aclose()
+            return
+
+
+def answered_by(service: Service, twiml: str) -> str:
+    """Which box's TwiML ``twiml`` is ("a" or "b"), or "" (the overflow message)."""
+    for name, edge in (("a", service.a), ("b", service.b)):
+        if f"{edge.host}:{edge.port}" in twiml:
+            return name
+    return ""
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (bootstrap.sh --test)")
+async def test_calls_through_a_real_balancer(tmp_path: Path) -> None:
+    port = free_port(BALANCER_HOST)
+    balancer = f"http://{BALANCER_HOST}:{port}"
+    with trio.fail_after(90):
+        async with (
+            a_service(tmp_path, public_url=balancer, max_calls=2) as service,
+            running_haproxy(tmp_path, port, service),
+            httpx.AsyncClient() as http,
+        ):
+            via = SimTwilioSettings(
+                bridge_url=balancer, public_url=balancer,
+                account_sid=LOOPBACK_ACCOUNT_SID, auth_token=service.box.auth_token,
+            )  # fmt: skip
+            await wait_listening(BALANCER_HOST, port)
+            reports: list[CallReport] = []
+
+            async def call(n: int) -> None:
+                reports.append(await place_call(via, SHORT_CALL, call_sid=sid(n)))
+
+            async with trio.open_nursery() as nursery:  # three callers at once
+                for n in range(3):
+                    nursery.start_soon(call, n)
+            # Box A dies: the balancer's next check takes it out of the pool.
+            service.a.server.process.kill()
+            await trio.sleep(0.5)
+            after = [await service.webhook_at(http, balancer, sid(n)) for n in (10, 11)]
+    served = [r for r in reports if r.final_action == "hangup"]
+    refused = [r for r in reports if OVERFLOW_WORDS in r.final_say]
+    assert len(served) == 2 and len(refused) == 1
+    assert {answered_by(service, r.webhook_twiml) for r in served} <= {"a", "b"}
+    assert all(r.protocol_violations == [] for r in reports)
+    assert len(service.box.vapi.calls) == 2
+    assert [answered_by(service, twiml) for twiml in after] == ["b", "b"]
