@@ -212,4 +212,7 @@ async def test_the_store_going_away_and_coming_back(
     events = [fields.get("EVENT") for fields in warnings]
     assert events.count("cluster-store-failed") == 1
     assert events.count("cluster-store-recovered") == 1
-    assert "acquire" in failures.operations and "renew" in failures.operations
+    # Whichever asked first failed (a webhook, or the lease task's probe); the lease task
+    # kept failing all through the outage.
+    assert failures.operations.count("renew") >= 2
+    assert set(failures.operations) <= {"acquire", "renew"}
