@@ -134,6 +134,9 @@ class ClusterObserver(Protocol):
 class ClusterStore(Protocol):
     """What a box shares with the other boxes of its service."""
 
+    #: New calls are refused while the store does not answer (``on_store_failure``).
+    refuse_without_store: bool
+
     async def acquire(self, call_sid: str) -> Acquired:
         """A slot for the new call ``call_sid`` (the voice webhook, before admitting it).
         Returns within the store's deadline; cancelling it takes no slot or frees it
@@ -161,6 +164,8 @@ class ClusterStore(Protocol):
 
 class BoxOnly:
     """No store: the box decides alone, its processes sharing ``server.shared_dir``."""
+
+    refuse_without_store = False
 
     async def acquire(self, call_sid: str) -> Acquired:
         return Acquired.TAKEN
@@ -205,6 +210,7 @@ class RedisStore:
         client_factory: Callable[[], coredis.Redis[bytes]] | None = None,
     ) -> None:
         self._config = config
+        self.refuse_without_store = config.on_store_failure == "refuse"
         self._owner = owner or f"{os.uname().nodename}/{os.getpid()}/{secrets.token_hex(4)}"
         self._observer = observer
         self._client_factory = client_factory or self._new_client

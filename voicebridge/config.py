@@ -860,6 +860,16 @@ def _redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> No
         raise ConfigError(attribute.name, "must name an absolute socket path (unix:///path)")
 
 
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part (if any) shown as ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def _key_prefix(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if not _KEY_PREFIX.fullmatch(value):
         raise ConfigError(
@@ -2027,7 +2037,10 @@ def render_config(
         lines += ["", f"[{section}]"]
         section_value = getattr(config, section)
         for a in attrs.fields(type(section_value)):
-            line = f"{a.name} = {_toml_value(getattr(section_value, a.name))}"
+            value = getattr(section_value, a.name)
+            if not a.repr and isinstance(value, str):  # e.g. a password inside a URL
+                value = _without_password(value)
+            line = f"{a.name} = {_toml_value(value)}"
             origin = origins.get(_join(section, a.name))
             if origin is not None:
                 line += f"  # {'from ' if origin.startswith(ENV_PREFIX) else ''}{origin}"

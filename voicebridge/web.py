@@ -388,7 +388,7 @@ async def _cluster_refusal(services: Services, call_sid: str) -> Full | None:
     match await services.cluster.acquire(call_sid):
         case Acquired.FULL:
             return Full("cluster-full")
-        case Acquired.UNAVAILABLE if services.config.cluster.on_store_failure == "refuse":
+        case Acquired.UNAVAILABLE if services.cluster.refuse_without_store:
             return Full("store-down")
         case _:
             return None

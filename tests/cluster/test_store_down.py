@@ -16,6 +16,7 @@ from tests.cluster.redis_fixture import HOST, free_port
 from tests.harness import running_bridge
 from tests.test_admission_e2e import CapturedWebhook
 from tests.test_e2e import OVERFLOW_WORDS
+from voicebridge.loopback import LOOPBACK_ACCOUNT_SID
 
 
 @pytest.mark.parametrize(
@@ -48,3 +49,19 @@ def test_a_bad_cluster_section_is_refused_with_its_key(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "cluster.redis_url" in result.stderr and "redis://" in result.stderr
+
+
+def test_check_config_never_prints_the_stores_password(tmp_path: Path) -> None:
+    config = tmp_path / "vb.toml"
+    config.write_text(
+        '[server]\npublic_url = "https://voice.example.com"\n'
+        f'[twilio]\naccount_sid = "{LOOPBACK_ACCOUNT_SID}"\n[vapi]\nassistant_id = "a"\n'
+        '[cluster]\nredis_url = "redis://:hunter2-secret@10.0.0.9:6379/0"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "voicebridge", "check-config", "--no-secrets", "--config",
+         str(config)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert "hunter2" not in result.stdout + result.stderr
+    assert 'redis_url = "redis://:***@10.0.0.9:6379/0"' in result.stdout + result.stderr
