@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 #: After a failure, admission decides without the store for this long (the lease task
 #: keeps probing it), so that an outage costs each webhook nothing, not the deadline.
 RETRY_AFTER_S = 1.0
+#: A ``<Connect action>`` waiting for another box's call waits in steps this long.
+WAIT_STEP_S = 1.0
 #: Records waiting to be published; past this (a store down during a burst) the oldest
 #: calls' records stay on their box only.
 PUBLISH_BACKLOG = 1000
@@ -240,7 +242,7 @@ class RedisStore:
             self._config.redis_url,
             retry_policy=NoRetryPolicy(),
             connect_timeout=self._deadline_s,
-            stream_timeout=max(self._deadline_s, 1.0),
+            stream_timeout=max(self._deadline_s, WAIT_STEP_S) + 1.0,
         )
 
     # -- the voice webhook and the <Connect action> ------------------------------------
@@ -287,14 +289,20 @@ class RedisStore:
             assert client is not None
             from coredis import PureToken
 
+            # BLMOVE onto itself: wakes when the record is published, leaves it there.
+            # In steps shorter than the client's read timeout, so that waiting for a
+            # call still winding down is never taken for a store that does not answer.
+            end = trio.current_time() + wait_s
             with trio.move_on_after(wait_s + self._deadline_s):
-                try:
-                    body = await client.blmove(
-                        key, key, PureToken.RIGHT, PureToken.RIGHT, timeout=wait_s
-                    )
-                except (OSError, _redis_errors()) as exc:
-                    self._failed("lookup", str(exc))
-                    return None
+                while not body and (left_s := end - trio.current_time()) > 0.01:
+                    try:
+                        body = await client.blmove(
+                            key, key, PureToken.RIGHT, PureToken.RIGHT,
+                            timeout=round(min(left_s, WAIT_STEP_S), 2),
+                        )  # fmt: skip
+                    except (OSError, _redis_errors()) as exc:
+                        self._failed("lookup", str(exc))
+                        return None
         return decode_record(body, f"Redis key {key}") if body else None
 
     # -- the process's task ------------------------------------------------------------

@@ -19,7 +19,7 @@ import trio
 from tests.cluster.redis_fixture import RedisServer, needs_redis, running_redis
 from tests.test_boxstate import a_record
 from voicebridge.bridge.registry import CallRegistry
-from voicebridge.cluster import RETRY_AFTER_S, Acquired, RedisStore
+from voicebridge.cluster import RETRY_AFTER_S, WAIT_STEP_S, Acquired, RedisStore
 from voicebridge.config import ClusterConfig
 from voicebridge.observability.logs import record_fields
 
@@ -126,18 +126,19 @@ async def test_a_live_box_keeps_its_slots_and_a_dead_one_loses_them_within_the_l
 async def test_a_slot_is_given_back_when_its_call_ends_and_its_outcome_reaches_any_box(
     tmp_path: Path,
 ) -> None:
+    failures = Failures()
     with trio.fail_after(20):
         async with (
             running_redis(tmp_path) as redis,
             a_box(redis, max_calls=1) as a,
-            a_box(redis, max_calls=1) as b,
+            a_box(redis, failures, max_calls=1) as b,
         ):
             assert await a.admit(sid(1)) is Acquired.TAKEN
             a.registry.begin(sid(1), lambda outcome, detail: 0.0)
             record = a_record(sid(1))
 
             async def finish_later() -> None:
-                await trio.sleep(0.3)
+                await trio.sleep(WAIT_STEP_S * 1.6)  # longer than one step of the wait
                 a.registry.finish(record)
 
             async with trio.open_nursery() as nursery:
@@ -145,7 +146,7 @@ async def test_a_slot_is_given_back_when_its_call_ends_and_its_outcome_reaches_a
                 # Box B, asked for the <Connect action> of a call still going on A, waits.
                 started = trio.current_time()
                 assert await b.store.load_record(sid(1), wait_s=3.0) == record
-                assert 0.25 <= trio.current_time() - started < 1.5
+                assert WAIT_STEP_S * 1.5 <= trio.current_time() - started < WAIT_STEP_S * 2.5
             # The slot came back at once (well within a lease).
             async def b_admits() -> bool:
                 return await b.admit(sid(2)) is Acquired.TAKEN
@@ -154,6 +155,7 @@ async def test_a_slot_is_given_back_when_its_call_ends_and_its_outcome_reaches_a
             # A call no box holds is answered at once: nothing to wait for.
             with trio.fail_after(0.5):
                 assert await b.store.load_record(sid(7), wait_s=3.0) is None
+    assert failures.operations == []  # waiting is not failing
 
 
 async def test_a_call_refused_by_its_box_gives_its_slot_back(tmp_path: Path) -> None:
