@@ -34,7 +34,7 @@ fi
 if [ "$want_tests" = yes ]; then
     command -v groff >/dev/null || apt_packages="$apt_packages groff-base"
     command -v man >/dev/null || apt_packages="$apt_packages man-db"
-    for tool in nginx:nginx-light haproxy:haproxy openssl:openssl \
+    for tool in nginx:nginx-light haproxy:haproxy openssl:openssl redis-server:redis-server \
             debootstrap:debootstrap systemd-nspawn:systemd-container; do
         command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] ||
             apt_packages="$apt_packages ${tool#*:}"

@@ -118,7 +118,7 @@ class SharedDir:
         """Publish ``record`` for every process (atomically replacing an older one)."""
         if not _SAFE_NAME.fullmatch(record.call_sid):
             return
-        body = orjson.dumps({"format": RECORD_FORMAT, "record": _converter.unstructure(record)})
+        body = encode_record(record)
         final = self.path / "outcomes" / record.call_sid
         temporary = final.with_name(f".{record.call_sid}.{os.getpid()}.tmp")
 
@@ -139,14 +139,7 @@ class SharedDir:
         )
         if body is None:
             return None
-        try:
-            document: Any = orjson.loads(body)
-            if document.get("format") != RECORD_FORMAT:
-                return None
-            return _converter.structure(document["record"], CallRecord)
-        except (orjson.JSONDecodeError, AttributeError, KeyError, cattrs.BaseValidationError):
-            log.warning("ignoring the unreadable shared outcome %s", path)
-            return None
+        return decode_record(body, str(path))
 
     # -- assistant calls created early (voicebridge.bridge.early) ------------------------
 
@@ -398,6 +391,23 @@ class SharedDir:
                 errno=exc.errno,
             )
         return on_failure
+
+
+def encode_record(record: CallRecord) -> bytes:
+    """``record`` as the bytes other processes (and boxes, ``voicebridge.cluster``) read."""
+    return orjson.dumps({"format": RECORD_FORMAT, "record": _converter.unstructure(record)})
+
+
+def decode_record(body: bytes, where: str) -> CallRecord | None:
+    """The record ``encode_record`` wrote, or None (another format, unreadable: logged)."""
+    try:
+        document: Any = orjson.loads(body)
+        if document.get("format") != RECORD_FORMAT:
+            return None
+        return _converter.structure(document["record"], CallRecord)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, cattrs.BaseValidationError):
+        log.warning("ignoring the unreadable shared outcome %s", where)
+        return None
 
 
 def _aged(directory: Path) -> list[tuple[float, Path]]:

@@ -318,6 +318,11 @@ class ServerConfig:
     #: path prefix). Signatures are checked against it and stream URLs built from it.
     #: A trailing slash is removed.
     public_url: str = field(default="", converter=_strip_trailing_slash, validator=_base_url)
+    #: This box's own public base URL, when several boxes share ``public_url`` behind a
+    #: balancer (docs/operations.md, "Several boxes"): the stream URL, the ``<Connect
+    #: action>``, the stream status callback and Vapi's per-call server URL point here, so
+    #: that only the voice webhook goes through the balancer. Empty: ``public_url``.
+    box_url: str = field(default="", converter=_strip_trailing_slash, validator=_base_url)
     max_concurrent_calls: int = field(default=50, validator=_at_least_one)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Where logs go: ``auto`` = native journal entries when journald is reachable (and
@@ -347,6 +352,11 @@ class ServerConfig:
     #: The window of that mean: long enough that one pause (a garbage collection, one slow
     #: request) does not shed, short enough to act within a burst of new calls.
     shed_loop_lag_window_s: float = field(default=2.0, validator=_deadline(60))
+
+    @property
+    def own_url(self) -> str:
+        """The base URL of this box's own requests: ``box_url``, else ``public_url``."""
+        return self.box_url or self.public_url
 
 
 def _cidr_list(instance: Any, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -834,6 +844,76 @@ class RouteHookConfig:
     deadline_s: float = field(default=1.5, validator=_deadline(10))
 
 
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9:_.{}-]{1,64}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        return
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise ConfigError(
+            attribute.name,
+            "must be empty or a redis://host:port/db, rediss://… or unix:///path URL, "
+            f"got scheme {_show(parts.scheme)}",
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(attribute.name, "must name a host (redis://host:port/db)")
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise ConfigError(attribute.name, "must name an absolute socket path (unix:///path)")
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part (if any) shown as ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def _key_prefix(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not _KEY_PREFIX.fullmatch(value):
+        raise ConfigError(
+            attribute.name,
+            f"must be 1 to 64 of A-Z a-z 0-9 : _ . {{ }} -, got {_show(value)}",
+        )
+
+
+@frozen(kw_only=True)
+class ClusterConfig:
+    """``[cluster]``: several boxes as one service, their shared state in Redis (optional).
+
+    Without ``redis_url`` every box stands alone (its own ``max_concurrent_calls``, its
+    processes sharing ``server.shared_dir``); see docs/operations.md, "Several boxes".
+    """
+
+    #: The Redis (or Valkey) every box of the service shares; empty: none. It may carry a
+    #: password (``redis://:secret@10.0.0.9:6379/0``): it is never logged.
+    redis_url: str = field(default="", validator=_redis_url, repr=False)
+    #: Put before every key, so that several services (or a test) can share one Redis.
+    key_prefix: str = field(default="voicebridge:", validator=_key_prefix)
+    #: Calls the whole service takes at once (reserved or streaming), whichever box
+    #: answers; set it to the Vapi account's concurrency limit. Each box still takes no
+    #: more than its own ``server.max_concurrent_calls``.
+    max_calls: int = field(default=10, validator=_int_range(1, 100_000))
+    #: A box renews the slots of its calls every third of this; a box that stops (crash,
+    #: power, network) has its slots freed within this long.
+    lease_s: float = field(default=15.0, validator=_deadline(600))
+    #: How long the voice webhook waits for Redis before deciding without it.
+    store_deadline_ms: int = field(default=250, validator=_int_range(10, 5000))
+    #: When Redis does not answer in time: admit up to the box's own limit (``box-limit``,
+    #: the service stays up) or refuse every new call with the overflow message
+    #: (``refuse``, the cluster limit is never exceeded).
+    on_store_failure: Literal["box-limit", "refuse"] = "box-limit"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
 @frozen(kw_only=True)
 class Secrets:
     """Secrets never come from the config file in plain text.
@@ -939,6 +1019,7 @@ class Config:
     transfer: TransferConfig = field(factory=TransferConfig)
     outbound: OutboundConfig = field(factory=OutboundConfig)
     route_hook: RouteHookConfig = field(factory=RouteHookConfig)
+    cluster: ClusterConfig = field(factory=ClusterConfig)
     secrets: SecretFiles = field(factory=SecretFiles)
     #: ``[[routes]]``, in order: the first that matches a call takes it (``routing``);
     #: a call no route takes gets today's settings (the ``default`` route).
@@ -1528,7 +1609,8 @@ def _stream_url_problems(config: Config) -> list[_Problem]:
     The stream URL is ``server.public_url`` with https→wss, so the public URL must be
     ``https://`` with no port or port 443, unless ``twilio.allow_insecure_stream_url``.
     """
-    public_url = config.server.public_url
+    key = "server.box_url" if config.server.box_url else "server.public_url"
+    public_url = config.server.own_url
     if not public_url or config.twilio.allow_insecure_stream_url:
         return []
     parts = urllib.parse.urlsplit(public_url)
@@ -1540,7 +1622,7 @@ def _stream_url_problems(config: Config) -> list[_Problem]:
         return []
     return [
         (
-            "server.public_url",
+            key,
             f"{reason}: Twilio opens Media Streams only over wss:// on port "
             f"{STREAM_PORT} (error 31910); use https://host[/prefix] (the proxy may "
             f"forward to any local port), or set twilio.allow_insecure_stream_url = true "
@@ -1959,7 +2041,10 @@ def render_config(
         lines += ["", f"[{section}]"]
         section_value = getattr(config, section)
         for a in attrs.fields(type(section_value)):
-            line = f"{a.name} = {_toml_value(getattr(section_value, a.name))}"
+            value = getattr(section_value, a.name)
+            if not a.repr and isinstance(value, str):  # e.g. a password inside a URL
+                value = _without_password(value)
+            line = f"{a.name} = {_toml_value(value)}"
             origin = origins.get(_join(section, a.name))
             if origin is not None:
                 line += f"  # {'from ' if origin.startswith(ENV_PREFIX) else ''}{origin}"

@@ -53,6 +53,7 @@ from voicebridge.bridge.call import AssistantConnector, CallSettings
 from voicebridge.bridge.early import EarlyCalls, EarlyConnector
 from voicebridge.bridge.outcome import Outcome
 from voicebridge.bridge.registry import CallRegistry
+from voicebridge.cluster import ClusterStore, box_token_secret, cluster_store
 from voicebridge.config import SECRET_SOURCES, Config, listen_addresses_overlap
 from voicebridge.control.plane import ControlPlane
 from voicebridge.control.routes import CALLS_PATH, WEBHOOK_PATH, vapi_server_override
@@ -168,17 +169,21 @@ def build_services(
     shared: SharedDir | None = None,
     metrics: BridgeMetrics | None = None,
     early: EarlyCalls | None = None,
+    cluster: ClusterStore | None = None,
 ) -> Services:
     """The route services for ``config``.
 
     A given ``registry`` (reload) is kept, with ``max_calls`` and its shedding on the
     loop's lag updated; so are given ``tokens`` (a reload keeps the memory of used tokens,
     see ``StreamTokens.rekeyed``) and ``metrics`` (counters never restart).
-    ``shared`` makes a new registry and new tokens work across processes.
+    ``shared`` makes a new registry and new tokens work across processes; ``cluster``
+    (reload: the running one; else the store ``[cluster]`` names) across boxes.
     """
     credentials = config.credentials
     if metrics is None:
         metrics = BridgeMetrics(worker=config.server.worker, webhook_paths=WEBHOOK_PATHS)
+    if cluster is None:
+        cluster = cluster_store(config.cluster, observer=metrics)
     if registry is None:
         registry = CallRegistry(
             max_calls=config.server.max_concurrent_calls,
@@ -188,6 +193,7 @@ def build_services(
                 threshold_s=config.server.shed_loop_lag_ms / 1000,
                 window_s=config.server.shed_loop_lag_window_s,
             ),
+            publish=cluster.published,
         )
     else:
         registry.max_calls = config.server.max_concurrent_calls
@@ -195,8 +201,7 @@ def build_services(
             registry.pressure.threshold_s = config.server.shed_loop_lag_ms / 1000
             registry.pressure.window_s = config.server.shed_loop_lag_window_s
     if tokens is None:
-        secret = credentials.stream_token_secret.reveal().encode()
-        previous = credentials.stream_token_secret_previous.reveal().encode()
+        secret, previous = token_secrets(config)
         ttl_s = config.twilio.stream_token_ttl_s
         tokens = (
             SharedStreamTokens(secret=secret, ttl_s=ttl_s, shared=shared, previous_secret=previous)
@@ -224,6 +229,7 @@ def build_services(
             auth_token=credentials.twilio_auth_token.reveal(),
             previous_auth_token=credentials.twilio_auth_token_previous.reveal(),
             public_url=config.server.public_url,
+            box_url=config.server.box_url,
             shared_key=credentials.twilio_shared_key.reveal(),
             shared_key_id=config.twilio.shared_key_id,
         )
@@ -240,6 +246,22 @@ def build_services(
         early=connector
         if isinstance(connector, EarlyConnector) and config.vapi.create_early
         else None,
+        cluster=cluster,
+    )
+
+
+def token_secrets(config: Config) -> tuple[bytes, bytes]:
+    """The stream token secrets (current, previous) of this box: with ``server.box_url``,
+    bound to the box, so that no other box of the service accepts its tokens."""
+    credentials = config.credentials
+    pair = (
+        credentials.stream_token_secret.reveal().encode(),
+        credentials.stream_token_secret_previous.reveal().encode(),
+    )
+    if not config.server.box_url:
+        return pair
+    return box_token_secret(pair[0], config.server.box_url), box_token_secret(
+        pair[1], config.server.box_url
     )
 
 
@@ -310,6 +332,8 @@ async def serve(
                 await process_nursery.start(run_watchdog, process.notifier, watchdog_interval_s)
             if shared is not None:
                 process_nursery.start_soon(_sweep_periodically, shared)
+            services = process.services
+            await process_nursery.start(services.cluster.run, services.registry)
             # Rate-limited log lines are reported within a window of their end.
             process_nursery.start_soon(run_suppression_reports)
             async with trio.open_nursery() as http_nursery:
@@ -590,9 +614,10 @@ class _ServerProcess:
         try:
             new, restart_only = _keep_restart_only_settings(old.config, self._reload_config())
             # Used tokens stay used whatever the new secrets are.
+            secret, previous = token_secrets(new)
             tokens = old.tokens.rekeyed(
-                secret=new.credentials.stream_token_secret.reveal().encode(),
-                previous_secret=new.credentials.stream_token_secret_previous.reveal().encode(),
+                secret=secret,
+                previous_secret=previous,
                 ttl_s=new.twilio.stream_token_ttl_s,
             )
             # Builds everything before anything changes: a bad tool handler, say, raises
@@ -606,6 +631,7 @@ class _ServerProcess:
                 shared=self._shared,
                 metrics=old.metrics,
                 early=self.early,
+                cluster=old.cluster,
             )
         except ConfigError as exc:
             others = len(getattr(exc, "__notes__", ()))
@@ -659,7 +685,9 @@ class _ServerProcess:
 #: ``[server]`` keys a reload cannot change: the sockets are bound and the log target and
 #: shared directory set up at start; the public URL is in the ``<Connect action>`` of calls
 #: in progress, whose signatures must keep verifying; the worker names the metrics' series.
-RESTART_ONLY_KEYS = ("listen", "ops_listen", "public_url", "log_target", "shared_dir", "worker")
+RESTART_ONLY_KEYS = (
+    "listen", "ops_listen", "public_url", "box_url", "log_target", "shared_dir", "worker"
+)
 
 
 def _keep_restart_only_settings(old: Config, new: Config) -> tuple[Config, list[str]]:

@@ -47,6 +47,7 @@ from voicebridge.bridge.call import (
 from voicebridge.bridge.early import EarlyConnector
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.bridge.registry import Answer, CallRegistry, Full, RefusalReason, Spent
+from voicebridge.cluster import Acquired, BoxOnly, ClusterStore
 from voicebridge.config import Config
 from voicebridge.control.assistants import AssistantRefused, granted_assistant
 from voicebridge.control.plane import ControlPlane, transfer_twiml
@@ -123,6 +124,8 @@ _REFUSAL_TEXT: dict[RefusalReason, str] = {
     "at-capacity": "at capacity",
     "draining": "draining",
     "loop-behind": "event loop behind",
+    "cluster-full": "the service is at cluster.max_calls",
+    "store-down": "the cluster store does not answer",
 }
 
 
@@ -146,6 +149,8 @@ class Services:
     metrics: BridgeMetrics = field(factory=BridgeMetrics)
     #: Creates the Vapi call as the webhook is answered (``[vapi] create_early``); None: off.
     early: EarlyConnector | None = None
+    #: What this box shares with the other boxes of the service (``[cluster]``).
+    cluster: ClusterStore = field(factory=BoxOnly)
 
 
 def _twiml_response(body: str) -> Response:
@@ -275,7 +280,9 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
 
         def answer() -> str:
             """The stream TwiML with a new token; asked for only for a new admission."""
-            public_url = services.config.server.public_url
+            # This box's own URL: the stream and what follows it never go through a
+            # balancer to another box (docs/operations.md, "Several boxes").
+            public_url = services.config.server.own_url
             parameters = {
                 TOKEN_PARAMETER: services.tokens.issue(claims),
                 CALLER_PARAMETER: claims.caller,
@@ -294,7 +301,7 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
             )
 
         registry = services.registry
-        match registry.admit(call_sid, answer):
+        match await _cluster_refusal(services, call_sid) or registry.admit(call_sid, answer):
             case Answer(twiml=body, repeat=repeat):
                 if not repeat and services.early is not None:
                     services.early.start_early(claims)
@@ -341,8 +348,13 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
         if record is None:
             # Twilio asks as soon as the stream is gone, while the call may still be
             # saying goodbye to Vapi (a round trip): its outcome is a moment away.
-            with trio.move_on_after(AFTER_STREAM_WAIT_S):
+            deadline = trio.current_time() + AFTER_STREAM_WAIT_S
+            with trio.move_on_at(deadline):
                 record = await services.registry.wait_record(call_sid)
+            if record is None:  # another box's call, when the action came through the balancer
+                record = await services.cluster.load_record(
+                    call_sid, max(0.0, deadline - trio.current_time())
+                )
         return _twiml_response(after_stream_twiml(services.config, call_sid, record))
 
     @app.post(STREAM_STATUS_PATH)
@@ -358,6 +370,24 @@ def create_app(get_services: Callable[[], Services]) -> QuartTrio:
 
     add_control_routes(app, lambda: get_services().control)
     return app
+
+
+async def _cluster_refusal(services: Services, call_sid: str) -> Full | None:
+    """Why the service (not this box) refuses the new call ``call_sid``, or None.
+
+    Asks the cluster store for a slot only when the box itself would admit a call; a
+    repeat of the webhook finds its slot held. A slot taken for a call the registry then
+    refuses (a replay) is given back by the store's next sync.
+    """
+    if services.registry.refusal() is not None:
+        return None  # the registry refuses it, for the box's own reason
+    match await services.cluster.acquire(call_sid):
+        case Acquired.FULL:
+            return Full("cluster-full")
+        case Acquired.UNAVAILABLE if services.cluster.refuse_without_store:
+            return Full("store-down")
+        case _:
+            return None
 
 
 def create_ops_app(get_services: Callable[[], Services]) -> QuartTrio:

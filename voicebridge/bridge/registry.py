@@ -67,8 +67,10 @@ MAX_REMEMBERED_CALLS = 50_000
 #: the box), or its reservation lapsed before any stream did (or the drain let it go).
 SpentReason = Literal["streamed", "lapsed"]
 #: Why a new call is refused with the overflow message: ``max_calls`` reached, the server
-#: draining, or its event loop behind (``LoopPressure``: the calls it has use its core).
-RefusalReason = Literal["at-capacity", "draining", "loop-behind"]
+#: draining, its event loop behind (``LoopPressure``: the calls it has use its core), or
+#: the whole service at ``cluster.max_calls``, or its store down with
+#: ``cluster.on_store_failure = "refuse"`` (``voicebridge.cluster``).
+RefusalReason = Literal["at-capacity", "draining", "loop-behind", "cluster-full", "store-down"]
 
 
 @frozen
@@ -131,8 +133,11 @@ class CallRegistry:
         clock: Callable[[], float] = trio.current_time,
         shared: SharedDir | None = None,
         pressure: LoopPressure | None = None,
+        publish: Callable[[CallRecord], None] | None = None,
     ) -> None:
         self.max_calls = max_calls
+        #: Also told every finished call's record (the cluster's store, ``voicebridge.cluster``).
+        self.publish = publish
         #: The event loop's lag: while it is behind, new calls are refused.
         self.pressure = pressure
         self._reservation_ttl_s = reservation_ttl_s
@@ -189,6 +194,11 @@ class CallRegistry:
             if lag is not None:
                 return Full("loop-behind", loop_lag_s=lag)
         return None
+
+    def holding(self) -> frozenset[str]:
+        """The CallSids this process holds a slot for: reserved or streaming."""
+        self._expire()
+        return frozenset(self._reservations) | frozenset(self._active)
 
     @property
     def draining(self) -> bool:
@@ -305,6 +315,8 @@ class CallRegistry:
         self._forget_old_records(now)
         if self._shared is not None:
             self._shared.save_record(record)
+        if self.publish is not None:
+            self.publish(record)
         if record.call_sid in self._answered_early:
             self._answered_early.discard(record.call_sid)
         elif self._draining:

@@ -58,9 +58,9 @@ def vapi_server_override(config: Config) -> dict[str, Any] | None:
     sends it back (``X-Vapi-Secret``, or the bearer header with its prefix).
     """
     control = config.control
-    if not control.enabled or not control.set_server_url or not config.server.public_url:
+    if not control.enabled or not control.set_server_url or not config.server.own_url:
         return None
-    server: dict[str, Any] = {"url": config.server.public_url + WEBHOOK_PATH}
+    server: dict[str, Any] = {"url": config.server.own_url + WEBHOOK_PATH}
     secret = config.credentials.vapi_webhook_secret.reveal()
     if control.credential_id:
         server["credentialId"] = control.credential_id
@@ -139,7 +139,7 @@ def add_control_routes(app: QuartTrio, get_control: Callable[[], ControlPlane | 
             return _error(413, "body too large")
         if authenticator.needs_body:
             query = request.query_string.decode("latin-1")
-            url = config.server.public_url + request.path + (f"?{query}" if query else "")
+            url = config.server.own_url + request.path + (f"?{query}" if query else "")
             try:
                 authenticator.verify(
                     headers=headers, body=body, method=request.method, url=url, now=now

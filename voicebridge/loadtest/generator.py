@@ -200,6 +200,17 @@ class BridgeTarget:
     relay: bool = False
 
 
+def _reached_at(target: BridgeTarget, url: str) -> tuple[str, int]:
+    """Where a URL of the bridge's TwiML is requested: the target for the public URL's
+    host; another host's URL (a box's own ``server.box_url`` behind a balancer) at that
+    host, as Twilio does."""
+    parts = urllib.parse.urlsplit(url)
+    public = urllib.parse.urlsplit(target.public_url or "")
+    if not parts.hostname or parts.netloc == public.netloc:
+        return target.host, target.port
+    return parts.hostname, parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+
+
 @frozen(kw_only=True)
 class CallFigures:
     """What the calls measured, pooled (milliseconds)."""
@@ -699,7 +710,7 @@ class LoadGenerator:
         if self.latency is not None:
             await trio.sleep(self.latency.twilio_stream_setup_ms / 1000)
         ws = await connect_websocket(
-            target.host, target.port, path,
+            *_reached_at(target, stream_url), path,
             {"x-twilio-signature": sign(stream_url, {}, target.auth_token)},
             tls=target.tls,
         )
@@ -852,7 +863,7 @@ class LoadGenerator:
                 "StreamSid": call.stream_sid}
         path = urllib.parse.urlsplit(action_url).path
         result = await http_request(
-            target.host, target.port, "POST", path,
+            *_reached_at(target, action_url), "POST", path,
             body=urllib.parse.urlencode(form).encode(),
             headers={
                 "content-type": "application/x-www-form-urlencoded",

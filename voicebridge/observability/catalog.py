@@ -48,6 +48,8 @@ MESSAGE_IDS: Final[Mapping[str, str]] = {
     "stopped": "4d78ffd284064c0197253b5cf08b0796",
     "sd-notify-failed": "e1a6938b6aec4195809bc3f0040bbdd4",
     "shared-dir-failed": "be74cde439b74feab4ea128e7c904373",
+    "cluster-store-failed": "9ae970389a82421aab521f0347313eba",
+    "cluster-store-recovered": "6e98da73e45e43e1939108fee7b8b607",
     "descriptor-limit-low": "8dc2fd25a0fd4c2ca3559a21196b9fc1",
     "loop-stalled": "3c342d154de34700a38a72a7d1e62a71",
     "log-suppressed": "54303a04d818493ab50efa6d70ecd719",

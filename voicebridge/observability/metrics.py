@@ -250,6 +250,13 @@ class BridgeMetrics:
             ["ended_reason", "outcome"],
             registry=registry,
         )
+        self._cluster_failures = Counter(
+            "voicebridge_cluster_store_failures",
+            "Requests to the cluster store (Redis) that failed or timed out, by operation "
+            "(acquire, renew, publish, lookup); see docs/operations.md.",
+            ["operation"],
+            registry=registry,
+        )
         refused = Counter(
             "voicebridge_admissions_refused",
             "Calls the voice webhook refused with the overflow TwiML, by reason.",
@@ -462,6 +469,10 @@ class BridgeMetrics:
     def call_refused(self, reason: RefusalReason) -> None:
         """The voice webhook answered the overflow TwiML."""
         self._refused[reason].inc()
+
+    def cluster_store_failed(self, operation: str) -> None:
+        """A request to the cluster store failed or timed out (``voicebridge.cluster``)."""
+        self._cluster_failures.labels(operation).inc()
 
     def call_routed(self, route: str, action: str, by: str) -> None:
         """The voice webhook decided an inbound call's route (``routing``)."""

@@ -167,13 +167,14 @@ class WebhookVerifier:
     the token Twilio signed with before a rotation (see the module docstring).
     """
 
-    __slots__ = ("_base", "_shared_key_id", "_shared_validator", "_validators", "_ws_base")
+    __slots__ = ("_bases", "_shared_key_id", "_shared_validator", "_validators")
 
     def __init__(
         self,
         *,
         auth_token: str,
         public_url: str,
+        box_url: str = "",
         shared_key: str = "",
         shared_key_id: str = "",
         previous_auth_token: str = "",
@@ -184,32 +185,44 @@ class WebhookVerifier:
             raise ValueError("the Twilio auth token is empty: signatures cannot be checked")
         self._shared_validator = RequestValidator(shared_key) if shared_key else None
         self._shared_key_id = shared_key_id
-        url = urlsplit(public_url)
-        if url.scheme not in ("https", "http") or not url.netloc:
-            raise ValueError(f"public URL must be http(s)://host[/prefix], not {public_url!r}")
-        if url.query or url.fragment or "?" in public_url or "#" in public_url:
-            raise ValueError(f"public URL must not have a query or fragment: {public_url!r}")
+        for base in (public_url, box_url) if box_url else (public_url,):
+            url = urlsplit(base)
+            if url.scheme not in ("https", "http") or not url.netloc:
+                raise ValueError(f"public URL must be http(s)://host[/prefix], not {base!r}")
+            if url.query or url.fragment or "?" in base or "#" in base:
+                raise ValueError(f"public URL must not have a query or fragment: {base!r}")
         # Invariant: the current token first; at most one previous token after it.
         self._validators: tuple[RequestValidator, ...] = tuple(
             RequestValidator(token)
             for token in dict.fromkeys((auth_token, previous_auth_token))
             if token
         )
-        self._base = public_url.rstrip("/")
-        ws_scheme = "wss" if url.scheme == "https" else "ws"
-        self._ws_base = ws_scheme + self._base[len(url.scheme) :]
+        # Twilio signs the URL it requested: the shared public URL (the voice webhook,
+        # through the balancer) or this box's own (what its TwiML points at).
+        self._bases = tuple(
+            dict.fromkeys(base.rstrip("/") for base in (public_url, box_url) if base)
+        )
 
     def public_url_for(self, path_and_query: str) -> str:
         """The public URL of a request: base URL + path (+ ``?query`` if any)."""
+        return self.public_urls_for(path_and_query)[0]
+
+    def public_urls_for(self, path_and_query: str) -> tuple[str, ...]:
+        """The URLs a request may have been signed for: the public URL's, then the box's."""
         if not path_and_query.startswith("/"):
             path_and_query = "/" + path_and_query
-        return self._base + path_and_query
+        return tuple(base + path_and_query for base in self._bases)
 
     def public_ws_url_for(self, path: str) -> str:
         """The public WebSocket URL of ``path``: the base with https→wss, http→ws."""
-        if not path.startswith("/"):
-            path = "/" + path
-        return self._ws_base + path
+        return self._ws_urls_for(path)[0]
+
+    def _ws_urls_for(self, path: str) -> tuple[str, ...]:
+        return tuple(
+            ("wss" + url.removeprefix("https")) if url.startswith("https") else
+            ("ws" + url.removeprefix("http"))
+            for url in self.public_urls_for(path)
+        )
 
     def _signing(
         self, settings: str | None
@@ -260,9 +273,14 @@ class WebhookVerifier:
         if not signature:
             raise SignatureError("missing")
         validators, algorithm, what = self._signing(settings)
-        url = self.public_url_for(path_and_query)
+        urls = self.public_urls_for(path_and_query)
+        url = urls[-1]
         values = _multi_values(params)
-        if not any(v.validate(url, values, signature, algorithm) for v in validators):
+        if not any(
+            v.validate(candidate, values, signature, algorithm)
+            for v in validators
+            for candidate in urls
+        ):
             raise SignatureError(
                 "mismatch", f"not signed with {what} for {url} with these parameters"
             )
@@ -286,7 +304,8 @@ class WebhookVerifier:
         if not signature:
             raise SignatureError("missing")
         validators, algorithm, what = self._signing(settings)
-        url = self.public_url_for(path_and_query)
+        urls = self.public_urls_for(path_and_query)
+        url = urls[-1]
         claimed = parse_qs(urlsplit(url).query).get("bodySHA256")
         if not claimed:
             raise SignatureError("mismatch", "no bodySHA256 in the query of a JSON webhook")
@@ -294,7 +313,11 @@ class WebhookVerifier:
         actual = hashlib.sha256(body).hexdigest()
         if not hmac.compare_digest(actual, claimed[0].strip().lower()):
             raise SignatureError("mismatch", "bodySHA256 does not match the body")
-        if not any(v.validate(url, {}, signature, algorithm) for v in validators):
+        if not any(
+            v.validate(candidate, {}, signature, algorithm)
+            for v in validators
+            for candidate in urls
+        ):
             raise SignatureError("mismatch", f"not signed with {what} for {url}")
 
     def verify_upgrade(
@@ -311,12 +334,14 @@ class WebhookVerifier:
         if not signature:
             raise SignatureError("missing")
         validators, algorithm, _ = self._signing(settings)
-        url = self.public_ws_url_for(path)
+        urls = self._ws_urls_for(path)
+        url = urls[-1]
         given = signature.encode()
         for validator in validators:
-            for slashed in (url, _toggle_trailing_slash(url)):
-                for candidate in _port_variants(slashed):
-                    expected = validator.compute_signature(candidate, {}, algorithm)
-                    if hmac.compare_digest(str(expected).encode(), given):
-                        return
+            for signed in urls:
+                for slashed in (signed, _toggle_trailing_slash(signed)):
+                    for candidate in _port_variants(slashed):
+                        expected = validator.compute_signature(candidate, {}, algorithm)
+                        if hmac.compare_digest(str(expected).encode(), given):
+                            return
         raise SignatureError("mismatch", f"not signed for {url} (with or without a trailing /)")
