@@ -364,7 +364,6 @@ class Call:
         # its socket closed. Caller audio when nobody listens is not counted as dropped.
         self._outbox: AssistantOutbox | None = None
         self._frames_from_caller = 0
-        self._caller_frame_at = 0.0  # when the last Twilio frame came (trio clock)
         self._frames_to_assistant = 0
         self._frames_dropped = 0
         self._caller_audio_bytes = 0
@@ -527,60 +526,40 @@ class Call:
 
     async def _caller_to_agent(self) -> None:
         inactivity_s = self._settings.media_inactivity_s
-        # The inactivity deadline is watched by a task that wakes once per period, not
-        # re-armed per frame: moving a scope's deadline costs about ten times as much
-        # as noting the time, fifty times a second per call.
-        self._caller_frame_at = trio.current_time()
         with trio.CancelScope() as inactivity_scope:
-            async with trio.open_nursery() as watch:
-                watch.start_soon(self._watch_caller_frames, inactivity_scope, inactivity_s)
-                try:
-                    await self._read_caller()
-                finally:
-                    watch.cancel_scope.cancel()
+            inactivity_scope.deadline = trio.current_time() + inactivity_s
+            try:
+                while True:
+                    event = self._stream.receive(await self._twilio.receive())
+                    inactivity_scope.deadline = trio.current_time() + inactivity_s
+                    if isinstance(event, tw.Media):
+                        # Nearly every frame: kept off the match (a class pattern costs
+                        # more than this test), which takes the rest exhaustively.
+                        self._forward_audio(event.payload)
+                        if self._edge is not None and self._playout is not None:
+                            await self._edge.hear(event.payload, self._playout)
+                        continue
+                    match event:
+                        case tw.Mark():
+                            if self._playout is not None:
+                                self._playout.mark_played(event.name)
+                        case tw.Dtmf():
+                            await self._forward_digit(event.digit)
+                        case tw.Stop():
+                            self._end(Outcome.CALLER_HUNG_UP, "Twilio sent stop")
+                            return
+                        case tw.Connected() | tw.Start() | tw.Unrecognized():
+                            log.debug("call %s: ignoring Twilio event %r", self._call_sid, event)
+                        case _:
+                            assert_never(event)
+            except SocketClosed as exc:
+                self._end(Outcome.STREAM_LOST, f"media socket closed without stop ({exc})")
+                return
+            except RemoteProtocolError as exc:
+                self._end(Outcome.PROTOCOL_ERROR, f"Twilio frame: {exc}")
+                return
         if inactivity_scope.cancelled_caught:
             self._end(Outcome.STREAM_LOST, f"no frames from Twilio for {inactivity_s:g} s")
-
-    async def _watch_caller_frames(self, scope: trio.CancelScope, inactivity_s: float) -> None:
-        """Cancel ``scope`` once ``inactivity_s`` passed since the last Twilio frame."""
-        while True:
-            deadline = self._caller_frame_at + inactivity_s
-            if trio.current_time() >= deadline:
-                scope.cancel()
-                return
-            await trio.sleep_until(deadline)
-
-    async def _read_caller(self) -> None:
-        try:
-            while True:
-                event = self._stream.receive(await self._twilio.receive())
-                self._caller_frame_at = trio.current_time()
-                if isinstance(event, tw.Media):
-                    # Nearly every frame: kept off the match (a class pattern costs
-                    # more than this test), which takes the rest exhaustively.
-                    self._forward_audio(event.payload)
-                    if self._edge is not None and self._playout is not None:
-                        await self._edge.hear(event.payload, self._playout)
-                    continue
-                match event:
-                    case tw.Mark():
-                        if self._playout is not None:
-                            self._playout.mark_played(event.name)
-                    case tw.Dtmf():
-                        await self._forward_digit(event.digit)
-                    case tw.Stop():
-                        self._end(Outcome.CALLER_HUNG_UP, "Twilio sent stop")
-                        return
-                    case tw.Connected() | tw.Start() | tw.Unrecognized():
-                        log.debug("call %s: ignoring Twilio event %r", self._call_sid, event)
-                    case _:
-                        assert_never(event)
-        except SocketClosed as exc:
-            self._end(Outcome.STREAM_LOST, f"media socket closed without stop ({exc})")
-            return
-        except RemoteProtocolError as exc:
-            self._end(Outcome.PROTOCOL_ERROR, f"Twilio frame: {exc}")
-            return
 
     def _forward_audio(self, payload: bytes) -> None:
         self._frames_from_caller += 1
