@@ -325,14 +325,7 @@ class Playout:
             if not self.held:
                 return  # confirmed meanwhile: barge_in() clears
             kept = b"".join(chunk.data for chunk in self._outstanding)
-            for chunk in self._outstanding:
-                self._cleared_marks[chunk.mark] = 0  # to be played again, not discarded
-            self._outstanding.clear()
-            self._buffered_ms = 0
-            for mark in self._presumed:
-                self._cleared_marks[mark] = 0
-            self._presumed.clear()
-            self._presumed_ms = 0
+            self._forget_buffered(discarded=False)  # to be played again, not discarded
             self._pending[:0] = kept
             await self._twilio.send(self._open_stream().send_clear())
         finally:
@@ -570,18 +563,7 @@ class Playout:
     async def _send_clear(self) -> None:
         interrupted_at = self._interrupted_at
         self._interrupted_at = None
-        discarded = 0
-        for chunk in self._outstanding:
-            self._cleared_marks[chunk.mark] = chunk.ms
-            discarded += chunk.ms
-        self._outstanding.clear()
-        self._buffered_ms = 0
-        # Presumed heard, probably played: their echoes, if any, are neither heard
-        # nor discarded.
-        for mark in self._presumed:
-            self._cleared_marks[mark] = 0
-        self._presumed.clear()
-        self._presumed_ms = 0
+        discarded = self._forget_buffered(discarded=True)
         await self._twilio.send(self._open_stream().send_clear())
         now = self._clock()
         if interrupted_at is not None:
@@ -597,6 +579,23 @@ class Playout:
         self._turn_heard_ms = 0
 
     # -- helpers -------------------------------------------------------------------
+
+    def _forget_buffered(self, *, discarded: bool) -> int:
+        """Forget what Twilio holds, as a ``clear`` is about to drop it; the ms of
+        unconfirmed audio. Their echoes, should any still come, count as discarded
+        (``discarded``) or as nothing (audio to be played again). Presumed heard,
+        probably played: their echoes are neither heard nor discarded."""
+        dropped_ms = 0
+        for chunk in self._outstanding:
+            self._cleared_marks[chunk.mark] = chunk.ms if discarded else 0
+            dropped_ms += chunk.ms
+        self._outstanding.clear()
+        self._buffered_ms = 0
+        for mark in self._presumed:
+            self._cleared_marks[mark] = 0
+        self._presumed.clear()
+        self._presumed_ms = 0
+        return dropped_ms
 
     def _begin_turn(self) -> None:
         """A new assistant turn: its audio plays, and its heard time counts from zero."""
