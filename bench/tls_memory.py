@@ -196,8 +196,11 @@ async def connect_pair(
             nursery.start_soon(client_raw.handshake)
             nursery.start_soon(server_raw.handshake)
         client_transport, server_transport = client_raw, server_raw
-    client_ws, server_ws = ws_pair()
-    return WsConnection(client_transport, client_ws), WsConnection(server_transport, server_ws)
+    ws_pair()  # the opening handshake, which both ends are past
+    return (
+        WsConnection(client_transport, client=True),
+        WsConnection(server_transport, client=False),
+    )
 
 
 def rss_bytes() -> int:

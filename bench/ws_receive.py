@@ -52,7 +52,7 @@ def pair() -> tuple[WsConnection, socket.socket, WSConnection]:
     client.receive_data(server.send(AcceptConnection()))
     next(client.events())
     theirs.setblocking(False)
-    return WsConnection(SocketTransport(ours), server), theirs, client
+    return WsConnection(SocketTransport(ours), client=False), theirs, client
 
 
 async def paced(seconds: float) -> float:

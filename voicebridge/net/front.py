@@ -290,6 +290,7 @@ async def serve_front(
     ended (or been cancelled ``config.graceful_timeout`` later), then the lifespan
     shutdown ran. Cancelled, it closes the listeners and every connection at once.
     """
+
     def start_accepting(
         host: HypercornHost, accept_nursery: trio.Nursery, connection_nursery: trio.Nursery
     ) -> None:
@@ -941,8 +942,10 @@ class _Front:
             received += chunk
             if not self.follow(slot, framing.receive(chunk)):
                 return
-        if preread and self._early is not None and await self._answer_early(
-            conn, slot, framing, head, bytes(received)
+        if (
+            preread
+            and self._early is not None
+            and await self._answer_early(conn, slot, framing, head, bytes(received))
         ):
             return
         stream = _Guarded(

@@ -65,9 +65,7 @@ def bind_ops_listener(address: str) -> socket.socket:
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server(
-            (host, int(port)), family=family, backlog=OPS_LISTEN_BACKLOG
-        )
+        return socket.create_server((host, int(port)), family=family, backlog=OPS_LISTEN_BACKLOG)
     except OSError as exc:
         raise OSError(exc.errno, f"ops listener {address}: {exc.strerror}") from exc
 
@@ -203,5 +201,3 @@ async def _accept(listener: socket.socket) -> socket.socket:
             await trio.sleep(ACCEPT_BACKOFF_S)
             continue
         return conn
-
-

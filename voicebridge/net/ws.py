@@ -1,4 +1,4 @@
-"""A lean WebSocket connection for the call's two sockets: wsproto, read by the call's own task.
+"""A lean WebSocket connection for the call's two sockets, read by the call's own task.
 
 Both of a call's sockets carry a message every few milliseconds, and a barge-in
 must cross the bridge in one scheduling pass. The general-purpose stacks each put
@@ -26,9 +26,11 @@ figures: docs/performance.md). ``WsConnection`` has no task of its own:
 - ``ping()`` writes a ping and waits for its pong, which the reader notes: like
   trio-websocket's, it needs someone to be reading.
 
-The framing, masking, UTF-8 checks and close handshake are wsproto's. A message
-over ``MAX_MESSAGE_BYTES`` closes the connection with 1009; a frame that breaks the
-protocol closes it with wsproto's code (1002, 1007, …). Either way ``receive``
+The framing, masking and UTF-8 checks are ``net.frames``'; the opening handshake is
+wsproto's (``read_upgrade``, and the Vapi client's). A message over
+``MAX_MESSAGE_BYTES`` closes the connection with 1009 (judged from the frame's
+header, before its payload is read); a frame that breaks the protocol closes it
+with the code ``net.frames`` names (1002, 1007). Either way ``receive``
 raises ``SocketClosed`` with that code, so the call ends with one log line.
 """
 
@@ -36,26 +38,28 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.events import AcceptConnection, Request
+from wsproto.utilities import RemoteProtocolError
 
 from voicebridge.errors import SocketClosed
+from voicebridge.net.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    ProtocolViolation,
+    client_frame,
+    close_payload,
+    server_frame,
+)
 from voicebridge.net.transport import ABNORMAL_CLOSURE, Transport
 from voicebridge.sockets import (
     FAIR_SLICE_EVENTS,
@@ -71,35 +75,33 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 #: How long ``aclose`` waits for the peer's answering close frame before dropping the
 #: connection (within the caller's own deadline). Live peers answer in a round trip.
 CLOSE_REPLY_S = 1.0
-MESSAGE_TOO_BIG = 1009
 
 
 class WsConnection:
-    """``PingableSocket`` over an open wsproto connection; see the module docstring.
+    """``PingableSocket`` over a connection past its opening handshake; see the module docstring.
 
-    ``ws`` has finished its opening handshake (``accept_upgrade``, or the Vapi
-    client's); bytes read past the handshake are already in it.
+    ``client``: we opened the connection (the Vapi leg), so our frames are masked and
+    the peer's must not be; otherwise we are the server (the media socket). ``early``:
+    bytes read past the handshake, the peer's first frames.
     """
 
     def __init__(
         self,
         transport: Transport,
-        ws: WSConnection,
         *,
+        client: bool,
+        early: bytes = b"",
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._transport = transport
-        self._ws = ws
-        self._max_message_bytes = max_message_bytes
-        # The events of the bytes fed to wsproto so far, parsed as they are taken.
-        self._events: Iterator[Event] = ws.events()
+        self._parser = FrameParser(masked=not client, max_message_bytes=max_message_bytes)
+        if early:
+            self._parser.feed(early)
+        self._frame = client_frame if client else server_frame
         # Frames this connection may still handle before its reader checkpoints.
         # Invariant: 0 <= _slice_left <= FAIR_SLICE_EVENTS; at 0 no frame is taken
         # before a checkpoint (which refills it).
         self._slice_left = FAIR_SLICE_EVENTS
-        # The frames of a fragmented message so far (rare: Twilio and Vapi send whole ones).
-        self._partial: list[Any] | None = None
-        self._partial_size = 0
         # Writers take turns. A semaphore, not a Lock: the rest of a frame that
         # send_nowait began is finished (and the turn handed back) by another task.
         self._write_lock = trio.Semaphore(1, max_value=1)
@@ -111,6 +113,8 @@ class WsConnection:
         # Set once the connection is closed: the code for SocketClosed, and why.
         self._close_code: int | None = None
         self._close_reason = ""
+        # Our close frame is written (or being written): no frame may follow it.
+        self._close_sent = False
         self._peer_closed = trio.Event()
         self._transport_closed = False
         # True while a task is in receive(): aclose then leaves the reading to it.
@@ -129,16 +133,26 @@ class WsConnection:
         Returns without a checkpoint when the message's bytes were read already or
         are readable at once; checkpoints at least once per ``FAIR_SLICE_EVENTS``
         frames it handles, and whenever it waits. Cancelled: no message is lost
-        (every checkpoint comes before a frame is taken from wsproto).
+        (every checkpoint comes before a frame is taken from the parser).
         """
+        parser = self._parser
         while True:
-            await self._take_turn_if_due()
-            event = next(self._events, None)
-            if event is not None:
+            if self._slice_left <= 0:
+                # A counter, not a clock: one decrement per frame on the hot path.
+                self._slice_left = FAIR_SLICE_EVENTS
+                await trio.lowlevel.checkpoint()
+            try:
+                frame = parser.next()
+            except ProtocolViolation as exc:
+                self._fail(exc.code, exc.reason)
+                continue
+            if frame is not None:
                 self._slice_left -= 1
-                message = await self._handle(event)
-                if message is not None:
-                    return message
+                opcode, payload = frame
+                if opcode >= OP_CLOSE:
+                    await self._control(opcode, payload)
+                elif opcode != OP_CONTINUATION and self._close_code is None:
+                    return payload  # type: ignore[return-value]
                 continue
             if self._close_code is not None:
                 raise SocketClosed(self._close_code, self._close_reason)
@@ -150,83 +164,41 @@ class WsConnection:
             if not data:
                 self._lost("connection lost without a close frame")
                 continue
-            self._feed(data)
+            parser.feed(data)
 
     async def _take_turn_if_due(self) -> None:
-        """Checkpoint once ``FAIR_SLICE_EVENTS`` frames were handled since the last time.
-
-        A counter, not a clock: one decrement per frame on the hot path.
-        """
+        """Checkpoint once ``FAIR_SLICE_EVENTS`` frames were handled since the last time."""
         if self._slice_left <= 0:
             self._slice_left = FAIR_SLICE_EVENTS
             await trio.lowlevel.checkpoint()
 
-    def _feed(self, data: bytes) -> None:
-        self._ws.receive_data(data)
-        self._events = self._ws.events()
-
-    async def _handle(self, event: Event) -> str | bytes | None:
-        """Act on one event; the message it completes, if any."""
-        match event:
-            case TextMessage() | BytesMessage():
-                return self._on_message(event)
-            case Ping():
-                if self._close_code is None:  # a closing connection owes no pong
-                    await self._write_event(event.response(), quiet=True)
-            case Pong():
-                pong = self._pings.pop(bytes(event.payload), None)
-                if pong is not None:
-                    pong.set()
-            case CloseConnection():
-                await self._on_close(event)
-            case _:
-                pass  # nothing else arrives on an open connection
-        return None
-
-    def _on_message(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        """The message ``event`` completes, if any (none once the connection is closed)."""
-        if self._close_code is not None:
-            return None
-        data = event.data
-        if event.message_finished and self._partial is None:
-            if len(data) > self._max_message_bytes:
-                self._fail(MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes")
-                return None
-            return data if isinstance(data, str) else bytes(data)
-        self._partial_size += len(data)
-        if self._partial_size > self._max_message_bytes:
-            self._partial = None
-            self._fail(MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes")
-            return None
-        if self._partial is None:
-            self._partial = []
-        self._partial.append(data)
-        if not event.message_finished:
-            return None
-        parts = self._partial
-        self._partial = None
-        self._partial_size = 0
-        return "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
-
-    async def _on_close(self, event: CloseConnection) -> None:
-        state = self._ws.state
-        if state is ConnectionState.REMOTE_CLOSING:
-            # The peer closed first: answer with the same code, then we are done.
-            await self._write_event(event.response(), quiet=True)
-            self._set_closed(event.code, event.reason or "closed by the peer")
-        elif state is ConnectionState.CLOSED:
-            # The answer to our own close frame.
-            self._set_closed(event.code, event.reason or "")  # no-op: ours is recorded
+    async def _control(self, opcode: int, payload: Any) -> None:
+        """Act on a control frame: answer a ping, note a pong, answer a close."""
+        if opcode == OP_PING:
+            if not self._close_sent:  # a closing connection owes no pong
+                await self._write_control(self._frame(OP_PONG, payload))
+        elif opcode == OP_PONG:
+            pong = self._pings.pop(payload, None)
+            if pong is not None:
+                pong.set()
         else:
-            # wsproto found the peer's bytes broken (ParseFailed): close with its code.
-            self._fail(event.code, event.reason or "protocol error")
-        self._peer_closed.set()
+            code, reason = payload
+            if not self._close_sent:
+                # The peer closed first: answer with the same code, then we are done.
+                self._close_sent = True
+                await self._write_control(self._frame(OP_CLOSE, close_payload(code, reason)))
+                self._set_closed(code, reason or "closed by the peer")
+            else:
+                # The answer to our own close frame (ours is recorded already).
+                self._set_closed(code, reason)
+            self._peer_closed.set()
 
     def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: send our close frame (best effort), stop reading."""
         self._set_closed(code, reason)
-        with contextlib.suppress(LocalProtocolError):
-            data = self._ws.send(CloseConnection(code=code, reason=reason[:100]))
+        if not self._close_sent:
+            self._close_sent = True
+            data = self._frame(OP_CLOSE, close_payload(code, reason[:100]))
             if self._write_lock.value:
                 with contextlib.suppress(SocketClosed):
                     self._transport.try_send(memoryview(data))
@@ -247,13 +219,15 @@ class WsConnection:
 
     # -- writing --------------------------------------------------------------------
 
-    async def send(self, message: str | bytes) -> None:
-        if self._close_code is not None or self._ws.state is not ConnectionState.OPEN:
-            raise SocketClosed(self._close_code, self._close_reason or "closing")
+    def _data_frame(self, message: str | bytes) -> bytes:
         if isinstance(message, str):
-            await self._write(self._ws.send(TextMessage(data=message)))
-        else:
-            await self._write(self._ws.send(BytesMessage(data=message)))
+            return self._frame(OP_TEXT, message.encode("utf-8"))
+        return self._frame(OP_BINARY, message)
+
+    async def send(self, message: str | bytes) -> None:
+        if self._close_code is not None or self._close_sent:
+            raise SocketClosed(self._close_code, self._close_reason or "closing")
+        await self._write(self._data_frame(message))
 
     def send_nowait(self, message: str | bytes) -> bool:
         """Write one message now, without waiting, or say it cannot be done.
@@ -267,16 +241,9 @@ class WsConnection:
         rest may be ciphertext only (the frame was encrypted whole, and the kernel
         took part of its records).
         """
-        if (
-            self._write_lock.value == 0
-            or self._close_code is not None
-            or self._ws.state is not ConnectionState.OPEN
-        ):
+        if self._write_lock.value == 0 or self._close_code is not None or self._close_sent:
             return False
-        if isinstance(message, str):
-            data = memoryview(self._ws.send(TextMessage(data=message)))
-        else:
-            data = memoryview(self._ws.send(BytesMessage(data=message)))
+        data = memoryview(self._data_frame(message))
         transport = self._transport
         try:
             sent = transport.try_send(data)
@@ -305,18 +272,10 @@ class WsConnection:
         finally:
             self._write_lock.release()
 
-    async def _write_event(self, event: Event, *, quiet: bool = False) -> None:
-        try:
-            data = self._ws.send(event)
-        except LocalProtocolError:
-            if quiet:
-                return
-            raise SocketClosed(self._close_code, "closing") from None
-        try:
+    async def _write_control(self, data: bytes) -> None:
+        """Write a pong or the answer to a close; a connection already gone is no error."""
+        with contextlib.suppress(SocketClosed):
             await self._write(data)
-        except SocketClosed:
-            if not quiet:
-                raise
 
     async def _write(self, data: bytes) -> None:
         """Write one whole frame, in turn with other writers; shielded and bounded."""
@@ -354,14 +313,14 @@ class WsConnection:
 
     async def ping(self) -> None:
         """Write a ping and wait for its pong (noted by whoever is in ``receive``)."""
-        if self._close_code is not None:  # nobody would ever answer it
-            raise SocketClosed(self._close_code, self._close_reason)
+        if self._close_code is not None or self._close_sent:  # nobody would ever answer it
+            raise SocketClosed(self._close_code, self._close_reason or "closing")
         self._ping_seq += 1
         payload = self._ping_seq.to_bytes(8, "big")
         pong = trio.Event()
         self._pings[payload] = pong
         try:
-            await self._write_event(Ping(payload=payload))
+            await self._write(self._frame(OP_PING, payload))
             await pong.wait()
         finally:
             self._pings.pop(payload, None)
@@ -376,10 +335,11 @@ class WsConnection:
             try:
                 # Lost (1006: the peer vanished, or a write was cut short): nothing more
                 # can be written, and a close frame after a torn frame is garbage.
-                if self._ws.state is ConnectionState.OPEN and self._close_code is None:
+                if not self._close_sent and self._close_code is None:
+                    self._close_sent = True
                     self._set_closed(code, reason or "closed by us")
-                    close = CloseConnection(code=code, reason=reason[:100])
-                    await self._write_close(self._ws.send(close))
+                    close = self._frame(OP_CLOSE, close_payload(code, reason[:100]))
+                    await self._write_close(close)
                     with trio.move_on_after(CLOSE_REPLY_S):
                         if self._reading:
                             await self._peer_closed.wait()
@@ -411,17 +371,23 @@ class WsConnection:
         As fair as ``receive``: a peer that keeps sending instead of answering does
         not hold the loop, and the caller's deadline is seen.
         """
+        parser = self._parser
         while not self._peer_closed.is_set():
             await self._take_turn_if_due()
-            event = next(self._events, None)
-            if event is None:
+            try:
+                frame = parser.next()
+            except ProtocolViolation:
+                return  # a broken answer ends the wait as well as a close would
+            if frame is None:
+                if parser.done:
+                    return
                 data = await self._transport.receive_some()
                 if not data:
                     return
-                self._feed(data)
+                parser.feed(data)
                 continue
             self._slice_left -= 1
-            if isinstance(event, CloseConnection):
+            if frame[0] == OP_CLOSE:
                 self._peer_closed.set()
 
 
@@ -438,7 +404,7 @@ class UpgradeRefused(Exception):
 
 
 #: Where a request head ends, as h11 finds it: the first blank line (bare LFs too).
-_HEAD_END = re.compile(rb"\n\r?\n")
+HEAD_END = re.compile(rb"\n\r?\n")
 
 
 @attrs.frozen
@@ -462,7 +428,7 @@ def read_upgrade(data: bytes) -> Upgrade:
     bytes h11 read past the request to a client's connection, but not to a
     server's, so they go in only once the connection is open.
     """
-    end = _HEAD_END.search(data)
+    end = HEAD_END.search(data)
     split = end.end() if end is not None else len(data)
     ws = WSConnection(ConnectionType.SERVER)
     try:
@@ -493,9 +459,9 @@ async def accept_upgrade(
                 await transport.send_rest(data[sent:])
         if write_scope.cancelled_caught:
             raise SocketWriteTimeout(None, "write deadline passed")
-    if upgrade.early:
-        ws.receive_data(upgrade.early)
-    return WsConnection(transport, ws, max_message_bytes=max_message_bytes)
+    return WsConnection(
+        transport, client=False, early=upgrade.early, max_message_bytes=max_message_bytes
+    )
 
 
 _BAD_UPGRADE = (

@@ -36,7 +36,7 @@ from voicebridge.net.transport import (
     TlsSocketTransport,
     Transport,
 )
-from voicebridge.net.ws import WsConnection
+from voicebridge.net.ws import HEAD_END, WsConnection
 from voicebridge.routing import create_overrides
 from voicebridge.sockets import MessageSocket
 from voicebridge.vapi import transport
@@ -377,11 +377,11 @@ async def open_transport(
     with trio.move_on_after(connect_deadline_s):
         transport = await _connect_transport(target, secrets)
         try:
-            await _upgrade(transport, ws, request, secrets)
+            early = await _upgrade(transport, ws, request, secrets)
         except BaseException:
             await _drop(transport)
             raise
-        connection = WsConnection(transport, ws)
+        connection = WsConnection(transport, client=True, early=early)
     if connection is None:
         raise _connect_error("timeout", f"no upgrade within {connect_deadline_s:g} s")
     try:
@@ -464,12 +464,13 @@ async def _connect_transport(target: _Target, secrets: tuple[str, ...]) -> Trans
 
 async def _upgrade(
     transport: Transport, ws: WSConnection, request: bytes, secrets: tuple[str, ...]
-) -> None:
+) -> bytes:
     """Send the upgrade ``request`` and read the answer until ``ws`` is open.
 
-    Raises ``VapiError``: the upgrade refused (its status), ``protocol`` (not HTTP, or
-    HTTP but not a WebSocket answer), ``dropped`` (the connection closed first).
-    Bytes that followed the 101 stay in ``ws`` for the connection to parse.
+    Returns the bytes that followed the 101's head (Vapi's first frames, when they
+    came in the same read), for the connection to parse. Raises ``VapiError``: the
+    upgrade refused (its status), ``protocol`` (not HTTP, or HTTP but not a
+    WebSocket answer), ``dropped`` (the connection closed first).
     """
     view = memoryview(request)
     try:
@@ -478,13 +479,17 @@ async def _upgrade(
             await transport.send_rest(view[sent:])
     except SocketClosed as exc:
         raise _connect_error("dropped", f"sending the upgrade: {exc.reason}") from None
+    answer = b""
     while True:
         data = await transport.receive_some()
+        answer += data
         try:
             ws.receive_data(data)  # b"": the peer closed
             for event in ws.events():
                 if isinstance(event, AcceptConnection):
-                    return  # stop here: what follows is the connection's to read
+                    # What follows the head (where h11 ended it) is the connection's.
+                    end = HEAD_END.search(answer)
+                    return answer[end.end() :] if end is not None else b""
                 if isinstance(event, RejectConnection):
                     raise _rejected_upgrade(event.status_code)
         except wsproto.utilities.RemoteProtocolError as exc:
