@@ -35,6 +35,7 @@ from voicebridge.loadtest.generator import (
     MARKER_LIMIT,
     BridgeTarget,
     CallSpan,
+    Playback,
     Traffic,
     marker,
     read_marker,
@@ -92,10 +93,17 @@ def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
     assert report["failed_calls"] == 0
     assert report["heard_after_clear_ms"] == 0
     assert report["dropped_frames"] == 0
-    for direction in ("caller_to_agent", "agent_to_caller"):
-        figures = report["added_latency_ms"][direction]
+    added = report["added_latency_ms"]
+    assert set(added) == {
+        "caller_to_agent", "agent_to_caller_at_playback", "agent_to_caller_at_arrival"
+    }
+    # At playback it may be nothing at all, never less: the caller hears no chunk
+    # earlier than a perfect wire would have played it.
+    for direction, figures in added.items():
         assert set(figures) == {"p50", "p99", "max"}
-        assert 0 < figures["p50"] <= figures["p99"] <= figures["max"] < 1000
+        assert 0 <= figures["p50"] <= figures["p99"] <= figures["max"] < 1000, direction
+    assert added["caller_to_agent"]["p50"] > 0
+    assert added["agent_to_caller_at_arrival"]["p50"] > 0
     # The window is 2 s of 5 calls at 50 frames/s.
     assert report["frames"]["caller_to_agent"]["measured"] >= 400
     assert report["barge_ins"] >= 1
@@ -143,7 +151,8 @@ def test_with_barge_in_at_the_edge_the_generators_calls_are_never_held(
     assert code == 0, report
     assert report["failed_calls"] == 0 and report["dropped_frames"] == 0
     assert report["frames"]["agent_to_caller"]["measured"] > 0
-    assert report["added_latency_ms"]["agent_to_caller"]["max"] < 400
+    assert report["added_latency_ms"]["agent_to_caller_at_playback"]["max"] < 400
+    assert report["added_latency_ms"]["agent_to_caller_at_arrival"]["max"] < 400
     assert report["barge_ins"] == 0
 
 
@@ -159,6 +168,8 @@ def test_the_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
     assert table.splitlines()[0].endswith("Vapi leg ws:// (no TLS)")
     assert "Vapi TLS handshakes" not in table
     assert "added latency caller→agent (ms)" in table
+    assert "added latency agent→caller at playback (ms)" in table
+    assert "added latency agent→caller at arrival (ms)" in table
     assert "failed calls:               0" in table
     assert "result: VALID" in table
 
@@ -466,6 +477,66 @@ async def test_over_tls_frames_the_kernel_cannot_take_at_once_follow_in_order(
     assert plain == expected
     await ws.aclose()
     client.sock.close()
+
+
+def _chunk(seq: int, size: int) -> bytes:
+    """An assistant chunk as the generator sends it: its marker, then silence."""
+    return marker(seq) + b"\xff" * (size - MARKER_BYTES)
+
+
+def _latencies(
+    chunks: list[tuple[float, bytes]], frames: list[tuple[float, int, int]]
+) -> dict[int, tuple[float, float]]:
+    """(ms at playback, ms at arrival) of each chunk (sent at, audio), the assistant's
+    audio reaching the caller as frames (arrival, first byte, end) of its byte stream."""
+    wire, twilio = Playback(), Playback()
+    wire_heard = [wire.play(len(audio), sent_at) for sent_at, audio in chunks]
+    stream = b"".join(audio for _, audio in chunks)
+    figures = {}
+    for now, start, end in frames:
+        for seq, heard_at in twilio.hear(stream[start:end], now):
+            figures[seq] = ((heard_at - wire_heard[seq]) * 1000, (now - chunks[seq][0]) * 1000)
+    return figures
+
+
+def test_a_chunk_held_while_twilio_still_plays_is_heard_on_time() -> None:
+    # A burst: 25 ms of audio, then the next chunk 4 ms later. The bridge sends a whole
+    # frame at once and holds the rest until the next chunk completes the frame, 15 ms
+    # in, while Twilio still plays the first frame: the caller hears nothing later.
+    chunks = [(0.0, _chunk(0, 200)), (0.004, _chunk(1, 200))]
+    figures = _latencies(chunks, [(0.0, 0, 160), (0.015, 160, 320), (0.030, 320, 400)])
+    assert figures[0] == pytest.approx((0.0, 0.0))
+    assert figures[1] == pytest.approx((0.0, 11.0))
+
+
+def test_a_marker_split_across_frames_is_heard_when_its_first_byte_plays() -> None:
+    # The first frame holds 20 bytes of the second chunk's marker, the held frame its rest.
+    chunks = [(0.0, _chunk(0, 140)), (0.002, _chunk(1, 300))]
+    figures = _latencies(chunks, [(0.0, 0, 160), (0.012, 160, 320), (0.030, 320, 440)])
+    assert figures[1] == pytest.approx((0.0, 10.0))
+
+
+def test_audio_reaching_a_dry_buffer_is_as_late_as_it_arrived_and_so_is_what_follows() -> None:
+    # Real time: a frame every 20 ms. The second reaches Twilio 7 ms after the first had
+    # played; the third is on time, but plays after the second: 7 ms late as well.
+    chunks = [(0.0, _chunk(0, 160)), (0.020, _chunk(1, 160)), (0.040, _chunk(2, 160))]
+    figures = _latencies(chunks, [(0.0, 0, 160), (0.027, 160, 320), (0.041, 320, 480)])
+    assert figures[1] == pytest.approx((7.0, 7.0))
+    assert figures[2] == pytest.approx((7.0, 1.0))
+
+
+def test_a_barge_in_empties_both_buffers() -> None:
+    # 100 ms of audio, talked over 30 ms in: the assistant's signal empties the wire's
+    # buffer, the bridge's clear Twilio's. The next turn starts on an empty buffer each.
+    wire, twilio = Playback(), Playback()
+    assert wire.play(800, 0.0) == 0.0
+    assert [seq for seq, _ in twilio.hear(_chunk(0, 800), 0.001)] == [0]
+    wire.clear(0.030)
+    twilio.clear(0.032)
+    wire_heard = wire.play(160, 0.050)
+    [(seq, heard_at)] = twilio.hear(_chunk(1, 160), 0.051)
+    assert (seq, wire_heard, heard_at) == (1, 0.050, 0.051)
+    assert (wire.end, twilio.end) == (pytest.approx(0.070), pytest.approx(0.071))
 
 
 def test_markers_survive_any_sequence_number() -> None:
