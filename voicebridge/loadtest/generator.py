@@ -164,8 +164,8 @@ class Playback:
 
     Audio plays from when it arrives or when the buffer runs dry, whichever is later,
     at ``BYTES_PER_S``. The caller keeps one for Twilio's buffer (what the bridge sends,
-    as it arrives) and one for a perfect wire (each assistant chunk delivered the moment
-    it is sent): when the caller would have heard each chunk without the bridge.
+    as it arrives) and one for the ideal wire (``ideal_wire_heard``): when the
+    caller would have heard each chunk through a relay that costs nothing.
     """
 
     __slots__ = ("carry", "end")
@@ -219,6 +219,28 @@ class Playback:
         else:
             self.carry = b""
         return heard
+
+
+def ideal_wire_heard(
+    wire: Playback, position: int, size: int, sent_at: float, *, whole_frames: bool
+) -> float:
+    """When the caller would hear the marker of a chunk over the ideal wire, which costs
+    nothing but obeys the protocol: the chunk is ``size`` bytes, sent at ``sent_at``,
+    ``position`` bytes into its turn; ``wire`` is the ideal wire's playback buffer.
+
+    A relay's ideal wire (``whole_frames`` false) delivers the chunk as it is. A
+    bridge's must send Twilio whole 160-byte frames (docs/protocols.md), so its ideal
+    wire delivers each frame of the turn's audio the moment the assistant has sent its
+    last byte: the rest of the frame the previous chunk left open, and every frame this
+    chunk completes. The marker at the chunk's start is in the first of them (a chunk
+    is at least a frame long). A turn starts on a frame's boundary.
+    """
+    if not whole_frames:
+        return wire.play(size, sent_at)
+    delivered = position - position % FRAME_BYTES
+    complete = position + size - (position + size) % FRAME_BYTES
+    start = wire.play(complete - delivered, sent_at)
+    return start + (position - delivered) / BYTES_PER_S
 
 
 _FILL = bytes([SILENCE]) * CHUNK_MAX_BYTES
@@ -396,7 +418,7 @@ class _Call:
         self.chunk_turn = array("i")
         self.chunk_bytes = array("i")
         self.chunk_seen = bytearray()
-        # When the caller would hear each chunk's marker over a perfect wire.
+        # When the caller would hear each chunk's marker over the ideal wire.
         self.chunk_wire_heard = array("d")
         self.assistant_bytes_sent = 0
         # Every turn the caller talked over (its queued audio may rightly never play).
@@ -411,7 +433,7 @@ class _Call:
         # Twilio's playback model, and the marks due.
         self.playback = Playback()
         self.marks: deque[tuple[float, str]] = deque()
-        # The perfect wire's: each chunk delivered when sent, emptied at a barge-in.
+        # The ideal wire's (``ideal_wire_heard``), emptied at a barge-in.
         self.wire = Playback()
         self.first_audio_at: float | None = None
 
@@ -666,7 +688,11 @@ class LoadGenerator:
         call.chunk_seen.append(0)
         sent_at = self._clock()
         call.chunk_sent_at.append(sent_at)
-        call.chunk_wire_heard.append(call.wire.play(size, sent_at))
+        call.chunk_wire_heard.append(
+            ideal_wire_heard(
+                call.wire, call.turn_position, size, sent_at, whole_frames=not self._relay
+            )
+        )
         vapi.send_binary(chunk)
         call.assistant_bytes_sent += size
         if self._relay:  # a bridge marks its media itself; through a relay the assistant does

@@ -60,8 +60,8 @@ class LoadReport:
     #: Why not, when ``valid`` is false.
     invalid_reasons: tuple[str, ...]
     caller_to_agent: Percentiles
-    #: Assistant → caller at the caller's playback, against a perfect wire: what the
-    #: caller hears later (``generator.LoadGenerator``). The targets judge this one.
+    #: Assistant → caller at the caller's playback, against the ideal wire: what the
+    #: caller hears later (``generator.ideal_wire_heard``). The targets judge this one.
     agent_to_caller_at_playback: Percentiles
     #: Assistant → caller at the frame's arrival at the caller, waits the caller never
     #: hears included (a partial frame held while Twilio still had audio to play).
