@@ -132,7 +132,7 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "valid": report["valid"],
                     "invalid_reasons": report["invalid_reasons"],
                     "caller_to_agent_ms": report["added_latency_ms"]["caller_to_agent"],
-                    "agent_to_caller_ms": report["added_latency_ms"]["agent_to_caller"],
+                    "agent_to_caller_ms": report["added_latency_ms"]["agent_to_caller_at_playback"],
                     "bridge_cpu_us_per_call_second": report["cpu_us_per_call_second"],
                     "proxy_cpu_s": round(proxy_cpu, 2),
                     # The proxy's CPU over the whole run (ramp and hang-ups too), per call
@@ -148,7 +148,7 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| path | failed calls | added latency caller→agent p50 / p99 (ms) | "
-             "agent→caller p50 / p99 (ms) | bridge CPU (µs per call-second) | "
+             "agent→caller at playback p50 / p99 (ms) | bridge CPU (µs per call-second) | "
              "proxy CPU (µs per call-second) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         up, down = row["caller_to_agent_ms"], row["agent_to_caller_ms"]

@@ -35,7 +35,9 @@ from voicebridge.loadtest.generator import (
     MARKER_LIMIT,
     BridgeTarget,
     CallSpan,
+    Playback,
     Traffic,
+    ideal_wire_heard,
     marker,
     read_marker,
 )
@@ -78,13 +80,25 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tls.Certificate:
 def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = main(["loadtest", "--calls", "5", "--duration", "3", "--ramp", "1",
-                 "--barge-in-share", "1", "--json"])
+    code = main(
+        [
+            "loadtest",
+            "--calls",
+            "5",
+            "--duration",
+            "3",
+            "--ramp",
+            "1",
+            "--barge-in-share",
+            "1",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     report = json.loads(captured.out)  # stdout is the report alone: progress is on stderr
-    assert captured.err.startswith(
-        "voicebridge loadtest: 5 calls against voicebridge (pid "
-    ), captured.err
+    assert captured.err.startswith("voicebridge loadtest: 5 calls against voicebridge (pid "), (
+        captured.err
+    )
     assert code == 0, report
     assert report["calls"] == 5
     assert report["duration_s"] == 3
@@ -92,10 +106,19 @@ def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
     assert report["failed_calls"] == 0
     assert report["heard_after_clear_ms"] == 0
     assert report["dropped_frames"] == 0
-    for direction in ("caller_to_agent", "agent_to_caller"):
-        figures = report["added_latency_ms"][direction]
+    added = report["added_latency_ms"]
+    assert set(added) == {
+        "caller_to_agent",
+        "agent_to_caller_at_playback",
+        "agent_to_caller_at_arrival",
+    }
+    # At playback it may be nothing at all, never less: the caller hears no chunk
+    # earlier than the ideal wire would have played it.
+    for direction, figures in added.items():
         assert set(figures) == {"p50", "p99", "max"}
-        assert 0 < figures["p50"] <= figures["p99"] <= figures["max"] < 1000
+        assert 0 <= figures["p50"] <= figures["p99"] <= figures["max"] < 1000, direction
+    assert added["caller_to_agent"]["p50"] > 0
+    assert added["agent_to_caller_at_arrival"]["p50"] > 0
     # The window is 2 s of 5 calls at 50 frames/s.
     assert report["frames"]["caller_to_agent"]["measured"] >= 400
     assert report["barge_ins"] >= 1
@@ -121,8 +144,21 @@ def test_the_json_of_a_short_run_has_every_key_and_sane_figures(
 def test_without_the_latency_model_the_callers_figures_are_loopbacks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = main(["loadtest", "--calls", "3", "--duration", "2", "--ramp", "0.5",
-                 "--barge-in-share", "1", "--no-latency", "--json"])
+    code = main(
+        [
+            "loadtest",
+            "--calls",
+            "3",
+            "--duration",
+            "2",
+            "--ramp",
+            "0.5",
+            "--barge-in-share",
+            "1",
+            "--no-latency",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
     assert report["latency_model"] is None
@@ -137,13 +173,28 @@ def test_with_barge_in_at_the_edge_the_generators_calls_are_never_held(
     # The bridge's detector hears every caller frame while the assistant speaks; the
     # generator's frames are silence to it, so no turn is held (a held turn would wait
     # for the 800 ms confirm window, and its audio reach the caller that much later).
-    code = main(["loadtest", "--calls", "3", "--duration", "3", "--ramp", "0.5",
-                 "--barge-in-share", "0", "--no-latency", "--edge-barge-in", "--json"])
+    code = main(
+        [
+            "loadtest",
+            "--calls",
+            "3",
+            "--duration",
+            "3",
+            "--ramp",
+            "0.5",
+            "--barge-in-share",
+            "0",
+            "--no-latency",
+            "--edge-barge-in",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
     assert report["failed_calls"] == 0 and report["dropped_frames"] == 0
     assert report["frames"]["agent_to_caller"]["measured"] > 0
-    assert report["added_latency_ms"]["agent_to_caller"]["max"] < 400
+    assert report["added_latency_ms"]["agent_to_caller_at_playback"]["max"] < 400
+    assert report["added_latency_ms"]["agent_to_caller_at_arrival"]["max"] < 400
     assert report["barge_ins"] == 0
 
 
@@ -159,6 +210,8 @@ def test_the_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
     assert table.splitlines()[0].endswith("Vapi leg ws:// (no TLS)")
     assert "Vapi TLS handshakes" not in table
     assert "added latency caller→agent (ms)" in table
+    assert "added latency agent→caller at playback (ms)" in table
+    assert "added latency agent→caller at arrival (ms)" in table
     assert "failed calls:               0" in table
     assert "result: VALID" in table
 
@@ -178,8 +231,20 @@ def test_an_external_bridge_needs_its_secrets(
 def test_secrets_on_the_command_line_are_refused(
     capsys: pytest.CaptureFixture[str], option: str
 ) -> None:
-    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--assistant-port", "9",
-                 option, "s3cret-value"]) == 2
+    assert (
+        main(
+            [
+                "loadtest",
+                "--url",
+                "http://127.0.0.1:9",
+                "--assistant-port",
+                "9",
+                option,
+                "s3cret-value",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{option} would show the secret to every user (ps)" in err
     assert f"use {option}-file PATH or the VOICEBRIDGE_" in err
@@ -205,13 +270,20 @@ async def _bridge_elsewhere(env: Mapping[str, str] | None = None) -> AsyncIterat
         probe.bind(("127.0.0.1", 0))
         assistant_port = probe.getsockname()[1]
     bridge = await BridgeProcess.start(
-        assistant_url=f"http://127.0.0.1:{assistant_port}", assistant_key="k" * 16,
-        auth_token="t" * 32, cpu=None, env=env,
+        assistant_url=f"http://127.0.0.1:{assistant_port}",
+        assistant_key="k" * 16,
+        auth_token="t" * 32,
+        cpu=None,
+        env=env,
     )
     try:
         yield ExternalBridge(
-            url=bridge.url, public_url=None, auth_token="t" * 32,
-            assistant_port=assistant_port, assistant_key="k" * 16, pid=bridge.pid,
+            url=bridge.url,
+            public_url=None,
+            auth_token="t" * 32,
+            assistant_port=assistant_port,
+            assistant_key="k" * 16,
+            pid=bridge.pid,
         )
     finally:
         await bridge.stop()
@@ -234,8 +306,21 @@ def test_with_vapi_tls_the_bridge_reaches_the_simulated_vapi_over_tls(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # The traffic of the plain run above (same seed), its Vapi leg over TLS.
-    code = main(["loadtest", "--calls", "5", "--duration", "3", "--ramp", "1",
-                 "--barge-in-share", "1", "--vapi-tls", "--json"])
+    code = main(
+        [
+            "loadtest",
+            "--calls",
+            "5",
+            "--duration",
+            "3",
+            "--ramp",
+            "1",
+            "--barge-in-share",
+            "1",
+            "--vapi-tls",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0, report
     assert report["vapi_tls"] is True
@@ -258,11 +343,19 @@ def test_the_started_bridge_trusts_the_vapi_certificate_alone(
 ) -> None:
     # What ssl.create_default_context() (the bridge's Vapi leg) loads in the child.
     env = dict(os.environ, **tls.trust_environment(certificate, tmp_path))
-    probe = ("import json, ssl; c = ssl.create_default_context(); "
-             "print(json.dumps([c.cert_store_stats(), c.get_ca_certs()]))")
-    stats, cas = json.loads(subprocess.run(
-        [sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True,
-    ).stdout)
+    probe = (
+        "import json, ssl; c = ssl.create_default_context(); "
+        "print(json.dumps([c.cert_store_stats(), c.get_ca_certs()]))"
+    )
+    stats, cas = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     assert stats["x509_ca"] == 1
     assert cas[0]["subject"] == [[["commonName", "127.0.0.1"]]]
     assert cas[0]["subjectAltName"] == [["IP Address", "127.0.0.1"]]
@@ -274,10 +367,16 @@ async def test_an_external_bridge_trusting_the_certificate_is_loaded_over_tls(
 ) -> None:
     async with _bridge_elsewhere(tls.trust_environment(certificate, tmp_path)) as external:
         with trio.fail_after(60):
-            report = await run_loadtest(LoadTestOptions(
-                calls=3, duration_s=2.0, ramp_s=0.5, external=external,
-                vapi_tls=True, vapi_tls_certificate=certificate,
-            ))
+            report = await run_loadtest(
+                LoadTestOptions(
+                    calls=3,
+                    duration_s=2.0,
+                    ramp_s=0.5,
+                    external=external,
+                    vapi_tls=True,
+                    vapi_tls_certificate=certificate,
+                )
+            )
     assert report.failed_calls == 0, report.failures
     assert report.vapi_tls and report.vapi_tls_handshakes == 3
     assert report.caller_frames > 0 and report.assistant_chunks > 0
@@ -291,12 +390,14 @@ def test_an_external_bridge_over_tls_is_first_given_a_certificate(
 ) -> None:
     monkeypatch.setenv("VOICEBRIDGE_TWILIO_AUTH_TOKEN", "t")
     monkeypatch.setenv("VOICEBRIDGE_VAPI_API_KEY", "k")
-    code = main(["loadtest", "--url", "http://127.0.0.1:9", "--assistant-port", "9",
-                 "--vapi-tls"])
+    code = main(["loadtest", "--url", "http://127.0.0.1:9", "--assistant-port", "9", "--vapi-tls"])
     err = capsys.readouterr().err
     assert code == 2
-    lines = dict(line.strip().split(": ", 1) for line in err.splitlines()
-                 if line.strip().startswith(("certificate:", "key:")))
+    lines = dict(
+        line.strip().split(": ", 1)
+        for line in err.splitlines()
+        if line.strip().startswith(("certificate:", "key:"))
+    )
     made = Path(lines["certificate"].strip())
     try:
         assert made.is_file() and Path(lines["key"].strip()).is_file()
@@ -356,9 +457,9 @@ class _TlsClient:
         return bytes(received)
 
 
-async def _tls_server(certificate: tls.Certificate, first: bytes) -> tuple[
-    TlsSocketTransport, _TlsClient
-]:
+async def _tls_server(
+    certificate: tls.Certificate, first: bytes
+) -> tuple[TlsSocketTransport, _TlsClient]:
     """The simulated Vapi's end of TLS (as the generator accepts it) and a client."""
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
@@ -379,14 +480,18 @@ async def test_a_tls_websocket_serves_the_request_of_the_first_flight(
         transport, client = await _tls_server(certificate, request)
         assert await transport.receive_some() == request
         ws = LeanWebSocket(transport, client=False)
-        client.send(encode_frame(OP_TEXT, b"caller", masked=True)
-                    + encode_frame(OP_BINARY, b"\x00\x00abc", masked=True))
+        client.send(
+            encode_frame(OP_TEXT, b"caller", masked=True)
+            + encode_frame(OP_BINARY, b"\x00\x00abc", masked=True)
+        )
         assert await ws.receive_batch() == [(OP_TEXT, b"caller"), (OP_BINARY, b"\x00\x00abc")]
         ws.send_binary(b"assistant")
         await ws.aclose(1000)
     # The frames, the close frame, then TLS's close_notify.
-    assert client.read_to_the_end() == (encode_frame(OP_BINARY, b"assistant", masked=False)
-                                        + encode_frame(OP_CLOSE, b"\x03\xe8", masked=False))
+    assert client.read_to_the_end() == (
+        encode_frame(OP_BINARY, b"assistant", masked=False)
+        + encode_frame(OP_CLOSE, b"\x03\xe8", masked=False)
+    )
     client.sock.close()
 
 
@@ -468,6 +573,85 @@ async def test_over_tls_frames_the_kernel_cannot_take_at_once_follow_in_order(
     client.sock.close()
 
 
+def _chunk(seq: int, size: int) -> bytes:
+    """An assistant chunk as the generator sends it: its marker, then silence."""
+    return marker(seq) + b"\xff" * (size - MARKER_BYTES)
+
+
+def _latencies(
+    chunks: list[tuple[float, bytes]], frames: list[tuple[float, int, int]]
+) -> dict[int, tuple[float, float]]:
+    """(ms at playback, ms at arrival) of each chunk (sent at, audio), the assistant's
+    audio reaching the caller as frames (arrival, first byte, end) of its byte stream."""
+    wire, twilio = Playback(), Playback()
+    wire_heard = [wire.play(len(audio), sent_at) for sent_at, audio in chunks]
+    stream = b"".join(audio for _, audio in chunks)
+    figures = {}
+    for now, start, end in frames:
+        for seq, heard_at in twilio.hear(stream[start:end], now):
+            figures[seq] = ((heard_at - wire_heard[seq]) * 1000, (now - chunks[seq][0]) * 1000)
+    return figures
+
+
+def test_a_chunk_held_while_twilio_still_plays_is_heard_on_time() -> None:
+    # A burst: 25 ms of audio, then the next chunk 4 ms later. The bridge sends a whole
+    # frame at once and holds the rest until the next chunk completes the frame, 15 ms
+    # in, while Twilio still plays the first frame: the caller hears nothing later.
+    chunks = [(0.0, _chunk(0, 200)), (0.004, _chunk(1, 200))]
+    figures = _latencies(chunks, [(0.0, 0, 160), (0.015, 160, 320), (0.030, 320, 400)])
+    assert figures[0] == pytest.approx((0.0, 0.0))
+    assert figures[1] == pytest.approx((0.0, 11.0))
+
+
+def test_a_marker_split_across_frames_is_heard_when_its_first_byte_plays() -> None:
+    # The first frame holds 20 bytes of the second chunk's marker, the held frame its rest.
+    chunks = [(0.0, _chunk(0, 140)), (0.002, _chunk(1, 300))]
+    figures = _latencies(chunks, [(0.0, 0, 160), (0.012, 160, 320), (0.030, 320, 440)])
+    assert figures[1] == pytest.approx((0.0, 10.0))
+
+
+def test_audio_reaching_a_dry_buffer_is_as_late_as_it_arrived_and_so_is_what_follows() -> None:
+    # Real time: a frame every 20 ms. The second reaches Twilio 7 ms after the first had
+    # played; the third is on time, but plays after the second: 7 ms late as well.
+    chunks = [(0.0, _chunk(0, 160)), (0.020, _chunk(1, 160)), (0.040, _chunk(2, 160))]
+    figures = _latencies(chunks, [(0.0, 0, 160), (0.027, 160, 320), (0.041, 320, 480)])
+    assert figures[1] == pytest.approx((7.0, 7.0))
+    assert figures[2] == pytest.approx((7.0, 1.0))
+
+
+def test_a_barge_in_empties_both_buffers() -> None:
+    # 100 ms of audio, talked over 30 ms in: the assistant's signal empties the wire's
+    # buffer, the bridge's clear Twilio's. The next turn starts on an empty buffer each.
+    wire, twilio = Playback(), Playback()
+    assert wire.play(800, 0.0) == 0.0
+    assert [seq for seq, _ in twilio.hear(_chunk(0, 800), 0.001)] == [0]
+    wire.clear(0.030)
+    twilio.clear(0.032)
+    wire_heard = wire.play(160, 0.050)
+    [(seq, heard_at)] = twilio.hear(_chunk(1, 160), 0.051)
+    assert (seq, wire_heard, heard_at) == (1, 0.050, 0.051)
+    assert (wire.end, twilio.end) == (pytest.approx(0.070), pytest.approx(0.071))
+
+
+def test_the_ideal_wire_of_a_bridge_sends_whole_frames_and_a_bridge_doing_so_adds_nothing() -> None:
+    # Real time: 200-byte chunks (25 ms) every 25 ms. Twilio takes whole frames, so
+    # each chunk's last partial frame waits for the next chunk, and Twilio runs dry
+    # meanwhile: the turn plays up to a frame later than the chunks as sent would.
+    framed, raw = Playback(), Playback()
+    sends = [(i * 200, i * 0.025) for i in range(4)]
+    heard = [ideal_wire_heard(framed, at, 200, sent, whole_frames=True) for at, sent in sends]
+    as_sent = [ideal_wire_heard(raw, at, 200, sent, whole_frames=False) for at, sent in sends]
+    assert heard == pytest.approx([0.0, 0.030, 0.060, 0.090])
+    assert as_sent == pytest.approx([0.0, 0.025, 0.050, 0.075])
+    # A bridge that sends each frame the moment it is complete: nothing added at playback.
+    twilio = Playback()
+    stream = b"".join(_chunk(i, 200) for i in range(4))
+    played = {}
+    for now, start, end in [(0.0, 0, 160), (0.025, 160, 320), (0.05, 320, 480), (0.075, 480, 800)]:
+        played.update(twilio.hear(stream[start:end], now))
+    assert [played[i] - heard[i] for i in range(4)] == pytest.approx([0.0] * 4)
+
+
 def test_markers_survive_any_sequence_number() -> None:
     for seq in (0, 1, 255, 256, 65_535, 65_536, 7_999_999, MARKER_LIMIT - 1):
         data = b"\xff" * 7 + marker(seq) + b"\xff" * 3
@@ -517,9 +701,15 @@ async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -
     payload = b"hello, bridge"
     masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
     theirs.sendall(
-        bytes((0x80 | OP_TEXT, 0x80 | len(payload))) + key + masked
-        + bytes((OP_BINARY, 2)) + b"ab" + bytes((0x80 | OP_CONTINUATION, 1)) + b"c"
-        + bytes((0x80 | OP_PING, 1)) + b"p"
+        bytes((0x80 | OP_TEXT, 0x80 | len(payload)))
+        + key
+        + masked
+        + bytes((OP_BINARY, 2))
+        + b"ab"
+        + bytes((0x80 | OP_CONTINUATION, 1))
+        + b"c"
+        + bytes((0x80 | OP_PING, 1))
+        + b"p"
         + encode_frame(OP_BINARY, b"x" * 300, masked=False)
     )
     with trio.fail_after(5):
@@ -559,11 +749,15 @@ async def test_progress_is_reported_every_five_seconds(
 ) -> None:
     lines: list[tuple[float, str]] = []
     traffic = Traffic(calls=7, duration_s=12.0, ramp_s=1.0, barge_in_share=0.3, seed=1)
-    target = Target(BridgeTarget(host="127.0.0.1", port=9, public_url="http://x",
-                                 auth_token="t"), None, "a bridge")
+    target = Target(
+        BridgeTarget(host="127.0.0.1", port=9, public_url="http://x", auth_token="t"),
+        None,
+        "a bridge",
+    )
     with trio.move_on_after(16):
-        await _report_progress(lambda text: lines.append((trio.current_time(), text)),
-                               traffic, target)
+        await _report_progress(
+            lambda text: lines.append((trio.current_time(), text)), traffic, target
+        )
     assert lines == [
         (0.0, "7 calls against a bridge: ramp 1 s, then 12 s with all calls up"),
         (5.0, "5 s of 13 s"),
@@ -580,13 +774,18 @@ async def test_calls_the_bridge_drains_are_drained_not_failed_and_the_drain_is_q
         probe.bind(("127.0.0.1", 0))
         assistant_port = probe.getsockname()[1]
     bridge = await BridgeProcess.start(
-        assistant_url=f"http://127.0.0.1:{assistant_port}", assistant_key="k" * 16,
-        auth_token="t" * 32, cpu=None,
+        assistant_url=f"http://127.0.0.1:{assistant_port}",
+        assistant_key="k" * 16,
+        auth_token="t" * 32,
+        cpu=None,
         env={"VOICEBRIDGE_LOADTEST_DRAIN_DEADLINE_S": str(drain_deadline_s)},
     )
     external = ExternalBridge(
-        url=bridge.url, public_url=None, auth_token="t" * 32,
-        assistant_port=assistant_port, assistant_key="k" * 16,
+        url=bridge.url,
+        public_url=None,
+        auth_token="t" * 32,
+        assistant_port=assistant_port,
+        assistant_key="k" * 16,
     )
     stopped: list[float] = []
 
@@ -628,8 +827,22 @@ async def test_calls_answered_with_the_overflow_message_are_refused_not_failed()
 def test_churn_places_new_calls_all_along_and_splits_the_bridges_cpu(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = main(["loadtest", "--calls", "2", "--churn", "3", "--churn-call-s", "1,2",
-                 "--duration", "4", "--ramp", "0.5", "--json"])
+    code = main(
+        [
+            "loadtest",
+            "--calls",
+            "2",
+            "--churn",
+            "3",
+            "--churn-call-s",
+            "1,2",
+            "--duration",
+            "4",
+            "--ramp",
+            "0.5",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     # Its validity (the generator's own pacing) is the shared machine's matter here.
     assert code == (0 if report["valid"] else 1), report
@@ -639,8 +852,13 @@ def test_churn_places_new_calls_all_along_and_splits_the_bridges_cpu(
     webhook = report["webhook_answer_ms"]
     assert 0 < webhook["p50"] <= webhook["p99"] <= webhook["max"]
     split = report["cpu_split"]
-    assert set(split) == {"setup_ms_per_call", "end_ms_per_call",
-                          "streaming_us_per_call_second", "base_pct", "intervals"}
+    assert set(split) == {
+        "setup_ms_per_call",
+        "end_ms_per_call",
+        "streaming_us_per_call_second",
+        "base_pct",
+        "intervals",
+    }
     assert split["intervals"] >= 8
 
 
@@ -660,7 +878,8 @@ def test_the_cpu_split_recovers_the_costs_that_made_the_samples() -> None:
                 base * 0.5
                 + setup_s * sum(start - 0.5 <= s.setup_at < start for s in spans)
                 + end_s * sum(start - 0.5 <= s.ended_at < start for s in spans)
-                + streaming_s * sum(
+                + streaming_s
+                * sum(
                     max(0.0, min(start, s.ended_at) - max(start - 0.5, s.streaming_from))
                     for s in spans
                 )

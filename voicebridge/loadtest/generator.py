@@ -159,6 +159,90 @@ def _lead_begun(data: bytes) -> int:
     return 0
 
 
+class Playback:
+    """A playback buffer, and the markers in the audio that plays through it.
+
+    Audio plays from when it arrives or when the buffer runs dry, whichever is later,
+    at ``BYTES_PER_S``. The caller keeps one for Twilio's buffer (what the bridge sends,
+    as it arrives) and one for the ideal wire (``ideal_wire_heard``): when the
+    caller would have heard each chunk through a relay that costs nothing.
+    """
+
+    __slots__ = ("carry", "end")
+
+    def __init__(self) -> None:
+        #: When the buffer runs dry.
+        self.end = 0.0
+        #: The end of the audio so far that may begin a marker whose rest is to come.
+        self.carry = b""
+
+    def play(self, length: int, now: float) -> float:
+        """Queue ``length`` bytes arriving at ``now``; when the first of them plays."""
+        start = self.end if self.end > now else now
+        self.end = start + length / BYTES_PER_S
+        return start
+
+    def clear(self, now: float) -> None:
+        """Empty the buffer at ``now``: what was queued and not yet played is never heard."""
+        self.end = now
+
+    def hear(self, audio: bytes, now: float) -> list[tuple[int, float]]:
+        """Play ``audio``, arriving at ``now``: (sequence number, when its first byte plays)
+        of every whole marker it completes.
+
+        A marker begun in earlier audio (the carry) started playing before this audio
+        did: its first byte plays when the earlier audio ends, less the bytes of the
+        marker already queued. A marker is heard when it starts, as a chunk is.
+        """
+        before = self.end
+        start = self.play(len(audio), now)
+        carried = len(self.carry)
+        data = self.carry + audio if carried else audio
+        heard: list[tuple[int, float]] = []
+        position = data.find(MARKER_LEAD)
+        consumed = 0
+        while position >= 0:
+            if position + MARKER_BYTES > len(data):
+                break
+            seq = read_marker(data, position)
+            if seq < 0:  # not a whole marker: the next may start inside it
+                position = data.find(MARKER_LEAD, position + 1)
+                continue
+            consumed = position + MARKER_BYTES
+            offset = position - carried
+            heard.append((seq, (start if offset >= 0 else before) + offset / BYTES_PER_S))
+            position = data.find(MARKER_LEAD, consumed)
+        if position >= 0:
+            self.carry = data[position:]
+        elif (begun := _lead_begun(data)) and len(data) - begun >= consumed:
+            self.carry = data[-begun:]
+        else:
+            self.carry = b""
+        return heard
+
+
+def ideal_wire_heard(
+    wire: Playback, position: int, size: int, sent_at: float, *, whole_frames: bool
+) -> float:
+    """When the caller would hear the marker of a chunk over the ideal wire, which costs
+    nothing but obeys the protocol: the chunk is ``size`` bytes, sent at ``sent_at``,
+    ``position`` bytes into its turn; ``wire`` is the ideal wire's playback buffer.
+
+    A relay's ideal wire (``whole_frames`` false) delivers the chunk as it is. A
+    bridge's must send Twilio whole 160-byte frames (docs/protocols.md), so its ideal
+    wire delivers each frame of the turn's audio the moment the assistant has sent its
+    last byte: the rest of the frame the previous chunk left open, and every frame this
+    chunk completes. The marker at the chunk's start is in the first of them (a chunk
+    is at least a frame long). A turn starts on a frame's boundary.
+    """
+    if not whole_frames:
+        return wire.play(size, sent_at)
+    delivered = position - position % FRAME_BYTES
+    complete = position + size - (position + size) % FRAME_BYTES
+    start = wire.play(complete - delivered, sent_at)
+    return start + (position - delivered) / BYTES_PER_S
+
+
 _FILL = bytes([SILENCE]) * CHUNK_MAX_BYTES
 
 
@@ -216,7 +300,10 @@ class CallFigures:
     """What the calls measured, pooled (milliseconds)."""
 
     caller_latency_ms: Sequence[float]
-    assistant_latency_ms: Sequence[float]
+    #: Assistant → caller, two ways (see ``LoadGenerator``): at the caller's playback, and
+    #: at the frame's arrival at the caller.
+    assistant_latency_at_playback_ms: Sequence[float]
+    assistant_latency_at_arrival_ms: Sequence[float]
     barge_in_ms: Sequence[float]
     first_audio_ms: Sequence[float]
     heard_after_clear_ms: float
@@ -248,11 +335,11 @@ class _Call:
         "barge_at",
         "call_sid",
         "caller",
-        "carry",
         "chunk_bytes",
         "chunk_seen",
         "chunk_sent_at",
         "chunk_turn",
+        "chunk_wire_heard",
         "cleared_turns",
         "close_code",
         "closed_at",
@@ -270,7 +357,7 @@ class _Call:
         "next_chunk_at",
         "next_frame_at",
         "next_turn_at",
-        "play_end",
+        "playback",
         "refused",
         "rng",
         "speaking",
@@ -286,6 +373,7 @@ class _Call:
         "vapi_call_id",
         "vapi_connected",
         "webhook_at",
+        "wire",
     )
 
     def __init__(self, index: int, start_at: float, end_at: float, seed: int) -> None:
@@ -330,6 +418,8 @@ class _Call:
         self.chunk_turn = array("i")
         self.chunk_bytes = array("i")
         self.chunk_seen = bytearray()
+        # When the caller would hear each chunk's marker over the ideal wire.
+        self.chunk_wire_heard = array("d")
         self.assistant_bytes_sent = 0
         # Every turn the caller talked over (its queued audio may rightly never play).
         self.interrupted_turns: set[int] = set()
@@ -340,10 +430,11 @@ class _Call:
         self.awaiting_clear: deque[tuple[int, float]] = deque()
         # Turns the caller talked over and whose clear reached the caller.
         self.cleared_turns: set[int] = set()
-        # Twilio's playback model: when its buffer runs dry, and the marks due.
-        self.play_end = 0.0
+        # Twilio's playback model, and the marks due.
+        self.playback = Playback()
         self.marks: deque[tuple[float, str]] = deque()
-        self.carry = b""
+        # The ideal wire's (``ideal_wire_heard``), emptied at a barge-in.
+        self.wire = Playback()
         self.first_audio_at: float | None = None
 
     def fail(self, reason: str) -> None:
@@ -363,6 +454,22 @@ class LoadGenerator:
     stream set-up); the network's legs and the assistant's reaction are added to the
     caller's two figures by arithmetic, so that the bridge-added latencies measured
     on loopback stay the bridge's own (``sim.latency.LatencyModel``).
+
+    The added latency of each direction, per frame or chunk sent inside ``window``:
+
+    - caller → assistant: from the caller's send of a frame to the assistant's receipt
+      of it. The simulated Vapi has no playback buffer to model (what the assistant
+      does with the audio is its own matter), so arrival is all there is.
+    - assistant → caller *at playback*: when the caller hears a chunk's marker start
+      to play through Twilio's buffer, less when it would have heard it over a perfect
+      wire (each chunk delivered the moment the assistant sends it, into the same
+      buffer model, emptied when the assistant signals a barge-in). Audio the bridge
+      holds while Twilio still has audio to play costs the caller nothing, and is not
+      counted; audio that reaches an empty buffer late is, by its lateness, and so is
+      the delay it pushes onto the audio behind it.
+    - assistant → caller *at arrival*: from the assistant's send of a chunk to the
+      caller's receipt of the frame that completes its marker. This one also counts
+      waits the caller never hears.
     """
 
     def __init__(
@@ -392,7 +499,8 @@ class LoadGenerator:
         self._relay = False
         self._clock = time.perf_counter
         self._caller_latency = array("d")
-        self._assistant_latency = array("d")
+        self._assistant_at_playback = array("d")
+        self._assistant_at_arrival = array("d")
         self._barge_in_ms = array("d")
         self._first_audio = array("d")
         self._heard_after_clear_ms = 0.0
@@ -578,7 +686,13 @@ class LoadGenerator:
         call.chunk_turn.append(call.turn)
         call.chunk_bytes.append(size)
         call.chunk_seen.append(0)
-        call.chunk_sent_at.append(self._clock())
+        sent_at = self._clock()
+        call.chunk_sent_at.append(sent_at)
+        call.chunk_wire_heard.append(
+            ideal_wire_heard(
+                call.wire, call.turn_position, size, sent_at, whole_frames=not self._relay
+            )
+        )
         vapi.send_binary(chunk)
         call.assistant_bytes_sent += size
         if self._relay:  # a bridge marks its media itself; through a relay the assistant does
@@ -623,7 +737,9 @@ class LoadGenerator:
             call, f'{{"type":"user-interrupted","turnId":"{call.vapi_call_id}-{call.turn}"}}'
         )
         call.interrupted_turns.add(call.turn)
-        call.awaiting_clear.append((call.turn, self._clock()))
+        interrupted_at = self._clock()
+        call.awaiting_clear.append((call.turn, interrupted_at))
+        call.wire.clear(interrupted_at)
         # The in-flight tail of the cut turn: it must never reach the caller.
         self._send_chunk(call, call.rng.randint(CHUNK_MIN_BYTES, CHUNK_MAX_BYTES))
         self._end_turn(call, now)
@@ -732,7 +848,7 @@ class LoadGenerator:
         now = self._clock()
         call.stream_started_at = now
         call.next_frame_at = now
-        call.play_end = now
+        call.playback.clear(now)
         call.active = True
         self._live.append(call)
 
@@ -764,14 +880,14 @@ class LoadGenerator:
             self._heard(call, binascii.a2b_base64(message["media"]["payload"]), now)
         elif event == "mark":
             name = message["mark"]["name"]
-            if call.play_end <= now:
+            if call.playback.end <= now:
                 self._echo_mark(call, name)
             else:
-                call.marks.append((call.play_end, name))
+                call.marks.append((call.playback.end, name))
         elif event == "clear":
             while call.marks:
                 self._echo_mark(call, call.marks.popleft()[1])
-            call.play_end = now
+            call.playback.clear(now)
             if call.awaiting_clear:
                 turn, interrupted_at = call.awaiting_clear.popleft()
                 barge_in_ms = (now - interrupted_at) * 1000
@@ -781,7 +897,6 @@ class LoadGenerator:
 
     def _heard(self, call: _Call, audio: bytes, now: float) -> None:
         """Assistant audio reached the caller: play it, and time every marker in it."""
-        call.play_end = max(call.play_end, now) + len(audio) / BYTES_PER_S
         if call.first_audio_at is None:
             call.first_audio_at = now
             self._first_audio.append((now - call.stream_started_at) * 1000)
@@ -789,35 +904,22 @@ class LoadGenerator:
                 self._first_word.append(
                     (now - call.webhook_at) * 1000 + self._first_word_extra_ms
                 )
-        data = call.carry + audio if call.carry else audio
-        position = data.find(MARKER_LEAD)
-        consumed = 0
-        while position >= 0:
-            if position + MARKER_BYTES > len(data):
-                break
-            seq = read_marker(data, position)
-            if seq < 0:  # not a whole marker: the next may start inside it
-                position = data.find(MARKER_LEAD, position + 1)
+        for seq, heard_at in call.playback.hear(audio, now):
+            if seq >= len(call.chunk_sent_at) or call.chunk_seen[seq]:
                 continue
-            consumed = position + MARKER_BYTES
-            if seq < len(call.chunk_sent_at) and not call.chunk_seen[seq]:
-                call.chunk_seen[seq] = 1
-                if call.chunk_turn[seq] in call.cleared_turns:
-                    self._heard_after_clear_ms += call.chunk_bytes[seq] / 8
-                else:
-                    sent_at = call.chunk_sent_at[seq]
-                    if self.window[0] <= sent_at <= self.window[1]:
-                        latency_ms = (now - sent_at) * 1000
-                        self._assistant_latency.append(latency_ms)
-                        if latency_ms > LATE_AFTER_MS:
-                            self._late_assistant += 1
-            position = data.find(MARKER_LEAD, consumed)
-        if position >= 0:
-            call.carry = data[position:]
-        elif (begun := _lead_begun(data)) and len(data) - begun >= consumed:
-            call.carry = data[-begun:]
-        else:
-            call.carry = b""
+            call.chunk_seen[seq] = 1
+            if call.chunk_turn[seq] in call.cleared_turns:
+                self._heard_after_clear_ms += call.chunk_bytes[seq] / 8
+                continue
+            sent_at = call.chunk_sent_at[seq]
+            if self.window[0] <= sent_at <= self.window[1]:
+                self._assistant_at_playback.append(
+                    (heard_at - call.chunk_wire_heard[seq]) * 1000
+                )
+                arrival_ms = (now - sent_at) * 1000
+                self._assistant_at_arrival.append(arrival_ms)
+                if arrival_ms > LATE_AFTER_MS:
+                    self._late_assistant += 1
 
     def _echo_mark(self, call: _Call, name: str) -> None:
         caller = call.caller
@@ -962,7 +1064,8 @@ class LoadGenerator:
         slip = list(self._tick_slip)
         return CallFigures(
             caller_latency_ms=list(self._caller_latency),
-            assistant_latency_ms=list(self._assistant_latency),
+            assistant_latency_at_playback_ms=list(self._assistant_at_playback),
+            assistant_latency_at_arrival_ms=list(self._assistant_at_arrival),
             barge_in_ms=list(self._barge_in_ms),
             first_audio_ms=list(self._first_audio),
             heard_after_clear_ms=self._heard_after_clear_ms,

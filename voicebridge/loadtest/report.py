@@ -17,6 +17,8 @@ LATE_AFTER_MS = 40.0
 GENERATOR_SATURATED_PCT = 75.0
 #: The generator's pacing tick may slip this much (p99) before its clock is suspect.
 GENERATOR_TICK_SLIP_MS = 5.0
+#: The width of the table's first column.
+_LABEL = 45
 
 
 @frozen
@@ -58,7 +60,12 @@ class LoadReport:
     #: Why not, when ``valid`` is false.
     invalid_reasons: tuple[str, ...]
     caller_to_agent: Percentiles
-    agent_to_caller: Percentiles
+    #: Assistant → caller at the caller's playback, against the ideal wire: what the
+    #: caller hears later (``generator.ideal_wire_heard``). The targets judge this one.
+    agent_to_caller_at_playback: Percentiles
+    #: Assistant → caller at the frame's arrival at the caller, waits the caller never
+    #: hears included (a partial frame held while Twilio still had audio to play).
+    agent_to_caller_at_arrival: Percentiles
     barge_in: Percentiles
     barge_ins: int
     #: Assistant audio of an interrupted turn that reached the caller after the clear.
@@ -136,7 +143,12 @@ class LoadReport:
             "invalid_reasons": list(self.invalid_reasons),
             "added_latency_ms": {
                 "caller_to_agent": pct(self.caller_to_agent, "p50", "p99", "max"),
-                "agent_to_caller": pct(self.agent_to_caller, "p50", "p99", "max"),
+                "agent_to_caller_at_playback": pct(
+                    self.agent_to_caller_at_playback, "p50", "p99", "max"
+                ),
+                "agent_to_caller_at_arrival": pct(
+                    self.agent_to_caller_at_arrival, "p50", "p99", "max"
+                ),
             },
             "barge_in_ms": pct(self.barge_in, "p50", "p99", "max"),
             "barge_ins": self.barge_ins,
@@ -199,11 +211,12 @@ class LoadReport:
             f"voicebridge loadtest: {self.calls} calls{churn}, {self.duration_s:g} s at full "
             f"load (ramp {self.ramp_s:g} s) against {self.target}, Vapi leg {leg}",
             "",
-            f"{'':34}{'p50':>9}{'p99':>9}{'max':>9}{'n':>9}",
+            f"{'':{_LABEL}}{'p50':>9}{'p99':>9}{'max':>9}{'n':>9}",
         ]
         rows = [
             ("added latency caller→agent (ms)", self.caller_to_agent),
-            ("added latency agent→caller (ms)", self.agent_to_caller),
+            ("added latency agent→caller at playback (ms)", self.agent_to_caller_at_playback),
+            ("added latency agent→caller at arrival (ms)", self.agent_to_caller_at_arrival),
             ("barge-in: interrupted→clear (ms)", self.barge_in),
             ("first assistant audio (ms)", self.first_audio),
             ("voice webhook answered" + (", hook" if self.route_hook else "") + " (ms)",
@@ -213,7 +226,7 @@ class LoadReport:
         ]
         for label, value in rows:
             lines.append(
-                f"{label:34}{_cell(value.p50)}{_cell(value.p99)}{_cell(value.max)}"
+                f"{label:{_LABEL}}{_cell(value.p50)}{_cell(value.p99)}{_cell(value.max)}"
                 f"{value.count:>9}"
             )
         lines += [
