@@ -424,9 +424,8 @@ def read_upgrade(data: bytes) -> Upgrade:
 
     Raises ``UpgradeRefused`` with the 400 to send for anything wsproto does not
     accept as a WebSocket upgrade (a missing key, a wrong version, not a GET …).
-    The bytes after the head are kept for ``accept_upgrade``: wsproto hands the
-    bytes h11 read past the request to a client's connection, but not to a
-    server's, so they go in only once the connection is open.
+    The bytes after the head are kept for ``accept_upgrade``, which hands them to
+    the connection's frame parser once the connection is open.
     """
     end = HEAD_END.search(data)
     split = end.end() if end is not None else len(data)
