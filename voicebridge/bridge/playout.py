@@ -72,7 +72,7 @@ from attrs import define, field
 from voicebridge.bridge.outcome import BargeIn
 from voicebridge.errors import SocketClosed
 from voicebridge.observability.logs import log_event
-from voicebridge.sockets import MessageSocket
+from voicebridge.sockets import DirectSocket, MessageSocket
 from voicebridge.twilio.media import MediaStream
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,12 @@ class Playout:
         if lead_ms < FRAME_MS or chunk_ms < FRAME_MS:
             raise ValueError("lead_ms and chunk_ms must be at least one frame")
         self._twilio = twilio
+        # Twilio's socket when audio may be written to it from the feeding task
+        # (``feed``: the direct path); None where it cannot take a write that way.
+        self._direct: DirectSocket | None = twilio if isinstance(twilio, DirectSocket) else None
+        # The mark of a chunk the direct path sent, which the socket did not take at
+        # once: the playout task sends it (``_settle``) before anything else.
+        self._owed_mark: str | None = None
         self._stream = stream
         self._lead_ms = lead_ms
         self._chunk_frames = max(1, chunk_ms // FRAME_MS)
@@ -256,7 +262,46 @@ class Playout:
             audio = audio[:room]
         self._pending += audio
         self._last_fed_at = self._clock()
+        if self._direct is not None:
+            self._send_direct(self._direct)
         self._wake()
+
+    def _send_direct(self, twilio: DirectSocket) -> None:
+        """Send what the playout task would send now, from the feeding task, without waiting.
+
+        The hop to the playout task waits for trio's next scheduling pass, which under
+        load is most of the assistant → caller latency. So while the playout task waits
+        for audio (no write of ours under way or owed, nothing holds the turn), the
+        reader that fed the audio writes the chunks itself if the socket takes them at
+        once, as the playout task would: whole frames within the lead, each ``media``
+        followed by its ``mark``. A media message the socket does not take is left to
+        the playout task; a mark it does not take, or the rest of a frame it took only
+        in part, the playout task finishes before its next write (``_settle``).
+        """
+        while (
+            self._turn_scope is not None
+            and self._interrupted_at is None
+            and self._held_until is None
+            and self._owed_mark is None
+            and not self._write_lock.locked()
+            and not twilio.needs_flush
+            and not self._stream.stopped
+        ):
+            room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
+            whole_frames = len(self._pending) // FRAME_BYTES
+            if room_frames <= 0 or whole_frames <= 0:
+                return
+            take = min(room_frames, whole_frames, self._chunk_frames) * FRAME_BYTES
+            chunk = bytes(self._pending[:take])
+            if not twilio.send_nowait(self._stream.send_media(chunk)):
+                return  # the playout task sends it
+            del self._pending[:take]
+            mark = self._book(chunk)
+            self._media_sent()
+            mark_text = self._stream.send_mark(mark)
+            if twilio.needs_flush or not twilio.send_nowait(mark_text):
+                self._owed_mark = mark_text
+                return
 
     def turn_started(self) -> None:
         """The assistant began a new turn (``speech-update`` assistant/started)."""
@@ -414,40 +459,54 @@ class Playout:
             chunk = await self._wait_next_chunk()
             await self._acquire_writer()
             try:
-                await self._send_chunk(chunk)
+                if chunk is not None:
+                    await self._send_chunk(chunk)
             finally:
                 self._write_lock.release()
 
     async def _send_chunk(self, chunk: bytes) -> None:
         """Send one chunk and its mark (the writer lock held)."""
+        # Booked before the writes: if a write fails half way the accounting still
+        # matches what Twilio may have received.
+        mark = self._book(chunk)
+        await self._twilio.send(self._open_stream().send_media(chunk))
+        self._media_sent()
+        await self._twilio.send(self._open_stream().send_mark(mark))
+
+    def _book(self, chunk: bytes) -> str:
+        """Book ``chunk`` as sent to Twilio now, owing an echo; its mark's name."""
         self._mark_seq += 1
         mark = f"{self._turn}.{self._mark_seq}"
         ms = len(chunk) // BYTES_PER_MS
         now = self._clock()
         if not self._outstanding and not self._presumed:
             self._owed_since = now  # the first echo owed since all was confirmed
-        # Booked before the writes: if a write fails half way the accounting still
-        # matches what Twilio may have received.
         self._outstanding.append(
             _SentChunk(mark=mark, ms=ms, turn=self._turn, sent_at=now, data=chunk)
         )
         self._buffered_ms += ms
         if self.stats.first_audio_at is None:
             self.stats.first_audio_at = now
-        await self._twilio.send(self._open_stream().send_media(chunk))
+        self.stats.media_messages += 1
+        return mark
+
+    def _media_sent(self) -> None:
         if self._latency_fed_at is not None and self._on_latency is not None:
             self._on_latency(self._clock() - self._latency_fed_at)
             self._latency_fed_at = None
-        await self._twilio.send(self._open_stream().send_mark(mark))
-        self.stats.media_messages += 1
 
-    async def _wait_next_chunk(self) -> bytes:
+    async def _wait_next_chunk(self) -> bytes | None:
         """Wait until whole frames are queued and Twilio's lead has room; take a chunk.
 
         Meanwhile, chunks whose echoes are overdue are presumed heard, and a partial
         frame is padded once the caller hears a pause anyway (module docstring).
+        None, at once, while the direct path left a write to finish (``_settle``).
         """
         while True:
+            if self._owed_mark is not None or (
+                self._direct is not None and self._direct.needs_flush
+            ):
+                return None
             if self._held_until is not None:
                 with trio.move_on_at(self._held_until):
                     await self._wait_for_change()
@@ -610,11 +669,28 @@ class Playout:
             self.stats.padding_bytes += FRAME_BYTES - partial
 
     async def _acquire_writer(self) -> None:
-        """Take the writer lock; without a yield when nobody holds it (nearly always)."""
+        """Take the writer lock; without a yield when nobody holds it (nearly always).
+
+        Then finish what the direct path left (``_settle``), so every write of the
+        holder follows the last chunk sent and its mark.
+        """
         if self._write_lock.locked():
             await self._write_lock.acquire()
         else:
             self._write_lock.acquire_nowait()
+        try:
+            await self._settle()
+        except BaseException:
+            self._write_lock.release()
+            raise
+
+    async def _settle(self) -> None:
+        """Finish the direct path's frame and send its mark, if either is owed."""
+        if self._direct is not None and self._direct.needs_flush:
+            await self._direct.flush()
+        mark, self._owed_mark = self._owed_mark, None
+        if mark is not None:
+            await self._twilio.send(mark)
 
     def _wake(self) -> None:
         # Every waiter holds the current event; setting it wakes them all, and the

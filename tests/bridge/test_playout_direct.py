@@ -1,0 +1,98 @@
+"""Playout's direct path: assistant audio written to Twilio by the task that fed it.
+
+While the playout task waits for audio, ``Playout.feed`` writes the whole frames it
+completes itself, media then mark, when the socket takes them at once: no hop to the
+playout task, whose scheduling pass under load is most of the assistant → caller
+latency. What the socket does not take at once the playout task finishes, in order,
+before anything else it writes (a clear included).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import trio
+import trio.testing
+
+from tests.bridge.peers import start_frame
+from voicebridge.bridge.playout import FRAME_BYTES, Playout
+from voicebridge.sockets import MemorySocket, memory_socket_pair
+from voicebridge.twilio.media import MediaStream
+
+
+def playout_on(socket: MemorySocket) -> Playout:
+    stream = MediaStream()
+    stream.receive(start_frame())
+    return Playout(
+        socket,
+        stream,
+        lead_ms=300,
+        chunk_ms=100,
+        resume_gap_ms=600,
+        call_started_at=trio.current_time(),
+    )
+
+
+async def sent(twilio: MemorySocket, count: int) -> list[dict[str, object]]:
+    return [json.loads(await twilio.receive()) for _ in range(count)]
+
+
+def payload_bytes(message: dict[str, object]) -> int:
+    media = message["media"]
+    assert isinstance(media, dict)
+    return len(base64.b64decode(media["payload"]))
+
+
+async def test_whole_frames_fed_while_playout_waits_go_out_from_the_feeder_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ours, twilio = memory_socket_pair()
+    playout = playout_on(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playout.run)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.testing.assert_no_checkpoints():
+            playout.feed(b"\x55" * (3 * FRAME_BYTES + 20))
+            # Written before the playout task could run: taken with no scheduling pass.
+            first = await sent(twilio, 2)
+            playout.feed(b"\x55" * (FRAME_BYTES - 20))  # completes the held partial frame
+            second = await sent(twilio, 2)
+        assert [m["event"] for m in first + second] == ["media", "mark", "media", "mark"]
+        assert (payload_bytes(first[0]), payload_bytes(second[0])) == (3 * FRAME_BYTES, FRAME_BYTES)
+        assert playout.buffered_ms == 80
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_mark_the_socket_cannot_take_at_once_follows_its_media_before_anything_else(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Room for one message in flight: the media goes from the feeder, its mark cannot.
+    ours, twilio = memory_socket_pair(buffer=1)
+    playout = playout_on(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playout.run)
+        await trio.testing.wait_all_tasks_blocked()
+        playout.feed(b"\x55" * FRAME_BYTES)
+        playout.feed(b"\x66" * FRAME_BYTES)  # a write is owed: this one waits its turn
+        messages = await sent(twilio, 4)
+        assert [m["event"] for m in messages] == ["media", "mark", "media", "mark"]
+        marks = [m["mark"]["name"] for m in messages[1::2]]  # type: ignore[index]
+        assert marks == sorted(marks) and len(set(marks)) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_barge_in_after_a_direct_write_clears_after_its_mark(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ours, twilio = memory_socket_pair(buffer=1)
+    playout = playout_on(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playout.run)
+        await trio.testing.wait_all_tasks_blocked()
+        playout.feed(b"\x55" * FRAME_BYTES)  # media written, its mark owed
+        nursery.start_soon(playout.barge_in)
+        messages = await sent(twilio, 3)
+        assert [m["event"] for m in messages] == ["media", "mark", "clear"]
+        assert playout.buffered_ms == 0
+        nursery.cancel_scope.cancel()
