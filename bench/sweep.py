@@ -454,6 +454,10 @@ def main() -> int:
     parser.add_argument("--from-rows", type=Path,
                         help="only write the report, from the JSON a run wrote with --rows")
     args = parser.parse_args()
+    try:
+        import matplotlib  # noqa: F401  (the plots; checked before a long sweep, not after it)
+    except ImportError:
+        parser.error("the plots need matplotlib: .venv/bin/pip install -e '.[bench]'")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.from_rows:
         saved = json.loads(args.from_rows.read_text())
