@@ -844,6 +844,41 @@ async def test_a_frame_taken_in_part_is_finished_by_flush_before_any_other_write
         assert await peer.next_message() == b"small"
 
 
+@pytest.mark.parametrize("then", ["send", "aclose"])
+async def test_a_frame_whose_flush_never_comes_is_finished_by_the_next_write(
+    connect: Connect, then: str
+) -> None:
+    # The task that owed the flush was cancelled (its call ended): the next write, or
+    # the close, finishes the frame first instead of waiting out the write deadline.
+    connection, peer = connect(send_buffer=SMALL_BUFFER)
+    big = bytes(range(256)) * 4096
+    with trio.fail_after(GUARD_S):
+        assert connection.send_nowait(big)
+        assert connection.needs_flush
+        received: list[str | bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                received.append(await peer.next_message())
+                if then == "send":
+                    received.append(await peer.next_message())
+                else:
+                    event = await peer.next_event()
+                    assert isinstance(event, CloseConnection)
+                    await peer.send(event.response())
+
+            nursery.start_soon(read)
+            start = trio.current_time()
+            if then == "send":
+                await connection.send("goodbye")
+            else:
+                await connection.aclose(1000, "bye")
+            assert trio.current_time() - start < WRITE_DEADLINE_S
+        assert received[0] == big
+        assert received[1:] == (["goodbye"] if then == "send" else [])
+        assert not connection.needs_flush
+
+
 async def test_concurrent_writers_never_interleave_frames(connect: Connect) -> None:
     connection, peer = connect(send_buffer=SMALL_BUFFER)
     writers, count = 4, 25

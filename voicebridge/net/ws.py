@@ -175,7 +175,7 @@ class WsConnection:
     async def _control(self, opcode: int, payload: Any) -> None:
         """Act on a control frame: answer a ping, note a pong, answer a close."""
         if opcode == OP_PING:
-            if not self._close_sent:  # a closing connection owes no pong
+            if self._close_code is None and not self._close_sent:  # a closing one owes none
                 await self._write_control(self._frame(OP_PONG, payload))
         elif opcode == OP_PONG:
             pong = self._pings.pop(payload, None)
@@ -281,6 +281,11 @@ class WsConnection:
         """Write one whole frame, in turn with other writers; shielded and bounded."""
         lock = self._write_lock
         view = memoryview(data)
+        if self._tail is not None:
+            # The rest of a frame send_nowait began, not finished yet by the task that
+            # owes it (which may never: it can be cancelled as the call ends). It goes
+            # first, and this frame after it.
+            await self.flush()
         if lock.value:
             lock.acquire_nowait()  # the common case: no yield
             try:
@@ -358,6 +363,8 @@ class WsConnection:
         is ending anyway.
         """
         with contextlib.suppress(SocketClosed):
+            if self._tail is not None:
+                await self.flush()  # the rest of a frame comes before the close
             async with self._write_lock:
                 view = memoryview(data)
                 transport = self._transport
