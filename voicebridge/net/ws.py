@@ -363,8 +363,15 @@ class WsConnection:
         is ending anyway.
         """
         with contextlib.suppress(SocketClosed):
-            if self._tail is not None:
-                await self.flush()  # the rest of a frame comes before the close
+            tail = self._tail
+            if tail is not None:
+                # The rest of a frame nobody finished comes first, within the same
+                # deadline (not shielded like flush).
+                self._tail = None
+                try:
+                    await self._transport.send_rest(tail)
+                finally:
+                    self._write_lock.release()
             async with self._write_lock:
                 view = memoryview(data)
                 transport = self._transport
