@@ -84,6 +84,29 @@ async def test_a_send_with_room_does_not_checkpoint_and_a_full_one_waits(
         assert trio.current_time() == t0 + 0.5
 
 
+async def test_messages_sent_at_once_without_room_for_all_are_owed_and_go_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # As a real socket whose kernel took the first frames of a write: the rest is owed
+    # (needs_flush), and no later write overtakes it.
+    ours, theirs = memory_socket_pair(buffer=2)
+    with trio.testing.assert_no_checkpoints():
+        assert ours.send_nowait("media", "mark", "more") is True
+        assert ours.needs_flush
+        assert ours.send_nowait("other") is False  # behind what is owed
+    async with trio.open_nursery() as nursery:
+
+        async def read_later() -> None:
+            await trio.sleep(0.5)
+            for expected in ("media", "mark", "more", "after"):
+                assert await theirs.receive() == expected
+
+        nursery.start_soon(read_later)
+        await ours.send("after")  # finishes what is owed first
+        assert trio.current_time() == 0.5
+        assert not ours.needs_flush
+
+
 async def test_a_send_nobody_reads_times_out_at_the_write_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

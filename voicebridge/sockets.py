@@ -15,6 +15,7 @@ more than a small slice (``FAIR_SLICE_EVENTS``), however fast its peer sends.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Protocol, runtime_checkable
 
@@ -118,8 +119,9 @@ class DirectSocket(PingableSocket, Protocol):
     nothing is queued ahead, sparing the hop to the sender task (``bridge.call``).
     """
 
-    def send_nowait(self, message: str | bytes) -> bool:
-        """Write now or not at all (False); see ``needs_flush`` after True.
+    def send_nowait(self, *messages: str | bytes) -> bool:
+        """Write the messages now, in order, or none at all (False); see ``needs_flush``
+        after True. Several messages go in one write (one system call on a real socket).
 
         Synchronous: never a checkpoint.
         """
@@ -127,11 +129,12 @@ class DirectSocket(PingableSocket, Protocol):
 
     @property
     def needs_flush(self) -> bool:
-        """Part of the last ``send_nowait`` frame is still to go (``flush``)."""
+        """Part of what the last ``send_nowait`` took is still to go (``flush``); every
+        other write waits behind it."""
         ...
 
     async def flush(self) -> None:
-        """Write the rest of that frame; shielded, bounded by ``WRITE_DEADLINE_S``.
+        """Write the rest of it; shielded, bounded by ``WRITE_DEADLINE_S``.
 
         Without a checkpoint when nothing is owed; checkpoints when it waits.
         """
@@ -164,6 +167,8 @@ class MemorySocket:
         # Messages and pings this end may still take before its reader checkpoints
         # (as WsConnection counts frames).
         self._slice_left = FAIR_SLICE_EVENTS
+        # Messages a send_nowait took but had no room for (needs_flush).
+        self._tail: tuple[str | bytes, ...] = ()
 
     async def receive(self) -> str | bytes:
         channel = self._receive_channel
@@ -189,6 +194,11 @@ class MemorySocket:
             return item
 
     async def send(self, message: str | bytes) -> None:
+        if self._tail:
+            await self.flush()  # what send_nowait owes goes first, as on a real socket
+        await self._send(message)
+
+    async def _send(self, message: str | bytes) -> None:
         try:
             try:
                 self._send_channel.send_nowait(message)
@@ -203,22 +213,38 @@ class MemorySocket:
         if write_scope.cancelled_caught:
             raise SocketWriteTimeout(None, "write deadline passed")
 
-    def send_nowait(self, message: str | bytes) -> bool:
-        """``DirectSocket``: deliver now if the buffer has room (a message is never split)."""
-        try:
-            self._send_channel.send_nowait(message)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+    def send_nowait(self, *messages: str | bytes) -> bool:
+        """``DirectSocket``: deliver what the buffer has room for now (a message is never
+        split); False if that is not even the first. The messages it had no room for are
+        owed, as the rest of a write the kernel took in part (``needs_flush``)."""
+        if self._tail:
             return False
+        channel = self._send_channel
+        for taken, message in enumerate(messages):
+            try:
+                channel.send_nowait(message)
+            except trio.WouldBlock:
+                if not taken:
+                    return False
+                self._tail = messages[taken:]
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return bool(taken)  # the next write (or the reader) reports it
         return True
 
     @property
     def needs_flush(self) -> bool:
-        return False
+        return bool(self._tail)
 
     async def flush(self) -> None:
-        """Nothing is ever owed (``send_nowait`` never splits a message): no checkpoint."""
+        """Deliver what ``send_nowait`` owes; no checkpoint when nothing is owed."""
+        tail, self._tail = self._tail, ()
+        for message in tail:
+            await self._send(message)
 
     async def ping(self) -> None:
+        if self._tail:
+            await self.flush()
         ping = _Ping()
         try:
             await self._send_channel.send(ping)
@@ -230,6 +256,10 @@ class MemorySocket:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+        tail, self._tail = self._tail, ()
+        for message in tail:  # as the close frame follows what the kernel still holds
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                self._send_channel.send_nowait(message)
         await self._send_channel.aclose()
         await self._receive_channel.aclose()
         await trio.lowlevel.checkpoint()

@@ -44,14 +44,14 @@ class PartialSocket(MemorySocket):
         self.flushes = 0
         self._held: str | bytes | None = None
 
-    def send_nowait(self, message: str | bytes) -> bool:
+    def send_nowait(self, *messages: str | bytes) -> bool:
         if self._held is not None:
             raise AssertionError("send_nowait while a frame awaits its flush")
         self.nowait_calls += 1
         if self.nowait_calls == self.partial_at:
-            self._held = message
+            (self._held,) = messages
             return True
-        return super().send_nowait(message)
+        return super().send_nowait(*messages)
 
     @property
     def needs_flush(self) -> bool:

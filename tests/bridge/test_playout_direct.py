@@ -1,7 +1,8 @@
 """Playout's direct path: assistant audio written to Twilio by the task that fed it.
 
 While the playout task waits for audio, ``Playout.feed`` writes the whole frames it
-completes itself, media then mark, when the socket takes them at once: no hop to the
+completes itself, each chunk's media and mark in one write, when the socket takes them
+at once: no hop to the
 playout task, whose scheduling pass under load is most of the assistant → caller
 latency. What the socket does not take at once the playout task finishes, in order,
 before anything else it writes (a clear included).
@@ -11,17 +12,22 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 
 import trio
 import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Message, Request
 
 from tests.bridge.peers import start_frame
 from voicebridge.bridge.playout import FRAME_BYTES, Playout
-from voicebridge.sockets import MemorySocket, memory_socket_pair
+from voicebridge.net.transport import SocketTransport
+from voicebridge.net.ws import WsConnection
+from voicebridge.sockets import MemorySocket, MessageSocket, memory_socket_pair
 from voicebridge.twilio.media import MediaStream
 
 
-def playout_on(socket: MemorySocket) -> Playout:
+def playout_on(socket: MessageSocket) -> Playout:
     stream = MediaStream()
     stream.receive(start_frame())
     return Playout(
@@ -96,3 +102,37 @@ async def test_a_barge_in_after_a_direct_write_clears_after_its_mark(
         assert [m["event"] for m in messages] == ["media", "mark", "clear"]
         assert playout.buffered_ms == 0
         nursery.cancel_scope.cancel()
+
+
+class CountingTransport(SocketTransport):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.writes = 0
+
+    def try_send(self, data: memoryview | bytes | bytearray) -> int:
+        self.writes += 1
+        return super().try_send(data)
+
+
+async def test_each_chunk_and_its_mark_cost_one_write_on_a_real_socket() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        transport = CountingTransport(ours)
+        playout = playout_on(WsConnection(transport, client=False))
+        # Twilio's end, read by wsproto (past a handshake it did with itself).
+        twilio, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+        server.receive_data(twilio.send(Request(host="bridge", target="/media")))
+        assert isinstance(next(server.events()), Request)
+        twilio.receive_data(server.send(AcceptConnection()))
+        assert isinstance(next(twilio.events()), AcceptConnection)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(playout.run)
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(3):
+                playout.feed(b"\x55" * FRAME_BYTES)
+            assert transport.writes == 3
+            nursery.cancel_scope.cancel()
+        theirs.setblocking(False)
+        twilio.receive_data(theirs.recv(65536))
+        events = [json.loads(e.data)["event"] for e in twilio.events() if isinstance(e, Message)]
+        assert events == ["media", "mark"] * 3

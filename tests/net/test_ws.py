@@ -121,15 +121,20 @@ class Peer:
 
 
 class CountingTransport(SocketTransport):
-    """A ``SocketTransport`` that counts its reads."""
+    """A ``SocketTransport`` that counts its reads and its writes without waiting."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self.reads = 0
+        self.writes = 0
 
     async def receive_some(self) -> bytes:
         self.reads += 1
         return await super().receive_some()
+
+    def try_send(self, data: memoryview | bytes | bytearray) -> int:
+        self.writes += 1
+        return super().try_send(data)
 
 
 Connect = Callable[..., tuple[WsConnection, Peer]]
@@ -842,6 +847,46 @@ async def test_a_frame_taken_in_part_is_finished_by_flush_before_any_other_write
         assert connection.send_nowait(b"small")
         assert not connection.needs_flush
         assert await peer.next_message() == b"small"
+
+
+@pytest.mark.parametrize("ours", [ConnectionType.CLIENT, ConnectionType.SERVER])
+async def test_several_messages_sent_at_once_go_in_one_write_whole_and_in_order(
+    connect: Connect, ours: ConnectionType
+) -> None:
+    connection, peer, transport = connect_counting(
+        lambda **kwargs: connect(ours=ours, **kwargs)
+    )
+    with trio.fail_after(GUARD_S):
+        with trio.testing.assert_no_checkpoints():
+            assert connection.send_nowait('{"event":"media"}', b"\x01" * 160, '{"event":"mark"}')
+        assert transport.writes == 1
+        assert not connection.needs_flush
+        assert [await peer.next_message() for _ in range(3)] == [
+            '{"event":"media"}',
+            b"\x01" * 160,
+            '{"event":"mark"}',
+        ]
+
+
+async def test_messages_sent_at_once_and_taken_in_part_are_finished_by_flush_in_order(
+    connect: Connect,
+) -> None:
+    connection, peer = connect(send_buffer=SMALL_BUFFER)
+    big = bytes(range(256)) * 4096
+    with trio.fail_after(GUARD_S):
+        assert connection.send_nowait(big, "its mark")
+        assert connection.needs_flush
+        received: list[str | bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read_three() -> None:
+                for _ in range(3):
+                    received.append(await peer.next_message())
+
+            nursery.start_soon(read_three)
+            nursery.start_soon(connection.send, "after")
+            await connection.flush()
+        assert received == [big, "its mark", "after"]
 
 
 @pytest.mark.parametrize("then", ["send", "aclose"])

@@ -173,9 +173,6 @@ class Playout:
         # Twilio's socket when audio may be written to it from the feeding task
         # (``feed``: the direct path); None where it cannot take a write that way.
         self._direct: DirectSocket | None = twilio if isinstance(twilio, DirectSocket) else None
-        # The mark of a chunk the direct path sent, which the socket did not take at
-        # once: the playout task sends it (``_settle``) before anything else.
-        self._owed_mark: str | None = None
         self._stream = stream
         self._lead_ms = lead_ms
         self._chunk_frames = max(1, chunk_ms // FRAME_MS)
@@ -274,34 +271,38 @@ class Playout:
         for audio (no write of ours under way or owed, nothing holds the turn), the
         reader that fed the audio writes the chunks itself if the socket takes them at
         once, as the playout task would: whole frames within the lead, each ``media``
-        followed by its ``mark``. A media message the socket does not take is left to
-        the playout task; a mark it does not take, or the rest of a frame it took only
-        in part, the playout task finishes before its next write (``_settle``).
+        with its ``mark`` in one write. Chunks the socket does not take are left to the
+        playout task; the rest of a write it took only in part, the playout task
+        finishes before its next write (``_settle``).
         """
         while (
             self._turn_scope is not None
             and self._interrupted_at is None
             and self._held_until is None
-            and self._owed_mark is None
             and not self._write_lock.locked()
             and not twilio.needs_flush
             and not self._stream.stopped
         ):
-            room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
-            whole_frames = len(self._pending) // FRAME_BYTES
-            if room_frames <= 0 or whole_frames <= 0:
+            take = self._next_take()
+            if not take:
                 return
-            take = min(room_frames, whole_frames, self._chunk_frames) * FRAME_BYTES
             chunk = bytes(self._pending[:take])
-            if not twilio.send_nowait(self._stream.send_media(chunk)):
+            mark = self._next_mark()
+            stream = self._stream
+            if not twilio.send_nowait(stream.send_media(chunk), stream.send_mark(mark)):
                 return  # the playout task sends it
             del self._pending[:take]
-            mark = self._book(chunk)
+            self._book(chunk, mark)
             self._media_sent()
-            mark_text = self._stream.send_mark(mark)
-            if twilio.needs_flush or not twilio.send_nowait(mark_text):
-                self._owed_mark = mark_text
-                return
+
+    def _next_take(self) -> int:
+        """How many bytes the next chunk takes from the queue: whole frames, at most
+        ``chunk_ms`` of them, within the lead's room; 0 when there is none to send."""
+        room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
+        whole_frames = len(self._pending) // FRAME_BYTES
+        if room_frames <= 0 or whole_frames <= 0:
+            return 0
+        return min(room_frames, whole_frames, self._chunk_frames) * FRAME_BYTES
 
     def turn_started(self) -> None:
         """The assistant began a new turn (``speech-update`` assistant/started)."""
@@ -465,18 +466,31 @@ class Playout:
                 self._write_lock.release()
 
     async def _send_chunk(self, chunk: bytes) -> None:
-        """Send one chunk and its mark (the writer lock held)."""
+        """Send one chunk and its mark, in one write where the socket takes it at once
+        (the writer lock held)."""
         # Booked before the writes: if a write fails half way the accounting still
         # matches what Twilio may have received.
-        mark = self._book(chunk)
-        await self._twilio.send(self._open_stream().send_media(chunk))
+        mark = self._next_mark()
+        self._book(chunk, mark)
+        stream = self._open_stream()
+        media, mark_text = stream.send_media(chunk), stream.send_mark(mark)
+        direct = self._direct
+        if direct is not None and direct.send_nowait(media, mark_text):
+            self._media_sent()
+            await direct.flush()  # no checkpoint when it took both whole
+            return
+        await self._twilio.send(media)
         self._media_sent()
-        await self._twilio.send(self._open_stream().send_mark(mark))
+        self._open_stream()  # a stop read during that write: no mark for a stopped stream
+        await self._twilio.send(mark_text)
 
-    def _book(self, chunk: bytes) -> str:
-        """Book ``chunk`` as sent to Twilio now, owing an echo; its mark's name."""
+    def _next_mark(self) -> str:
+        """The name of the next chunk's mark (``turn.seq``); ``_book`` takes it."""
+        return f"{self._turn}.{self._mark_seq + 1}"
+
+    def _book(self, chunk: bytes, mark: str) -> None:
+        """Book ``chunk`` as sent to Twilio now with ``mark`` (``_next_mark``), owing an echo."""
         self._mark_seq += 1
-        mark = f"{self._turn}.{self._mark_seq}"
         ms = len(chunk) // BYTES_PER_MS
         now = self._clock()
         if not self._outstanding and not self._presumed:
@@ -488,7 +502,6 @@ class Playout:
         if self.stats.first_audio_at is None:
             self.stats.first_audio_at = now
         self.stats.media_messages += 1
-        return mark
 
     def _media_sent(self) -> None:
         if self._latency_fed_at is not None and self._on_latency is not None:
@@ -503,9 +516,7 @@ class Playout:
         None, at once, while the direct path left a write to finish (``_settle``).
         """
         while True:
-            if self._owed_mark is not None or (
-                self._direct is not None and self._direct.needs_flush
-            ):
+            if self._direct is not None and self._direct.needs_flush:
                 return None
             if self._held_until is not None:
                 with trio.move_on_at(self._held_until):
@@ -514,16 +525,14 @@ class Playout:
                 # Not confirmed: the caller hears the turn on from where it was cut.
                 self._held_until = None
                 self.stats.early_resumed += 1
-            room_frames = (self._lead_ms - self._buffered_ms) // FRAME_MS
-            whole_frames = len(self._pending) // FRAME_BYTES
-            if room_frames > 0 and whole_frames > 0:
-                take = min(room_frames, whole_frames, self._chunk_frames) * FRAME_BYTES
+            take = self._next_take()
+            if take:
                 chunk = bytes(self._pending[:take])
                 del self._pending[:take]
                 return chunk
             presume_at = self._echo_overdue_at()
             pad_at = math.inf
-            if self._pending and whole_frames == 0:
+            if 0 < len(self._pending) < FRAME_BYTES:
                 pad_at = max(self._drained_at(), self._last_fed_at) + STRAGGLER_S
             with trio.move_on_at(min(presume_at, pad_at)):
                 await self._wait_for_change()
@@ -685,12 +694,9 @@ class Playout:
             raise
 
     async def _settle(self) -> None:
-        """Finish the direct path's frame and send its mark, if either is owed."""
+        """Finish the rest of a chunk the direct path wrote, if the socket took it in part."""
         if self._direct is not None and self._direct.needs_flush:
             await self._direct.flush()
-        mark, self._owed_mark = self._owed_mark, None
-        if mark is not None:
-            await self._twilio.send(mark)
 
     def _wake(self) -> None:
         # Every waiter holds the current event; setting it wakes them all, and the

@@ -229,21 +229,24 @@ class WsConnection:
             raise SocketClosed(self._close_code, self._close_reason or "closing")
         await self._write(self._data_frame(message))
 
-    def send_nowait(self, message: str | bytes) -> bool:
-        """Write one message now, without waiting, or say it cannot be done.
+    def send_nowait(self, *messages: str | bytes) -> bool:
+        """Write messages now, in order and in one system call, or say it cannot be done.
 
         False (nothing written) when another write holds the socket, the connection is
-        closing, or the transport takes none of the frame (the kernel's buffer is full,
-        or TLS still has older records to write).
-        True when the frame went out, or part of it: then ``needs_flush`` is True and
-        the rest waits for ``flush()``, which the caller must see to; until then the
-        socket stays locked, so every other write waits behind that rest. Over TLS the
-        rest may be ciphertext only (the frame was encrypted whole, and the kernel
-        took part of its records).
+        closing, or the transport takes none of the frames (the kernel's buffer is
+        full, or TLS still has older records to write).
+        True when the frames went out, or the first part of them: then ``needs_flush``
+        is True and the rest waits for ``flush()``, which the caller must see to; until
+        then the socket stays locked, so every other write waits behind that rest. Over
+        TLS the rest may be ciphertext only (the frames were encrypted whole, and the
+        kernel took part of their records).
         """
         if self._write_lock.value == 0 or self._close_code is not None or self._close_sent:
             return False
-        data = memoryview(self._data_frame(message))
+        if len(messages) == 1:
+            data = memoryview(self._data_frame(messages[0]))
+        else:
+            data = memoryview(b"".join(map(self._data_frame, messages)))
         transport = self._transport
         try:
             sent = transport.try_send(data)
@@ -258,11 +261,11 @@ class WsConnection:
 
     @property
     def needs_flush(self) -> bool:
-        """Part of a frame from ``send_nowait`` is still to be written (``flush``)."""
+        """Part of what ``send_nowait`` took is still to be written (``flush``)."""
         return self._tail is not None
 
     async def flush(self) -> None:
-        """Finish the frame ``send_nowait`` began; shielded and bounded like ``send``."""
+        """Finish the frames ``send_nowait`` began; shielded and bounded like ``send``."""
         tail = self._tail
         if tail is None:
             return
