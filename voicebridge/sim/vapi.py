@@ -23,8 +23,8 @@ Public API::
 A ``SimVapiCallRecord`` holds the create body (``metadata``, ``variable_values``,
 ``client_messages``, ``call_sid``), ``events`` (every JSON message sent, stamped
 with ``trio.current_time()``; ``messages("user-interrupted")``), ``turns`` (clip,
-bytes sent, ``interrupted_at``), caller audio bytes received, ``add_messages``,
-``control_messages``, ``unknown_messages``, ``end_call_received_at``,
+bytes sent, ``finished_at``, ``interrupted_at``), caller audio bytes received,
+``add_messages``, ``control_messages``, ``unknown_messages``, ``end_call_received_at``,
 ``faults_injected``, ``ended_reason``, ``ended_at`` and ``close_code``; what Vapi did
 on its own (``transfers``, ``said``, ``prompted_replies``, ``muted_bytes``,
 ``tail_bytes_after_ended``), ``control_posts`` and the ``webhooks`` it posted;
@@ -360,7 +360,11 @@ class TurnRecord:
     #: μ-law bytes sent, not counting an interrupt's tail.
     #: Invariant: only the turn's player task writes it while the turn runs.
     sent_bytes: int = 0
-    finished_at: float | None = None  # None: cut short by the end of the call
+    #: When the assistant stopped speaking: the end of the clip, or the barge-in that cut
+    #: it; the silence timeout counts from this very instant (``speech-update`` stopped
+    #: and the transcript follow, later if the socket is slow). None: cut short by the
+    #: end of the call.
+    finished_at: float | None = None
     interrupted_at: float | None = None  # when user-interrupted was sent
 
     @property
@@ -915,10 +919,17 @@ async def _tell_blocked(record: SimVapiCallRecord, ws: SimWebSocket) -> None:
         await ws.accept()
         if "status-update" in record.client_messages:
             ended = _status_update(record, "ended") | {"endedReason": ENDED_CONCURRENCY_LIMIT}
-            await ws.send(orjson.dumps(ended).decode())
-            record.events.append(SentMessage(at=trio.current_time(), message=ended))
+            await _send_json(record, ws, ended)
     await ws.aclose(1000)
     record.close_code = ws.close_code
+
+
+async def _send_json(record: SimVapiCallRecord, ws: SimWebSocket, message: JsonObject) -> None:
+    """Send one JSON control message; recorded once sent, stamped when it was handed over
+    (a slow socket delays the peer's copy, not the moment the sim decided to send it)."""
+    at = trio.current_time()
+    await ws.send(orjson.dumps(message).decode())
+    record.events.append(SentMessage(at=at, message=message))
 
 
 def _status_update(record: SimVapiCallRecord, status: str) -> JsonObject:
@@ -1070,7 +1081,7 @@ class _CallSession:
                     if isinstance(event, SpeechStarted):
                         self._silence.started(_Speaker.CALLER)
                     else:
-                        self._silence.stopped(_Speaker.CALLER)
+                        self._silence.stopped(_Speaker.CALLER, at=trio.current_time())
                     with contextlib.suppress(trio.WouldBlock):  # nobody listens (silent): drop
                         self._inbox_in.send_nowait(event)
                 continue
@@ -1316,11 +1327,13 @@ class _CallSession:
             turn=self._turn, clip=clip, started_at=trio.current_time(), total_bytes=len(spoken)
         )
         self._record.turns.append(turn)
+        # The turn and the silence clock agree on when it started (the announcement may
+        # wait for a slow socket, and a silence deadline must not fall in that wait).
+        self._silence.started(_Speaker.ASSISTANT)
         await self._send_message(
             {"type": "speech-update", "status": "started", "role": "assistant", "turn": self._turn}
         )
         caller_speaking = False
-        self._silence.started(_Speaker.ASSISTANT)
         async with trio.open_nursery() as turn_nursery:
             turn_nursery.start_soon(self._play, spoken, turn, turn_nursery.cancel_scope)
             await self._next_speech(SpeechStarted)
@@ -1329,7 +1342,10 @@ class _CallSession:
                 await self._announce_caller_started()
             await trio.sleep(self._behaviour.reaction_delay_s)
             turn_nursery.cancel_scope.cancel(reason="caller barged in")
-        self._silence.stopped(_Speaker.ASSISTANT)
+        # One instant for the record and the silence clock: the announcements below may
+        # wait for a slow socket, and the silence counts from the end of the speech.
+        turn.finished_at = trio.current_time()
+        self._silence.stopped(_Speaker.ASSISTANT, at=turn.finished_at)
         if not turn.completed:
             turn.interrupted_at = trio.current_time()
             await self._send_message(
@@ -1353,7 +1369,6 @@ class _CallSession:
                 "transcript": _spoken_words(text, turn),
             }
         )
-        turn.finished_at = trio.current_time()
         return caller_speaking
 
     async def _play(self, audio: bytes, turn: TurnRecord, turn_scope: trio.CancelScope) -> None:
@@ -1432,9 +1447,7 @@ class _CallSession:
         """Send one bare JSON control message if the call subscribed to its type."""
         if message["type"] not in self._client_messages:
             return
-        at = trio.current_time()
-        await self._ws.send(orjson.dumps(message).decode())
-        self._record.events.append(SentMessage(at=at, message=message))
+        await _send_json(self._record, self._ws, message)
 
     async def _send_audio(self, ulaw: bytes) -> None:
         if self._assistant_muted:
@@ -1460,19 +1473,20 @@ class _SilenceClock:
     def __init__(self, timeout_s: float | None) -> None:
         self.timeout_s = timeout_s
         self._speaking: set[_Speaker] = set()
-        self.scope = trio.CancelScope(deadline=self._quiet_deadline())
+        self.scope = trio.CancelScope(deadline=self._quiet_deadline(trio.current_time()))
 
-    def _quiet_deadline(self) -> float:
-        return math.inf if self.timeout_s is None else trio.current_time() + self.timeout_s
+    def _quiet_deadline(self, since: float) -> float:
+        return math.inf if self.timeout_s is None else since + self.timeout_s
 
     def started(self, speaker: _Speaker) -> None:
         self._speaking.add(speaker)
         self.scope.deadline = math.inf
 
-    def stopped(self, speaker: _Speaker) -> None:
+    def stopped(self, speaker: _Speaker, *, at: float) -> None:
+        """``speaker`` stopped speaking at ``at``: the quiet is counted from then."""
         self._speaking.discard(speaker)
         if not self._speaking:
-            self.scope.deadline = self._quiet_deadline()
+            self.scope.deadline = self._quiet_deadline(at)
 
 
 def _seconds(value: Any) -> float | None:
