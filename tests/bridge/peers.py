@@ -246,6 +246,9 @@ class MemoryConnector:
         finally:
             await ours.aclose()
 
+    async def post_control(self, call: MemoryCall, message: str) -> bool:
+        return False  # a memory call has no Live Call Control: its socket is all
+
 
 class Tracker:
     def __init__(self) -> None:

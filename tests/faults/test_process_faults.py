@@ -181,9 +181,10 @@ async def test_many_calls_ending_in_the_same_instant_on_loopback() -> None:
                 while registry.active_count < count:
                     await registry.wait_changed_since(registry.changes)
                 # Every assistant socket open: a call ended while its socket is still
-                # connecting has none to say goodbye on (a loaded process, its loop
-                # stopped by a full collection of what earlier tests left, can take
-                # longer than the greeting's half second to get there).
+                # connecting says goodbye through the control URL, with no socket to
+                # close, and this test asserts each socket's close (a loaded process,
+                # its loop stopped by a full collection of what earlier tests left, can
+                # take longer than the greeting's half second to get there).
                 for _ in range(3000):  # polled: the simulated Vapi signals no event for it
                     calls = bridge.vapi.calls.values()
                     if sum(call.connected_at is not None for call in calls) == count:

@@ -320,6 +320,42 @@ async def test_socket_refused(
     assert rejected.value.status_code == status
 
 
+async def test_a_held_upgrade_given_up_leaves_the_call_queued_for_an_end_call_by_http(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = SimVapiBehaviour(upgrade_delay_s=0.3)
+    with trio.fail_after(GUARD_S):
+        url = await create(sim, http)
+        [record] = sim.calls.values()
+        with trio.move_on_after(0.1) as gave_up:  # the client gives up on the upgrade
+            async with transport(sim, url):
+                pass
+        await trio.sleep(0.4)  # past the hold: nothing answered, nothing connected
+        queued = (record.connected_at, record.ended_at, record.status)
+        say = await http.post(sim.control_url(record.id), json={"type": "say", "content": "Hi"})
+        end = await http.post(sim.control_url(record.id), json={"type": "end-call"})
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with transport(sim, url):
+                pass
+    assert gave_up.cancelled_caught
+    assert queued == (None, None, "queued")
+    assert (say.status_code, end.status_code) == (400, 200)
+    assert record.control_posts == [{"type": "end-call"}]
+    assert (record.ended_reason, record.ended_unconnected) == (ENDED_CUSTOMER, True)
+    assert record.end_call_received_at is not None
+    assert rejected.value.status_code == 400  # held as long, then refused: it has ended
+
+
+async def test_a_create_answer_without_a_control_url(
+    sim: SimVapi, http: httpx.AsyncClient
+) -> None:
+    sim.behaviour = SimVapiBehaviour(control_url_in_answer=False)
+    with trio.fail_after(GUARD_S):
+        response = await post_call(sim, http)
+    assert response.status_code == 201
+    assert "monitor" not in response.json()
+
+
 # --- the transport socket: the conversation ---------------------------------------
 
 

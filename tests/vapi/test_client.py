@@ -47,6 +47,7 @@ from voicebridge.vapi.client import (
     create_call,
     end_call,
     open_transport,
+    post_control,
 )
 
 #: Guard on every test: a loopback exchange takes milliseconds.
@@ -397,6 +398,53 @@ async def test_create_call_dropped_connection(nursery: trio.Nursery, behaviour: 
             await create(vapi_config(server.base_url))
     assert info.value.kind == "dropped"
     assert_secret_free(info.value)
+
+
+# --- post_control (Live Call Control) ---------------------------------------------------
+
+#: A call's control URL: its path is as secret as the socket URL's.
+CONTROL_PATH = "/3f9a-secret-call-id/control"
+
+
+async def control(base_url: str, *, deadline_s: float = GUARD_S) -> None:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        await post_control(
+            http, base_url + CONTROL_PATH, '{"type":"end-call"}', deadline_s=deadline_s
+        )
+
+
+async def test_post_control_posts_the_message_without_the_key(nursery: trio.Nursery) -> None:
+    with trio.fail_after(GUARD_S):
+        server = await start_http(nursery, respond(200, b""))
+        await control(server.base_url)
+    [request] = server.requests
+    assert (request.method, request.target) == ("POST", CONTROL_PATH)
+    assert request.json() == {"type": "end-call"}
+    assert request.headers["content-type"] == "application/json"
+    assert "authorization" not in request.headers  # the URL is the credential
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind", "words"),
+    [
+        (respond(400, {"message": "Call is not in progress."}), "rejected", "HTTP 400: Call is"),
+        (respond(404, {"message": f"No call at {CONTROL_PATH}"}), "rejected", "No call at /***"),
+        (respond(503, b""), "server", "HTTP 503"),
+        (never_answer, "timeout", f"within {SHORT_DEADLINE_S:g} s"),
+        (close_without_answer, "dropped", "call control failed (dropped)"),
+    ],
+    ids=["400", "404-echoing-the-url", "503", "no-answer", "dropped"],
+)
+async def test_post_control_failures_are_classified_and_keep_the_url_secret(
+    nursery: trio.Nursery, behaviour: Behaviour, kind: str, words: str
+) -> None:
+    with trio.fail_after(GUARD_S):
+        server = await start_http(nursery, behaviour)
+        with pytest.raises(VapiError) as info:
+            await control(server.base_url, deadline_s=SHORT_DEADLINE_S)
+    assert info.value.kind == kind
+    assert words in str(info.value)
+    assert CONTROL_PATH not in f"{info.value} {info.value!r}"
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The real assistant connector: creates the Vapi call over HTTPS and opens its socket."""
+"""The real assistant connector: creates the Vapi call over HTTPS, opens its socket, and
+reaches it through Live Call Control."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import httpx
 from voicebridge.bridge.call import AssistantCall
 from voicebridge.config import VapiConfig
 from voicebridge.sockets import PingableSocket
-from voicebridge.vapi.client import VapiCall, create_call, open_transport
+from voicebridge.vapi.client import VapiCall, create_call, open_transport, post_control
 
 
 class VapiConnector:
-    """``AssistantConnector`` for Vapi: ``POST /call``, then the transport socket.
+    """``AssistantConnector`` for Vapi: ``POST /call``, then the transport socket; and
+    ``monitor.controlUrl`` for a call whose socket never opened.
 
     Each step runs under its configured deadline; failures raise ``VapiError`` with
     its kind (auth, rejected, server, timeout, refused, dropped, protocol).
@@ -61,3 +63,15 @@ class VapiConnector:
             connect_deadline_s=self._config.connect_deadline_s,
             close_deadline_s=self._config.end_deadline_s,
         )
+
+    async def post_control(self, call: AssistantCall, message: str) -> bool:
+        """POST ``message`` to the call's ``monitor.controlUrl``, within ``end_deadline_s``;
+        False when the create answer had none (``vapi.client.post_control``)."""
+        if not isinstance(call, VapiCall):
+            raise TypeError(f"not a call this connector created: {call!r}")
+        if call.control_url is None:
+            return False
+        await post_control(
+            self._http, call.control_url, message, deadline_s=self._config.end_deadline_s
+        )
+        return True

@@ -18,15 +18,18 @@ Whichever side ends first records the outcome (the first one wins) and cancels t
 call's *live scope*, in which every task runs (``Phase`` says where a call is). What
 is left is the *wind-down*, one bounded step after another under a single time budget
 (``_wind_down_budget_s``), each shielded from any cancellation but that budget's end:
-the assistant gets ``end-call`` and a close unless it ended itself, the outcome is
-handed to the tracker (the after-stream route reads it), and Twilio's socket is
-closed, which makes Twilio request the ``<Connect action>``. A cancellation from
-outside (the stream's handler, a stopping server) ends the call the same way. A
-failure in any task ends this call only, with one log line; it never reaches the server.
+the assistant gets ``end-call`` and a close unless it ended itself (a call created
+whose socket never opened gets it through Live Call Control, or on a socket opened for
+it alone), the outcome is handed to the tracker (the after-stream route reads it), and
+Twilio's socket is closed, which makes Twilio request the ``<Connect action>``. A
+cancellation from outside (the stream's handler, a stopping server) ends the call the
+same way. A failure in any task ends this call only, with one log line; it never
+reaches the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -56,7 +59,7 @@ from voicebridge.sockets import (
 from voicebridge.twilio import media as tw
 from voicebridge.twilio.token import StreamClaims, TokenRejected, issued_at
 from voicebridge.vapi import transport as vp
-from voicebridge.vapi.client import VapiError, end_call
+from voicebridge.vapi.client import VapiError, VapiErrorKind, end_call
 from voicebridge.vapi.endings import Ending, EndingPolicy, safe_reason
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,10 @@ POLICY_VIOLATION = 1008
 #: metrics: enough for a histogram, and no clock read on the other frames.
 CALLER_LATENCY_SAMPLE_EVERY = 50
 ASSISTANT_LATENCY_SAMPLE_EVERY = 10
+#: How a connect of the assistant's socket fails with its created call as the create
+#: left it: Vapi never answered the upgrade. Such a call is ended through Live Call
+#: Control (``Call._end_unconnected``); one whose upgrade Vapi refused is Vapi's to end.
+UNANSWERED_CONNECT: frozenset[VapiErrorKind] = frozenset({"timeout", "refused", "dropped"})
 
 
 class Phase(enum.IntEnum):
@@ -138,7 +145,9 @@ class AssistantConnector(Protocol):
     (the caller hung up meanwhile; ``Cancelled`` propagates). The connected socket is
     said goodbye to and closed by the call's wind-down, inside the context; the
     context's exit comes after, while the call's live scope is cancelled, and must
-    not wait (a close of a socket already closed returns at once).
+    not wait (a close of a socket already closed returns at once). A call created
+    whose socket never opened is ended with ``post_control``, or where that has no
+    way, with ``end_through_socket``.
     """
 
     async def create(
@@ -156,6 +165,28 @@ class AssistantConnector(Protocol):
         ...
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]: ...
+
+    async def post_control(self, call: AssistantCall, message: str) -> bool:
+        """Send ``message`` (the JSON text of a socket message) to ``call`` through Live
+        Call Control, without its socket: True once accepted; False, and nothing sent,
+        when the create answer gave no way to (Vapi's ``monitor.controlUrl``). Raises
+        ``VapiError``; bounded by the end deadline. Cancelled: the request is abandoned."""
+        ...
+
+
+async def end_through_socket(
+    connector: AssistantConnector, call: AssistantCall, *, end_deadline_s: float
+) -> None:
+    """Connect ``call``'s socket only to say ``end-call`` on it, and close it.
+
+    How a created call nobody will use is ended when Live Call Control has no way to
+    (``AssistantConnector.post_control``): Vapi starts the assistant as the socket
+    connects, and ends it at once. The connect is bounded by the connector's own
+    deadline, the goodbye by ``end_deadline_s``; the caller bounds the whole and
+    shields it. Raises ``VapiError`` when the socket cannot be connected.
+    """
+    async with connector.connect(call) as socket:
+        await end_call(socket, deadline_s=end_deadline_s)
 
 
 class CallObserver(Protocol):
@@ -649,6 +680,12 @@ class Call:
     # -- the assistant leg ---------------------------------------------------------
 
     async def _assistant_leg(self) -> None:
+        """Create the assistant call, open its socket, and run the leg until the call ends.
+
+        A call created whose socket never opened is not left to Vapi: cancelled while
+        connecting (the call ended meanwhile), or failed with no answer to the upgrade
+        (``UNANSWERED_CONNECT``), it is ended by ``_end_unconnected``, a wind-down step.
+        """
         claims = self._claims
         assert claims is not None, "the call nursery starts only after _accept"
         try:
@@ -659,22 +696,88 @@ class Call:
                 assistant=claims.assistant,
                 decision=self._decision,
             )
-            self._vapi_call_id = call.id
-            async with self._connector.connect(call) as socket:
-                try:
-                    await self._run_assistant_leg(socket)
-                finally:
-                    with self._wind_down_scope():
-                        await self._close_assistant(socket)
         except VapiError as exc:
-            if exc.kind == "limit":
-                self._end(
-                    Outcome.ASSISTANT_OVER_LIMIT,
-                    f"{exc}; raise the Vapi account's concurrency limit, or lower "
-                    "server.max_concurrent_calls to it",
-                )
-            else:
-                self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc), leg_failure=exc.kind)
+            self._leg_failed(exc)
+            return
+        self._vapi_call_id = call.id
+        async with contextlib.AsyncExitStack() as leg_stack:
+            try:
+                socket = await leg_stack.enter_async_context(self._connector.connect(call))
+            except VapiError as exc:
+                self._leg_failed(exc)
+                if exc.kind in UNANSWERED_CONNECT:
+                    with self._wind_down_scope():
+                        # Not connected again: that just failed, and a second try would
+                        # hold the caller's fallback for the whole end deadline.
+                        await self._end_unconnected(call, reconnect=False)
+                return
+            except trio.Cancelled:
+                with self._wind_down_scope():
+                    await self._end_unconnected(call, reconnect=True)
+                raise
+            try:
+                await self._run_assistant_leg(socket)
+            finally:
+                with self._wind_down_scope():
+                    await self._close_assistant(socket)
+
+    def _leg_failed(self, exc: VapiError) -> None:
+        """End the call for a create or connect that failed: over the limit, or failed."""
+        if exc.kind == "limit":
+            self._end(
+                Outcome.ASSISTANT_OVER_LIMIT,
+                f"{exc}; raise the Vapi account's concurrency limit, or lower "
+                "server.max_concurrent_calls to it",
+            )
+        else:
+            self._end(Outcome.ASSISTANT_LEG_FAILED, str(exc), leg_failure=exc.kind)
+
+    async def _end_unconnected(self, call: AssistantCall, *, reconnect: bool) -> None:
+        """Say ``end-call`` to the assistant call whose socket never opened; one log line.
+
+        Through Live Call Control when the create answer gave a way
+        (``AssistantConnector.post_control``); otherwise, with ``reconnect``, on a
+        socket connected for that alone (``end_through_socket``); without either, the
+        call is Vapi's to end. Bounded by ``end_deadline_s``; run shielded, as a step of
+        the wind-down. A failure is logged, never raised: the call ends all the same.
+        """
+        end_deadline_s = self._settings.end_deadline_s
+        via = failure = ""
+        with trio.move_on_after(end_deadline_s) as goodbye_scope:
+            try:
+                if await self._connector.post_control(call, vp.end_call()):
+                    via = "control"
+                elif reconnect:
+                    await end_through_socket(self._connector, call, end_deadline_s=end_deadline_s)
+                    via = "socket"
+                else:
+                    return
+            except VapiError as exc:
+                failure = str(exc)
+        if goodbye_scope.cancelled_caught:
+            failure = f"not done within {end_deadline_s:g} s"
+        if failure:
+            log_event(
+                log,
+                logging.WARNING,
+                "unconnected-call-end-failed",
+                f"call {self._call_sid}: could not end the assistant call whose socket "
+                f"never opened ({failure}); Vapi ends it in its own time",
+                call_sid=self._call_sid,
+                vapi_call_id=call.id,
+                detail=failure,
+            )
+            return
+        log_event(
+            log,
+            logging.INFO,
+            "unconnected-call-ended",
+            f"call {self._call_sid}: the assistant call was ended before its socket opened "
+            + ("(through its control URL)" if via == "control" else "(on a socket opened for it)"),
+            call_sid=self._call_sid,
+            vapi_call_id=call.id,
+            via=via,
+        )
 
     async def _run_assistant_leg(self, socket: PingableSocket) -> None:
         playout = Playout(

@@ -19,8 +19,8 @@ Invariants:
 - every early call is taken by the call's stream, or ended by the process that
   created it: when no stream took it within ``wait_s`` of the webhook's answer, or when
   that process stops (a drain) before one did. Ending it connects its socket and says
-  ``end-call``, as the bridge ends every call it leaves (``monitor.controlUrl`` is not
-  in every create answer), counted and logged.
+  ``end-call`` (``bridge.call.end_through_socket``), as the bridge ends every call it
+  leaves (``monitor.controlUrl`` is not in every create answer), counted and logged.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import orjson
 import trio
 from attrs import Factory, define
 
-from voicebridge.bridge.call import AssistantCall, AssistantConnector
+from voicebridge.bridge.call import AssistantCall, AssistantConnector, end_through_socket
 from voicebridge.observability.logs import log_event
 from voicebridge.routing import decode_decision
 from voicebridge.sockets import PingableSocket
 from voicebridge.twilio.token import StreamClaims
-from voicebridge.vapi.client import VapiCall, VapiError, end_call
+from voicebridge.vapi.client import VapiCall, VapiError
 
 if TYPE_CHECKING:
     from voicebridge.boxstate import SharedDir
@@ -269,8 +269,7 @@ class EarlyCalls:
         )
         with trio.move_on_after(2 * end_deadline_s + _CONNECT_GRACE_S, shield=True):
             try:
-                async with connector.connect(early.call) as socket:
-                    await end_call(socket, deadline_s=end_deadline_s)
+                await end_through_socket(connector, early.call, end_deadline_s=end_deadline_s)
             except VapiError as exc:
                 log_event(
                     log,
@@ -297,7 +296,8 @@ _CONNECT_GRACE_S = 5.0
 
 class EarlyConnector:
     """``AssistantConnector`` that gives a stream the call created early for it, if any,
-    and otherwise creates one with ``inner``; ``connect`` is ``inner``'s."""
+    and otherwise creates one with ``inner``; ``connect`` and ``post_control`` are
+    ``inner``'s."""
 
     def __init__(
         self,
@@ -343,6 +343,9 @@ class EarlyConnector:
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:
         return self._inner.connect(call)
+
+    async def post_control(self, call: AssistantCall, message: str) -> bool:
+        return await self._inner.post_control(call, message)
 
 
 def _encode(phase: _Phase, call: AssistantCall | None = None) -> bytes:

@@ -545,7 +545,7 @@ class BridgeMetrics:
 
 
 class _TimedConnector:
-    """An ``AssistantConnector`` that times ``create``; ``connect`` is passed through."""
+    """An ``AssistantConnector`` that times ``create``; the rest is passed through."""
 
     def __init__(self, inner: AssistantConnector, histogram: Histogram) -> None:
         self._inner = inner
@@ -574,6 +574,9 @@ class _TimedConnector:
 
     def connect(self, call: AssistantCall) -> AbstractAsyncContextManager[PingableSocket]:
         return self._inner.connect(call)
+
+    async def post_control(self, call: AssistantCall, message: str) -> bool:
+        return await self._inner.post_control(call, message)
 
 
 

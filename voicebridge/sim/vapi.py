@@ -35,7 +35,8 @@ on its own (``transfers``, ``said``, ``prompted_replies``, ``muted_bytes``,
 SDK's ``calls.create`` is taken) and answers 201 with
 ``transport.websocketCallUrl = ws://<host>:<port>/<id>/transport`` and
 ``monitor.controlUrl`` (where ``POST`` takes the socket's
-``say`` / ``add-message`` / ``control`` / ``transfer`` / ``end-call``). Over the
+``say`` / ``add-message`` / ``control`` / ``transfer`` / ``end-call``; ``end-call``
+also ends a call still queued, its socket not connected). Over the
 account's concurrency limit it answers a 400, or a 201 with
 ``subscriptionLimits.concurrencyBlocked`` for a call that is ended at once (or, in the
 batch answer's form, for no call at all).
@@ -259,8 +260,10 @@ class SimVapiBehaviour:
     400 = concurrency limit, 500), ``concurrency_blocked`` (a 201 whose
     ``subscriptionLimits.concurrencyBlocked`` is true; the call then ends at once with
     ``call.start.error-subscription-concurrency-limit-reached``), ``create_delay_s``
-    (``math.inf``: never answers); socket: ``reject_socket`` (an HTTP status for the
-    upgrade), ``drop_after_s`` (TCP dropped with no close frame), ``ignore_pings_after_s``,
+    (``math.inf``: never answers), ``control_url_in_answer`` (off: the answer has no
+    ``monitor.controlUrl``); socket: ``reject_socket`` (an HTTP status for the
+    upgrade), ``upgrade_delay_s`` (the upgrade answered that late), ``drop_after_s``
+    (TCP dropped with no close frame), ``ignore_pings_after_s``,
     ``malformed_after_s`` (one non-JSON text frame), ``close_on_unknown_message``
     (close with no status, 1005, as a low-confidence report says Vapi does),
     ``audio_burst`` (every turn's audio at once, unpaced), ``silent`` (the assistant
@@ -303,7 +306,14 @@ class SimVapiBehaviour:
 
     refuse_create: int | None = None
     create_delay_s: float = 0.0
+    #: The create answer carries ``monitor.controlUrl`` (Vapi's schema makes it optional).
+    control_url_in_answer: bool = True
     reject_socket: int | None = None
+    #: The transport socket's upgrade is answered this long after it arrives (a worker
+    #: slow to take the call; ``math.inf``: never). The call stays queued meanwhile: a
+    #: peer that gives up first (closes its connection) leaves it so, and an
+    #: ``end-call`` on ``controlUrl`` ends it (the held upgrade is then refused 400).
+    upgrade_delay_s: float = 0.0
     drop_after_s: float | None = None
     ignore_pings_after_s: float | None = None
     malformed_after_s: float | None = None
@@ -423,7 +433,8 @@ class SimVapiCallRecord:
     created_iso: str = attrs.Factory(lambda: _now_iso())
     started_iso: str | None = None
     ended_iso: str | None = None
-    #: Ended by ``unconnected_timeout_s`` before any socket connected.
+    #: Ended before any socket connected: by ``unconnected_timeout_s``, or by an
+    #: ``end-call`` POSTed to its ``controlUrl``.
     ended_unconnected: bool = False
     #: The concurrency limit blocked the call (``subscriptionLimits.concurrencyBlocked``).
     concurrency_blocked: bool = False
@@ -820,12 +831,17 @@ class SimVapi:
             record._webhooks_delivered.set()
 
     def _control(self, call_id: str, body: bytes) -> HttpResponse:
-        """``POST monitor.controlUrl``: Live Call Control, the socket's messages by HTTP."""
+        """``POST monitor.controlUrl``: Live Call Control, the socket's messages by HTTP.
+
+        A call still queued (created, its socket not connected) takes ``end-call`` only,
+        and ends (``customer-ended-call``); Vapi does not document it either way.
+        """
         record = self._calls.get(call_id)
         session = self._sessions.get(call_id)
         if record is None:
             return _error(404, "Call not found.")
-        if session is None:
+        queued = record.connected_at is None and record.ended_at is None
+        if session is None and not queued:
             return _error(400, "Call is not in progress.")
         try:
             message: Any = orjson.loads(body)
@@ -833,7 +849,13 @@ class SimVapi:
             message = None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             return _error(400, ["body must be a JSON object with a type"])
-        if not session.control(message):
+        if session is None:
+            if message["type"] != "end-call":
+                return _error(400, "Call is not in progress.")
+            record.end_call_received_at = trio.current_time()
+            record.ended_unconnected = True
+            record._mark_ended(ENDED_CUSTOMER)
+        elif not session.control(message):
             return _error(400, [f"unsupported control message {str(message['type'])[:40]!r}"])
         record.control_posts.append(message)
         return HttpResponse(status=200)
@@ -865,7 +887,8 @@ class SimVapi:
         # The URL is a bearer secret, as the socket URL is: the call id is a random UUID.
         # No listenUrl: Vapi gives one only with monitorPlan.listenEnabled, which the
         # bridge never asks for, and its stream's audio layout is not documented.
-        resource["monitor"] = {"controlUrl": f"http://{authority}/{record.id}/control"}
+        if record.behaviour.control_url_in_answer:
+            resource["monitor"] = {"controlUrl": f"http://{authority}/{record.id}/control"}
         return resource
 
     def _authorized(self, request: HttpRequest) -> bool:
@@ -884,6 +907,10 @@ class SimVapi:
         if not self._authorized(request):
             await ws.reject(401, _json_body(_error_body(401)))
             return
+        if record.behaviour.upgrade_delay_s > 0:
+            with trio.move_on_after(record.behaviour.upgrade_delay_s):
+                await ws.wait_abandoned()
+                return  # the peer gave up waiting: nothing connected, the call is queued
         if record.connected_at is not None:
             await ws.reject(409, _json_body(_error_body(409, "Transport already connected.")))
             return

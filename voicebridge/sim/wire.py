@@ -358,6 +358,17 @@ class SimWebSocket:
         finally:
             await self._drop(status)
 
+    async def wait_abandoned(self) -> None:
+        """Before ``accept()`` or ``reject()``: return once the peer has closed its
+        connection (it gave up on the upgrade). For a handler that holds the upgrade;
+        what the peer sends meanwhile is kept for the connection. Cancelled: nothing is lost.
+        """
+        if self._connection is not None or self._closed.is_set():
+            raise RuntimeError("accept() or reject() was already called")
+        while data := await self._transport.receive_some():
+            self._trailing_data += data
+        await self._drop(ABNORMAL_CLOSURE)
+
     async def receive(self) -> str | bytes:
         """The next whole message. Raises ``SocketClosed`` once the socket is closed."""
         try:

@@ -3,9 +3,11 @@
 ``create_call`` POSTs ``/call`` with httpx; ``open_transport`` opens the call's
 transport socket (its own TCP/TLS connection and wsproto upgrade) and hands it out
 as a ``net.ws.WsConnection``, read by the call's own task; ``end_call`` says
-goodbye on it. Every failure to start the leg is one
-``VapiError`` whose ``kind`` the call's outcome can be built from; its message is
-safe to log: it never holds the API key or the socket URL (a bearer secret).
+goodbye on it; ``post_control`` sends the socket's messages through Live Call Control
+instead (how a call whose socket never opened is ended). Every failure to start the
+leg is one ``VapiError`` whose ``kind`` the call's outcome can be built from; its
+message is safe to log: it never holds the API key or the socket and control URLs
+(bearer secrets).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, Literal, TypeAlias
 
 import h11
@@ -214,23 +216,64 @@ async def create_call(
         "Accept": "application/json",
     }
     url = f"{config.base_url.rstrip('/')}/call"
+    response = await _post(
+        http,
+        url,
+        body,
+        headers,
+        deadline_s=config.create_deadline_s,
+        secrets=(api_key,),
+        error=_create_error,
+    )
+    return _call_from_response(response, api_key)
+
+
+async def _post(
+    http: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    deadline_s: float,
+    secrets: tuple[str, ...],
+    error: Callable[[VapiErrorKind, str], VapiError],
+) -> httpx.Response:
+    """POST ``body`` to ``url``; the complete answer, whatever its status.
+
+    Bounded by ``deadline_s`` with a trio deadline, whatever ``http``'s own timeouts.
+    No answer raises ``error(kind, detail)``: ``timeout``, ``refused`` (no connection,
+    or a URL httpx cannot use), ``protocol`` (a request httpx cannot send) or
+    ``dropped`` (the connection broke); ``secrets`` are blanked in the detail. On
+    cancellation the request is abandoned (httpx closes its connection).
+    """
     response: httpx.Response | None = None
-    with trio.move_on_after(config.create_deadline_s):
+    with trio.move_on_after(deadline_s):
         try:
             response = await http.post(url, content=body, headers=headers)
         except httpx.TimeoutException as exc:  # the client's own timeouts, if shorter
-            raise _create_error("timeout", _describe(exc, api_key)) from None
+            raise error("timeout", _describe(exc, *secrets)) from None
         except (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            raise _create_error("refused", _describe(exc, api_key)) from None
+            raise error("refused", _describe(exc, *secrets)) from None
         except httpx.LocalProtocolError as exc:
-            raise _create_error("protocol", _describe(exc, api_key)) from None
+            raise error("protocol", _describe(exc, *secrets)) from None
         except httpx.TransportError as exc:
             # ReadError, WriteError, RemoteProtocolError ("Server disconnected …",
             # incomplete body), CloseError, ProxyError: the connection broke.
-            raise _create_error("dropped", _describe(exc, api_key)) from None
+            raise error("dropped", _describe(exc, *secrets)) from None
     if response is None:
-        raise _create_error("timeout", f"no complete answer within {config.create_deadline_s:g} s")
-    return _call_from_response(response, api_key)
+        raise error("timeout", f"no complete answer within {deadline_s:g} s")
+    return response
+
+
+def _status_kind(status: int) -> VapiErrorKind:
+    """The ``VapiError`` kind of an HTTP status that is not a success."""
+    if status in (401, 403):
+        return "auth"
+    if 400 <= status < 500:
+        return "rejected"  # 400 validation, 402 credits, 404 no such call, 429 rate …
+    if 500 <= status < 600:
+        return "server"
+    return "protocol"  # 1xx/3xx (or a 200 to an upgrade): nothing Vapi documents
 
 
 def _call_from_response(response: httpx.Response, api_key: str) -> VapiCall:
@@ -240,17 +283,9 @@ def _call_from_response(response: httpx.Response, api_key: str) -> VapiCall:
         vapi_message = _vapi_error_message(response.content, api_key)
         if vapi_message:
             detail = f"{detail}: {vapi_message}"
-        kind: VapiErrorKind
-        if status in (401, 403):
-            kind = "auth"
-        elif status == 400 and _CONCURRENCY.search(vapi_message):
+        kind: VapiErrorKind = _status_kind(status)
+        if status == 400 and _CONCURRENCY.search(vapi_message):
             kind = "limit"
-        elif 400 <= status < 500:
-            kind = "rejected"  # 400 validation, 402 credits, 422, 429 rate, 404 …
-        elif 500 <= status < 600:
-            kind = "server"
-        else:
-            kind = "protocol"  # 1xx/3xx: nothing Vapi documents
         raise _create_error(kind, detail, status_code=status)
     # From here on never quote the body: it holds the socket URL.
     try:
@@ -525,15 +560,9 @@ async def _close_on_exit(connection: WsConnection, deadline_s: float) -> None:
 
 
 def _rejected_upgrade(status: int) -> VapiError:
-    kind: VapiErrorKind
-    if status in (401, 403):
-        kind = "auth"
-    elif 500 <= status < 600:
-        kind = "server"
-    elif 400 <= status < 500:
-        kind = "rejected"  # 404: no such call (ended, or the URL is stale)
-    else:
-        kind = "protocol"  # e.g. 200: a web server, not a WebSocket endpoint
+    # 404: no such call (ended, or the URL is stale); a 200: a web server, not a
+    # WebSocket endpoint (protocol).
+    kind = _status_kind(status)
     return VapiError(
         kind,
         f"Vapi transport connect failed ({kind}): upgrade answered HTTP {status}",
@@ -575,6 +604,41 @@ async def end_call(socket: MessageSocket, *, deadline_s: float) -> None:
         with contextlib.suppress(SocketClosed):
             await socket.send(transport.end_call())
         await socket.aclose()
+
+
+async def post_control(
+    http: httpx.AsyncClient, control_url: str, message: str, *, deadline_s: float
+) -> None:
+    """POST ``message`` to a call's ``monitor.controlUrl`` (Live Call Control).
+
+    ``message`` is the JSON text of a message for the transport socket
+    (``vapi.transport``: ``end_call()``, ``add_message(…)``): the control URL takes the
+    same bodies. No API key goes with it; the URL is the credential, a secret like
+    the socket's URL (never logged). Bounded by ``deadline_s``. Any answer but a 2xx,
+    or none, raises ``VapiError`` (``auth``, ``rejected``, ``server``; ``timeout``,
+    ``refused``, ``protocol``, ``dropped`` as for the create). Cancelled: the request
+    is abandoned.
+    """
+    response = await _post(
+        http,
+        control_url,
+        message.encode(),
+        {"Content-Type": "application/json"},
+        deadline_s=deadline_s,
+        secrets=(control_url,),
+        error=_control_error,
+    )
+    status = response.status_code
+    if not 200 <= status < 300:
+        detail = f"HTTP {status}"
+        vapi_message = _vapi_error_message(response.content, control_url)
+        if vapi_message:
+            detail = f"{detail}: {vapi_message}"
+        raise _control_error(_status_kind(status), detail, status_code=status)
+
+
+def _control_error(kind: VapiErrorKind, detail: str, status_code: int | None = None) -> VapiError:
+    return VapiError(kind, f"Vapi call control failed ({kind}): {detail}", status_code=status_code)
 
 
 # --- Keeping secrets out of messages ------------------------------------------------------
