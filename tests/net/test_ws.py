@@ -625,6 +625,46 @@ async def test_a_transport_whose_socket_always_has_bytes_checkpoints_every_slice
                 assert await transport.receive_some()
 
 
+class CountingSocket(socket.socket):
+    """A stdlib socket that counts its reads."""
+
+    reads = 0
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self.reads += 1
+        return super().recv_into(buffer, nbytes, flags)
+
+
+async def test_after_a_read_that_emptied_the_socket_the_next_waits_before_reading() -> None:
+    # Every message of a live call comes alone, tens of ms after the one before: a read
+    # straight after one that emptied the kernel's buffer would nearly always fail (a
+    # system call and an exception per message). It waits for the socket instead.
+    plain, theirs = socket.socketpair()
+    ours = CountingSocket(fileno=plain.detach())
+    with ours, theirs:
+        transport = SocketTransport(ours)
+        theirs.send(b"first")
+        with trio.fail_after(GUARD_S):
+            assert await transport.receive_some() == b"first"
+            assert ours.reads == 1
+            async with trio.open_nursery() as nursery:
+                got: list[bytes] = []
+
+                async def read() -> None:
+                    got.append(await transport.receive_some())
+
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                assert ours.reads == 1  # waiting, without a read that fails
+                theirs.send(b"second")
+            assert got == [b"second"] and ours.reads == 2
+            # Bytes that came before the next call are read after one pass.
+            theirs.send(b"third")
+            with trio.testing.assert_checkpoints():
+                assert await transport.receive_some() == b"third"
+            assert ours.reads == 3
+
+
 async def test_tls_a_slice_of_messages_takes_no_checkpoint_and_the_next_one_does(
     tls_connect: TlsConnect,
 ) -> None:
