@@ -132,3 +132,26 @@ def test_without_the_bridges_cpu_the_core_is_not_reached(sweep: ModuleType) -> N
     assert sweep.floor_summary(rows) == (
         "every target held up to 100 calls; 80 % of the bridge's core not reached up to 100 calls"
     )
+
+
+def _with_relay(row: dict[str, Any], c2a: float, at_playback: float) -> dict[str, Any]:
+    relay = _row(row["calls"], None, c2a=c2a, at_playback=at_playback)["bridge"]
+    return {**row, "tcp": relay}
+
+
+def test_what_the_bridge_adds_to_the_bare_relay_is_its_worst_row_each_way_up_to_80_percent(
+    sweep: ModuleType,
+) -> None:
+    rows = [
+        _with_relay(_row(50, 30.0, c2a=3.0, at_playback=3.5), c2a=2.0, at_playback=3.0),
+        _with_relay(_row(100, 60.0, c2a=6.5, at_playback=5.0), c2a=4.0, at_playback=4.5),
+        # Past 80 % of the core: not judged, however far over the relay.
+        _with_relay(_row(150, 90.0, c2a=30.0, at_playback=40.0), c2a=6.0, at_playback=7.0),
+    ]
+    assert sweep.over_relay_summary(rows) == (
+        "p99 over the bare TCP relay's in the same row, up to 100 calls: "
+        "at most 2.5 ms c→a, 0.5 ms a→c at playback"
+    )
+    assert sweep.over_relay_summary([_row(50, 30.0)]) == (
+        "no row with the bare TCP relay to compare with"
+    )
