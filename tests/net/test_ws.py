@@ -1372,3 +1372,33 @@ async def test_tls_handshake_with_a_peer_that_hangs_up(tls_files: tuple[Path, Pa
                 with pytest.raises(TlsHandshakeError, match="the peer closed the connection"):
                     await transport.handshake()
             await transport.aclose()
+
+
+class TlsOverCountingSocket(TlsSocketTransport):
+    """TLS over a ``CountingSocket`` (the socket given is taken over)."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(CountingSocket(fileno=sock.detach()), *args, **kwargs)
+
+
+async def test_tls_after_a_read_that_emptied_the_socket_the_next_waits_before_reading(
+    tls_connect: TlsConnect,
+) -> None:
+    connection, peer, transport = await tls_connect(transport=TlsOverCountingSocket)
+    counting = transport.sock
+    assert isinstance(counting, CountingSocket)
+    with counting, trio.fail_after(GUARD_S):
+        await peer.send(as_event("first"))
+        assert await connection.receive() == "first"
+        reads = counting.reads
+        async with trio.open_nursery() as nursery:
+            got: list[str | bytes] = []
+
+            async def read() -> None:
+                got.append(await connection.receive())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert counting.reads == reads  # waiting, without a read that fails
+            await peer.send(as_event("second"))
+        assert got == ["second"] and counting.reads == reads + 1

@@ -85,6 +85,20 @@ class Transport(ABC):
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
 
+    #: The last read of the socket took less than a full buffer: the kernel had no
+    #: more then, and a read straight after would almost always fail.
+    _drained = False
+
+    async def _wait_readable(self, sock: socket.socket) -> bool:
+        """Wait until ``sock`` is readable; False if ``aclose`` closed it meanwhile."""
+        self._unyielded = 0
+        self._drained = False
+        try:
+            await trio.lowlevel.wait_readable(sock)
+        except trio.ClosedResourceError:
+            return False
+        return True
+
     @abstractmethod
     def try_send(self, data: memoryview) -> int:
         """Take what can go now, without waiting; how many bytes of ``data`` it took."""
@@ -142,7 +156,6 @@ class SocketTransport(Transport):
         # (not only the class's) because the hot write path reads it on every frame.
         self.pending = False
         self._unyielded = 0
-        # The last read took less than a full buffer: the kernel had no more then.
         self._drained = False
 
     async def receive_some(self) -> bytes:
@@ -151,7 +164,7 @@ class SocketTransport(Transport):
         # The last read emptied the kernel's buffer, a moment ago: a read now would
         # almost always fail (a system call and an exception per message, measured),
         # so wait first. Data that came meanwhile costs one pass.
-        if self._drained and not await self._wait_readable():
+        if self._drained and not await self._wait_readable(sock):
             return b""
         while True:
             try:
@@ -162,7 +175,7 @@ class SocketTransport(Transport):
                 buffer = _receive_buffer()
                 size = sock.recv_into(buffer)
             except BlockingIOError:
-                if not await self._wait_readable():
+                if not await self._wait_readable(sock):
                     return b""
                 continue
             except OSError:  # reset, or closed under us: the connection is gone
@@ -170,16 +183,6 @@ class SocketTransport(Transport):
             self._unyielded += size
             self._drained = 0 < size < RECV_BYTES
             return bytes(buffer[:size])
-
-    async def _wait_readable(self) -> bool:
-        """Wait until the socket is readable; False if ``aclose`` closed it meanwhile."""
-        self._unyielded = 0
-        self._drained = False
-        try:
-            await trio.lowlevel.wait_readable(self.sock)
-        except trio.ClosedResourceError:
-            return False
-        return True
 
     def try_send(self, data: memoryview | bytes | bytearray) -> int:
         try:
@@ -269,6 +272,7 @@ class TlsSocketTransport(Transport):
         # The handshake completed: a close_notify is owed on closing.
         self._established = False
         self._unyielded = 0
+        self._drained = False
 
     async def handshake(self) -> None:
         """Do the TLS handshake, bounded by the caller's scope; ``TlsHandshakeError``."""
@@ -288,6 +292,7 @@ class TlsSocketTransport(Transport):
                 raise TlsHandshakeError("the peer closed the connection")
         await self._send_handshake()  # our Finished (a client), session tickets (a server)
         self._established = True
+        self._drained = False  # the peer's first frames may have come with its Finished
 
     async def _send_handshake(self) -> None:
         try:
@@ -338,21 +343,26 @@ class TlsSocketTransport(Transport):
         return size
 
     async def _read_ciphertext(self, buffer: memoryview) -> bool:
-        """Wait for ciphertext and hand it to OpenSSL; False once the connection is gone."""
+        """Wait for ciphertext and hand it to OpenSSL; False once the connection is gone.
+
+        After a read that emptied the kernel's buffer it waits before reading again,
+        as ``SocketTransport.receive_some`` does.
+        """
+        sock = self.sock
+        if self._drained and not await self._wait_readable(sock):
+            return False
         while True:
             try:
-                size = self.sock.recv_into(buffer)
+                size = sock.recv_into(buffer)
             except BlockingIOError:
-                self._unyielded = 0
-                try:
-                    await trio.lowlevel.wait_readable(self.sock)
-                except trio.ClosedResourceError:  # aclose() closed it while we waited
+                if not await self._wait_readable(sock):
                     return False
                 continue
             except OSError:  # reset, or closed under us
                 return False
             if not size:
                 return False
+            self._drained = size < len(buffer)
             self._incoming.write(buffer[:size])
             return True
 
