@@ -20,8 +20,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Request
 
 from tests.bridge.peers import start_frame
+from tests.net.test_ws import CountingTransport
 from voicebridge.bridge.playout import FRAME_BYTES, Playout
-from voicebridge.net.transport import SocketTransport
 from voicebridge.net.ws import WsConnection
 from voicebridge.sockets import MemorySocket, MessageSocket, memory_socket_pair
 from voicebridge.twilio.media import MediaStream
@@ -102,16 +102,6 @@ async def test_a_barge_in_after_a_direct_write_clears_after_its_mark(
         assert [m["event"] for m in messages] == ["media", "mark", "clear"]
         assert playout.buffered_ms == 0
         nursery.cancel_scope.cancel()
-
-
-class CountingTransport(SocketTransport):
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.writes = 0
-
-    def try_send(self, data: memoryview | bytes | bytearray) -> int:
-        self.writes += 1
-        return super().try_send(data)
 
 
 async def test_each_chunk_and_its_mark_cost_one_write_on_a_real_socket() -> None:

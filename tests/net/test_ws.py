@@ -564,23 +564,11 @@ async def test_no_step_of_a_reader_whose_socket_always_has_data_exceeds_a_slice(
     assert max(meter.grew) == FAIR_SLICE_EVENTS
 
 
-class SendCountingTransport(SocketTransport):
-    """A ``SocketTransport`` that counts what is written through it."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.writes = 0
-
-    def try_send(self, data: memoryview | bytes | bytearray) -> int:
-        self.writes += 1
-        return super().try_send(data)
-
-
 async def test_a_flood_of_pings_is_answered_a_slice_at_a_time(connect: Connect) -> None:
-    made: list[SendCountingTransport] = []
+    made: list[CountingTransport] = []
 
     def counting(sock: socket.socket) -> SocketTransport:
-        made.append(SendCountingTransport(sock))
+        made.append(CountingTransport(sock))
         return made[-1]
 
     connection, peer = connect(transport=counting)
