@@ -174,16 +174,35 @@ async def test_a_connect_vapi_never_answers_is_not_tried_again_to_end_the_call(
     assert vapi_call.ended_at is None and vapi_call.connected_at is None
 
 
+async def test_an_end_call_the_control_url_refuses_is_said_on_a_socket_opened_for_it(
+    autojump_clock: trio.testing.MockClock, sim: SimVapi, http: httpx.AsyncClient, events: Events
+) -> None:
+    # A Vapi whose Live Call Control does not take a call still queued.
+    sim.behaviour = SimVapiBehaviour(upgrade_delay_s=HOLD_S, control_ends_queued=False)
+    record, twilio, vapi_call = await run_call(sim, http)
+    assert record.outcome is Outcome.CALLER_HUNG_UP
+    goodbye_at = vapi_call.created_at + HANG_UP_S + HOLD_S
+    assert vapi_call.control_posts == []  # refused: not taken
+    assert vapi_call.connected_at == vapi_call.end_call_received_at == goodbye_at
+    assert vapi_call.ended_reason == ENDED_CUSTOMER
+    assert twilio.closed_at == goodbye_at
+    [line] = events("unconnected-call-ended")
+    assert line["VIA"] == "socket"
+    assert events("unconnected-call-end-failed") == []
+
+
 async def test_a_goodbye_vapi_refuses_is_logged_and_the_call_ends_all_the_same(
     autojump_clock: trio.testing.MockClock, sim: SimVapi, http: httpx.AsyncClient, events: Events
 ) -> None:
-    # Vapi ended the call by itself before the hang-up: the control URL answers 400.
+    # Vapi ended the call by itself before the hang-up: the control URL answers 400, and
+    # so does the socket tried next, once its held upgrade is answered.
     sim.behaviour = SimVapiBehaviour(upgrade_delay_s=HOLD_S, unconnected_timeout_s=0.2)
     record, twilio, vapi_call = await run_call(sim, http)
     assert record.outcome is Outcome.CALLER_HUNG_UP
-    assert twilio.closed_at == vapi_call.created_at + HANG_UP_S
+    assert twilio.closed_at == vapi_call.created_at + HANG_UP_S + HOLD_S
     assert vapi_call.end_call_received_at is None
     assert events("unconnected-call-ended") == []
     [line] = events("unconnected-call-end-failed")
+    assert "control URL: " in str(line["DETAIL"]) and "socket: " in str(line["DETAIL"])
     assert "HTTP 400: Call is not in progress." in str(line["DETAIL"])
     assert line["VAPI_CALL_ID"] == vapi_call.id

@@ -736,26 +736,33 @@ class Call:
         """Say ``end-call`` to the assistant call whose socket never opened; one log line.
 
         Through Live Call Control when the create answer gave a way
-        (``AssistantConnector.post_control``); otherwise, with ``reconnect``, on a
-        socket connected for that alone (``end_through_socket``); without either, the
-        call is Vapi's to end. Bounded by ``end_deadline_s``; run shielded, as a step of
-        the wind-down. A failure is logged, never raised: the call ends all the same.
+        (``AssistantConnector.post_control``); otherwise, or when Vapi refused it there
+        (whether Live Call Control ends a call still queued is not documented), with
+        ``reconnect``, on a socket connected for that alone (``end_through_socket``);
+        without either, the call is Vapi's to end. Bounded by ``end_deadline_s`` in all;
+        run shielded, as a step of the wind-down. A failure is logged, never raised: the
+        call ends all the same.
         """
         end_deadline_s = self._settings.end_deadline_s
-        via = failure = ""
+        via = ""
+        failures: list[str] = []
         with trio.move_on_after(end_deadline_s) as goodbye_scope:
             try:
                 if await self._connector.post_control(call, vp.end_call()):
                     via = "control"
-                elif reconnect:
+            except VapiError as exc:
+                failures.append(f"control URL: {exc}")
+            if not via and reconnect:
+                try:
                     await end_through_socket(self._connector, call, end_deadline_s=end_deadline_s)
                     via = "socket"
-                else:
-                    return
-            except VapiError as exc:
-                failure = str(exc)
+                except VapiError as exc:
+                    failures.append(f"socket: {exc}")
         if goodbye_scope.cancelled_caught:
-            failure = f"not done within {end_deadline_s:g} s"
+            failures.append(f"not done within {end_deadline_s:g} s")
+        if not via and not failures:
+            return  # no way to say it: the call is Vapi's to end
+        failure = "" if via else "; ".join(failures)
         if failure:
             log_event(
                 log,

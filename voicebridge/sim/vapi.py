@@ -308,6 +308,9 @@ class SimVapiBehaviour:
     create_delay_s: float = 0.0
     #: The create answer carries ``monitor.controlUrl`` (Vapi's schema makes it optional).
     control_url_in_answer: bool = True
+    #: ``end-call`` on ``controlUrl`` ends a call still queued; off: answered 400 "Call is
+    #: not in progress.", as every other message to it (Vapi documents neither).
+    control_ends_queued: bool = True
     reject_socket: int | None = None
     #: The transport socket's upgrade is answered this long after it arrives (a worker
     #: slow to take the call; ``math.inf``: never). The call stays queued meanwhile: a
@@ -834,7 +837,8 @@ class SimVapi:
         """``POST monitor.controlUrl``: Live Call Control, the socket's messages by HTTP.
 
         A call still queued (created, its socket not connected) takes ``end-call`` only,
-        and ends (``customer-ended-call``); Vapi does not document it either way.
+        and ends (``customer-ended-call``), unless ``control_ends_queued`` is off; Vapi
+        does not document it either way.
         """
         record = self._calls.get(call_id)
         session = self._sessions.get(call_id)
@@ -850,7 +854,7 @@ class SimVapi:
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             return _error(400, ["body must be a JSON object with a type"])
         if session is None:
-            if message["type"] != "end-call":
+            if message["type"] != "end-call" or not record.behaviour.control_ends_queued:
                 return _error(400, "Call is not in progress.")
             record.end_call_received_at = trio.current_time()
             record.ended_unconnected = True
