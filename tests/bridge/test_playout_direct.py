@@ -126,3 +126,55 @@ async def test_each_chunk_and_its_mark_cost_one_write_on_a_real_socket() -> None
         twilio.receive_data(theirs.recv(65536))
         events = [json.loads(e.data)["event"] for e in twilio.events() if isinstance(e, Message)]
         assert events == ["media", "mark"] * 3
+
+
+async def test_audio_fed_while_a_partial_frame_waits_puts_its_padding_off_without_a_wake(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Twilio runs dry at 0.02 (one frame, no echo yet); a partial frame would be padded
+    # 60 ms after that, or after the last audio fed. Audio fed at 0.07 (still partial)
+    # puts it off; at 0.10 the frame is complete and goes out whole, with no silence.
+    ours, twilio = memory_socket_pair()
+    playout = playout_on(ours)
+    audio = bytes(range(100)) + bytes(range(100, 140)) + bytes(range(140, 160))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playout.run)
+        await trio.testing.wait_all_tasks_blocked()
+        playout.feed(b"\x55" * FRAME_BYTES + audio[:100])
+        await trio.sleep(0.07)
+        playout.feed(audio[100:140])
+        await trio.sleep(0.03)
+        playout.feed(audio[140:])
+        messages = await sent(twilio, 4)
+        media = [m for m in messages if m["event"] == "media"]
+        assert len(media) == 2
+        second = media[1]["media"]
+        assert isinstance(second, dict)
+        assert base64.b64decode(second["payload"]) == audio
+        assert playout.stats.padding_bytes == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_chunk_the_feeder_wrote_while_an_echo_is_owed_does_not_wake_the_playout_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ours, _twilio = memory_socket_pair()
+    playout = playout_on(ours)
+    steps: list[str] = []
+
+    class PlayoutSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps.append(task.name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playout.run, name="playout")
+        await trio.testing.wait_all_tasks_blocked()
+        playout.feed(b"\x55" * FRAME_BYTES)  # the first: the playout task arms its timer
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(PlayoutSteps())
+        for _ in range(5):
+            playout.feed(b"\x55" * FRAME_BYTES)
+            await trio.testing.wait_all_tasks_blocked()
+        assert playout.stats.media_messages == 6
+        assert "playout" not in steps
+        nursery.cancel_scope.cancel()

@@ -257,10 +257,30 @@ class Playout:
         if len(audio) > room:
             self.stats.dropped_bytes += len(audio) - room
             audio = audio[:room]
+        direct = self._direct
+        if direct is None:
+            self._pending += audio
+            self._last_fed_at = self._clock()
+            self._wake()
+            return
+        # Whether the playout task, if it waits, waits for an echo or a partial frame.
+        echo_owed = bool(self._outstanding)
+        partial_before = 0 < len(self._pending) < FRAME_BYTES
         self._pending += audio
         self._last_fed_at = self._clock()
-        if self._direct is not None:
-            self._send_direct(self._direct)
+        self._send_direct(direct)
+        if (
+            echo_owed
+            and not direct.needs_flush
+            and not self._next_take()
+            and (partial_before or not 0 < len(self._pending) < FRAME_BYTES)
+        ):
+            # Nothing the waiting playout task must do sooner than it will anyway: the
+            # feeder sent what there was to send, the oldest echo it waits for is the
+            # same, and a partial frame's padding can only come later than it armed
+            # (it wakes then, finds the new time, and waits on). Not waking it spares
+            # a task step per chunk of assistant audio.
+            return
         self._wake()
 
     def _send_direct(self, twilio: DirectSocket) -> None:
@@ -530,18 +550,23 @@ class Playout:
                 chunk = bytes(self._pending[:take])
                 del self._pending[:take]
                 return chunk
-            presume_at = self._echo_overdue_at()
-            pad_at = math.inf
-            if 0 < len(self._pending) < FRAME_BYTES:
-                pad_at = max(self._drained_at(), self._last_fed_at) + STRAGGLER_S
-            with trio.move_on_at(min(presume_at, pad_at)):
+            with trio.move_on_at(min(self._echo_overdue_at(), self._pad_at())):
                 await self._wait_for_change()
                 continue
+            # Both again: audio fed meanwhile (without a wake: see ``feed``) may have
+            # moved the padding later.
             now = self._clock()
-            if now >= presume_at:
+            if now >= self._echo_overdue_at():
                 self._presume_overdue(now)
-            if now >= pad_at:
+            if now >= self._pad_at():
                 self._pad_partial_frame()
+
+    def _pad_at(self) -> float:
+        """When a partial frame left alone is padded (inf: none is): once Twilio has run
+        dry and no audio came for ``STRAGGLER_S`` (the module docstring)."""
+        if 0 < len(self._pending) < FRAME_BYTES:
+            return max(self._drained_at(), self._last_fed_at) + STRAGGLER_S
+        return math.inf
 
     def _echo_overdue_at(self) -> float:
         """When the oldest outstanding chunk may be presumed heard (inf: never, for now).
