@@ -132,10 +132,23 @@ async def test_a_hang_up_while_connecting_ends_the_vapi_call_through_its_control
     assert events("unconnected-call-end-failed") == []
 
 
-async def test_without_a_control_url_the_bridge_connects_to_say_end_call(
-    autojump_clock: trio.testing.MockClock, sim: SimVapi, http: httpx.AsyncClient, events: Events
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        SimVapiBehaviour(upgrade_delay_s=HOLD_S, control_url_in_answer=False),
+        # A Vapi whose Live Call Control does not take a call still queued.
+        SimVapiBehaviour(upgrade_delay_s=HOLD_S, control_ends_queued=False),
+    ],
+    ids=["no control URL", "the control URL refuses"],
+)
+async def test_without_the_control_url_the_bridge_connects_to_say_end_call(
+    autojump_clock: trio.testing.MockClock,
+    sim: SimVapi,
+    http: httpx.AsyncClient,
+    events: Events,
+    behaviour: SimVapiBehaviour,
 ) -> None:
-    sim.behaviour = SimVapiBehaviour(upgrade_delay_s=HOLD_S, control_url_in_answer=False)
+    sim.behaviour = behaviour
     record, twilio, vapi_call = await run_call(sim, http)
     assert record.outcome is Outcome.CALLER_HUNG_UP
     # The abandoned upgrade connected nothing; the bridge's second one is held as long,
@@ -143,11 +156,12 @@ async def test_without_a_control_url_the_bridge_connects_to_say_end_call(
     goodbye_at = vapi_call.created_at + HANG_UP_S + HOLD_S
     assert vapi_call.connected_at == vapi_call.end_call_received_at == goodbye_at
     assert vapi_call.ended_reason == ENDED_CUSTOMER
-    assert vapi_call.control_posts == []
+    assert vapi_call.control_posts == []  # none, or refused: not taken
     assert vapi_call.caller_audio_bytes == 0
     assert twilio.closed_at == goodbye_at  # the goodbye first, within its deadline
     [line] = events("unconnected-call-ended")
     assert line["VIA"] == "socket"
+    assert events("unconnected-call-end-failed") == []
 
 
 async def test_a_connect_vapi_never_answers_ends_the_call_through_its_control_url(
@@ -172,23 +186,6 @@ async def test_a_connect_vapi_never_answers_is_not_tried_again_to_end_the_call(
     assert record.outcome is Outcome.ASSISTANT_LEG_FAILED
     assert twilio.closed_at == vapi_call.created_at + CONNECT_DEADLINE_S
     assert vapi_call.ended_at is None and vapi_call.connected_at is None
-
-
-async def test_an_end_call_the_control_url_refuses_is_said_on_a_socket_opened_for_it(
-    autojump_clock: trio.testing.MockClock, sim: SimVapi, http: httpx.AsyncClient, events: Events
-) -> None:
-    # A Vapi whose Live Call Control does not take a call still queued.
-    sim.behaviour = SimVapiBehaviour(upgrade_delay_s=HOLD_S, control_ends_queued=False)
-    record, twilio, vapi_call = await run_call(sim, http)
-    assert record.outcome is Outcome.CALLER_HUNG_UP
-    goodbye_at = vapi_call.created_at + HANG_UP_S + HOLD_S
-    assert vapi_call.control_posts == []  # refused: not taken
-    assert vapi_call.connected_at == vapi_call.end_call_received_at == goodbye_at
-    assert vapi_call.ended_reason == ENDED_CUSTOMER
-    assert twilio.closed_at == goodbye_at
-    [line] = events("unconnected-call-ended")
-    assert line["VIA"] == "socket"
-    assert events("unconnected-call-end-failed") == []
 
 
 async def test_a_goodbye_vapi_refuses_is_logged_and_the_call_ends_all_the_same(
