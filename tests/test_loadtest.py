@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -58,6 +59,7 @@ from voicebridge.loadtest.wire import (
     OP_PONG,
     OP_TEXT,
     LeanWebSocket,
+    StampedSocket,
     WebSocketClosed,
     encode_frame,
 )
@@ -721,6 +723,64 @@ async def test_the_lean_websocket_reads_masked_fragmented_and_control_frames() -
         await ws.receive_batch()
     assert closed.value.code == 1000
     assert theirs.recv(100) == bytes((0x80 | OP_CLOSE, 2)) + b"\x03\xe8"
+    await ws.aclose()
+    theirs.close()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Both ends of a loopback TCP connection (the first accepted), blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    return ours, theirs
+
+
+async def _until_stamped(ws: LeanWebSocket, theirs: socket.socket) -> None:
+    """Ping until a read comes stamped: the kernel turns stamping on a moment after
+    the first socket asks (and not at all for packets received before)."""
+    with trio.fail_after(5):
+        while True:
+            theirs.sendall(encode_frame(OP_TEXT, b"warm-up", masked=True))
+            assert await ws.receive_batch() == [(OP_TEXT, b"warm-up")]
+            now = time.perf_counter()
+            if ws.arrived_at(now) != now:
+                return
+            await trio.sleep(0.01)
+
+
+async def test_a_message_is_timed_from_its_arrival_in_the_kernel_not_from_its_read() -> None:
+    ours, theirs = _tcp_pair()
+    ws = LeanWebSocket(SocketTransport(StampedSocket.adopt(ours)), client=False)
+    await _until_stamped(ws, theirs)
+    frame = encode_frame(OP_TEXT, b"late read", masked=True)
+    theirs.sendall(frame)
+    await trio.sleep(0.1)  # this loop is busy elsewhere
+    with trio.fail_after(5):
+        assert await ws.receive_batch() == [(OP_TEXT, b"late read")]
+    now = time.perf_counter()
+    assert 0.1 <= now - ws.arrived_at(now) < 5
+    # A message completed by a later packet is stamped with that packet's arrival:
+    # late, never early.
+    theirs.sendall(frame[:3])
+    await trio.sleep(0.1)
+    second_sent = time.perf_counter()
+    theirs.sendall(frame[3:])
+    await trio.sleep(0.1)
+    with trio.fail_after(5):
+        assert await ws.receive_batch() == [(OP_TEXT, b"late read")]
+    now = time.perf_counter()
+    assert second_sent - 0.001 <= ws.arrived_at(now) <= now - 0.1
+    await ws.aclose()
+    theirs.close()
+
+
+async def test_a_socket_the_kernel_does_not_stamp_is_timed_when_read() -> None:
+    ours, theirs = socket.socketpair()  # not TCP, not adopted
+    ws = LeanWebSocket(SocketTransport(ours), client=False)
+    theirs.sendall(encode_frame(OP_TEXT, b"x", masked=True))
+    await trio.sleep(0.05)
+    assert await ws.receive_batch() == [(OP_TEXT, b"x")]
+    assert ws.arrived_at(12.5) == 12.5
     await ws.aclose()
     theirs.close()
 

@@ -14,7 +14,10 @@ bridge must never let through.
 Every caller frame and every assistant chunk starts with a *marker*: two zero bytes
 and a three-byte sequence number (zero never occurs in μ-law silence or in the
 digits). The other peer finds the markers in what it receives and, both peers
-living in this process on one clock, gets each one's time through the bridge.
+living in this process on one clock, gets each one's time through the bridge. A
+message is timed at its arrival in the kernel (``loadtest.wire.StampedSocket``), not
+when this loop reads it: busy with every other call, the loop would otherwise add
+its own wait to what the bridge is measured to add.
 
 Lean on purpose (``loadtest.wire`` over ``voicebridge.net``'s transports): writes
 go straight into the kernel without yielding; one ticker task paces every call's
@@ -58,6 +61,7 @@ from voicebridge.loadtest.wire import (
     OP_TEXT,
     LeanWebSocket,
     RequestHead,
+    StampedSocket,
     WebSocketClosed,
     WireError,
     accept_websocket,
@@ -535,7 +539,11 @@ class LoadGenerator:
             )
             task_status.started(self._port)
 
-    async def _assistant_connection(self, sock: socket.socket) -> None:
+    async def _assistant_connection(self, accepted: socket.socket) -> None:
+        with StampedSocket.adopt(accepted) as sock:
+            await self._serve_assistant_connection(sock)
+
+    async def _serve_assistant_connection(self, sock: socket.socket) -> None:
         context = self._tls
         transport: Transport
         secure = context is not None and await starts_with_tls(sock)
@@ -862,11 +870,12 @@ class LoadGenerator:
     async def _dispatch(
         self, call: _Call, ws: LeanWebSocket, on_text: _Handler, on_binary: _Handler
     ) -> None:
-        """Hand every message read from ``ws`` to its handler, stamped with its arrival."""
+        """Hand every message read from ``ws`` to its handler, stamped with its arrival
+        in the kernel (``StampedSocket``), not with when this loop got round to it."""
         clock = self._clock
         while True:
             batch = await ws.receive_batch()
-            now = clock()
+            now = ws.arrived_at(clock())
             for opcode, payload in batch:
                 if opcode == OP_TEXT:
                     on_text(call, payload, now)

@@ -18,6 +18,10 @@ oracle for the bridge, and must not share the bridge's WebSocket mistakes.
 - the opening handshakes of both ends (``connect_websocket``, ``accept_websocket``),
   a minimal request-head reader and a one-shot HTTP client (``http_request``) for the
   webhooks and ``POST /call``.
+- ``StampedSocket``: the generator's TCP sockets, whose reads note when the kernel
+  received the bytes (``LeanWebSocket.arrived_at``). Every latency is timed from
+  that instant, so the generator's own loop, busy sending for every other call,
+  adds nothing to what it measures.
 
 Nothing here is for production traffic: it trusts its peers to speak the protocol.
 """
@@ -27,8 +31,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable, Mapping
 
 import trio
@@ -55,6 +61,53 @@ OP_PING = 0x9
 OP_PONG = 0xA
 
 _ZERO_MASK = b"\x00\x00\x00\x00"
+
+
+#: ``SO_TIMESTAMPNS`` on Linux (the ``socket`` module does not name it): every read
+#: comes with the time the kernel received its last packet, as a ``timespec``.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class StampedSocket(socket.socket):
+    """A TCP socket whose ``recv_into`` notes when the kernel received what it read.
+
+    ``arrived_at`` is that time (``time.time()`` seconds) for the last read: the
+    arrival of the newest packet among what it returned, so a message that came
+    earlier in the same read is stamped late, never early. 0.0 when that read came
+    without a stamp: the kernel turns stamping on for the whole system a moment after
+    the first socket asks, and does not stamp packets received before. The
+    transports (``net.transport``) read through ``recv_into``, so they need nothing
+    of this.
+    """
+
+    arrived_at = 0.0
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> socket.socket:
+        """``sock`` as a ``StampedSocket`` (``sock`` is then an empty shell), or
+        ``sock`` itself where the kernel does not stamp reads."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            return sock
+        stamped = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        stamped.setblocking(False)
+        return stamped
+
+    def recv_into(  # type: ignore[override]
+        self, buffer: memoryview, nbytes: int = 0, flags: int = 0
+    ) -> int:
+        if nbytes:
+            buffer = buffer[:nbytes]
+        size, ancillary, _, _ = self.recvmsg_into((buffer,), _STAMP_SPACE, flags)
+        self.arrived_at = 0.0
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack(data)
+                self.arrived_at = seconds + nanoseconds * 1e-9
+        return size
 
 
 class WireError(VoicebridgeError):
@@ -163,7 +216,7 @@ async def _open(
     The transport is closed if anything fails; the caller closes it otherwise.
     ``TlsHandshakeError`` when the TLS handshake fails.
     """
-    sock = await open_tcp_socket(host, port)
+    sock = StampedSocket.adopt(await open_tcp_socket(host, port))
     transport: Transport
     if tls is None:
         transport = SocketTransport(sock)
@@ -303,6 +356,8 @@ class LeanWebSocket:
 
     def __init__(self, transport: Transport, *, client: bool, leftover: bytes = b"") -> None:
         self._transport = transport
+        sock = getattr(transport, "sock", None)
+        self._stamped = sock if isinstance(sock, StampedSocket) else None
         # A plain socket's transport takes a frame's bytes as they are: a memoryview
         # around every frame would cost more than the rest of the write path.
         self._try_send_bytes: Callable[[bytes], int] | None = (
@@ -390,6 +445,14 @@ class LeanWebSocket:
         await self._transport.aclose()
 
     # -- reading -------------------------------------------------------------------
+
+    def arrived_at(self, now: float) -> float:
+        """When the bytes of the last ``receive_batch`` reached the kernel, on the clock
+        that reads ``now`` at this instant (``now`` itself when not stamped)."""
+        stamped = self._stamped
+        if stamped is None or not stamped.arrived_at:
+            return now
+        return now - max(0.0, time.time() - stamped.arrived_at)
 
     async def receive_batch(self) -> list[tuple[int, bytes]]:
         """Wait for data; every complete (opcode, payload) data message that arrived.
