@@ -23,7 +23,7 @@ from tests.bridge.peers import (
     start_frame,
     verify_token,
 )
-from tests.bridge.test_call import SETTINGS, run_call, start_vapi
+from tests.bridge.test_call import SETTINGS, run_call, settings_with, start_vapi
 from voicebridge.bridge.call import Call, EndCall
 from voicebridge.bridge.outcome import CallRecord, Outcome
 from voicebridge.config import Config
@@ -33,11 +33,14 @@ from voicebridge.web import after_stream_twiml
 #: Longer than the ping interval plus the pong deadline (5 + 2 s), the media
 #: inactivity deadline (3 s) and the end deadline (1 s) of ``SETTINGS``.
 GOODBYE_MS = 20_000
+#: The assistant silence deadline: the derived one (45 s), and one the goodbye outlasts.
+SILENCE_DEADLINES_S = [0.0, GOODBYE_MS / 1000 / 2]
 ENDED = {"type": "status-update", "status": "ended", "endedReason": "assistant-ended-call"}
 
 
+@pytest.mark.parametrize("silence_deadline_s", SILENCE_DEADLINES_S)
 async def test_a_burst_goodbye_longer_than_every_deadline_is_heard_whole(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, silence_deadline_s: float
 ) -> None:
     seen: dict[str, float] = {}
 
@@ -52,7 +55,8 @@ async def test_a_burst_goodbye_longer_than_every_deadline_is_heard_whole(
         assert connector.peer is not None
         connector.peer.answers_pings = False
 
-    record, twilio, _ = await run_call(scenario)
+    settings = settings_with(vapi={"silence_deadline_s": silence_deadline_s})
+    record, twilio, _ = await run_call(scenario, settings=settings)
     assert record.outcome is Outcome.ASSISTANT_ENDED
     assert record.detail == "assistant-ended-call"
     assert twilio.heard_bytes == GOODBYE_MS * 8
@@ -62,8 +66,9 @@ async def test_a_burst_goodbye_longer_than_every_deadline_is_heard_whole(
     assert "<Hangup" in after_stream_twiml(Config(), record.call_sid, record)
 
 
+@pytest.mark.parametrize("silence_deadline_s", SILENCE_DEADLINES_S)
 async def test_a_clean_close_after_a_long_goodbye_is_a_normal_end(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, silence_deadline_s: float
 ) -> None:
     async def scenario(twilio: FakeTwilio, connector: MemoryConnector, nursery: Nursery) -> None:
         nursery.start_soon(twilio.stream_media)
@@ -71,7 +76,8 @@ async def test_a_clean_close_after_a_long_goodbye_is_a_normal_end(
         await vapi.speak(GOODBYE_MS, paced=False)
         await vapi.socket.aclose(1000)
 
-    record, twilio, _ = await run_call(scenario)
+    settings = settings_with(vapi={"silence_deadline_s": silence_deadline_s})
+    record, twilio, _ = await run_call(scenario, settings=settings)
     assert record.outcome is Outcome.ASSISTANT_ENDED
     assert twilio.heard_bytes == GOODBYE_MS * 8
 

@@ -6,13 +6,16 @@ deadline) and its token check, one nursery runs as siblings:
 - *caller → agent* (``_caller_to_agent``): reads Twilio frames; caller audio goes to
   the assistant's outbox (``bridge.outbox``: written at once or queued, bounded; stale
   audio is dropped, never queued without end); mark echoes go to playout; DTMF
-  becomes an ``add-message``; ``stop`` ends the call. Its cancel scope carries the
-  media-inactivity deadline, pushed forward by every frame: Twilio streams
-  continuously, so silence on the socket means the stream is dead.
+  becomes an ``add-message``; ``stop`` ends the call. Its cancel scope is cancelled
+  ``media_inactivity_s`` after the last frame (Twilio streams continuously, so silence
+  on the socket means the stream is dead).
 - *the assistant leg* (``_assistant_leg``): creates the Vapi call, opens its socket,
-  then runs *agent → caller* (Vapi frames: audio to playout, barge-in, end),
-  *the Vapi sender* (the outbox's queue to the Vapi socket), *playout* (single writer of
-  assistant audio to Twilio) and *keepalive* (ping with a pong deadline).
+  then runs *agent → caller* (Vapi frames: audio to playout, barge-in, end; its scope
+  is cancelled ``assistant_silence_s`` after the last of them), *the Vapi sender* (the
+  outbox's queue to the Vapi socket), *playout* (single writer of assistant audio to
+  Twilio) and *keepalive* (ping with a pong deadline).
+- *the idle watcher* (``bridge.idle.IdleWatch``): keeps both readers' deadlines, so
+  that a message only stores its time; it runs while either reader does.
 
 Whichever side ends first records the outcome (the first one wins) and cancels the
 call's *live scope*, in which every task runs (``Phase`` says where a call is). What
@@ -42,6 +45,7 @@ import trio
 from attrs import frozen
 
 from voicebridge.bridge.edge import EdgeBargeIn
+from voicebridge.bridge.idle import IdleWatch
 from voicebridge.bridge.outbox import DROPPED, WRITTEN, AssistantOutbox
 from voicebridge.bridge.outcome import CallRecord, Handover, LegFailure, Outcome
 from voicebridge.bridge.playout import Playout
@@ -434,8 +438,9 @@ class Call:
                 )
                 with self._live_scope:
                     async with trio.open_nursery() as call_nursery:
-                        call_nursery.start_soon(self._caller_to_agent)
-                        call_nursery.start_soon(self._assistant_leg)
+                        idle = IdleWatch(call_nursery)
+                        call_nursery.start_soon(self._caller_to_agent, idle)
+                        call_nursery.start_soon(self._assistant_leg, idle)
         except* trio.Cancelled:
             self._end(Outcome.STREAM_LOST, "media socket closed by the peer or server")
             raise
@@ -555,14 +560,16 @@ class Call:
 
     # -- caller → agent ------------------------------------------------------------
 
-    async def _caller_to_agent(self) -> None:
+    async def _caller_to_agent(self, idle: IdleWatch) -> None:
         inactivity_s = self._settings.media_inactivity_s
-        with trio.CancelScope() as inactivity_scope:
-            inactivity_scope.deadline = trio.current_time() + inactivity_s
+        with (
+            trio.CancelScope() as inactivity_scope,
+            idle.watch(inactivity_scope, inactivity_s) as inactivity,
+        ):
             try:
                 while True:
                     event = self._stream.receive(await self._twilio.receive())
-                    inactivity_scope.deadline = trio.current_time() + inactivity_s
+                    inactivity.touch()
                     if isinstance(event, tw.Media):
                         # Nearly every frame: kept off the match (a class pattern costs
                         # more than this test), which takes the rest exhaustively.
@@ -679,7 +686,7 @@ class Call:
 
     # -- the assistant leg ---------------------------------------------------------
 
-    async def _assistant_leg(self) -> None:
+    async def _assistant_leg(self, idle: IdleWatch) -> None:
         """Create the assistant call, open its socket, and run the leg until the call ends.
 
         A call created whose socket never opened is not left to Vapi: cancelled while
@@ -716,7 +723,7 @@ class Call:
                     await self._end_unconnected(call, reconnect=True)
                 raise
             try:
-                await self._run_assistant_leg(socket)
+                await self._run_assistant_leg(socket, idle)
             finally:
                 with self._wind_down_scope():
                     await self._close_assistant(socket)
@@ -786,7 +793,7 @@ class Call:
             via=via,
         )
 
-    async def _run_assistant_leg(self, socket: PingableSocket) -> None:
+    async def _run_assistant_leg(self, socket: PingableSocket, idle: IdleWatch) -> None:
         playout = Playout(
             self._twilio,
             self._stream,
@@ -804,7 +811,7 @@ class Call:
             on_queued_audio_written=self._queued_audio_written,
         )
         async with trio.open_nursery() as leg_nursery:
-            leg_nursery.start_soon(self._agent_to_caller, socket, playout)
+            leg_nursery.start_soon(self._agent_to_caller, socket, playout, idle)
             leg_nursery.start_soon(self._assistant_sender, outbox)
             leg_nursery.start_soon(self._playout_task, playout)
             leg_nursery.start_soon(self._keepalive, socket)
@@ -824,16 +831,20 @@ class Call:
         else:
             await end_call(socket, deadline_s=self._settings.end_deadline_s)
 
-    async def _agent_to_caller(self, socket: PingableSocket, playout: Playout) -> None:
+    async def _agent_to_caller(
+        self, socket: PingableSocket, playout: Playout, idle: IdleWatch
+    ) -> None:
         # Vapi's answering pings proves only that its socket is up: a wedged assistant
-        # sends nothing at all. The scope's deadline is pushed forward by every message.
+        # sends nothing at all. Every message counts as activity for the silence deadline.
         silence_s = self._settings.assistant_silence_s
-        with trio.CancelScope() as silence_scope:
-            silence_scope.deadline = trio.current_time() + silence_s
+        with (
+            trio.CancelScope() as silence_scope,
+            idle.watch(silence_scope, silence_s) as silence,
+        ):
             try:
                 while True:
                     message = await socket.receive()
-                    silence_scope.deadline = trio.current_time() + silence_s
+                    silence.touch()
                     if isinstance(message, bytes):
                         if self._codec is not None:
                             message = self._codec.from_assistant(message)
@@ -847,7 +858,7 @@ class Call:
                             await self._on_speech_update(event, playout)
                         case vp.StatusUpdate(status="ended"):
                             outcome, detail = self._judge_ending(event.ended_reason)
-                            silence_scope.deadline = math.inf  # the goodbye has its own bound
+                            silence.stop()  # the goodbye has its own bound
                             await self._let_goodbye_play(playout, outcome, detail, socket)
                             self._end(outcome, detail)
                             return
@@ -877,7 +888,7 @@ class Call:
                             assert_never(event)
             except SocketClosed as exc:
                 if exc.code == 1000:
-                    silence_scope.deadline = math.inf
+                    silence.stop()
                     await self._let_goodbye_play(
                         playout, Outcome.ASSISTANT_ENDED, "Vapi closed the socket"
                     )
